@@ -1,0 +1,446 @@
+"""A small, readable DeepSeek-Sparse-Attention (DSA) model with IndexCache.
+
+gpt-fast style: the whole model in one file, the static KV cache is a module,
+shapes are in comments.  Shape letters:
+    B batch, S query tokens, T key slots (T == S without a cache, T == max_seq_length
+    with one), H attention heads, K selected keys per query (top-k), C kv_lora_rank,
+    R qk_rope_head_dim, E routed experts, N tokens (B * S).
+
+A DSA layer runs a *lightning indexer*, I[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s]),
+masks it causally, keeps the top-k keys per query and attends only to those.
+IndexCache: `index_topk_pattern` (e.g. "FSSF") marks each layer Full (runs its own
+indexer) or Shared (skips it and reuses the top-k of the nearest earlier F layer).
+
+The indexer is written in a deliberately different code variant from HuggingFace's
+(einsum, clamp_min, weighted sum over heads, scale after ReLU, half-split rope,
+bool mask) so that graph passes are tested against more than one spelling.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    index_n_heads: int
+    index_head_dim: int
+    index_topk: int
+    n_routed_experts: int
+    n_activated_experts: int
+    moe_inter_dim: int
+    n_dense_layers: int  # the first n_dense_layers use a dense MLP of inter_dim
+    inter_dim: int
+    n_shared_experts: int = 1
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    max_seq_len: int = 256
+    index_topk_pattern: str | None = None  # e.g. "FSSF"; None means every layer is F
+
+    def __post_init__(self):
+        p = self.index_topk_pattern
+        if p is not None:
+            bad = sorted(set(p) - {"F", "S"})
+            if bad:
+                raise ValueError(f"index_topk_pattern may only contain 'F' (full) and 'S' "
+                                 f"(shared), got {bad} in {p!r}")
+            if len(p) != self.n_layers:
+                raise ValueError(f"index_topk_pattern {p!r} has length {len(p)} "
+                                 f"but n_layers is {self.n_layers}")
+            if p[0] != "F":
+                raise ValueError(f"index_topk_pattern {p!r} must start with 'F': the first "
+                                 f"layer has no earlier indexer to share top-k from")
+        if self.qk_rope_head_dim % 2 or self.qk_rope_head_dim > self.index_head_dim:
+            raise ValueError("qk_rope_head_dim must be even and <= index_head_dim")
+        if self.n_activated_experts > self.n_routed_experts:
+            raise ValueError("n_activated_experts must be <= n_routed_experts")
+
+    @property
+    def pattern(self) -> str:
+        """One 'F' or 'S' per layer."""
+        return self.index_topk_pattern or "F" * self.n_layers
+
+    @classmethod
+    def tiny(cls, **overrides) -> ModelArgs:
+        return cls.from_name("tiny", **overrides)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> ModelArgs:
+        if name not in CONFIGS:
+            raise ValueError(f"unknown model name {name!r}; known: {sorted(CONFIGS)}")
+        return cls(**{**CONFIGS[name], **overrides})
+
+
+CONFIGS = {
+    # CPU-fast, for unit tests.  8 indexer heads, not 4: with 4 heads ~1/16 of the index
+    # scores are exactly 0 (all heads ReLU'd away) and topk breaks those ties differently
+    # for different key lengths (no-cache T=S vs cache T=max_seq_length).
+    "tiny": dict(vocab_size=256, dim=64, n_layers=4, n_heads=4, q_lora_rank=32,
+                 kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                 index_n_heads=8, index_head_dim=16, index_topk=8, n_routed_experts=4,
+                 n_activated_experts=2, moe_inter_dim=32, n_dense_layers=1, inter_dim=128,
+                 max_seq_len=256),
+    # A few M parameters, byte-level, for CPU training.
+    "small": dict(vocab_size=256, dim=256, n_layers=6, n_heads=4, q_lora_rank=128,
+                  kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                  index_n_heads=8, index_head_dim=32, index_topk=64, n_routed_experts=8,
+                  n_activated_experts=2, moe_inter_dim=128, n_dense_layers=1, inter_dim=512,
+                  max_seq_len=1024),
+    # The paper's 30B GLM-4.7-Flash shape with DSA (build on GPU only).
+    "glm4.7-flash-dsa": dict(vocab_size=154880, dim=2048, n_layers=47, n_heads=20,
+                             q_lora_rank=768, kv_lora_rank=512, qk_nope_head_dim=192,
+                             qk_rope_head_dim=64, v_head_dim=256, index_n_heads=32,
+                             index_head_dim=128, index_topk=2048, n_routed_experts=64,
+                             n_activated_experts=4, moe_inter_dim=1536, n_dense_layers=1,
+                             inter_dim=10240, n_shared_experts=1, rope_theta=1e6,
+                             norm_eps=1e-5, max_seq_len=32768),
+}
+
+
+# ---------------------------------------------------------------- helpers
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x32.type_as(x) * self.weight
+
+
+def precompute_rope(seq_len: int, rope_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos, sin: [seq_len, R] in the half-split layout (frequencies repeated twice)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, rope_dim, 2).float() / rope_dim)  # [R/2]
+    angles = torch.outer(torch.arange(seq_len).float(), inv_freq)  # [seq_len, R/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [seq_len, R]
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: [B, S, R] or [B, S, H, R]; cos, sin: [S, R] rows for x's positions."""
+    if x.dim() == 4:
+        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+    x32 = x.float()
+    return (x32 * cos + rotate_half(x32) * sin).type_as(x)
+
+
+def causal_mask(positions: Tensor, n_keys: int) -> Tensor:
+    """positions [S] -> bool [S, T]: True where key_pos <= query_pos."""
+    key_pos = torch.arange(n_keys, device=positions.device)
+    return key_pos[None, :] <= positions[:, None]
+
+
+def gather_rows(rows: Tensor, index: Tensor) -> Tensor:
+    """rows [B, T, D], index [B, S, K] -> [B, S, K, D] with out[b,s,k] = rows[b, index[b,s,k]]."""
+    batch = torch.arange(rows.shape[0], device=rows.device)[:, None, None]  # [B, 1, 1]
+    return rows[batch, index.long()]
+
+
+# ---------------------------------------------------------------- static cache
+
+class KVCache(nn.Module):
+    """Per-layer static cache: MLA latent + shared rope key, plus indexer keys on F layers."""
+
+    def __init__(self, max_batch_size: int, max_seq_length: int, kv_lora_rank: int,
+                 rope_dim: int, index_head_dim: int | None, dtype: torch.dtype,
+                 device: torch.device | None = None):
+        super().__init__()
+        shape = (max_batch_size, max_seq_length)
+        kw = dict(dtype=dtype, device=device)
+        self.register_buffer("kv_latent", torch.zeros(*shape, kv_lora_rank, **kw),
+                             persistent=False)  # [B, T, C]
+        self.register_buffer("k_rope", torch.zeros(*shape, rope_dim, **kw),
+                             persistent=False)  # [B, T, R]
+        index_k = None if index_head_dim is None else torch.zeros(*shape, index_head_dim, **kw)
+        self.register_buffer("index_k", index_k, persistent=False)  # [B, T, index_head_dim]
+
+    def update(self, input_pos: Tensor, kv_latent: Tensor, k_rope: Tensor) -> tuple[Tensor, Tensor]:
+        """input_pos [S], kv_latent [B, S, C], k_rope [B, S, R] -> full [B, T, C], [B, T, R]."""
+        B = kv_latent.shape[0]
+        latent_cache, rope_cache = self.kv_latent[:B], self.k_rope[:B]
+        latent_cache.index_copy_(1, input_pos, kv_latent.to(latent_cache.dtype))
+        rope_cache.index_copy_(1, input_pos, k_rope.to(rope_cache.dtype))
+        return latent_cache, rope_cache
+
+    def update_index_keys(self, input_pos: Tensor, k: Tensor) -> Tensor:
+        """input_pos [S], k [B, S, D] -> full indexer keys [B, T, D]."""
+        if self.index_k is None:
+            raise RuntimeError("this cache belongs to a Shared layer and has no indexer keys")
+        key_cache = self.index_k[: k.shape[0]]
+        key_cache.index_copy_(1, input_pos, k.to(key_cache.dtype))
+        return key_cache
+
+
+# ---------------------------------------------------------------- attention
+
+class Indexer(nn.Module):
+    """Lightning indexer: picks the top-k keys for every query."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.head_dim = args.index_n_heads, args.index_head_dim
+        self.rope_dim, self.topk = args.qk_rope_head_dim, args.index_topk
+        self.wq_b = nn.Linear(args.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim)
+        self.weights_proj = nn.Linear(args.dim, self.n_heads, bias=False)
+        self.softmax_scale = self.head_dim ** -0.5
+
+    def rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Half-split rope on the first R dims of the last axis."""
+        x_rope, x_pass = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
+        return torch.cat([apply_rope(x_rope, cos, sin), x_pass], dim=-1)
+
+    def forward(self, x: Tensor, q_latent: Tensor, cos: Tensor, sin: Tensor,
+                positions: Tensor, kv_cache: KVCache | None) -> Tensor:
+        """x [B, S, dim], q_latent [B, S, q_lora_rank] -> topk key ids [B, S, K] int32."""
+        B, S, _ = x.shape
+        q = self.wq_b(q_latent).view(B, S, self.n_heads, self.head_dim)  # [B, S, IH, ID]
+        q = self.rope(q, cos, sin)
+        k = self.rope(self.k_norm(self.wk(x)), cos, sin)  # [B, S, ID]
+        if kv_cache is not None:
+            k = kv_cache.update_index_keys(positions, k)  # [B, T, ID]
+        head_weights = self.weights_proj(x).float() * self.n_heads ** -0.5  # [B, S, IH]
+
+        scores = torch.einsum("bshd,btd->bsht", q.float(), k.float())  # [B, S, IH, T]
+        scores = scores.clamp_min(0) * self.softmax_scale  # ReLU, then scale
+        index_scores = (scores * head_weights[..., None]).sum(dim=2)  # [B, S, T]
+
+        allowed = causal_mask(positions, k.shape[1])  # [S, T] bool
+        index_scores = index_scores.masked_fill(~allowed, float("-inf"))
+        n_keep = min(self.topk, k.shape[1])
+        return index_scores.topk(n_keep, dim=-1).indices.to(torch.int32)  # [B, S, K]
+
+
+class Attention(nn.Module):
+    """MLA with DSA sparse attention; runs its indexer on F layers, reuses prev_topk on S."""
+
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads = args.n_heads
+        self.nope_dim, self.rope_dim = args.qk_nope_head_dim, args.qk_rope_head_dim
+        self.v_dim, self.kv_lora_rank = args.v_head_dim, args.kv_lora_rank
+        qk_dim = self.nope_dim + self.rope_dim
+        self.wq_a = nn.Linear(args.dim, args.q_lora_rank, bias=False)
+        self.q_norm = RMSNorm(args.q_lora_rank, args.norm_eps)
+        self.wq_b = nn.Linear(args.q_lora_rank, self.n_heads * qk_dim, bias=False)
+        self.wkv_a = nn.Linear(args.dim, self.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_norm = RMSNorm(self.kv_lora_rank, args.norm_eps)
+        self.wkv_b = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim),
+                               bias=False)
+        self.wo = nn.Linear(self.n_heads * self.v_dim, args.dim, bias=False)
+        self.indexer = Indexer(args) if args.pattern[layer_id] == "F" else None
+        self.kv_cache: KVCache | None = None
+        self.softmax_scale = qk_dim ** -0.5
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
+                prev_topk: Tensor | None, use_cache: bool) -> tuple[Tensor, Tensor]:
+        """x [B, S, dim] -> (out [B, S, dim], topk [B, S, K])."""
+        B, S, _ = x.shape
+        q_latent = self.q_norm(self.wq_a(x))  # [B, S, q_lora_rank]
+        q = self.wq_b(q_latent).view(B, S, self.n_heads, -1)  # [B, S, H, nope + R]
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_rope = apply_rope(q_rope, cos, sin)
+
+        kv_latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv_latent = self.kv_norm(kv_latent)  # [B, S, C]
+        k_rope = apply_rope(k_rope, cos, sin)  # [B, S, R], one head shared by all
+        cache = self.kv_cache if use_cache else None
+        if cache is not None:
+            kv_latent, k_rope = cache.update(positions, kv_latent, k_rope)  # [B, T, C], [B, T, R]
+
+        if self.indexer is not None:
+            topk = self.indexer(x, q_latent, cos, sin, positions, cache)
+        elif prev_topk is None:
+            raise ValueError(f"layer {self.layer_id} is Shared ('S') but got no prev_topk; "
+                             f"an S layer needs an earlier F layer's top-k")
+        else:
+            topk = prev_topk
+        out = self.sparse_attention(q_nope, q_rope, kv_latent, k_rope, topk, positions)
+        return self.wo(out.flatten(2)), topk
+
+    def sparse_attention(self, q_nope: Tensor, q_rope: Tensor, kv_latent: Tensor,
+                         k_rope: Tensor, topk: Tensor, positions: Tensor) -> Tensor:
+        """Gather-style (FlashMLA-like) attention over the K selected keys of each query.
+
+        q_nope [B, S, H, nope], q_rope [B, S, H, R], kv_latent [B, T, C], k_rope [B, T, R],
+        topk [B, S, K] -> [B, S, H, V].  wkv_b is absorbed into q and the output, so only
+        the latent rows are gathered.
+        """
+        w_kv_b = self.wkv_b.weight.view(self.n_heads, self.nope_dim + self.v_dim, -1)
+        w_k_nope, w_v = w_kv_b.split([self.nope_dim, self.v_dim], dim=1)  # [H, nope, C], [H, V, C]
+        q_absorbed = torch.einsum("bshd,hdc->bshc", q_nope, w_k_nope)  # [B, S, H, C]
+
+        latent_sel = gather_rows(kv_latent, topk)  # [B, S, K, C]
+        rope_sel = gather_rows(k_rope, topk)  # [B, S, K, R]
+        scores = (torch.einsum("bshc,bskc->bshk", q_absorbed, latent_sel)
+                  + torch.einsum("bshr,bskr->bshk", q_rope, rope_sel))  # [B, S, H, K]
+        scores = scores.float() * self.softmax_scale
+        # top-k may pick causally masked keys when fewer than K are allowed: drop those slots
+        valid = topk <= positions[None, :, None]  # [B, S, K]
+        scores = scores.masked_fill(~valid[:, :, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1).type_as(q_nope)  # [B, S, H, K]
+
+        out_latent = torch.einsum("bshk,bskc->bshc", probs, latent_sel)  # [B, S, H, C]
+        return torch.einsum("bshc,hvc->bshv", out_latent, w_v)  # [B, S, H, V]
+
+
+# ---------------------------------------------------------------- feed-forward
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MoE(nn.Module):
+    """Top-k routed SwiGLU experts plus a shared expert.
+
+    Every expert runs on every token and the chosen outputs are gathered: static shapes,
+    no graph breaks, but E / n_activated times the FLOPs of a grouped kernel.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        E, dim, inter = args.n_routed_experts, args.dim, args.moe_inter_dim
+        self.n_activated = args.n_activated_experts
+        self.gate = nn.Linear(dim, E, bias=False)
+        self.w1 = nn.Parameter(torch.empty(E, inter, dim))  # expert gate proj
+        self.w2 = nn.Parameter(torch.empty(E, dim, inter))  # expert down proj
+        self.w3 = nn.Parameter(torch.empty(E, inter, dim))  # expert up proj
+        for w in (self.w1, self.w2, self.w3):
+            nn.init.normal_(w, std=0.02)
+        self.shared_experts = MLP(dim, args.n_shared_experts * inter)
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [N, dim] -> (weights [N, k] summing to 1, expert ids [N, k])."""
+        scores = self.gate(x).float().softmax(dim=-1)  # [N, E]
+        weights, expert_ids = torch.topk(scores, self.n_activated, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.type_as(x), expert_ids
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [N, dim]
+        weights, expert_ids = self.route(x)  # [N, k], [N, k]
+        hidden = F.silu(torch.einsum("nd,eid->nei", x, self.w1)) \
+            * torch.einsum("nd,eid->nei", x, self.w3)  # [N, E, inter]
+        expert_out = torch.einsum("nei,edi->ned", hidden, self.w2)  # [N, E, dim]
+        chosen = expert_out.gather(1, expert_ids[..., None].expand(-1, -1, shape[-1]))  # [N, k, dim]
+        routed = (chosen * weights[..., None]).sum(dim=1)  # [N, dim]
+        return (routed + self.shared_experts(x)).view(shape)
+
+
+# ---------------------------------------------------------------- model
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attn = Attention(args, layer_id)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        dense = layer_id < args.n_dense_layers
+        self.ffn = MLP(args.dim, args.inter_dim) if dense else MoE(args)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
+                prev_topk: Tensor | None, use_cache: bool) -> tuple[Tensor, Tensor]:
+        h, topk = self.attn(self.attn_norm(x), cos, sin, positions, prev_topk, use_cache)
+        x = x + h
+        x = x + self.ffn(self.ffn_norm(x))
+        return x, topk
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        cos, sin = precompute_rope(args.max_seq_len, args.qk_rope_head_dim, args.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # [max_seq_len, R]
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.max_batch_size, self.max_seq_length = -1, -1
+
+    def setup_caches(self, max_batch_size: int, max_seq_length: int,
+                     dtype: torch.dtype | None = None) -> None:
+        """(Re)allocate zeroed static caches; afterwards call forward(idx, input_pos)."""
+        if max_seq_length > self.args.max_seq_len:
+            raise ValueError(f"max_seq_length {max_seq_length} > args.max_seq_len "
+                             f"{self.args.max_seq_len}")
+        self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
+        weight = self.output.weight
+        for layer in self.layers:
+            attn = layer.attn
+            index_dim = self.args.index_head_dim if attn.indexer is not None else None
+            attn.kv_cache = KVCache(max_batch_size, max_seq_length, self.args.kv_lora_rank,
+                                    self.args.qk_rope_head_dim, index_dim,
+                                    dtype or weight.dtype, weight.device)
+
+    def forward(self, idx: Tensor, input_pos: Tensor | None = None) -> Tensor:
+        """idx [B, S] int64, input_pos [S] (None: plain causal prefill) -> logits [B, S, vocab]."""
+        use_cache = input_pos is not None
+        if use_cache and self.layers[0].attn.kv_cache is None:
+            raise RuntimeError("input_pos given but no caches: call setup_caches() first")
+        positions = input_pos if use_cache else torch.arange(idx.shape[1], device=idx.device)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [S, R]
+        x = self.tok_embeddings(idx)  # [B, S, dim]
+        topk = None  # [B, S, K], threaded from F layers to the S layers after them
+        for layer in self.layers:
+            x, topk = layer(x, cos, sin, positions, topk, use_cache)
+        return self.output(self.norm(x))  # [B, S, vocab]
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> nn.Module:
+    """Deterministic init: norms -> ones / zeros, everything else ~ N(0, std).
+
+    Each parameter draws from a generator seeded by (seed, its name), so models that
+    differ only in which layers have an indexer get identical values for shared names.
+    """
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if isinstance(module, (RMSNorm, nn.LayerNorm)):
+                param.fill_(1.0 if param_name == "weight" else 0.0)
+                continue
+            name = f"{module_name}.{param_name}"
+            gen = torch.Generator(device=param.device)
+            gen.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            nn.init.normal_(param, mean=0.0, std=std, generator=gen)
+    return model
+
+
+__all__ = ["ModelArgs", "CONFIGS", "RMSNorm", "KVCache", "Indexer", "Attention", "MLP",
+           "MoE", "Block", "Transformer", "init_weights", "precompute_rope", "apply_rope",
+           "rotate_half", "causal_mask", "gather_rows"]

@@ -1,0 +1,153 @@
+"""The `indexcache` torch.compile backend.
+
+    torch.compile(model, backend="indexcache", options={"plan": "FSSS...", "lowering": "inductor"})
+
+Dynamo hands us its FX graph; `rewrite` makes S layers read their F layer's top-k and deletes their
+indexer work; the result is lowered by Inductor (default) or run as is ("eager").
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import fx
+
+from .plan import LayerPlan, PlanError
+from .rewrite import NoIndexerFoundError, RewriteResult, rewrite
+
+LOWERINGS = ("inductor", "eager", "tensorrt")
+_warned_no_plan = False
+last_results: list[RewriteResult] = []  # what the backend did to the graphs it compiled, newest last
+
+
+class VerificationError(AssertionError):
+    """`verify=True` found the rewritten graph disagreeing with the original beyond tolerance."""
+
+
+@dataclass
+class BackendOptions:
+    plan: Any = None  # "FSSF" | LayerPlan | path.json | {"freq": n, "offset": m} | None (all F)
+    lowering: str = "inductor"
+    verify: bool = False  # run the original graph beside the rewritten one on the first call
+    strict: bool = False  # raise instead of warning when detection is unsure
+    rtol: float | None = None  # verify tolerances; by dtype when None
+    atol: float | None = None
+
+    @classmethod
+    def parse(cls, options: dict | None) -> "BackendOptions":
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise PlanError(f"unknown indexcache option(s) {unknown}; valid options are "
+                            f"{sorted(cls.__dataclass_fields__)}")
+        parsed = cls(**options)
+        if parsed.lowering not in LOWERINGS:
+            raise PlanError(f"lowering={parsed.lowering!r} is not one of {LOWERINGS}")
+        return parsed
+
+
+def indexcache_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **_ignored):
+    opts = BackendOptions.parse(options)
+    result = rewrite(gm, opts.plan, strict=opts.strict)
+    last_results.append(result)
+    _check_found(result, opts)
+    compiled = lower(result.gm, example_inputs, opts.lowering)
+    if opts.verify and result.changed:
+        return _verifying(_PlanReference(gm, result), compiled, opts)
+    return compiled
+
+
+def _check_found(result: RewriteResult, opts: BackendOptions) -> None:
+    global _warned_no_plan
+    if not result.detection.matches and result.detection.confident:
+        if opts.plan is not None:
+            raise NoIndexerFoundError(f"plan {str(opts.plan)!r} given but {result.message}. Is this a "
+                                      "DSA model? Without an indexer there is nothing to share.")
+        warnings.warn(f"indexcache: {result.message}; compiling the graph unchanged", stacklevel=3)
+    elif opts.plan is None and result.detection.matches and not _warned_no_plan:
+        _warned_no_plan = True
+        warnings.warn(f"indexcache: no plan given, all {len(result.detection.matches)} indexer layers "
+                      "stay full (nothing is shared). Pass options={'plan': 'FSSS...'}.", stacklevel=3)
+
+
+def lower(gm: fx.GraphModule, example_inputs, lowering: str) -> Callable:
+    if lowering == "eager":
+        return gm.forward
+    if lowering == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+        return compile_fx(gm, example_inputs)
+    from .tensorrt import compile_tensorrt  # raises a clear error when TensorRT is absent
+    return compile_tensorrt(gm, example_inputs)
+
+
+class _PlanReference(fx.Interpreter):
+    """The original graph run node by node, each S layer's topk answered by its F source's.
+
+    This is the plan's meaning with no dead-code removal, cache dropping or lowering involved."""
+
+    def __init__(self, gm: fx.GraphModule, result: RewriteResult):
+        super().__init__(gm)
+        self.source_of = {b.match.topk.name: b.source.topk.name for b in result.bindings if b.role == "S"}
+        self.saved: dict[str, Any] = {}  # F topk results (the interpreter frees env entries early)
+
+    def run_node(self, n: fx.Node):
+        if n.name in self.source_of:
+            return self.saved[self.source_of[n.name]]
+        value = super().run_node(n)
+        if n.name in self.source_of.values():
+            self.saved[n.name] = value
+        return value
+
+    def forward(self, *args):
+        return self.run(*args)
+
+
+def _verifying(original, compiled: Callable, opts: BackendOptions) -> Callable:
+    checked = False
+
+    def run(*args):
+        nonlocal checked
+        if checked:
+            return compiled(*args)
+        checked = True
+        expected = original.forward(*[_clone(a) for a in args])
+        actual = compiled(*args)
+        _compare(expected, actual, opts)
+        return actual
+
+    return run
+
+
+def _clone(value):
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+def _compare(expected, actual, opts: BackendOptions) -> None:
+    flat_expected = [t for t in _flatten(expected)]
+    flat_actual = [t for t in _flatten(actual)]
+    for i, (e, a) in enumerate(zip(flat_expected, flat_actual)):
+        if not (isinstance(e, torch.Tensor) and e.is_floating_point() and e.shape == a.shape):
+            continue
+        rtol, atol = _tolerance(e.dtype, opts)
+        if not torch.allclose(e.float(), a.float(), rtol=rtol, atol=atol):
+            diff = (e.float() - a.float()).abs().max().item()
+            raise VerificationError(f"indexcache verify: output {i} {tuple(e.shape)} differs from the "
+                                    f"original graph run with the plan by {diff:.3g} "
+                                    f"(rtol={rtol}, atol={atol})")
+
+
+def _tolerance(dtype, opts: BackendOptions) -> tuple[float, float]:
+    loose = dtype in (torch.bfloat16, torch.float16)
+    return (opts.rtol if opts.rtol is not None else (2e-2 if loose else 1e-3),
+            opts.atol if opts.atol is not None else (2e-2 if loose else 1e-4))
+
+
+def _flatten(value):
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _flatten(v)
+    else:
+        yield value

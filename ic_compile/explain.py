@@ -1,0 +1,98 @@
+"""`explain(model, example_inputs, plan=...)`: what the indexcache rewrite finds and changes."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from .plan import PlanError
+from .rewrite import NoIndexerFoundError, RewriteResult, rewrite
+
+
+@dataclass
+class ExplainReport:
+    layers: list[dict]  # {"layer", "role", "source", "module", "removed_nodes"}
+    removed_nodes: int
+    nodes_before: int
+    nodes_after: int
+    other_topk: int  # topk calls left alone (MoE routers, ...)
+    key_cache_dropped: list[int]  # S layers whose indexer key-cache write was removed
+    key_cache_kept: list[int]  # S layers that still write it (graph did not allow removal)
+    plan: str
+    graphs: int = 1
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def __str__(self) -> str:
+        lines = [f"indexcache plan {self.plan}: {sum(l['role'] == 'F' for l in self.layers)} of "
+                 f"{len(self.layers)} indexer layers kept, {self.removed_nodes} of {self.nodes_before} "
+                 f"graph nodes removed; {self.other_topk} other topk (e.g. MoE routers) untouched",
+                 f"{'layer':>5}  {'role':4}  {'source':>6}  {'removed':>7}  module"]
+        for l in self.layers:
+            lines.append(f"{l['layer']:>5}  {l['role']:4}  {l['source']:>6}  {l['removed_nodes']:>7}  "
+                         f"{l['module']}")
+        if self.key_cache_dropped:
+            lines.append(f"indexer key-cache writes removed for S layers {self.key_cache_dropped}")
+        if self.key_cache_kept:
+            lines.append(f"indexer key-cache writes still paid by S layers {self.key_cache_kept}")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def capture_graphs(model, example_inputs, **kwargs) -> list[fx.GraphModule]:
+    """The Dynamo FX graph(s) torch.compile would hand a backend for this call."""
+    graphs: list[fx.GraphModule] = []
+
+    def capture(gm, _inputs, **_options):
+        graphs.append(gm)
+        return gm.forward
+
+    args, call_kwargs = _split_inputs(example_inputs, kwargs)
+    with torch.no_grad():
+        torch.compile(model, backend=capture, dynamic=False)(*args, **call_kwargs)
+    return graphs
+
+
+def _split_inputs(example_inputs, kwargs):
+    if isinstance(example_inputs, dict):
+        return (), {**example_inputs, **kwargs}
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), kwargs
+    return tuple(example_inputs), kwargs
+
+
+def explain(model, example_inputs, plan=None, **kwargs) -> ExplainReport:
+    graphs = capture_graphs(model, example_inputs, **kwargs)
+    results = [rewrite(gm, plan) for gm in graphs]
+    found = [r for r in results if r.detection.matches]
+    if not found:
+        uncertain = [r.message for r in results if r.message and not r.detection.confident]
+        if uncertain:
+            raise PlanError(uncertain[0])
+        raise NoIndexerFoundError(f"explain: no lightning indexer found in the model's "
+                                  f"{len(graphs)} graph(s); nothing to share")
+    if len(found) > 1:
+        raise PlanError(f"the model was split into {len(graphs)} graphs with indexers in {len(found)} "
+                        "of them (graph breaks); a plan must see all layers in one graph")
+    report = _report(found[0])
+    report.graphs = len(graphs)
+    return report
+
+
+def _report(result: RewriteResult) -> ExplainReport:
+    removed_by_layer = Counter(n.layer for n in result.removed)
+    layers = [{"layer": b.match.layer, "role": b.role, "source": b.source.layer, "module": b.match.module,
+               "removed_nodes": removed_by_layer.get(b.match.layer, 0) if b.role == "S" else 0}
+              for b in result.bindings]
+    return ExplainReport(
+        layers=layers, removed_nodes=len(result.removed),
+        nodes_before=len(result.original.graph.nodes), nodes_after=len(result.gm.graph.nodes),
+        other_topk=len(result.detection.other_topk),
+        key_cache_dropped=[c.layer for c in result.caches if c.dropped],
+        key_cache_kept=[c.layer for c in result.caches if not c.dropped],
+        plan=str(result.plan))

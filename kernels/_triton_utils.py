@@ -1,0 +1,129 @@
+"""Triton availability, dispatch policy and the CPU-interpreter twin of a kernel.
+
+Dispatch policy (shared by all public kernel functions, argument ``use_triton``):
+  * ``use_triton=None`` (default): Triton when Triton is importable and the inputs are on
+    CUDA, the pure-torch reference otherwise. The environment variable
+    ``IC_KERNELS_TRITON`` overrides the default: ``1`` = always Triton (CPU tensors run in the
+    Triton interpreter), ``0`` = always the reference.
+  * ``use_triton=True``: force the Triton path. CPU tensors run through the Triton
+    *interpreter* (no GPU needed) -- this is how the tests exercise the kernels on CPU.
+  * ``use_triton=False``: force the reference.
+
+Why an explicit interpreter twin instead of relying on ``TRITON_INTERPRET=1``: triton reads
+that variable when ``@triton.jit`` decorates a function -- including its own standard library
+(tl.sum, tl.cdiv, ...) when ``triton`` is first imported -- so setting it in a test module only
+works if nothing imported triton before, and it leaks into every kernel decorated afterwards
+(e.g. Inductor-generated ones on a GPU box). Instead every kernel here is a plain function
+``fn`` from which we build ``triton.jit(fn)`` (real GPU) and ``InterpretedFunction(fn)``
+(CPU, see ``launch_interpreted``); the latter is chosen per call for CPU tensors (or when
+TRITON_INTERPRET=1 is set globally). While an interpreted launch runs, calls to (non
+interpreted) ``@triton.jit`` helpers such as ``tl.sum`` are routed to their interpreted
+version; outside of that, ``JITFunction.__call__`` keeps its normal behaviour (raising).
+No environment variable is needed, none is set.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+
+try:  # CPU-only installs may not ship triton: everything falls back to the references.
+    import triton
+    import triton.language as tl  # noqa: F401  (re-exported for kernel modules)
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only without triton
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def use_triton_for(x: torch.Tensor, use_triton: bool | None) -> bool:
+    """Resolve the ``use_triton`` argument for inputs living where ``x`` lives."""
+    if use_triton is not None:
+        if use_triton and not HAS_TRITON:
+            raise RuntimeError("use_triton=True but triton is not importable")
+        return bool(use_triton)
+    env = os.environ.get("IC_KERNELS_TRITON", "")
+    wanted = (env == "1") if env in ("0", "1") else x.is_cuda
+    return wanted and HAS_TRITON
+
+
+def interpreting(x: torch.Tensor) -> bool:
+    """Run the interpreter twin? (CPU tensors, or TRITON_INTERPRET=1 set globally)."""
+    return (not x.is_cuda) or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def interpreted(fn):
+    """The Triton-interpreter version of kernel function ``fn`` (runs on CPU tensors)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return InterpretedFunction(fn)
+
+
+@contextlib.contextmanager
+def _jit_helpers_interpreted():
+    """Route ``JITFunction.__call__`` (normally: raise "outside of the scope of a kernel") to
+    the interpreter for the duration of an interpreted launch, so tl.sum & co. work even when
+    triton was imported without TRITON_INTERPRET=1."""
+    from triton.runtime.jit import JITFunction
+
+    original = JITFunction.__call__
+
+    def call_interpreted(self, *args, **kwargs):
+        return interpreted(self.fn)(*args, **kwargs)
+
+    JITFunction.__call__ = call_interpreted
+    try:
+        yield
+    finally:
+        JITFunction.__call__ = original
+
+
+def launch_interpreted(fn, grid, *args, **kwargs) -> None:
+    """Run kernel function ``fn`` over ``grid`` in the Triton interpreter (CPU tensors OK)."""
+    with _jit_helpers_interpreted():
+        interpreted(fn)[grid](*args, **kwargs)
+
+
+# Tests set this to True: every buffer a kernel is expected to overwrite fully starts out as
+# garbage (NaN / a sentinel int), so a missed write shows up as a wrong result.
+POISON_OUTPUTS = False
+
+
+def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """torch.empty for kernel outputs (poisoned when POISON_OUTPUTS is set)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if POISON_OUTPUTS:
+        out.fill_(float("nan") if dtype.is_floating_point else 0x5EAD)
+    return out
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: small, so split paths are still exercised
+
+
+def upcast_dots(x: torch.Tensor) -> bool:
+    """The interpreter's tl.dot multiplies bf16 *bit patterns* (numpy has no bf16), so when
+    interpreting 16-bit inputs the kernels cast dot operands to fp32 first. That is exact:
+    bf16 values are fp32 values and MMA accumulates in fp32 -- i.e. what the GPU computes."""
+    return interpreting(x) and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs use exact fp32 dots (top-k must not flip on tf32 rounding); bf16/fp16 use
+    tensor cores either way ("tf32" is triton's default and is ignored for 16-bit inputs)."""
+    return "ieee" if dtype == torch.float32 else "tf32"

@@ -1,0 +1,263 @@
+"""Lightning-indexer scores + top-k selection (DeepSeek Sparse Attention indexer).
+
+    scores[b,s,t] = sum_h w[b,s,h] * relu(q[b,s,h,:] . k[b,t,:])        (scales folded into w)
+    out[b,s,:]    = top-`topk` allowed keys t of row (b,s), descending, -1 padded   (int32)
+
+Design (prefill, one Triton kernel `_indexer_scores_kernel`):
+  * a program owns BLOCK_S queries x all heads: the A operand of one tensor-core dot is the
+    q block reshaped to [BLOCK_S*H_PAD, D] (loaded once, stays resident), B is a key tile
+    k^T [D, BLOCK_T]; relu, * w, and the sum over heads run in registers (fp32), giving a
+    [BLOCK_S, BLOCK_T] score tile. [S, H, T] is never materialised.
+  * key tiles entirely above the causal diagonal are not computed (only filled with -inf).
+  * queries are processed in chunks so the fp32 [B, chunk, width] score buffer stays under
+    ~1 GiB; `width` is the chunk's causal horizon, so torch.topk (the selection) never sees
+    the columns no query of the chunk may attend to.
+  * decode / small S: all S queries share one program row (K streamed once) and the key
+    axis is split over `num_splits` programs so the GPU is filled even for B=1.
+The selection is torch.topk on the masked scores; -inf picks become -1.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._triton_utils import (
+    HAS_TRITON,
+    cdiv,
+    dot_precision,
+    launch_interpreted,
+    interpreting,
+    new_output,
+    next_pow2,
+    num_sms,
+    tl,
+    triton,
+    upcast_dots,
+    use_triton_for,
+)
+from .reference import indexer_topk_ref, topk_indices_from_scores
+
+SCORE_BUFFER_BYTES = 1 << 30  # fp32 [B, chunk, width] score buffer budget per query chunk
+MAX_TILE_ROWS = 256  # max BLOCK_S * H_PAD (rows of the tensor-core dot)
+
+
+def _indexer_scores_kernel(
+    q_ptr, k_ptr, w_ptr, mask_ptr, out_ptr,
+    S, T, H, D,  # q [B,S,H,D], k [B,T,D]
+    row_start, n_rows, width, tune_bucket,  # this chunk: queries [row_start, +n_rows), columns [0, width)
+    sq_b, sq_s, sq_h, sq_d,
+    sk_b, sk_t, sk_d,
+    sw_b, sw_s, sw_h,
+    sm_b, sm_s, sm_t,
+    so_b, so_s, so_t,
+    BLOCK_S: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,  # interpreter only: fp32 dot operands (see upcast_dots)
+):
+    """out[b, s_local, t] = masked score (fp32, -inf = not allowed) for t in this program's split."""
+    pid_s = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+
+    # A operand rows r = s_local * H_PAD + h: q block as [BLOCK_S*H_PAD, D_PAD], resident.
+    r = tl.arange(0, BLOCK_S * H_PAD)
+    r_s = pid_s * BLOCK_S + r // H_PAD  # chunk-local query of each row
+    r_h = r % H_PAD
+    r_ok = (r_s < n_rows) & (r_h < H)
+    d = tl.arange(0, D_PAD)
+    q_row_ptr = q_ptr + b * sq_b + (row_start + r_s).to(tl.int64) * sq_s + r_h * sq_h  # [R]
+    q_tile = tl.load(q_row_ptr[:, None] + d[None, :] * sq_d,
+                     mask=r_ok[:, None] & (d[None, :] < D), other=0.0)  # [R, D_PAD]
+    if UPCAST_DOT:
+        q_tile = q_tile.to(tl.float32)
+    w_rows = tl.load(w_ptr + b * sw_b + (row_start + r_s).to(tl.int64) * sw_s + r_h * sw_h,
+                     mask=r_ok, other=0.0).to(tl.float32)  # [R]
+
+    s_loc = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)  # [BLOCK_S] chunk-local query
+    s_ok = s_loc < n_rows
+    s_glob = (row_start + s_loc).to(tl.int64)
+    last_key = (T - S) + s_glob  # causal: key t allowed iff t <= last_key
+
+    # This program's key range [t_lo, t_hi): a split of [0, width) in whole BLOCK_T tiles.
+    blocks_per_split = tl.cdiv(tl.cdiv(width, BLOCK_T), num_splits)
+    t_lo = split * blocks_per_split * BLOCK_T
+    t_hi = tl.minimum(width, t_lo + blocks_per_split * BLOCK_T)
+    n_tiles = tl.cdiv(tl.maximum(t_hi - t_lo, 0), BLOCK_T)
+    n_computed = n_tiles
+    if CAUSAL:  # tiles wholly above the diagonal of the block's last query are only -inf filled
+        last_row = tl.minimum(row_start + pid_s * BLOCK_S + BLOCK_S, row_start + n_rows) - 1
+        horizon = tl.minimum(t_hi, (T - S) + last_row + 1)
+        n_computed = tl.cdiv(tl.maximum(horizon - t_lo, 0), BLOCK_T)
+
+    t_ar = tl.arange(0, BLOCK_T)
+    out_row_ptr = out_ptr + b * so_b + s_loc.to(tl.int64) * so_s  # [BLOCK_S]
+    for i in range(0, n_computed):
+        t = t_lo + i * BLOCK_T + t_ar  # [BLOCK_T]
+        t_ok = t < T
+        k_tile = tl.load(k_ptr + b * sk_b + t[None, :].to(tl.int64) * sk_t + d[:, None] * sk_d,
+                         mask=(d[:, None] < D) & t_ok[None, :], other=0.0)  # k^T [D_PAD, BLOCK_T]
+        if UPCAST_DOT:
+            k_tile = k_tile.to(tl.float32)
+        logits = tl.dot(q_tile, k_tile, input_precision=DOT_PRECISION)  # [R, BLOCK_T] fp32
+        weighted = tl.maximum(logits, 0.0) * w_rows[:, None]
+        scores = tl.sum(tl.reshape(weighted, (BLOCK_S, H_PAD, BLOCK_T)), axis=1)  # [BLOCK_S, BLOCK_T]
+        allowed = t_ok[None, :] & s_ok[:, None]
+        if CAUSAL:
+            allowed = allowed & (t[None, :] <= last_key[:, None])
+        if HAS_MASK:
+            m = tl.load(mask_ptr + b * sm_b + s_glob[:, None] * sm_s + t[None, :].to(tl.int64) * sm_t,
+                        mask=allowed, other=0)
+            allowed = allowed & (m != 0)
+        scores = tl.where(allowed, scores, float("-inf"))
+        tl.store(out_row_ptr[:, None] + t[None, :] * so_t, scores,
+                 mask=s_ok[:, None] & (t[None, :] < t_hi))
+    neg_inf = tl.full((BLOCK_S, BLOCK_T), float("-inf"), tl.float32)
+    for i in range(n_computed, n_tiles):
+        t = t_lo + i * BLOCK_T + t_ar
+        tl.store(out_row_ptr[:, None] + t[None, :] * so_t, neg_inf,
+                 mask=s_ok[:, None] & (t[None, :] < t_hi))
+
+
+# --------------------------------------------------------------------------- launch configs
+
+def _prefill_configs(h_pad: int):
+    """Tensor-core tiles for sm_90: 128 or 256 dot rows (queries x heads), 64/128 keys."""
+    seen = {}
+    for rows, warps in ((128, 4), (128, 8), (256, 8)):
+        block_s = max(1, rows // h_pad)
+        for block_t in (64, 128):
+            for stages in (3, 4):
+                seen[(block_s, block_t, warps, stages)] = triton.Config(
+                    {"BLOCK_S": block_s, "BLOCK_T": block_t}, num_warps=warps, num_stages=stages)
+    return list(seen.values())
+
+
+def _decode_configs():
+    """Memory-bound streaming of K: deep pipelines of [D, BLOCK_T] tiles."""
+    return [triton.Config({"BLOCK_T": bt}, num_warps=w, num_stages=st)
+            for bt in (64, 128, 256) for w in (4, 8) for st in (3, 4)]
+
+
+_TUNED: dict = {}
+
+
+def _tuned_kernel(mode: str, h_pad: int):
+    """Autotuned GPU kernel for mode 'prefill' (BLOCK_S tuned) or 'decode' (BLOCK_S given)."""
+    key = (mode, h_pad)
+    if key not in _TUNED:
+        if "jit" not in _TUNED:
+            _TUNED["jit"] = triton.jit(_indexer_scores_kernel)
+        configs = _prefill_configs(h_pad) if mode == "prefill" else _decode_configs()
+        _TUNED[key] = triton.autotune(
+            configs, key=["H_PAD", "D_PAD", "CAUSAL", "HAS_MASK", "tune_bucket"])(_TUNED["jit"])
+    return _TUNED[key]
+
+
+def _interpreter_meta(block_s: int | None, h_pad: int) -> dict:
+    """Small fixed tiles for the CPU interpreter (big enough to keep it fast)."""
+    meta = {"BLOCK_T": 16}
+    if block_s is None:
+        meta["BLOCK_S"] = max(1, 64 // h_pad)
+    return meta
+
+
+# --------------------------------------------------------------------------- host side
+
+def _head_padding(H: int, block_s: int) -> int:
+    """Heads padded to a power of two, and so that the dot has >= 16 rows."""
+    return max(next_pow2(H), cdiv(16, block_s))
+
+
+def indexer_scores(
+    q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+    row_start: int, n_rows: int, width: int, out: torch.Tensor,
+    decode_block_s: int | None = None, num_splits: int | None = None,
+) -> torch.Tensor:
+    """Masked scores of queries [row_start, row_start+n_rows) vs keys [0, width) into out [B, n_rows, width].
+
+    decode_block_s: put that many queries (>= n_rows) in one program row (decode form).
+    num_splits: programs along the key axis (default: enough to fill the GPU).
+    """
+    B, S, H, D = q.shape
+    T = k.shape[1]
+    h_pad = _head_padding(H, decode_block_s or 1)
+    d_pad = max(16, next_pow2(D))
+    mask_u8 = q.new_zeros((1, 1, 1), dtype=torch.uint8)
+    if mask is not None:
+        mask_u8 = mask.to(torch.bool).expand(B, S, T).view(torch.uint8)
+    if num_splits is None:
+        rows_per_prog = decode_block_s or max(1, 128 // h_pad)
+        programs = B * cdiv(n_rows, rows_per_prog)
+        num_splits = max(1, min(cdiv(2 * num_sms(q.device), programs), cdiv(width, 512)))
+    args = (
+        q, k, w, mask_u8, out,
+        S, T, H, D,
+        row_start, n_rows, width, min(width.bit_length(), 17),
+        *q.stride(), *k.stride(), *w.stride(), *mask_u8.stride(), *out.stride(),
+    )
+    consts = {"H_PAD": h_pad, "D_PAD": d_pad, "CAUSAL": bool(causal), "HAS_MASK": mask is not None,
+              "DOT_PRECISION": dot_precision(q.dtype), "UPCAST_DOT": upcast_dots(q)}
+    if decode_block_s is not None:
+        consts["BLOCK_S"] = decode_block_s
+
+    def grid(meta):
+        return (cdiv(n_rows, meta["BLOCK_S"]), B, num_splits)
+
+    if interpreting(q):
+        consts.update(_interpreter_meta(decode_block_s, h_pad))
+        launch_interpreted(_indexer_scores_kernel, grid, *args, **consts)
+    else:
+        mode = "prefill" if decode_block_s is None else "decode"
+        _tuned_kernel(mode, h_pad)[grid](*args, **consts)
+    return out
+
+
+def _chunk_rows(B: int, T: int, block: int, budget: int = SCORE_BUFFER_BYTES) -> int:
+    rows = max(1, budget // (B * max(T, 1) * 4))
+    return max(block, rows // block * block)
+
+
+def indexer_topk_triton(
+    q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, topk: int,
+    mask: torch.Tensor | None = None, causal: bool = True,
+    chunk_rows: int | None = None, num_splits: int | None = None,
+) -> torch.Tensor:
+    """Triton path of indexer_topk (CPU tensors run in the Triton interpreter).
+
+    chunk_rows / num_splits override the heuristics (tests use them to hit every code path).
+    """
+    B, S, H, D = q.shape
+    T = k.shape[1]
+    out = new_output((B, S, topk), torch.int32, q.device)
+    k = k.to(q.dtype)
+    decode_block_s = next_pow2(S) if next_pow2(S) * next_pow2(H) <= MAX_TILE_ROWS else None
+    chunk = S if decode_block_s is not None else (chunk_rows or _chunk_rows(B, T, 256))
+    buffer = new_output((B, min(chunk, S), T), torch.float32, q.device)
+    for s0 in range(0, S, chunk):
+        s1 = min(S, s0 + chunk)
+        width = max(0, min(T, T - S + s1)) if causal else T
+        if width == 0:
+            out[:, s0:s1] = -1
+            continue
+        scores = buffer[:, : s1 - s0, :width]
+        indexer_scores(q, k, w, mask, causal, s0, s1 - s0, width, scores,
+                       decode_block_s=decode_block_s, num_splits=num_splits)
+        out[:, s0:s1] = topk_indices_from_scores(scores, topk)
+    return out
+
+
+def indexer_topk(
+    q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, topk: int,
+    mask: torch.Tensor | None = None, causal: bool = True, use_triton: bool | None = None,
+) -> torch.Tensor:
+    """Indexer top-k. q [B,S,H,D], k [B,T,D], w [B,S,H] -> int32 [B,S,topk] (-1 padded).
+
+    use_triton: None = Triton on CUDA, reference elsewhere; True = Triton (interpreter on CPU);
+    False = reference. See _triton_utils for the IC_KERNELS_TRITON override.
+    """
+    if use_triton_for(q, use_triton):
+        return indexer_topk_triton(q, k, w, topk, mask, causal)
+    return indexer_topk_ref(q, k, w, topk, mask, causal)
+
+
+__all__ = ["indexer_topk", "indexer_topk_triton", "indexer_scores", "HAS_TRITON"]

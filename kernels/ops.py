@@ -1,0 +1,72 @@
+"""torch.library custom ops in namespace ``ic`` (importing this module registers them).
+
+    ic::indexer_topk(Tensor q, Tensor k, Tensor w, int topk, Tensor? mask=None, bool causal=True) -> Tensor
+    ic::sparse_attention(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, bool causal=True) -> Tensor
+    ic::sparse_mla(Tensor q, Tensor kv, Tensor indices, float scale, int dv, bool causal=True) -> Tensor
+
+Registration: ``torch.library.custom_op`` + ``register_fake`` (not ``triton_op``).
+``triton_op`` registers the op body itself as the fake kernel and inlines (decomposes) the
+body into the graph under torch.compile. Our bodies contain host-side logic that depends on
+concrete sizes -- the query-chunk loop bounding the [chunk, T] score buffer with a torch.topk
+per chunk, split-K heuristics from B*S and the SM count, autotune buckets -- which would
+guard/specialise on every symbolic size under ``dynamic=True``; and the CPU branch would be
+traced as the reference. Inductor cannot fuse into user Triton kernels anyway, so an opaque
+op costs only the Python launch (removable with CUDA graphs). The fake impls below are
+shape-only, so the ops trace with fully symbolic B, S, T, K.
+
+Device dispatch (one impl for every device): CUDA + triton -> Triton kernels; anything else
+(CPU, no triton) -> the pure-torch references. IC_KERNELS_TRITON=1/0 overrides (see
+_triton_utils). Importing never needs triton.
+"""
+from __future__ import annotations
+
+import torch
+
+from .indexer_topk import indexer_topk as _indexer_topk
+from .sparse_attention import sparse_attention as _sparse_attention
+from .sparse_attention import sparse_mla as _sparse_mla
+
+NAMESPACE = "ic"
+
+_INDEXER_TOPK_SCHEMA = "(Tensor q, Tensor k, Tensor w, int topk, Tensor? mask=None, bool causal=True) -> Tensor"
+_SPARSE_ATTENTION_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, bool causal=True) -> Tensor"
+_SPARSE_MLA_SCHEMA = "(Tensor q, Tensor kv, Tensor indices, float scale, int dv, bool causal=True) -> Tensor"
+
+
+@torch.library.custom_op(f"{NAMESPACE}::indexer_topk", mutates_args=(), schema=_INDEXER_TOPK_SCHEMA)
+def indexer_topk(q, k, w, topk, mask=None, causal=True):
+    """q [B,S,H,D], k [B,T,D], w [B,S,H] -> int32 [B,S,topk] (-1 padded)."""
+    return _indexer_topk(q, k, w, topk, mask, causal)
+
+
+@indexer_topk.register_fake
+def _(q, k, w, topk, mask=None, causal=True):
+    B, S = q.shape[0], q.shape[1]
+    return q.new_empty((B, S, topk), dtype=torch.int32)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::sparse_attention", mutates_args=(), schema=_SPARSE_ATTENTION_SCHEMA)
+def sparse_attention(q, k, v, indices, scale, causal=True):
+    """q [B,S,Hq,Dqk], k [B,T,Hk,Dqk], v [B,T,Hk,Dv], indices [B,S,K] -> [B,S,Hq,Dv]."""
+    return _sparse_attention(q, k, v, indices, scale, causal)
+
+
+@sparse_attention.register_fake
+def _(q, k, v, indices, scale, causal=True):
+    B, S, Hq = q.shape[0], q.shape[1], q.shape[2]
+    return q.new_empty((B, S, Hq, v.shape[3]))
+
+
+@torch.library.custom_op(f"{NAMESPACE}::sparse_mla", mutates_args=(), schema=_SPARSE_MLA_SCHEMA)
+def sparse_mla(q, kv, indices, scale, dv, causal=True):
+    """q [B,S,H,Dl+Dr], kv [B,T,Dl+Dr], indices [B,S,K] -> [B,S,H,dv]."""
+    return _sparse_mla(q, kv, indices, scale, dv, causal)
+
+
+@sparse_mla.register_fake
+def _(q, kv, indices, scale, dv, causal=True):
+    B, S, H = q.shape[0], q.shape[1], q.shape[2]
+    return q.new_empty((B, S, H, dv))
+
+
+__all__ = ["indexer_topk", "sparse_attention", "sparse_mla", "NAMESPACE"]

@@ -1,0 +1,153 @@
+"""Pure-torch references for the ic-compile kernels (fp32 math, chunked over queries).
+
+These define the semantics the Triton kernels are tested against, and are the
+implementation used on CPU / when Triton is unavailable.
+
+Conventions shared by all ops:
+  * queries are the LAST S positions of the T keys: query s sits at position (T - S) + s,
+    so with causal=True key t is allowed for query s iff t <= (T - S) + s;
+  * index -1 means "no key" (padding of a top-k row).
+"""
+from __future__ import annotations
+
+import torch
+
+# Largest fp32 intermediate (bytes) a reference materialises per query chunk.
+_CHUNK_BYTES = 256 * 2**20
+
+
+def _query_chunk(per_query_bytes: int, num_queries: int) -> int:
+    """Number of queries per chunk so that a chunk's intermediate stays under _CHUNK_BYTES."""
+    return max(1, min(num_queries, _CHUNK_BYTES // max(1, per_query_bytes)))
+
+
+def causal_allowed(S: int, T: int, device, s_start: int = 0, s_end: int | None = None) -> torch.Tensor:
+    """bool [s_end - s_start, T]: key t allowed for query s iff t <= (T - S) + s."""
+    s_end = S if s_end is None else s_end
+    s_pos = torch.arange(s_start, s_end, device=device) + (T - S)  # [c]
+    t_pos = torch.arange(T, device=device)  # [T]
+    return t_pos[None, :] <= s_pos[:, None]
+
+
+def indexer_scores_ref(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Unmasked lightning-indexer scores, fp32 [B, S, T] (only for small shapes / tests).
+
+    q [B,S,H,D], k [B,T,D], w [B,S,H]: scores[b,s,t] = sum_h w[b,s,h] * relu(q[b,s,h,:] . k[b,t,:]).
+    """
+    logits = torch.einsum("bshd,btd->bsht", q.float(), k.float())  # [B,S,H,T]
+    return torch.einsum("bsht,bsh->bst", logits.relu_(), w.float())
+
+
+def topk_indices_from_scores(scores: torch.Tensor, topk: int) -> torch.Tensor:
+    """Masked fp32 scores [..., T] (-inf = not allowed) -> int32 [..., topk], descending, -1 padded."""
+    T = scores.shape[-1]
+    kk = min(topk, T)
+    vals, idx = torch.topk(scores, kk, dim=-1, largest=True, sorted=True)  # [..., kk]
+    idx = torch.where(vals == float("-inf"), torch.full_like(idx, -1), idx).to(torch.int32)
+    if kk < topk:
+        pad = idx.new_full((*idx.shape[:-1], topk - kk), -1)
+        idx = torch.cat([idx, pad], dim=-1)
+    return idx
+
+
+def indexer_topk_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    w: torch.Tensor,
+    topk: int,
+    mask: torch.Tensor | None = None,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Lightning-indexer top-k. q [B,S,H,D], k [B,T,D], w [B,S,H] -> int32 [B,S,topk].
+
+    mask: optional bool broadcastable to [B,S,T], True = allowed. Slots beyond the number
+    of allowed keys hold -1. Rows are in descending score order.
+    """
+    B, S, H, D = q.shape
+    T = k.shape[1]
+    out = torch.empty(B, S, topk, dtype=torch.int32, device=q.device)
+    chunk = _query_chunk(B * H * T * 4, S)
+    mask_full = None if mask is None else mask.expand(B, S, T)
+    for s0 in range(0, S, chunk):
+        s1 = min(S, s0 + chunk)
+        scores = indexer_scores_ref(q[:, s0:s1], k, w[:, s0:s1])  # [B,c,T]
+        if causal:
+            scores.masked_fill_(~causal_allowed(S, T, q.device, s0, s1), float("-inf"))
+        if mask_full is not None:
+            scores.masked_fill_(~mask_full[:, s0:s1], float("-inf"))
+        out[:, s0:s1] = topk_indices_from_scores(scores, topk)
+    return out
+
+
+def _valid_indices(indices: torch.Tensor, S: int, T: int, s0: int, s1: int, causal: bool) -> torch.Tensor:
+    """bool [B, c, K]: index is a real key (0 <= i < T) and, if causal, not after the query."""
+    valid = (indices >= 0) & (indices < T)
+    if causal:
+        s_pos = torch.arange(s0, s1, device=indices.device) + (T - S)  # [c]
+        valid &= indices <= s_pos[None, :, None]
+    return valid
+
+
+def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B,T,...], idx [B,c,K] (in range) -> [B,c,K,...]."""
+    B, c, K = idx.shape
+    flat = idx.reshape(B, c * K).long()
+    rows = x[torch.arange(B, device=x.device)[:, None], flat]  # [B, c*K, ...]
+    return rows.reshape(B, c, K, *x.shape[2:])
+
+
+def sparse_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    scale: float,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Top-k sparse attention (MHA/GQA). Returns [B,S,Hq,Dv] in q's dtype.
+
+    q [B,S,Hq,Dqk], k [B,T,Hk,Dqk], v [B,T,Hk,Dv], indices [B,S,K] (int, -1 = none).
+    Query head h uses kv head h // (Hq // Hk). Softmax in fp32; no valid key -> zeros.
+    """
+    B, S, Hq, Dqk = q.shape
+    T, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    G = Hq // Hk
+    K = indices.shape[-1]
+    out = torch.empty(B, S, Hq, Dv, dtype=q.dtype, device=q.device)
+    chunk = _query_chunk(B * K * Hk * (Dqk + Dv + G) * 4, S)
+    for s0 in range(0, S, chunk):
+        s1 = min(S, s0 + chunk)
+        idx = indices[:, s0:s1]  # [B,c,K]
+        valid = _valid_indices(idx, S, T, s0, s1, causal)
+        safe = torch.where(valid, idx, torch.zeros_like(idx))
+        kg = _gather_rows(k, safe).float()  # [B,c,K,Hk,Dqk]
+        vg = _gather_rows(v, safe).float()  # [B,c,K,Hk,Dv]
+        qg = q[:, s0:s1].float().reshape(B, s1 - s0, Hk, G, Dqk)
+        logits = torch.einsum("bshgd,bskhd->bshgk", qg, kg) * scale  # [B,c,Hk,G,K]
+        valid5 = valid[:, :, None, None, :]
+        logits = logits.masked_fill(~valid5, float("-inf"))
+        row_max = logits.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
+        p = torch.exp(logits - row_max)  # masked -> 0
+        denom = p.sum(dim=-1, keepdim=True)
+        p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
+        o = torch.einsum("bshgk,bskhd->bshgd", p, vg)  # [B,c,Hk,G,Dv]
+        out[:, s0:s1] = o.reshape(B, s1 - s0, Hq, Dv).to(q.dtype)
+    return out
+
+
+def sparse_mla_ref(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    scale: float,
+    dv: int,
+    causal: bool = True,
+) -> torch.Tensor:
+    """MLA absorbed-form sparse attention (FlashMLA sparse mode). Returns [B,S,H,dv].
+
+    q [B,S,H,Dl+Dr], kv [B,T,Dl+Dr] (one latent row per token, shared by all heads),
+    key = kv row, value = kv[..., :dv].
+    """
+    k = kv[:, :, None, :]  # [B,T,1,Dqk]
+    v = kv[:, :, None, :dv]  # [B,T,1,dv]
+    return sparse_attention_ref(q, k, v, indices, scale, causal)

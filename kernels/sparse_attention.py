@@ -1,0 +1,265 @@
+"""Top-k sparse attention: each query attends only to its selected keys (DSA main attention).
+
+Two layouts, one Triton kernel (`_sparse_attention_kernel`):
+  * MHA/GQA  `sparse_attention`: q [B,S,Hq,Dqk], k [B,T,Hk,Dqk], v [B,T,Hk,Dv];
+    query head h uses kv head h // (Hq // Hk).
+  * MLA absorbed `sparse_mla` (FlashMLA sparse mode): q [B,S,H,Dl+Dr], kv [B,T,Dl+Dr]
+    -> treated as Hk = 1, k = kv, v = kv[..., :dv]; when dv is the leading power-of-two
+    part of the key (512 of 576) the gathered key tile is reused as the value tile (V_FROM_K),
+    so each selected latent row is read once.
+indices [B,S,K] (int32/int64): -1 = none; with causal=True an index > (T - S) + s is ignored.
+
+Design: a program owns one query x BLOCK_H heads of one kv head (the heads are the M rows
+of the tensor-core dots). It walks its index list in BLOCK_K blocks: gathers the selected
+rows (masked loads, invalid rows never touch memory), logits = q . k^T with the key split
+into a power-of-two part D_A and a padded tail D_B (576 = 512 + 64), online softmax in fp32
+(exp2 domain), acc += p . v. A query with no valid key outputs zeros.
+Decode / few programs: the index list is split over `num_splits` programs (flash-decoding);
+each writes its normalised partial output and log-sum-exp, combined in torch afterwards.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._triton_utils import (
+    HAS_TRITON,
+    cdiv,
+    dot_precision,
+    interpreting,
+    launch_interpreted,
+    new_output,
+    next_pow2,
+    num_sms,
+    tl,
+    triton,
+    upcast_dots,
+    use_triton_for,
+)
+from .reference import sparse_attention_ref, sparse_mla_ref
+
+LOG2E = 1.4426950408889634
+
+
+def _sparse_attention_kernel(
+    q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr,
+    S, T, Hk, G, HB, K, D_B, DV, scale_log2,  # G = Hq // Hk query heads per kv head, HB head blocks per kv head
+    sq_b, sq_s, sq_h, sq_d,
+    sk_b, sk_t, sk_h, sk_d,
+    sv_b, sv_t, sv_h, sv_d,
+    si_b, si_s, si_k,
+    so_b, so_s, so_h, so_split, so_d,
+    sl_b, sl_s, sl_h, sl_split,
+    D_A: tl.constexpr, D_B_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    CAUSAL: tl.constexpr, V_FROM_K: tl.constexpr, WRITE_LSE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,  # interpreter only: fp32 dot operands (see upcast_dots)
+):
+    """o[b,s,h,split,:] = softmax-weighted values over this split's valid indices (normalised)."""
+    # program -> (b, s, kv head, head block); head blocks of one query are neighbours (L2 reuse)
+    pid = tl.program_id(0)
+    hb = pid % HB
+    hk = (pid // HB) % Hk
+    bs = pid // (HB * Hk)
+    b = (bs // S).to(tl.int64)
+    s = bs % S
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+
+    g = hb * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H] head within the group
+    h_ok = g < G
+    h = hk * G + g
+    q_row = q_ptr + b * sq_b + s.to(tl.int64) * sq_s + h * sq_h  # [BLOCK_H]
+    da = tl.arange(0, D_A)
+    q_a = tl.load(q_row[:, None] + da[None, :] * sq_d, mask=h_ok[:, None], other=0.0)  # [BLOCK_H, D_A]
+    if UPCAST_DOT:
+        q_a = q_a.to(tl.float32)
+    if D_B_PAD > 0:  # padded tail of the key dim (e.g. the 64 rope dims of 576)
+        db = D_A + tl.arange(0, D_B_PAD)
+        db_ok = db < D_A + D_B
+        q_b = tl.load(q_row[:, None] + db[None, :] * sq_d, mask=h_ok[:, None] & db_ok[None, :], other=0.0)
+        if UPCAST_DOT:
+            q_b = q_b.to(tl.float32)
+    dv = tl.arange(0, DV_PAD)
+    dv_ok = dv < DV
+
+    # this split's slice [k_lo, k_hi) of the index list, in whole BLOCK_K blocks
+    per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), num_splits) * BLOCK_K
+    k_lo = split * per_split
+    k_hi = tl.minimum(K, k_lo + per_split)
+    last_key = (T - S) + s  # causal horizon of this query
+    idx_row = idx_ptr + b * si_b + s.to(tl.int64) * si_s
+
+    m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)  # running max (log2 domain)
+    l_i = tl.zeros((BLOCK_H,), tl.float32)  # running denominator
+    acc = tl.zeros((BLOCK_H, DV_PAD), tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        ids = tl.load(idx_row + kk * si_k, mask=kk < k_hi, other=-1)  # [BLOCK_K]
+        valid = (ids >= 0) & (ids < T)
+        if CAUSAL:
+            valid = valid & (ids <= last_key)
+        k_row = k_ptr + b * sk_b + ids.to(tl.int64) * sk_t + hk * sk_h  # [BLOCK_K]
+        k_a = tl.load(k_row[:, None] + da[None, :] * sk_d, mask=valid[:, None], other=0.0)  # [BLOCK_K, D_A]
+        if UPCAST_DOT:
+            k_a = k_a.to(tl.float32)
+        logits = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_K]
+        if D_B_PAD > 0:
+            k_b = tl.load(k_row[:, None] + db[None, :] * sk_d, mask=valid[:, None] & db_ok[None, :], other=0.0)
+            if UPCAST_DOT:
+                k_b = k_b.to(tl.float32)
+            logits += tl.dot(q_b, tl.trans(k_b), input_precision=DOT_PRECISION)
+        logits = tl.where(valid[None, :], logits * scale_log2, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-masked so far: keep p = 0
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(logits - m_safe[:, None])  # [BLOCK_H, BLOCK_K]
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if V_FROM_K:
+            v_t = k_a  # value = leading D_A columns of the gathered key rows (DV == D_A)
+        else:
+            v_row = v_ptr + b * sv_b + ids.to(tl.int64) * sv_t + hk * sv_h
+            v_t = tl.load(v_row[:, None] + dv[None, :] * sv_d, mask=valid[:, None] & dv_ok[None, :], other=0.0)
+            if UPCAST_DOT:
+                v_t = v_t.to(tl.float32)
+        p_v = p.to(v_ptr.dtype.element_ty)  # probabilities rounded like the GPU's 16-bit MMA input
+        if UPCAST_DOT:
+            p_v = p_v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p_v, v_t, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # no valid key -> zeros
+    o_row = o_ptr + b * so_b + s.to(tl.int64) * so_s + h * so_h + split * so_split
+    tl.store(o_row[:, None] + dv[None, :] * so_d, o.to(o_ptr.dtype.element_ty),
+             mask=h_ok[:, None] & dv_ok[None, :])
+    if WRITE_LSE:
+        lse = tl.where(l_i > 0.0, m_i + tl.math.log2(l_i), float("-inf"))
+        tl.store(lse_ptr + b * sl_b + s.to(tl.int64) * sl_s + h * sl_h + split * sl_split, lse, mask=h_ok)
+
+
+# --------------------------------------------------------------------------- launch configs
+
+def _configs(d_total: int):
+    """sm_90: 64-row head blocks, gathered tiles of 32/64 rows; wide (MLA 576) keys need
+    fewer stages / smaller BLOCK_K to fit shared memory. Failing configs are pruned."""
+    block_ks = (32, 64) if d_total > 256 else (32, 64, 128)
+    return [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=st)
+            for bk in block_ks for w in (4, 8) for st in (1, 2, 3)]
+
+
+_TUNED: dict = {}
+
+
+def _tuned_kernel(d_total: int):
+    wide = d_total > 256
+    if wide not in _TUNED:
+        if "jit" not in _TUNED:
+            _TUNED["jit"] = triton.jit(_sparse_attention_kernel)
+        _TUNED[wide] = triton.autotune(
+            _configs(d_total),
+            key=["D_A", "D_B_PAD", "DV_PAD", "BLOCK_H", "CAUSAL", "V_FROM_K", "WRITE_LSE"],
+        )(_TUNED["jit"])
+    return _TUNED[wide]
+
+
+INTERPRETER_META = {"BLOCK_K": 16}
+
+
+# --------------------------------------------------------------------------- host side
+
+def _key_split(dqk: int) -> tuple[int, int, int]:
+    """Key dim -> (D_A power of two <= dqk, tail D_B, tail padded D_B_PAD (0 or >= 16))."""
+    d_a = 1 << (dqk.bit_length() - 1)
+    d_b = dqk - d_a
+    return d_a, d_b, (max(16, next_pow2(d_b)) if d_b else 0)
+
+
+def _default_splits(programs: int, K: int, device: torch.device) -> int:
+    """Split the index list when there are too few programs to fill the GPU (decode)."""
+    return max(1, min(cdiv(2 * num_sms(device), programs), cdiv(K, 128)))
+
+
+def _combine_splits(o_part: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """o_part [B,S,H,P,Dv] normalised partials, lse [B,S,H,P] (log2) -> [B,S,H,Dv]."""
+    lse_max = lse.amax(dim=-1, keepdim=True)
+    lse_max = torch.where(torch.isinf(lse_max), torch.zeros_like(lse_max), lse_max)
+    weights = torch.exp2(lse - lse_max)  # -inf (empty split) -> 0
+    denom = weights.sum(dim=-1, keepdim=True)
+    out = (o_part * weights[..., None]).sum(dim=-2) / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return out.to(dtype)
+
+
+def sparse_attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
+    scale: float, causal: bool = True, num_splits: int | None = None,
+) -> torch.Tensor:
+    """Triton path for both layouts (CPU tensors run in the Triton interpreter). -> [B,S,Hq,Dv]."""
+    B, S, Hq, Dqk = q.shape
+    T, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    G = Hq // Hk
+    K = indices.shape[-1]
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    d_a, d_b, d_b_pad = _key_split(Dqk)
+    v_from_k = Dv == d_a and v.data_ptr() == k.data_ptr() and v.stride() == k.stride()
+    block_h = min(64, max(16, next_pow2(G)))
+    hb = cdiv(G, block_h)
+    programs = B * S * Hk * hb
+    splits = num_splits or _default_splits(programs, K, q.device)
+    if splits > 1:
+        o = new_output((B, S, Hq, splits, Dv), torch.float32, q.device)
+        lse = new_output((B, S, Hq, splits), torch.float32, q.device)
+        o_strides, lse_strides = o.stride(), lse.stride()
+    else:
+        o = new_output((B, S, Hq, Dv), q.dtype, q.device)
+        lse = o  # unused (WRITE_LSE=False)
+        o_strides = (*o.stride()[:3], 0, o.stride(3))
+        lse_strides = (0, 0, 0, 0)
+    args = (
+        q, k, v, indices, o, lse,
+        S, T, Hk, G, hb, K, d_b, Dv, float(scale) * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *o_strides, *lse_strides,
+    )
+    consts = {"D_A": d_a, "D_B_PAD": d_b_pad, "DV_PAD": max(16, next_pow2(Dv)), "BLOCK_H": block_h,
+              "CAUSAL": bool(causal), "V_FROM_K": v_from_k, "WRITE_LSE": splits > 1,
+              "DOT_PRECISION": dot_precision(q.dtype), "UPCAST_DOT": upcast_dots(q)}
+    grid = (programs, splits)
+    if interpreting(q):
+        launch_interpreted(_sparse_attention_kernel, grid, *args, **consts, **INTERPRETER_META)
+    else:
+        _tuned_kernel(Dqk)[grid](*args, **consts)
+    return _combine_splits(o, lse, q.dtype) if splits > 1 else o
+
+
+def sparse_mla_triton(
+    q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float, dv: int,
+    causal: bool = True, num_splits: int | None = None,
+) -> torch.Tensor:
+    """MLA absorbed form: kv [B,T,Dl+Dr] is one shared key row per token, value = kv[..., :dv]."""
+    k = kv[:, :, None, :]  # [B,T,1,Dqk]
+    v = kv[:, :, None, :dv]  # [B,T,1,dv] (same storage: V_FROM_K when dv = power-of-two part)
+    return sparse_attention_triton(q, k, v, indices, scale, causal, num_splits)
+
+
+def sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
+    scale: float, causal: bool = True, use_triton: bool | None = None,
+) -> torch.Tensor:
+    """Top-k sparse attention (MHA/GQA). q [B,S,Hq,Dqk], k [B,T,Hk,Dqk], v [B,T,Hk,Dv],
+    indices [B,S,K] -> [B,S,Hq,Dv] (q's dtype). use_triton: see indexer_topk."""
+    if use_triton_for(q, use_triton):
+        return sparse_attention_triton(q, k, v, indices, scale, causal)
+    return sparse_attention_ref(q, k, v, indices, scale, causal)
+
+
+def sparse_mla(
+    q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float, dv: int,
+    causal: bool = True, use_triton: bool | None = None,
+) -> torch.Tensor:
+    """MLA absorbed sparse attention. q [B,S,H,Dl+Dr], kv [B,T,Dl+Dr], indices [B,S,K] -> [B,S,H,dv]."""
+    if use_triton_for(q, use_triton):
+        return sparse_mla_triton(q, kv, indices, scale, dv, causal)
+    return sparse_mla_ref(q, kv, indices, scale, dv, causal)
+
+
+__all__ = ["sparse_attention", "sparse_mla", "sparse_attention_triton", "sparse_mla_triton", "HAS_TRITON"]

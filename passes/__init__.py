@@ -1,0 +1,1 @@
+"""ic-compile graph passes: each GraphModule -> GraphModule."""

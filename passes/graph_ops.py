@@ -1,0 +1,109 @@
+"""Helpers shared by the passes: what a Dynamo FX node does, independent of how the user wrote it.
+
+Dynamo graphs hold torch functions (`torch.matmul`), Python operators (`operator.matmul`, `@`),
+Tensor methods (`x.matmul`) and functionals (`F.relu`). `op_name` maps all of them to one name.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+
+import torch
+from torch import fx
+
+_OPERATOR_NAMES = {
+    operator.add: "add", operator.iadd: "add", operator.sub: "sub", operator.isub: "sub",
+    operator.mul: "mul", operator.imul: "mul", operator.truediv: "div", operator.itruediv: "div",
+    operator.matmul: "matmul", operator.neg: "neg", operator.getitem: "getitem",
+    operator.invert: "invert", operator.and_: "and", operator.or_: "or", operator.setitem: "setitem",
+}
+_ALIASES = {"truediv": "div", "true_divide": "div", "multiply": "mul", "subtract": "sub",
+            "clip": "clamp", "clip_min": "clamp_min", "__matmul__": "matmul", "relu_": "relu"}
+
+# ops that change only layout / dtype: a score tensor passes through them unchanged
+LAYOUT_OPS = {"view", "reshape", "squeeze", "unsqueeze", "transpose", "permute", "contiguous", "to",
+              "float", "half", "bfloat16", "double", "type", "type_as", "clone", "expand",
+              "expand_as", "flatten", "unflatten", "getitem", "narrow", "movedim", "swapaxes"}
+# elementwise ops a mask or a scale enters through
+MASK_SCALE_OPS = {"add", "sub", "mul", "div", "masked_fill", "where", "neg"}
+PRODUCT_OPS = {"matmul", "bmm", "einsum", "mm"}
+REDUCE_OPS = {"sum"}
+IN_PLACE_WRITES = {"index_copy_", "index_put_", "copy_", "setitem", "scatter_", "masked_scatter_",
+                   "index_add_", "fill_", "zero_"}
+
+
+def op_name(node: fx.Node) -> str:
+    """'matmul', 'relu', 'topk', ... for call_function / call_method nodes, '' otherwise."""
+    if node.op == "call_method":
+        name = str(node.target)
+    elif node.op == "call_function":
+        name = _OPERATOR_NAMES.get(node.target) or getattr(node.target, "__name__", str(node.target))
+    else:
+        return ""
+    return _ALIASES.get(name, name)
+
+
+def is_relu(node: fx.Node) -> bool:
+    """relu(x), clamp_min(x, 0), clamp(x, min=0), clamp(x, 0)."""
+    name = op_name(node)
+    if name == "relu":
+        return True
+    if name == "clamp_min":
+        return _arg(node, 1, "min") == 0
+    if name == "clamp":
+        return _arg(node, 1, "min") == 0 and _arg(node, 2, "max") is None
+    return False
+
+
+def _arg(node: fx.Node, pos: int, name: str):
+    if len(node.args) > pos:
+        return node.args[pos]
+    return node.kwargs.get(name)
+
+
+def tensor_args(node: fx.Node) -> list[fx.Node]:
+    """The fx.Node inputs of a node, in order (flattening lists such as cat's)."""
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n))
+    return found
+
+
+def example_value(node: fx.Node):
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def shape_of(node: fx.Node) -> tuple | None:
+    value = example_value(node)
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def is_parameter(node: fx.Node) -> bool:
+    """Graph inputs that hold module parameters or buffers (weights, not activations)."""
+    if node.op == "get_attr":
+        return True
+    if node.op != "placeholder":
+        return False
+    value = example_value(node)
+    if isinstance(value, torch.nn.Parameter):
+        return True
+    source = str(node.meta.get("grapharg", getattr(node, "_dynamo_source", "")) or "")
+    return "_parameters" in source or "_parameters" in node.name or "_buffers" in node.name
+
+
+def module_path(node: fx.Node) -> str:
+    """Innermost module path from Dynamo's nn_module_stack, e.g. 'model.layers.3.self_attn.indexer'."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    path = re.sub(r"^L\['self'\]\.?", "", str(path))
+    path = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", path)  # layers[3] -> layers.3
+    path = re.sub(r"\._modules\.", ".", path)
+    return path.strip(".")
+
+
+def layer_number(path: str) -> int | None:
+    """The last integer component of a module path ('model.layers.3.self_attn.indexer' -> 3)."""
+    numbers = re.findall(r"(?:^|\.)(\d+)(?=\.|$)", path)
+    return int(numbers[-1]) if numbers else None

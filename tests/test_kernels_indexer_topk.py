@@ -1,0 +1,178 @@
+"""Indexer top-k: Triton kernel (CPU via the Triton interpreter, or CUDA) vs the torch reference.
+
+No TRITON_INTERPRET needed: CPU tensors + use_triton=True run the kernel's interpreter twin
+(see ic_compile.kernels._triton_utils), nothing global is changed.
+"""
+import importlib.util
+
+import pytest
+import torch
+
+from ic_compile.kernels import _triton_utils
+from ic_compile.kernels.indexer_topk import indexer_scores, indexer_topk, indexer_topk_triton
+from ic_compile.kernels.reference import indexer_topk_ref
+from ic_compile.kernels.testing import (
+    check_topk,
+    indexer_inputs,
+    masked_scores,
+    repro,
+    seed_everything,
+)
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="triton not importable: Triton path untestable")
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Kernel output buffers start as garbage: a missed write fails the test."""
+    monkeypatch.setattr(_triton_utils, "POISON_OUTPUTS", True)
+
+
+def _bf16_rounded(*xs):
+    return [x.to(torch.bfloat16) for x in xs]
+
+
+# ----------------------------------------------------------------------------- reference
+
+def _naive_topk(q, k, w, topk, mask, causal):
+    """Row-by-row python reference of the reference (tiny shapes)."""
+    B, S, H, _ = q.shape
+    T = k.shape[1]
+    out = torch.full((B, S, topk), -1, dtype=torch.int32)
+    for b in range(B):
+        for s in range(S):
+            cand = []
+            for t in range(T):
+                if causal and t > T - S + s:
+                    continue
+                if mask is not None and not bool(mask.expand(B, S, T)[b, s, t]):
+                    continue
+                score = sum(float(w[b, s, h]) * max(0.0, float(q[b, s, h] @ k[b, t])) for h in range(H))
+                cand.append((score, t))
+            cand.sort(key=lambda c: -c[0])
+            for j, (_, t) in enumerate(cand[:topk]):
+                out[b, s, j] = t
+    return out
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("S,T,topk", [(5, 5, 3), (3, 9, 4), (4, 6, 10)])
+def test_reference_matches_naive(S, T, topk, causal, request):
+    seed_everything(request.node.name)
+    q, k, w = indexer_inputs(2, S, T, 3, 8, torch.float64)
+    q, k = q + 1.0, k + 1.0  # mostly positive logits: no exact ties at relu's 0 (ties order freely)
+    mask = torch.rand(2, 1, T) > 0.2
+    assert torch.equal(indexer_topk_ref(q, k, w, topk, mask, causal), _naive_topk(q, k, w, topk, mask, causal))
+
+
+# ----------------------------------------------------------------------------- triton (interpreter / CUDA)
+
+def _check_against_reference(q, k, w, topk, mask=None, causal=True, seed=0, **kw):
+    got = indexer_topk_triton(q, k, w, topk, mask, causal, **kw)
+    assert got.shape == (q.shape[0], q.shape[1], topk) and got.dtype == torch.int32
+    scores = masked_scores(q.float(), k.float(), w.float(), mask, causal)
+    try:
+        check_topk(got, scores, topk)
+    except AssertionError as e:
+        raise AssertionError(f"{e} {repro(seed)}") from None
+
+
+CASES = {
+    # name: (B, S, T, H, D, topk, extra kwargs)
+    "prefill_square": (2, 40, 40, 8, 32, 12, {}),  # causal edges: first rows have < topk keys
+    "prefill_queries_at_end": (1, 24, 90, 8, 32, 16, {}),
+    "prefill_chunked": (2, 40, 75, 8, 32, 16, {"chunk_rows": 16}),  # 3 chunks, growing width
+    "prefill_split_keys": (1, 20, 100, 8, 32, 8, {"num_splits": 3}),
+    "T_lt_topk": (2, 12, 12, 8, 32, 20, {}),
+    "odd_heads_dims": (1, 40, 50, 6, 40, 10, {}),  # H, D not powers of two
+    "decode": (2, 1, 150, 4, 32, 32, {"num_splits": 3}),
+    "decode_default_splits": (3, 1, 200, 16, 32, 24, {}),
+    "decode_multi_query": (2, 4, 60, 8, 32, 16, {}),  # small S -> decode form (one program row)
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_indexer_topk_triton(case, dtype, request):
+    seed = seed_everything(request.node.name)
+    B, S, T, H, D, topk, kw = CASES[case]
+    q, k, w = indexer_inputs(B, S, T, H, D, dtype)
+    _check_against_reference(q, k, w, topk, seed=seed, **kw)
+
+
+@needs_triton
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("S", [1, 30])
+def test_indexer_topk_triton_padding_mask(S, causal, request):
+    seed = seed_everything(request.node.name)
+    B, T, H, D, topk = 3, 64, 8, 32, 16
+    q, k, w = indexer_inputs(B, S, T, H, D)
+    lengths = torch.tensor([T, T - 17, 5])  # right padding per batch row
+    mask = (torch.arange(T)[None, :] < lengths[:, None])[:, None, :]  # [B,1,T] broadcast
+    _check_against_reference(q, k, w, topk, mask, causal, seed=seed)
+    full = torch.rand(B, S, T) > 0.5  # arbitrary dense [B,S,T] mask
+    full[0, 0] = False  # a row with no allowed key -> all -1
+    _check_against_reference(q, k, w, topk, full, causal, seed=seed)
+
+
+@needs_triton
+def test_indexer_topk_triton_noncontiguous(request):
+    seed = seed_everything(request.node.name)
+    q, k, w = indexer_inputs(2, 36, 50, 8, 48)
+    q, k, w = q[..., :32], k[..., 8:40], w.transpose(1, 2).contiguous().transpose(1, 2)
+    _check_against_reference(q, k, w, 10, seed=seed)
+
+
+@needs_triton
+@pytest.mark.parametrize("kw", [{}, {"num_splits": 2}, {"decode_block_s": 2}], ids=["prefill", "split", "decode"])
+def test_indexer_scores_every_column_written(kw, request):
+    """The score buffer (poisoned with NaN) holds exactly the masked scores, -inf included."""
+    seed_everything(request.node.name)
+    B, S, T, H, D = 2, 2 if "decode_block_s" in kw else 20, 70, 8, 32
+    q, k, w = indexer_inputs(B, S, T, H, D)
+    mask = torch.rand(B, S, T) > 0.3
+    row_start, n_rows = S // 2, S - S // 2
+    width = T - S + row_start + n_rows
+    out = torch.full((B, n_rows, width), float("nan"))
+    indexer_scores(q, k, w, mask, True, row_start, n_rows, width, out, **kw)
+    want = masked_scores(q, k, w, mask, True)[:, row_start:, :width]
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_dispatch(request, monkeypatch):
+    seed_everything(request.node.name)
+    q, k, w = indexer_inputs(1, 3, 20, 4, 16)
+    ref = indexer_topk(q, k, w, 5, use_triton=False)
+    assert torch.equal(ref, indexer_topk_ref(q, k, w, 5))
+    assert torch.equal(indexer_topk(q, k, w, 5, use_triton=True).sort(-1).values, ref.sort(-1).values)
+    calls = []
+    monkeypatch.setattr("ic_compile.kernels.indexer_topk.indexer_topk_triton",
+                        lambda *a, **kw: calls.append(1) or ref)
+    indexer_topk(q, k, w, 5)  # CPU default: reference
+    assert not calls
+    monkeypatch.setenv("IC_KERNELS_TRITON", "1")
+    indexer_topk(q, k, w, 5)
+    assert calls
+
+
+# ----------------------------------------------------------------------------- real GPU
+
+@needs_triton
+@pytest.mark.parametrize("B,S,T,topk", [(2, 1024, 1024, 256), (1, 300, 4096, 2048), (4, 1, 20000, 2048), (2, 3, 5000, 512)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_indexer_topk_gpu(B, S, T, topk, dtype, request):
+    for m in gpu:
+        request.applymarker(m)
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    seed = seed_everything(request.node.name)
+    q, k, w = indexer_inputs(B, S, T, 32, 128, dtype, device="cuda")
+    mask = torch.arange(T, device="cuda")[None, None, :] < torch.tensor([T, T - 100], device="cuda")[:B, None, None] \
+        if B == 2 else None
+    got = indexer_topk(q, k, w, topk, mask)
+    check_topk(got, masked_scores(q.float(), k.float(), w.float(), mask), topk, rel_tol=1e-4)
+    del seed
