@@ -356,7 +356,8 @@ class MoE(nn.Module):
         hidden = F.silu(torch.einsum("nd,eid->nei", x, self.w1)) \
             * torch.einsum("nd,eid->nei", x, self.w3)  # [N, E, inter]
         expert_out = torch.einsum("nei,edi->ned", hidden, self.w2)  # [N, E, dim]
-        chosen = expert_out.gather(1, expert_ids[..., None].expand(-1, -1, shape[-1]))  # [N, k, dim]
+        index = expert_ids[..., None].expand(-1, -1, shape[-1])  # [N, k, dim]
+        chosen = expert_out.gather(1, index)  # [N, k, dim]
         routed = (chosen * weights[..., None]).sum(dim=1)  # [N, dim]
         return (routed + self.shared_experts(x)).view(shape)
 

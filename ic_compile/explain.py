@@ -91,8 +91,26 @@ def _report(result: RewriteResult) -> ExplainReport:
               for b in result.bindings]
     return ExplainReport(
         layers=layers, removed_nodes=len(result.removed),
-        nodes_before=len(result.original.graph.nodes), nodes_after=len(result.gm.graph.nodes),
+        nodes_before=len(result.gm.graph.nodes) + len(result.removed), nodes_after=len(result.gm.graph.nodes),
         other_topk=len(result.detection.other_topk),
         key_cache_dropped=[c.layer for c in result.caches if c.dropped],
         key_cache_kept=[c.layer for c in result.caches if not c.dropped],
         plan=str(result.plan))
+
+
+def register_cli(subparsers) -> None:
+    from .cli import add_model_arguments
+    parser = subparsers.add_parser("explain", help="what the rewrite finds and changes for a plan")
+    add_model_arguments(parser)
+    parser.add_argument("--plan", default=None, help="pattern (FSSF...), plan.json, or omit for all F")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(run=_run_cli)
+
+
+def _run_cli(args) -> int:
+    from .cli import example_ids, forward_inputs, print_json
+    from .models import load_model
+    model = load_model(args.model, args.seed)
+    report = explain(model, forward_inputs(model, example_ids(model, args)), plan=args.plan)
+    print_json(report.to_dict()) if args.json else print(report)
+    return 0

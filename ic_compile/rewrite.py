@@ -57,7 +57,8 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def rewrite(gm: fx.GraphModule, plan=None, *, strict: bool = False) -> RewriteResult:
-    work = copy_graph_module(gm)
+    work = eliminate_dead_code(copy_graph_module(gm))  # baseline: what was dead already isn't ours
+    baseline = {n.name for n in work.graph.nodes}
     detection = detect_indexers(work)
     result = RewriteResult(gm, gm, detection, None)
     if not detection.confident:
@@ -80,15 +81,15 @@ def rewrite(gm: fx.GraphModule, plan=None, *, strict: bool = False) -> RewriteRe
         work.graph.lint()
     work.recompile()
     result.gm, result.changed = work, True
-    result.removed = _removed_nodes(gm, work)
+    result.removed = _removed_nodes(gm, baseline, work)
     return result
 
 
-def _removed_nodes(before: fx.GraphModule, after: fx.GraphModule) -> list[RemovedNode]:
+def _removed_nodes(before: fx.GraphModule, baseline: set, after: fx.GraphModule) -> list[RemovedNode]:
     kept = {n.name for n in after.graph.nodes}
     removed = []
     for node in before.graph.nodes:
-        if node.name in kept or node.op not in ("call_function", "call_method", "call_module"):
+        if node.name in kept or node.name not in baseline or node.op not in ("call_function", "call_method"):
             continue
         path = module_path(node)
         removed.append(RemovedNode(node.name, op_name(node), path, layer_number(path)))

@@ -42,7 +42,7 @@ LOG2E = 1.4426950408889634
 
 def _sparse_attention_kernel(
     q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr,
-    S, T, Hk, G, HB, K, D_B, DV, scale_log2,  # G = Hq // Hk query heads per kv head, HB head blocks per kv head
+    S, T, Hk, G, K, D_B, DV, scale_log2,  # G = Hq // Hk query heads per kv head
     sq_b, sq_s, sq_h, sq_d,
     sk_b, sk_t, sk_h, sk_d,
     sv_b, sv_t, sv_h, sv_d,
@@ -58,6 +58,7 @@ def _sparse_attention_kernel(
     """o[b,s,h,split,:] = softmax-weighted values over this split's valid indices (normalised)."""
     # program -> (b, s, kv head, head block); head blocks of one query are neighbours (L2 reuse)
     pid = tl.program_id(0)
+    HB = tl.cdiv(G, BLOCK_H)  # head blocks per kv head
     hb = pid % HB
     hk = (pid // HB) % Hk
     bs = pid // (HB * Hk)
@@ -134,36 +135,42 @@ def _sparse_attention_kernel(
     tl.store(o_row[:, None] + dv[None, :] * so_d, o.to(o_ptr.dtype.element_ty),
              mask=h_ok[:, None] & dv_ok[None, :])
     if WRITE_LSE:
-        lse = tl.where(l_i > 0.0, m_i + tl.math.log2(l_i), float("-inf"))
+        lse = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + b * sl_b + s.to(tl.int64) * sl_s + h * sl_h + split * sl_split, lse, mask=h_ok)
 
 
 # --------------------------------------------------------------------------- launch configs
 
-def _configs(d_total: int):
-    """sm_90: 64-row head blocks, gathered tiles of 32/64 rows; wide (MLA 576) keys need
-    fewer stages / smaller BLOCK_K to fit shared memory. Failing configs are pruned."""
+def _configs(d_total: int, block_hs: tuple[int, ...]):
+    """sm_90: head blocks of 64 rows (wgmma M) or the padded group size; gathered tiles of
+    32/64(/128) rows; wide (MLA 576) keys need small BLOCK_K / few stages to fit shared
+    memory and 8 warps to hold the [64, 512] fp32 accumulator. Failing configs are pruned."""
     block_ks = (32, 64) if d_total > 256 else (32, 64, 128)
-    return [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=st)
-            for bk in block_ks for w in (4, 8) for st in (1, 2, 3)]
+    return [triton.Config({"BLOCK_H": bh, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+            for bh in block_hs for bk in block_ks for w in (4, 8) for st in (1, 2, 3)]
+
+
+def _block_h_candidates(G: int) -> tuple[int, ...]:
+    return tuple(sorted({min(64, max(16, next_pow2(G))), 64}))
 
 
 _TUNED: dict = {}
 
 
-def _tuned_kernel(d_total: int):
-    wide = d_total > 256
-    if wide not in _TUNED:
+def _tuned_kernel(d_total: int, G: int):
+    key = (d_total > 256, _block_h_candidates(G))
+    if key not in _TUNED:
         if "jit" not in _TUNED:
             _TUNED["jit"] = triton.jit(_sparse_attention_kernel)
-        _TUNED[wide] = triton.autotune(
-            _configs(d_total),
-            key=["D_A", "D_B_PAD", "DV_PAD", "BLOCK_H", "CAUSAL", "V_FROM_K", "WRITE_LSE"],
+        _TUNED[key] = triton.autotune(
+            _configs(d_total, key[1]),
+            key=["G", "D_A", "D_B_PAD", "DV_PAD", "CAUSAL", "V_FROM_K", "WRITE_LSE"],
         )(_TUNED["jit"])
-    return _TUNED[wide]
+    return _TUNED[key]
 
 
-INTERPRETER_META = {"BLOCK_K": 16}
+def _interpreter_meta(G: int) -> dict:
+    return {"BLOCK_H": min(64, max(16, next_pow2(G))), "BLOCK_K": 16}
 
 
 # --------------------------------------------------------------------------- host side
@@ -202,10 +209,8 @@ def sparse_attention_triton(
     k, v = k.to(q.dtype), v.to(q.dtype)
     d_a, d_b, d_b_pad = _key_split(Dqk)
     v_from_k = Dv == d_a and v.data_ptr() == k.data_ptr() and v.stride() == k.stride()
-    block_h = min(64, max(16, next_pow2(G)))
-    hb = cdiv(G, block_h)
-    programs = B * S * Hk * hb
-    splits = num_splits or _default_splits(programs, K, q.device)
+    programs_per_block_h = B * S * Hk  # x head blocks (BLOCK_H is tuned)
+    splits = num_splits or _default_splits(programs_per_block_h * cdiv(G, 64), K, q.device)
     if splits > 1:
         o = new_output((B, S, Hq, splits, Dv), torch.float32, q.device)
         lse = new_output((B, S, Hq, splits), torch.float32, q.device)
@@ -217,17 +222,20 @@ def sparse_attention_triton(
         lse_strides = (0, 0, 0, 0)
     args = (
         q, k, v, indices, o, lse,
-        S, T, Hk, G, hb, K, d_b, Dv, float(scale) * LOG2E,
+        S, T, Hk, G, K, d_b, Dv, float(scale) * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *o_strides, *lse_strides,
     )
-    consts = {"D_A": d_a, "D_B_PAD": d_b_pad, "DV_PAD": max(16, next_pow2(Dv)), "BLOCK_H": block_h,
+    consts = {"D_A": d_a, "D_B_PAD": d_b_pad, "DV_PAD": max(16, next_pow2(Dv)),
               "CAUSAL": bool(causal), "V_FROM_K": v_from_k, "WRITE_LSE": splits > 1,
               "DOT_PRECISION": dot_precision(q.dtype), "UPCAST_DOT": upcast_dots(q)}
-    grid = (programs, splits)
+
+    def grid(meta):
+        return (programs_per_block_h * cdiv(G, meta["BLOCK_H"]), splits)
+
     if interpreting(q):
-        launch_interpreted(_sparse_attention_kernel, grid, *args, **consts, **INTERPRETER_META)
+        launch_interpreted(_sparse_attention_kernel, grid, *args, **consts, **_interpreter_meta(G))
     else:
-        _tuned_kernel(Dqk)[grid](*args, **consts)
+        _tuned_kernel(Dqk, G)[grid](*args, **consts)
     return _combine_splits(o, lse, q.dtype) if splits > 1 else o
 
 

@@ -1,0 +1,64 @@
+"""`ic` command line. Each feature module adds its subcommand through `register_cli(subparsers)`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+import torch
+
+FEATURE_MODULES = ["ic_compile.explain", "ic_compile.plan_cli", "ic_compile.search", "ic_compile.overlap",
+                   "ic_compile.graph_diff", "ic_compile.export"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ic", description="ic-compile: IndexCache for DSA models")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name in FEATURE_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register_cli(subparsers)
+    return parser
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="dsa:tiny",
+                        help="dsa:NAME | hf:CONFIG.json | hf-tiny:glm_moe_dsa | ckpt:DIR | MODULE:FUNCTION")
+    parser.add_argument("--seq", type=int, default=32, help="example sequence length")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def example_ids(model, args) -> torch.Tensor:
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or model.args.vocab_size
+    return torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(args.seed))
+
+
+def forward_inputs(model, ids: torch.Tensor) -> dict:
+    """Keyword inputs for a prefill without cache, for HF and reference models alike."""
+    if hasattr(model, "config"):
+        return {"input_ids": ids, "use_cache": False}
+    return {"idx": ids}
+
+
+def print_json(data) -> None:
+    print(json.dumps(data, indent=2))
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"ic {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Sparse attention (MHA/GQA and MLA absorbed): Triton kernel vs the torch reference.
+
+CPU tensors + use_triton=True run the kernel's Triton-interpreter twin; no env var needed.
+"""
+import importlib.util
+
+import pytest
+import torch
+
+from ic_compile.kernels import _triton_utils
+from ic_compile.kernels.reference import sparse_attention_ref, sparse_mla_ref
+from ic_compile.kernels.sparse_attention import (
+    sparse_attention,
+    sparse_attention_triton,
+    sparse_mla,
+    sparse_mla_triton,
+)
+from ic_compile.kernels.testing import random_indices, repro, seed_everything
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="triton not importable: Triton path untestable")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Kernel output buffers (and split partials) start as NaN: a missed write fails the test."""
+    monkeypatch.setattr(_triton_utils, "POISON_OUTPUTS", True)
+
+
+def _assert_close(got, want, dtype, seed):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert not torch.isnan(got).any(), f"NaN in output {repro(seed)}"
+    torch.testing.assert_close(got.float(), want.float(), **TOL[dtype], msg=lambda m: f"{m} {repro(seed)}")
+
+
+# ----------------------------------------------------------------------------- reference
+
+def test_reference_dense_equivalence(request):
+    """All keys selected, causal -> ordinary causal attention (queries at the end)."""
+    seed_everything(request.node.name)
+    B, S, T, Hq, Hk, D = 2, 5, 9, 4, 2, 8
+    q, k, v = torch.randn(B, S, Hq, D), torch.randn(B, T, Hk, D), torch.randn(B, T, Hk, D)
+    idx = torch.arange(T, dtype=torch.int32).flip(0).expand(B, S, T)  # order must not matter
+    got = sparse_attention_ref(q, k, v, idx, 0.5)
+    kk, vv = k.repeat_interleave(Hq // Hk, dim=2), v.repeat_interleave(Hq // Hk, dim=2)
+    allowed = torch.arange(T)[None, :] <= (T - S + torch.arange(S))[:, None]  # [S,T]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), attn_mask=allowed, scale=0.5).transpose(1, 2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_no_valid_key_gives_zeros():
+    q, k, v = torch.randn(1, 2, 2, 8), torch.randn(1, 4, 1, 8), torch.randn(1, 4, 1, 8)
+    idx = torch.tensor([[[-1, -1], [3, 2]]], dtype=torch.int32)  # row 0 empty; row 1 (pos 3) fine
+    out = sparse_attention_ref(q, k, v, idx, 1.0)
+    assert torch.equal(out[0, 0], torch.zeros(2, 8)) and out[0, 1].abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- triton: MHA / GQA
+
+GQA_CASES = {
+    # name: (B, S, T, Hq, Hk, Dqk, Dv, K, causal, num_splits)
+    "gqa_prefill": (2, 6, 40, 8, 2, 24, 20, 24, True, None),  # Dqk = 16 + padded 8-wide tail
+    "mha": (1, 5, 33, 4, 4, 32, 32, 20, True, None),
+    "queries_at_end": (2, 4, 50, 4, 1, 32, 16, 40, True, None),  # many selected keys are in the future
+    "non_causal": (2, 4, 30, 4, 2, 16, 16, 30, False, None),
+    "decode_split": (2, 1, 80, 8, 2, 32, 32, 64, True, 3),
+    "decode_default_split": (1, 1, 400, 16, 1, 48, 32, 300, True, None),  # 3 splits by default
+    "many_heads": (1, 2, 20, 80, 1, 16, 16, 18, True, None),  # 2 head blocks per kv head
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(GQA_CASES))
+def test_sparse_attention_triton(case, dtype, request):
+    seed = seed_everything(request.node.name)
+    B, S, T, Hq, Hk, Dqk, Dv, K, causal, splits = GQA_CASES[case]
+    q = torch.randn(B, S, Hq, Dqk).to(dtype)
+    k, v = torch.randn(B, T, Hk, Dqk).to(dtype), torch.randn(B, T, Hk, Dv).to(dtype)
+    idx = random_indices(B, S, T, K)
+    scale = Dqk**-0.5
+    got = sparse_attention_triton(q, k, v, idx, scale, causal, num_splits=splits)
+    _assert_close(got, sparse_attention_ref(q, k, v, idx, scale, causal), dtype, seed)
+
+
+@needs_triton
+@pytest.mark.parametrize("splits", [1, 2])
+def test_sparse_attention_triton_empty_rows_and_int64(splits, request):
+    seed = seed_everything(request.node.name)
+    B, S, T, H, D, K = 2, 4, 30, 4, 16, 20
+    q, k, v = torch.randn(B, S, H, D), torch.randn(B, T, 1, D), torch.randn(B, T, 1, D)
+    idx = random_indices(B, S, T, K, dtype=torch.int64)
+    idx[0, 1] = -1  # no key at all
+    idx[1, 0] = torch.arange(T - S + 1, T - S + 1 + K)  # only future keys -> nothing valid (causal)
+    got = sparse_attention_triton(q, k, v, idx, 0.25, True, num_splits=splits)
+    assert torch.equal(got[0, 1], torch.zeros(H, D)) and torch.equal(got[1, 0], torch.zeros(H, D))
+    _assert_close(got, sparse_attention_ref(q, k, v, idx, 0.25, True), torch.float32, seed)
+
+
+@needs_triton
+def test_sparse_attention_triton_noncontiguous(request):
+    seed = seed_everything(request.node.name)
+    B, S, T, H, D, K = 1, 3, 25, 4, 16, 16
+    qkv = torch.randn(B, T, 3, H, D)  # packed projections: strided q/k/v views
+    q, k, v = qkv[:, -S:, 0], qkv[:, :, 1], qkv[:, :, 2]
+    idx = random_indices(B, S, T, K).transpose(1, 2).contiguous().transpose(1, 2)
+    got = sparse_attention_triton(q, k, v, idx, 0.3)
+    _assert_close(got, sparse_attention_ref(q, k, v, idx, 0.3), torch.float32, seed)
+
+
+# ----------------------------------------------------------------------------- triton: MLA absorbed
+
+MLA_CASES = {
+    # name: (B, S, T, H, Dl, Dr, dv, K, num_splits)   kv row = Dl + Dr, value = kv[..., :dv]
+    "prefill": (2, 5, 48, 8, 32, 16, 32, 32, None),  # dv == power-of-two part -> V_FROM_K
+    "dv_lt_latent": (1, 4, 40, 4, 32, 16, 16, 24, None),  # separate value load
+    "decode": (2, 1, 64, 20, 32, 16, 32, 48, 4),  # H=20: padded head block
+    "decode_default_split": (1, 1, 90, 16, 64, 16, 64, 80, None),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(MLA_CASES))
+def test_sparse_mla_triton(case, dtype, request):
+    seed = seed_everything(request.node.name)
+    B, S, T, H, Dl, Dr, dv, K, splits = MLA_CASES[case]
+    q = torch.randn(B, S, H, Dl + Dr).to(dtype)
+    kv = torch.randn(B, T, Dl + Dr).to(dtype)
+    idx = random_indices(B, S, T, K)
+    scale = (Dl + Dr) ** -0.5
+    got = sparse_mla_triton(q, kv, idx, scale, dv, True, num_splits=splits)
+    _assert_close(got, sparse_mla_ref(q, kv, idx, scale, dv, True), dtype, seed)
+
+
+@needs_triton
+def test_dispatch(request):
+    seed = seed_everything(request.node.name)
+    q, kv = torch.randn(1, 2, 4, 48), torch.randn(1, 10, 48)
+    idx = random_indices(1, 2, 10, 8)
+    ref = sparse_mla(q, kv, idx, 0.2, 32)  # CPU default -> reference
+    assert torch.equal(ref, sparse_mla_ref(q, kv, idx, 0.2, 32))
+    _assert_close(sparse_mla(q, kv, idx, 0.2, 32, use_triton=True), ref, torch.float32, seed)
+    k, v = kv[:, :, None], kv[:, :, None, :32]
+    _assert_close(sparse_attention(q, k, v, idx, 0.2, use_triton=True), ref, torch.float32, seed)
+
+
+# ----------------------------------------------------------------------------- real GPU
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("B,S,T,H,K", [(1, 256, 4096, 64, 2048), (2, 64, 3000, 20, 2048), (8, 1, 8192, 64, 2048),
+                                       (1, 1, 70000, 128, 2048)])
+def test_sparse_mla_gpu(B, S, T, H, K, request):
+    seed = seed_everything(request.node.name)
+    q = torch.randn(B, S, H, 576, device="cuda").bfloat16()
+    kv = torch.randn(B, T, 576, device="cuda").bfloat16()
+    idx = random_indices(B, S, T, min(K, T), device="cuda")
+    got = sparse_mla(q, kv, idx, 576**-0.5, 512)
+    _assert_close(got, sparse_mla_ref(q, kv, idx, 576**-0.5, 512), torch.bfloat16, seed)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("B,S,T,Hq,Hk,D,K", [(2, 128, 2048, 32, 4, 128, 512), (4, 1, 5000, 16, 16, 192, 1024)])
+def test_sparse_attention_gpu(B, S, T, Hq, Hk, D, K, dtype, request):
+    seed = seed_everything(request.node.name)
+    q = torch.randn(B, S, Hq, D, device="cuda").to(dtype)
+    k, v = torch.randn(B, T, Hk, D, device="cuda").to(dtype), torch.randn(B, T, Hk, 128, device="cuda").to(dtype)
+    idx = random_indices(B, S, T, K, device="cuda")
+    got = sparse_attention(q, k, v, idx, D**-0.5)
+    _assert_close(got, sparse_attention_ref(q, k, v, idx, D**-0.5), dtype, seed)

@@ -1,0 +1,51 @@
+"""Tiny DSA model configs shared by the tests (random weights, CPU-fast)."""
+
+import torch
+
+HF_TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+               num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+               num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, v_head_dim=16,
+               qk_nope_head_dim=16, index_topk=4, index_head_dim=16, index_n_heads=2,
+               first_k_dense_replace=1, max_position_embeddings=256)
+
+PLANS = ["FFFF", "FSFS", "FSSS", "FFSF"]  # all-F, every other, one F, irregular (greedy-looking)
+
+
+def glm(pattern=None, seed=0, dtype=torch.float32, attn="sdpa"):
+    from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM
+    extra = {} if pattern is None else {"index_topk_pattern": pattern}
+    config = GlmMoeDsaConfig(**HF_TINY, **extra)
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    return GlmMoeDsaForCausalLM(config).to(dtype).eval()
+
+
+def glm_with_plan(full_model, pattern):
+    """The oracle: HF's own IndexCache model with the same weights (S layers have no indexer)."""
+    oracle = glm(pattern, dtype=next(full_model.parameters()).dtype,
+                 attn=full_model.config._attn_implementation)
+    result = oracle.load_state_dict(full_model.state_dict(), strict=False)
+    assert not result.missing_keys, result.missing_keys
+    assert all(".indexer." in k for k in result.unexpected_keys)
+    return oracle
+
+
+def deepseek_v32(seed=0, dtype=torch.float32):
+    from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
+    torch.manual_seed(seed)
+    return DeepseekV32ForCausalLM(DeepseekV32Config(**HF_TINY)).to(dtype).eval()
+
+
+def random_ids(batch=2, seq=16, seed=1, vocab=128):
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def prefill_and_decode(model, ids, steps):
+    """Logits of a prefill and len(steps[0]) single-token decode steps with a DynamicCache."""
+    from transformers import DynamicCache
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        logits = [model(ids, cache=cache, use_cache=True).logits]
+        for t in range(steps.shape[1]):
+            logits.append(model(steps[:, t:t + 1], cache=cache, use_cache=True).logits)
+    return logits, cache
