@@ -69,7 +69,7 @@ def _hf_tiny(model_type: str) -> torch.nn.Module:
     if model_type not in classes:
         raise ValueError(f"hf-tiny:{model_type}: known types are {sorted(classes)}")
     config_cls, model_cls = (getattr(transformers, n) for n in classes[model_type])
-    return getattr(transformers, classes[model_type][1])(config_cls(**HF_TINY)).eval()
+    return getattr(transformers, classes[model_type][1])(config_cls(**HF_TINY, n_group=1, topk_group=1)).eval()
 
 
 def load_checkpoint(directory: str) -> torch.nn.Module:

@@ -79,7 +79,7 @@ def shape_of(node: fx.Node) -> tuple | None:
 
 
 def is_parameter(node: fx.Node) -> bool:
-    """Graph inputs that hold module parameters or buffers (weights, not activations)."""
+    """Graph inputs that hold module parameters (weights). Buffers are not: KV caches live there."""
     if node.op == "get_attr":
         return True
     if node.op != "placeholder":
@@ -88,7 +88,7 @@ def is_parameter(node: fx.Node) -> bool:
     if isinstance(value, torch.nn.Parameter):
         return True
     source = str(node.meta.get("grapharg", getattr(node, "_dynamo_source", "")) or "")
-    return "_parameters" in source or "_parameters" in node.name or "_buffers" in node.name
+    return "_parameters" in source or "_parameters" in node.name
 
 
 def module_path(node: fx.Node) -> str:

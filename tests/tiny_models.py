@@ -33,7 +33,7 @@ def glm_with_plan(full_model, pattern):
 def deepseek_v32(seed=0, dtype=torch.float32):
     from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
     torch.manual_seed(seed)
-    return DeepseekV32ForCausalLM(DeepseekV32Config(**HF_TINY)).to(dtype).eval()
+    return DeepseekV32ForCausalLM(DeepseekV32Config(**HF_TINY, n_group=1, topk_group=1)).to(dtype).eval()
 
 
 def random_ids(batch=2, seq=16, seed=1, vocab=128):

@@ -1,0 +1,435 @@
+"""`ic export`: the REWRITTEN model (S-layer indexers absent) as ONNX, or as a TensorRT engine.
+
+    ic_compile.export_onnx(model, {"input_ids": ids, "use_cache": False}, "model.onnx", plan="FSSF")
+
+Route (and why):
+1. Dynamo captures the model's FX graph with the sequence axis marked dynamic (the same graph the
+   `indexcache` backend receives, so the exported graph is exactly what the backend runs).
+   Dynamo lifts parameters and buffers to graph inputs (placeholders) and adds one SymInt
+   placeholder per dynamic size; we keep the real tensors Dynamo hands its backend.
+2. `rewrite(gm, plan)` deletes the S-layer indexers (same passes as the backend).
+3. Custom ops are replaced by decompositions into standard torch ops (`DECOMPOSITIONS`:
+   `ic::indexer_topk`, `ic::sparse_attention`, `ic::sparse_mla`, and HF's
+   `transformers::grouped_mm_fallback` MoE matmul), so the ONNX graph only holds standard ONNX ops.
+4. `RewrittenModule` wraps the rewritten GraphModule: parameters/buffers become its (non-persistent)
+   buffers, SymInt placeholders are recomputed from the user inputs' shapes, so its forward takes only
+   the user's tensors. That module goes through `torch.onnx.export(..., dynamo=True)` with a dynamic
+   "seq" axis.
+The alternative — `torch.export` first, then rewriting the ATen graph — would need the detection
+passes to understand ATen ops (`aten.topk.default`, decomposed linears); they work on Dynamo's
+torch-level graph, so we export the graph they already rewrote.
+"""
+
+from __future__ import annotations
+
+import keyword
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import fx, nn
+
+from .plan import PlanError
+from .rewrite import NoIndexerFoundError, RewriteResult, rewrite
+
+FORMATS = ("onnx", "tensorrt")
+SEQ_DIM_NAME = "seq"
+
+
+class ExportError(ValueError):
+    """The model cannot be exported as asked; the message says why and what to do."""
+
+
+# ------------------------------------------------------------------------------ decompositions
+def _indexer_topk(q, k, w, topk, mask=None, causal=True):
+    """ic::indexer_topk in standard ops (no loops, symbolic S/T): q [B,S,H,D], k [B,T,D], w [B,S,H]
+    -> int32 [B,S,topk], -1 where fewer than topk keys are allowed (matches kernels/reference.py)."""
+    S, T = q.shape[1], k.shape[1]
+    scores = torch.einsum("bshd,btd->bsht", q.float(), k.float()).relu()
+    scores = (scores * w.float()[..., None]).sum(2)  # [B, S, T]
+    if causal:
+        allowed = torch.arange(T, device=q.device)[None, :] <= (torch.arange(S, device=q.device) + (T - S))[:, None]
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    # pad with topk -inf columns so that topk(k) is valid for any T (the pads come back as -1)
+    scores = torch.nn.functional.pad(scores, (0, topk), value=float("-inf"))
+    values, index = scores.topk(topk, dim=-1)
+    return torch.where(values == float("-inf"), torch.full_like(index, -1), index).to(torch.int32)
+
+
+def _valid(indices, S, T, causal):
+    valid = (indices >= 0) & (indices < T)
+    if causal:
+        valid = valid & (indices <= (torch.arange(S, device=indices.device) + (T - S))[None, :, None])
+    return valid
+
+
+def _gather(x, idx):
+    """x [B,T,...], idx [B,S,K] -> [B,S,K,...]."""
+    B, S, K = idx.shape
+    rows = x[torch.arange(B, device=x.device)[:, None], idx.reshape(B, S * K).long()]
+    return rows.reshape(B, S, K, *x.shape[2:])
+
+
+def _softmax_valid(logits, valid):
+    logits = logits.masked_fill(~valid, float("-inf"))
+    row_max = logits.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
+    p = torch.exp(logits - row_max)
+    denom = p.sum(dim=-1, keepdim=True)
+    return p / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+def _sparse_attention(q, k, v, indices, scale, causal=True):
+    """ic::sparse_attention in standard ops: q [B,S,Hq,D], k [B,T,Hk,D], v [B,T,Hk,Dv], indices [B,S,K]."""
+    B, S, Hq, D = q.shape
+    T, Hk = k.shape[1], k.shape[2]
+    valid = _valid(indices, S, T, causal)
+    safe = torch.where(valid, indices, torch.zeros_like(indices))
+    kg, vg = _gather(k, safe).float(), _gather(v, safe).float()  # [B,S,K,Hk,*]
+    qg = q.float().reshape(B, S, Hk, Hq // Hk, D)
+    logits = torch.einsum("bshgd,bskhd->bshgk", qg, kg) * scale
+    p = _softmax_valid(logits, valid[:, :, None, None, :])
+    out = torch.einsum("bshgk,bskhd->bshgd", p, vg)
+    return out.reshape(B, S, Hq, v.shape[3]).to(q.dtype)
+
+
+def _sparse_mla(q, kv, indices, scale, dv, causal=True):
+    """ic::sparse_mla in standard ops: q [B,S,H,Dl+Dr], kv [B,T,Dl+Dr], indices [B,S,K] -> [B,S,H,dv]."""
+    S, T = q.shape[1], kv.shape[1]
+    valid = _valid(indices, S, T, causal)
+    safe = torch.where(valid, indices, torch.zeros_like(indices))
+    kvg = _gather(kv, safe).float()  # [B,S,K,Dl+Dr]
+    logits = torch.einsum("bshd,bskd->bshk", q.float(), kvg) * scale
+    p = _softmax_valid(logits, valid[:, :, None, :])
+    return torch.einsum("bshk,bskd->bshd", p, kvg[..., :dv]).to(q.dtype)
+
+
+def _grouped_mm(input, weight, offs):
+    """transformers::grouped_mm_fallback (rows sorted by expert, offs = cumulative row ends) in standard
+    ops: every expert on every row, then each row picks its expert (E x the FLOPs; export-only)."""
+    rows = torch.arange(input.shape[0], device=input.device)
+    expert = (rows[:, None] >= offs[None, :].to(rows.dtype)).sum(-1).clamp_max(weight.shape[0] - 1)
+    every = torch.einsum("si,eio->seo", input, weight)  # [rows, E, out]
+    index = expert[:, None, None].expand(-1, 1, weight.shape[2])
+    return every.gather(1, index).squeeze(1)
+
+
+DECOMPOSITIONS: dict[str, Callable] = {
+    "ic::indexer_topk": _indexer_topk,
+    "ic::sparse_attention": _sparse_attention,
+    "ic::sparse_mla": _sparse_mla,
+    "transformers::grouped_mm_fallback": _grouped_mm,
+}
+STANDARD_NAMESPACES = {"aten", "prims", "prim", "_operator", "higher_order"}
+
+
+def register_decomposition(qualified_name: str, fn: Callable) -> None:
+    """Teach `export_onnx` a custom op: `fn` takes the op's arguments and uses standard torch ops only."""
+    if "::" not in qualified_name:
+        raise ExportError(f"custom op name must be 'namespace::name', got {qualified_name!r}")
+    DECOMPOSITIONS[qualified_name] = fn
+
+
+def custom_op_name(target) -> str | None:
+    """'ns::name' of a torch.library custom op (OpOverload or packet), None for anything else."""
+    if isinstance(target, torch._ops.OpOverload):
+        name = target.name()
+    elif isinstance(target, torch._ops.OpOverloadPacket):
+        name = target._qualified_op_name
+    else:
+        return None
+    namespace = name.split("::")[0]
+    return None if namespace in STANDARD_NAMESPACES else name
+
+
+def decompose_custom_ops(gm: fx.GraphModule) -> list[str]:
+    """Replace every custom-op call by its decomposition (in place); returns the ops replaced."""
+    replaced = []
+    for node in gm.graph.nodes:
+        name = custom_op_name(node.target) if node.op == "call_function" else None
+        if name is None:
+            continue
+        if name not in DECOMPOSITIONS:
+            raise ExportError(f"custom op {name} (node {node.name!r}) has no decomposition into standard "
+                              "ops, so it cannot be exported to ONNX; register one with "
+                              "ic_compile.export.register_decomposition('" + name + "', fn)")
+        node.target = DECOMPOSITIONS[name]
+        replaced.append(name)
+    if replaced:
+        gm.recompile()
+    return replaced
+
+
+# ------------------------------------------------------------------------------ capture + wrap
+@dataclass
+class RewrittenProgram:
+    module: "RewrittenModule"  # forward(*user inputs) -> the rewritten graph's outputs
+    result: RewriteResult
+    input_names: list[str]
+    example_args: tuple  # the user tensors, in forward order
+    decomposed: list[str] = field(default_factory=list)
+
+
+class RewrittenModule(nn.Module):
+    """The rewritten Dynamo graph as a module whose forward takes only the user's tensors."""
+
+    def __init__(self, gm: fx.GraphModule, slots: list[tuple], constants: dict[str, torch.Tensor],
+                 input_names: list[str]):
+        super().__init__()
+        self.gm = gm
+        self.slots = slots  # per placeholder: ("input", i) | ("const", name) | ("size", i, dim)
+        for name, tensor in constants.items():
+            self.register_buffer(name, tensor, persistent=False)
+        self.input_names = input_names
+
+    def forward(self, *inputs):
+        args = []
+        for slot in self.slots:
+            if slot[0] == "input":
+                args.append(inputs[slot[1]])
+            elif slot[0] == "const":
+                args.append(getattr(self, slot[1]))
+            else:
+                args.append(inputs[slot[1]].shape[slot[2]])
+        out = self.gm(*args)
+        return tuple(out) if isinstance(out, (list, tuple)) else (out,)
+
+
+def _user_tensors(example_inputs) -> tuple[list[str], list[torch.Tensor], Callable]:
+    """(names, tensors, call(model, tensors)) for a dict / tensor / tuple of example inputs."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if isinstance(example_inputs, dict):
+        keys = [k for k, v in example_inputs.items() if isinstance(v, torch.Tensor)]
+        rest = {k: v for k, v in example_inputs.items() if k not in keys}
+        names = list(keys)
+        return names, [example_inputs[k] for k in keys], lambda m, ts: m(**dict(zip(keys, ts)), **rest)
+    if isinstance(example_inputs, (list, tuple)):
+        positions = [i for i, v in enumerate(example_inputs) if isinstance(v, torch.Tensor)]
+
+        def call(m, ts):
+            args = list(example_inputs)
+            for i, t in zip(positions, ts):
+                args[i] = t
+            return m(*args)
+        return [f"input_{i}" for i in positions], [example_inputs[i] for i in positions], call
+    raise ExportError(f"example_inputs must be a tensor, a tuple or a dict of keyword inputs, got "
+                      f"{type(example_inputs).__name__}")
+
+
+def _identifier(name: str) -> str:
+    name = re.sub(r"\W", "_", name)
+    return f"_{name}" if not name or name[0].isdigit() or keyword.iskeyword(name) else name
+
+
+def capture_rewritten(model: nn.Module, example_inputs, plan=None, *, dynamic_seq: bool = True,
+                      seq_dim: int = 1, require_indexer: bool = True) -> RewrittenProgram:
+    names, tensors, call = _user_tensors(example_inputs)
+    if not tensors:
+        raise ExportError("example_inputs hold no tensor to export the model for")
+    tensors = [t.clone() for t in tensors]  # our own objects: dynamic marks and identity lookup
+    if dynamic_seq:
+        for t in tensors:
+            if t.dim() > seq_dim:
+                torch._dynamo.mark_dynamic(t, seq_dim)
+    graphs: list[tuple[fx.GraphModule, list]] = []
+
+    def backend(gm, inputs, **_):
+        graphs.append((gm, list(inputs)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            call(torch.compile(model, backend=backend, dynamic=None), tensors)
+    finally:
+        torch._dynamo.reset()
+    if len(graphs) != 1:
+        raise ExportError(f"the model was captured as {len(graphs)} graphs (graph breaks); export needs one "
+                          "graph holding every layer — check torch.compile(model, fullgraph=True)")
+    gm, graph_inputs = graphs[0]
+    result = rewrite(gm, plan, strict=True)
+    if require_indexer and not result.detection.matches:
+        raise NoIndexerFoundError(f"cannot export with plan {plan!r}: {result.message}. Is this a DSA model? "
+                                  "Without a lightning indexer there is nothing to share.")
+    work = result.gm if result.gm is not gm else copy_module(gm)
+    decomposed = decompose_custom_ops(work)
+    slots, constants = _slots(work, graph_inputs, tensors)
+    input_names = [_identifier(n) for n in names]
+    module = RewrittenModule(work, slots, constants, input_names).eval()
+    return RewrittenProgram(module, result, input_names, tuple(tensors), decomposed)
+
+
+def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
+    from .rewrite import copy_graph_module
+    return copy_graph_module(gm)
+
+
+def _slots(gm: fx.GraphModule, graph_inputs: list, user: list[torch.Tensor]):
+    by_id = {id(t): i for i, t in enumerate(user)}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(graph_inputs):
+        raise ExportError(f"captured graph has {len(placeholders)} inputs but Dynamo passed "
+                          f"{len(graph_inputs)} values")
+    sizes = {}  # str(symbol) -> (input index, dim)
+    for node, value in zip(placeholders, graph_inputs):
+        if isinstance(value, torch.Tensor) and id(value) in by_id:
+            fake = node.meta.get("example_value")
+            for dim, size in enumerate(getattr(fake, "shape", ())):
+                if isinstance(size, torch.SymInt):
+                    sizes.setdefault(str(size.node.expr), (by_id[id(value)], dim))
+    slots, constants = [], {}
+    for node, value in zip(placeholders, graph_inputs):
+        if isinstance(value, torch.Tensor) and id(value) in by_id:
+            slots.append(("input", by_id[id(value)]))
+        elif isinstance(value, torch.Tensor):
+            name = f"c{len(constants)}_" + _identifier(node.name)[-40:]
+            constants[name] = value.detach()
+            slots.append(("const", name))
+        else:
+            expr = node.meta.get("example_value")
+            key = str(expr.node.expr) if isinstance(expr, torch.SymInt) else None
+            if key not in sizes:
+                raise ExportError(f"graph input {node.name!r} is a size ({expr}) that is not the size of "
+                                  "any example input; cannot export it")
+            slots.append(("size", *sizes[key]))
+    return slots, constants
+
+
+# ------------------------------------------------------------------------------ ONNX
+@dataclass
+class OnnxExport:
+    path: str
+    plan: str
+    num_full: int  # F layers in the plan
+    indexer_topk: int  # ONNX TopK nodes over the key axis (== num_full)
+    other_topk: int  # other TopK nodes (MoE routers, sorts)
+    nodes: int
+    inputs: list[str]
+    outputs: list[str]
+    dynamic_axes: dict  # input name -> {axis: "seq"}
+    decomposed_ops: list[str]
+    removed_torch_nodes: int
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def __str__(self) -> str:
+        return (f"wrote {self.path}: plan {self.plan}, {self.nodes} ONNX nodes, {self.indexer_topk} indexer TopK "
+                f"(key axis; = {self.num_full} F layers), {self.other_topk} other TopK (MoE routing), "
+                f"inputs {self.inputs} (dynamic {self.dynamic_axes}), outputs {self.outputs}; "
+                f"{self.removed_torch_nodes} indexer nodes of S layers removed before export"
+                + (f"; custom ops decomposed: {sorted(set(self.decomposed_ops))}" if self.decomposed_ops else ""))
+
+
+def check_writable(path) -> Path:
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ExportError(f"output path {str(path)!r} is a directory; give a file name such as model.onnx")
+    if not parent.is_dir():
+        raise ExportError(f"cannot write {str(path)!r}: directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ExportError(f"cannot write {str(path)!r}: permission denied")
+    return path
+
+
+def export_onnx(model: nn.Module, example_inputs, path, plan=None, *, dynamic_seq: bool = True,
+                opset: int | None = None, optimize: bool = False) -> OnnxExport:
+    """Export the model rewritten for `plan` to ONNX at `path`; returns what was written."""
+    path = check_writable(path)
+    program = capture_rewritten(model, example_inputs, plan, dynamic_seq=dynamic_seq)
+    seq = torch.export.Dim(SEQ_DIM_NAME, min=2, max=1 << 20)
+    dynamic = {name: ({1: seq} if dynamic_seq and t.dim() > 1 else {})
+               for name, t in zip(program.input_names, program.example_args)}
+    module = _named_forward(program.module, program.input_names)
+    num_outputs = len(module(*program.example_args))
+    output_names = ["logits"] + [f"output_{i}" for i in range(1, num_outputs)]
+    kwargs = {} if opset is None else {"opset_version": opset}
+    with torch.no_grad():
+        onnx_program = torch.onnx.export(module, program.example_args, dynamo=True, dynamic_shapes=dynamic,
+                                         input_names=program.input_names, output_names=output_names,
+                                         optimize=optimize, verbose=False, **kwargs)
+    onnx_program.save(str(path))
+    import onnx
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    key_topk, other_topk = count_topk(proto)
+    result = program.result
+    return OnnxExport(
+        path=str(path), plan=str(result.plan), num_full=result.plan.num_full if result.plan else 0,
+        indexer_topk=key_topk, other_topk=other_topk, nodes=len(proto.graph.node),
+        inputs=program.input_names, outputs=output_names,
+        dynamic_axes={n: {a: SEQ_DIM_NAME for a in d} for n, d in dynamic.items() if d},
+        decomposed_ops=program.decomposed, removed_torch_nodes=len(result.removed))
+
+
+def _named_forward(module: RewrittenModule, names: list[str]) -> nn.Module:
+    """A module whose forward has named parameters (torch.export maps dynamic_shapes by name)."""
+    params = ", ".join(names)
+    namespace: dict = {}
+    exec(f"def forward(self, {params}):\n    return self.inner({params})\n", namespace)
+    cls = type("IndexCacheExport", (nn.Module,), {"forward": namespace["forward"]})
+    wrapper = cls()
+    wrapper.inner = module
+    return wrapper.eval()
+
+
+def count_topk(proto, seq_name: str = SEQ_DIM_NAME) -> tuple[int, int]:
+    """(TopK over the key axis, other TopK) in an ONNX model exported with a dynamic `seq` axis.
+
+    An indexer's TopK ranks scores [B, S, T] over T: its input's last two dims are both the dynamic
+    sequence size (prefill, T = S). A MoE router's TopK ranks experts (a static size); a sort of
+    routed tokens (exported as TopK too) has a single axis of size k*B*S."""
+    known = {v.name: v for v in list(proto.graph.value_info) + list(proto.graph.input) + list(proto.graph.output)}
+    key, other = 0, 0
+    nodes = list(proto.graph.node) + [n for f in proto.functions for n in f.node]
+    for node in nodes:
+        if node.op_type != "TopK":
+            continue
+        info = known.get(node.input[0])
+        dims = [d.dim_param or d.dim_value for d in info.type.tensor_type.shape.dim] if info else []
+        if len(dims) >= 2 and dims[-1] == seq_name and dims[-2] == seq_name:
+            key += 1
+        else:
+            other += 1
+    return key, other
+
+
+# ------------------------------------------------------------------------------ CLI
+def register_cli(subparsers) -> None:
+    from .cli import add_model_arguments
+    parser = subparsers.add_parser("export", help="export the rewritten model (S indexers removed) to ONNX or "
+                                                  "TensorRT")
+    add_model_arguments(parser)
+    parser.add_argument("--plan", default=None, help="pattern (FSSF...), plan.json, or omit for all F")
+    parser.add_argument("--format", default="onnx", help=f"one of {', '.join(FORMATS)}")
+    parser.add_argument("--out", required=True, help="output file (model.onnx / model.ts)")
+    parser.add_argument("--static-seq", action="store_true", help="no dynamic sequence axis")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.set_defaults(run=_run_cli)
+
+
+def _run_cli(args) -> int:
+    from .cli import example_ids, forward_inputs, print_json
+    from .models import load_model
+    if args.format not in FORMATS:
+        raise ExportError(f"unknown export format {args.format!r}; choose one of {', '.join(FORMATS)}")
+    check_writable(args.out)
+    model = load_model(args.model, args.seed)
+    inputs = forward_inputs(model, example_ids(model, args))
+    if args.format == "onnx":
+        result = export_onnx(model, inputs, args.out, plan=args.plan, dynamic_seq=not args.static_seq)
+    else:
+        from .tensorrt import export_tensorrt
+        result = export_tensorrt(model, inputs, args.out, plan=args.plan, dynamic_seq=not args.static_seq)
+    print_json(result.to_dict()) if args.json else print(result)
+    return 0
+
+
+__all__ = ["DECOMPOSITIONS", "ExportError", "FORMATS", "OnnxExport", "RewrittenModule", "RewrittenProgram",
+           "capture_rewritten", "count_topk", "decompose_custom_ops", "export_onnx", "register_decomposition"]
