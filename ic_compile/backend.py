@@ -33,6 +33,7 @@ class BackendOptions:
     lowering: str = "inductor"
     verify: bool = False  # run the original graph beside the rewritten one on the first call
     strict: bool = False  # raise instead of warning when detection is unsure
+    kernels: Any = "auto"  # lower F indexers to ic::indexer_topk: True | False | "auto" (= inputs on CUDA)
     rtol: float | None = None  # verify tolerances; by dtype when None
     atol: float | None = None
 
@@ -51,13 +52,18 @@ class BackendOptions:
 
 def indexcache_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **_ignored):
     opts = BackendOptions.parse(options)
-    result = rewrite(gm, opts.plan, strict=opts.strict)
+    use_kernels = opts.kernels if opts.kernels != "auto" else _on_cuda(example_inputs)
+    result = rewrite(gm, opts.plan, strict=opts.strict, kernels=bool(use_kernels) and opts.lowering != "tensorrt")
     last_results.append(result)
     _check_found(result, opts)
     compiled = lower(result.gm, example_inputs, opts.lowering)
     if opts.verify and result.changed:
         return _verifying(_PlanReference(gm, result), compiled, opts)
     return compiled
+
+
+def _on_cuda(example_inputs) -> bool:
+    return any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
 
 
 def _check_found(result: RewriteResult, opts: BackendOptions) -> None:

@@ -15,6 +15,7 @@ from ic_compile.passes.detect_indexers import Detection, detect_indexers
 from ic_compile.passes.drop_shared_key_cache import CacheWrite, drop_shared_key_cache, find_shared_key_caches
 from ic_compile.passes.eliminate_dead_code import eliminate_dead_code
 from ic_compile.passes.forward_indices import forward_indices
+from ic_compile.passes.lower_indexer import LoweringReport, lower_indexer
 from ic_compile.passes.graph_ops import layer_number, module_path, op_name
 
 from .plan import LayerPlan, PlanError
@@ -45,6 +46,7 @@ class RewriteResult:
     bindings: list[LayerBinding] = field(default_factory=list)
     caches: list[CacheWrite] = field(default_factory=list)
     removed: list[RemovedNode] = field(default_factory=list)
+    kernels: LoweringReport = field(default_factory=LoweringReport)
     changed: bool = False
     message: str = ""  # why nothing changed, when nothing changed
 
@@ -56,7 +58,8 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
-def rewrite(gm: fx.GraphModule, plan=None, *, strict: bool = False) -> RewriteResult:
+def rewrite(gm: fx.GraphModule, plan=None, *, strict: bool = False, kernels: bool = False) -> RewriteResult:
+    """kernels=True also lowers each F indexer to the fused `ic::indexer_topk` op."""
     work = eliminate_dead_code(copy_graph_module(gm))  # baseline: what was dead already isn't ours
     baseline = {n.name for n in work.graph.nodes}
     detection = detect_indexers(work)
@@ -75,8 +78,12 @@ def rewrite(gm: fx.GraphModule, plan=None, *, strict: bool = False) -> RewriteRe
     result.plan = LayerPlan.coerce(plan, len(detection.matches)) or LayerPlan.all_full(len(detection.matches))
     result.bindings = bind_plan(detection.matches, result.plan)
     result.caches = find_shared_key_caches(result.bindings)
-    for step in (lambda g: forward_indices(g, result.bindings), eliminate_dead_code,
-                 lambda g: drop_shared_key_cache(g, result.caches)):
+    full = [b.match for b in result.bindings if b.role == "F"]
+    steps = [lambda g: forward_indices(g, result.bindings), eliminate_dead_code,
+             lambda g: drop_shared_key_cache(g, result.caches)]
+    if kernels:
+        steps += [lambda g: lower_indexer(g, full, result.kernels), eliminate_dead_code]
+    for step in steps:
         work = step(work)
         work.graph.lint()
     work.recompile()

@@ -78,12 +78,12 @@ def calibration_from_files(paths, seq_len: int = 256, *, tokenizer=None, vocab_s
     bytes % vocab_size."""
     chunks = []
     for f in text_files(paths):
-        text = f.read_text(encoding="utf-8", errors="replace")
         if tokenizer is None:
-            ids = byte_tokens(text, vocab_size)
+            ids = byte_tokens(f.read_bytes(), vocab_size)
         else:
             encode = getattr(tokenizer, "encode", tokenizer)
-            ids = torch.as_tensor(list(encode(text)), dtype=torch.long)
+            ids = torch.as_tensor(list(encode(f.read_text(encoding="utf-8", errors="replace"))),
+                                  dtype=torch.long)
         chunks.append(ids)
         if max_sequences is not None and sum(c.numel() for c in chunks) >= max_sequences * seq_len:
             break

@@ -60,8 +60,13 @@ def _head_summed(probs: Tensor) -> Tensor:
     """[B, H, S, T] -> [B, S, T]: summed over heads, L1-normalised over keys (0 rows stay 0)."""
     if probs.dim() != 4:
         raise PlanError(f"attention probabilities must be [B, H, S, T], got shape {tuple(probs.shape)}")
-    summed = probs.detach().float().sum(1)
+    summed = _upcast(probs.detach()).sum(1)
     return summed / summed.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+def _upcast(t: Tensor) -> Tensor:
+    """fp32 at least (bf16/fp16 inputs are upcast; fp64 stays fp64)."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 def _kl(p: Tensor, log_q: Tensor) -> Tensor:
@@ -104,7 +109,7 @@ def multi_layer_distillation_loss(indexer_scores: dict[int, Tensor], attention_p
             target = p if target is None else target + p
         target = target / len(group)
         allowed = _allowed(mask, B, S, T, scores.device)
-        scores = scores.float()
+        scores = _upcast(scores)
         if topk_indices is None:  # dense: every allowed key
             log_q = scores.masked_fill(~allowed, float("-inf")).log_softmax(-1)
             p = target.masked_fill(~allowed, 0.0)

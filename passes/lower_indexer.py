@@ -1,0 +1,195 @@
+"""F-layer indexers -> one `ic::indexer_topk` call (fused scores + top-k, no [S,H,T] tensor).
+
+Recognised layouts (others are left as they are, with the reason in `LoweringReport.skipped`):
+  matmul form (HF):  relu(matmul(q[B,S,H,D], kT[B,1,D,T]) * c) -> matmul(w[B,S,1,H], .) -> squeeze
+  einsum form (ours): einsum("bshd,btd->bsht", q, k).clamp_min(0) * c -> (. * w[B,S,H,1]).sum(2)
+then scalar scales, a mask (masked_fill / additive / where) and topk(k, dim=-1) whose values are unused.
+Positive scalar scales are folded into w (ReLU(c·x) = c·ReLU(x) for c > 0). The model's own mask is
+passed through (causal=False), so static caches and padding keep their exact meaning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from .detect_indexers import IndexerMatch
+from .graph_ops import LAYOUT_OPS, op_name, shape_of
+
+
+@dataclass
+class LoweringReport:
+    lowered: list[int] = field(default_factory=list)  # layers now calling ic::indexer_topk
+    skipped: dict[int, str] = field(default_factory=dict)  # layer -> why it was left alone
+
+
+@dataclass
+class _Plan:
+    q: fx.Node
+    k: fx.Node
+    k_layout: str  # "btd" | "b1dt" | "bdt"
+    w: fx.Node
+    w_layout: str  # "bs1h" | "bsh1"
+    scale: float
+    mask: fx.Node | None
+    mask_kind: str  # "none" | "fill" (True = drop) | "additive" | "allowed"
+    topk: int | fx.Node
+
+
+def lower_indexer(gm: fx.GraphModule, matches: list[IndexerMatch], report: LoweringReport) -> fx.GraphModule:
+    import ic_compile.kernels.ops  # noqa: F401  registers torch.ops.ic.*
+    for match in matches:
+        plan = _analyse(match)
+        if isinstance(plan, str):
+            report.skipped[match.layer] = plan
+            continue
+        _replace(gm, match, plan)
+        report.lowered.append(match.layer)
+    return gm
+
+
+def lowered_indexer(q, k, w, scale, mask, topk, k_layout, w_layout, mask_kind):
+    """Canonical layouts, then the fused op; -1 slots become key T-1 (masked for such queries)."""
+    q = q.float()  # [B,S,H,D]
+    k = {"btd": k, "b1dt": k.squeeze(1).transpose(-1, -2), "bdt": k.transpose(-1, -2)}[k_layout]
+    w = (w.squeeze(-2) if w_layout == "bs1h" else w.squeeze(-1)).float() * scale  # [B,S,H]
+    allowed = _allowed(mask, mask_kind, q.shape[0], q.shape[1], k.shape[1])
+    ids = torch.ops.ic.indexer_topk(q, k.float(), w, topk, allowed, False)  # [B,S,topk] int32
+    return torch.where(ids < 0, k.shape[1] - 1, ids).long()
+
+
+def _allowed(mask, kind, batch, seq, keys):
+    if kind == "none":
+        return None
+    if kind == "fill":
+        mask = ~mask
+    elif kind == "additive":
+        mask = mask > torch.finfo(mask.dtype).min / 2 if mask.is_floating_point() else mask == 0
+    while mask.dim() > 3:
+        mask = mask.squeeze(1) if mask.shape[1] == 1 else mask[:, 0]
+    return mask.expand(batch, seq, keys)
+
+
+def _analyse(match: IndexerMatch) -> _Plan | str:
+    uses = [u for u in match.topk.users]
+    if any(op_name(u) != "getitem" or u.args[1] != 1 for u in uses):
+        return "topk values are used (only indices can be produced by the fused op)"
+    k_layout = _key_layout(match)
+    if k_layout is None:
+        return f"q·k product layout not recognised ({op_name(match.product)} {shape_of(match.query)} x {shape_of(match.key)})"
+    chain = _chain(match)
+    if isinstance(chain, str):
+        return chain
+    scale, w, w_layout, mask, mask_kind = 1.0, None, "", None, "none"
+    for node, via in chain:
+        name = op_name(node)
+        if name in ("mul", "div") and _scalar_of(node, via) is not None:
+            c = _scalar_of(node, via)
+            scale = scale * c if name == "mul" else scale / c
+        elif name in ("matmul", "mul") and w is None and _head_weights(node, via) is not None:
+            w, w_layout = _head_weights(node, via)
+        elif name == "masked_fill" and mask is None and node.args[2] == float("-inf"):
+            mask, mask_kind = node.args[1], "fill"
+        elif name == "add" and mask is None:
+            mask, mask_kind = [a for a in node.args if a is not via][0], "additive"
+        elif name == "where" and mask is None and node.args[1] is via:
+            mask, mask_kind = node.args[0], "allowed"
+        elif name in LAYOUT_OPS or name in ("sum", "relu", "clamp_min", "clamp") or node is match.relu:
+            continue
+        else:
+            return f"op '{name}' on the score path is not part of a known indexer form"
+    if w is None or not isinstance(scale, (int, float)) or scale <= 0:
+        return "no head weights found, or a non-positive scale (cannot fold it through the ReLU)"
+    topk = match.topk.args[1] if len(match.topk.args) > 1 else match.topk.kwargs["k"]
+    return _Plan(match.query, match.key, k_layout, w, w_layout, float(scale), mask, mask_kind, topk)
+
+
+def _key_layout(match: IndexerMatch) -> str | None:
+    q_shape, k_shape = shape_of(match.query), shape_of(match.key)
+    if q_shape is None or k_shape is None or len(q_shape) != 4:
+        return None
+    if op_name(match.product) == "einsum":
+        equation = str(match.product.args[0]).replace(" ", "")
+        inputs, out = equation.split("->")
+        q_sub, k_sub = inputs.split(",")
+        ok = len(q_sub) == 4 and len(k_sub) == 3 and k_sub[0] == q_sub[0] and k_sub[2] == q_sub[3]
+        return "btd" if ok and out == q_sub[:3] + k_sub[1] else None
+    if op_name(match.product) == "matmul" and len(k_shape) == 4 and k_shape[1] == 1:
+        return "b1dt"
+    if op_name(match.product) == "matmul" and len(k_shape) == 3:
+        return None  # [B,D,T] would broadcast against heads only if B==H==1: refuse
+    return None
+
+
+def _chain(match: IndexerMatch):
+    """(node, the input it reads from the score path) from the product up to the topk input."""
+    on_path = {match.product}
+    chain = []
+    for node in _topo(match):
+        inputs = [a for a in node.all_input_nodes if a in on_path]
+        if not inputs:
+            continue
+        if len(inputs) > 1:
+            return f"'{node.name}' combines two score tensors"
+        on_path.add(node)
+        chain.append((node, inputs[0]))
+    if not chain or chain[-1][0] is not match.topk.args[0]:
+        return "the score path does not end at the topk input"
+    return chain
+
+
+def _topo(match: IndexerMatch) -> list[fx.Node]:
+    """Score-path nodes above the product, in graph order (incl. those between product and ReLU)."""
+    nodes = set(match.score_nodes) | {match.relu} | _between(match.product, match.relu)
+    order = {n: i for i, n in enumerate(match.topk.graph.nodes)}
+    return sorted(nodes - {match.product}, key=order.__getitem__)
+
+
+def _between(low: fx.Node, high: fx.Node) -> set:
+    found, stack = set(), list(high.all_input_nodes)
+    while stack:
+        node = stack.pop()
+        if node is low or node in found or low not in _ancestors(node, 16):
+            continue
+        found.add(node)
+        stack += node.all_input_nodes
+    return found
+
+
+def _ancestors(node: fx.Node, depth: int) -> set:
+    seen, frontier = set(), [node]
+    for _ in range(depth):
+        frontier = [a for n in frontier for a in n.all_input_nodes if a not in seen]
+        seen.update(frontier)
+    return seen
+
+
+def _scalar_of(node: fx.Node, via: fx.Node):
+    others = [a for a in node.args if a is not via]
+    return others[0] if len(others) == 1 and isinstance(others[0], (int, float)) else None
+
+
+def _head_weights(node: fx.Node, via: fx.Node):
+    others = [a for a in node.args if a is not via and isinstance(a, fx.Node)]
+    if len(others) != 1:
+        return None
+    shape = shape_of(others[0])
+    if shape is None or len(shape) != 4:
+        return None
+    if op_name(node) == "matmul" and shape[2] == 1 and node.args[1] is via:
+        return others[0], "bs1h"
+    if op_name(node) == "mul" and shape[3] == 1:
+        return others[0], "bsh1"
+    return None
+
+
+def _replace(gm: fx.GraphModule, match: IndexerMatch, plan: _Plan) -> None:
+    with gm.graph.inserting_before(match.topk):
+        node = gm.graph.call_function(
+            lowered_indexer, (plan.q, plan.k, plan.w, plan.scale, plan.mask, plan.topk, plan.k_layout,
+                              plan.w_layout, plan.mask_kind))
+    node.meta.update({k: v for k, v in match.topk.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    for use in list(match.topk.users):
+        use.replace_all_uses_with(node)

@@ -1,0 +1,67 @@
+"""F indexers lowered to ic::indexer_topk (CPU reference here) still equal the model's own plan."""
+
+import pytest
+import torch
+
+import ic_compile
+import tiny_models
+from ic_compile.models import import_examples_module
+from ic_compile.passes.detect_indexers import detect_indexers
+from ic_compile.passes.graph_ops import shape_of
+from ic_compile.passes.lower_indexer import lowered_indexer
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture
+def eight_heads(monkeypatch):
+    """8 indexer heads: with 2, a quarter of the scores are exact 0-ties whose order is arbitrary."""
+    monkeypatch.setitem(tiny_models.HF_TINY, "index_n_heads", 8)
+
+
+def compiled(model, plan, lowering="eager"):
+    return torch.compile(model, backend="indexcache",
+                         options={"plan": plan, "lowering": lowering, "kernels": True})
+
+
+@pytest.mark.parametrize("plan,lowering", [("FSFS", "eager"), ("FFSF", "inductor")])
+def test_hf_prefill_and_decode_with_fused_indexer(eight_heads, plan, lowering):
+    model = tiny_models.glm()
+    ids, steps = tiny_models.random_ids(seq=20), tiny_models.random_ids(seq=3, seed=5)
+    oracle = tiny_models.glm_with_plan(model, plan)
+    want, _ = tiny_models.prefill_and_decode(oracle, ids, steps)
+    got, _ = tiny_models.prefill_and_decode(compiled(model, plan, lowering), ids, steps)
+    for w, g in zip(want, got):
+        assert (w - g).abs().max().item() < 1e-4
+
+
+def test_lowered_graph_has_one_op_per_f_layer_and_no_score_tensor(eight_heads):
+    model, ids = tiny_models.glm(), tiny_models.random_ids(seq=20)
+    graph = ic_compile.capture_graphs(model, {"input_ids": ids, "use_cache": False})[0]
+    result = ic_compile.rewrite(graph, "FSSF", kernels=True)
+    assert result.kernels.lowered == [0, 3] and not result.kernels.skipped
+    calls = [n for n in result.gm.graph.nodes if n.target is lowered_indexer]
+    assert len(calls) == 2
+    assert detect_indexers(result.gm).matches == []  # no ReLU(q·k) -> topk left anywhere
+    heads = tiny_models.HF_TINY["index_n_heads"]
+    score_shape = (2, 20, heads, 20)  # [B,S,H,T]
+    assert all(shape_of(n) != score_shape for n in result.gm.graph.nodes)
+    assert any(shape_of(n) == score_shape for n in graph.graph.nodes)  # it was there before
+
+
+def test_reference_model_static_cache_with_fused_indexer():
+    dsa = import_examples_module()
+    full = dsa.init_weights(dsa.Transformer(dsa.ModelArgs.tiny()), 0).eval()
+    native = dsa.init_weights(dsa.Transformer(dsa.ModelArgs.tiny(index_topk_pattern="FSFS")), 0).eval()
+    for m in (full, native):
+        m.setup_caches(max_batch_size=1, max_seq_length=32)
+    x = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
+    fast = compiled(full, "FSFS")
+    with torch.no_grad():
+        pairs = [(native(x[:, :16], torch.arange(16)), fast(x[:, :16], torch.arange(16)))]
+        for t in range(16, 20):
+            pos = torch.tensor([t])
+            pairs.append((native(x[:, t:t + 1], pos), fast(x[:, t:t + 1], pos)))
+    for want, got in pairs:
+        assert (want - got).abs().max().item() < 1e-4
+    assert ic_compile.backend.last_results[-1].kernels.lowered == [0, 2]
