@@ -233,6 +233,20 @@ class Indexer(nn.Module):
         n_keep = min(self.topk, k.shape[1])
         return index_scores.topk(n_keep, dim=-1).indices.to(torch.int32)  # [B, S, K]
 
+    def index_scores(self, x: Tensor, q_latent: Tensor, cos: Tensor, sin: Tensor,
+                     positions: Tensor) -> Tensor:
+        """Training path (no cache): the masked indexer scores I [B, S, T] (-inf above the
+        causal diagonal) that forward() takes the top-k of.  Same maths as forward()."""
+        B, S, _ = x.shape
+        q = self.rope(self.wq_b(q_latent).view(B, S, self.n_heads, self.head_dim), cos, sin)
+        k = self.rope(self.k_norm(self.wk(x)), cos, sin)  # [B, T, ID]
+        head_weights = self.weights_proj(x).float() * self.n_heads ** -0.5  # [B, S, IH]
+        scores = torch.einsum("bshd,btd->bsht", q.float(), k.float())  # [B, S, IH, T]
+        scores = scores.clamp_min(0) * self.softmax_scale
+        index_scores = (scores * head_weights[..., None]).sum(dim=2)  # [B, S, T]
+        allowed = causal_mask(positions, k.shape[1])  # [S, T]
+        return index_scores.masked_fill(~allowed, float("-inf"))
+
 
 class Attention(nn.Module):
     """MLA with DSA sparse attention; runs its indexer on F layers, reuses prev_topk on S."""
@@ -281,6 +295,67 @@ class Attention(nn.Module):
             topk = prev_topk
         out = self.sparse_attention(q_nope, q_rope, kv_latent, k_rope, topk, positions)
         return self.wo(out.flatten(2)), topk
+
+    def forward_aux(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
+                    prev_topk: Tensor | None, role: str, dense: bool, with_index_scores: bool,
+                    detach_indexer_input: bool, with_probs: bool = True
+                    ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """Training path (no cache): attention as a masked dense softmax so that the full
+        probability map is available.  Used by ic_compile.training; forward() is unchanged.
+
+        role "F": run this layer's indexer, "S": use prev_topk.  dense=True: attend to every
+        causal key (indexer not used for selection).  The indexer reads detached inputs when
+        detach_indexer_input, so its loss only trains indexer weights.
+        with_probs=False uses F.scaled_dot_product_attention (no [B, H, S, T] map; probs None).
+        -> (out [B, S, dim], topk [B, S, K] or None, index scores [B, S, T] or None,
+            attention probabilities [B, H, S, T] or None)."""
+        B, S, _ = x.shape
+        q_latent = self.q_norm(self.wq_a(x))  # [B, S, q_lora_rank]
+        q = self.wq_b(q_latent).view(B, S, self.n_heads, -1)
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_rope = apply_rope(q_rope, cos, sin)
+        kv_latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv_latent = self.kv_norm(kv_latent)  # [B, T, C]
+        k_rope = apply_rope(k_rope, cos, sin)  # [B, T, R]
+
+        index_scores, topk = None, prev_topk
+        if role == "F" and (with_index_scores or not dense):
+            if self.indexer is None:
+                raise ValueError(f"layer {self.layer_id} has no indexer but the plan makes it F")
+            xi, qi = (x.detach(), q_latent.detach()) if detach_indexer_input else (x, q_latent)
+            index_scores = self.indexer.index_scores(xi, qi, cos, sin, positions)  # [B, S, T]
+            if not dense:
+                n_keep = min(self.indexer.topk, index_scores.shape[-1])
+                topk = index_scores.detach().topk(n_keep, dim=-1).indices.to(torch.int32)
+        allowed = causal_mask(positions, kv_latent.shape[1])[None]  # [1, S, T]
+        if not dense:
+            if topk is None:
+                raise ValueError(f"layer {self.layer_id} is S but got no top-k from an F layer")
+            selected = torch.zeros(B, S, kv_latent.shape[1], dtype=torch.bool, device=x.device)
+            selected.scatter_(-1, topk.long(), True)
+            allowed = allowed & selected  # [B, S, T]
+
+        w_kv_b = self.wkv_b.weight.view(self.n_heads, self.nope_dim + self.v_dim, -1)
+        w_k_nope, w_v = w_kv_b.split([self.nope_dim, self.v_dim], dim=1)
+        q_absorbed = torch.einsum("bshd,hdc->bshc", q_nope, w_k_nope)  # [B, S, H, C]
+        if not with_probs:  # fused attention; one latent key/value head shared by all heads
+            q_all = torch.cat([q_absorbed, q_rope], dim=-1).transpose(1, 2)  # [B, H, S, C + R]
+            k_all = torch.cat([kv_latent, k_rope], dim=-1)[:, None]  # [B, 1, T, C + R]
+            k_all = k_all.expand(-1, self.n_heads, -1, -1)
+            v_all = kv_latent[:, None].expand(-1, self.n_heads, -1, -1)  # [B, H, T, C]
+            out_latent = F.scaled_dot_product_attention(
+                q_all, k_all.type_as(q_all), v_all.type_as(q_all), attn_mask=allowed[:, None],
+                scale=self.softmax_scale).transpose(1, 2)  # [B, S, H, C]
+            out = torch.einsum("bshc,hvc->bshv", out_latent.type_as(w_v), w_v)
+            return self.wo(out.flatten(2)), topk, index_scores, None
+        scores = (torch.einsum("bshc,btc->bhst", q_absorbed, kv_latent)
+                  + torch.einsum("bshr,btr->bhst", q_rope, k_rope))  # [B, H, S, T]
+        scores = scores.float() * self.softmax_scale
+        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+        probs = scores.softmax(dim=-1)  # [B, H, S, T]
+        out_latent = torch.einsum("bhst,btc->bshc", probs.type_as(kv_latent), kv_latent)
+        out = torch.einsum("bshc,hvc->bshv", out_latent, w_v)  # [B, S, H, V]
+        return self.wo(out.flatten(2)), topk, index_scores, probs
 
     def sparse_attention(self, q_nope: Tensor, q_rope: Tensor, kv_latent: Tensor,
                          k_rope: Tensor, topk: Tensor, positions: Tensor) -> Tensor:
@@ -380,6 +455,15 @@ class Block(nn.Module):
         x = x + self.ffn(self.ffn_norm(x))
         return x, topk
 
+    def forward_aux(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
+                    prev_topk: Tensor | None, **kw) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
+        """Training path; see Attention.forward_aux."""
+        h, topk, index_scores, probs = self.attn.forward_aux(self.attn_norm(x), cos, sin, positions,
+                                                             prev_topk, **kw)
+        x = x + h
+        x = x + self.ffn(self.ffn_norm(x))
+        return x, topk, index_scores, probs
+
 
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -421,6 +505,39 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x, topk = layer(x, cos, sin, positions, topk, use_cache)
         return self.output(self.norm(x))  # [B, S, vocab]
+
+    def forward_aux(self, idx: Tensor, *, pattern: str | None = None, dense: bool = False,
+                    with_index_scores: bool = True, with_probs: bool = True,
+                    detach_indexer_input: bool = True) -> tuple[Tensor, dict]:
+        """Training forward (no cache) that also returns what indexer distillation needs.
+
+        pattern: F/S per layer (default: the model's own); dense=True attends to all causal
+        keys (DeepSeek's dense stage / warm-up).  Attention is computed as a masked dense
+        softmax, so it matches forward() up to float rounding.
+        -> (logits [B, S, vocab], {"index_scores": {layer: [B, S, T]} (F layers),
+            "attention_probs": {layer: [B, H, S, T]}, "topk": {layer: [B, S, K]} (F layers)})."""
+        pattern = pattern or self.args.pattern
+        if len(pattern) != len(self.layers) or set(pattern) - {"F", "S"} or pattern[0] != "F":
+            raise ValueError(f"pattern {pattern!r}: need one 'F'/'S' per layer "
+                             f"({len(self.layers)}), starting with 'F'")
+        positions = torch.arange(idx.shape[1], device=idx.device)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        x = self.tok_embeddings(idx)
+        aux: dict = {"index_scores": {}, "attention_probs": {}, "topk": {}}
+        topk = None
+        for i, layer in enumerate(self.layers):
+            x, new_topk, index_scores, probs = layer.forward_aux(
+                x, cos, sin, positions, topk, role=pattern[i], dense=dense,
+                with_index_scores=with_index_scores, detach_indexer_input=detach_indexer_input,
+                with_probs=with_probs)
+            if index_scores is not None:
+                aux["index_scores"][i] = index_scores
+            if pattern[i] == "F" and new_topk is not None:
+                aux["topk"][i] = new_topk
+            if with_probs:
+                aux["attention_probs"][i] = probs
+            topk = new_topk
+        return self.output(self.norm(x)), aux
 
 
 @torch.no_grad()

@@ -7,8 +7,11 @@ from .backend import BackendOptions, VerificationError, indexcache_backend
 from .explain import ExplainReport, capture_graphs, explain
 from .plan import LayerPlan, PlanError
 from .rewrite import DetectionUncertainWarning, NoIndexerFoundError, RewriteResult, rewrite
+from .search import SearchResult, search_plan
+from .export import export_onnx
+from .graph_diff import graph_diff
 
 __all__ = ["BackendOptions", "DetectionUncertainWarning", "ExplainReport", "LayerPlan",
-           "NoIndexerFoundError", "PlanError", "RewriteResult", "VerificationError", "capture_graphs",
-           "explain", "indexcache_backend", "rewrite"]
+           "NoIndexerFoundError", "PlanError", "RewriteResult", "SearchResult", "VerificationError", "capture_graphs",
+           "explain", "export_onnx", "graph_diff", "indexcache_backend", "rewrite", "search_plan"]
 __version__ = "0.1.0"

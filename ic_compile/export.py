@@ -10,11 +10,14 @@ Route (and why):
 2. `rewrite(gm, plan)` deletes the S-layer indexers (same passes as the backend).
 3. Custom ops are replaced by decompositions into standard torch ops (`DECOMPOSITIONS`:
    `ic::indexer_topk`, `ic::sparse_attention`, `ic::sparse_mla`, and HF's
-   `transformers::grouped_mm_fallback` MoE matmul), so the ONNX graph only holds standard ONNX ops.
+   `transformers::grouped_mm_fallback` MoE matmul), so the ONNX graph only holds standard ONNX ops:
+   calls in the FX graph directly, and calls that only appear when tracing (a helper such as
+   `lowered_indexer` calling `torch.ops.ic.indexer_topk`) through `ExportedProgram.run_decompositions`.
 4. `RewrittenModule` wraps the rewritten GraphModule: parameters/buffers become its (non-persistent)
    buffers, SymInt placeholders are recomputed from the user inputs' shapes, so its forward takes only
-   the user's tensors. That module goes through `torch.onnx.export(..., dynamo=True)` with a dynamic
-   "seq" axis.
+   the user's tensors. That module goes through `torch.export.export` (non-strict, a dynamic "seq"
+   axis, implied guards deferred to runtime asserts — as torch.onnx's own capture does), then
+   `torch.onnx.export(exported_program, dynamo=True)`; the symbolic size is renamed "seq" in the ONNX file.
 The alternative — `torch.export` first, then rewriting the ATen graph — would need the detection
 passes to understand ATen ops (`aten.topk.default`, decomposed linears); they work on Dynamo's
 torch-level graph, so we export the graph they already rewrote.
@@ -32,7 +35,6 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
-from .plan import PlanError
 from .rewrite import NoIndexerFoundError, RewriteResult, rewrite
 
 FORMATS = ("onnx", "tensorrt")
@@ -172,6 +174,7 @@ class RewrittenProgram:
     input_names: list[str]
     example_args: tuple  # the user tensors, in forward order
     decomposed: list[str] = field(default_factory=list)
+    dynamic_seq: bool = True
 
 
 class RewrittenModule(nn.Module):
@@ -226,8 +229,23 @@ def _identifier(name: str) -> str:
     return f"_{name}" if not name or name[0].isdigit() or keyword.iskeyword(name) else name
 
 
-def capture_rewritten(model: nn.Module, example_inputs, plan=None, *, dynamic_seq: bool = True,
-                      seq_dim: int = 1, require_indexer: bool = True) -> RewrittenProgram:
+@dataclass
+class CapturedModel:
+    """One Dynamo capture of a model, reusable for several plans (rewrite never modifies it):
+
+        captured = capture_model(model, inputs)
+        for plan in ("FSSF", "FSSS"):
+            export_onnx(captured, None, f"{plan}.onnx", plan=plan)
+    """
+    gm: fx.GraphModule
+    graph_inputs: list  # what Dynamo passed its backend: parameters, buffers, user tensors, sizes
+    names: list[str]  # user input names
+    tensors: list[torch.Tensor]  # user inputs (our clones, marked dynamic)
+    dynamic_seq: bool
+    model: nn.Module
+
+
+def capture_model(model: nn.Module, example_inputs, *, dynamic_seq: bool = True, seq_dim: int = 1) -> CapturedModel:
     names, tensors, call = _user_tensors(example_inputs)
     if not tensors:
         raise ExportError("example_inputs hold no tensor to export the model for")
@@ -251,17 +269,28 @@ def capture_rewritten(model: nn.Module, example_inputs, plan=None, *, dynamic_se
     if len(graphs) != 1:
         raise ExportError(f"the model was captured as {len(graphs)} graphs (graph breaks); export needs one "
                           "graph holding every layer — check torch.compile(model, fullgraph=True)")
-    gm, graph_inputs = graphs[0]
-    result = rewrite(gm, plan, strict=True)
+    return CapturedModel(graphs[0][0], graphs[0][1], names, tensors, dynamic_seq, model)
+
+
+def capture_rewritten(model, example_inputs, plan=None, *, dynamic_seq: bool = True, seq_dim: int = 1,
+                      require_indexer: bool = True, kernels: bool = False) -> RewrittenProgram:
+    """Capture (unless `model` is a CapturedModel already), rewrite for `plan`, decompose custom ops, wrap.
+    kernels=True: F indexers are lowered to `ic::indexer_topk` first (as the backend does on CUDA), and
+    that op is then exported through its standard-op decomposition."""
+    captured = model if isinstance(model, CapturedModel) else capture_model(
+        model, example_inputs, dynamic_seq=dynamic_seq, seq_dim=seq_dim)
+    gm = captured.gm
+    result = rewrite(gm, plan, strict=True, **({"kernels": True} if kernels else {}))
     if require_indexer and not result.detection.matches:
         raise NoIndexerFoundError(f"cannot export with plan {plan!r}: {result.message}. Is this a DSA model? "
                                   "Without a lightning indexer there is nothing to share.")
     work = result.gm if result.gm is not gm else copy_module(gm)
     decomposed = decompose_custom_ops(work)
-    slots, constants = _slots(work, graph_inputs, tensors)
-    input_names = [_identifier(n) for n in names]
+    slots, constants = _slots(work, captured.graph_inputs, captured.tensors)
+    input_names = [_identifier(n) for n in captured.names]
     module = RewrittenModule(work, slots, constants, input_names).eval()
-    return RewrittenProgram(module, result, input_names, tuple(tensors), decomposed)
+    return RewrittenProgram(module, result, input_names, tuple(captured.tensors), decomposed,
+                            dynamic_seq=captured.dynamic_seq)
 
 
 def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -322,7 +351,7 @@ class OnnxExport:
         return (f"wrote {self.path}: plan {self.plan}, {self.nodes} ONNX nodes, {self.indexer_topk} indexer TopK "
                 f"(key axis; = {self.num_full} F layers), {self.other_topk} other TopK (MoE routing), "
                 f"inputs {self.inputs} (dynamic {self.dynamic_axes}), outputs {self.outputs}; "
-                f"{self.removed_torch_nodes} indexer nodes of S layers removed before export"
+                f"{self.removed_torch_nodes} graph nodes removed by the rewrite before export"
                 + (f"; custom ops decomposed: {sorted(set(self.decomposed_ops))}" if self.decomposed_ops else ""))
 
 
@@ -339,10 +368,13 @@ def check_writable(path) -> Path:
 
 
 def export_onnx(model: nn.Module, example_inputs, path, plan=None, *, dynamic_seq: bool = True,
-                opset: int | None = None, optimize: bool = False) -> OnnxExport:
-    """Export the model rewritten for `plan` to ONNX at `path`; returns what was written."""
+                opset: int | None = None, optimize: bool = False, kernels: bool = False) -> OnnxExport:
+    """Export the model rewritten for `plan` to ONNX at `path`; returns what was written.
+    `model` may be a `CapturedModel` (then `example_inputs` is ignored) to export several plans from one
+    capture."""
     path = check_writable(path)
-    program = capture_rewritten(model, example_inputs, plan, dynamic_seq=dynamic_seq)
+    program = capture_rewritten(model, example_inputs, plan, dynamic_seq=dynamic_seq, kernels=kernels)
+    dynamic_seq = program.dynamic_seq
     seq = torch.export.Dim(SEQ_DIM_NAME, min=2, max=1 << 20)
     dynamic = {name: ({1: seq} if dynamic_seq and t.dim() > 1 else {})
                for name, t in zip(program.input_names, program.example_args)}
@@ -351,12 +383,14 @@ def export_onnx(model: nn.Module, example_inputs, path, plan=None, *, dynamic_se
     output_names = ["logits"] + [f"output_{i}" for i in range(1, num_outputs)]
     kwargs = {} if opset is None else {"opset_version": opset}
     with torch.no_grad():
-        onnx_program = torch.onnx.export(module, program.example_args, dynamo=True, dynamic_shapes=dynamic,
-                                         input_names=program.input_names, output_names=output_names,
-                                         optimize=optimize, verbose=False, **kwargs)
+        exported, decomposed = _export_program(module, program.example_args, dynamic)
+        onnx_program = torch.onnx.export(exported, dynamo=True, input_names=program.input_names,
+                                         output_names=output_names, optimize=optimize, verbose=False, **kwargs)
     onnx_program.save(str(path))
     import onnx
     proto = onnx.load(str(path))
+    if dynamic_seq and _name_seq_axis(proto, {n for n, d in dynamic.items() if d}):
+        onnx.save(proto, str(path))
     onnx.checker.check_model(proto)
     key_topk, other_topk = count_topk(proto)
     result = program.result
@@ -365,7 +399,27 @@ def export_onnx(model: nn.Module, example_inputs, path, plan=None, *, dynamic_se
         indexer_topk=key_topk, other_topk=other_topk, nodes=len(proto.graph.node),
         inputs=program.input_names, outputs=output_names,
         dynamic_axes={n: {a: SEQ_DIM_NAME for a in d} for n, d in dynamic.items() if d},
-        decomposed_ops=program.decomposed, removed_torch_nodes=len(result.removed))
+        decomposed_ops=sorted(set(program.decomposed + decomposed)), removed_torch_nodes=len(result.removed))
+
+
+def _export_program(module: nn.Module, args: tuple, dynamic_shapes: dict):
+    """torch.export (non-strict, size-oblivious like torch.onnx's own capture), then custom ops that
+    survive tracing (e.g. `ic::indexer_topk` called from inside a lowered-indexer helper) are replaced by
+    their standard-op decompositions with `ExportedProgram.run_decompositions`."""
+    # guards the captured graph implies (e.g. seq >= index_topk) become runtime asserts, as in torch.onnx
+    with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        exported = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False,
+                                       prefer_deferred_runtime_asserts_over_guards=True)
+    custom = {n.target: custom_op_name(n.target) for n in exported.graph.nodes
+              if n.op == "call_function" and custom_op_name(n.target)}
+    if custom:
+        missing = sorted(name for name in custom.values() if name not in DECOMPOSITIONS)
+        if missing:
+            raise ExportError(f"custom op {missing[0]} has no decomposition into standard ops, so it cannot be "
+                              "exported to ONNX; register one with ic_compile.export.register_decomposition("
+                              f"'{missing[0]}', fn)")
+        exported = exported.run_decompositions({op: DECOMPOSITIONS[name] for op, name in custom.items()})
+    return exported, sorted(set(custom.values()))
 
 
 def _named_forward(module: RewrittenModule, names: list[str]) -> nn.Module:
@@ -379,11 +433,25 @@ def _named_forward(module: RewrittenModule, names: list[str]) -> nn.Module:
     return wrapper.eval()
 
 
+def _name_seq_axis(proto, inputs: set[str]) -> bool:
+    """torch.export names the dynamic size after its symbol (s75): call it "seq" everywhere."""
+    symbols = {d.dim_param for i in proto.graph.input if i.name in inputs
+               for d in list(i.type.tensor_type.shape.dim)[1:2] if d.dim_param and d.dim_param != SEQ_DIM_NAME}
+    if len(symbols) != 1:
+        return False
+    pattern = re.compile(rf"\b{re.escape(symbols.pop())}\b")
+    for value in list(proto.graph.input) + list(proto.graph.output) + list(proto.graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = pattern.sub(SEQ_DIM_NAME, dim.dim_param)
+    return True
+
+
 def count_topk(proto, seq_name: str = SEQ_DIM_NAME) -> tuple[int, int]:
     """(TopK over the key axis, other TopK) in an ONNX model exported with a dynamic `seq` axis.
 
-    An indexer's TopK ranks scores [B, S, T] over T: its input's last two dims are both the dynamic
-    sequence size (prefill, T = S). A MoE router's TopK ranks experts (a static size); a sort of
+    An indexer's TopK ranks scores [B, S, T] over T: its input's last two dims are the dynamic sequence
+    size (prefill, T = S; "seq + k" for the -inf padded scores of the ic::indexer_topk decomposition). A MoE router's TopK ranks experts (a static size); a sort of
     routed tokens (exported as TopK too) has a single axis of size k*B*S."""
     known = {v.name: v for v in list(proto.graph.value_info) + list(proto.graph.input) + list(proto.graph.output)}
     key, other = 0, 0
@@ -393,7 +461,8 @@ def count_topk(proto, seq_name: str = SEQ_DIM_NAME) -> tuple[int, int]:
             continue
         info = known.get(node.input[0])
         dims = [d.dim_param or d.dim_value for d in info.type.tensor_type.shape.dim] if info else []
-        if len(dims) >= 2 and dims[-1] == seq_name and dims[-2] == seq_name:
+        key_axis = isinstance(dims[-1], str) and re.search(rf"\b{seq_name}\b", dims[-1]) if dims else None
+        if len(dims) >= 2 and dims[-2] == seq_name and key_axis:  # T = seq, or seq + k (padded)
             key += 1
         else:
             other += 1
@@ -408,8 +477,10 @@ def register_cli(subparsers) -> None:
     add_model_arguments(parser)
     parser.add_argument("--plan", default=None, help="pattern (FSSF...), plan.json, or omit for all F")
     parser.add_argument("--format", default="onnx", help=f"one of {', '.join(FORMATS)}")
-    parser.add_argument("--out", required=True, help="output file (model.onnx / model.ts)")
+    parser.add_argument("--out", required=True, help="output file (model.onnx / model.ep)")
     parser.add_argument("--static-seq", action="store_true", help="no dynamic sequence axis")
+    parser.add_argument("--kernels", action="store_true",
+                        help="ONNX: lower F indexers to ic::indexer_topk first (exported in standard ops)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(run=_run_cli)
 
@@ -423,7 +494,8 @@ def _run_cli(args) -> int:
     model = load_model(args.model, args.seed)
     inputs = forward_inputs(model, example_ids(model, args))
     if args.format == "onnx":
-        result = export_onnx(model, inputs, args.out, plan=args.plan, dynamic_seq=not args.static_seq)
+        result = export_onnx(model, inputs, args.out, plan=args.plan, dynamic_seq=not args.static_seq,
+                             kernels=args.kernels)
     else:
         from .tensorrt import export_tensorrt
         result = export_tensorrt(model, inputs, args.out, plan=args.plan, dynamic_seq=not args.static_seq)
@@ -431,5 +503,6 @@ def _run_cli(args) -> int:
     return 0
 
 
-__all__ = ["DECOMPOSITIONS", "ExportError", "FORMATS", "OnnxExport", "RewrittenModule", "RewrittenProgram",
-           "capture_rewritten", "count_topk", "decompose_custom_ops", "export_onnx", "register_decomposition"]
+__all__ = ["CapturedModel", "DECOMPOSITIONS", "ExportError", "FORMATS", "OnnxExport", "RewrittenModule",
+           "RewrittenProgram", "capture_model", "capture_rewritten", "count_topk", "decompose_custom_ops",
+           "export_onnx", "register_decomposition"]

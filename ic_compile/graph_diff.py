@@ -134,9 +134,14 @@ class GraphDiff:
         rewired = [n for n in self.nodes if n.change in ("rewired", "added")]
         if rewired:
             lines.append("rewired / added nodes:")
+            layer_of = node_layers(self.result.original) if self.result is not None else {}
+            named = lambda names: ", ".join(  # noqa: E731
+                f"{x} (layer {layer_of[x]})" if layer_of.get(x) is not None else x for x in names) or "-"
             for n in rewired:
-                lines.append(f"  {n.change:8} {n.name} ({n.op}, layer {n.layer}): inputs "
-                             f"{n.inputs_before} -> {n.inputs_after}")
+                gained = [x for x in n.inputs_after if x not in n.inputs_before]
+                lost = [x for x in n.inputs_before if x not in n.inputs_after]
+                lines.append(f"  {n.change:8} {n.name} ({n.op}, layer {n.layer}): reads {named(gained)}"
+                             + (f" instead of {named(lost)}" if n.change == "rewired" else ""))
         return "\n".join(lines)
 
     def to_html(self, path=None) -> str:
@@ -161,11 +166,14 @@ def _bytes(x: int) -> str:
 
 
 # ------------------------------------------------------------------------ building the diff
-def graph_diff(model, example_inputs, plan=None, seq_len: int | None = None, **kwargs) -> GraphDiff:
-    """Capture the model's Dynamo graph, apply `plan`, and describe what changed."""
+def graph_diff(model, example_inputs, plan=None, seq_len: int | None = None, *, kernels: bool = False,
+               **kwargs) -> GraphDiff:
+    """Capture the model's Dynamo graph, apply `plan`, and describe what changed.
+    kernels=True also lowers F indexers to `ic::indexer_topk` (what the backend does on CUDA): their
+    nodes show as removed and the fused op as added (F layers' FLOPs are moved, not removed)."""
     from .explain import capture_graphs
     graphs = capture_graphs(model, example_inputs, **kwargs)
-    results = [rewrite(gm, plan, strict=True) for gm in graphs]
+    results = [rewrite(gm, plan, strict=True, **({"kernels": True} if kernels else {})) for gm in graphs]
     found = [r for r in results if r.detection.matches]
     if not found:
         raise NoIndexerFoundError(f"graph diff: no lightning indexer found in the model's {len(graphs)} "
@@ -368,7 +376,8 @@ def _layer_graph(diff: GraphDiff, layer, layer_of, status) -> "object":
     after = {n.name: n for n in result.gm.graph.nodes}
     order = {name: i for i, name in enumerate(list(before) + [n for n in after if n not in before])}
     dead = {n for n in before if n not in after and n not in status}  # dead before the rewrite
-    members = [name for name in order if name not in dead and _layer_key(layer_of.get(name, _added_layer(after, name))) == layer
+    members = [name for name in order
+               if name not in dead and _layer_key(layer_of.get(name, _added_layer(after, name))) == layer
                and (before.get(name) or after.get(name)).op not in ("output",)]
     graph = nx.DiGraph()
     for name in members:
@@ -437,9 +446,12 @@ def render_html(diff: GraphDiff) -> str:
         f"<tr data-layer='{_layer_key(c.layer)}' class='c{c.change}'><td>{c.change}</td><td>{_layer_key(c.layer)}</td>"
         f"<td>{html.escape(c.name)}</td><td>{html.escape(c.op)}</td><td>{html.escape(', '.join(c.inputs_before))}</td>"
         f"<td>{html.escape(', '.join(c.inputs_after))}</td><td>{html.escape(c.module)}</td></tr>" for c in diff.nodes)
-    options = "".join(f"<option value='{k}'>{'layer ' + k if k != 'other' else 'outside layers'}"
-                      f"{' (' + roles[k].role + (' ← ' + str(roles[k].source) if roles[k].role == 'S' else '') + ')' if k in roles else ''}"
-                      f"</option>" for k in keys)
+    def option(k):
+        role = ""
+        if k in roles:
+            role = f" ({roles[k].role}" + (f" ← {roles[k].source}" if roles[k].role == "S" else "") + ")"
+        return f"<option value='{k}'>{'layer ' + k if k != 'other' else 'outside layers'}{role}</option>"
+    options = "".join(option(k) for k in keys)
     first_s = next((str(l.layer) for l in diff.layers if l.role == "S"), keys[0])
     data = html.escape(json.dumps({k: v for k, v in diff.to_dict().items() if k != "nodes"}))
     return _PAGE.format(plan=html.escape(diff.plan), seq=diff.seq_len, before=diff.nodes_before,
@@ -468,7 +480,8 @@ def _svg_section(key: str, graph, layer: LayerDiff | None) -> str:
         ghost_layer = attrs.get("ghost_layer")
         label = attrs["op"] if not attrs["ghost"] else (
             f"{attrs['op']} ← L{ghost_layer}" if ghost_layer is not None else f"{attrs['op']} ← outside")
-        tip = f"{name}\nop: {attrs['op']}\nstatus: {attrs['status']}\nshape: {attrs['shape']}\nmodule: {attrs['module']}"
+        tip = (f"{name}\nop: {attrs['op']}\nstatus: {attrs['status']}\nshape: {attrs['shape']}\n"
+               f"module: {attrs['module']}")
         parts.append(f"<g class='n {attrs['status']}' data-name='{html.escape(name)}' transform='translate({x},{y})'>"
                      f"<title>{html.escape(tip)}</title><rect width='{BOX_W}' height='{BOX_H}' rx='5'/>"
                      f"<text x='{BOX_W / 2}' y='{BOX_H / 2 + 4}'>{html.escape(_short(label, 20))}</text></g>")
@@ -524,7 +537,7 @@ function apply(){const v=sel.value;
  document.body.classList.toggle('changed-only',only.checked);location.hash=v;
  document.querySelectorAll('section.layer').forEach(s=>{if(s.style.display==='none')return;
   const box=s.querySelector('.scroll'),n=s.querySelector('.n.rewired,.n.added')||s.querySelector('.n.removed');
-  if(n){const t=n.transform.baseVal.consolidate().matrix;box.scrollTop=Math.max(0,t.f-box.clientHeight/3);
+  if(n){const t=n.transform.baseVal.consolidate().matrix;box.scrollTop=Math.max(0,t.f-box.clientHeight*0.45);
    box.scrollLeft=Math.max(0,t.e-box.clientWidth/2);}});}
 sel.addEventListener('change',apply);only.addEventListener('change',apply);
 const h=decodeURIComponent(location.hash.slice(1));if(h&&[...sel.options].some(o=>o.value===h))sel.value=h;apply();
@@ -544,7 +557,7 @@ indexer key cache freed: {kbytes} B/token</p></header>
 <div class="controls"><label>Show <select id="layer"><option value="all">all layers</option>{options}</select></label>
 <label><input type="checkbox" id="only"> fade unchanged nodes</label>
 <span class="legend"><span><i class="k"></i>kept</span><span><i class="r"></i>removed</span>
-<span><i class="w"></i>rewired (reads another layer's top-k)</span><span><i class="a"></i>added</span>
+<span><i class="w"></i>rewired (reads a new input: another layer's top-k, a fused op)</span><span><i class="a"></i>added</span>
 <span><i class="f"></i>parameter freed</span><span><i class="g"></i>from another layer</span></span></div>
 {sections}
 <details id="changes"><summary>Node-level diff ({removed} removed, {rewired} rewired, {added} added)</summary>
@@ -564,6 +577,8 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--plan", required=True, help="pattern (FSSF...) or plan.json")
     parser.add_argument("--seq-len", type=int, default=None,
                         help="sequence length the FLOPs are counted at (default: --seq)")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also lower F indexers to ic::indexer_topk (as the backend does on CUDA)")
     parser.add_argument("--json", action="store_true", help="print the diff as JSON")
     parser.add_argument("--html", default=None, help="write the interactive graph page here")
     parser.set_defaults(run=_run_cli)
@@ -575,7 +590,8 @@ def _run_cli(args) -> int:
     if args.html:
         _check_writable(args.html)
     model = load_model(args.model, args.seed)
-    diff = graph_diff(model, forward_inputs(model, example_ids(model, args)), plan=args.plan, seq_len=args.seq_len)
+    diff = graph_diff(model, forward_inputs(model, example_ids(model, args)), plan=args.plan, seq_len=args.seq_len,
+                      kernels=args.kernels)
     print_json(diff.to_dict()) if args.json else print(diff)
     if args.html:
         diff.to_html(args.html)

@@ -16,6 +16,7 @@ from ic_compile.passes.drop_shared_key_cache import CacheWrite, drop_shared_key_
 from ic_compile.passes.eliminate_dead_code import eliminate_dead_code
 from ic_compile.passes.forward_indices import forward_indices
 from ic_compile.passes.lower_indexer import LoweringReport, lower_indexer
+from ic_compile.passes.lower_sparse_attention import lower_sparse_attention
 from ic_compile.passes.graph_ops import layer_number, module_path, op_name
 
 from .plan import LayerPlan, PlanError
@@ -59,7 +60,8 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def rewrite(gm: fx.GraphModule, plan=None, *, strict: bool = False, kernels: bool = False) -> RewriteResult:
-    """kernels=True also lowers each F indexer to the fused `ic::indexer_topk` op."""
+    """kernels=True also lowers each F indexer to the fused `ic::indexer_topk` op and the
+    scatter-to-mask + dense SDPA it feeds to `ic::sparse_attention`."""
     work = eliminate_dead_code(copy_graph_module(gm))  # baseline: what was dead already isn't ours
     baseline = {n.name for n in work.graph.nodes}
     detection = detect_indexers(work)
@@ -82,7 +84,8 @@ def rewrite(gm: fx.GraphModule, plan=None, *, strict: bool = False, kernels: boo
     steps = [lambda g: forward_indices(g, result.bindings), eliminate_dead_code,
              lambda g: drop_shared_key_cache(g, result.caches)]
     if kernels:
-        steps += [lambda g: lower_indexer(g, full, result.kernels), eliminate_dead_code]
+        steps += [lambda g: lower_indexer(g, full, result.kernels),
+                  lambda g: lower_sparse_attention(g, result.kernels), eliminate_dead_code]
     for step in steps:
         work = step(work)
         work.graph.lint()

@@ -18,23 +18,22 @@ What is measured is what the backend runs. Two evaluators, both exact:
             are cached per batch, and a candidate is run from layer i onwards only (S layers skip
             their indexer). On average this halves the work per candidate. Same ops as the graph;
             tests check its losses against the indexcache backend.
-  "auto"    "prefix" for the reference model, "graph" otherwise.
+  "auto"    "prefix" for the reference model (when its cache fits `cache_limit_bytes`), else "graph".
 
 Objectives: "lm_loss" — mean next-token cross entropy over all calibration tokens; "kl" — mean over
 tokens of KL(all-F next-token distribution || candidate's), label-free. The all-F log-probabilities
-are computed once and cached (N·L·vocab floats on the model's device).
+are computed once and cached (N·L·vocab floats on the model's device; recomputed per evaluation when
+that exceeds `cache_limit_bytes`). The model is put in eval mode for the search.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -175,7 +174,6 @@ class GraphEvaluator:
         self.pattern: str | None = None
         self._graphs: list = []
         self._rewritten: dict[tuple[int, str], object] = {}
-        self._num_layers: int | None = None
         self._compiled = torch.compile(model, backend=self._backend, dynamic=False)
 
     def _backend(self, gm, _example_inputs, **_):
@@ -191,16 +189,13 @@ class GraphEvaluator:
         gm = self._graphs[slot]
         key = (slot, self.pattern)
         if key not in self._rewritten:
-            result = rewrite(gm, self.pattern, strict=True)
-            if result.detection.matches:
-                self._num_layers = len(result.detection.matches)
-            self._rewritten[key] = result.gm.forward
+            self._rewritten[key] = rewrite(gm, self.pattern, strict=True).gm.forward
         return self._rewritten[key]
 
     def num_layers(self, example: torch.Tensor) -> int:
         from .rewrite import rewrite
         if not self._graphs:
-            self.logits(example[:1], None)
+            self.logits(example, None)
         counts = [len(rewrite(gm, None, strict=True).detection.matches) for gm in self._graphs]
         found = [c for c in counts if c]
         if not found:
@@ -300,22 +295,42 @@ class PrefixEvaluator:
                 self._run(b, pattern, diff[0], record=True)
 
 
-def make_evaluator(model: nn.Module, batches: list[torch.Tensor], evaluator: str = "auto"):
+CACHE_LIMIT_BYTES = 8 << 30  # prefix-cache and KL-reference budgets (each)
+
+
+def prefix_cache_bytes(model: nn.Module, batches: list[torch.Tensor]) -> int:
+    """What PrefixEvaluator would hold: every layer's input for every calibration token."""
+    tokens = sum(b.numel() for b in batches)
+    dim = model.args.dim
+    elem = next(model.parameters()).element_size()
+    return tokens * dim * elem * len(model.layers)
+
+
+def make_evaluator(model: nn.Module, batches: list[torch.Tensor], evaluator: str = "auto",
+                   cache_limit_bytes: int = CACHE_LIMIT_BYTES):
+    """"auto": the prefix evaluator for the reference model when its cache fits cache_limit_bytes."""
     if evaluator not in EVALUATORS:
         raise ValueError(f"evaluator={evaluator!r} is not one of {EVALUATORS}")
     if evaluator == "auto":
-        evaluator = "prefix" if is_reference_model(model) else "graph"
+        evaluator = ("prefix" if is_reference_model(model)
+                     and prefix_cache_bytes(model, batches) <= cache_limit_bytes else "graph")
     return PrefixEvaluator(model, batches) if evaluator == "prefix" else GraphEvaluator(model)
 
 
 class Objective:
-    """Token-weighted mean over the calibration set of next-token CE or KL(all-F || candidate)."""
+    """Token-weighted mean over the calibration set of next-token CE or KL(all-F || candidate).
 
-    def __init__(self, kind: str):
+    KL: the all-F log-probabilities are cached when tokens · vocab · 4 bytes fit cache_limit_bytes,
+    else recomputed for every evaluation (twice the work, no memory)."""
+
+    def __init__(self, kind: str, cache_limit_bytes: int = CACHE_LIMIT_BYTES):
         if kind not in OBJECTIVES:
             raise ValueError(f"objective={kind!r} is not one of {OBJECTIVES}")
         self.kind = kind
+        self.cache_limit_bytes = cache_limit_bytes
         self.reference: list[torch.Tensor] = []  # all-F log-probs per batch (kl only)
+        self.cached_bytes = 0
+        self.recompute = None  # batch_index -> all-F logits, once the cache is over its limit
 
     def batch_sum(self, logits: torch.Tensor, ids: torch.Tensor, batch_index: int) -> tuple[float, int]:
         if self.kind == "lm_loss":
@@ -324,27 +339,42 @@ class Objective:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
             return loss.item(), target.numel()
         logp = logits.float().log_softmax(-1)
-        if len(self.reference) <= batch_index:  # first (all-F) pass
-            self.reference.append(logp)
-        ref = self.reference[batch_index]
+        if self.recompute is None and len(self.reference) <= batch_index:  # first (all-F) pass
+            self.cached_bytes += logp.numel() * logp.element_size()
+            if self.cached_bytes <= self.cache_limit_bytes:
+                self.reference.append(logp)
+            else:
+                self.reference.clear()
+                self.recompute = True
+        if self.recompute is True:  # still in the all-F pass: KL(all-F || all-F) = 0
+            return 0.0, logp.shape[0] * logp.shape[1]
+        if self.recompute is not None:
+            ref = self.recompute(batch_index).float().log_softmax(-1)
+        else:
+            ref = self.reference[batch_index]
         kl = (ref.exp() * (ref - logp)).sum(-1)  # [B, L]
         return kl.sum().item(), kl.numel()
 
 
 def evaluate_plan(model: nn.Module, calibration, plan, *, objective: str = "lm_loss",
-                  batch_size: int = 8, evaluator: str = "graph") -> float:
+                  batch_size: int = 8, evaluator: str = "auto",
+                  cache_limit_bytes: int = CACHE_LIMIT_BYTES) -> float:
     """The objective of one plan (for "kl" relative to the all-F model) on the calibration set."""
     batches = _to_device(as_batches(calibration, batch_size, vocab_size=_vocab(model)), model)
-    ev = make_evaluator(model, batches, evaluator)
-    n = ev.num_layers(batches[0])
-    plan = LayerPlan.coerce(plan, n)
-    obj = Objective(objective)
-    if objective == "kl":
-        _loss(ev, obj, batches, FULL * n)
-    return _loss(ev, obj, batches, plan.pattern)
+    with _eval_mode(model):
+        ev = make_evaluator(model, batches, evaluator, cache_limit_bytes)
+        n = ev.num_layers(batches[0])
+        plan = LayerPlan.coerce(plan, n)
+        obj = Objective(objective, cache_limit_bytes)
+        if objective == "kl":
+            _loss(ev, obj, batches, FULL * n)
+        return _loss(ev, obj, batches, plan.pattern)
 
 
 def _loss(ev, obj: Objective, batches, pattern: str) -> float:
+    if obj.recompute is True:  # KL reference over its cache limit: recompute all-F logits per batch
+        n = len(pattern)
+        obj.recompute = lambda b: ev.logits(batches[b], "F" * n, b)
     total, count = 0.0, 0
     for b, ids in enumerate(batches):
         s, c = obj.batch_sum(ev.logits(ids, pattern, b), ids, b)
@@ -462,14 +492,34 @@ def target_num_full(num_layers: int, num_full: int | None, ratio: float | None) 
 def search_plan(model: nn.Module, calibration, *, num_full: int | None = None, ratio: float | None = None,
                 loss_budget: float | None = None, objective: str = "lm_loss", progress: bool = True,
                 batch_size: int = 8, init=None, evaluator: str = "auto", seq_len: int = 256,
-                tokenizer=None) -> SearchResult:
+                tokenizer=None, cache_limit_bytes: int = CACHE_LIMIT_BYTES) -> SearchResult:
     """Greedy training-free search for an IndexCache plan.
 
     calibration: LongTensor [N, L] | iterable of [B, L] batches | text file/dir path(s) (tokenized with
     `tokenizer`, or bytes % vocab, cut into rows of `seq_len`). Stops at `num_full` F layers, at
     round(`ratio` · layers) F layers, or before the best loss exceeds all-F loss + `loss_budget`;
     without any of these it goes down to one F layer. `init`: start from this plan instead of all F
-    (e.g. `overlap_plan(...)` or a previous result; its F layers are the ones tried)."""
+    (e.g. `overlap_plan(...)` or a previous result; its F layers are the ones tried).
+    cache_limit_bytes bounds the prefix cache ("auto" falls back to "graph" above it) and the cached
+    all-F log-probabilities of objective="kl" (recomputed per evaluation above it)."""
+    with _eval_mode(model):
+        return _search(model, calibration, num_full, ratio, loss_budget, objective, progress, batch_size,
+                       init, evaluator, seq_len, tokenizer, cache_limit_bytes)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Search measures the deployed (eval-mode, no dropout) model; the mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _search(model, calibration, num_full, ratio, loss_budget, objective, progress, batch_size, init,
+            evaluator, seq_len, tokenizer, cache_limit_bytes) -> SearchResult:
     start_time = time.perf_counter()
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r} is not one of {OBJECTIVES}")
@@ -479,7 +529,7 @@ def search_plan(model: nn.Module, calibration, *, num_full: int | None = None, r
         raise ValueError("give either num_full or ratio, not both")
     batches = _to_device(as_batches(calibration, batch_size, seq_len=seq_len, tokenizer=tokenizer,
                                     vocab_size=_vocab(model)), model)
-    ev = make_evaluator(model, batches, evaluator)
+    ev = make_evaluator(model, batches, evaluator, cache_limit_bytes)
     n = ev.num_layers(batches[0])
     target = target_num_full(n, num_full, ratio)
     stop_at = target if target is not None else 1
@@ -491,7 +541,7 @@ def search_plan(model: nn.Module, calibration, *, num_full: int | None = None, r
         raise PlanError(f"init plan {current.pattern!r} has {current.num_full} F layers, fewer than the "
                         f"target {stop_at}")
 
-    obj = Objective(objective)
+    obj = Objective(objective, cache_limit_bytes)
     n_candidates = sum(range(stop_at, current.num_full)) if target is not None or loss_budget is None else None
     bar = _progress_bar(progress, n_candidates, f"search {objective}")
     evaluations = 0

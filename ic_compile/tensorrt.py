@@ -165,6 +165,8 @@ def compile_tensorrt(gm: fx.GraphModule, example_inputs, *, index_topk: int | No
     """lowering='tensorrt': gm is the rewritten Dynamo graph. Limits first, then torch-tensorrt."""
     check_tensorrt_limits(gm, index_topk=index_topk, max_seq_len=max_seq_len)
     torch_tensorrt = require_tensorrt()
+    from .export import decompose_custom_ops
+    decompose_custom_ops(gm)  # e.g. HF's transformers::grouped_mm_fallback: standard ops for TensorRT
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     user = [i for i, n in enumerate(placeholders) if not is_parameter(n)]
     if not all(isinstance(example_inputs[i], torch.Tensor) for i in user):
@@ -202,12 +204,15 @@ class _BakedWeights(torch.nn.Module):
 def export_tensorrt(model, example_inputs, path, plan=None, *, dynamic_seq: bool = True,
                     max_seq_len: int | None = None, opt_seq_len: int | None = None) -> TensorRTReport:
     """Rewrite for `plan`, check TensorRT limits, build with torch-tensorrt and save to `path`."""
-    from .export import capture_rewritten, check_writable, _named_forward, SEQ_DIM_NAME
+    from .export import (SEQ_DIM_NAME, CapturedModel, _export_program, _named_forward, capture_rewritten,
+                         check_writable)
     path = check_writable(path)
     try:
         program = capture_rewritten(model, example_inputs, plan, dynamic_seq=dynamic_seq)
     except NoIndexerFoundError as exc:
         raise NoIndexerFoundError(f"TensorRT export: {exc}") from exc
+    model = model.model if isinstance(model, CapturedModel) else model
+    dynamic_seq = program.dynamic_seq
     max_seq_len = max_seq_len or configured_max_seq(model)
     report = check_tensorrt_limits(program.result.gm, index_topk=configured_topk(model), max_seq_len=max_seq_len,
                                    plan=str(program.result.plan))
@@ -218,14 +223,14 @@ def export_tensorrt(model, example_inputs, path, plan=None, *, dynamic_seq: bool
     if dynamic_seq:
         top = max_seq_len or max(seq, 2) * 8
         dim = torch.export.Dim(SEQ_DIM_NAME, min=2, max=top)
-        exported = torch.export.export(module, args, dynamic_shapes={n: ({1: dim} if t.dim() > 1 else {})
-                                                                     for n, t in zip(program.input_names, args)})
+        exported, _ = _export_program(module, args, {n: ({1: dim} if t.dim() > 1 else {})
+                                                     for n, t in zip(program.input_names, args)})
         inputs = [torch_tensorrt.Input(min_shape=(t.shape[0], 2, *t.shape[2:]),
                                        opt_shape=(t.shape[0], opt_seq_len or seq, *t.shape[2:]),
                                        max_shape=(t.shape[0], top, *t.shape[2:]), dtype=t.dtype)
                   if t.dim() > 1 else t for t in args]
     else:
-        exported = torch.export.export(module, args)
+        exported, _ = _export_program(module, args, {n: {} for n in program.input_names})
         inputs = list(args)
     trt_gm = torch_tensorrt.dynamo.compile(exported, inputs=inputs, min_block_size=1)
     torch_tensorrt.save(trt_gm, str(path), arg_inputs=list(args))

@@ -76,13 +76,25 @@ def interpreted(fn):
 def _jit_helpers_interpreted():
     """Route ``JITFunction.__call__`` (normally: raise "outside of the scope of a kernel") to
     the interpreter for the duration of an interpreted launch, so tl.sum & co. work even when
-    triton was imported without TRITON_INTERPRET=1."""
+    triton was imported without TRITON_INTERPRET=1.
+
+    Unlike ``InterpretedFunction.__call__`` (which patches triton.language for the
+    interpreter and never restores it), each helper call restores the language patches it
+    made, so real compilation keeps working in the same process afterwards."""
+    from triton.runtime.interpreter import InterpreterError, _patch_lang
     from triton.runtime.jit import JITFunction
 
     original = JITFunction.__call__
 
     def call_interpreted(self, *args, **kwargs):
-        return interpreted(self.fn)(*args, **kwargs)
+        helper = interpreted(self.fn)
+        scope = _patch_lang(self.fn)
+        try:
+            return helper.rewrite()(*args, **kwargs)
+        except Exception as e:
+            raise InterpreterError(repr(e)) from e
+        finally:
+            scope.restore()
 
     JITFunction.__call__ = call_interpreted
     try:

@@ -24,8 +24,8 @@ from ._triton_utils import (
     HAS_TRITON,
     cdiv,
     dot_precision,
-    launch_interpreted,
     interpreting,
+    launch_interpreted,
     new_output,
     next_pow2,
     num_sms,
@@ -121,12 +121,14 @@ def _indexer_scores_kernel(
 # --------------------------------------------------------------------------- launch configs
 
 def _prefill_configs(h_pad: int):
-    """Tensor-core tiles for sm_90: 128 or 256 dot rows (queries x heads), 64/128 keys."""
+    """Tensor-core tiles for sm_90: 128 or 256 dot rows (queries x heads, wgmma M), 64/128
+    keys. AOT-compiled for sm_90 (H=32, D=128): no spills, 66-168 KB smem; 2 stages lets two
+    CTAs share an SM (one runs its relu/weight/head-sum epilogue while the other multiplies)."""
     seen = {}
     for rows, warps in ((128, 4), (128, 8), (256, 8)):
         block_s = max(1, rows // h_pad)
         for block_t in (64, 128):
-            for stages in (3, 4):
+            for stages in (2, 3, 4):
                 seen[(block_s, block_t, warps, stages)] = triton.Config(
                     {"BLOCK_S": block_s, "BLOCK_T": block_t}, num_warps=warps, num_stages=stages)
     return list(seen.values())
@@ -217,6 +219,32 @@ def _chunk_rows(B: int, T: int, block: int, budget: int = SCORE_BUFFER_BYTES) ->
     return max(block, rows // block * block)
 
 
+def chunked_scores(
+    q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, mask: torch.Tensor | None = None,
+    causal: bool = True, chunk_rows: int | None = None, num_splits: int | None = None,
+):
+    """Yield (s0, s1, scores [B, s1-s0, width]) per query chunk; `scores` is reused between chunks.
+
+    width = the chunk's causal horizon (T when not causal). Small S (S x heads fits one dot
+    tile) uses the decode form: a single chunk, all queries in one program row, keys split.
+    """
+    B, S, H, D = q.shape
+    T = k.shape[1]
+    assert k.shape == (B, T, D) and w.shape == (B, S, H), (q.shape, k.shape, w.shape)
+    k = k.to(q.dtype)
+    decode_block_s = next_pow2(S) if next_pow2(S) * next_pow2(H) <= MAX_TILE_ROWS else None
+    chunk = S if decode_block_s is not None else (chunk_rows or _chunk_rows(B, T, 256))
+    buffer = new_output((B, min(chunk, S), T), torch.float32, q.device)
+    for s0 in range(0, S, chunk):
+        s1 = min(S, s0 + chunk)
+        width = max(0, min(T, T - S + s1)) if causal else T
+        scores = buffer[:, : s1 - s0, :width]
+        if width > 0:
+            indexer_scores(q, k, w, mask, causal, s0, s1 - s0, width, scores,
+                           decode_block_s=decode_block_s, num_splits=num_splits)
+        yield s0, s1, scores
+
+
 def indexer_topk_triton(
     q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, topk: int,
     mask: torch.Tensor | None = None, causal: bool = True,
@@ -226,23 +254,13 @@ def indexer_topk_triton(
 
     chunk_rows / num_splits override the heuristics (tests use them to hit every code path).
     """
-    B, S, H, D = q.shape
-    T = k.shape[1]
+    B, S = q.shape[0], q.shape[1]
     out = new_output((B, S, topk), torch.int32, q.device)
-    k = k.to(q.dtype)
-    decode_block_s = next_pow2(S) if next_pow2(S) * next_pow2(H) <= MAX_TILE_ROWS else None
-    chunk = S if decode_block_s is not None else (chunk_rows or _chunk_rows(B, T, 256))
-    buffer = new_output((B, min(chunk, S), T), torch.float32, q.device)
-    for s0 in range(0, S, chunk):
-        s1 = min(S, s0 + chunk)
-        width = max(0, min(T, T - S + s1)) if causal else T
-        if width == 0:
+    for s0, s1, scores in chunked_scores(q, k, w, mask, causal, chunk_rows, num_splits):
+        if scores.shape[-1] == 0:  # no key visible to this chunk (causal with S > T)
             out[:, s0:s1] = -1
-            continue
-        scores = buffer[:, : s1 - s0, :width]
-        indexer_scores(q, k, w, mask, causal, s0, s1 - s0, width, scores,
-                       decode_block_s=decode_block_s, num_splits=num_splits)
-        out[:, s0:s1] = topk_indices_from_scores(scores, topk)
+        else:
+            out[:, s0:s1] = topk_indices_from_scores(scores, topk)
     return out
 
 
@@ -260,4 +278,4 @@ def indexer_topk(
     return indexer_topk_ref(q, k, w, topk, mask, causal)
 
 
-__all__ = ["indexer_topk", "indexer_topk_triton", "indexer_scores", "HAS_TRITON"]
+__all__ = ["indexer_topk", "indexer_topk_triton", "indexer_scores", "chunked_scores", "HAS_TRITON"]

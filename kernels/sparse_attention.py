@@ -142,16 +142,23 @@ def _sparse_attention_kernel(
 # --------------------------------------------------------------------------- launch configs
 
 def _configs(d_total: int, block_hs: tuple[int, ...]):
-    """sm_90: head blocks of 64 rows (wgmma M) or the padded group size; gathered tiles of
-    32/64(/128) rows; wide (MLA 576) keys need small BLOCK_K / few stages to fit shared
-    memory and 8 warps to hold the [64, 512] fp32 accumulator. Failing configs are pruned."""
-    block_ks = (32, 64) if d_total > 256 else (32, 64, 128)
+    """sm_90 candidates (checked by AOT compiles for sm_90: smem, registers, spills).
+
+    Wide keys (MLA 576): 8 warps only -- the [BLOCK_H, 512] fp32 accumulator is split over
+    two warpgroups (4 warps would need 256 regs/thread for it); BLOCK_K 32/64, 1-2 stages to
+    fit shared memory. Narrow keys (<= 256): 4 or 8 warps, 2-3 stages.
+    """
+    if d_total > 256:
+        block_ks, warps, stages = (32, 64), (8,), (1, 2)
+    else:
+        block_ks, warps, stages = (32, 64), (4, 8), (2, 3)
     return [triton.Config({"BLOCK_H": bh, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-            for bh in block_hs for bk in block_ks for w in (4, 8) for st in (1, 2, 3)]
+            for bh in block_hs for bk in block_ks for w in warps for st in stages]
 
 
 def _block_h_candidates(G: int) -> tuple[int, ...]:
-    return tuple(sorted({min(64, max(16, next_pow2(G))), 64}))
+    """Padded group (>= 16 rows, mma.sync) / 32 rows / 64 rows (wgmma M)."""
+    return tuple(sorted({min(64, max(16, next_pow2(G))), 64} | ({32} if G >= 32 else set())))
 
 
 _TUNED: dict = {}
@@ -206,6 +213,8 @@ def sparse_attention_triton(
     T, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hk
     K = indices.shape[-1]
+    assert Hq % Hk == 0 and k.shape == (B, T, Hk, Dqk) and v.shape[:3] == (B, T, Hk), (q.shape, k.shape, v.shape)
+    assert indices.shape[:2] == (B, S), (indices.shape, q.shape)
     k, v = k.to(q.dtype), v.to(q.dtype)
     d_a, d_b, d_b_pad = _key_split(Dqk)
     v_from_k = Dv == d_a and v.data_ptr() == k.data_ptr() and v.stride() == k.stride()

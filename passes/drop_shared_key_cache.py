@@ -66,9 +66,18 @@ def _from_concat(concat: fx.Node, layer: int) -> CacheWrite | None:
     return CacheWrite(layer, concat=concat, old_keys=old[0])
 
 
+def _views_of(buffer: fx.Node) -> list[fx.Node]:
+    """The buffer and every view of it (cache[:B], .view(...)) through layout ops."""
+    views, frontier = [buffer], [buffer]
+    while frontier:
+        frontier = [u for n in frontier for u in n.users if op_name(u) in LAYOUT_OPS and u.args[0] is n]
+        views += frontier
+    return views
+
+
 def _writers_of(buffer: fx.Node) -> list[fx.Node]:
-    return [u for u in buffer.users if (op_name(u) in IN_PLACE_WRITES or op_name(u).endswith("_"))
-            and u.args and u.args[0] is buffer]
+    return [u for view in _views_of(buffer) for u in view.users
+            if (op_name(u) in IN_PLACE_WRITES or op_name(u).endswith("_")) and u.args and u.args[0] is view]
 
 
 def drop_shared_key_cache(gm: fx.GraphModule, caches: list[CacheWrite]) -> fx.GraphModule:
@@ -79,7 +88,9 @@ def drop_shared_key_cache(gm: fx.GraphModule, caches: list[CacheWrite]) -> fx.Gr
                 cache.concat.replace_all_uses_with(cache.old_keys)
                 cache.dropped = True
         elif cache.buffer is not None and cache.writers and all(w in live for w in cache.writers):
-            if set(cache.buffer.users) <= set(cache.writers) and not any(w.users for w in cache.writers):
+            views = _views_of(cache.buffer)
+            readers = {u for v in views for u in v.users} - set(views) - set(cache.writers)
+            if not readers and not any(w.users for w in cache.writers):
                 for writer in cache.writers:
                     gm.graph.erase_node(writer)
                 cache.dropped = True

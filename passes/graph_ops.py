@@ -23,7 +23,7 @@ _ALIASES = {"truediv": "div", "true_divide": "div", "multiply": "mul", "subtract
 
 # ops that change only layout / dtype: a score tensor passes through them unchanged
 LAYOUT_OPS = {"view", "reshape", "squeeze", "unsqueeze", "transpose", "permute", "contiguous", "to",
-              "float", "half", "bfloat16", "double", "type", "type_as", "clone", "expand",
+              "float", "half", "bfloat16", "double", "long", "int", "type", "type_as", "clone", "expand",
               "expand_as", "flatten", "unflatten", "getitem", "narrow", "movedim", "swapaxes"}
 # elementwise ops a mask or a scale enters through
 MASK_SCALE_OPS = {"add", "sub", "mul", "div", "masked_fill", "where", "neg"}

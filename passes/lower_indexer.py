@@ -23,6 +23,7 @@ from .graph_ops import LAYOUT_OPS, op_name, shape_of
 class LoweringReport:
     lowered: list[int] = field(default_factory=list)  # layers now calling ic::indexer_topk
     skipped: dict[int, str] = field(default_factory=dict)  # layer -> why it was left alone
+    attention_lowered: int = 0  # SDPA calls now running ic::sparse_attention
 
 
 @dataclass
@@ -51,13 +52,22 @@ def lower_indexer(gm: fx.GraphModule, matches: list[IndexerMatch], report: Lower
 
 
 def lowered_indexer(q, k, w, scale, mask, topk, k_layout, w_layout, mask_kind):
-    """Canonical layouts, then the fused op; -1 slots become key T-1 (masked for such queries)."""
-    q = q.float()  # [B,S,H,D]
-    k = {"btd": k, "b1dt": k.squeeze(1).transpose(-1, -2), "bdt": k.transpose(-1, -2)}[k_layout]
+    """Canonical layouts, then the fused op -> int32 [B,S,topk], -1 where fewer keys are allowed."""
+    # q [B,S,H,D], k [B,T,D] in the model's dtype: bf16 products are exact in the fp32 accumulator,
+    # so skipping the model's .float() upcast changes only the summation order (and uses tensor cores)
+    if q.dtype != k.dtype:
+        q, k = q.float(), k.float()
     w = (w.squeeze(-2) if w_layout == "bs1h" else w.squeeze(-1)).float() * scale  # [B,S,H]
     allowed = _allowed(mask, mask_kind, q.shape[0], q.shape[1], k.shape[1])
-    ids = torch.ops.ic.indexer_topk(q, k.float(), w, topk, allowed, False)  # [B,S,topk] int32
-    return torch.where(ids < 0, k.shape[1] - 1, ids).long()
+    return torch.ops.ic.indexer_topk(q, k, w, topk, allowed, False)  # [B,S,topk] int32
+
+
+def scatter_safe_indices(ids, keys):
+    """For the model's own consumers (scatter into a mask, gather): -1 -> key T-1, int64 like topk.
+
+    A row has -1 only when fewer than topk keys are allowed; then all allowed keys are selected,
+    and T-1 is masked for every such query under causal masks (the last query sees all T keys)."""
+    return torch.where(ids < 0, keys.shape[1] - 1, ids).long()
 
 
 def _allowed(mask, kind, batch, seq, keys):
@@ -103,7 +113,10 @@ def _analyse(match: IndexerMatch) -> _Plan | str:
     if w is None or not isinstance(scale, (int, float)) or scale <= 0:
         return "no head weights found, or a non-positive scale (cannot fold it through the ReLU)"
     topk = match.topk.args[1] if len(match.topk.args) > 1 else match.topk.kwargs["k"]
-    return _Plan(match.query, match.key, k_layout, w, w_layout, float(scale), mask, mask_kind, topk)
+    key = _key_source(match.key, shape_of(match.query)[3])
+    if key is None:
+        return f"no [B,T,D] key tensor behind the product's key operand {shape_of(match.key)}"
+    return _Plan(_uncast(match.query), key, "btd", w, w_layout, float(scale), mask, mask_kind, topk)
 
 
 def _key_layout(match: IndexerMatch) -> str | None:
@@ -120,6 +133,30 @@ def _key_layout(match: IndexerMatch) -> str | None:
         return "b1dt"
     if op_name(match.product) == "matmul" and len(k_shape) == 3:
         return None  # [B,D,T] would broadcast against heads only if B==H==1: refuse
+    return None
+
+
+CASTS = {"float", "to", "type", "half", "bfloat16", "double"}
+
+
+def _uncast(node: fx.Node) -> fx.Node:
+    """q before the model's dtype casts (same shape), so bf16 models feed bf16 to the kernel."""
+    while op_name(node) in CASTS and isinstance(node.args[0], fx.Node) \
+            and shape_of(node.args[0]) == shape_of(node):
+        node = node.args[0]
+    return node
+
+
+def _key_source(key: fx.Node, head_dim) -> fx.Node | None:
+    """Walk back through layout ops and casts to the [B,T,D] key (HF: k.transpose.float.unsqueeze)."""
+    node = key
+    for _ in range(8):
+        shape = shape_of(node)
+        if shape is not None and len(shape) == 3 and shape[2] == head_dim and op_name(node) not in CASTS:
+            return node
+        if op_name(node) not in LAYOUT_OPS or not isinstance(node.args[0], fx.Node):
+            return None
+        node = node.args[0]
     return None
 
 
@@ -190,6 +227,8 @@ def _replace(gm: fx.GraphModule, match: IndexerMatch, plan: _Plan) -> None:
         node = gm.graph.call_function(
             lowered_indexer, (plan.q, plan.k, plan.w, plan.scale, plan.mask, plan.topk, plan.k_layout,
                               plan.w_layout, plan.mask_kind))
-    node.meta.update({k: v for k, v in match.topk.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        safe = gm.graph.call_function(scatter_safe_indices, (node, plan.k))
+    for new in (node, safe):
+        new.meta.update({k: v for k, v in match.topk.meta.items() if k in ("nn_module_stack", "stack_trace")})
     for use in list(match.topk.users):
-        use.replace_all_uses_with(node)
+        use.replace_all_uses_with(safe)

@@ -176,3 +176,37 @@ def test_sparse_attention_gpu(B, S, T, Hq, Hk, D, K, dtype, request):
     idx = random_indices(B, S, T, K, device="cuda")
     got = sparse_attention(q, k, v, idx, D**-0.5)
     _assert_close(got, sparse_attention_ref(q, k, v, idx, D**-0.5), dtype, seed)
+
+
+# ----------------------------------------------------------------------------- GPU launch path, interpreted
+
+@needs_triton
+@pytest.mark.parametrize("layout", ["mla", "gqa"])
+def test_gpu_configs_in_interpreter(layout, request, monkeypatch):
+    """Drive the CUDA dispatch (autotuner, grid lambdas, key names, kwargs) once per sm_90
+    config, with the kernel interpreted: each real block shape must give the right result."""
+    from ic_compile.kernels import sparse_attention as mod
+
+    seed = seed_everything(request.node.name)
+    if layout == "mla":  # real MLA dims: 576 = 512 + 64, dv 512, H = 20 (one padded head block)
+        B, S, T, H, K = 1, 2, 100, 20, 70
+        q, kv = torch.randn(B, S, H, 576).bfloat16(), torch.randn(B, T, 576).bfloat16()
+        idx = random_indices(B, S, T, K)
+        run = lambda: sparse_mla_triton(q, kv, idx, 576**-0.5, 512)  # noqa: E731
+        want = sparse_mla_ref(q, kv, idx, 576**-0.5, 512)
+        dtotal, G = 576, H
+    else:
+        B, S, T, Hq, Hk, D, K = 1, 2, 60, 8, 2, 192, 40
+        q, k, v = torch.randn(B, S, Hq, D), torch.randn(B, T, Hk, D), torch.randn(B, T, Hk, 128)
+        idx = random_indices(B, S, T, K)
+        run = lambda: sparse_attention_triton(q, k, v, idx, D**-0.5, num_splits=2)  # noqa: E731
+        want = sparse_attention_ref(q, k, v, idx, D**-0.5)
+        dtotal, G = D, Hq // Hk
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # triton.jit -> interpreter while _TUNED is rebuilt
+    monkeypatch.setattr(mod, "interpreting", lambda x: False)  # take the GPU branch
+    for cfg in mod._configs(dtotal, mod._block_h_candidates(G)):
+        monkeypatch.setattr(mod, "_TUNED", {})
+        monkeypatch.setattr(mod, "_configs", lambda *a, cfg=cfg: [cfg])
+        with _triton_utils._jit_helpers_interpreted():
+            _assert_close(run(), want, q.dtype, seed)
+        assert len(mod._TUNED) == 2, "the autotuned (GPU) launcher was not used"

@@ -7,7 +7,8 @@ import ic_compile
 import tiny_models
 from ic_compile.models import import_examples_module
 from ic_compile.passes.detect_indexers import detect_indexers
-from ic_compile.passes.graph_ops import shape_of
+from ic_compile.passes.graph_ops import op_name, shape_of
+from ic_compile.passes.lower_sparse_attention import lowered_sparse_attention
 from ic_compile.passes.lower_indexer import lowered_indexer
 
 pytest.importorskip("transformers")
@@ -42,6 +43,11 @@ def test_lowered_graph_has_one_op_per_f_layer_and_no_score_tensor(eight_heads):
     assert result.kernels.lowered == [0, 3] and not result.kernels.skipped
     calls = [n for n in result.gm.graph.nodes if n.target is lowered_indexer]
     assert len(calls) == 2
+    attention = [n for n in result.gm.graph.nodes if n.target is lowered_sparse_attention]
+    assert len(attention) == result.kernels.attention_lowered == 4  # every layer, S layers too
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    assert not any(n.target is sdpa for n in result.gm.graph.nodes)
+    assert not any(op_name(n) == "scatter" for n in result.gm.graph.nodes)  # no [B,S,T] index mask
     assert detect_indexers(result.gm).matches == []  # no ReLU(q·k) -> topk left anywhere
     heads = tiny_models.HF_TINY["index_n_heads"]
     score_shape = (2, 20, heads, 20)  # [B,S,H,T]

@@ -1,0 +1,256 @@
+"""Benchmark of the ic-compile Triton kernels (meant for an H200; --smoke runs on CPU).
+
+Measures, in one run:
+  * the card's bf16 matmul peak (8192^3) and copy bandwidth (read + write bytes / s);
+  * indexer prefill (S = T = L, causal) for the DSA indexer shapes: scores kernel alone and
+    scores + top-k selection, TFLOP/s with FLOPs = L^2/2 * H * D * 2 (dot products only);
+  * indexer decode (S = 1, T up to 128K, B in {1, 16}): bytes = K read once, as % of copy BW;
+  * sparse MLA (absorbed 576 / v 512, H in {20, 64}, top-k 2048): FLOPs = L * k * H * (576+512) * 2;
+    plus its decode form (S = 1) as % of copy BW (bytes = selected kv rows read once).
+
+    python bench/kernels.py --out results.json                 # full run (GPU)
+    python bench/kernels.py --quick --lengths 4096,16384       # faster subset
+    python bench/kernels.py --smoke                            # tiny sizes, runs on CPU too
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+import traceback
+
+import torch
+
+from ic_compile.kernels.indexer_topk import chunked_scores, indexer_topk
+from ic_compile.kernels.sparse_attention import sparse_mla
+
+# Indexer shapes (heads x head dim) per model; identical shapes are measured once.
+INDEXER_MODELS = {"30B": (32, 128), "GLM-5": (32, 128)}
+MLA_HEADS = (20, 64)
+MLA_DQK, MLA_DV = 576, 512
+TOPK = 2048
+DEFAULT_LENGTHS = (4096, 16384, 65536, 131072)
+DECODE_BATCHES = (1, 16)
+
+
+# ----------------------------------------------------------------------------- timing
+
+def bench_ms(fn, device: torch.device, quick: bool) -> float:
+    """Median milliseconds of fn(): triton.testing.do_bench on CUDA, perf_counter on CPU."""
+    if device.type == "cuda":
+        import triton.testing
+
+        fn()  # first call autotunes: keep it out of do_bench's runtime estimate
+        torch.cuda.synchronize()
+        return triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=50 if quick else 200,
+                                       return_mode="median")
+    fn()  # warm-up (interpreter / allocations)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def measure_peaks(device: torch.device, smoke: bool, quick: bool) -> dict:
+    n = 512 if smoke else 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    ms_mm = bench_ms(lambda: a @ b, device, quick)
+    nbytes = (64 if smoke else 2048) * 2**20
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    ms_copy = bench_ms(lambda: dst.copy_(src), device, quick)
+    return {
+        "matmul_n": n,
+        "bf16_matmul_tflops": 2 * n**3 / ms_mm / 1e9,
+        "copy_bytes": nbytes,
+        "copy_gbps": 2 * nbytes / ms_copy / 1e6,  # read + write
+    }
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def indexer_inputs(B, S, T, H, D, device):
+    q = torch.randn(B, S, H, D, device=device, dtype=torch.bfloat16)
+    k = torch.randn(B, T, D, device=device, dtype=torch.bfloat16)
+    w = torch.rand(B, S, H, device=device, dtype=torch.float32) / H**0.5
+    return q, k, w
+
+
+def strided_causal_indices(B, S, T, K, device) -> torch.Tensor:
+    """[B,S,K] distinct causal indices spread over each query's history (-1 where s+1 < K)."""
+    s_pos = torch.arange(S, device=device)[:, None] + (T - S)  # [S,1]
+    stride = ((s_pos + 1) // K).clamp(min=1)
+    offset = (torch.rand(S, 1, device=device) * stride).long()
+    idx = s_pos - offset - torch.arange(K, device=device)[None, :] * stride  # [S,K]
+    idx = torch.where(idx >= 0, idx, torch.full_like(idx, -1))
+    return idx.to(torch.int32)[None].expand(B, S, K).contiguous()
+
+
+# ----------------------------------------------------------------------------- measurements
+
+def bench_indexer_prefill(L, H, D, topk, device, peaks, quick) -> dict:
+    q, k, w = indexer_inputs(1, L, L, H, D, device)
+    flops = L * L / 2 * H * D * 2
+
+    def scores_only():
+        for _ in chunked_scores(q, k, w):
+            pass
+
+    ms_scores = bench_ms(scores_only, device, quick)
+    ms_total = bench_ms(lambda: indexer_topk(q, k, w, topk, use_triton=True), device, quick)
+    peak = peaks["bf16_matmul_tflops"]
+    return {
+        "ms_scores": ms_scores, "ms_total": ms_total,
+        "tflops_scores": flops / ms_scores / 1e9, "tflops_total": flops / ms_total / 1e9,
+        "pct_peak_scores": 100 * flops / ms_scores / 1e9 / peak,
+        "pct_peak_total": 100 * flops / ms_total / 1e9 / peak,
+    }
+
+
+def bench_indexer_decode(B, T, H, D, topk, device, peaks, quick) -> dict:
+    q, k, w = indexer_inputs(B, 1, T, H, D, device)
+    nbytes = k.numel() * k.element_size()  # K read once
+
+    def scores_only():
+        for _ in chunked_scores(q, k, w):
+            pass
+
+    ms_scores = bench_ms(scores_only, device, quick)
+    ms_total = bench_ms(lambda: indexer_topk(q, k, w, topk, use_triton=True), device, quick)
+    bw = peaks["copy_gbps"]
+    return {
+        "bytes": nbytes, "ms_scores": ms_scores, "ms_total": ms_total,
+        "gbps_scores": nbytes / ms_scores / 1e6, "gbps_total": nbytes / ms_total / 1e6,
+        "pct_copy_bw_scores": 100 * nbytes / ms_scores / 1e6 / bw,
+        "pct_copy_bw_total": 100 * nbytes / ms_total / 1e6 / bw,
+    }
+
+
+def bench_sparse_mla_prefill(L, H, K, dqk, dv, device, peaks, quick) -> dict:
+    q = torch.randn(1, L, H, dqk, device=device, dtype=torch.bfloat16)
+    kv = torch.randn(1, L, dqk, device=device, dtype=torch.bfloat16)
+    idx = strided_causal_indices(1, L, L, K, device)
+    flops = L * K * H * (dqk + dv) * 2
+    ms = bench_ms(lambda: sparse_mla(q, kv, idx, dqk**-0.5, dv, use_triton=True), device, quick)
+    return {
+        "ms": ms, "tflops": flops / ms / 1e9, "pct_peak": 100 * flops / ms / 1e9 / peaks["bf16_matmul_tflops"],
+        "valid_fraction": float((idx >= 0).float().mean()),
+    }
+
+
+def bench_sparse_mla_decode(B, T, H, K, dqk, dv, device, peaks, quick) -> dict:
+    q = torch.randn(B, 1, H, dqk, device=device, dtype=torch.bfloat16)
+    kv = torch.randn(B, T, dqk, device=device, dtype=torch.bfloat16)
+    idx = strided_causal_indices(B, 1, T, K, device)
+    nbytes = int((idx >= 0).sum()) * dqk * kv.element_size()  # selected rows read once
+    ms = bench_ms(lambda: sparse_mla(q, kv, idx, dqk**-0.5, dv, use_triton=True), device, quick)
+    return {"bytes": nbytes, "ms": ms, "gbps": nbytes / ms / 1e6,
+            "pct_copy_bw": 100 * nbytes / ms / 1e6 / peaks["copy_gbps"]}
+
+
+def _run(results: list, entry: dict, fn) -> None:
+    """Run one measurement; record errors (e.g. OOM) instead of aborting the whole run."""
+    label = ", ".join(f"{k}={v}" for k, v in entry.items())
+    try:
+        entry.update(fn())
+    except Exception as e:  # noqa: BLE001 - a benchmark keeps going
+        entry["error"] = f"{type(e).__name__}: {e}"
+        traceback.print_exc()
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    results.append(entry)
+    shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in entry.items()}
+    print(f"[{label}] -> {json.dumps(shown)}", flush=True)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", default=None, help="comma-separated L (default 4096,16384,65536,131072)")
+    ap.add_argument("--quick", action="store_true", help="fewer reps, first model shape, fewer decode sizes")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes; runs on CPU (Triton interpreter)")
+    ap.add_argument("--out", default="results.json")
+    args = ap.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        ap.error("no CUDA device: use --smoke for a CPU sanity run")
+    torch.manual_seed(0)
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+        if args.smoke:
+            print("triton not importable: kernels fall back to the torch references")
+
+    if args.smoke:
+        lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else [64]
+        shapes = {"tiny": (4, 32)}
+        mla = {"heads": (4,), "topk": 16, "dqk": 48, "dv": 32}
+        decode_T = lengths
+        topk = 16
+    else:
+        lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else list(DEFAULT_LENGTHS)
+        shapes = {}
+        for name, shape in INDEXER_MODELS.items():  # dedupe identical indexer shapes
+            shapes[shape] = shapes.get(shape, ()) + (name,)
+        shapes = {"/".join(v): k for k, v in shapes.items()}
+        if args.quick:
+            shapes = dict(list(shapes.items())[:1])
+        mla = {"heads": MLA_HEADS, "topk": TOPK, "dqk": MLA_DQK, "dv": MLA_DV}
+        decode_T = sorted({min(131072, max(lengths))} | ({32768} if not args.quick else set()))
+        topk = TOPK
+
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
+        "smoke": args.smoke,
+        "torch": torch.__version__, "triton": triton_version,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "args": vars(args), "topk": topk, "results": [],
+    }
+    if device.type != "cuda":
+        print("CPU smoke run: timings are Triton-interpreter wall times, not performance numbers; "
+              "GPU-only parts (do_bench, autotuning, 8192^3 peak) are skipped.")
+    peaks = measure_peaks(device, args.smoke, args.quick)
+    report["peaks"] = peaks
+    print(f"peaks: {json.dumps(peaks)}", flush=True)
+
+    res = report["results"]
+    for model, (H, D) in shapes.items():
+        for L in lengths:
+            _run(res, {"kind": "indexer_prefill", "models": model, "L": L, "H": H, "D": D},
+                 lambda: bench_indexer_prefill(L, H, D, topk, device, peaks, args.quick))
+        for B in DECODE_BATCHES:
+            for T in decode_T:
+                _run(res, {"kind": "indexer_decode", "models": model, "B": B, "T": T, "H": H, "D": D},
+                     lambda: bench_indexer_decode(B, T, H, D, topk, device, peaks, args.quick))
+    for H in mla["heads"]:
+        for L in lengths:
+            _run(res, {"kind": "sparse_mla_prefill", "L": L, "H": H, "topk": mla["topk"]},
+                 lambda: bench_sparse_mla_prefill(L, H, mla["topk"], mla["dqk"], mla["dv"], device, peaks,
+                                                  args.quick))
+        for B in DECODE_BATCHES:
+            T = max(decode_T)
+            _run(res, {"kind": "sparse_mla_decode", "B": B, "T": T, "H": H, "topk": mla["topk"]},
+                 lambda: bench_sparse_mla_decode(B, T, H, mla["topk"], mla["dqk"], mla["dv"], device, peaks,
+                                                 args.quick))
+
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    errors = sum("error" in r for r in res)
+    print(f"wrote {args.out}: {len(res)} measurements, {errors} errors")
+    return report
+
+
+if __name__ == "__main__":
+    main()

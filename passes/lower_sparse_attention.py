@@ -1,0 +1,82 @@
+"""Top-k scattered into a mask + dense SDPA  ->  `ic::sparse_attention` over the selected keys.
+
+Matched (HF sdpa path, DESIGN §3), per layer:
+    index_mask = ones(B,S,T).scatter(-1, idx.long(), False).unsqueeze(1)
+    attn_mask  = attention_mask & ~index_mask          (or attention_mask.masked_fill(index_mask, min))
+    out        = scaled_dot_product_attention(q[B,H,S,D], k[B,Hk,T,D], v[B,Hk,T,Dv], attn_mask, scale=c)
+where idx comes from a lowered indexer (`scatter_safe_indices` of `lowered_indexer`), so the raw
+indices (-1 = nothing selected) are known valid. Queries are the last S of T positions (HF caches):
+the op's causal check replaces the causal part of `attention_mask`; selected keys already satisfy its
+padding part (the indexer used the same mask). Anything else is left alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from .graph_ops import LAYOUT_OPS, op_name
+from .lower_indexer import LoweringReport, scatter_safe_indices
+
+
+def lower_sparse_attention(gm: fx.GraphModule, report: LoweringReport) -> fx.GraphModule:
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is torch.nn.functional.scaled_dot_product_attention:
+            indices = _selected_indices(node)
+            if indices is not None:
+                _replace(gm, node, indices)
+                report.attention_lowered += 1
+    return gm
+
+
+def lowered_sparse_attention(q, k, v, indices, scale):
+    """q [B,H,S,D], k [B,Hk,T,D], v [B,Hk,T,Dv], indices [B,S,K] -> [B,H,S,Dv] like SDPA."""
+    out = torch.ops.ic.sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                        indices, float(scale), True)  # [B,S,H,Dv]
+    return out.transpose(1, 2)
+
+
+def _selected_indices(sdpa: fx.Node) -> fx.Node | None:
+    kwargs = dict(sdpa.kwargs)
+    if kwargs.get("dropout_p", 0.0) != 0.0 or kwargs.get("is_causal", False) or len(sdpa.args) > 3:
+        return None
+    mask = kwargs.get("attn_mask")
+    if not isinstance(mask, fx.Node):
+        return None
+    index_mask = _index_mask_of(mask)
+    if index_mask is None:
+        return None
+    scatter = _through_layout(index_mask)
+    if op_name(scatter) != "scatter" or len(scatter.args) < 4 or scatter.args[3] is not False:
+        return None
+    safe = _through_layout(scatter.args[2])
+    if safe.op != "call_function" or safe.target is not scatter_safe_indices:
+        return None
+    return safe.args[0]  # raw int32 indices, -1 = empty slot
+
+
+def _index_mask_of(mask: fx.Node) -> fx.Node | None:
+    if op_name(mask) == "and":
+        inverted = [a for a in mask.args if isinstance(a, fx.Node) and op_name(a) == "invert"]
+        return inverted[0].args[0] if len(inverted) == 1 else None
+    if op_name(mask) == "masked_fill":
+        return mask.args[1]
+    return None
+
+
+def _through_layout(node: fx.Node) -> fx.Node:
+    while op_name(node) in LAYOUT_OPS and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _replace(gm: fx.GraphModule, sdpa: fx.Node, indices: fx.Node) -> None:
+    q, k, v = sdpa.args[:3]
+    scale = sdpa.kwargs.get("scale")
+    if scale is None:
+        head_dim = q.meta["example_value"].shape[-1]
+        scale = float(head_dim) ** -0.5
+    with gm.graph.inserting_before(sdpa):
+        new = gm.graph.call_function(lowered_sparse_attention, (q, k, v, indices, scale))
+    new.meta.update({key: val for key, val in sdpa.meta.items() if key in ("nn_module_stack", "stack_trace")})
+    sdpa.replace_all_uses_with(new)

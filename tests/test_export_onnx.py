@@ -1,0 +1,183 @@
+"""ic export --format onnx: the rewritten graph (S indexers absent) in ONNX, run in onnxruntime.
+
+Oracle: the model's own plan in eager PyTorch (HF `index_topk_pattern`, reference `index_topk_pattern`),
+with the same weights, at two sequence lengths other than the export's example length.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx", reason="needs the 'onnx' extra: pip install 'ic-compile[onnx]'")
+ort = pytest.importorskip("onnxruntime", reason="needs the 'onnx' extra: pip install 'ic-compile[onnx]'")
+
+from ic_compile.export import (ExportError, _grouped_mm, _indexer_topk, _sparse_attention, _sparse_mla,  # noqa: E402
+                               capture_model, decompose_custom_ops, export_onnx)
+from ic_compile.models import load_model  # noqa: E402
+from ic_compile.rewrite import NoIndexerFoundError  # noqa: E402
+from tiny_models import HF_TINY, random_ids  # noqa: E402
+
+SEQS = (16, 40)  # the export example uses 24
+
+
+def run_onnx(path, feeds):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
+
+
+@pytest.fixture(scope="module")
+def reference_capture():
+    """One Dynamo capture of dsa:tiny (dynamic seq), exported for each plan."""
+    torch._dynamo.reset()
+    return capture_model(load_model("dsa:tiny"), {"idx": random_ids(seq=24, vocab=256)})
+
+
+@pytest.mark.parametrize("plan", ["FSSF", "FSSS"])
+def test_reference_model_onnx_matches_pytorch(plan, reference_capture, tmp_path):
+    result = export_onnx(reference_capture, None, tmp_path / "m.onnx", plan=plan)
+    onnx.checker.check_model(onnx.load(result.path))
+    assert result.indexer_topk == plan.count("F")  # S-layer indexers are gone from the ONNX graph
+    assert result.other_topk == 3  # one MoE router per MoE layer (layers 1-3)
+    assert result.dynamic_axes == {"idx": {1: "seq"}}
+    oracle = load_model(f"dsa:tiny:{plan}")  # same weights (seeded per name), S layers without indexer
+    for seq in (5, 40):  # 5 < index_topk = 8: k = min(index_topk, seq) stays symbolic in this graph
+        ids = random_ids(seq=seq, seed=seq, vocab=256)
+        with torch.no_grad():
+            want = oracle(ids).numpy()
+        assert np.abs(run_onnx(result.path, {"idx": ids}) - want).max() < 1e-4
+
+
+def test_reference_model_with_fused_indexer_op_exports_in_standard_ops(reference_capture, tmp_path):
+    """kernels=True: F indexers become ic::indexer_topk (as on CUDA); ONNX gets its standard-op form.
+    The lowered graph asks the op for k = index_topk keys (captured at seq 24 > 8), so it holds for
+    seq >= index_topk only."""
+    result = export_onnx(reference_capture, None, tmp_path / "k.onnx", plan="FSSF", kernels=True)
+    assert "ic::indexer_topk" in result.decomposed_ops
+    proto = onnx.load(result.path)
+    assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}  # standard ops only
+    assert result.indexer_topk == 2 and result.other_topk == 3
+    oracle = load_model("dsa:tiny:FSSF")
+    for seq in SEQS:
+        ids = random_ids(seq=seq, seed=seq, vocab=256)
+        with torch.no_grad():
+            want = oracle(ids).numpy()
+        assert np.abs(run_onnx(result.path, {"idx": ids}) - want).max() < 1e-4
+
+
+def hf_glm(pattern=None, index_n_heads=8):
+    """HF GlmMoeDsa tiny, but 8 indexer heads instead of 2: with 2, about 1/4 of the index scores are
+    exactly 0 (both heads ReLU'd away) and onnxruntime's TopK breaks those ties differently from
+    torch.topk, selecting different (equally scored) keys; the reference tiny model has 8 for the
+    same reason."""
+    from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM
+    config = GlmMoeDsaConfig(**{**HF_TINY, "index_n_heads": index_n_heads},
+                             **({} if pattern is None else {"index_topk_pattern": pattern}))
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return GlmMoeDsaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_capture():
+    pytest.importorskip("transformers")
+    torch._dynamo.reset()
+    return capture_model(hf_glm(), {"input_ids": random_ids(seq=24), "use_cache": False})
+
+
+@pytest.mark.parametrize("plan", ["FSFS", "FFSS"])
+def test_hf_glm_moe_dsa_onnx_matches_native_plan(plan, hf_capture, tmp_path):
+    result = export_onnx(hf_capture, None, tmp_path / "glm.onnx", plan=plan)
+    assert result.indexer_topk == plan.count("F")
+    assert result.other_topk > 0  # MoE routing (group / expert top-k, token sort) is counted apart
+    assert "transformers::grouped_mm_fallback" in result.decomposed_ops
+    oracle = hf_glm(plan)
+    oracle.load_state_dict(hf_capture.model.state_dict(), strict=False)
+    for seq in SEQS:
+        ids = random_ids(seq=seq, seed=seq)
+        with torch.no_grad():
+            want = oracle(input_ids=ids, use_cache=False).logits.numpy()
+        assert np.abs(run_onnx(result.path, {"input_ids": ids}) - want).max() < 1e-4
+
+
+# ------------------------------------------------------------------ custom ops in standard ONNX ops
+def test_decompositions_match_kernel_references():
+    from ic_compile.kernels import reference as ref
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 12, 4, 8, generator=g), torch.randn(2, 12, 8, generator=g)
+    w = torch.randn(2, 12, 4, generator=g)
+    for topk in (5, 16):  # 16 > T: -1 padding
+        want, got = ref.indexer_topk_ref(q, k, w, topk), _indexer_topk(q, k, w, topk)
+        assert torch.equal(want.sort(-1).values, got.sort(-1).values)
+    idx = ref.indexer_topk_ref(q, k, w, 5)
+    kk, v = torch.randn(2, 12, 2, 8, generator=g), torch.randn(2, 12, 2, 6, generator=g)
+    torch.testing.assert_close(_sparse_attention(q, kk, v, idx, 0.3), ref.sparse_attention_ref(q, kk, v, idx, 0.3))
+    kv, qm = torch.randn(2, 12, 10, generator=g), torch.randn(2, 12, 4, 10, generator=g)
+    torch.testing.assert_close(_sparse_mla(qm, kv, idx, 0.3, 6), ref.sparse_mla_ref(qm, kv, idx, 0.3, 6))
+    x, weight = torch.randn(7, 5, generator=g), torch.randn(3, 5, 4, generator=g)
+    offs = torch.tensor([2, 2, 7])
+    want = torch.cat([x[:2] @ weight[0], x[2:7] @ weight[2]])
+    torch.testing.assert_close(_grouped_mm(x, weight, offs), want)
+
+
+def test_ic_indexer_topk_exports_as_standard_onnx(tmp_path):
+    import ic_compile.kernels.ops  # noqa: F401  registers ic::indexer_topk
+
+    class UsesOp(torch.nn.Module):
+        def forward(self, q, k, w):
+            return torch.ops.ic.indexer_topk(q, k, w, 4)
+
+    gm = torch.fx.symbolic_trace(UsesOp())
+    assert decompose_custom_ops(gm) == ["ic::indexer_topk"]
+    q, k, w = torch.randn(1, 10, 2, 8), torch.randn(1, 10, 8), torch.randn(1, 10, 2)
+    seq = torch.export.Dim("seq", min=2, max=64)
+    program = torch.onnx.export(gm, (q, k, w), dynamo=True, dynamic_shapes=({1: seq}, {1: seq}, {1: seq}))
+    program.save(str(tmp_path / "op.onnx"))
+    proto = onnx.load(str(tmp_path / "op.onnx"))
+    onnx.checker.check_model(proto)
+    assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}  # standard ops only
+    assert sum(n.op_type == "TopK" for n in proto.graph.node) == 1
+    session = ort.InferenceSession(str(tmp_path / "op.onnx"), providers=["CPUExecutionProvider"])
+    # positive q, k: no exactly-zero ReLU scores, so no ties for the two TopKs to break differently
+    q, k, w = torch.rand(1, 20, 2, 8), torch.rand(1, 20, 8), torch.randn(1, 20, 2)
+    names = [i.name for i in session.get_inputs()]
+    got = session.run(None, dict(zip(names, (q.numpy(), k.numpy(), w.numpy()))))[0]
+    want = torch.ops.ic.indexer_topk(q, k, w, 4)
+    assert np.array_equal(np.sort(got, -1), want.sort(-1).values.numpy())
+
+
+def test_unknown_custom_op_is_a_clear_error():
+    @torch.library.custom_op("ictest::twice", mutates_args=())
+    def twice(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    class UsesOp(torch.nn.Module):
+        def forward(self, x):
+            return torch.ops.ictest.twice(x)
+
+    gm = torch.fx.symbolic_trace(UsesOp())
+    with pytest.raises(ExportError, match=r"custom op ictest::twice .* has no decomposition into standard ops.*"
+                                          r"register_decomposition"):
+        decompose_custom_ops(gm)
+
+
+# ------------------------------------------------------------------ bad inputs
+def test_bad_paths_are_clear_errors(tmp_path):
+    model, ids = load_model("dsa:tiny"), {"idx": random_ids(seq=16, vocab=256)}
+    with pytest.raises(ExportError, match="directory '.*missing' does not exist"):
+        export_onnx(model, ids, tmp_path / "missing" / "m.onnx")
+    with pytest.raises(ExportError, match="is a directory; give a file name"):
+        export_onnx(model, ids, tmp_path)
+
+
+def test_model_without_indexer_is_a_clear_error(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8))
+    with pytest.raises(NoIndexerFoundError, match="cannot export with plan 'F'.*no lightning indexer found"):
+        export_onnx(model, torch.randint(0, 10, (1, 6)), tmp_path / "m.onnx", plan="F")
+
+
+def test_cli_bad_format_and_path(capsys, tmp_path):
+    from ic_compile.cli import main
+    assert main(["export", "--format", "tflite", "--out", str(tmp_path / "m.x")]) == 2
+    assert "unknown export format 'tflite'; choose one of onnx, tensorrt" in capsys.readouterr().err
+    assert main(["export", "--out", str(tmp_path / "nope" / "m.onnx")]) == 2
+    assert "cannot write" in capsys.readouterr().err

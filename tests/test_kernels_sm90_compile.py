@@ -1,0 +1,186 @@
+"""Ahead-of-time compile of the Triton kernels for Hopper (sm_90) -- no GPU needed.
+
+The interpreter checks semantics but not code generation. Here each kernel is compiled
+through the real Triton pipeline (TTIR -> TTGIR -> PTX -> cubin with the ptxas bundled in
+the triton wheel) with JIT-like argument specialisation (stride 1 -> constexpr, multiples of
+16 -> divisibility), and the cubin is checked: compiles, fits shared memory, tensor-core
+instructions as intended, and (where the design allows it) no register spills.
+Representative configs run by default; the full autotune sweep is marked slow.
+Caveat: this is the local triton's codegen (the target box runs triton 3.6).
+"""
+import importlib.util
+import os
+import subprocess
+import tempfile
+
+import pytest
+
+HAS_NVIDIA_BACKEND = COMPILER_MODE = False
+if importlib.util.find_spec("triton") is not None:
+    import triton
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    HAS_NVIDIA_BACKEND = os.path.exists(os.path.join(BIN, "ptxas"))
+    # Imported under TRITON_INTERPRET=1, triton's own tl.* helpers are interpreter objects and
+    # real compilation is impossible in this process.
+    COMPILER_MODE = isinstance(tl.sum, JITFunction)
+
+pytestmark = [
+    pytest.mark.skipif(not HAS_NVIDIA_BACKEND, reason="triton with its NVIDIA backend (ptxas) not available"),
+    pytest.mark.skipif(HAS_NVIDIA_BACKEND and not COMPILER_MODE,
+                       reason="triton was imported with TRITON_INTERPRET=1: cannot compile in this process"),
+]
+MAX_SMEM = 232448  # H100/H200 max dynamic shared memory per block (227 KB)
+# The full autotune-config sweep takes minutes on a 2-core box: opt in with IC_RUN_SLOW=1.
+slow = [pytest.mark.slow, pytest.mark.skipif(os.environ.get("IC_RUN_SLOW") != "1", reason="set IC_RUN_SLOW=1")]
+
+
+def compile_sm90(fn, ptrs: dict, ints: dict, floats: dict, consts: dict, num_warps: int, num_stages: int) -> dict:
+    """Compile kernel function `fn` for sm_90 with the given example argument values."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    jit_fn = JITFunction(fn)  # not triton.jit: that returns an interpreter object under TRITON_INTERPRET=1
+    signature, constants, attrs = {}, dict(consts), {}
+    for i, name in enumerate(jit_fn.arg_names):
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name in ptrs:
+            signature[name] = "*" + ptrs[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in floats:
+            signature[name] = "fp32"
+        elif ints[name] == 1:  # the JIT specialises 1-valued ints (unit strides) to constants
+            signature[name], constants[name] = "constexpr", 1
+        else:
+            signature[name] = "i32"
+            if ints[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    kernel = triton.compile(ASTSource(jit_fn, signature, constexprs=constants, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    return {"shared": kernel.metadata.shared, "ptx": kernel.asm["ptx"], **_resource_usage(kernel.asm["cubin"])}
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        out = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", path],
+                             capture_output=True, text=True).stdout
+    fields = dict(tok.split(":") for line in out.splitlines() if "REG:" in line for tok in line.split()[:2])
+    return {"regs": int(fields.get("REG", -1)), "stack": int(fields.get("STACK", -1))}
+
+
+# ----------------------------------------------------------------------------- indexer
+
+def _compile_indexer(block_s, h_pad, block_t, warps, stages, causal=True, mask=False, S=4096, T=4096):
+    from ic_compile.kernels.indexer_topk import _indexer_scores_kernel
+
+    D = 128
+    ints = dict(S=S, T=T, H=h_pad, D=D, row_start=0, n_rows=S, width=T, tune_bucket=13,
+                sq_b=S * h_pad * D, sq_s=h_pad * D, sq_h=D, sq_d=1, sk_b=T * D, sk_t=D, sk_d=1,
+                sw_b=S * h_pad, sw_s=h_pad, sw_h=1, sm_b=0 if mask else 1, sm_s=0 if mask else 1, sm_t=1,
+                so_b=S * T, so_s=T, so_t=1)
+    ptrs = dict(q_ptr="bf16", k_ptr="bf16", w_ptr="fp32", mask_ptr="u8", out_ptr="fp32")
+    consts = dict(BLOCK_S=block_s, H_PAD=h_pad, D_PAD=D, BLOCK_T=block_t, CAUSAL=causal, HAS_MASK=mask,
+                  DOT_PRECISION="tf32", UPCAST_DOT=False)
+    return compile_sm90(_indexer_scores_kernel, ptrs, ints, {}, consts, warps, stages)
+
+
+def _check_indexer(res, rows):
+    assert res["shared"] <= MAX_SMEM, res["shared"]
+    assert res["stack"] == 0, f"register spills: {res['stack']} bytes"
+    if rows >= 64:
+        assert "wgmma" in res["ptx"], "expected Hopper wgmma for >= 64 dot rows"
+
+
+@pytest.mark.parametrize("cfg", [(4, 32, 128, 4, 2, True, False), (8, 32, 64, 8, 3, True, True),
+                                 (1, 32, 256, 8, 4, True, False)], ids=["prefill", "prefill_mask_256rows", "decode"])
+def test_indexer_compiles_for_sm90(cfg):
+    block_s, h_pad, *rest = cfg
+    _check_indexer(_compile_indexer(block_s, h_pad, *rest), block_s * h_pad)
+
+
+@slow[0]
+@slow[1]
+def test_indexer_all_configs_compile_for_sm90():
+    from ic_compile.kernels.indexer_topk import _decode_configs, _prefill_configs
+
+    for cfg in _prefill_configs(32):
+        kw = cfg.kwargs
+        _check_indexer(_compile_indexer(kw["BLOCK_S"], 32, kw["BLOCK_T"], cfg.num_warps, cfg.num_stages),
+                       kw["BLOCK_S"] * 32)
+    for cfg in _decode_configs():
+        _check_indexer(_compile_indexer(1, 32, cfg.kwargs["BLOCK_T"], cfg.num_warps, cfg.num_stages), 32)
+
+
+# ----------------------------------------------------------------------------- sparse attention
+
+def _compile_sparse(block_h, block_k, warps, stages, H=64, dqk=576, dv=512, v_from_k=True, lse=False):
+    from ic_compile.kernels.sparse_attention import _key_split, _sparse_attention_kernel
+
+    d_a, d_b, d_b_pad = _key_split(dqk)
+    S = T = 4096
+    K = 2048
+    ints = dict(S=S, T=T, Hk=1, G=H, K=K, D_B=d_b, DV=dv,
+                sq_b=S * H * dqk, sq_s=H * dqk, sq_h=dqk, sq_d=1, sk_b=T * dqk, sk_t=dqk, sk_h=dqk, sk_d=1,
+                sv_b=T * dqk, sv_t=dqk, sv_h=dqk, sv_d=1, si_b=S * K, si_s=K, si_k=1,
+                so_b=S * H * dv, so_s=H * dv, so_h=dv, so_split=0, so_d=1, sl_b=0, sl_s=0, sl_h=0, sl_split=0)
+    if lse:  # split-K partials [B,S,H,P,dv] fp32 + lse [B,S,H,P]
+        ints.update(so_b=H * 16 * dv, so_s=H * 16 * dv, so_h=16 * dv, so_split=dv,
+                    sl_b=H * 16, sl_s=H * 16, sl_h=16, sl_split=1)
+    ptrs = dict(q_ptr="bf16", k_ptr="bf16", v_ptr="bf16", idx_ptr="i32",
+                o_ptr="fp32" if lse else "bf16", lse_ptr="fp32")
+    consts = dict(D_A=d_a, D_B_PAD=d_b_pad, DV_PAD=dv, BLOCK_H=block_h, BLOCK_K=block_k, CAUSAL=True,
+                  V_FROM_K=v_from_k, WRITE_LSE=lse, DOT_PRECISION="tf32", UPCAST_DOT=False)
+    return compile_sm90(_sparse_attention_kernel, ptrs, ints, dict(scale_log2=1.0), consts, warps, stages)
+
+
+@pytest.mark.parametrize("cfg", [dict(block_h=64, block_k=32, warps=8, stages=2),
+                                 dict(block_h=32, block_k=32, warps=8, stages=2, H=20),
+                                 dict(block_h=64, block_k=32, warps=8, stages=1, lse=True),
+                                 dict(block_h=16, block_k=64, warps=4, stages=2, H=16, dqk=192, dv=128,
+                                      v_from_k=False)],
+                         ids=["mla_h64", "mla_h20", "mla_decode_split", "gqa_192_128"])
+def test_sparse_attention_compiles_for_sm90(cfg):
+    res = _compile_sparse(**cfg)
+    assert res["shared"] <= MAX_SMEM, res["shared"]
+    if cfg.get("dqk", 576) <= 256:
+        assert res["stack"] == 0, f"register spills: {res['stack']} bytes"
+    if cfg["block_h"] >= 64:
+        assert "wgmma" in res["ptx"]
+    # Known (MLA, 64 heads): the [64, 512] fp32 accumulator over 2 warpgroups + the gather
+    # pointers exceed 255 regs -> ~150-250 B/thread of spills with triton 3.9; recorded, not failed.
+    print(cfg, {k: v for k, v in res.items() if k != "ptx"})
+
+
+@slow[0]
+@slow[1]
+def test_sparse_attention_all_configs_compile_for_sm90():
+    from ic_compile.kernels.sparse_attention import _block_h_candidates, _configs
+
+    for H, dqk, dv in ((64, 576, 512), (20, 576, 512), (16, 192, 128)):
+        for cfg in _configs(dqk, _block_h_candidates(H)):
+            kw = cfg.kwargs
+            res = _compile_sparse(kw["BLOCK_H"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages, H=H, dqk=dqk, dv=dv,
+                                  v_from_k=dv == 512)
+            # smem overflow is allowed here: the autotuner prunes such configs (OutOfResources)
+            print(H, dqk, kw, cfg.num_warps, cfg.num_stages, {k: v for k, v in res.items() if k != "ptx"})
+
+
+def test_compiles_after_interpreted_launch(tmp_path, monkeypatch):
+    """Running a kernel in the interpreter (CPU) must not leave triton.language patched:
+    a real compile in the same process afterwards still works (fresh cache: no cache hit)."""
+    import torch
+
+    from ic_compile.kernels.indexer_topk import indexer_topk
+
+    q, k, w = torch.randn(1, 3, 4, 16), torch.randn(1, 20, 16), torch.rand(1, 3, 4)
+    indexer_topk(q, k, w, 4, use_triton=True)  # interpreter: tl.sum/tl.cdiv run as helpers
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    _check_indexer(_compile_indexer(4, 32, 64, 4, 2), 128)
