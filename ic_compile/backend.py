@@ -34,6 +34,7 @@ class BackendOptions:
     verify: bool = False  # run the original graph beside the rewritten one on the first call
     strict: bool = False  # raise instead of warning when detection is unsure
     kernels: Any = "auto"  # lower F indexers to ic::indexer_topk: True | False | "auto" (= inputs on CUDA)
+    sparse_attention: bool = True  # with kernels: mask-scatter + SDPA -> ic::sparse_attention
     rtol: float | None = None  # verify tolerances; by dtype when None
     atol: float | None = None
 
@@ -53,7 +54,8 @@ class BackendOptions:
 def indexcache_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **_ignored):
     opts = BackendOptions.parse(options)
     use_kernels = opts.kernels if opts.kernels != "auto" else _on_cuda(example_inputs)
-    result = rewrite(gm, opts.plan, strict=opts.strict, kernels=bool(use_kernels) and opts.lowering != "tensorrt")
+    result = rewrite(gm, opts.plan, strict=opts.strict, kernels=bool(use_kernels) and opts.lowering != "tensorrt",
+                     sparse_attention=opts.sparse_attention)
     last_results.append(result)
     _check_found(result, opts)
     compiled = lower(result.gm, example_inputs, opts.lowering)
