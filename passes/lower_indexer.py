@@ -29,8 +29,7 @@ class LoweringReport:
 @dataclass
 class _Plan:
     q: fx.Node
-    k: fx.Node
-    k_layout: str  # "btd" | "b1dt" | "bdt"
+    k: fx.Node  # the [B,T,D] key behind the product's key operand
     w: fx.Node
     w_layout: str  # "bs1h" | "bsh1"
     scale: float
@@ -51,7 +50,7 @@ def lower_indexer(gm: fx.GraphModule, matches: list[IndexerMatch], report: Lower
     return gm
 
 
-def lowered_indexer(q, k, w, scale, mask, topk, k_layout, w_layout, mask_kind):
+def lowered_indexer(q, k, w, scale, mask, topk, w_layout, mask_kind):
     """Canonical layouts, then the fused op -> int32 [B,S,topk], -1 where fewer keys are allowed."""
     # q [B,S,H,D], k [B,T,D] in the model's dtype: bf16 products are exact in the fp32 accumulator,
     # so skipping the model's .float() upcast changes only the summation order (and uses tensor cores)
@@ -95,7 +94,7 @@ def _analyse(match: IndexerMatch) -> _Plan | str:
     scale, w, w_layout, mask, mask_kind = 1.0, None, "", None, "none"
     for node, via in chain:
         name = op_name(node)
-        if name in ("mul", "div") and _scalar_of(node, via) is not None:
+        if name in ("mul", "div") and _scalar_of(node, via) is not None and (name == "mul" or node.args[0] is via):
             c = _scalar_of(node, via)
             scale = scale * c if name == "mul" else scale / c
         elif name in ("matmul", "mul") and w is None and _head_weights(node, via) is not None:
@@ -106,6 +105,8 @@ def _analyse(match: IndexerMatch) -> _Plan | str:
             mask, mask_kind = [a for a in node.args if a is not via][0], "additive"
         elif name == "where" and mask is None and node.args[1] is via:
             mask, mask_kind = node.args[0], "allowed"
+        elif name == "sum" and w_layout == "bsh1" and _sum_dim(node) not in (2, -2):
+            return "the head reduction sums over a dim other than the heads"
         elif name in LAYOUT_OPS or name in ("sum", "relu", "clamp_min", "clamp") or node is match.relu:
             continue
         else:
@@ -116,7 +117,7 @@ def _analyse(match: IndexerMatch) -> _Plan | str:
     key = _key_source(match.key, shape_of(match.query)[3])
     if key is None:
         return f"no [B,T,D] key tensor behind the product's key operand {shape_of(match.key)}"
-    return _Plan(_uncast(match.query), key, "btd", w, w_layout, float(scale), mask, mask_kind, topk)
+    return _Plan(_uncast(match.query), key, w, w_layout, float(scale), mask, mask_kind, topk)
 
 
 def _key_layout(match: IndexerMatch) -> str | None:
@@ -203,6 +204,11 @@ def _ancestors(node: fx.Node, depth: int) -> set:
     return seen
 
 
+def _sum_dim(node: fx.Node):
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    return dim[0] if isinstance(dim, (list, tuple)) and len(dim) == 1 else dim
+
+
 def _scalar_of(node: fx.Node, via: fx.Node):
     others = [a for a in node.args if a is not via]
     return others[0] if len(others) == 1 and isinstance(others[0], (int, float)) else None
@@ -225,8 +231,8 @@ def _head_weights(node: fx.Node, via: fx.Node):
 def _replace(gm: fx.GraphModule, match: IndexerMatch, plan: _Plan) -> None:
     with gm.graph.inserting_before(match.topk):
         node = gm.graph.call_function(
-            lowered_indexer, (plan.q, plan.k, plan.w, plan.scale, plan.mask, plan.topk, plan.k_layout,
-                              plan.w_layout, plan.mask_kind))
+            lowered_indexer, (plan.q, plan.k, plan.w, plan.scale, plan.mask, plan.topk, plan.w_layout,
+                              plan.mask_kind))
         safe = gm.graph.call_function(scatter_safe_indices, (node, plan.k))
     for new in (node, safe):
         new.meta.update({k: v for k, v in match.topk.meta.items() if k in ("nn_module_stack", "stack_trace")})
