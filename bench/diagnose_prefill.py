@@ -8,7 +8,6 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from prefill import CONFIG, build_model  # noqa: E402
 
-import ic_compile  # noqa: E402
 import ic_compile.backend as backend  # noqa: E402
 
 L = int(sys.argv[1]) if len(sys.argv) > 1 else 4096

@@ -94,16 +94,21 @@ def strided_causal_indices(B, S, T, K, device) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- measurements
 
-def bench_indexer_prefill(L, H, D, topk, device, peaks, quick) -> dict:
-    q, k, w = indexer_inputs(1, L, L, H, D, device)
-    flops = L * L / 2 * H * D * 2
-
+def time_indexer(q, k, w, topk, device, quick) -> tuple[float, float]:
+    """(ms of the score kernel alone, ms of scores + top-k selection)."""
     def scores_only():
         for _ in chunked_scores(q, k, w):
             pass
 
     ms_scores = bench_ms(scores_only, device, quick)
     ms_total = bench_ms(lambda: indexer_topk(q, k, w, topk, use_triton=True), device, quick)
+    return ms_scores, ms_total
+
+
+def bench_indexer_prefill(L, H, D, topk, device, peaks, quick) -> dict:
+    q, k, w = indexer_inputs(1, L, L, H, D, device)
+    flops = L * L / 2 * H * D * 2
+    ms_scores, ms_total = time_indexer(q, k, w, topk, device, quick)
     peak = peaks["bf16_matmul_tflops"]
     return {
         "ms_scores": ms_scores, "ms_total": ms_total,
@@ -116,13 +121,7 @@ def bench_indexer_prefill(L, H, D, topk, device, peaks, quick) -> dict:
 def bench_indexer_decode(B, T, H, D, topk, device, peaks, quick) -> dict:
     q, k, w = indexer_inputs(B, 1, T, H, D, device)
     nbytes = k.numel() * k.element_size()  # K read once
-
-    def scores_only():
-        for _ in chunked_scores(q, k, w):
-            pass
-
-    ms_scores = bench_ms(scores_only, device, quick)
-    ms_total = bench_ms(lambda: indexer_topk(q, k, w, topk, use_triton=True), device, quick)
+    ms_scores, ms_total = time_indexer(q, k, w, topk, device, quick)
     bw = peaks["copy_gbps"]
     return {
         "bytes": nbytes, "ms_scores": ms_scores, "ms_total": ms_total,

@@ -14,8 +14,9 @@ from typing import Any, Callable
 
 import torch
 from torch import fx
+from torch.utils._pytree import tree_leaves
 
-from .plan import LayerPlan, PlanError
+from .plan import PlanError
 from .rewrite import NoIndexerFoundError, RewriteResult, rewrite
 
 LOWERINGS = ("inductor", "eager", "tensorrt")
@@ -134,9 +135,7 @@ def _clone(value):
 
 
 def _compare(expected, actual, opts: BackendOptions) -> None:
-    flat_expected = [t for t in _flatten(expected)]
-    flat_actual = [t for t in _flatten(actual)]
-    for i, (e, a) in enumerate(zip(flat_expected, flat_actual)):
+    for i, (e, a) in enumerate(zip(tree_leaves(expected), tree_leaves(actual))):
         if not (isinstance(e, torch.Tensor) and e.is_floating_point() and e.shape == a.shape):
             continue
         rtol, atol = _tolerance(e.dtype, opts)
@@ -151,11 +150,3 @@ def _tolerance(dtype, opts: BackendOptions) -> tuple[float, float]:
     loose = dtype in (torch.bfloat16, torch.float16)
     return (opts.rtol if opts.rtol is not None else (2e-2 if loose else 1e-3),
             opts.atol if opts.atol is not None else (2e-2 if loose else 1e-4))
-
-
-def _flatten(value):
-    if isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _flatten(v)
-    else:
-        yield value

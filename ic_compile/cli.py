@@ -9,6 +9,8 @@ import sys
 
 import torch
 
+from .models import MODEL_HELP, vocab_size
+
 FEATURE_MODULES = ["ic_compile.explain", "ic_compile.plan_cli", "ic_compile.search", "ic_compile.overlap",
                    "ic_compile.graph_diff", "ic_compile.export"]
 
@@ -28,16 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="dsa:tiny",
-                        help="dsa:NAME | hf:CONFIG.json | hf-tiny:glm_moe_dsa | ckpt:DIR | MODULE:FUNCTION")
+    parser.add_argument("--model", default="dsa:tiny", help=MODEL_HELP)
     parser.add_argument("--seq", type=int, default=32, help="example sequence length")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
 
 
 def example_ids(model, args) -> torch.Tensor:
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or model.args.vocab_size
-    return torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(args.seed))
+    return torch.randint(0, vocab_size(model), (args.batch, args.seq), generator=torch.Generator().manual_seed(args.seed))
 
 
 def forward_inputs(model, ids: torch.Tensor) -> dict:

@@ -27,6 +27,17 @@ HF_TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_interme
                first_k_dense_replace=1, max_position_embeddings=256)
 
 
+MODEL_HELP = "dsa:NAME | hf:CONFIG.json | hf-tiny:glm_moe_dsa | ckpt:DIR | MODULE:FUNCTION"
+
+
+def vocab_size(model) -> int:
+    """Vocabulary of an HF model (config) or of the reference model (args); bytes (256) otherwise."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "vocab_size", None):
+        return config.vocab_size
+    return getattr(getattr(model, "args", None), "vocab_size", 256)
+
+
 def import_examples_module(name: str = "dsa_model"):
     """examples/<name>.py from a source checkout (examples are not installed)."""
     if name in sys.modules:

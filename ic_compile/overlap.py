@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .models import MODEL_HELP, vocab_size
 from .plan import FULL, SHARED, LayerPlan, PlanError
 
 
@@ -60,8 +61,8 @@ def collect_topk(model: nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
 def topk_overlap(model: nn.Module, data, *, batch_size: int = 8) -> torch.Tensor:
     """Mean Jaccard overlap [n, n] (float64) of the top-k sets of every pair of indexer layers,
     averaged over the queries that have more than K allowed keys. data: as `search_plan`'s calibration."""
-    from .search import _to_device, _vocab, as_batches
-    batches = _to_device(as_batches(data, batch_size, vocab_size=_vocab(model)), model)
+    from .search import _to_device, as_batches
+    batches = _to_device(as_batches(data, batch_size, vocab_size=vocab_size(model)), model)
     total, count = None, 0
     for ids in batches:
         topk = collect_topk(model, ids)
@@ -170,7 +171,7 @@ def plot_overlap(matrix: torch.Tensor, path: str | os.PathLike, title: str = "to
 def register_cli(subparsers) -> None:
     parser = subparsers.add_parser("overlap", help="top-k overlap heatmap between indexer layers")
     parser.add_argument("--model", default="dsa:tiny",
-                        help="dsa:NAME | hf:CONFIG.json | hf-tiny:glm_moe_dsa | ckpt:DIR | MODULE:FUNCTION")
+                        help=MODEL_HELP)
     parser.add_argument("--data", nargs="+", help="text files or directories (default: random tokens)")
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--max-sequences", type=int, default=32)
@@ -184,13 +185,13 @@ def register_cli(subparsers) -> None:
 
 def _run_cli(args) -> int:
     from .models import load_model
-    from .search import _vocab, calibration_from_files
+    from .search import calibration_from_files
     model = load_model(args.model, args.seed).to(args.device)
     if args.data:
-        data = calibration_from_files(args.data, args.seq, vocab_size=_vocab(model),
+        data = calibration_from_files(args.data, args.seq, vocab_size=vocab_size(model),
                                       max_sequences=args.max_sequences)
     else:
-        data = torch.randint(0, _vocab(model), (args.max_sequences, args.seq),
+        data = torch.randint(0, vocab_size(model), (args.max_sequences, args.seq),
                              generator=torch.Generator().manual_seed(args.seed))
     matrix = topk_overlap(model, data, batch_size=args.batch)
     out = Path(args.out)

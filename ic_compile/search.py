@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .models import MODEL_HELP, vocab_size
 from .plan import FULL, SHARED, LayerPlan, PlanError
 
 OBJECTIVES = ("lm_loss", "kl")
@@ -360,7 +361,7 @@ def evaluate_plan(model: nn.Module, calibration, plan, *, objective: str = "lm_l
                   batch_size: int = 8, evaluator: str = "auto",
                   cache_limit_bytes: int = CACHE_LIMIT_BYTES) -> float:
     """The objective of one plan (for "kl" relative to the all-F model) on the calibration set."""
-    batches = _to_device(as_batches(calibration, batch_size, vocab_size=_vocab(model)), model)
+    batches = _to_device(as_batches(calibration, batch_size, vocab_size=vocab_size(model)), model)
     with _eval_mode(model):
         ev = make_evaluator(model, batches, evaluator, cache_limit_bytes)
         n = ev.num_layers(batches[0])
@@ -380,13 +381,6 @@ def _loss(ev, obj: Objective, batches, pattern: str) -> float:
         s, c = obj.batch_sum(ev.logits(ids, pattern, b), ids, b)
         total, count = total + s, count + c
     return total / count
-
-
-def _vocab(model) -> int:
-    config = getattr(model, "config", None)
-    if config is not None and getattr(config, "vocab_size", None):
-        return config.vocab_size
-    return getattr(getattr(model, "args", None), "vocab_size", 256)
 
 
 def _to_device(batches, model):
@@ -528,7 +522,7 @@ def _search(model, calibration, num_full, ratio, loss_budget, objective, progres
     if num_full is not None and ratio is not None:
         raise ValueError("give either num_full or ratio, not both")
     batches = _to_device(as_batches(calibration, batch_size, seq_len=seq_len, tokenizer=tokenizer,
-                                    vocab_size=_vocab(model)), model)
+                                    vocab_size=vocab_size(model)), model)
     ev = make_evaluator(model, batches, evaluator, cache_limit_bytes)
     n = ev.num_layers(batches[0])
     target = target_num_full(n, num_full, ratio)
@@ -599,7 +593,7 @@ def _progress_bar(progress: bool, total, desc: str):
 def register_cli(subparsers) -> None:
     parser = subparsers.add_parser("search", help="greedy plan search on calibration data")
     parser.add_argument("--model", default="dsa:tiny",
-                        help="dsa:NAME | hf:CONFIG.json | hf-tiny:glm_moe_dsa | ckpt:DIR | MODULE:FUNCTION")
+                        help=MODEL_HELP)
     parser.add_argument("--data", nargs="+", required=True, help="calibration text files or directories")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--num-full", type=int, help="stop at this many F layers")
@@ -624,7 +618,7 @@ def _run_cli(args) -> int:
     if args.tokenizer:
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    data = calibration_from_files(args.data, args.seq, tokenizer=tokenizer, vocab_size=_vocab(model),
+    data = calibration_from_files(args.data, args.seq, tokenizer=tokenizer, vocab_size=vocab_size(model),
                                   max_sequences=args.max_sequences)
     result = search_plan(model, data, num_full=args.num_full, ratio=args.ratio, loss_budget=args.loss_budget,
                          objective=args.objective, batch_size=args.batch, evaluator=args.evaluator)

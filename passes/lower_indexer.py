@@ -82,11 +82,9 @@ def _allowed(mask, kind, batch, seq, keys):
 
 
 def _analyse(match: IndexerMatch) -> _Plan | str:
-    uses = [u for u in match.topk.users]
-    if any(op_name(u) != "getitem" or u.args[1] != 1 for u in uses):
+    if any(op_name(u) != "getitem" or u.args[1] != 1 for u in match.topk.users):
         return "topk values are used (only indices can be produced by the fused op)"
-    k_layout = _key_layout(match)
-    if k_layout is None:
+    if not _known_product(match):
         return f"q·k product layout not recognised ({op_name(match.product)} {shape_of(match.query)} x {shape_of(match.key)})"
     chain = _chain(match)
     if isinstance(chain, str):
@@ -120,21 +118,17 @@ def _analyse(match: IndexerMatch) -> _Plan | str:
     return _Plan(_uncast(match.query), key, w, w_layout, float(scale), mask, mask_kind, topk)
 
 
-def _key_layout(match: IndexerMatch) -> str | None:
+def _known_product(match: IndexerMatch) -> bool:
+    """q [B,S,H,D] times k as einsum("bshd,btd->bsht") or matmul(q, kT [B,1,D,T])."""
     q_shape, k_shape = shape_of(match.query), shape_of(match.key)
     if q_shape is None or k_shape is None or len(q_shape) != 4:
-        return None
+        return False
     if op_name(match.product) == "einsum":
-        equation = str(match.product.args[0]).replace(" ", "")
-        inputs, out = equation.split("->")
+        inputs, out = str(match.product.args[0]).replace(" ", "").split("->")
         q_sub, k_sub = inputs.split(",")
-        ok = len(q_sub) == 4 and len(k_sub) == 3 and k_sub[0] == q_sub[0] and k_sub[2] == q_sub[3]
-        return "btd" if ok and out == q_sub[:3] + k_sub[1] else None
-    if op_name(match.product) == "matmul" and len(k_shape) == 4 and k_shape[1] == 1:
-        return "b1dt"
-    if op_name(match.product) == "matmul" and len(k_shape) == 3:
-        return None  # [B,D,T] would broadcast against heads only if B==H==1: refuse
-    return None
+        return (len(q_sub) == 4 and len(k_sub) == 3 and k_sub[0] == q_sub[0] and k_sub[2] == q_sub[3]
+                and out == q_sub[:3] + k_sub[1])
+    return op_name(match.product) == "matmul" and len(k_shape) == 4 and k_shape[1] == 1
 
 
 CASTS = {"float", "to", "type", "half", "bfloat16", "double"}

@@ -1,6 +1,5 @@
 """Indexer detection on hand-written variants; routers, non-indexers and unsure graphs."""
 
-import warnings
 
 import pytest
 import torch

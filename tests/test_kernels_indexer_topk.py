@@ -3,7 +3,6 @@
 No TRITON_INTERPRET needed: CPU tensors + use_triton=True run the kernel's interpreter twin
 (see ic_compile.kernels._triton_utils), nothing global is changed.
 """
-import importlib.util
 
 import pytest
 import torch
@@ -19,9 +18,7 @@ from ic_compile.kernels.testing import (
     seed_everything,
 )
 
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                  reason="triton not importable: Triton path untestable")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+from marks import needs_cuda, needs_triton
 
 
 @pytest.fixture(autouse=True)

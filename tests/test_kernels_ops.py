@@ -1,5 +1,4 @@
 """torch.library registration of the ic:: ops: schemas, opcheck, torch.compile, no-triton import."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -12,9 +11,7 @@ import ic_compile.kernels.ops  # noqa: F401  (registers torch.ops.ic.*)
 from ic_compile.kernels.reference import indexer_topk_ref, sparse_attention_ref, sparse_mla_ref
 from ic_compile.kernels.testing import indexer_inputs, random_indices, seed_everything
 
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                  reason="triton not importable: Triton path untestable")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+from marks import needs_cuda, needs_triton
 
 SCHEMAS = {
     "indexer_topk": "ic::indexer_topk(Tensor q, Tensor k, Tensor w, int topk, Tensor? mask=None, "

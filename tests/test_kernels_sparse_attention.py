@@ -2,7 +2,6 @@
 
 CPU tensors + use_triton=True run the kernel's Triton-interpreter twin; no env var needed.
 """
-import importlib.util
 
 import pytest
 import torch
@@ -17,9 +16,7 @@ from ic_compile.kernels.sparse_attention import (
 )
 from ic_compile.kernels.testing import random_indices, repro, seed_everything
 
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                  reason="triton not importable: Triton path untestable")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+from marks import needs_cuda, needs_triton
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
 

@@ -2,11 +2,7 @@
 
 import torch
 
-HF_TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-               num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
-               num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, v_head_dim=16,
-               qk_nope_head_dim=16, index_topk=4, index_head_dim=16, index_n_heads=2,
-               first_k_dense_replace=1, max_position_embeddings=256)
+from ic_compile.models import HF_TINY  # the `hf-tiny:` CLI model; tests monkeypatch it (restored)
 
 PLANS = ["FFFF", "FSFS", "FSSS", "FFSF"]  # all-F, every other, one F, irregular (greedy-looking)
 
