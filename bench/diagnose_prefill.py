@@ -1,5 +1,10 @@
-"""Where does ours-* prefill time go? Graph count, per-call times, top CUDA ops (profiler)."""
+"""Where does ours-* prefill time go? Per-call times and the top CUDA ops (profiler), per option set.
 
+    python bench/diagnose_prefill.py 16384 --plan FF --sparse-attention both --rows 25
+"""
+
+import argparse
+import json
 import sys
 import time
 
@@ -10,24 +15,38 @@ from prefill import CONFIG, build_model  # noqa: E402
 
 import ic_compile.backend as backend  # noqa: E402
 
-L = int(sys.argv[1]) if len(sys.argv) > 1 else 4096
-model = build_model()
-ids = torch.randint(0, CONFIG["vocab_size"], (1, L), device="cuda")
-for kernels in (True, False):
+
+def profile(model, ids, options, rows):
     torch._dynamo.reset()
     backend.last_results.clear()
-    fn = torch.compile(model, backend="indexcache", options={"plan": "FS", "lowering": "eager", "kernels": kernels})
+    fn = torch.compile(model, backend="indexcache", options=options)
     with torch.no_grad():
         for i in range(3):
             torch.cuda.synchronize()
             start = time.perf_counter()
             fn(ids, use_cache=False, logits_to_keep=1)
             torch.cuda.synchronize()
-            print(f"kernels={kernels} call {i}: {(time.perf_counter() - start) * 1e3:.1f} ms, "
-                  f"graphs so far {len(backend.last_results)}", flush=True)
+            print(f"{json.dumps(options)} call {i}: {(time.perf_counter() - start) * 1e3:.1f} ms", flush=True)
         print([(len(r.detection.matches), r.kernels.lowered, r.kernels.skipped) for r in backend.last_results])
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
-                                                torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             fn(ids, use_cache=False, logits_to_keep=1)
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("length", type=int, nargs="?", default=4096)
+    ap.add_argument("--plan", default="FS")
+    ap.add_argument("--sparse-attention", choices=("on", "off", "both"), default="both")
+    ap.add_argument("--rows", type=int, default=15)
+    args = ap.parse_args()
+    model = build_model()
+    ids = torch.randint(0, CONFIG["vocab_size"], (1, args.length), device="cuda")
+    choices = {"on": [True], "off": [False], "both": [False, True]}[args.sparse_attention]
+    for sparse_attention in choices:
+        profile(model, ids, {"plan": args.plan, "lowering": "eager", "sparse_attention": sparse_attention}, args.rows)
+
+
+if __name__ == "__main__":
+    main()

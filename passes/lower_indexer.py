@@ -23,7 +23,8 @@ from .graph_ops import LAYOUT_OPS, op_name, shape_of
 class LoweringReport:
     lowered: list[int] = field(default_factory=list)  # layers now calling ic::indexer_topk
     skipped: dict[int, str] = field(default_factory=dict)  # layer -> why it was left alone
-    attention_lowered: int = 0  # SDPA calls now running ic::sparse_attention
+    attention_lowered: int = 0  # SDPA calls now running a sparse-attention op
+    attention_absorbed: int = 0  # of those, in the absorbed MLA form (ic::sparse_mla)
 
 
 @dataclass

@@ -8,6 +8,11 @@ where idx comes from a lowered indexer (`scatter_safe_indices` of `lowered_index
 indices (-1 = nothing selected) are known valid. Queries are the last S of T positions (HF caches):
 the op's causal check replaces the causal part of `attention_mask`; selected keys already satisfy its
 padding part (the indexer used the same mask). Anything else is left alone.
+
+When k and v are MLA heads expanded from a shared latent (`match_latent_kv`), the attention runs in the
+absorbed form `ic::sparse_mla` instead: kv_b_proj's key half is folded into q and its value half applied
+to the latent output, so each selected key is one [Dl+dr] row read once for all heads (the per-head
+form gathers H separate [dn+dr] and [dv] rows per key: ~1 FLOP/byte, memory-bound).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from torch import fx
 
 from .graph_ops import LAYOUT_OPS, op_name
 from .lower_indexer import LoweringReport, scatter_safe_indices
+from .match_latent_kv import erase_key_buffer, match_latent_kv
 
 
 def lower_sparse_attention(gm: fx.GraphModule, report: LoweringReport) -> fx.GraphModule:
@@ -24,7 +30,7 @@ def lower_sparse_attention(gm: fx.GraphModule, report: LoweringReport) -> fx.Gra
         if node.op == "call_function" and node.target is torch.nn.functional.scaled_dot_product_attention:
             indices = _selected_indices(node)
             if indices is not None:
-                _replace(gm, node, indices)
+                report.attention_absorbed += _replace(gm, node, indices)
                 report.attention_lowered += 1
     return gm
 
@@ -34,6 +40,18 @@ def lowered_sparse_attention(q, k, v, indices, scale):
     out = torch.ops.ic.sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                         indices, float(scale), True)  # [B,S,H,Dv]
     return out.transpose(1, 2)
+
+
+def lowered_absorbed_mla(q, latent, rope, weight, indices, scale, nope_dim: int):
+    """q [B,H,S,dn+dr], latent [B,1,T,Dl], rope [B,1,T,dr], weight [H*(dn+dv),Dl], indices [B,S,K]
+    -> [B,H,S,dv], equal to SDPA over the expanded heads restricted to the selected keys."""
+    heads, latent_dim = q.shape[1], latent.shape[-1]
+    weight = weight.view(heads, -1, latent_dim)  # [H, dn+dv, Dl]
+    q_latent = torch.einsum("bhsd,hdc->bshc", q[..., :nope_dim], weight[:, :nope_dim])  # [B,S,H,Dl]
+    q_absorbed = torch.cat((q_latent, q[..., nope_dim:].transpose(1, 2)), dim=-1)  # [B,S,H,Dl+dr]
+    kv = torch.cat((latent[:, 0], rope[:, 0]), dim=-1)  # [B,T,Dl+dr]
+    out_latent = torch.ops.ic.sparse_mla(q_absorbed, kv, indices, float(scale), latent_dim, True)  # [B,S,H,Dl]
+    return torch.einsum("bshc,hvc->bhsv", out_latent, weight[:, nope_dim:])  # [B,H,S,dv]
 
 
 def _selected_indices(sdpa: fx.Node) -> fx.Node | None:
@@ -70,13 +88,24 @@ def _through_layout(node: fx.Node) -> fx.Node:
     return node
 
 
-def _replace(gm: fx.GraphModule, sdpa: fx.Node, indices: fx.Node) -> None:
+def _replace(gm: fx.GraphModule, sdpa: fx.Node, indices: fx.Node) -> bool:
+    """SDPA -> the absorbed MLA form when k/v are expanded latents, else the per-head form."""
     q, k, v = sdpa.args[:3]
     scale = sdpa.kwargs.get("scale")
     if scale is None:
         head_dim = q.meta["example_value"].shape[-1]
         scale = float(head_dim) ** -0.5
+    latent_kv = match_latent_kv(k, v)
+    if latent_kv is None:
+        target, args = lowered_sparse_attention, (q, k, v, indices, scale)
+    else:
+        target = lowered_absorbed_mla
+        args = (q, latent_kv.latent, latent_kv.rope, latent_kv.weight, indices, scale, latent_kv.nope_dim)
     with gm.graph.inserting_before(sdpa):
-        new = gm.graph.call_function(lowered_sparse_attention, (q, k, v, indices, scale))
+        new = gm.graph.call_function(target, args)
     new.meta.update({key: val for key, val in sdpa.meta.items() if key in ("nn_module_stack", "stack_trace")})
     sdpa.replace_all_uses_with(new)
+    gm.graph.erase_node(sdpa)
+    if latent_kv is not None:
+        erase_key_buffer(gm.graph, latent_kv.key_buffer)
+    return latent_kv is not None

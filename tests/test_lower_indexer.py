@@ -8,7 +8,7 @@ import tiny_models
 from ic_compile.models import import_examples_module
 from ic_compile.passes.detect_indexers import detect_indexers
 from ic_compile.passes.graph_ops import op_name, shape_of
-from ic_compile.passes.lower_sparse_attention import lowered_sparse_attention
+from ic_compile.passes.lower_sparse_attention import lowered_absorbed_mla
 from ic_compile.passes.lower_indexer import lowered_indexer
 
 pytest.importorskip("transformers")
@@ -43,8 +43,12 @@ def test_lowered_graph_has_one_op_per_f_layer_and_no_score_tensor(eight_heads):
     assert result.kernels.lowered == [0, 3] and not result.kernels.skipped
     calls = [n for n in result.gm.graph.nodes if n.target is lowered_indexer]
     assert len(calls) == 2
-    attention = [n for n in result.gm.graph.nodes if n.target is lowered_sparse_attention]
-    assert len(attention) == result.kernels.attention_lowered == 4  # every layer, S layers too
+    attention = [n for n in result.gm.graph.nodes if n.target is lowered_absorbed_mla]
+    assert len(attention) == result.kernels.attention_lowered == result.kernels.attention_absorbed == 4
+    # absorbed MLA: no per-head keys expanded from the latent (kv_b_proj output, key buffer) remain
+    assert not any(op_name(n) in ("new_empty", "copy_") for n in result.gm.graph.nodes)
+    assert sum(op_name(n) == "linear" and "kv_b_proj" in str(n.args[1]) for n in graph.graph.nodes) == 4
+    assert not any(op_name(n) == "linear" and "kv_b_proj" in str(n.args[1]) for n in result.gm.graph.nodes)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     assert not any(n.target is sdpa for n in result.gm.graph.nodes)
     assert not any(op_name(n) == "scatter" for n in result.gm.graph.nodes)  # no [B,S,T] index mask
