@@ -3,7 +3,8 @@
     python bench/prefill.py --lengths 4096 16384 32768 65536 131072 --out bench/results/prefill.json
 
 Variants: HF eager; torch.compile default (inductor); ours all-F ("FF") and FS, with our fused indexer
-op and the rest of the graph run eagerly ("ours-eager") or by Inductor ("ours-inductor").
+op and absorbed sparse MLA, the rest of the graph run eagerly ("ours-FF-eager") or by Inductor
+("ours-FF-inductor").
 Time = median of CUDA-event-timed forwards returning last-token logits; peak memory per variant;
 the bf16 limit = counted FLOPs of the same work / measured bf16 matmul peak.
 """

@@ -35,7 +35,7 @@ class BackendOptions:
     verify: bool = False  # run the original graph beside the rewritten one on the first call
     strict: bool = False  # raise instead of warning when detection is unsure
     kernels: Any = "auto"  # lower F indexers to ic::indexer_topk: True | False | "auto" (= inputs on CUDA)
-    sparse_attention: bool = True  # with kernels: mask-scatter + SDPA -> ic::sparse_attention
+    sparse_attention: bool = True  # with kernels: mask-scatter + SDPA -> ic::sparse_mla / ic::sparse_attention
     rtol: float | None = None  # verify tolerances; by dtype when None
     atol: float | None = None
 

@@ -52,6 +52,7 @@ def _indexer_scores_kernel(
     BLOCK_S: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,  # interpreter only: fp32 dot operands (see upcast_dots)
+    HEAD_MAJOR: tl.constexpr,  # dot rows ordered (head, query) instead of (query, head)
 ):
     """out[b, s_local, t] = masked score (fp32, -inf = not allowed) for t in this program's split."""
     pid_s = tl.program_id(0)
@@ -59,10 +60,14 @@ def _indexer_scores_kernel(
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
 
-    # A operand rows r = s_local * H_PAD + h: q block as [BLOCK_S*H_PAD, D_PAD], resident.
+    # A operand rows r = s_local * H_PAD + h (or h * BLOCK_S + s_local): q block as [BLOCK_S*H_PAD, D_PAD].
     r = tl.arange(0, BLOCK_S * H_PAD)
-    r_s = pid_s * BLOCK_S + r // H_PAD  # chunk-local query of each row
-    r_h = r % H_PAD
+    if HEAD_MAJOR:
+        r_s = pid_s * BLOCK_S + r % BLOCK_S
+        r_h = r // BLOCK_S
+    else:
+        r_s = pid_s * BLOCK_S + r // H_PAD  # chunk-local query of each row
+        r_h = r % H_PAD
     r_ok = (r_s < n_rows) & (r_h < H)
     d = tl.arange(0, D_PAD)
     q_row_ptr = q_ptr + b * sq_b + (row_start + r_s).to(tl.int64) * sq_s + r_h * sq_h  # [R]
@@ -100,7 +105,10 @@ def _indexer_scores_kernel(
             k_tile = k_tile.to(tl.float32)
         logits = tl.dot(q_tile, k_tile, input_precision=DOT_PRECISION)  # [R, BLOCK_T] fp32
         weighted = tl.maximum(logits, 0.0) * w_rows[:, None]
-        scores = tl.sum(tl.reshape(weighted, (BLOCK_S, H_PAD, BLOCK_T)), axis=1)  # [BLOCK_S, BLOCK_T]
+        if HEAD_MAJOR:
+            scores = tl.sum(tl.reshape(weighted, (H_PAD, BLOCK_S, BLOCK_T)), axis=0)  # [BLOCK_S, BLOCK_T]
+        else:
+            scores = tl.sum(tl.reshape(weighted, (BLOCK_S, H_PAD, BLOCK_T)), axis=1)
         allowed = t_ok[None, :] & s_ok[:, None]
         if CAUSAL:
             allowed = allowed & (t[None, :] <= last_key[:, None])
@@ -122,7 +130,8 @@ def _indexer_scores_kernel(
 
 def _prefill_configs(h_pad: int):
     """Tensor-core tiles for sm_90: 128 or 256 dot rows (queries x heads, wgmma M), 64/128
-    keys. AOT-compiled for sm_90 (H=32, D=128): no spills, 66-168 KB smem; 2 stages lets two
+    keys, rows in (query, head) or (head, query) order (the latter 306 vs 295 TFLOP/s at 32K,
+    bench/sweep_indexer.py). AOT-compiled for sm_90 (H=32, D=128): no spills, 66-168 KB smem; 2 stages lets two
     CTAs share an SM (one runs its relu/weight/head-sum epilogue while the other multiplies)."""
     seen = {}
     for rows, warps in ((128, 4), (128, 8), (256, 8)):
@@ -130,34 +139,43 @@ def _prefill_configs(h_pad: int):
         for block_t in (64, 128):
             for stages in (2, 3, 4):
                 seen[(block_s, block_t, warps, stages)] = triton.Config(
-                    {"BLOCK_S": block_s, "BLOCK_T": block_t}, num_warps=warps, num_stages=stages)
+                    {"BLOCK_S": block_s, "BLOCK_T": block_t, "HEAD_MAJOR": False},
+                    num_warps=warps, num_stages=stages)
+                if warps == 4 and stages < 4:  # (head, query) row order: best at 128 rows / 4 warps
+                    seen[(block_s, block_t, warps, stages, "hm")] = triton.Config(
+                        {"BLOCK_S": block_s, "BLOCK_T": block_t, "HEAD_MAJOR": True},
+                        num_warps=warps, num_stages=stages)
     return list(seen.values())
 
 
 def _decode_configs():
     """Memory-bound streaming of K: deep pipelines of [D, BLOCK_T] tiles."""
-    return [triton.Config({"BLOCK_T": bt}, num_warps=w, num_stages=st)
+    return [triton.Config({"BLOCK_T": bt, "HEAD_MAJOR": False}, num_warps=w, num_stages=st)
             for bt in (64, 128, 256) for w in (4, 8) for st in (3, 4)]
 
 
 _TUNED: dict = {}
 
 
+def _jit_kernel():
+    if "jit" not in _TUNED:
+        _TUNED["jit"] = triton.jit(_indexer_scores_kernel)
+    return _TUNED["jit"]
+
+
 def _tuned_kernel(mode: str, h_pad: int):
     """Autotuned GPU kernel for mode 'prefill' (BLOCK_S tuned) or 'decode' (BLOCK_S given)."""
     key = (mode, h_pad)
     if key not in _TUNED:
-        if "jit" not in _TUNED:
-            _TUNED["jit"] = triton.jit(_indexer_scores_kernel)
         configs = _prefill_configs(h_pad) if mode == "prefill" else _decode_configs()
         _TUNED[key] = triton.autotune(
-            configs, key=["H_PAD", "D_PAD", "CAUSAL", "HAS_MASK", "tune_bucket"])(_TUNED["jit"])
+            configs, key=["H_PAD", "D_PAD", "CAUSAL", "HAS_MASK", "tune_bucket"])(_jit_kernel())
     return _TUNED[key]
 
 
 def _interpreter_meta(block_s: int | None, h_pad: int) -> dict:
     """Small fixed tiles for the CPU interpreter (big enough to keep it fast)."""
-    meta = {"BLOCK_T": 16}
+    meta = {"BLOCK_T": 16, "HEAD_MAJOR": False}
     if block_s is None:
         meta["BLOCK_S"] = max(1, 64 // h_pad)
     return meta
@@ -173,7 +191,7 @@ def _head_padding(H: int, block_s: int) -> int:
 def indexer_scores(
     q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, mask: torch.Tensor | None, causal: bool,
     row_start: int, n_rows: int, width: int, out: torch.Tensor,
-    decode_block_s: int | None = None, num_splits: int | None = None,
+    decode_block_s: int | None = None, num_splits: int | None = None, config=None,
 ) -> torch.Tensor:
     """Masked scores of queries [row_start, row_start+n_rows) vs keys [0, width) into out [B, n_rows, width].
 
@@ -206,8 +224,11 @@ def indexer_scores(
         return (cdiv(n_rows, meta["BLOCK_S"]), B, num_splits)
 
     if interpreting(q):
-        consts.update(_interpreter_meta(decode_block_s, h_pad))
+        consts.update(config.kwargs if config is not None else _interpreter_meta(decode_block_s, h_pad))
         launch_interpreted(_indexer_scores_kernel, grid, *args, **consts)
+    elif config is not None:  # bench/sweep_indexer.py: one launch config, no autotune
+        _jit_kernel()[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps,
+                            num_stages=config.num_stages)
     else:
         mode = "prefill" if decode_block_s is None else "decode"
         _tuned_kernel(mode, h_pad)[grid](*args, **consts)

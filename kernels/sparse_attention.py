@@ -144,12 +144,13 @@ def _sparse_attention_kernel(
 def _configs(d_total: int, block_hs: tuple[int, ...]):
     """sm_90 candidates (checked by AOT compiles for sm_90: smem, registers, spills).
 
-    Wide keys (MLA 576): 8 warps only -- the [BLOCK_H, 512] fp32 accumulator is split over
-    two warpgroups (4 warps would need 256 regs/thread for it); BLOCK_K 32/64, 1-2 stages to
-    fit shared memory. Narrow keys (<= 256): 4 or 8 warps, 2-3 stages.
+    Wide keys (MLA 576): BLOCK_K 32/64, 1-2 stages to fit shared memory; 8 warps split the
+    [BLOCK_H, 512] fp32 accumulator over two warpgroups (needed at BLOCK_H = 64), 4 warps win
+    at BLOCK_H <= 32 (H = 20: 10.6 vs 15.9 ms at 16K, bench/sweep_sparse_mla.py on the H200).
+    Narrow keys (<= 256): 4 or 8 warps, 2-3 stages.
     """
     if d_total > 256:
-        block_ks, warps, stages = (32, 64), (8,), (1, 2)
+        block_ks, warps, stages = (32, 64), (4, 8), (1, 2)
     else:
         block_ks, warps, stages = (32, 64), (4, 8), (2, 3)
     return [triton.Config({"BLOCK_H": bh, "BLOCK_K": bk}, num_warps=w, num_stages=st)
@@ -164,15 +165,19 @@ def _block_h_candidates(G: int) -> tuple[int, ...]:
 _TUNED: dict = {}
 
 
+def _jit_kernel():
+    if "jit" not in _TUNED:
+        _TUNED["jit"] = triton.jit(_sparse_attention_kernel)
+    return _TUNED["jit"]
+
+
 def _tuned_kernel(d_total: int, G: int):
     key = (d_total > 256, _block_h_candidates(G))
     if key not in _TUNED:
-        if "jit" not in _TUNED:
-            _TUNED["jit"] = triton.jit(_sparse_attention_kernel)
         _TUNED[key] = triton.autotune(
             _configs(d_total, key[1]),
             key=["G", "D_A", "D_B_PAD", "DV_PAD", "CAUSAL", "V_FROM_K", "WRITE_LSE"],
-        )(_TUNED["jit"])
+        )(_jit_kernel())
     return _TUNED[key]
 
 
@@ -206,9 +211,11 @@ def _combine_splits(o_part: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype)
 
 def sparse_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
-    scale: float, causal: bool = True, num_splits: int | None = None,
+    scale: float, causal: bool = True, num_splits: int | None = None, config=None,
 ) -> torch.Tensor:
-    """Triton path for both layouts (CPU tensors run in the Triton interpreter). -> [B,S,Hq,Dv]."""
+    """Triton path for both layouts (CPU tensors run in the Triton interpreter). -> [B,S,Hq,Dv].
+
+    config: a triton.Config to launch instead of autotuning (bench/sweep_sparse_mla.py)."""
     B, S, Hq, Dqk = q.shape
     T, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hk
@@ -243,6 +250,9 @@ def sparse_attention_triton(
 
     if interpreting(q):
         launch_interpreted(_sparse_attention_kernel, grid, *args, **consts, **_interpreter_meta(G))
+    elif config is not None:
+        _jit_kernel()[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps,
+                            num_stages=config.num_stages)
     else:
         _tuned_kernel(Dqk, G)[grid](*args, **consts)
     return _combine_splits(o, lse, q.dtype) if splits > 1 else o
@@ -250,12 +260,12 @@ def sparse_attention_triton(
 
 def sparse_mla_triton(
     q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float, dv: int,
-    causal: bool = True, num_splits: int | None = None,
+    causal: bool = True, num_splits: int | None = None, config=None,
 ) -> torch.Tensor:
     """MLA absorbed form: kv [B,T,Dl+Dr] is one shared key row per token, value = kv[..., :dv]."""
     k = kv[:, :, None, :]  # [B,T,1,Dqk]
     v = kv[:, :, None, :dv]  # [B,T,1,dv] (same storage: V_FROM_K when dv = power-of-two part)
-    return sparse_attention_triton(q, k, v, indices, scale, causal, num_splits)
+    return sparse_attention_triton(q, k, v, indices, scale, causal, num_splits, config)
 
 
 def sparse_attention(

@@ -26,6 +26,7 @@ from .match_latent_kv import erase_key_buffer, match_latent_kv
 
 
 def lower_sparse_attention(gm: fx.GraphModule, report: LoweringReport) -> fx.GraphModule:
+    import ic_compile.kernels.ops  # noqa: F401  registers torch.ops.ic.*
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is torch.nn.functional.scaled_dot_product_attention:
             indices = _selected_indices(node)

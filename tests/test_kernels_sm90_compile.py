@@ -78,7 +78,8 @@ def _resource_usage(cubin: bytes) -> dict:
 
 # ----------------------------------------------------------------------------- indexer
 
-def _compile_indexer(block_s, h_pad, block_t, warps, stages, causal=True, mask=False, S=4096, T=4096):
+def _compile_indexer(block_s, h_pad, block_t, warps, stages, causal=True, mask=False, S=4096, T=4096,
+                     head_major=False):
     from ic_compile.kernels.indexer_topk import _indexer_scores_kernel
 
     D = 128
@@ -88,7 +89,7 @@ def _compile_indexer(block_s, h_pad, block_t, warps, stages, causal=True, mask=F
                 so_b=S * T, so_s=T, so_t=1)
     ptrs = dict(q_ptr="bf16", k_ptr="bf16", w_ptr="fp32", mask_ptr="u8", out_ptr="fp32")
     consts = dict(BLOCK_S=block_s, H_PAD=h_pad, D_PAD=D, BLOCK_T=block_t, CAUSAL=causal, HAS_MASK=mask,
-                  DOT_PRECISION="tf32", UPCAST_DOT=False)
+                  DOT_PRECISION="tf32", UPCAST_DOT=False, HEAD_MAJOR=head_major)
     return compile_sm90(_indexer_scores_kernel, ptrs, ints, {}, consts, warps, stages)
 
 
@@ -100,7 +101,8 @@ def _check_indexer(res, rows):
 
 
 @pytest.mark.parametrize("cfg", [(4, 32, 128, 4, 2, True, False), (8, 32, 64, 8, 3, True, True),
-                                 (1, 32, 256, 8, 4, True, False)], ids=["prefill", "prefill_mask_256rows", "decode"])
+                                 (1, 32, 256, 8, 4, True, False), (4, 32, 64, 4, 3, True, False, 4096, 4096, True)],
+                         ids=["prefill", "prefill_mask_256rows", "decode", "prefill_head_major"])
 def test_indexer_compiles_for_sm90(cfg):
     block_s, h_pad, *rest = cfg
     _check_indexer(_compile_indexer(block_s, h_pad, *rest), block_s * h_pad)
@@ -113,8 +115,8 @@ def test_indexer_all_configs_compile_for_sm90():
 
     for cfg in _prefill_configs(32):
         kw = cfg.kwargs
-        _check_indexer(_compile_indexer(kw["BLOCK_S"], 32, kw["BLOCK_T"], cfg.num_warps, cfg.num_stages),
-                       kw["BLOCK_S"] * 32)
+        _check_indexer(_compile_indexer(kw["BLOCK_S"], 32, kw["BLOCK_T"], cfg.num_warps, cfg.num_stages,
+                                        head_major=kw["HEAD_MAJOR"]), kw["BLOCK_S"] * 32)
     for cfg in _decode_configs():
         _check_indexer(_compile_indexer(1, 32, cfg.kwargs["BLOCK_T"], cfg.num_warps, cfg.num_stages), 32)
 

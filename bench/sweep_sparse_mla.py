@@ -1,0 +1,70 @@
+"""Time every launch config of the sparse-MLA kernel (no autotune) at one length, per head count.
+
+    python bench/sweep_sparse_mla.py --length 16384 --heads 20 64 --out sweep.json
+
+Indices: the indexer's own top-k of random bf16 q/k (as in a model), not a synthetic stride.
+Prints ms and TFLOP/s (FLOPs = L*k*H*(576+512)*2) per config, best first.
+"""
+import argparse
+import json
+
+import torch
+import triton
+import triton.testing
+
+from ic_compile.kernels.indexer_topk import indexer_topk
+from ic_compile.kernels.sparse_attention import sparse_mla_triton
+
+DQK, DV, TOPK = 576, 512, 2048
+
+
+def candidates():
+    for block_h in (16, 32, 64):
+        for block_k in (16, 32, 64):
+            for warps in (4, 8):
+                for stages in (1, 2, 3, 4):
+                    yield triton.Config({"BLOCK_H": block_h, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
+
+
+def model_indices(L, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, L, 32, 128, device=device, dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, L, 128, device=device, dtype=torch.bfloat16, generator=g)
+    w = torch.rand(1, L, 32, device=device, generator=g)
+    return indexer_topk(q, k, w, TOPK)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--length", type=int, default=16384)
+    ap.add_argument("--heads", type=int, nargs="+", default=[20, 64])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    L, device = args.length, torch.device("cuda")
+    idx = model_indices(L, device)
+    kv = torch.randn(1, L, DQK, device=device, dtype=torch.bfloat16)
+    rows = []
+    for H in args.heads:
+        q = torch.randn(1, L, H, DQK, device=device, dtype=torch.bfloat16)
+        flops = float((idx >= 0).sum()) * H * (DQK + DV) * 2
+        for cfg in candidates():
+            if cfg.kwargs["BLOCK_H"] < min(64, triton.next_power_of_2(H)) // 2:
+                continue
+            try:
+                fn = lambda: sparse_mla_triton(q, kv, idx, DQK ** -0.5, DV, config=cfg)  # noqa: E731
+                fn()
+                ms = triton.testing.do_bench(fn, warmup=5, rep=30, return_mode="median")
+                row = {"H": H, **cfg.kwargs, "warps": cfg.num_warps, "stages": cfg.num_stages,
+                       "ms": ms, "tflops": flops / ms / 1e9}
+            except Exception as exc:  # out of shared memory / registers: skip
+                row = {"H": H, **cfg.kwargs, "warps": cfg.num_warps, "stages": cfg.num_stages,
+                       "error": type(exc).__name__}
+            rows.append(row)
+        best = sorted((r for r in rows if r["H"] == H and "ms" in r), key=lambda r: r["ms"])[:8]
+        print(json.dumps(best, indent=None), flush=True)
+    if args.out:
+        open(args.out, "w").write(json.dumps({"length": L, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Absorbed MLA lowering: the k/v matcher (match_latent_kv) and the absorbed computation itself."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ic_compile.kernels.ops  # noqa: F401  registers torch.ops.ic.*
+from ic_compile.passes.graph_ops import op_name
+from ic_compile.passes.lower_sparse_attention import lowered_absorbed_mla
+from ic_compile.passes.match_latent_kv import match_latent_kv
+
+B, T, H, DL, DN, DV, DR = 2, 9, 3, 16, 8, 12, 4
+
+
+def mla_cat(q, latent, rope, weight):
+    """DeepSeek-style expansion, key built with cat."""
+    kv = F.linear(latent, weight).view(B, T, -1, DN + DV).transpose(1, 2)
+    k_nope, v = torch.split(kv, [DN, DV], dim=-1)
+    k = torch.cat((k_nope, rope.expand(-1, H, -1, -1)), dim=-1)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def mla_buffer(q, latent, rope, weight):
+    """HF 5.x `expand_kv`: key filled into a new_empty buffer by two copy_."""
+    kv = F.linear(latent, weight).view(B, T, -1, DN + DV).transpose(1, 2)
+    k_nope, v = torch.split(kv, [DN, DV], dim=-1)
+    k = kv.new_empty(B, H, T, DN + DR)
+    k[..., :DN].copy_(k_nope)
+    k[..., DN:].copy_(rope.expand(-1, H, -1, -1))
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def per_head_rope(q, latent, rope, weight):
+    """Rope key differs per head: not a shared latent row, must not be absorbed."""
+    kv = F.linear(latent, weight).view(B, T, -1, DN + DV).transpose(1, 2)
+    k_nope, v = torch.split(kv, [DN, DV], dim=-1)
+    k = torch.cat((k_nope, rope.expand(-1, H, -1, -1) * torch.arange(1.0, H + 1)[:, None, None]), dim=-1)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, H, T, DN + DR, generator=g), torch.randn(B, 1, T, DL, generator=g),
+            torch.randn(B, 1, T, DR, generator=g), torch.randn(H * (DN + DV), DL, generator=g) / 4)
+
+
+def traced(fn):
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, fullgraph=True)(*inputs())
+    return graphs[0]
+
+
+def sdpa_args(gm):
+    sdpa = next(n for n in gm.graph.nodes if op_name(n) == "scaled_dot_product_attention")
+    return sdpa.args[1], sdpa.args[2]
+
+
+@pytest.mark.parametrize("fn", [mla_cat, mla_buffer])
+def test_matcher_finds_the_shared_latent(fn):
+    gm = traced(fn)
+    found = match_latent_kv(*sdpa_args(gm))
+    assert found is not None and found.nope_dim == DN
+    assert op_name(found.latent) != "linear" and found.latent.op == "placeholder"
+    assert (found.key_buffer is not None) == (fn is mla_buffer)
+
+
+def test_matcher_rejects_per_head_rope():
+    assert match_latent_kv(*sdpa_args(traced(per_head_rope))) is None
+
+
+def test_absorbed_equals_expanded_attention_over_selected_keys():
+    q, latent, rope, weight = inputs(seed=3)
+    S, K = T, 5
+    g = torch.Generator().manual_seed(4)
+    idx = torch.full((B, S, K), -1)  # causal picks; the first rows have fewer than K keys (-1 slots)
+    for b in range(B):
+        for s in range(S):
+            picks = torch.randperm(s + 1, generator=g)[:K]
+            idx[b, s, : len(picks)] = picks
+    allowed = torch.zeros(B, S, T, dtype=torch.bool)
+    allowed.scatter_(-1, torch.where(idx >= 0, idx, idx[..., :1]).long(), True)  # slot 0 is always a pick
+    scale = (DN + DR) ** -0.5
+    kv = F.linear(latent, weight).view(B, T, -1, DN + DV).transpose(1, 2)
+    k_nope, v = torch.split(kv, [DN, DV], dim=-1)
+    k = torch.cat((k_nope, rope.expand(-1, H, -1, -1)), dim=-1)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=scale)
+    got = lowered_absorbed_mla(q, latent, rope, weight, idx.to(torch.int32), scale, DN)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
