@@ -44,7 +44,7 @@ def match_latent_kv(key: fx.Node, value: fx.Node) -> LatentKV | None:
     if _split_source(nope, 0) is not split or op_name(rope_expanded) != "expand":
         return None
     rope = rope_expanded.args[0]
-    if not _shapes_fit(latent, rope, weight, key, dn, dv):
+    if not _shapes_fit(latent, rope, weight, key, dn, dv) or _heads_of(split.args[0]) != shape_of(key)[1]:
         return None
     return LatentKV(latent, rope, weight, dn, key_buffer)
 
@@ -73,6 +73,12 @@ def _expanded_kv(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
         return None
     bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
     return (linear.args[0], linear.args[1]) if bias is None else None
+
+
+def _heads_of(expanded: fx.Node) -> int | None:
+    """H of the [B,H,T,dn+dv] view (the linear's rows split as heads x (dn+dv))."""
+    shape = shape_of(expanded)
+    return shape[1] if shape is not None and len(shape) == 4 else None
 
 
 def _key_parts(key: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None] | None:
