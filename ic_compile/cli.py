@@ -29,10 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, seq: int = 32, batch: int = 1,
+                        seq_help: str = "example sequence length") -> None:
     parser.add_argument("--model", default="dsa:tiny", help=MODEL_HELP)
-    parser.add_argument("--seq", type=int, default=32, help="example sequence length")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=seq, help=seq_help)
+    parser.add_argument("--batch", type=int, default=batch)
     parser.add_argument("--seed", type=int, default=0)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .models import MODEL_HELP, vocab_size
+from .models import vocab_size
 from .plan import FULL, SHARED, LayerPlan, PlanError
 
 
@@ -170,15 +170,12 @@ def plot_overlap(matrix: torch.Tensor, path: str | os.PathLike, title: str = "to
 
 def register_cli(subparsers) -> None:
     parser = subparsers.add_parser("overlap", help="top-k overlap heatmap between indexer layers")
-    parser.add_argument("--model", default="dsa:tiny",
-                        help=MODEL_HELP)
+    from .cli import add_model_arguments
+    add_model_arguments(parser, seq=256, batch=8, seq_help="sequence length")
     parser.add_argument("--data", nargs="+", help="text files or directories (default: random tokens)")
-    parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--max-sequences", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--num-full", type=int, help="also print overlap / uniform plans with this many F")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="output directory (overlap.json, overlap.png)")
     parser.set_defaults(run=_run_cli)
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import MODEL_HELP, vocab_size
+from .models import vocab_size
 from .plan import FULL, SHARED, LayerPlan, PlanError
 
 OBJECTIVES = ("lm_loss", "kl")
@@ -592,21 +592,18 @@ def _progress_bar(progress: bool, total, desc: str):
 
 def register_cli(subparsers) -> None:
     parser = subparsers.add_parser("search", help="greedy plan search on calibration data")
-    parser.add_argument("--model", default="dsa:tiny",
-                        help=MODEL_HELP)
+    from .cli import add_model_arguments
+    add_model_arguments(parser, seq=256, batch=8, seq_help="calibration sequence length")
     parser.add_argument("--data", nargs="+", required=True, help="calibration text files or directories")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--num-full", type=int, help="stop at this many F layers")
     target.add_argument("--ratio", type=float, help="stop at this fraction of F layers, in (0, 1]")
     parser.add_argument("--loss-budget", type=float, help="stop before loss > all-F loss + budget")
     parser.add_argument("--objective", choices=OBJECTIVES, default="lm_loss")
-    parser.add_argument("--seq", type=int, default=256, help="calibration sequence length")
     parser.add_argument("--max-sequences", type=int, default=64, help="calibration sequences used")
-    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokenizer", help="HF tokenizer name/dir (default: bytes %% vocab)")
     parser.add_argument("--evaluator", choices=EVALUATORS, default="auto")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="output directory")
     parser.set_defaults(run=_run_cli)
 

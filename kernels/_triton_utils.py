@@ -72,6 +72,11 @@ def interpreted(fn):
     return InterpretedFunction(fn)
 
 
+def launch_config(kernel, grid, args: tuple, consts: dict, config) -> None:
+    """Launch jitted ``kernel`` with one ``triton.Config`` (no autotune; the bench sweeps)."""
+    kernel[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
 @contextlib.contextmanager
 def _jit_helpers_interpreted():
     """Route ``JITFunction.__call__`` (normally: raise "outside of the scope of a kernel") to

@@ -25,6 +25,7 @@ from ._triton_utils import (
     cdiv,
     dot_precision,
     interpreting,
+    launch_config,
     launch_interpreted,
     new_output,
     next_pow2,
@@ -168,8 +169,8 @@ def _tuned_kernel(mode: str, h_pad: int):
     key = (mode, h_pad)
     if key not in _TUNED:
         configs = _prefill_configs(h_pad) if mode == "prefill" else _decode_configs()
-        _TUNED[key] = triton.autotune(
-            configs, key=["H_PAD", "D_PAD", "CAUSAL", "HAS_MASK", "tune_bucket"])(_jit_kernel())
+        _TUNED[key] = triton.autotune(configs, key=["H_PAD", "D_PAD", "CAUSAL", "HAS_MASK", "tune_bucket"])(
+            _jit_kernel())
     return _TUNED[key]
 
 
@@ -227,8 +228,7 @@ def indexer_scores(
         consts.update(config.kwargs if config is not None else _interpreter_meta(decode_block_s, h_pad))
         launch_interpreted(_indexer_scores_kernel, grid, *args, **consts)
     elif config is not None:  # bench/sweep_indexer.py: one launch config, no autotune
-        _jit_kernel()[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps,
-                            num_stages=config.num_stages)
+        launch_config(_jit_kernel(), grid, args, consts, config)
     else:
         mode = "prefill" if decode_block_s is None else "decode"
         _tuned_kernel(mode, h_pad)[grid](*args, **consts)

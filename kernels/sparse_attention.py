@@ -26,6 +26,7 @@ from ._triton_utils import (
     cdiv,
     dot_precision,
     interpreting,
+    launch_config,
     launch_interpreted,
     new_output,
     next_pow2,
@@ -251,8 +252,7 @@ def sparse_attention_triton(
     if interpreting(q):
         launch_interpreted(_sparse_attention_kernel, grid, *args, **consts, **_interpreter_meta(G))
     elif config is not None:
-        _jit_kernel()[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps,
-                            num_stages=config.num_stages)
+        launch_config(_jit_kernel(), grid, args, consts, config)
     else:
         _tuned_kernel(Dqk, G)[grid](*args, **consts)
     return _combine_splits(o, lse, q.dtype) if splits > 1 else o

@@ -22,7 +22,7 @@ from torch import fx
 
 from .graph_ops import LAYOUT_OPS, op_name
 from .lower_indexer import LoweringReport, scatter_safe_indices
-from .match_latent_kv import erase_key_buffer, match_latent_kv
+from .match_latent_kv import match_latent_kv
 
 
 def lower_sparse_attention(gm: fx.GraphModule, report: LoweringReport) -> fx.GraphModule:
@@ -106,7 +106,4 @@ def _replace(gm: fx.GraphModule, sdpa: fx.Node, indices: fx.Node) -> bool:
         new = gm.graph.call_function(target, args)
     new.meta.update({key: val for key, val in sdpa.meta.items() if key in ("nn_module_stack", "stack_trace")})
     sdpa.replace_all_uses_with(new)
-    gm.graph.erase_node(sdpa)
-    if latent_kv is not None:
-        erase_key_buffer(gm.graph, latent_kv.key_buffer)
-    return latent_kv is not None
+    return latent_kv is not None  # the expanded k/v (and the key buffer's writes) are left to DCE

@@ -25,7 +25,6 @@ class LatentKV:
     rope: fx.Node  # [B,1,T,dr] shared rope key
     weight: fx.Node  # kv_b_proj weight [H*(dn+dv), Dl]
     nope_dim: int  # dn
-    key_buffer: fx.Node | None  # new_empty filled by copy_ (erased by the caller once unused)
 
 
 def match_latent_kv(key: fx.Node, value: fx.Node) -> LatentKV | None:
@@ -40,13 +39,13 @@ def match_latent_kv(key: fx.Node, value: fx.Node) -> LatentKV | None:
     parts = _key_parts(key)
     if parts is None:
         return None
-    nope, rope_expanded, key_buffer = parts
+    nope, rope_expanded = parts
     if _split_source(nope, 0) is not split or op_name(rope_expanded) != "expand":
         return None
     rope = rope_expanded.args[0]
-    if not _shapes_fit(latent, rope, weight, key, dn, dv) or _heads_of(split.args[0]) != shape_of(key)[1]:
+    if not _shapes_fit(latent, rope, weight, split.args[0], key, dn, dv):
         return None
-    return LatentKV(latent, rope, weight, dn, key_buffer)
+    return LatentKV(latent, rope, weight, dn)
 
 
 def _split_source(node: fx.Node, part: int) -> fx.Node | None:
@@ -75,17 +74,11 @@ def _expanded_kv(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return (linear.args[0], linear.args[1]) if bias is None else None
 
 
-def _heads_of(expanded: fx.Node) -> int | None:
-    """H of the [B,H,T,dn+dv] view (the linear's rows split as heads x (dn+dv))."""
-    shape = shape_of(expanded)
-    return shape[1] if shape is not None and len(shape) == 4 else None
-
-
-def _key_parts(key: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None] | None:
-    """(nope part, rope part, buffer) of key = cat((nope, rope), -1) or of a buffer filled by two copy_."""
+def _key_parts(key: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(nope part, rope part) of key = cat((nope, rope), -1) or of a buffer filled by two copy_."""
     if op_name(key) == "cat":
         parts, dim = key.args[0], key.kwargs.get("dim", key.args[1] if len(key.args) > 1 else 0)
-        return (parts[0], parts[1], None) if len(parts) == 2 and dim in (-1, 3) else None
+        return (parts[0], parts[1]) if len(parts) == 2 and dim in (-1, 3) else None
     if op_name(key) != "new_empty":
         return None
     written = {}
@@ -98,7 +91,7 @@ def _key_parts(key: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None] | None:
     starts = sorted(s for s in written if s is not None)
     if len(starts) != 2 or starts[0][0] != 0 or starts[0][1] != starts[1][0] or starts[1][1] is not None:
         return None
-    return written[starts[0]], written[starts[1]], key
+    return written[starts[0]], written[starts[1]]
 
 
 def _last_dim_slice(index) -> tuple[int, int | None] | None:
@@ -111,27 +104,15 @@ def _last_dim_slice(index) -> tuple[int, int | None] | None:
     return (s.start or 0, s.stop)
 
 
-def _shapes_fit(latent, rope, weight, key, dn: int, dv: int) -> bool:
-    shapes = [shape_of(n) for n in (latent, rope, weight, key)]
-    if any(s is None or len(s) != n for s, n in zip(shapes, (4, 4, 2, 4))):
+def _shapes_fit(latent, rope, weight, expanded, key, dn: int, dv: int) -> bool:
+    """latent [B,1,T,Dl], rope [B,1,T,dr], weight [H*(dn+dv),Dl], expanded [B,H,T,dn+dv], key [B,H,T,dn+dr]."""
+    shapes = [shape_of(n) for n in (latent, rope, weight, expanded, key)]
+    if any(s is None or len(s) != n for s, n in zip(shapes, (4, 4, 2, 4, 4))):
         return False
-    (_, one, _, dl), (_, one_r, _, dr), (rows, cols), (_, heads, _, dk) = shapes
-    static = all(isinstance(x, int) for x in (one, one_r, dl, dr, rows, cols, heads, dk))
-    return static and one == one_r == 1 and cols == dl and rows == heads * (dn + dv) and dk == dn + dr
+    (_, one, _, dl), (_, one_r, _, dr), (rows, cols), (_, heads_kv, _, _), (_, heads, _, dk) = shapes
+    static = all(isinstance(x, int) for x in (one, one_r, dl, dr, rows, cols, heads_kv, heads, dk))
+    return (static and one == one_r == 1 and cols == dl and heads_kv == heads and rows == heads * (dn + dv)
+            and dk == dn + dr)
 
 
-def erase_key_buffer(graph: fx.Graph, buffer: fx.Node | None) -> None:
-    """Erase the copy_ writes into a key buffer that nothing reads any more (DCE keeps in-place writes)."""
-    if buffer is None or any(op_name(u) != "getitem" for u in buffer.users):
-        return
-    views = list(buffer.users)
-    if any(op_name(c) != "copy_" or c.users for v in views for c in v.users):
-        return
-    for view in views:
-        for copy in list(view.users):
-            graph.erase_node(copy)
-        graph.erase_node(view)
-    graph.erase_node(buffer)
-
-
-__all__ = ["LatentKV", "match_latent_kv", "erase_key_buffer"]
+__all__ = ["LatentKV", "match_latent_kv"]
