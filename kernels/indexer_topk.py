@@ -14,7 +14,8 @@ Design (prefill, one Triton kernel `_indexer_scores_kernel`):
     the columns no query of the chunk may attend to.
   * decode / small S: all S queries share one program row (K streamed once) and the key
     axis is split over `num_splits` programs so the GPU is filled even for B=1.
-The selection is torch.topk on the masked scores; -inf picks become -1.
+The selection is `topk_select` (radix select per row, kernels/topk_select.py) on the masked
+scores, reading each causal row only up to its diagonal.
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ from ._triton_utils import (
     upcast_dots,
     use_triton_for,
 )
-from .reference import indexer_topk_ref, topk_indices_from_scores
+from .reference import indexer_topk_ref
+from .topk_select import topk_select_triton
 
 SCORE_BUFFER_BYTES = 1 << 30  # fp32 [B, chunk, width] score buffer budget per query chunk
 MAX_TILE_ROWS = 256  # max BLOCK_S * H_PAD (rows of the tensor-core dot)
@@ -275,13 +277,13 @@ def indexer_topk_triton(
 
     chunk_rows / num_splits override the heuristics (tests use them to hit every code path).
     """
-    B, S = q.shape[0], q.shape[1]
+    B, S, T = q.shape[0], q.shape[1], k.shape[1]
     out = new_output((B, S, topk), torch.int32, q.device)
     for s0, s1, scores in chunked_scores(q, k, w, mask, causal, chunk_rows, num_splits):
         if scores.shape[-1] == 0:  # no key visible to this chunk (causal with S > T)
             out[:, s0:s1] = -1
-        else:
-            out[:, s0:s1] = topk_indices_from_scores(scores, topk)
+        else:  # causal: chunk row i sees keys [0, T - S + s0 + 1 + i)
+            topk_select_triton(scores, topk, (T - S + s0 + 1) if causal else None, out=out[:, s0:s1])
     return out
 
 
