@@ -11,11 +11,11 @@ Design (prefill, one Triton kernel `_indexer_scores_kernel`):
   * key tiles entirely above the causal diagonal are not computed (only filled with -inf).
   * queries are processed in chunks so the fp32 [B, chunk, width] score buffer stays under
     ~1 GiB; `width` is the chunk's causal horizon, so torch.topk (the selection) never sees
-    the columns no query of the chunk may attend to.
+    the columns no query of the chunk may attend to; causal chunks are at most 2048 rows tall
+    so that width follows the diagonal. The buffer is contiguous per chunk (no copy in topk).
   * decode / small S: all S queries share one program row (K streamed once) and the key
     axis is split over `num_splits` programs so the GPU is filled even for B=1.
-The selection is `topk_select` (radix select per row, kernels/topk_select.py) on the masked
-scores, reading each causal row only up to its diagonal.
+The selection is torch.topk on the masked scores; -inf picks become -1.
 """
 from __future__ import annotations
 
@@ -36,10 +36,10 @@ from ._triton_utils import (
     upcast_dots,
     use_triton_for,
 )
-from .reference import indexer_topk_ref
-from .topk_select import topk_select_triton
+from .reference import indexer_topk_ref, topk_indices_from_scores
 
 SCORE_BUFFER_BYTES = 1 << 30  # fp32 [B, chunk, width] score buffer budget per query chunk
+CAUSAL_CHUNK_ROWS = 2048  # causal query chunks at most this tall (see _chunk_rows)
 MAX_TILE_ROWS = 256  # max BLOCK_S * H_PAD (rows of the tensor-core dot)
 
 
@@ -237,8 +237,13 @@ def indexer_scores(
     return out
 
 
-def _chunk_rows(B: int, T: int, block: int, budget: int = SCORE_BUFFER_BYTES) -> int:
+def _chunk_rows(B: int, T: int, block: int, causal: bool, budget: int = SCORE_BUFFER_BYTES) -> int:
+    """Queries per chunk: the buffer budget, and (causal) at most CAUSAL_CHUNK_ROWS so each
+    chunk's width stays within that many keys of its rows' diagonal (torch.topk's cost follows
+    the width: one 16K x 16K chunk reads twice the causal half)."""
     rows = max(1, budget // (B * max(T, 1) * 4))
+    if causal:
+        rows = min(rows, CAUSAL_CHUNK_ROWS)
     return max(block, rows // block * block)
 
 
@@ -256,12 +261,12 @@ def chunked_scores(
     assert k.shape == (B, T, D) and w.shape == (B, S, H), (q.shape, k.shape, w.shape)
     k = k.to(q.dtype)
     decode_block_s = next_pow2(S) if next_pow2(S) * next_pow2(H) <= MAX_TILE_ROWS else None
-    chunk = S if decode_block_s is not None else (chunk_rows or _chunk_rows(B, T, 256))
-    buffer = new_output((B, min(chunk, S), T), torch.float32, q.device)
+    chunk = S if decode_block_s is not None else (chunk_rows or _chunk_rows(B, T, 256, causal))
+    storage = new_output((B * min(chunk, S) * T,), torch.float32, q.device)
     for s0 in range(0, S, chunk):
         s1 = min(S, s0 + chunk)
         width = max(0, min(T, T - S + s1)) if causal else T
-        scores = buffer[:, : s1 - s0, :width]
+        scores = storage[: B * (s1 - s0) * width].view(B, s1 - s0, width)  # contiguous for torch.topk
         if width > 0:
             indexer_scores(q, k, w, mask, causal, s0, s1 - s0, width, scores,
                            decode_block_s=decode_block_s, num_splits=num_splits)
@@ -277,13 +282,13 @@ def indexer_topk_triton(
 
     chunk_rows / num_splits override the heuristics (tests use them to hit every code path).
     """
-    B, S, T = q.shape[0], q.shape[1], k.shape[1]
+    B, S = q.shape[0], q.shape[1]
     out = new_output((B, S, topk), torch.int32, q.device)
     for s0, s1, scores in chunked_scores(q, k, w, mask, causal, chunk_rows, num_splits):
         if scores.shape[-1] == 0:  # no key visible to this chunk (causal with S > T)
             out[:, s0:s1] = -1
-        else:  # causal: chunk row i sees keys [0, T - S + s0 + 1 + i)
-            topk_select_triton(scores, topk, (T - S + s0 + 1) if causal else None, out=out[:, s0:s1])
+        else:
+            out[:, s0:s1] = topk_indices_from_scores(scores, topk)
     return out
 
 

@@ -175,22 +175,6 @@ def test_sparse_attention_all_configs_compile_for_sm90():
             print(H, dqk, kw, cfg.num_warps, cfg.num_stages, {k: v for k, v in res.items() if k != "ptx"})
 
 
-# ----------------------------------------------------------------------------- top-k selection
-
-@pytest.mark.parametrize("digit_bits", [8, 11])
-def test_topk_select_compiles_for_sm90(digit_bits):
-    """The GPU launch config of topk_select_triton (one row per program, 8 warps, 1024 columns
-    per step, top-2048 sort in registers): fits, no spills."""
-    from ic_compile.kernels.topk_select import _topk_select_kernel
-
-    W, R, K = 16384, 256, 2048
-    ints = dict(n_rows=R, width=W, limit_base=100, ss_b=R * W, ss_r=W, ss_c=1, so_b=R * K, so_r=K, so_k=1)
-    consts = dict(TOPK=K, TOPK_PAD=K, BLOCK=1024, DIGIT_BITS=digit_bits, CAUSAL_LIMIT=True, BLOCK_R=1)
-    res = compile_sm90(_topk_select_kernel, dict(scores_ptr="fp32", out_ptr="i32"), ints, {}, consts, 8, 1)
-    assert res["shared"] <= MAX_SMEM, res["shared"]
-    assert res["stack"] == 0, f"register spills: {res['stack']} bytes"
-
-
 def test_compiles_after_interpreted_launch(tmp_path, monkeypatch):
     """Running a kernel in the interpreter (CPU) must not leave triton.language patched:
     a real compile in the same process afterwards still works (fresh cache: no cache hit)."""
