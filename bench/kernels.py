@@ -6,7 +6,8 @@ Measures, in one run:
     scores + top-k selection, TFLOP/s with FLOPs = L^2/2 * H * D * 2 (dot products only);
   * indexer decode (S = 1, T up to 128K, B in {1, 16}): bytes = K read once, as % of copy BW;
   * sparse MLA (absorbed 576 / v 512, H in {20, 64}, top-k 2048): FLOPs = L * k * H * (576+512) * 2;
-    plus its decode form (S = 1) as % of copy BW (bytes = selected kv rows read once).
+    plus its decode form (S = 1) as % of copy BW (bytes = selected kv rows read once), and (GPU)
+    the time of only reading the gathered rows (bench/gather_bandwidth.py) as its memory floor.
 
     python bench/kernels.py --out results.json                 # full run (GPU)
     python bench/kernels.py --quick --lengths 4096,16384       # faster subset
@@ -19,13 +20,15 @@ import datetime
 import json
 import platform
 import statistics
+import sys
 import time
 import traceback
 
 import torch
 
-from ic_compile.kernels.indexer_topk import chunked_scores, indexer_topk
-from ic_compile.kernels.sparse_attention import sparse_mla
+sys.path.insert(0, __file__.rsplit("/", 1)[0])  # bench/gather_bandwidth.py
+from ic_compile.kernels.indexer_topk import chunked_scores, indexer_topk  # noqa: E402
+from ic_compile.kernels.sparse_attention import sparse_mla  # noqa: E402
 
 # Indexer shapes (heads x head dim) per model; identical shapes are measured once.
 INDEXER_MODELS = {"30B": (32, 128), "GLM-5": (32, 128)}
@@ -137,10 +140,18 @@ def bench_sparse_mla_prefill(L, H, K, dqk, dv, device, peaks, quick) -> dict:
     idx = strided_causal_indices(1, L, L, K, device)
     flops = L * K * H * (dqk + dv) * 2
     ms = bench_ms(lambda: sparse_mla(q, kv, idx, dqk**-0.5, dv, use_triton=True), device, quick)
-    return {
+    entry = {
         "ms": ms, "tflops": flops / ms / 1e9, "pct_peak": 100 * flops / ms / 1e9 / peaks["bf16_matmul_tflops"],
         "valid_fraction": float((idx >= 0).float().mean()),
     }
+    if device.type == "cuda" and dqk == 576:  # the memory-side floor: only reading the gathered rows
+        from gather_bandwidth import gather_ms
+
+        ms_gather = gather_ms(kv[0], idx[0])
+        gathered = int((idx >= 0).sum()) * dqk * kv.element_size()
+        entry.update(ms_gather_only=ms_gather, gather_gbps=gathered / ms_gather / 1e6,
+                     pct_of_gather_floor=100 * ms_gather / ms)
+    return entry
 
 
 def bench_sparse_mla_decode(B, T, H, K, dqk, dv, device, peaks, quick) -> dict:
@@ -176,7 +187,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--lengths", default=None, help="comma-separated L (default 4096,16384,65536,131072)")
     ap.add_argument("--quick", action="store_true", help="fewer reps, first model shape, fewer decode sizes")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes; runs on CPU (Triton interpreter)")
-    ap.add_argument("--out", default="results.json")
+    ap.add_argument("--out", default=None, help="write the JSON report here (default: print only)")
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -244,10 +255,11 @@ def main(argv=None) -> dict:
                  lambda: bench_sparse_mla_decode(B, T, H, mla["topk"], mla["dqk"], mla["dv"], device, peaks,
                                                  args.quick))
 
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
     errors = sum("error" in r for r in res)
-    print(f"wrote {args.out}: {len(res)} measurements, {errors} errors")
+    print(f"{len(res)} measurements, {errors} errors" + (f"; wrote {args.out}" if args.out else ""))
     return report
 
 

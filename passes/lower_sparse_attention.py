@@ -96,7 +96,7 @@ def _replace(gm: fx.GraphModule, sdpa: fx.Node, indices: fx.Node) -> bool:
     if scale is None:
         head_dim = q.meta["example_value"].shape[-1]
         scale = float(head_dim) ** -0.5
-    latent_kv = match_latent_kv(k, v)
+    latent_kv = match_latent_kv(k, v, reader=sdpa)
     if latent_kv is None:
         target, args = lowered_sparse_attention, (q, k, v, indices, scale)
     else:

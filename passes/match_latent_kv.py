@@ -7,7 +7,10 @@ Matched (torch-level Dynamo graph), H heads, latent width Dl, nope dim dn, value
             (or key = cat((k_nope, rope.expand(-1,H,-1,-1)), -1))        rope: [B,1,T,dr]
 Then  q_h·key_h[t] = (W_k,h^T q_nope_h)·latent[t] + q_rope_h·rope[t]  and  Σ p v_h = W_v,h (Σ p latent):
 attention can run on one shared [T, Dl+dr] row per key for all heads ("absorbed" MLA).
-Anything that differs returns None (the caller keeps the per-head form).
+The absorbed op reads latent and rope when the attention runs, the original graph when it
+expands them: if either's storage (a cache buffer it is a view of, say) is written in place in
+between, the two differ, so that is refused too. Anything that differs returns None (the caller
+keeps the per-head form).
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from .graph_ops import op_name, shape_of
+from .graph_ops import IN_PLACE_WRITES, LAYOUT_OPS, op_name, shape_of
+
+# ops whose result may share storage with their first argument
+ALIASING_OPS = LAYOUT_OPS | {"split", "chunk", "unbind", "select", "slice", "as_strided", "t", "view_as", "detach"}
 
 
 @dataclass
@@ -27,7 +33,8 @@ class LatentKV:
     nope_dim: int  # dn
 
 
-def match_latent_kv(key: fx.Node, value: fx.Node) -> LatentKV | None:
+def match_latent_kv(key: fx.Node, value: fx.Node, reader: fx.Node | None = None) -> LatentKV | None:
+    """`reader`: the node that will read the latent (the attention); None = graph end."""
     split = _split_source(value, 1)
     if split is None:
         return None
@@ -45,7 +52,31 @@ def match_latent_kv(key: fx.Node, value: fx.Node) -> LatentKV | None:
     rope = rope_expanded.args[0]
     if not _shapes_fit(latent, rope, weight, split.args[0], key, dn, dv):
         return None
+    linear = split.args[0].args[0].args[0]
+    if any(_written_between(n, linear, reader) for n in (latent, rope)):
+        return None
     return LatentKV(latent, rope, weight, dn)
+
+
+def _written_between(node: fx.Node, start: fx.Node, end: fx.Node | None) -> bool:
+    """Is `node`'s storage (through any view of its base) written in place after `start`, before `end`?"""
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    lo, hi = order[start], order[end] if end is not None else len(order)
+    base = node
+    while op_name(base) in ALIASING_OPS and base.args and isinstance(base.args[0], fx.Node):
+        base = base.args[0]
+    stack, seen = [base], {base}
+    while stack:
+        alias = stack.pop()
+        for user in alias.users:
+            name = op_name(user)
+            writes = name in IN_PLACE_WRITES or (name.endswith("_") and not name.startswith("_"))
+            if writes and user.args and user.args[0] is alias and lo < order[user] < hi:
+                return True
+            if (name in ALIASING_OPS or writes) and user not in seen:  # x.copy_(y) returns x
+                seen.add(user)
+                stack.append(user)
+    return False
 
 
 def _split_source(node: fx.Node, part: int) -> fx.Node | None:

@@ -38,6 +38,30 @@ def per_head_rope(q, latent, rope, weight):
     return F.scaled_dot_product_attention(q, k, v)
 
 
+def latent_written_after_expansion(q, latent, rope, weight):
+    """The latent's storage changes between the expansion and the attention (a cache written in
+    place, say): absorbed attention would read the new values, so it must not be absorbed."""
+    kv = F.linear(latent, weight).view(B, T, -1, DN + DV).transpose(1, 2)
+    k_nope, v = torch.split(kv, [DN, DV], dim=-1)
+    k = torch.cat((k_nope, rope.expand(-1, H, -1, -1)), dim=-1)
+    latent[..., :2].zero_()
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def rope_written_after_expansion(q, latent, rope, weight):
+    kv = F.linear(latent, weight).view(B, T, -1, DN + DV).transpose(1, 2)
+    k_nope, v = torch.split(kv, [DN, DV], dim=-1)
+    k = torch.cat((k_nope, rope.expand(-1, H, -1, -1)), dim=-1)
+    rope.mul_(2)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def latent_written_before_expansion(q, latent, rope, weight):
+    """Written before the linear: both forms read the same values, absorbing is fine."""
+    latent[..., :2].zero_()
+    return mla_cat(q, latent, rope, weight)
+
+
 def inputs(seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(B, H, T, DN + DR, generator=g), torch.randn(B, 1, T, DL, generator=g),
@@ -71,6 +95,23 @@ def test_matcher_finds_the_shared_latent(fn):
 
 def test_matcher_rejects_per_head_rope():
     assert match_latent_kv(*sdpa_args(traced(per_head_rope))) is None
+
+
+def _sdpa(gm):
+    return next(n for n in gm.graph.nodes if op_name(n) == "scaled_dot_product_attention")
+
+
+@pytest.mark.parametrize("fn", [latent_written_after_expansion, rope_written_after_expansion])
+def test_matcher_rejects_latent_written_before_the_attention(fn):
+    gm = traced(fn)
+    write = next(n for n in gm.graph.nodes if op_name(n) in ("zero_", "mul_"))
+    assert match_latent_kv(*sdpa_args(gm), reader=write) is not None  # read before the write: fine
+    assert match_latent_kv(*sdpa_args(gm), reader=_sdpa(gm)) is None
+
+
+def test_matcher_accepts_latent_written_before_the_expansion():
+    gm = traced(latent_written_before_expansion)
+    assert match_latent_kv(*sdpa_args(gm), reader=_sdpa(gm)) is not None
 
 
 def test_absorbed_equals_expanded_attention_over_selected_keys():
