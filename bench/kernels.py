@@ -187,6 +187,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--lengths", default=None, help="comma-separated L (default 4096,16384,65536,131072)")
     ap.add_argument("--quick", action="store_true", help="fewer reps, first model shape, fewer decode sizes")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes; runs on CPU (Triton interpreter)")
+    ap.add_argument("--only", choices=("indexer", "mla"), default=None, help="one kernel family only")
     ap.add_argument("--out", default=None, help="write the JSON report here (default: print only)")
     args = ap.parse_args(argv)
 
@@ -236,7 +237,7 @@ def main(argv=None) -> dict:
     print(f"peaks: {json.dumps(peaks)}", flush=True)
 
     res = report["results"]
-    for model, (H, D) in shapes.items():
+    for model, (H, D) in (shapes.items() if args.only != "mla" else ()):
         for L in lengths:
             _run(res, {"kind": "indexer_prefill", "models": model, "L": L, "H": H, "D": D},
                  lambda: bench_indexer_prefill(L, H, D, topk, device, peaks, args.quick))
@@ -244,7 +245,7 @@ def main(argv=None) -> dict:
             for T in decode_T:
                 _run(res, {"kind": "indexer_decode", "models": model, "B": B, "T": T, "H": H, "D": D},
                      lambda: bench_indexer_decode(B, T, H, D, topk, device, peaks, args.quick))
-    for H in mla["heads"]:
+    for H in (mla["heads"] if args.only != "indexer" else ()):
         for L in lengths:
             _run(res, {"kind": "sparse_mla_prefill", "L": L, "H": H, "topk": mla["topk"]},
                  lambda: bench_sparse_mla_prefill(L, H, mla["topk"], mla["dqk"], mla["dv"], device, peaks,

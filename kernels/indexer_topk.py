@@ -39,7 +39,7 @@ from ._triton_utils import (
 from .reference import indexer_topk_ref, topk_indices_from_scores
 
 SCORE_BUFFER_BYTES = 1 << 30  # fp32 [B, chunk, width] score buffer budget per query chunk
-CAUSAL_CHUNK_ROWS = 2048  # causal query chunks at most this tall (see _chunk_rows)
+CAUSAL_CHUNK_ROWS = 4096  # causal query chunks at most this tall (see _chunk_rows; bench/sweep_topk.py)
 MAX_TILE_ROWS = 256  # max BLOCK_S * H_PAD (rows of the tensor-core dot)
 
 
