@@ -145,13 +145,16 @@ def _sparse_attention_kernel(
 def _configs(d_total: int, block_hs: tuple[int, ...]):
     """sm_90 candidates (checked by AOT compiles for sm_90: smem, registers, spills).
 
-    Wide keys (MLA 576): BLOCK_K 32/64, 1-2 stages to fit shared memory; 8 warps split the
+    Wide keys (MLA 576): BLOCK_K 32/64, 2 stages (fits shared memory); 8 warps split the
     [BLOCK_H, 512] fp32 accumulator over two warpgroups (needed at BLOCK_H = 64), 4 warps win
     at BLOCK_H <= 32 (H = 20: 10.6 vs 15.9 ms at 16K, bench/sweep_sparse_mla.py on the H200).
+    No 1-stage configs: never fastest in the sweep, and a kernel of the same shape (gathered tile
+    reused as the value operand) gave wrong output on the H200 with 1 stage
+    (bench/results/compare_sparse_mla_h200.json); test_every_mla_config_on_gpu checks each config.
     Narrow keys (<= 256): 4 or 8 warps, 2-3 stages.
     """
     if d_total > 256:
-        block_ks, warps, stages = (32, 64), (4, 8), (1, 2)
+        block_ks, warps, stages = (32, 64), (4, 8), (2,)
     else:
         block_ks, warps, stages = (32, 64), (4, 8), (2, 3)
     return [triton.Config({"BLOCK_H": bh, "BLOCK_K": bk}, num_warps=w, num_stages=st)

@@ -145,7 +145,7 @@ def _compile_sparse(block_h, block_k, warps, stages, H=64, dqk=576, dv=512, v_fr
 
 @pytest.mark.parametrize("cfg", [dict(block_h=64, block_k=32, warps=8, stages=2),
                                  dict(block_h=32, block_k=32, warps=8, stages=2, H=20),
-                                 dict(block_h=64, block_k=32, warps=8, stages=1, lse=True),
+                                 dict(block_h=64, block_k=32, warps=8, stages=2, lse=True),
                                  dict(block_h=16, block_k=64, warps=4, stages=2, H=16, dqk=192, dv=128,
                                       v_from_k=False)],
                          ids=["mla_h64", "mla_h20", "mla_decode_split", "gqa_192_128"])

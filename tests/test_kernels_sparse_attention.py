@@ -164,6 +164,30 @@ def test_sparse_mla_gpu(B, S, T, H, K, request):
 @pytest.mark.gpu
 @needs_cuda
 @needs_triton
+@pytest.mark.parametrize("H,splits", [(20, 1), (64, 1), (20, 4)], ids=["h20", "h64", "h20_decode_split"])
+def test_every_mla_config_on_gpu(H, splits, request):
+    """Each autotune candidate launched on its own: the autotuner may pick any of them."""
+    from triton.runtime.errors import OutOfResources
+
+    from ic_compile.kernels.sparse_attention import _block_h_candidates, _configs
+
+    seed = seed_everything(request.node.name)
+    S = 1 if splits > 1 else 64
+    q = torch.randn(2, S, H, 576, device="cuda").bfloat16()
+    kv = torch.randn(2, 3000, 576, device="cuda").bfloat16()
+    idx = random_indices(2, S, 3000, 2048, device="cuda")
+    want = sparse_mla_ref(q, kv, idx, 576**-0.5, 512)
+    for cfg in _configs(576, _block_h_candidates(H)):
+        try:
+            got = sparse_mla_triton(q, kv, idx, 576**-0.5, 512, num_splits=splits, config=cfg)
+        except OutOfResources:
+            continue  # the autotuner skips these too
+        _assert_close(got, want, torch.bfloat16, f"{seed} config {cfg}")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("B,S,T,Hq,Hk,D,K", [(2, 128, 2048, 32, 4, 128, 512), (4, 1, 5000, 16, 16, 192, 1024)])
 def test_sparse_attention_gpu(B, S, T, Hq, Hk, D, K, dtype, request):
