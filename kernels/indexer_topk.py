@@ -11,8 +11,9 @@ Design (prefill, one Triton kernel `_indexer_scores_kernel`):
   * key tiles entirely above the causal diagonal are not computed (only filled with -inf).
   * queries are processed in chunks so the fp32 [B, chunk, width] score buffer stays under
     ~1 GiB; `width` is the chunk's causal horizon, so torch.topk (the selection) never sees
-    the columns no query of the chunk may attend to; causal chunks are at most 2048 rows tall
-    so that width follows the diagonal. The buffer is contiguous per chunk (no copy in topk).
+    the columns no query of the chunk may attend to; causal chunks are at most
+    CAUSAL_CHUNK_ROWS tall so that width follows the diagonal. The buffer is contiguous per
+    chunk (no copy in topk).
   * decode / small S: all S queries share one program row (K streamed once) and the key
     axis is split over `num_splits` programs so the GPU is filled even for B=1.
 The selection is torch.topk on the masked scores; -inf picks become -1.
@@ -239,8 +240,9 @@ def indexer_scores(
 
 def _chunk_rows(B: int, T: int, block: int, causal: bool, budget: int = SCORE_BUFFER_BYTES) -> int:
     """Queries per chunk: the buffer budget, and (causal) at most CAUSAL_CHUNK_ROWS so each
-    chunk's width stays within that many keys of its rows' diagonal (torch.topk's cost follows
-    the width: one 16K x 16K chunk reads twice the causal half)."""
+    chunk's width stays within that many keys of its rows' diagonal and torch.topk reads less
+    of the -inf upper triangle. Shorter chunks slow the score kernel (fewer programs per
+    launch): at 16K, 4096 rows measured best (bench/sweep_topk.py, docs/benchmarks.md)."""
     rows = max(1, budget // (B * max(T, 1) * 4))
     if causal:
         rows = min(rows, CAUSAL_CHUNK_ROWS)
