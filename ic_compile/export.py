@@ -280,7 +280,7 @@ def capture_rewritten(model, example_inputs, plan=None, *, dynamic_seq: bool = T
     captured = model if isinstance(model, CapturedModel) else capture_model(
         model, example_inputs, dynamic_seq=dynamic_seq, seq_dim=seq_dim)
     gm = captured.gm
-    result = rewrite(gm, plan, strict=True, **({"kernels": True} if kernels else {}))
+    result = rewrite(gm, plan, strict=True, kernels=kernels)
     if require_indexer and not result.detection.matches:
         raise NoIndexerFoundError(f"cannot export with plan {plan!r}: {result.message}. Is this a DSA model? "
                                   "Without a lightning indexer there is nothing to share.")

@@ -173,7 +173,7 @@ def graph_diff(model, example_inputs, plan=None, seq_len: int | None = None, *, 
     nodes show as removed and the fused op as added (F layers' FLOPs are moved, not removed)."""
     from .explain import capture_graphs
     graphs = capture_graphs(model, example_inputs, **kwargs)
-    results = [rewrite(gm, plan, strict=True, **({"kernels": True} if kernels else {})) for gm in graphs]
+    results = [rewrite(gm, plan, strict=True, kernels=kernels) for gm in graphs]
     found = [r for r in results if r.detection.matches]
     if not found:
         raise NoIndexerFoundError(f"graph diff: no lightning indexer found in the model's {len(graphs)} "

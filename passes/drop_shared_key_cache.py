@@ -17,7 +17,7 @@ from torch import fx
 
 from .bind_plan import LayerBinding
 from .eliminate_dead_code import eliminate_dead_code
-from .graph_ops import IN_PLACE_WRITES, LAYOUT_OPS, op_name, tensor_args
+from .graph_ops import LAYOUT_OPS, op_name, tensor_args, writes_in_place
 
 CONSTRUCTORS = {"tensor", "empty", "zeros", "new_empty", "new_zeros", "empty_like", "zeros_like"}
 
@@ -50,7 +50,7 @@ def _find(key: fx.Node, layer: int) -> CacheWrite | None:
         if name in LAYOUT_OPS and tensor_args(node):
             node = tensor_args(node)[0]
             continue
-        if name in IN_PLACE_WRITES or name.endswith("_"):  # k = cache.index_copy_(...)
+        if writes_in_place(node):  # k = cache.index_copy_(...)
             node = tensor_args(node)[0]
             continue
         break
@@ -77,7 +77,7 @@ def _views_of(buffer: fx.Node) -> list[fx.Node]:
 
 def _writers_of(buffer: fx.Node) -> list[fx.Node]:
     return [u for view in _views_of(buffer) for u in view.users
-            if (op_name(u) in IN_PLACE_WRITES or op_name(u).endswith("_")) and u.args and u.args[0] is view]
+            if writes_in_place(u) and u.args and u.args[0] is view]
 
 
 def drop_shared_key_cache(gm: fx.GraphModule, caches: list[CacheWrite]) -> fx.GraphModule:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from .graph_ops import IN_PLACE_WRITES, op_name
+from .graph_ops import IN_PLACE_WRITES, op_name, writes_in_place
 
 LOCAL_ALLOCATIONS = {"new_empty", "new_zeros", "new_full", "empty", "zeros", "full", "empty_like", "zeros_like"}
 
@@ -15,8 +15,7 @@ def is_impure(node: fx.Node) -> bool:
         return True
     if node.op not in ("call_function", "call_method"):
         return False
-    name = op_name(node)
-    return name in IN_PLACE_WRITES or (name.endswith("_") and not name.startswith("_"))
+    return writes_in_place(node)
 
 
 def eliminate_dead_code(gm: fx.GraphModule) -> fx.GraphModule:

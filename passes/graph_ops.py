@@ -44,6 +44,12 @@ def op_name(node: fx.Node) -> str:
     return _ALIASES.get(name, name)
 
 
+def writes_in_place(node: fx.Node) -> bool:
+    """Does the op write into its first argument (copy_, index_put_, x[i] = y, any `op_` method)?"""
+    name = op_name(node)
+    return name in IN_PLACE_WRITES or (name.endswith("_") and not name.startswith("_"))
+
+
 def is_relu(node: fx.Node) -> bool:
     """relu(x), clamp_min(x, 0), clamp(x, min=0), clamp(x, 0)."""
     name = op_name(node)

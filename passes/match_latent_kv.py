@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from .graph_ops import IN_PLACE_WRITES, LAYOUT_OPS, op_name, shape_of
+from .graph_ops import LAYOUT_OPS, op_name, shape_of, writes_in_place
 
 # ops whose result may share storage with their first argument
 ALIASING_OPS = LAYOUT_OPS | {"split", "chunk", "unbind", "select", "slice", "as_strided", "t", "view_as", "detach"}
@@ -69,11 +69,10 @@ def _written_between(node: fx.Node, start: fx.Node, end: fx.Node | None) -> bool
     while stack:
         alias = stack.pop()
         for user in alias.users:
-            name = op_name(user)
-            writes = name in IN_PLACE_WRITES or (name.endswith("_") and not name.startswith("_"))
+            writes = writes_in_place(user)
             if writes and user.args and user.args[0] is alias and lo < order[user] < hi:
                 return True
-            if (name in ALIASING_OPS or writes) and user not in seen:  # x.copy_(y) returns x
+            if (op_name(user) in ALIASING_OPS or writes) and user not in seen:  # x.copy_(y) returns x
                 seen.add(user)
                 stack.append(user)
     return False
