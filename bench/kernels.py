@@ -3,7 +3,8 @@
 Measures, in one run:
   * the card's bf16 matmul peak (8192^3) and copy bandwidth (read + write bytes / s);
   * indexer prefill (S = T = L, causal) for the DSA indexer shapes: scores kernel alone and
-    scores + top-k selection, TFLOP/s with FLOPs = L^2/2 * H * D * 2 (dot products only);
+    scores + top-k selection (descending rows, and unordered rows as the lowering asks for
+    behind HF's index mask), TFLOP/s with FLOPs = L^2/2 * H * D * 2 (dot products only);
   * indexer decode (S = 1, T up to 128K, B in {1, 16}): bytes = K read once, as % of copy BW;
   * sparse MLA (absorbed 576 / v 512, H in {20, 64}, top-k 2048): FLOPs = L * k * H * (576+512) * 2;
     plus its decode form (S = 1) as % of copy BW (bytes = selected kv rows read once), and (GPU)
@@ -97,27 +98,31 @@ def strided_causal_indices(B, S, T, K, device) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- measurements
 
-def time_indexer(q, k, w, topk, device, quick) -> tuple[float, float]:
+def time_indexer(q, k, w, topk, device, quick, sorted=True) -> tuple[float, float]:
     """(ms of the score kernel alone, ms of scores + top-k selection)."""
     def scores_only():
         for _ in chunked_scores(q, k, w):
             pass
 
     ms_scores = bench_ms(scores_only, device, quick)
-    ms_total = bench_ms(lambda: indexer_topk(q, k, w, topk, use_triton=True), device, quick)
+    ms_total = bench_ms(lambda: indexer_topk(q, k, w, topk, use_triton=True, sorted=sorted), device, quick)
     return ms_scores, ms_total
 
 
 def bench_indexer_prefill(L, H, D, topk, device, peaks, quick) -> dict:
+    """Totals for descending rows (torch.topk) and for unordered rows (what the lowering asks
+    for behind HF's index mask: kernels/topk_select.py)."""
     q, k, w = indexer_inputs(1, L, L, H, D, device)
     flops = L * L / 2 * H * D * 2
     ms_scores, ms_total = time_indexer(q, k, w, topk, device, quick)
+    ms_unordered = bench_ms(lambda: indexer_topk(q, k, w, topk, use_triton=True, sorted=False), device, quick)
     peak = peaks["bf16_matmul_tflops"]
     return {
-        "ms_scores": ms_scores, "ms_total": ms_total,
+        "ms_scores": ms_scores, "ms_total": ms_total, "ms_total_unordered": ms_unordered,
         "tflops_scores": flops / ms_scores / 1e9, "tflops_total": flops / ms_total / 1e9,
         "pct_peak_scores": 100 * flops / ms_scores / 1e9 / peak,
         "pct_peak_total": 100 * flops / ms_total / 1e9 / peak,
+        "pct_peak_total_unordered": 100 * flops / ms_unordered / 1e9 / peak,
     }
 
 

@@ -46,7 +46,7 @@ class ExportError(ValueError):
 
 
 # ------------------------------------------------------------------------------ decompositions
-def _indexer_topk(q, k, w, topk, mask=None, causal=True):
+def _indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True):
     """ic::indexer_topk in standard ops (no loops, symbolic S/T): q [B,S,H,D], k [B,T,D], w [B,S,H]
     -> int32 [B,S,topk], -1 where fewer than topk keys are allowed (matches kernels/reference.py)."""
     S, T = q.shape[1], k.shape[1]

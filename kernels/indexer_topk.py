@@ -1,7 +1,8 @@
 """Lightning-indexer scores + top-k selection (DeepSeek Sparse Attention indexer).
 
     scores[b,s,t] = sum_h w[b,s,h] * relu(q[b,s,h,:] . k[b,t,:])        (scales folded into w)
-    out[b,s,:]    = top-`topk` allowed keys t of row (b,s), descending, -1 padded   (int32)
+    out[b,s,:]    = top-`topk` allowed keys t of row (b,s), -1 padded (int32); descending
+                    unless sorted=False (then in no particular order)
 
 Design (prefill, one Triton kernel `_indexer_scores_kernel`):
   * a program owns BLOCK_S queries x all heads: the A operand of one tensor-core dot is the
@@ -16,7 +17,8 @@ Design (prefill, one Triton kernel `_indexer_scores_kernel`):
     chunk (no copy in topk).
   * decode / small S: all S queries share one program row (K streamed once) and the key
     axis is split over `num_splits` programs so the GPU is filled even for B=1.
-The selection is torch.topk on the masked scores; -inf picks become -1.
+The selection runs per chunk on the masked scores: torch.topk, or kernels/topk_select.py when
+the caller allows unordered output (see select_topk); -inf picks become -1.
 """
 from __future__ import annotations
 
@@ -38,10 +40,20 @@ from ._triton_utils import (
     use_triton_for,
 )
 from .reference import indexer_topk_ref, topk_indices_from_scores
+from .topk_select import topk_select
 
 SCORE_BUFFER_BYTES = 1 << 30  # fp32 [B, chunk, width] score buffer budget per query chunk
 CAUSAL_CHUNK_ROWS = 4096  # causal query chunks at most this tall (see _chunk_rows; bench/sweep_topk.py)
 MAX_TILE_ROWS = 256  # max BLOCK_S * H_PAD (rows of the tensor-core dot)
+# Unordered selection (sorted=False) uses kernels/topk_select.py for chunks of at least
+# MIN_SELECT_ROWS rows (one program per row: fewer leave the GPU idle -- decode B=16 measured
+# 0.21 ms vs torch.topk's 0.13); sorted selection and small chunks use torch.topk (the bitonic
+# sort made topk_select 2x slower than torch.topk at 16K). Launch configs: bench/sweep_select.py.
+MIN_SELECT_ROWS = 256
+MAX_SELECT_TOPK = 2048  # candidate block 2 * topk lives in registers: measured only up to here
+SELECT_KWARGS = {"narrow": dict(num_warps=4, block=2048, stages=3),  # width <= SELECT_NARROW
+                 "wide": dict(num_warps=8, block=2048, stages=3)}
+SELECT_NARROW = 32768
 
 
 def _indexer_scores_kernel(
@@ -275,36 +287,62 @@ def chunked_scores(
         yield s0, s1, scores
 
 
+def select_topk(scores: torch.Tensor, topk: int, diag_base: int | None, sorted: bool = True,
+                selection: str = "auto"):
+    """Masked fp32 scores [B, rows, width] -> int32 [B, rows, topk] (-1 padded; descending when
+    `sorted`, else in no particular order).
+
+    selection: "triton" (kernels/topk_select.py; causal rows are read only up to their diagonal
+    diag_base + row), "torch" (torch.topk over the whole buffer), or "auto" (see MIN_SELECT_ROWS)."""
+    B, rows, width = scores.shape
+    if selection not in ("auto", "triton", "torch"):
+        raise ValueError(f"selection must be 'auto', 'triton' or 'torch', got {selection!r}")
+    if selection == "auto":
+        wanted = not sorted and B * rows >= MIN_SELECT_ROWS and topk <= MAX_SELECT_TOPK
+        selection = "triton" if wanted else "torch"
+    if selection == "torch":
+        return topk_indices_from_scores(scores, topk)
+    launch = SELECT_KWARGS["narrow" if width <= SELECT_NARROW else "wide"]
+    out = topk_select(scores.view(B * rows, width), topk, diag_base=diag_base, row_period=rows, sorted=sorted,
+                      **launch)
+    return out.view(B, rows, topk)
+
+
 def indexer_topk_triton(
     q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, topk: int,
     mask: torch.Tensor | None = None, causal: bool = True,
-    chunk_rows: int | None = None, num_splits: int | None = None,
+    chunk_rows: int | None = None, num_splits: int | None = None, sorted: bool = True,
+    selection: str = "auto",
 ) -> torch.Tensor:
     """Triton path of indexer_topk (CPU tensors run in the Triton interpreter).
 
-    chunk_rows / num_splits override the heuristics (tests use them to hit every code path).
+    chunk_rows / num_splits override the heuristics (tests use them to hit every code path);
+    sorted / selection: see select_topk.
     """
-    B, S = q.shape[0], q.shape[1]
+    B, S, T = q.shape[0], q.shape[1], k.shape[1]
     out = new_output((B, S, topk), torch.int32, q.device)
     for s0, s1, scores in chunked_scores(q, k, w, mask, causal, chunk_rows, num_splits):
         if scores.shape[-1] == 0:  # no key visible to this chunk (causal with S > T)
             out[:, s0:s1] = -1
         else:
-            out[:, s0:s1] = topk_indices_from_scores(scores, topk)
+            diag_base = (T - S + s0) if causal else None
+            out[:, s0:s1] = select_topk(scores, topk, diag_base, sorted, selection)
     return out
 
 
 def indexer_topk(
     q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, topk: int,
     mask: torch.Tensor | None = None, causal: bool = True, use_triton: bool | None = None,
+    sorted: bool = True,
 ) -> torch.Tensor:
     """Indexer top-k. q [B,S,H,D], k [B,T,D], w [B,S,H] -> int32 [B,S,topk] (-1 padded).
 
+    sorted=False: the caller does not need descending order (the reference still gives it).
     use_triton: None = Triton on CUDA, reference elsewhere; True = Triton (interpreter on CPU);
     False = reference. See _triton_utils for the IC_KERNELS_TRITON override.
     """
     if use_triton_for(q, use_triton):
-        return indexer_topk_triton(q, k, w, topk, mask, causal)
+        return indexer_topk_triton(q, k, w, topk, mask, causal, sorted=sorted)
     return indexer_topk_ref(q, k, w, topk, mask, causal)
 
 

@@ -1,6 +1,7 @@
 """torch.library custom ops in namespace ``ic`` (importing this module registers them).
 
-    ic::indexer_topk(Tensor q, Tensor k, Tensor w, int topk, Tensor? mask=None, bool causal=True) -> Tensor
+    ic::indexer_topk(Tensor q, Tensor k, Tensor w, int topk, Tensor? mask=None, bool causal=True,
+                     bool sorted=True) -> Tensor
     ic::sparse_attention(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, bool causal=True) -> Tensor
     ic::sparse_mla(Tensor q, Tensor kv, Tensor indices, float scale, int dv, bool causal=True) -> Tensor
 
@@ -28,17 +29,19 @@ from .sparse_attention import sparse_mla as _sparse_mla
 
 NAMESPACE = "ic"
 
-_INDEXER_TOPK_SCHEMA = "(Tensor q, Tensor k, Tensor w, int topk, Tensor? mask=None, bool causal=True) -> Tensor"
+_INDEXER_TOPK_SCHEMA = ("(Tensor q, Tensor k, Tensor w, int topk, Tensor? mask=None, bool causal=True, "
+                        "bool sorted=True) -> Tensor")
 _SPARSE_ATTENTION_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, bool causal=True) -> Tensor"
 _SPARSE_MLA_SCHEMA = "(Tensor q, Tensor kv, Tensor indices, float scale, int dv, bool causal=True) -> Tensor"
 
 
 @torch.library.custom_op(f"{NAMESPACE}::indexer_topk", mutates_args=(), schema=_INDEXER_TOPK_SCHEMA)
-def indexer_topk(q, k, w, topk, mask=None, causal=True):
-    """q [B,S,H,D], k [B,T,D], w [B,S,H] -> int32 [B,S,topk] (-1 padded)."""
+def indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True):
+    """q [B,S,H,D], k [B,T,D], w [B,S,H] -> int32 [B,S,topk] (-1 padded). sorted=False: rows
+    may come in any order (the lowering asks for that when every consumer ignores order)."""
     if not causal and mask is not None and mask_within_causal(mask, q.shape[1], k.shape[1]):
         causal = True  # same answer, and key blocks above the diagonal are skipped
-    return _indexer_topk(q, k, w, topk, mask, causal)
+    return _indexer_topk(q, k, w, topk, mask, causal, sorted=sorted)
 
 
 def mask_within_causal(mask, S: int, T: int, rows_per_chunk: int = 4096) -> bool:
@@ -55,7 +58,7 @@ def mask_within_causal(mask, S: int, T: int, rows_per_chunk: int = 4096) -> bool
 
 
 @indexer_topk.register_fake
-def _(q, k, w, topk, mask=None, causal=True):
+def _(q, k, w, topk, mask=None, causal=True, sorted=True):
     B, S = q.shape[0], q.shape[1]
     return q.new_empty((B, S, topk), dtype=torch.int32)
 

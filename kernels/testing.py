@@ -53,7 +53,8 @@ def masked_scores(q, k, w, mask=None, causal=True) -> torch.Tensor:
     return scores
 
 
-def check_topk(got: torch.Tensor, scores: torch.Tensor, topk: int, rel_tol: float = 1e-4) -> None:
+def check_topk(got: torch.Tensor, scores: torch.Tensor, topk: int, rel_tol: float = 1e-4,
+               ordered: bool = True) -> None:
     """Assert `got` [..., topk] is a valid top-k of masked `scores` [..., T] (-inf = not allowed).
 
     Per row, with n = min(topk, #allowed):
@@ -62,10 +63,14 @@ def check_topk(got: torch.Tensor, scores: torch.Tensor, topk: int, rel_tol: floa
       * as a SET they match the true top-n, except for keys whose score is within tol of the
         n-th largest score (near-ties may legitimately flip with summation order / bf16).
     tol = rel_tol * (max |allowed score| of the row + 1).
+    ordered=False: `got` may list a row's keys in any order (they are sorted by score first).
     """
     got = got.to(scores.device).long()
     R, T = scores.numel() // scores.shape[-1], scores.shape[-1]
     got, scores = got.reshape(R, topk), scores.reshape(R, T).float()
+    if not ordered:  # by score, descending; -1 slots last
+        key = scores.gather(-1, got.clamp(min=0)).masked_fill(got < 0, float("-inf"))
+        got = got.gather(-1, torch.argsort(key, dim=-1, descending=True, stable=True))
     finite = torch.isfinite(scores)
     n = finite.sum(-1).clamp(max=topk)  # [R]
     slot = torch.arange(topk, device=got.device)[None, :]

@@ -37,6 +37,7 @@ class _Plan:
     mask: fx.Node | None
     mask_kind: str  # "none" | "fill" (True = drop) | "additive" | "allowed"
     topk: int | fx.Node
+    ordered: bool  # some consumer may depend on the descending order of the indices
 
 
 def lower_indexer(gm: fx.GraphModule, matches: list[IndexerMatch], report: LoweringReport) -> fx.GraphModule:
@@ -51,15 +52,16 @@ def lower_indexer(gm: fx.GraphModule, matches: list[IndexerMatch], report: Lower
     return gm
 
 
-def lowered_indexer(q, k, w, scale, mask, topk, w_layout, mask_kind):
-    """Canonical layouts, then the fused op -> int32 [B,S,topk], -1 where fewer keys are allowed."""
+def lowered_indexer(q, k, w, scale, mask, topk, w_layout, mask_kind, ordered=True):
+    """Canonical layouts, then the fused op -> int32 [B,S,topk], -1 where fewer keys are allowed;
+    rows descending by score when `ordered` (else any order, which lets CUDA use topk_select)."""
     # q [B,S,H,D], k [B,T,D] in the model's dtype: bf16 products are exact in the fp32 accumulator,
     # so skipping the model's .float() upcast changes only the summation order (and uses tensor cores)
     if q.dtype != k.dtype:
         q, k = q.float(), k.float()
     w = (w.squeeze(-2) if w_layout == "bs1h" else w.squeeze(-1)).float() * scale  # [B,S,H]
     allowed = _allowed(mask, mask_kind, q.shape[0], q.shape[1], k.shape[1])
-    return torch.ops.ic.indexer_topk(q, k, w, topk, allowed, False)  # [B,S,topk] int32
+    return torch.ops.ic.indexer_topk(q, k, w, topk, allowed, False, ordered)  # [B,S,topk] int32
 
 
 def scatter_safe_indices(ids, keys):
@@ -116,7 +118,45 @@ def _analyse(match: IndexerMatch) -> _Plan | str:
     key = _key_source(match.key, shape_of(match.query)[3])
     if key is None:
         return f"no [B,T,D] key tensor behind the product's key operand {shape_of(match.key)}"
-    return _Plan(_uncast(match.query), key, w, w_layout, float(scale), mask, mask_kind, topk)
+    return _Plan(_uncast(match.query), key, w, w_layout, float(scale), mask, mask_kind, topk,
+                 ordered=not order_free(match.topk))
+
+
+# casts that keep each index value where it is (HF: .indices.to(torch.int32), then .long())
+_INDEX_CASTS = {"to", "long", "int", "type", "contiguous", "clone"}
+# uses that read only dtype / device / shape (HF: topk_indices.new_ones(...) for the index mask)
+_METADATA_USES = {"new_ones", "new_zeros", "new_full", "new_empty", "size", "dim"}
+
+
+def order_free(indices: fx.Node) -> bool:
+    """True when no use of the top-k result can see the order of the indices along the last dim:
+    the indices only go (through casts, possibly into S layers) into scatter(-1, ids, <scalar>)
+    -- HF's index mask -- or into metadata reads (new_ones). Anything else (a graph output, a
+    gather, a slice...) counts as ordered."""
+    for use in indices.users:
+        name = op_name(use)
+        if name == "getitem" and op_name(indices) == "topk":
+            through = use.args[1] == 1 and order_free(use)
+        elif name in _INDEX_CASTS:
+            through = order_free(use)
+        elif name in _METADATA_USES:
+            through = use.args[0] is indices
+        else:
+            through = name in ("scatter", "scatter_") and _scatters_scalar_along_last(use, indices)
+        if not through:
+            return False
+    return bool(indices.users)
+
+
+def _scatters_scalar_along_last(scatter: fx.Node, index: fx.Node) -> bool:
+    """scatter(input, dim, index, value) with `index` as the index, dim the last one, a scalar value."""
+    args = list(scatter.args) + [None] * 4
+    dim, idx = scatter.kwargs.get("dim", args[1]), scatter.kwargs.get("index", args[2])
+    value = scatter.kwargs.get("value", args[3])
+    target = shape_of(scatter)
+    last = dim == -1 or (target is not None and dim == len(target) - 1)
+    return (idx is index and last and isinstance(value, (bool, int, float)) and args[0] is not index
+            and "reduce" not in scatter.kwargs)
 
 
 def _known_product(match: IndexerMatch) -> bool:
@@ -227,7 +267,7 @@ def _replace(gm: fx.GraphModule, match: IndexerMatch, plan: _Plan) -> None:
     with gm.graph.inserting_before(match.topk):
         node = gm.graph.call_function(
             lowered_indexer, (plan.q, plan.k, plan.w, plan.scale, plan.mask, plan.topk, plan.w_layout,
-                              plan.mask_kind))
+                              plan.mask_kind, plan.ordered))
         safe = gm.graph.call_function(scatter_safe_indices, (node, plan.k))
     for new in (node, safe):
         new.meta.update({k: v for k, v in match.topk.meta.items() if k in ("nn_module_stack", "stack_trace")})

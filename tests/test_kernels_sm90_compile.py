@@ -186,3 +186,22 @@ def test_compiles_after_interpreted_launch(tmp_path, monkeypatch):
     indexer_topk(q, k, w, 4, use_triton=True)  # interpreter: tl.sum/tl.cdiv run as helpers
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     _check_indexer(_compile_indexer(4, 32, 64, 4, 2), 128)
+
+
+# ----------------------------------------------------------------------------- top-k selection
+
+def _compile_topk_select(topk, warps, sorted_out=True):
+    from ic_compile.kernels.topk_select import _topk_select_kernel, launch_meta
+
+    meta = launch_meta(topk, sorted_out)
+    ints = dict(width=16384, diag_base=12288, row_period=4096, topk=topk, s_row=16384, s_out=topk, s_cand=meta["CAND"])
+    ptrs = dict(scores_ptr="fp32", out_ptr="i32", cand_val_ptr="fp32", cand_idx_ptr="i32", path_ptr="i32")
+    return compile_sm90(_topk_select_kernel, ptrs, ints, {}, meta, warps, 1)
+
+
+@pytest.mark.parametrize("warps", [4, 8, 16])
+@pytest.mark.parametrize("sorted_out", [True, False], ids=["sorted", "unsorted"])
+def test_topk_select_compiles_for_sm90(warps, sorted_out):
+    res = _compile_topk_select(2048, warps, sorted_out)
+    assert res["shared"] <= MAX_SMEM, res["shared"]
+    print(warps, sorted_out, {k: v for k, v in res.items() if k != "ptx"})

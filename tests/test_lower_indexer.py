@@ -43,6 +43,8 @@ def test_lowered_graph_has_one_op_per_f_layer_and_no_score_tensor(eight_heads):
     assert result.kernels.lowered == [0, 3] and not result.kernels.skipped
     calls = [n for n in result.gm.graph.nodes if n.target is lowered_indexer]
     assert len(calls) == 2
+    # HF's indices only feed scatter(-1, ids, False) (the index mask): any order is fine
+    assert [n.args[8] for n in calls] == [False, False]
     attention = [n for n in result.gm.graph.nodes if n.target is lowered_absorbed_mla]
     assert len(attention) == result.kernels.attention_lowered == result.kernels.attention_absorbed == 4
     # absorbed MLA: no per-head keys expanded from the latent (kv_b_proj output, key buffer) remain
@@ -75,3 +77,40 @@ def test_reference_model_static_cache_with_fused_indexer():
     for want, got in pairs:
         assert (want - got).abs().max().item() < 1e-4
     assert ic_compile.backend.last_results[-1].kernels.lowered == [0, 2]
+
+
+def test_order_sensitive_consumer_keeps_descending_indices():
+    """A model reading idx[..., :1] (the best key) must keep torch.topk's order: the lowering
+    asks the op for sorted rows (ordered=True), and the rewritten graph still matches eager."""
+    from test_detection import Model
+
+    torch.manual_seed(0)
+    model, x = Model(["einsum_clamp_sum", "einsum_clamp_sum"]).eval(), torch.randn(2, 12, 16)
+    result = ic_compile.rewrite(ic_compile.capture_graphs(model, (x,))[0], "FF", kernels=True)
+    calls = [n for n in result.gm.graph.nodes if n.target is lowered_indexer]
+    assert len(calls) == 2 and [n.args[8] for n in calls] == [True, True]
+    with torch.no_grad():
+        assert torch.allclose(compiled(model, "FF")(x)[0], model(x)[0], atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_hf_oracle_on_gpu_with_triton_kernels(monkeypatch):
+    """CUDA: the lowered graph runs the Triton indexer (unordered selection through topk_select:
+    300 query rows >= MIN_SELECT_ROWS) and sparse MLA; logits match HF's own IndexCache model."""
+    from ic_compile.kernels import indexer_topk as indexer_mod
+
+    monkeypatch.setitem(tiny_models.HF_TINY, "index_n_heads", 8)
+    monkeypatch.setitem(tiny_models.HF_TINY, "index_topk", 64)
+    monkeypatch.setitem(tiny_models.HF_TINY, "max_position_embeddings", 1024)
+    selects = []
+    original = indexer_mod.topk_select
+    monkeypatch.setattr(indexer_mod, "topk_select", lambda *a, **kw: selects.append(1) or original(*a, **kw))
+    model = tiny_models.glm().cuda()
+    ids, steps = tiny_models.random_ids(batch=1, seq=300).cuda(), tiny_models.random_ids(batch=1, seq=2, seed=5).cuda()
+    oracle = tiny_models.glm_with_plan(model, "FSFS").cuda()
+    want, _ = tiny_models.prefill_and_decode(oracle, ids, steps)
+    got, _ = tiny_models.prefill_and_decode(compiled(model, "FSFS", "inductor"), ids, steps)
+    assert selects, "the Triton selection did not run"
+    for w, g in zip(want, got):
+        assert (w - g).abs().max().item() < 1e-3

@@ -1,0 +1,116 @@
+"""Top-k selection on the H200: kernels/topk_select.py vs torch.topk, on real indexer scores.
+
+Per L (prefill, S = T = L, 30B indexer shape, top-k 2048):
+  * on the widest (last) query chunk's score buffer: torch.topk (descending) vs topk_select
+    for each (sorted, num_warps, block, stages) -- ms, how many rows took each path (direct / filtered /
+    retried / exact), rows whose selected SET differs from torch.topk's, and % of the copy
+    bandwidth for reading each row once up to its diagonal (the selection's byte floor);
+  * the whole indexer (scores + selection over all chunks) with selection="torch" vs "triton"
+    (a few topk_select launch configs);
+Decode (S = 1, T = 128K, B in {1, 16}): torch.topk vs topk_select on the [B, 1, T] buffer.
+
+    python bench/sweep_select.py --out bench/results/sweep_select_h200.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from ic_compile.kernels import indexer_topk
+from ic_compile.kernels.indexer_topk import chunked_scores, indexer_topk_triton
+from ic_compile.kernels.reference import topk_indices_from_scores
+from ic_compile.kernels.topk_select import topk_select
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from kernels import bench_ms, indexer_inputs, measure_peaks  # noqa: E402  (bench/kernels.py)
+
+TOPK = 2048
+CONFIGS = [dict(sorted=srt, num_warps=warps, block=block, stages=stages)
+           for srt in (False, True) for warps in (4, 8) for block in (2048, 4096) for stages in (1, 3)]
+WHOLE_INDEXER = {"torch.topk (descending)": dict(selection="torch"),
+                 "auto, unordered (topk_select)": dict(sorted=False)}
+
+
+def set_mismatches(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Rows of [R, K] whose index sets differ."""
+    return int((a.sort(-1).values != b.sort(-1).values).any(-1).sum())
+
+
+def compare_on_buffer(scores: torch.Tensor, diag_base: int | None, copy_gbps: float, label: dict) -> list[dict]:
+    """scores [R, W] (one query chunk): torch.topk vs every topk_select config."""
+    R, W = scores.shape
+    lengths = torch.arange(R, device=scores.device) + (diag_base if diag_base is not None else W) + 1
+    read_bytes = int(lengths.clamp(max=W).sum()) * 4
+    floor_ms = read_bytes / copy_gbps / 1e6 * 2  # copy_gbps counts read + write
+    want = topk_indices_from_scores(scores, TOPK)
+    rows = [{**label, "rows": R, "width": W, "impl": "torch.topk", "read_floor_ms": floor_ms,
+             "ms": bench_ms(lambda: topk_indices_from_scores(scores, TOPK), scores.device, quick=True)}]
+    print(json.dumps(rows[-1]), flush=True)
+    for cfg in CONFIGS:
+        def run(cfg=cfg):
+            return topk_select(scores, TOPK, diag_base=diag_base, return_path=True, **cfg)
+        got, path = run()
+        srt = cfg["sorted"]
+        entry = {**label, "impl": "topk_select", **cfg,
+                 "ms": bench_ms(run, scores.device, quick=True),
+                 "paths": torch.bincount(path.long(), minlength=4).tolist(),
+                 "set_mismatch_rows": set_mismatches(got, want),
+                 "order_mismatch_rows": int((got != want).any(-1).sum()) if srt else None}
+        entry["pct_of_read_floor"] = 100 * floor_ms / entry["ms"]
+        rows.append(entry)
+        print(json.dumps(entry), flush=True)
+    return rows
+
+
+def prefill(L: int, device, copy_gbps: float) -> list[dict]:
+    q, k, w = indexer_inputs(1, L, L, 32, 128, device)
+    rows = []
+    for name, kwargs in WHOLE_INDEXER.items():
+        ms = bench_ms(lambda: indexer_topk_triton(q, k, w, TOPK, **kwargs), device, quick=True)
+        rows.append({"L": L, "indexer_total_ms": ms, "selection": name,
+                     "select_kwargs": indexer_topk.SELECT_KWARGS})
+        print(json.dumps(rows[-1]), flush=True)
+    got = indexer_topk_triton(q, k, w, TOPK, sorted=False)
+    want = indexer_topk_triton(q, k, w, TOPK, selection="torch")
+    rows.append({"L": L, "whole_indexer_set_mismatch_rows": set_mismatches(got[0], want[0])})
+    print(json.dumps(rows[-1]), flush=True)
+    for s0, _, last in chunked_scores(q, k, w):
+        pass
+    rows += compare_on_buffer(last[0], s0, copy_gbps, {"L": L, "mode": "prefill_last_chunk"})
+    return rows
+
+
+def decode(B: int, T: int, device, copy_gbps: float) -> list[dict]:
+    q, k, w = indexer_inputs(B, 1, T, 32, 128, device)
+    for _, _, scores in chunked_scores(q, k, w):
+        pass
+    return compare_on_buffer(scores[:, 0], None, copy_gbps, {"B": B, "T": T, "mode": "decode"})
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", default="16384,131072")
+    ap.add_argument("--decode", default="1,16", help="decode batch sizes at T=128K ('' = none)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    peaks = measure_peaks(device, smoke=False, quick=True)
+    report = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "peaks": peaks,
+              "results": []}
+    try:
+        for L in (int(x) for x in args.lengths.split(",") if x):
+            report["results"] += prefill(L, device, peaks["copy_gbps"])
+        for B in (int(x) for x in args.decode.split(",") if x):
+            report["results"] += decode(B, 131072, device, peaks["copy_gbps"])
+    finally:
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Top-k selection kernel (kernels/topk_select.py) vs torch.topk: interpreter on CPU, real on CUDA."""
+
+import pytest
+import torch
+
+from ic_compile.kernels import _triton_utils
+from ic_compile.kernels.testing import check_topk, repro, seed_everything
+from ic_compile.kernels.topk_select import (
+    PATH_DIRECT,
+    PATH_EXACT,
+    PATH_FILTERED,
+    candidate_capacity,
+    topk_select,
+    topk_select_ref,
+)
+
+from marks import needs_cuda, needs_triton
+
+pytestmark = needs_triton
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Output buffers start as garbage: a missed write fails the test."""
+    monkeypatch.setattr(_triton_utils, "POISON_OUTPUTS", True)
+
+
+def _allowed(scores, diag_base, row_period):
+    """scores with the columns a causal row does not read set to -inf."""
+    R, W = scores.shape
+    limit = diag_base + torch.arange(R, device=scores.device) % row_period
+    return scores.masked_fill(torch.arange(W, device=scores.device)[None, :] > limit[:, None], float("-inf"))
+
+
+def _check(got, scores, topk, sorted_out, seed):
+    """got: a valid top-k of scores (descending when sorted_out; as a set otherwise)."""
+    try:
+        check_topk(got, scores, topk, ordered=sorted_out)
+    except AssertionError as e:
+        raise AssertionError(f"{e} {repro(seed)}") from None
+
+
+def _rows(R, W, device="cpu"):
+    """Random scores [R, W] with ~20% -inf (not allowed), one all -inf row, one row with
+    fewer than 8 allowed keys."""
+    scores = torch.randn(R, W, device=device)
+    scores[torch.rand(R, W, device=device) < 0.2] = float("-inf")
+    scores[0] = float("-inf")
+    scores[1, 7:] = float("-inf")
+    return scores
+
+
+@pytest.mark.parametrize("sorted_out", [True, False], ids=["sorted", "unsorted"])
+@pytest.mark.parametrize("W,topk", [(40, 16), (300, 16), (900, 32), (129, 64)])
+def test_topk_select(W, topk, sorted_out, request):
+    seed = seed_everything(request.node.name)
+    scores = _rows(6, W)
+    got, path = topk_select(scores, topk, sorted=sorted_out, return_path=True)
+    assert got.shape == (6, topk) and got.dtype == torch.int32
+    _check(got, scores, topk, sorted_out, seed)
+    cand = candidate_capacity(topk)
+    assert bool(((path == PATH_DIRECT) == (W <= cand)).all()), path  # direct iff the row fits
+
+
+def test_topk_select_causal_rows_and_period(request):
+    """Row r reads min(W, diag_base + r % period + 1) scores; the rest is never selected even
+    when it holds the largest values (here: +inf-like garbage beyond the diagonal)."""
+    seed = seed_everything(request.node.name)
+    R, W, topk, period, diag_base = 8, 200, 16, 4, 150
+    scores = torch.randn(R, W)
+    limit = diag_base + torch.arange(R) % period
+    scores[torch.arange(W)[None, :] > limit[:, None]] = 1e30
+    got = topk_select(scores, topk, diag_base=diag_base, row_period=period)
+    _check(got, _allowed(scores, diag_base, period), topk, True, seed)
+    assert torch.equal(got, topk_select_ref(scores, topk, diag_base, period))
+
+
+def test_topk_select_early_causal_rows():
+    """diag_base < 0 (queries before the first key) and rows shorter than topk: -1 padded."""
+    scores = torch.randn(5, 30)
+    got = topk_select(scores, 8, diag_base=-2)
+    assert (got[:2] == -1).all()
+    assert torch.equal(got, topk_select_ref(scores, 8, -2))
+
+
+def test_topk_select_ties_take_the_exact_path(request):
+    """Heavy ties defeat the sampled threshold (everything at the threshold is kept -> more
+    than CAND candidates): the exact bit-search path still returns a valid top-k."""
+    seed = seed_everything(request.node.name)
+    W, topk = 400, 16
+    scores = torch.zeros(3, W)
+    scores[0, 100:] = 1.0  # 300 tied maxima
+    scores[1, ::3] = -torch.rand(W // 3 + 1) - 0.1  # the 2/3 exact zeros are the maxima
+    scores[2] = torch.randint(0, 3, (W,)).float()  # three values only
+    got, path = topk_select(scores, topk, return_path=True)
+    _check(got, scores, topk, True, seed)
+    assert (path == PATH_EXACT).all(), path
+
+
+def test_topk_select_filtered_path_is_taken(request):
+    """Smooth random rows wider than CAND go through the sampled filter (no fallback). (The
+    sample is 64 scores for topk 16; for much wider rows its rank-1 threshold keeps too many.)"""
+    seed = seed_everything(request.node.name)
+    scores = torch.randn(4, 300)
+    got, path = topk_select(scores, 16, return_path=True)
+    _check(got, scores, 16, True, seed)
+    assert (path == PATH_FILTERED).sum() >= 3, path
+
+
+@pytest.mark.parametrize("case", ["chunked_batches", "queries_after_keys", "padding_mask"])
+def test_unordered_indexer_uses_topk_select(case, request, monkeypatch):
+    """indexer_topk_triton(sorted=False) through topk_select (MIN_SELECT_ROWS lowered so small
+    chunks take it): causal diagonals per chunk, B > 1 rows (row_period), masks."""
+    from ic_compile.kernels import indexer_topk as mod
+    from ic_compile.kernels.testing import indexer_inputs, masked_scores
+
+    seed = seed_everything(request.node.name)
+    monkeypatch.setattr(mod, "MIN_SELECT_ROWS", 1)
+    calls = []
+    monkeypatch.setattr(mod, "topk_select", lambda *a, **kw: calls.append(1) or topk_select(*a, **kw))
+    B, S, T, kw, mask = {"chunked_batches": (2, 24, 150, {"chunk_rows": 8}, None),
+                         "queries_after_keys": (1, 30, 20, {"chunk_rows": 8}, None),
+                         "padding_mask": (2, 16, 120, {}, "pad")}[case]
+    q, k, w = indexer_inputs(B, S, T, 4, 16)
+    if mask == "pad":
+        mask = (torch.arange(T)[None, :] < torch.tensor([T, T - 50])[:, None])[:, None, :]
+    got = mod.indexer_topk_triton(q, k, w, 16, mask, True, sorted=False, **kw)
+    assert calls, "topk_select was not used"
+    try:
+        check_topk(got, masked_scores(q, k, w, mask, True), 16, ordered=False)
+    except AssertionError as e:
+        raise AssertionError(f"{e} {repro(seed)}") from None
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("sorted_out", [True, False], ids=["sorted", "unsorted"])
+@pytest.mark.parametrize("R,W,diag", [(256, 16384, 12288), (16, 131072, None), (64, 3000, None)])
+def test_topk_select_gpu(R, W, diag, sorted_out, request):
+    seed = seed_everything(request.node.name)
+    scores = _rows(R, W, "cuda")
+    scores[2, :5000] = 0.5  # ties
+    got = topk_select(scores, 2048, diag_base=diag, sorted=sorted_out)
+    allowed = scores if diag is None else _allowed(scores, diag, R)
+    _check(got.cpu(), allowed.cpu(), 2048, sorted_out, seed)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_unordered_indexer_gpu(request):
+    """The CUDA op path with sorted=False (what the lowering asks for behind HF's index mask)."""
+    from ic_compile.kernels.indexer_topk import indexer_topk
+    from ic_compile.kernels.testing import indexer_inputs, masked_scores
+
+    seed = seed_everything(request.node.name)
+    q, k, w = indexer_inputs(2, 1024, 6000, 32, 128, torch.bfloat16, device="cuda")
+    got = indexer_topk(q, k, w, 2048, sorted=False)
+    try:
+        check_topk(got, masked_scores(q.float(), k.float(), w.float()), 2048, ordered=False)
+    except AssertionError as e:
+        raise AssertionError(f"{e} {repro(seed)}") from None
