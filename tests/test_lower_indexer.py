@@ -79,6 +79,15 @@ def test_reference_model_static_cache_with_fused_indexer():
     assert ic_compile.backend.last_results[-1].kernels.lowered == [0, 2]
 
 
+def test_hf_deepseek_v32_indices_are_order_free(eight_heads):
+    """DeepseekV32 builds the same index mask (scatter(-1, ids, False)): unordered rows asked for."""
+    model, ids = tiny_models.deepseek_v32(), tiny_models.random_ids(seq=20)
+    graph = ic_compile.capture_graphs(model, {"input_ids": ids, "use_cache": False})[0]
+    result = ic_compile.rewrite(graph, "FFFF", kernels=True)
+    calls = [n for n in result.gm.graph.nodes if n.target is lowered_indexer]
+    assert len(calls) == 4 and all(n.args[8] is False for n in calls)
+
+
 def test_order_sensitive_consumer_keeps_descending_indices():
     """A model reading idx[..., :1] (the best key) must keep torch.topk's order: the lowering
     asks the op for sorted rows (ordered=True), and the rewritten graph still matches eager."""
