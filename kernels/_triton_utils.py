@@ -77,6 +77,24 @@ def launch_config(kernel, grid, args: tuple, consts: dict, config) -> None:
     kernel[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
+def _interpreter_index_compat() -> None:
+    """Triton 3.6's interpreter converts a tensor used as a Python int (e.g. a loop bound computed
+    from program_id) with int(data), which fails for the 1-element arrays it holds; 3.9 squeezes
+    first. Install 3.9's conversion once (it runs inside each launch's restorable patch scope)."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "ic_index_compat", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_lang_tensor.ic_index_compat = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
 @contextlib.contextmanager
 def _jit_helpers_interpreted():
     """Route ``JITFunction.__call__`` (normally: raise "outside of the scope of a kernel") to
@@ -92,6 +110,7 @@ def _jit_helpers_interpreted():
     from triton.runtime.interpreter import InterpreterError, _patch_lang
     from triton.runtime.jit import JITFunction
 
+    _interpreter_index_compat()
     original = JITFunction.__call__
 
     def call_interpreted(self, *args, **kwargs):
