@@ -159,3 +159,25 @@ def test_unordered_indexer_gpu(request):
         check_topk(got, masked_scores(q.float(), k.float(), w.float()), 2048, ordered=False)
     except AssertionError as e:
         raise AssertionError(f"{e} {repro(seed)}") from None
+
+
+def test_auto_selection_rule(monkeypatch):
+    """select_topk(selection="auto"): topk_select only for unordered rows, >= MIN_SELECT_ROWS of
+    them and topk <= MAX_SELECT_TOPK; torch.topk (descending) otherwise. Same sets either way."""
+    from ic_compile.kernels import indexer_topk as mod
+
+    calls = []
+    monkeypatch.setattr(mod, "topk_select", lambda *a, **kw: calls.append(1) or topk_select(*a, **kw))
+    monkeypatch.setattr(mod, "MIN_SELECT_ROWS", 64)
+    scores = _rows(64, 40).view(2, 32, 40)  # B * rows = 64
+    want = mod.select_topk(scores, 8, None, sorted=True)
+    assert not calls, "descending rows must use torch.topk"
+    mod.select_topk(scores[:1], 8, None, sorted=False)  # 32 rows < MIN_SELECT_ROWS
+    assert not calls, "few rows must use torch.topk"
+    got = mod.select_topk(scores, 8, None, sorted=False)
+    assert calls
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+    monkeypatch.setattr(mod, "MAX_SELECT_TOPK", 4)
+    calls.clear()
+    mod.select_topk(scores, 8, None, sorted=False)
+    assert not calls, "topk above MAX_SELECT_TOPK must use torch.topk"
