@@ -164,6 +164,7 @@ def _topk_select_kernel(
         vals = tl.load(row_ptr + c, mask=c < n, other=float("-inf"))
         idx = c
     else:
+        tl.debug_barrier()  # the scratch was written by other threads of this program
         vals = tl.load(cand_val + c, mask=c < n_cand, other=float("-inf"))
         idx = tl.load(cand_idx + c, mask=c < n_cand, other=0)
     ukeys = _ukeys(vals)  # [CAND]
