@@ -114,6 +114,8 @@ def _analyse(match: IndexerMatch) -> _Plan | str:
             return f"op '{name}' on the score path is not part of a known indexer form"
     if w is None or not isinstance(scale, (int, float)) or scale <= 0:
         return "no head weights found, or a non-positive scale (cannot fold it through the ReLU)"
+    if mask_kind == "fill" and op_name(mask) in _NOT_OPS:  # masked_fill(~allowed): use `allowed`
+        mask, mask_kind = mask.args[0], "allowed"  # (no [B,S,T] inversion, twice, per F layer)
     topk = match.topk.args[1] if len(match.topk.args) > 1 else match.topk.kwargs["k"]
     key = _key_source(match.key, shape_of(match.query)[3])
     if key is None:
@@ -122,6 +124,8 @@ def _analyse(match: IndexerMatch) -> _Plan | str:
                  ordered=not order_free(match.topk))
 
 
+# a masked_fill mask is bool, so these are all "logical not"
+_NOT_OPS = {"invert", "logical_not", "bitwise_not"}
 # casts that keep each index value where it is (HF: .indices.to(torch.int32), then .long())
 _INDEX_CASTS = {"to", "long", "int", "type", "contiguous", "clone"}
 # uses that read only dtype / device / shape (HF: topk_indices.new_ones(...) for the index mask)

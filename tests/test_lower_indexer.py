@@ -54,6 +54,9 @@ def test_lowered_graph_has_one_op_per_f_layer_and_no_score_tensor(eight_heads):
     sdpa = torch.nn.functional.scaled_dot_product_attention
     assert not any(n.target is sdpa for n in result.gm.graph.nodes)
     assert not any(op_name(n) == "scatter" for n in result.gm.graph.nodes)  # no [B,S,T] index mask
+    # the indexer's masked_fill(~mask) hands the op `mask` itself: no [B,S,T] inversion is left
+    assert not any(op_name(n) == "invert" and shape_of(n) == (2, 20, 20) for n in result.gm.graph.nodes)
+    assert any(op_name(n) == "invert" and shape_of(n) == (2, 20, 20) for n in graph.graph.nodes)
     assert detect_indexers(result.gm).matches == []  # no ReLU(q·k) -> topk left anywhere
     heads = tiny_models.HF_TINY["index_n_heads"]
     score_shape = (2, 20, heads, 20)  # [B,S,H,T]
