@@ -98,14 +98,14 @@ def strided_causal_indices(B, S, T, K, device) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- measurements
 
-def time_indexer(q, k, w, topk, device, quick, sorted=True) -> tuple[float, float]:
+def time_indexer(q, k, w, topk, device, quick) -> tuple[float, float]:
     """(ms of the score kernel alone, ms of scores + top-k selection)."""
     def scores_only():
         for _ in chunked_scores(q, k, w):
             pass
 
     ms_scores = bench_ms(scores_only, device, quick)
-    ms_total = bench_ms(lambda: indexer_topk(q, k, w, topk, use_triton=True, sorted=sorted), device, quick)
+    ms_total = bench_ms(lambda: indexer_topk(q, k, w, topk, use_triton=True), device, quick)
     return ms_scores, ms_total
 
 
