@@ -22,7 +22,7 @@ import torch
 from ic_compile.kernels import indexer_topk
 from ic_compile.kernels.indexer_topk import chunked_scores, indexer_topk_triton
 from ic_compile.kernels.reference import topk_indices_from_scores
-from ic_compile.kernels.topk_select import topk_select
+from ic_compile.kernels.topk_select import row_lengths, topk_select
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from kernels import bench_ms, indexer_inputs, measure_peaks  # noqa: E402  (bench/kernels.py)
@@ -42,8 +42,7 @@ def set_mismatches(a: torch.Tensor, b: torch.Tensor) -> int:
 def compare_on_buffer(scores: torch.Tensor, diag_base: int | None, copy_gbps: float, label: dict) -> list[dict]:
     """scores [R, W] (one query chunk): torch.topk vs every topk_select config."""
     R, W = scores.shape
-    lengths = torch.arange(R, device=scores.device) + (diag_base if diag_base is not None else W) + 1
-    read_bytes = int(lengths.clamp(max=W).sum()) * 4
+    read_bytes = int(row_lengths(R, W, diag_base, device=scores.device).sum()) * 4
     floor_ms = read_bytes / copy_gbps / 1e6 * 2  # copy_gbps counts read + write
     want = topk_indices_from_scores(scores, TOPK)
     rows = [{**label, "rows": R, "width": W, "impl": "torch.topk", "read_floor_ms": floor_ms,

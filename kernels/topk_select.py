@@ -126,6 +126,14 @@ def _row_compact(row_ptr, n, keep_from, tie_key, ties_allowed, cand_val_ptr, can
     return kept
 
 
+@_jit
+def _filter_row(row_ptr, n, rank, cand_val_ptr, cand_idx_ptr, CAND: tl.constexpr, SAMPLE: tl.constexpr,
+                GROUP: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+    """Keep the scores >= the sample's rank-th largest (scratch); returns how many were kept."""
+    threshold = tl.maximum(_sample_threshold(row_ptr, n, rank, SAMPLE, GROUP), 1)
+    return _row_compact(row_ptr, n, threshold, 0, 0, cand_val_ptr, cand_idx_ptr, CAND, BLOCK, STAGES, False)
+
+
 def _topk_select_kernel(
     scores_ptr, out_ptr, cand_val_ptr, cand_idx_ptr, path_ptr,
     width, diag_base, row_period, topk,  # row r: scores[r, :min(width, diag_base + r % row_period + 1)]
@@ -145,13 +153,12 @@ def _topk_select_kernel(
     if n > CAND:  # filtered: aim the sample threshold at `target` kept keys; one corrected retry
         target = (topk + CAND) // 2
         rank = tl.minimum(tl.maximum((target * SAMPLE) // n, 1), SAMPLE)
-        for attempt in range(2):
-            if (path == attempt) & ((attempt == 0) | (n_cand < topk) | (n_cand > CAND)):
-                path += 1
-                if attempt == 1:  # scale the rank by how far the kept count was off
-                    rank = tl.minimum(tl.maximum((rank * target) // tl.maximum(n_cand, 1), 1), SAMPLE)
-                threshold = tl.maximum(_sample_threshold(row_ptr, n, rank, SAMPLE, GROUP), 1)
-                n_cand = _row_compact(row_ptr, n, threshold, 0, 0, cand_val, cand_idx, CAND, BLOCK, STAGES, False)
+        path += 1
+        n_cand = _filter_row(row_ptr, n, rank, cand_val, cand_idx, CAND, SAMPLE, GROUP, BLOCK, STAGES)
+        if (n_cand < topk) | (n_cand > CAND):  # scale the rank by how far the kept count was off
+            path += 1
+            rank = tl.minimum(tl.maximum((rank * target) // tl.maximum(n_cand, 1), 1), SAMPLE)
+            n_cand = _filter_row(row_ptr, n, rank, cand_val, cand_idx, CAND, SAMPLE, GROUP, BLOCK, STAGES)
         if (n_cand < topk) | (n_cand > CAND):  # exact: k-th score by bit search over the row
             path = path * 0 + 3
             kth = _row_kth_ukey(row_ptr, n, topk, BLOCK, STAGES)
@@ -245,16 +252,29 @@ def topk_select(
     return (out, path) if return_path else out
 
 
+def row_lengths(R: int, W: int, diag_base: int | None = None, row_period: int | None = None,
+                device=None) -> torch.Tensor:
+    """int64 [R]: how many leading scores row r may select from, min(W, diag_base + r % period + 1)
+    clamped at 0 (the kernel's `n`; all W when diag_base is None)."""
+    if diag_base is None:
+        return torch.full((R,), W, dtype=torch.long, device=device)
+    r = torch.arange(R, device=device) % (row_period or max(R, 1))
+    return (diag_base + r + 1).clamp(0, W)
+
+
+def readable_scores(scores: torch.Tensor, diag_base: int | None = None, row_period: int | None = None):
+    """scores [R, W] with what topk_select does not read (beyond row_lengths) set to -inf."""
+    R, W = scores.shape
+    n = row_lengths(R, W, diag_base, row_period, scores.device)
+    return scores.masked_fill(torch.arange(W, device=scores.device)[None, :] >= n[:, None], float("-inf"))
+
+
 def topk_select_ref(scores: torch.Tensor, topk: int, diag_base: int | None = None,
                     row_period: int | None = None) -> torch.Tensor:
     """torch.topk semantics for topk_select (the not-read tail of causal rows as -inf)."""
-    if diag_base is not None:
-        R, W = scores.shape
-        cols = torch.arange(W, device=scores.device)
-        limit = (diag_base + torch.arange(R, device=scores.device) % (row_period or max(R, 1)))[:, None]
-        scores = scores.masked_fill(cols[None, :] > limit, float("-inf"))
-    return topk_indices_from_scores(scores, topk)
+    return topk_indices_from_scores(readable_scores(scores, diag_base, row_period), topk)
 
 
-__all__ = ["topk_select", "topk_select_ref", "candidate_capacity", "launch_meta", "HAS_TRITON",
+__all__ = ["topk_select", "topk_select_ref", "row_lengths", "readable_scores", "candidate_capacity",
+           "launch_meta", "HAS_TRITON",
            "PATH_DIRECT", "PATH_FILTERED", "PATH_RETRIED", "PATH_EXACT"]

@@ -10,6 +10,7 @@ from ic_compile.kernels.topk_select import (
     PATH_EXACT,
     PATH_FILTERED,
     candidate_capacity,
+    readable_scores,
     topk_select,
     topk_select_ref,
 )
@@ -25,11 +26,14 @@ def poison(monkeypatch):
     monkeypatch.setattr(_triton_utils, "POISON_OUTPUTS", True)
 
 
-def _allowed(scores, diag_base, row_period):
-    """scores with the columns a causal row does not read set to -inf."""
-    R, W = scores.shape
-    limit = diag_base + torch.arange(R, device=scores.device) % row_period
-    return scores.masked_fill(torch.arange(W, device=scores.device)[None, :] > limit[:, None], float("-inf"))
+@pytest.fixture
+def select_calls(monkeypatch):
+    """A list that grows by one each time the indexer calls topk_select (which still runs)."""
+    from ic_compile.kernels import indexer_topk as mod
+
+    calls = []
+    monkeypatch.setattr(mod, "topk_select", lambda *a, **kw: calls.append(1) or topk_select(*a, **kw))
+    return calls
 
 
 def _check(got, scores, topk, sorted_out, seed):
@@ -71,7 +75,7 @@ def test_topk_select_causal_rows_and_period(request):
     limit = diag_base + torch.arange(R) % period
     scores[torch.arange(W)[None, :] > limit[:, None]] = 1e30
     got = topk_select(scores, topk, diag_base=diag_base, row_period=period)
-    _check(got, _allowed(scores, diag_base, period), topk, True, seed)
+    _check(got, readable_scores(scores, diag_base, period), topk, True, seed)
     assert torch.equal(got, topk_select_ref(scores, topk, diag_base, period))
 
 
@@ -108,7 +112,7 @@ def test_topk_select_filtered_path_is_taken(request):
 
 
 @pytest.mark.parametrize("case", ["chunked_batches", "queries_after_keys", "padding_mask"])
-def test_unordered_indexer_uses_topk_select(case, request, monkeypatch):
+def test_unordered_indexer_uses_topk_select(case, request, monkeypatch, select_calls):
     """indexer_topk_triton(sorted=False) through topk_select (MIN_SELECT_ROWS lowered so small
     chunks take it): causal diagonals per chunk, B > 1 rows (row_period), masks."""
     from ic_compile.kernels import indexer_topk as mod
@@ -116,8 +120,6 @@ def test_unordered_indexer_uses_topk_select(case, request, monkeypatch):
 
     seed = seed_everything(request.node.name)
     monkeypatch.setattr(mod, "MIN_SELECT_ROWS", 1)
-    calls = []
-    monkeypatch.setattr(mod, "topk_select", lambda *a, **kw: calls.append(1) or topk_select(*a, **kw))
     B, S, T, kw, mask = {"chunked_batches": (2, 24, 150, {"chunk_rows": 8}, None),
                          "queries_after_keys": (1, 30, 20, {"chunk_rows": 8}, None),
                          "padding_mask": (2, 16, 120, {}, "pad")}[case]
@@ -125,7 +127,7 @@ def test_unordered_indexer_uses_topk_select(case, request, monkeypatch):
     if mask == "pad":
         mask = (torch.arange(T)[None, :] < torch.tensor([T, T - 50])[:, None])[:, None, :]
     got = mod.indexer_topk_triton(q, k, w, 16, mask, True, sorted=False, **kw)
-    assert calls, "topk_select was not used"
+    assert select_calls, "topk_select was not used"
     try:
         check_topk(got, masked_scores(q, k, w, mask, True), 16, ordered=False)
     except AssertionError as e:
@@ -141,7 +143,7 @@ def test_topk_select_gpu(R, W, diag, sorted_out, request):
     scores = _rows(R, W, "cuda")
     scores[2, :5000] = 0.5  # ties
     got = topk_select(scores, 2048, diag_base=diag, sorted=sorted_out)
-    allowed = scores if diag is None else _allowed(scores, diag, R)
+    allowed = readable_scores(scores, diag, R)
     _check(got.cpu(), allowed.cpu(), 2048, sorted_out, seed)
 
 
@@ -161,13 +163,12 @@ def test_unordered_indexer_gpu(request):
         raise AssertionError(f"{e} {repro(seed)}") from None
 
 
-def test_auto_selection_rule(monkeypatch):
+def test_auto_selection_rule(monkeypatch, select_calls):
     """select_topk(selection="auto"): topk_select only for unordered rows, >= MIN_SELECT_ROWS of
     them and topk <= MAX_SELECT_TOPK; torch.topk (descending) otherwise. Same sets either way."""
     from ic_compile.kernels import indexer_topk as mod
 
-    calls = []
-    monkeypatch.setattr(mod, "topk_select", lambda *a, **kw: calls.append(1) or topk_select(*a, **kw))
+    calls = select_calls
     monkeypatch.setattr(mod, "MIN_SELECT_ROWS", 64)
     scores = _rows(64, 40).view(2, 32, 40)  # B * rows = 64
     want = mod.select_topk(scores, 8, None, sorted=True)
