@@ -1,6 +1,7 @@
 """Where does ours-* prefill time go? Per-call times and the top CUDA ops (profiler), per option set.
 
     python bench/diagnose_prefill.py 16384 --plan FF --sparse-attention both --rows 25
+    python bench/diagnose_prefill.py 16384 --plan FF --sparse-attention on --lowering inductor --out prof.txt
 """
 
 import argparse
@@ -16,7 +17,7 @@ from prefill import CONFIG, build_model  # noqa: E402
 import ic_compile.backend as backend  # noqa: E402
 
 
-def profile(model, ids, options, rows):
+def profile(model, ids, options, rows, out):
     torch._dynamo.reset()
     backend.last_results.clear()
     fn = torch.compile(model, backend="indexcache", options=options)
@@ -31,7 +32,11 @@ def profile(model, ids, options, rows):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             fn(ids, use_cache=False, logits_to_keep=1)
             torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70), flush=True)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
+    print(table, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(f"{json.dumps(options)}\n{table}\n")
 
 
 def main():
@@ -40,12 +45,15 @@ def main():
     ap.add_argument("--plan", default="FS")
     ap.add_argument("--sparse-attention", choices=("on", "off", "both"), default="both")
     ap.add_argument("--rows", type=int, default=15)
+    ap.add_argument("--lowering", choices=("eager", "inductor"), default="eager")
+    ap.add_argument("--out", default=None, help="append the profile tables to this file")
     args = ap.parse_args()
     model = build_model()
     ids = torch.randint(0, CONFIG["vocab_size"], (1, args.length), device="cuda")
     choices = {"on": [True], "off": [False], "both": [False, True]}[args.sparse_attention]
     for sparse_attention in choices:
-        profile(model, ids, {"plan": args.plan, "lowering": "eager", "sparse_attention": sparse_attention}, args.rows)
+        profile(model, ids, {"plan": args.plan, "lowering": args.lowering, "sparse_attention": sparse_attention},
+                args.rows, args.out)
 
 
 if __name__ == "__main__":
