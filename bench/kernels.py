@@ -8,7 +8,10 @@ Measures, in one run:
   * indexer decode (S = 1, T up to 128K, B in {1, 16}): bytes = K read once, as % of copy BW;
   * sparse MLA (absorbed 576 / v 512, H in {20, 64}, top-k 2048): FLOPs = L * k * H * (576+512) * 2;
     plus its decode form (S = 1) as % of copy BW (bytes = selected kv rows read once), and (GPU)
-    the time of only reading the gathered rows (bench/gather_bandwidth.py) as its memory floor.
+    the time of only reading the gathered rows (bench/gather_bandwidth.py) as its memory floor;
+  * the causal-mask check ic::indexer_topk runs per F layer on the model's [L, L] bool mask
+    (kernels/mask_within_causal.py, Triton vs its chunked torch reference): bytes = the upper
+    triangle read once, as % of copy BW.
 
     python bench/kernels.py --out results.json                 # full run (GPU)
     python bench/kernels.py --quick --lengths 4096,16384       # faster subset
@@ -29,6 +32,7 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])  # bench/gather_bandwidth.py
 from ic_compile.kernels.indexer_topk import chunked_scores, indexer_topk  # noqa: E402
+from ic_compile.kernels.mask_within_causal import mask_within_causal  # noqa: E402
 from ic_compile.kernels.sparse_attention import sparse_mla  # noqa: E402
 
 # Indexer shapes (heads x head dim) per model; identical shapes are measured once.
@@ -126,6 +130,18 @@ def bench_indexer_prefill(L, H, D, topk, device, peaks, quick) -> dict:
     }
 
 
+def bench_mask_check(L, device, peaks, quick) -> dict:
+    """Causal [1, L, L] bool mask (must pass the check): Triton kernel vs the torch reference."""
+    rows = torch.arange(L, device=device)[:, None]
+    mask = (torch.arange(L, device=device)[None, :] <= rows)[None]
+    nbytes = L * (L - 1) // 2  # the upper triangle, read once
+    ms = bench_ms(lambda: mask_within_causal(mask, L, L, use_triton=True), device, quick)
+    ms_ref = bench_ms(lambda: mask_within_causal(mask, L, L, use_triton=False), device, quick)
+    assert mask_within_causal(mask, L, L, use_triton=True)
+    return {"bytes": nbytes, "ms": ms, "ms_torch_reference": ms_ref, "gbps": nbytes / ms / 1e6,
+            "pct_copy_bw": 100 * nbytes / ms / 1e6 / peaks["copy_gbps"]}
+
+
 def bench_indexer_decode(B, T, H, D, topk, device, peaks, quick) -> dict:
     q, k, w = indexer_inputs(B, 1, T, H, D, device)
     nbytes = k.numel() * k.element_size()  # K read once
@@ -192,7 +208,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--lengths", default=None, help="comma-separated L (default 4096,16384,65536,131072)")
     ap.add_argument("--quick", action="store_true", help="fewer reps, first model shape, fewer decode sizes")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes; runs on CPU (Triton interpreter)")
-    ap.add_argument("--only", choices=("indexer", "mla"), default=None, help="one kernel family only")
+    ap.add_argument("--only", choices=("indexer", "mla", "mask"), default=None, help="one kernel family only")
     ap.add_argument("--out", default=None, help="write the JSON report here (default: print only)")
     args = ap.parse_args(argv)
 
@@ -242,7 +258,9 @@ def main(argv=None) -> dict:
     print(f"peaks: {json.dumps(peaks)}", flush=True)
 
     res = report["results"]
-    for model, (H, D) in (shapes.items() if args.only != "mla" else ()):
+    for L in (lengths if args.only in (None, "mask") else ()):
+        _run(res, {"kind": "mask_check", "L": L}, lambda: bench_mask_check(L, device, peaks, args.quick))
+    for model, (H, D) in (shapes.items() if args.only in (None, "indexer") else ()):
         for L in lengths:
             _run(res, {"kind": "indexer_prefill", "models": model, "L": L, "H": H, "D": D},
                  lambda: bench_indexer_prefill(L, H, D, topk, device, peaks, args.quick))
@@ -250,7 +268,7 @@ def main(argv=None) -> dict:
             for T in decode_T:
                 _run(res, {"kind": "indexer_decode", "models": model, "B": B, "T": T, "H": H, "D": D},
                      lambda: bench_indexer_decode(B, T, H, D, topk, device, peaks, args.quick))
-    for H in (mla["heads"] if args.only != "indexer" else ()):
+    for H in (mla["heads"] if args.only in (None, "mla") else ()):
         for L in lengths:
             _run(res, {"kind": "sparse_mla_prefill", "L": L, "H": H, "topk": mla["topk"]},
                  lambda: bench_sparse_mla_prefill(L, H, mla["topk"], mla["dqk"], mla["dv"], device, peaks,

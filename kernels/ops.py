@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .indexer_topk import indexer_topk as _indexer_topk
+from .mask_within_causal import mask_within_causal
 from .sparse_attention import sparse_attention as _sparse_attention
 from .sparse_attention import sparse_mla as _sparse_mla
 
@@ -42,19 +43,6 @@ def indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True):
     if not causal and mask is not None and mask_within_causal(mask, q.shape[1], k.shape[1]):
         causal = True  # same answer, and key blocks above the diagonal are skipped
     return _indexer_topk(q, k, w, topk, mask, causal, sorted=sorted)
-
-
-def mask_within_causal(mask, S: int, T: int, rows_per_chunk: int = 4096) -> bool:
-    """True when `mask` ([B|1, S|1, T] bool, True = allowed) allows no key after its query, the
-    queries being the last S of T positions (HF caches). One pass over the mask, in row chunks."""
-    mask = mask.expand(mask.shape[0], S, T) if mask.dim() == 3 else mask
-    cols = torch.arange(T, device=mask.device)
-    for s0 in range(0, S, rows_per_chunk):
-        s1 = min(S, s0 + rows_per_chunk)
-        last_allowed = torch.arange(s0, s1, device=mask.device)[:, None] + (T - S)  # [rows, 1]
-        if (mask[:, s0:s1] & (cols > last_allowed)).any():
-            return False
-    return True
 
 
 @indexer_topk.register_fake
