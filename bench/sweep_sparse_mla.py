@@ -1,6 +1,7 @@
 """Time every launch config of the sparse-MLA kernel (no autotune) at one length, per head count.
 
     python bench/sweep_sparse_mla.py --length 16384 --heads 20 64 --out sweep.json
+    python bench/sweep_sparse_mla.py --heads 20 --block-h 32 --block-k 64 128 --warps 4 --stages 2 3
 
 Indices: the indexer's own top-k of random bf16 q/k (as in a model), not a synthetic stride.
 Prints ms and TFLOP/s (FLOPs = L*k*H*(576+512)*2) per config, best first.
@@ -13,16 +14,17 @@ import triton
 import triton.testing
 
 from ic_compile.kernels.indexer_topk import indexer_topk
+from ic_compile.kernels.reference import sparse_mla_ref
 from ic_compile.kernels.sparse_attention import sparse_mla_triton
 
 DQK, DV, TOPK = 576, 512, 2048
 
 
-def candidates():
-    for block_h in (16, 32, 64):
-        for block_k in (16, 32, 64):
-            for warps in (4, 8):
-                for stages in (1, 2, 3, 4):
+def candidates(args):
+    for block_h in args.block_h:
+        for block_k in args.block_k:
+            for warps in args.warps:
+                for stages in args.stages:
                     yield triton.Config({"BLOCK_H": block_h, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
 
 
@@ -38,6 +40,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--length", type=int, default=16384)
     ap.add_argument("--heads", type=int, nargs="+", default=[20, 64])
+    ap.add_argument("--block-h", type=int, nargs="+", default=[16, 32, 64])
+    ap.add_argument("--block-k", type=int, nargs="+", default=[16, 32, 64, 128])
+    ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     L, device = args.length, torch.device("cuda")
@@ -47,15 +53,16 @@ def main():
     for H in args.heads:
         q = torch.randn(1, L, H, DQK, device=device, dtype=torch.bfloat16)
         flops = float((idx >= 0).sum()) * H * (DQK + DV) * 2
-        for cfg in candidates():
+        want = sparse_mla_ref(q[:, -256:], kv, idx[:, -256:], DQK ** -0.5, DV)  # the last 256 queries
+        for cfg in candidates(args):
             if cfg.kwargs["BLOCK_H"] < min(64, triton.next_power_of_2(H)) // 2:
                 continue
             try:
                 fn = lambda: sparse_mla_triton(q, kv, idx, DQK ** -0.5, DV, config=cfg)  # noqa: E731
-                fn()
+                err = (fn()[:, -256:].float() - want.float()).abs().max().item()
                 ms = triton.testing.do_bench(fn, warmup=5, rep=30, return_mode="median")
                 row = {"H": H, **cfg.kwargs, "warps": cfg.num_warps, "stages": cfg.num_stages,
-                       "ms": ms, "tflops": flops / ms / 1e9}
+                       "ms": ms, "tflops": flops / ms / 1e9, "max_abs_diff_vs_ref": err}
             except Exception as exc:  # out of shared memory / registers: skip
                 row = {"H": H, **cfg.kwargs, "warps": cfg.num_warps, "stages": cfg.num_stages,
                        "error": type(exc).__name__}
