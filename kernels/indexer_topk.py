@@ -5,10 +5,13 @@
                     unless sorted=False (then in no particular order)
 
 Design (prefill, one Triton kernel `_indexer_scores_kernel`):
-  * a program owns BLOCK_S queries x all heads: the A operand of one tensor-core dot is the
-    q block reshaped to [BLOCK_S*H_PAD, D] (loaded once, stays resident), B is a key tile
-    k^T [D, BLOCK_T]; relu, * w, and the sum over heads run in registers (fp32), giving a
-    [BLOCK_S, BLOCK_T] score tile. [S, H, T] is never materialised.
+  * a program owns BLOCK_S queries x all heads: the q block reshaped to [BLOCK_S*H_PAD, D]
+    (loaded once, stays resident) and a key tile [BLOCK_T, D] meet in one tensor-core dot;
+    relu, * w, and the sum over heads run in registers (fp32), giving a [BLOCK_S, BLOCK_T]
+    score tile. [S, H, T] is never materialised. With KEY_ROWS (the GPU default) the dot is
+    k . q^T -> [BLOCK_T, BLOCK_S*H_PAD]: each query's heads are adjacent *columns* of the
+    accumulator, so the head sum is in-thread adds plus two quad shuffles (1.7x faster on the
+    H200 than q . k^T, whose head sum crosses warps through shared memory).
   * key tiles entirely above the causal diagonal are not computed (only filled with -inf).
   * queries are processed in chunks so the fp32 [B, chunk, width] score buffer stays under
     ~1 GiB; `width` is the chunk's causal horizon, so torch.topk (the selection) never sees
@@ -69,6 +72,7 @@ def _indexer_scores_kernel(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,  # interpreter only: fp32 dot operands (see upcast_dots)
     HEAD_MAJOR: tl.constexpr,  # dot rows ordered (head, query) instead of (query, head)
+    KEY_ROWS: tl.constexpr = False,  # dot = k . q^T ([BLOCK_T, queries x heads]) instead of q . k^T
 ):
     """out[b, s_local, t] = masked score (fp32, -inf = not allowed) for t in this program's split."""
     pid_s = tl.program_id(0)
@@ -115,16 +119,25 @@ def _indexer_scores_kernel(
     for i in range(0, n_computed):
         t = t_lo + i * BLOCK_T + t_ar  # [BLOCK_T]
         t_ok = t < T
-        k_tile = tl.load(k_ptr + b * sk_b + t[None, :].to(tl.int64) * sk_t + d[:, None] * sk_d,
-                         mask=(d[:, None] < D) & t_ok[None, :], other=0.0)  # k^T [D_PAD, BLOCK_T]
-        if UPCAST_DOT:
-            k_tile = k_tile.to(tl.float32)
-        logits = tl.dot(q_tile, k_tile, input_precision=DOT_PRECISION)  # [R, BLOCK_T] fp32
-        weighted = tl.maximum(logits, 0.0) * w_rows[:, None]
-        if HEAD_MAJOR:
-            scores = tl.sum(tl.reshape(weighted, (H_PAD, BLOCK_S, BLOCK_T)), axis=0)  # [BLOCK_S, BLOCK_T]
+        if KEY_ROWS:  # keys are the dot's rows: the head sum runs along its columns (in registers + quad shuffles)
+            k_rows = tl.load(k_ptr + b * sk_b + t[:, None].to(tl.int64) * sk_t + d[None, :] * sk_d,
+                             mask=t_ok[:, None] & (d[None, :] < D), other=0.0)  # [BLOCK_T, D_PAD]
+            if UPCAST_DOT:
+                k_rows = k_rows.to(tl.float32)
+            logits_t = tl.dot(k_rows, tl.trans(q_tile), input_precision=DOT_PRECISION)  # [BLOCK_T, R] fp32
+            weighted_t = tl.maximum(logits_t, 0.0) * w_rows[None, :]
+            scores = tl.trans(tl.sum(tl.reshape(weighted_t, (BLOCK_T, BLOCK_S, H_PAD)), axis=2))  # [BLOCK_S, BLOCK_T]
         else:
-            scores = tl.sum(tl.reshape(weighted, (BLOCK_S, H_PAD, BLOCK_T)), axis=1)
+            k_tile = tl.load(k_ptr + b * sk_b + t[None, :].to(tl.int64) * sk_t + d[:, None] * sk_d,
+                             mask=(d[:, None] < D) & t_ok[None, :], other=0.0)  # k^T [D_PAD, BLOCK_T]
+            if UPCAST_DOT:
+                k_tile = k_tile.to(tl.float32)
+            logits = tl.dot(q_tile, k_tile, input_precision=DOT_PRECISION)  # [R, BLOCK_T] fp32
+            weighted = tl.maximum(logits, 0.0) * w_rows[:, None]
+            if HEAD_MAJOR:
+                scores = tl.sum(tl.reshape(weighted, (H_PAD, BLOCK_S, BLOCK_T)), axis=0)  # [BLOCK_S, BLOCK_T]
+            else:
+                scores = tl.sum(tl.reshape(weighted, (BLOCK_S, H_PAD, BLOCK_T)), axis=1)
         allowed = t_ok[None, :] & s_ok[:, None]
         if CAUSAL:
             allowed = allowed & (t[None, :] <= last_key[:, None])
@@ -145,28 +158,27 @@ def _indexer_scores_kernel(
 # --------------------------------------------------------------------------- launch configs
 
 def _prefill_configs(h_pad: int):
-    """Tensor-core tiles for sm_90: 128 or 256 dot rows (queries x heads, wgmma M), 64/128
-    keys, rows in (query, head) or (head, query) order (the latter 306 vs 295 TFLOP/s at 32K,
-    bench/sweep_indexer.py). AOT-compiled for sm_90 (H=32, D=128): no spills, 66-168 KB smem; 2 stages lets two
-    CTAs share an SM (one runs its relu/weight/head-sum epilogue while the other multiplies)."""
-    seen = {}
-    for rows, warps in ((128, 4), (128, 8), (256, 8)):
-        block_s = max(1, rows // h_pad)
-        for block_t in (64, 128):
-            for stages in (2, 3, 4):
-                seen[(block_s, block_t, warps, stages)] = triton.Config(
-                    {"BLOCK_S": block_s, "BLOCK_T": block_t, "HEAD_MAJOR": False},
-                    num_warps=warps, num_stages=stages)
-                if warps == 4 and stages < 4:  # (head, query) row order: best at 128 rows / 4 warps
-                    seen[(block_s, block_t, warps, stages, "hm")] = triton.Config(
-                        {"BLOCK_S": block_s, "BLOCK_T": block_t, "HEAD_MAJOR": True},
-                        num_warps=warps, num_stages=stages)
-    return list(seen.values())
+    """Tensor-core tiles for sm_90 (wgmma), best first in bench/sweep_indexer.py on the H200.
+
+    KEY_ROWS (keys as the dot's rows, k . q^T): the head sum runs along the accumulator's columns
+    (registers + quad shuffles), 503-517 TFLOP/s at 32K for these configs; the (query, head) /
+    (head, query) row orders sum across warps (shuffles + a shared-memory exchange) and peaked at
+    306 -- two are kept as fallbacks for other head counts. All AOT-compiled for sm_90 (H=32,
+    D=128) with triton 3.6 and 3.9: no spills, <= 112 KB smem (two CTAs per SM). Left out though
+    as fast on the H200 (517 / 496): 256 keys x 128 / 4-warp 256 x 64 -- they spill with 3.9."""
+    configs = []
+    for rows, block_t, warps, stages in ((256, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (256, 64, 8, 2)):
+        configs.append(triton.Config({"BLOCK_S": max(1, rows // h_pad), "BLOCK_T": block_t, "HEAD_MAJOR": False,
+                                      "KEY_ROWS": True}, num_warps=warps, num_stages=stages))
+    for block_t, stages, head_major in ((64, 3, True), (64, 2, False)):
+        configs.append(triton.Config({"BLOCK_S": max(1, 128 // h_pad), "BLOCK_T": block_t, "HEAD_MAJOR": head_major,
+                                      "KEY_ROWS": False}, num_warps=4, num_stages=stages))
+    return configs
 
 
 def _decode_configs():
     """Memory-bound streaming of K: deep pipelines of [D, BLOCK_T] tiles."""
-    return [triton.Config({"BLOCK_T": bt, "HEAD_MAJOR": False}, num_warps=w, num_stages=st)
+    return [triton.Config({"BLOCK_T": bt, "HEAD_MAJOR": False, "KEY_ROWS": False}, num_warps=w, num_stages=st)
             for bt in (64, 128, 256) for w in (4, 8) for st in (3, 4)]
 
 
@@ -191,7 +203,7 @@ def _tuned_kernel(mode: str, h_pad: int):
 
 def _interpreter_meta(block_s: int | None, h_pad: int) -> dict:
     """Small fixed tiles for the CPU interpreter (big enough to keep it fast)."""
-    meta = {"BLOCK_T": 16, "HEAD_MAJOR": False}
+    meta = {"BLOCK_T": 16, "HEAD_MAJOR": False, "KEY_ROWS": False}
     if block_s is None:
         meta["BLOCK_S"] = max(1, 64 // h_pad)
     return meta

@@ -125,14 +125,15 @@ def test_indexer_topk_triton_noncontiguous(request):
 
 
 @needs_triton
-@pytest.mark.parametrize("kw", [{}, {"num_splits": 2}, {"decode_block_s": 2}, "head_major"],
-                         ids=["prefill", "split", "decode", "head_major"])
+@pytest.mark.parametrize("kw", [{}, {"num_splits": 2}, {"decode_block_s": 2}, "head_major", "key_rows"],
+                         ids=["prefill", "split", "decode", "head_major", "key_rows"])
 def test_indexer_scores_every_column_written(kw, request):
     """The score buffer (poisoned with NaN) holds exactly the masked scores, -inf included."""
     seed_everything(request.node.name)
-    if kw == "head_major":  # dot rows in (head, query) order, as some GPU autotune configs use
+    if kw in ("head_major", "key_rows"):  # dot rows (head, query) / keys, as some GPU autotune configs use
         import triton
-        kw = {"config": triton.Config({"BLOCK_S": 4, "BLOCK_T": 16, "HEAD_MAJOR": True})}
+        kw = {"config": triton.Config({"BLOCK_S": 4, "BLOCK_T": 16, "HEAD_MAJOR": kw == "head_major",
+                                       "KEY_ROWS": kw == "key_rows"})}
     B, S, T, H, D = 2, 2 if "decode_block_s" in kw else 20, 70, 8, 32
     q, k, w = indexer_inputs(B, S, T, H, D)
     mask = torch.rand(B, S, T) > 0.3

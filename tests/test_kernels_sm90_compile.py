@@ -79,7 +79,7 @@ def _resource_usage(cubin: bytes) -> dict:
 # ----------------------------------------------------------------------------- indexer
 
 def _compile_indexer(block_s, h_pad, block_t, warps, stages, causal=True, mask=False, S=4096, T=4096,
-                     head_major=False):
+                     head_major=False, key_rows=False):
     from ic_compile.kernels.indexer_topk import _indexer_scores_kernel
 
     D = 128
@@ -89,7 +89,7 @@ def _compile_indexer(block_s, h_pad, block_t, warps, stages, causal=True, mask=F
                 so_b=S * T, so_s=T, so_t=1)
     ptrs = dict(q_ptr="bf16", k_ptr="bf16", w_ptr="fp32", mask_ptr="u8", out_ptr="fp32")
     consts = dict(BLOCK_S=block_s, H_PAD=h_pad, D_PAD=D, BLOCK_T=block_t, CAUSAL=causal, HAS_MASK=mask,
-                  DOT_PRECISION="tf32", UPCAST_DOT=False, HEAD_MAJOR=head_major)
+                  DOT_PRECISION="tf32", UPCAST_DOT=False, HEAD_MAJOR=head_major, KEY_ROWS=key_rows)
     return compile_sm90(_indexer_scores_kernel, ptrs, ints, {}, consts, warps, stages)
 
 
@@ -100,9 +100,10 @@ def _check_indexer(res, rows):
         assert "wgmma" in res["ptx"], "expected Hopper wgmma for >= 64 dot rows"
 
 
-@pytest.mark.parametrize("cfg", [(4, 32, 128, 4, 2, True, False), (8, 32, 64, 8, 3, True, True),
-                                 (1, 32, 256, 8, 4, True, False), (4, 32, 64, 4, 3, True, False, 4096, 4096, True)],
-                         ids=["prefill", "prefill_mask_256rows", "decode", "prefill_head_major"])
+@pytest.mark.parametrize("cfg", [(4, 32, 64, 4, 2, True, False), (8, 32, 64, 8, 3, True, True),
+                                 (1, 32, 256, 8, 4, True, False), (4, 32, 64, 4, 3, True, False, 4096, 4096, True),
+                                 (8, 32, 64, 8, 3, True, True, 4096, 4096, False, True)],
+                         ids=["prefill", "prefill_mask_256rows", "decode", "prefill_head_major", "prefill_key_rows"])
 def test_indexer_compiles_for_sm90(cfg):
     block_s, h_pad, *rest = cfg
     _check_indexer(_compile_indexer(block_s, h_pad, *rest), block_s * h_pad)
@@ -116,7 +117,8 @@ def test_indexer_all_configs_compile_for_sm90():
     for cfg in _prefill_configs(32):
         kw = cfg.kwargs
         _check_indexer(_compile_indexer(kw["BLOCK_S"], 32, kw["BLOCK_T"], cfg.num_warps, cfg.num_stages,
-                                        head_major=kw["HEAD_MAJOR"]), kw["BLOCK_S"] * 32)
+                                        head_major=kw["HEAD_MAJOR"], key_rows=kw.get("KEY_ROWS", False)),
+                       kw["BLOCK_S"] * 32)
     for cfg in _decode_configs():
         _check_indexer(_compile_indexer(1, 32, cfg.kwargs["BLOCK_T"], cfg.num_warps, cfg.num_stages), 32)
 
