@@ -2,11 +2,11 @@
 
 Per L (prefill, S = T = L, 30B indexer shape, top-k 2048):
   * on the widest (last) query chunk's score buffer: torch.topk (descending) vs topk_select
-    for each (sorted, num_warps, block, stages, split) -- ms, how many rows took each path (direct / filtered /
+    for each (sorted, num_warps, block, stages) -- ms, how many rows took each path (direct / filtered /
     retried / exact), rows whose selected SET differs from torch.topk's, and % of the copy
     bandwidth for reading each row once up to its diagonal (the selection's byte floor);
   * the whole indexer (scores + selection over all chunks) with selection="torch" vs "triton"
-    (topk_select with its first filter pass in one program per row, or split over row segments);
+    (a few topk_select launch configs);
 Decode (S = 1, T = 128K, B in {1, 16}): torch.topk vs topk_select on the [B, 1, T] buffer.
 
     python bench/sweep_select.py --out bench/results/sweep_select_h200.json
@@ -28,13 +28,12 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from kernels import bench_ms, indexer_inputs, measure_peaks  # noqa: E402  (bench/kernels.py)
 
 TOPK = 2048
-CONFIGS = [dict(sorted=False, num_warps=warps, block=block, stages=stages, split=split)
-           for split in (False, True) for warps, block, stages in ((4, 2048, 3), (8, 2048, 3), (4, 4096, 1))]
-CONFIGS.append(dict(sorted=True, num_warps=4, block=2048, stages=3, split=False))
-# name -> (indexer_topk_triton kwargs, indexer_topk.SELECT_SPLIT)
-WHOLE_INDEXER = {"torch.topk (descending)": (dict(selection="torch"), False),
-                 "auto, unordered (topk_select)": (dict(sorted=False), False),
-                 "auto, unordered (topk_select, split first pass)": (dict(sorted=False), True)}
+# the fastest unordered configs of earlier sweeps, and one sorted (bitonic) config for reference
+CONFIGS = [dict(sorted=False, num_warps=warps, block=block, stages=stages)
+           for warps, block, stages in ((4, 2048, 3), (8, 2048, 3), (4, 4096, 1))]
+CONFIGS.append(dict(sorted=True, num_warps=4, block=2048, stages=3))
+WHOLE_INDEXER = {"torch.topk (descending)": dict(selection="torch"),
+                 "auto, unordered (topk_select)": dict(sorted=False)}
 
 
 def set_mismatches(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -70,14 +69,11 @@ def compare_on_buffer(scores: torch.Tensor, diag_base: int | None, copy_gbps: fl
 def prefill(L: int, device, copy_gbps: float) -> list[dict]:
     q, k, w = indexer_inputs(1, L, L, 32, 128, device)
     rows = []
-    split_default = indexer_topk.SELECT_SPLIT
-    for name, (kwargs, split) in WHOLE_INDEXER.items():
-        indexer_topk.SELECT_SPLIT = split
+    for name, kwargs in WHOLE_INDEXER.items():
         ms = bench_ms(lambda: indexer_topk_triton(q, k, w, TOPK, **kwargs), device, quick=True)
         rows.append({"L": L, "indexer_total_ms": ms, "selection": name,
                      "select_kwargs": indexer_topk.SELECT_KWARGS})
         print(json.dumps(rows[-1]), flush=True)
-    indexer_topk.SELECT_SPLIT = split_default
     got = indexer_topk_triton(q, k, w, TOPK, sorted=False)
     want = indexer_topk_triton(q, k, w, TOPK, selection="torch")
     rows.append({"L": L, "whole_indexer_set_mismatch_rows": set_mismatches(got[0], want[0])})

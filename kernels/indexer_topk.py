@@ -57,7 +57,6 @@ MAX_SELECT_TOPK = 2048  # candidate block 2 * topk lives in registers: measured 
 SELECT_KWARGS = {"narrow": dict(num_warps=4, block=2048, stages=3),  # width <= SELECT_NARROW
                  "wide": dict(num_warps=8, block=2048, stages=3)}
 SELECT_NARROW = 32768
-SELECT_SPLIT = False  # topk_select's first filter pass split over row segments (see topk_select)
 
 
 def _indexer_scores_kernel(
@@ -317,7 +316,7 @@ def select_topk(scores: torch.Tensor, topk: int, diag_base: int | None, sorted: 
         return topk_indices_from_scores(scores, topk)
     launch = SELECT_KWARGS["narrow" if width <= SELECT_NARROW else "wide"]
     out = topk_select(scores.view(B * rows, width), topk, diag_base=diag_base, row_period=rows, sorted=sorted,
-                      split=SELECT_SPLIT, **launch)
+                      **launch)
     return out.view(B, rows, topk)
 
 

@@ -34,12 +34,10 @@ import torch
 
 from ._triton_utils import (
     HAS_TRITON,
-    cdiv,
     interpreting,
     launch_interpreted,
     new_output,
     next_pow2,
-    num_sms,
     tl,
     triton,
 )
@@ -73,10 +71,10 @@ def _kth_ukey(ukeys, k, BITS: tl.constexpr):
 
 
 @_jit
-def _row_count_ge(row_ptr, lo, n, threshold, BLOCK: tl.constexpr, STAGES: tl.constexpr):
-    """#(ukey >= threshold) over the row's scores [lo, n) (one streaming pass)."""
+def _row_count_ge(row_ptr, n, threshold, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+    """#(ukey >= threshold) over the row's first n scores (one streaming pass)."""
     count = tl.zeros((), tl.int32)
-    for start in tl.range(lo, n, BLOCK, num_stages=STAGES):
+    for start in tl.range(0, n, BLOCK, num_stages=STAGES):
         offs = start + tl.arange(0, BLOCK)
         vals = tl.load(row_ptr + offs, mask=offs < n, other=float("-inf"))
         count += tl.sum((_ukeys(vals) >= threshold).to(tl.int32), axis=0)
@@ -89,7 +87,7 @@ def _row_kth_ukey(row_ptr, n, k, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     prefix = tl.zeros((), tl.uint32)
     for i in range(32):
         trial = prefix | (tl.full((), 0x80000000, tl.uint32) >> i)
-        prefix = tl.where(_row_count_ge(row_ptr, 0, n, trial, BLOCK, STAGES) >= k, trial, prefix)
+        prefix = tl.where(_row_count_ge(row_ptr, n, trial, BLOCK, STAGES) >= k, trial, prefix)
     return prefix
 
 
@@ -104,14 +102,14 @@ def _sample_threshold(row_ptr, n, rank, SAMPLE: tl.constexpr, GROUP: tl.constexp
 
 
 @_jit
-def _row_compact(row_ptr, lo, n, keep_from, tie_key, ties_allowed, cand_val_ptr, cand_idx_ptr, slot0,
+def _row_compact(row_ptr, n, keep_from, tie_key, ties_allowed, cand_val_ptr, cand_idx_ptr,
                  CAND: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr, TIES: tl.constexpr):
-    """Stream the row's scores [lo, n), keeping (in index order) the allowed ones with ukey >=
-    keep_from and (TIES) the first `ties_allowed` with ukey == tie_key; they go to the scratch
-    (values, indices) from slot `slot0` on, as far as slot CAND. Returns how many were kept."""
+    """Stream the row, keeping (in index order) the allowed scores with ukey >= keep_from and
+    (TIES) the first `ties_allowed` with ukey == tie_key; the first CAND kept go to the scratch
+    (values, indices). Returns how many were kept (may exceed CAND)."""
     kept = tl.zeros((), tl.int32)
     ties = tl.zeros((), tl.int32)
-    for start in tl.range(lo, n, BLOCK, num_stages=STAGES):
+    for start in tl.range(0, n, BLOCK, num_stages=STAGES):
         offs = start + tl.arange(0, BLOCK)
         vals = tl.load(row_ptr + offs, mask=offs < n, other=float("-inf"))
         ukeys = _ukeys(vals)
@@ -120,7 +118,7 @@ def _row_compact(row_ptr, lo, n, keep_from, tie_key, ties_allowed, cand_val_ptr,
             tie = (ukeys == tie_key) & (ukeys > 0)
             keep = keep | (tie & (ties + tl.cumsum(tie.to(tl.int32), axis=0) <= ties_allowed))
             ties += tl.sum(tie.to(tl.int32), axis=0)
-        slot = slot0 + kept + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+        slot = kept + tl.cumsum(keep.to(tl.int32), axis=0) - 1
         ok = keep & (slot < CAND)
         tl.store(cand_val_ptr + slot, vals, mask=ok)
         tl.store(cand_idx_ptr + slot, offs, mask=ok)
@@ -133,32 +131,18 @@ def _filter_row(row_ptr, n, rank, cand_val_ptr, cand_idx_ptr, CAND: tl.constexpr
                 GROUP: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     """Keep the scores >= the sample's rank-th largest (scratch); returns how many were kept."""
     threshold = tl.maximum(_sample_threshold(row_ptr, n, rank, SAMPLE, GROUP), 1)
-    return _row_compact(row_ptr, 0, n, threshold, 0, 0, cand_val_ptr, cand_idx_ptr, 0, CAND, BLOCK, STAGES, False)
-
-
-@_jit
-def _row_length(row, width, diag_base, row_period):
-    """Scores row `row` may select from: min(width, diag_base + row % row_period + 1), >= 0."""
-    return tl.minimum(width, tl.maximum(diag_base + row % row_period + 1, 0))
-
-
-@_jit
-def _first_rank(n, topk, CAND: tl.constexpr, SAMPLE: tl.constexpr):
-    """Sample rank whose score is expected to keep ~(topk + CAND) / 2 of the row's n keys."""
-    return tl.minimum(tl.maximum((((topk + CAND) // 2) * SAMPLE) // n, 1), SAMPLE)
+    return _row_compact(row_ptr, n, threshold, 0, 0, cand_val_ptr, cand_idx_ptr, CAND, BLOCK, STAGES, False)
 
 
 def _topk_select_kernel(
-    scores_ptr, out_ptr, cand_val_ptr, cand_idx_ptr, path_ptr, seg_count_ptr,
+    scores_ptr, out_ptr, cand_val_ptr, cand_idx_ptr, path_ptr,
     width, diag_base, row_period, topk,  # row r: scores[r, :min(width, diag_base + r % row_period + 1)]
-    s_row, s_out, s_cand, n_segs,
+    s_row, s_out, s_cand,
     CAND: tl.constexpr, SAMPLE: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
     STAGES: tl.constexpr, SORTED: tl.constexpr,
-    PREFILTERED: tl.constexpr,  # the first filter pass ran split over row segments (_segment_*_kernel)
-    SEGS_PAD: tl.constexpr,  # >= n_segs (power of two)
 ):
     row = tl.program_id(0)
-    n = _row_length(row, width, diag_base, row_period)  # int32
+    n = tl.minimum(width, tl.maximum(diag_base + row % row_period + 1, 0))  # int32
     row_ptr = scores_ptr + row.to(tl.int64) * s_row
     cand_val = cand_val_ptr + row.to(tl.int64) * s_cand
     cand_idx = cand_idx_ptr + row.to(tl.int64) * s_cand
@@ -168,13 +152,9 @@ def _topk_select_kernel(
     n_cand = n
     if n > CAND:  # filtered: aim the sample threshold at `target` kept keys; one corrected retry
         target = (topk + CAND) // 2
-        rank = _first_rank(n, topk, CAND, SAMPLE)
+        rank = tl.minimum(tl.maximum((target * SAMPLE) // n, 1), SAMPLE)
         path += 1
-        if PREFILTERED:  # the scratch already holds the first pass; its size is the segments' sum
-            segs = tl.arange(0, SEGS_PAD)
-            n_cand = tl.sum(tl.load(seg_count_ptr + row.to(tl.int64) * n_segs + segs, mask=segs < n_segs, other=0))
-        else:
-            n_cand = _filter_row(row_ptr, n, rank, cand_val, cand_idx, CAND, SAMPLE, GROUP, BLOCK, STAGES)
+        n_cand = _filter_row(row_ptr, n, rank, cand_val, cand_idx, CAND, SAMPLE, GROUP, BLOCK, STAGES)
         if (n_cand < topk) | (n_cand > CAND):  # scale the rank by how far the kept count was off
             path += 1
             rank = tl.minimum(tl.maximum((rank * target) // tl.maximum(n_cand, 1), 1), SAMPLE)
@@ -182,9 +162,9 @@ def _topk_select_kernel(
         if (n_cand < topk) | (n_cand > CAND):  # exact: k-th score by bit search over the row
             path = path * 0 + 3
             kth = _row_kth_ukey(row_ptr, n, topk, BLOCK, STAGES)
-            n_above = _row_count_ge(row_ptr, 0, n, kth + 1, BLOCK, STAGES)
-            n_cand = _row_compact(row_ptr, 0, n, kth + 1, kth, topk - n_above, cand_val, cand_idx, 0, CAND, BLOCK,
-                                  STAGES, True)
+            n_above = _row_count_ge(row_ptr, n, kth + 1, BLOCK, STAGES)
+            n_cand = _row_compact(row_ptr, n, kth + 1, kth, topk - n_above, cand_val, cand_idx, CAND, BLOCK, STAGES,
+                                  True)
     tl.store(path_ptr + row, path)
 
     if path == 0:
@@ -214,61 +194,15 @@ def _topk_select_kernel(
         tl.store(out_row + c, tl.full((CAND,), -1, tl.int32), mask=(c >= n_picked) & (c < topk))
 
 
-def _sample_threshold_kernel(
-    scores_ptr, threshold_ptr, width, diag_base, row_period, topk, s_row,
-    CAND: tl.constexpr, SAMPLE: tl.constexpr, GROUP: tl.constexpr,
-):
-    """threshold[row] = the first filter pass's ukey threshold (as int32 bits); 0 = the row
-    needs no filter (n <= CAND: the main kernel reads it directly)."""
-    row = tl.program_id(0)
-    n = _row_length(row, width, diag_base, row_period)
-    threshold = tl.zeros((), tl.uint32)
-    if n > CAND:
-        row_ptr = scores_ptr + row.to(tl.int64) * s_row
-        threshold = tl.maximum(_sample_threshold(row_ptr, n, _first_rank(n, topk, CAND, SAMPLE), SAMPLE, GROUP), 1)
-    tl.store(threshold_ptr + row, threshold.to(tl.int32, bitcast=True))
-
-
-def _segment_pass_kernel(
-    scores_ptr, threshold_ptr, seg_count_ptr, cand_val_ptr, cand_idx_ptr,
-    width, diag_base, row_period, s_row, s_cand, n_segs, seg_len,
-    CAND: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr, SEGS_PAD: tl.constexpr,
-    WRITE: tl.constexpr,
-):
-    """Program (row, seg) streams scores [seg * seg_len, +seg_len) of its row (within n).
-    WRITE=False: seg_count[row, seg] = #(ukey >= threshold). WRITE=True (after the counts): the
-    same keys go to the row's scratch in index order, after those of the earlier segments."""
-    row = tl.program_id(0)
-    seg = tl.program_id(1)
-    n = _row_length(row, width, diag_base, row_period)
-    threshold = tl.load(threshold_ptr + row).to(tl.uint32, bitcast=True)
-    lo = seg * seg_len
-    hi = tl.minimum(n, lo + seg_len)
-    row_ptr = scores_ptr + row.to(tl.int64) * s_row
-    counts = seg_count_ptr + row.to(tl.int64) * n_segs
-    if WRITE:
-        if (threshold > 0) & (lo < hi):
-            segs = tl.arange(0, SEGS_PAD)
-            slot0 = tl.sum(tl.load(counts + segs, mask=segs < seg, other=0))
-            if slot0 < CAND:
-                _row_compact(row_ptr, lo, hi, threshold, 0, 0, cand_val_ptr + row.to(tl.int64) * s_cand,
-                             cand_idx_ptr + row.to(tl.int64) * s_cand, slot0, CAND, BLOCK, STAGES, False)
-    else:
-        count = seg * 0
-        if (threshold > 0) & (lo < hi):
-            count = _row_count_ge(row_ptr, lo, hi, threshold, BLOCK, STAGES)
-        tl.store(counts + seg, count)
-
-
 # --------------------------------------------------------------------------- host side
 
 _JIT: dict = {}
 
 
-def _jitted(fn):
-    if fn not in _JIT:
-        _JIT[fn] = triton.jit(fn)
-    return _JIT[fn]
+def _kernel():
+    if "kernel" not in _JIT:
+        _JIT["kernel"] = triton.jit(_topk_select_kernel)
+    return _JIT["kernel"]
 
 
 def candidate_capacity(topk: int) -> int:
@@ -289,16 +223,13 @@ def launch_meta(topk: int, sorted: bool = True, block: int | None = None, stages
 def topk_select(
     scores: torch.Tensor, topk: int, diag_base: int | None = None, row_period: int | None = None,
     sorted: bool = True, num_warps: int = 8, block: int | None = None, stages: int = 1,
-    return_path: bool = False, split: bool = False, seg_len: int | None = None,
+    return_path: bool = False,
 ):
     """scores fp32 [R, W] (-inf = not allowed) -> int32 [R, topk] (-1 padded).
 
     diag_base: row r only reads its first min(W, diag_base + r % row_period + 1) scores
     (causal chunks; None = all W; row_period defaults to R). Scores beyond that are treated
     as not allowed without being read.
-    split: run the first filter pass over row segments of seg_len scores, one program each
-    (three extra launches: sample threshold, count, write), so that few or long rows still
-    fill the GPU; the same candidates, the same result.
     return_path: also return int32 [R]: the PATH_* each row took.
     """
     R, W = scores.shape
@@ -310,44 +241,15 @@ def topk_select(
     needs_scratch = W > cand
     cand_val = torch.empty((R, cand) if needs_scratch else (1, 1), dtype=torch.float32, device=scores.device)
     cand_idx = torch.empty(cand_val.shape, dtype=torch.int32, device=scores.device)
-    diag_base = W if diag_base is None else diag_base
-    row_period = row_period or max(R, 1)
-    split = split and needs_scratch and R > 0
-    seg_len = seg_len or split_segment_length(R, W, meta["BLOCK"], scores.device)
-    n_segs = cdiv(W, seg_len) if split else 1
-    seg_count = torch.empty((R, n_segs) if split else (1, 1), dtype=torch.int32, device=scores.device)
-    rows = (W, diag_base, row_period)
-    launch = _launcher(scores, num_warps)
-    if split:
-        threshold = torch.empty(R, dtype=torch.int32, device=scores.device)
-        sample = {k: meta[k] for k in ("CAND", "SAMPLE", "GROUP")}
-        launch(_sample_threshold_kernel, (R,), scores, threshold, *rows, topk, scores.stride(0), **sample)
-        for write in (False, True):
-            launch(_segment_pass_kernel, (R, n_segs), scores, threshold, seg_count, cand_val, cand_idx, *rows,
-                   scores.stride(0), cand_val.stride(0), n_segs, seg_len, CAND=cand, BLOCK=meta["BLOCK"],
-                   STAGES=meta["STAGES"], SEGS_PAD=next_pow2(n_segs), WRITE=write)
+    args = (scores, out, cand_val, cand_idx, path, W, W if diag_base is None else diag_base,
+            row_period or max(R, 1), topk,
+            scores.stride(0), out.stride(0), cand_val.stride(0))
     if R > 0:
-        launch(_topk_select_kernel, (R,), scores, out, cand_val, cand_idx, path, seg_count, *rows, topk,
-               scores.stride(0), out.stride(0), cand_val.stride(0), n_segs, **meta, PREFILTERED=split,
-               SEGS_PAD=next_pow2(n_segs))
-    return (out, path) if return_path else out
-
-
-def split_segment_length(R: int, W: int, block: int, device) -> int:
-    """Scores per segment program: about 8 programs per SM over the whole [R, W] buffer,
-    between one streaming block and 32768 scores."""
-    per_program = cdiv(R * W, 8 * num_sms(device))
-    return max(block, min(32768, next_pow2(per_program)))
-
-
-def _launcher(scores: torch.Tensor, num_warps: int):
-    """launch(kernel_fn, grid, *args, **constexprs): interpreter twin for CPU tensors, else JIT."""
-    def launch(fn, grid, *args, **meta):
         if interpreting(scores):
-            launch_interpreted(fn, grid, *args, **meta)
+            launch_interpreted(_topk_select_kernel, (R,), *args, **meta)
         else:
-            _jitted(fn)[grid](*args, **meta, num_warps=num_warps)
-    return launch
+            _kernel()[(R,)](*args, **meta, num_warps=num_warps)
+    return (out, path) if return_path else out
 
 
 def row_lengths(R: int, W: int, diag_base: int | None = None, row_period: int | None = None,

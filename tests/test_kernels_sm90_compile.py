@@ -192,47 +192,27 @@ def test_compiles_after_interpreted_launch(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- top-k selection
 
-_SELECT_INTS = dict(width=16384, diag_base=12288, row_period=4096, s_row=16384, n_segs=4, seg_len=4096)
-_SELECT_PTRS = dict(scores_ptr="fp32", out_ptr="i32", cand_val_ptr="fp32", cand_idx_ptr="i32", path_ptr="i32",
-                    seg_count_ptr="i32", threshold_ptr="i32")
-
-
-def _compile_topk_select(topk, warps, sorted_out, block, stages, prefiltered=False):
+def _compile_topk_select(topk, warps, sorted_out, block, stages):
     from ic_compile.kernels.topk_select import _topk_select_kernel, launch_meta
 
-    meta = dict(launch_meta(topk, sorted_out, block, stages), PREFILTERED=prefiltered, SEGS_PAD=4)
-    ints = dict(_SELECT_INTS, topk=topk, s_out=topk, s_cand=meta["CAND"])
-    return compile_sm90(_topk_select_kernel, _SELECT_PTRS, ints, {}, meta, warps, 1)
-
-
-def _compile_select_segment_pass(topk, warps, block, stages, write):
-    from ic_compile.kernels.topk_select import _segment_pass_kernel, launch_meta
-
-    meta = launch_meta(topk, False, block, stages)
-    consts = dict(CAND=meta["CAND"], BLOCK=block, STAGES=stages, SEGS_PAD=4, WRITE=write)
-    return compile_sm90(_segment_pass_kernel, _SELECT_PTRS, dict(_SELECT_INTS, s_cand=meta["CAND"]), {}, consts,
-                        warps, 1)
+    meta = launch_meta(topk, sorted_out, block, stages)
+    ints = dict(width=16384, diag_base=12288, row_period=4096, topk=topk, s_row=16384, s_out=topk, s_cand=meta["CAND"])
+    ptrs = dict(scores_ptr="fp32", out_ptr="i32", cand_val_ptr="fp32", cand_idx_ptr="i32", path_ptr="i32")
+    return compile_sm90(_topk_select_kernel, ptrs, ints, {}, meta, warps, 1)
 
 
 @pytest.mark.parametrize("kind", ["narrow", "wide"])
-@pytest.mark.parametrize("prefiltered", [False, True], ids=["one_pass", "split"])
-def test_topk_select_compiles_for_sm90(kind, prefiltered):
-    """The launch configs the indexer uses (unordered rows, topk 2048), with the first filter
-    pass in the kernel or split over segments: fit, no spills, and the streaming loads are
-    pipelined (cp.async)."""
+def test_topk_select_compiles_for_sm90(kind):
+    """The launch configs the indexer uses (unordered rows, topk 2048): fit, no spills, and the
+    streaming loads are pipelined (cp.async)."""
     from ic_compile.kernels.indexer_topk import SELECT_KWARGS
 
     cfg = SELECT_KWARGS[kind]
-    res = _compile_topk_select(2048, cfg["num_warps"], False, cfg["block"], cfg["stages"], prefiltered)
+    res = _compile_topk_select(2048, cfg["num_warps"], False, cfg["block"], cfg["stages"])
     assert res["shared"] <= MAX_SMEM, res["shared"]
     assert res["stack"] == 0, f"register spills: {res['stack']} bytes"
     if cfg["stages"] > 1:
         assert "cp.async" in res["ptx"]
-    for write in (False, True):
-        seg = _compile_select_segment_pass(2048, cfg["num_warps"], cfg["block"], cfg["stages"], write)
-        assert seg["stack"] == 0 and seg["shared"] <= MAX_SMEM, seg
-        if cfg["stages"] > 1:
-            assert "cp.async" in seg["ptx"]
 
 
 def test_topk_select_sorted_compiles_for_sm90():

@@ -111,31 +111,6 @@ def test_topk_select_filtered_path_is_taken(request):
     assert (path == PATH_FILTERED).sum() >= 3, path
 
 
-@pytest.mark.parametrize("case", ["filtered", "causal_period", "ties", "few_wide_rows"])
-def test_split_first_pass_gives_the_same_rows(case, request):
-    """split=True (threshold, count and write launched over row segments) keeps the same
-    candidates in the same order: identical output and paths to the one-program-per-row pass,
-    and a valid top-k; segments shorter than rows, rows shorter than one segment, empty rows."""
-    seed = seed_everything(request.node.name)
-    R, W, topk, diag, period, seg_len = {"filtered": (5, 1000, 32, None, None, 256),
-                                         "causal_period": (8, 1100, 16, 500, 4, 128),
-                                         "ties": (3, 700, 16, None, None, 128),
-                                         "few_wide_rows": (2, 5000, 100, None, None, 512)}[case]
-    scores = _rows(R, W)
-    if case == "ties":
-        scores[1, 100:] = 1.0
-        scores[2] = torch.randint(0, 3, (W,)).float()
-    for sorted_out in (False, True):
-        want, want_path = topk_select(scores, topk, diag, period, sorted=sorted_out, return_path=True)
-        got, path = topk_select(scores, topk, diag, period, sorted=sorted_out, return_path=True, split=True,
-                                seg_len=seg_len)
-        assert torch.equal(path, want_path), (path, want_path, repro(seed))
-        assert torch.equal(got, want), f"split first pass changed the rows {repro(seed)}"
-        _check(got, readable_scores(scores, diag, period), topk, sorted_out, seed)
-    if case == "ties":
-        assert (path[1:] == PATH_EXACT).all(), path
-
-
 @pytest.mark.parametrize("case", ["chunked_batches", "queries_after_keys", "padding_mask"])
 def test_unordered_indexer_uses_topk_select(case, request, monkeypatch, select_calls):
     """indexer_topk_triton(sorted=False) through topk_select (MIN_SELECT_ROWS lowered so small
@@ -170,7 +145,6 @@ def test_topk_select_gpu(R, W, diag, sorted_out, request):
     got = topk_select(scores, 2048, diag_base=diag, sorted=sorted_out)
     allowed = readable_scores(scores, diag, R)
     _check(got.cpu(), allowed.cpu(), 2048, sorted_out, seed)
-    assert torch.equal(topk_select(scores, 2048, diag_base=diag, sorted=sorted_out, split=True), got)
 
 
 @pytest.mark.gpu
