@@ -1,6 +1,6 @@
 """torch.library custom ops in namespace ``ic`` (importing this module registers them).
 
-    ic::indexer_topk(Tensor q, Tensor k, Tensor w, int topk, Tensor? mask=None, bool causal=True,
+    ic::indexer_topk(Tensor q, Tensor k, Tensor w, SymInt topk, Tensor? mask=None, bool causal=True,
                      bool sorted=True) -> Tensor
     ic::sparse_attention(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, bool causal=True) -> Tensor
     ic::sparse_mla(Tensor q, Tensor kv, Tensor indices, float scale, int dv, bool causal=True) -> Tensor
@@ -30,7 +30,10 @@ from .sparse_attention import sparse_mla as _sparse_mla
 
 NAMESPACE = "ic"
 
-_INDEXER_TOPK_SCHEMA = ("(Tensor q, Tensor k, Tensor w, int topk, Tensor? mask=None, bool causal=True, "
+# SymInt topk: models ask for min(index_topk, T) keys; an `int` argument would specialise that to its
+# traced value (a guard in torch.compile, and in torch.export a runtime assert that ONNX drops: the
+# exported graph then padded short prompts' rows with -1 instead of selecting fewer keys).
+_INDEXER_TOPK_SCHEMA = ("(Tensor q, Tensor k, Tensor w, SymInt topk, Tensor? mask=None, bool causal=True, "
                         "bool sorted=True) -> Tensor")
 _SPARSE_ATTENTION_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, bool causal=True) -> Tensor"
 _SPARSE_MLA_SCHEMA = "(Tensor q, Tensor kv, Tensor indices, float scale, int dv, bool causal=True) -> Tensor"

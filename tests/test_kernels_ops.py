@@ -14,7 +14,7 @@ from ic_compile.kernels.testing import indexer_inputs, random_indices, seed_ever
 from marks import needs_cuda, needs_triton
 
 SCHEMAS = {
-    "indexer_topk": "ic::indexer_topk(Tensor q, Tensor k, Tensor w, int topk, Tensor? mask=None, "
+    "indexer_topk": "ic::indexer_topk(Tensor q, Tensor k, Tensor w, SymInt topk, Tensor? mask=None, "
                     "bool causal=True, bool sorted=True) -> Tensor",
     "sparse_attention": "ic::sparse_attention(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, "
                         "bool causal=True) -> Tensor",
