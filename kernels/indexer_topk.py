@@ -8,10 +8,11 @@ Design (prefill, one Triton kernel `_indexer_scores_kernel`):
   * a program owns BLOCK_S queries x all heads: the q block reshaped to [BLOCK_S*H_PAD, D]
     (loaded once, stays resident) and a key tile [BLOCK_T, D] meet in one tensor-core dot;
     relu, * w, and the sum over heads run in registers (fp32), giving a [BLOCK_S, BLOCK_T]
-    score tile. [S, H, T] is never materialised. With KEY_ROWS (the GPU default) the dot is
-    k . q^T -> [BLOCK_T, BLOCK_S*H_PAD]: each query's heads are adjacent *columns* of the
-    accumulator, so the head sum is in-thread adds plus two quad shuffles (1.7x faster on the
-    H200 than q . k^T, whose head sum crosses warps through shared memory).
+    score tile. [S, H, T] is never materialised. With KEY_ROWS (the configs the GPU autotuner
+    picks on the H200) the dot is k . q^T -> [BLOCK_T, BLOCK_S*H_PAD]: each query's heads are
+    adjacent *columns* of the accumulator, so the head sum is in-thread adds plus two quad
+    shuffles (1.7x faster on the H200 than q . k^T, whose head sum crosses warps through
+    shared memory).
   * key tiles entirely above the causal diagonal are not computed (only filled with -inf).
   * queries are processed in chunks so the fp32 [B, chunk, width] score buffer stays under
     ~1 GiB; `width` is the chunk's causal horizon, so torch.topk (the selection) never sees
@@ -164,8 +165,9 @@ def _prefill_configs(h_pad: int):
     (registers + quad shuffles), 503-517 TFLOP/s at 32K for these configs; the (query, head) /
     (head, query) row orders sum across warps (shuffles + a shared-memory exchange) and peaked at
     306 -- two are kept as fallbacks for other head counts. All AOT-compiled for sm_90 (H=32,
-    D=128) with triton 3.6 and 3.9: no spills, <= 112 KB smem (two CTAs per SM). Left out though
-    as fast on the H200 (517 / 496): 256 keys x 128 / 4-warp 256 x 64 -- they spill with 3.9."""
+    D=128) with triton 3.6 and 3.9: no spills, <= 112 KB smem (two CTAs per SM). Left out although
+    fast on the H200, because they spill with triton 3.9: 256 rows x 128 keys / 8 warps (517) and
+    256 x 64 / 4 warps (496)."""
     configs = []
     for rows, block_t, warps, stages in ((256, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (256, 64, 8, 2)):
         configs.append(triton.Config({"BLOCK_S": max(1, rows // h_pad), "BLOCK_T": block_t, "HEAD_MAJOR": False,
