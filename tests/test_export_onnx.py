@@ -101,6 +101,22 @@ def test_hf_glm_moe_dsa_onnx_matches_native_plan(plan, hf_capture, tmp_path):
 
 
 # ------------------------------------------------------------------ custom ops in standard ONNX ops
+def test_hf_glm_moe_dsa_with_kernels_onnx_matches_native_plan(hf_capture, tmp_path):
+    """kernels=True on HF: F indexers -> ic::indexer_topk and the index-mask attention ->
+    ic::sparse_mla, both exported in standard ops; prompts shorter (3 < index_topk = 4) and longer."""
+    result = export_onnx(hf_capture, None, tmp_path / "glm_k.onnx", plan="FSFS", kernels=True)
+    assert {"ic::indexer_topk", "ic::sparse_mla"} <= set(result.decomposed_ops)
+    assert {n.domain for n in onnx.load(result.path).graph.node} <= {"", "ai.onnx"}
+    assert result.indexer_topk == 2
+    oracle = hf_glm("FSFS")
+    oracle.load_state_dict(hf_capture.model.state_dict(), strict=False)
+    for seq in (3, *SEQS):
+        ids = random_ids(seq=seq, seed=seq)
+        with torch.no_grad():
+            want = oracle(input_ids=ids, use_cache=False).logits.numpy()
+        assert np.abs(run_onnx(result.path, {"input_ids": ids}) - want).max() < 1e-4
+
+
 def test_decompositions_match_kernel_references():
     from ic_compile.kernels import reference as ref
     g = torch.Generator().manual_seed(0)
