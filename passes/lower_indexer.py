@@ -117,7 +117,7 @@ def _analyse(match: IndexerMatch) -> _Plan | str:
     if mask_kind == "fill" and op_name(mask) in _NOT_OPS:  # masked_fill(~allowed): use `allowed`
         mask, mask_kind = mask.args[0], "allowed"  # (no [B,S,T] inversion, twice, per F layer)
     topk = match.topk.args[1] if len(match.topk.args) > 1 else match.topk.kwargs["k"]
-    key = _key_source(match.key, shape_of(match.query)[3])
+    key = _key_source(match)
     if key is None:
         return f"no [B,T,D] key tensor behind the product's key operand {shape_of(match.key)}"
     return _Plan(_uncast(match.query), key, w, w_layout, float(scale), mask, mask_kind, topk,
@@ -187,16 +187,50 @@ def _uncast(node: fx.Node) -> fx.Node:
     return node
 
 
-def _key_source(key: fx.Node, head_dim) -> fx.Node | None:
-    """Walk back through layout ops and casts to the [B,T,D] key (HF: k.transpose.float.unsqueeze)."""
-    node = key
+def _key_source(match: IndexerMatch) -> fx.Node | None:
+    """Walk back from the product's key operand through layout ops and casts to the [B,T,D] key
+    (HF: k.transpose(-1, -2).float().unsqueeze(1)), following which dim is which through every op:
+    shapes alone cannot tell k [B,T,D] from its transpose when T == D (a 128-token prompt with
+    index_head_dim 128 picked the transpose)."""
+    node = match.key
+    dims = ("B", "1", "D", "T") if op_name(match.product) == "matmul" else ("B", "T", "D")
     for _ in range(8):
-        shape = shape_of(node)
-        if shape is not None and len(shape) == 3 and shape[2] == head_dim and op_name(node) not in CASTS:
+        if dims == ("B", "T", "D") and op_name(node) not in CASTS:
             return node
-        if op_name(node) not in LAYOUT_OPS or not isinstance(node.args[0], fx.Node):
+        source = node.args[0] if node.args else None
+        if not isinstance(source, fx.Node):
             return None
-        node = node.args[0]
+        dims = _input_dims(node, dims, shape_of(source))
+        if dims is None:
+            return None
+        node = source
+    return None
+
+
+def _input_dims(node: fx.Node, dims: tuple, in_shape) -> tuple | None:
+    """Labels of a layout op's input dims given its output's, or None when the op mixes dims."""
+    name, args = op_name(node), node.args[1:]
+    if in_shape is None:
+        return None
+    if name in CASTS or name in ("contiguous", "clone") or (name in ("view", "reshape", "expand")
+                                                            and tuple(in_shape) == tuple(shape_of(node) or ())):
+        return dims
+    if name in ("transpose", "swapaxes") and len(args) == 2 and all(isinstance(a, int) for a in args):
+        a, b = (d % len(dims) for d in args)
+        swapped = list(dims)
+        swapped[a], swapped[b] = dims[b], dims[a]
+        return tuple(swapped)
+    if name == "permute":
+        order = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+        if sorted(d % len(dims) for d in order) != list(range(len(dims))):
+            return None
+        out = [None] * len(dims)
+        for i, d in enumerate(order):
+            out[d % len(dims)] = dims[i]
+        return tuple(out)
+    if name == "unsqueeze" and len(args) == 1 and isinstance(args[0], int):
+        d = args[0] % len(dims)
+        return dims[:d] + dims[d + 1:] if dims[d] == "1" else None
     return None
 
 
