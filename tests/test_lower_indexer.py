@@ -55,6 +55,19 @@ def test_prompt_as_long_as_the_indexer_head_dim(eight_heads, model_name):
     assert (got - want).abs().max().item() < 1e-4
 
 
+def test_prompt_lengths_equal_to_model_dims(eight_heads):
+    """Prompt lengths equal to the tiny model's dims (heads 4, rope 8, latent/head dims 16, q rank
+    32) and to index_topk = 4, or one off them: shape-based matching would confuse T with a dim."""
+    model = tiny_models.glm()
+    oracle = tiny_models.glm_with_plan(model, "FFSF")
+    fn = compiled(model, "FFSF")
+    for seq in (1, 3, 4, 8, 16, 32, 33):
+        ids = tiny_models.random_ids(seq=seq, seed=seq)
+        with torch.no_grad():
+            err = (fn(ids, use_cache=False).logits - oracle(ids, use_cache=False).logits).abs().max().item()
+        assert err < 1e-4, f"seq {seq}: max |dlogits| {err}"
+
+
 def test_lowered_graph_has_one_op_per_f_layer_and_no_score_tensor(eight_heads):
     model, ids = tiny_models.glm(), tiny_models.random_ids(seq=20)
     graph = ic_compile.capture_graphs(model, {"input_ids": ids, "use_cache": False})[0]
