@@ -7,8 +7,9 @@ layer: when the model's mask is causal it runs the causal kernel (key tiles abov
 skipped, selection reads each row only up to its diagonal) with the same answer.
 
 Design (Triton, `_mask_above_diagonal_kernel`): a program owns BLOCK_S rows of one batch and
-streams only the columns right of its first row's diagonal, in [BLOCK_S, BLOCK_T] byte tiles,
-OR-ing the entries above each row's diagonal; it writes one int8 flag. Reads only the upper
+streams the columns from the BLOCK_T-aligned tile holding its first row's diagonal on, in
+[BLOCK_S, BLOCK_T] byte tiles (16-byte loads), OR-ing the entries above each row's diagonal;
+it writes one int8 flag. Reads only the upper
 triangle (half the mask, no temporaries): at S = T = 16K that is 128 MB instead of the chunked
 torch reference's 3 full passes (compare, and, any) plus two [rows, T] temporaries per chunk.
 """

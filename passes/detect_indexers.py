@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
-from .graph_ops import (LAYOUT_OPS, MASK_SCALE_OPS, PRODUCT_OPS, REDUCE_OPS, is_parameter, is_relu,
+from .graph_ops import (LAYOUT_OPS, MASK_SCALE_OPS, PRODUCT_OPS, REDUCE_OPS, is_last_dim, is_parameter, is_relu,
                         layer_number, module_path, op_name, shape_of, tensor_args)
 
 MAX_WALK = 200  # nodes visited behind one topk before we give up on it
@@ -164,8 +164,7 @@ def _is_weight(node: fx.Node, depth: int = 6) -> bool:
 
 def _over_last_axis(topk: fx.Node) -> bool:
     dim = topk.args[2] if len(topk.args) > 2 else topk.kwargs.get("dim", -1)
-    shape = shape_of(topk.args[0])
-    return dim == -1 or (shape is not None and dim == len(shape) - 1)
+    return is_last_dim(dim, topk.args[0])
 
 
 def _assign_layers(matches: list[IndexerMatch]) -> list[str]:

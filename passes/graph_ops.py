@@ -84,6 +84,12 @@ def shape_of(node: fx.Node) -> tuple | None:
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
+def is_last_dim(dim, node: fx.Node) -> bool:
+    """Is `dim` (an op's dim argument) the last dim of `node`'s tensor? (-1, or rank - 1 when known)"""
+    shape = shape_of(node)
+    return dim == -1 or (shape is not None and dim == len(shape) - 1)
+
+
 def is_parameter(node: fx.Node) -> bool:
     """Graph inputs that hold module parameters (weights). Buffers are not: KV caches live there."""
     if node.op == "get_attr":

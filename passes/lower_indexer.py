@@ -16,7 +16,7 @@ import torch
 from torch import fx
 
 from .detect_indexers import IndexerMatch
-from .graph_ops import LAYOUT_OPS, op_name, shape_of
+from .graph_ops import LAYOUT_OPS, is_last_dim, op_name, shape_of
 
 
 @dataclass
@@ -157,10 +157,8 @@ def _scatters_scalar_along_last(scatter: fx.Node, index: fx.Node) -> bool:
     args = list(scatter.args) + [None] * 4
     dim, idx = scatter.kwargs.get("dim", args[1]), scatter.kwargs.get("index", args[2])
     value = scatter.kwargs.get("value", args[3])
-    target = shape_of(scatter)
-    last = dim == -1 or (target is not None and dim == len(target) - 1)
-    return (idx is index and last and isinstance(value, (bool, int, float)) and args[0] is not index
-            and "reduce" not in scatter.kwargs)
+    return (idx is index and is_last_dim(dim, scatter) and isinstance(value, (bool, int, float))
+            and args[0] is not index and "reduce" not in scatter.kwargs)
 
 
 def _known_product(match: IndexerMatch) -> bool:

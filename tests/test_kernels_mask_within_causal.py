@@ -27,7 +27,7 @@ def with_future_key(mask, b, s):
     return mask
 
 
-def _check(mask, S, T, want, seed, device="cpu"):
+def _check(mask, S, T, want, seed):
     got = mask_within_causal(mask, S, T, use_triton=True)
     ref = mask_within_causal_ref(mask, S, T)
     assert ref == want, f"reference disagrees with the construction {repro(seed)}"

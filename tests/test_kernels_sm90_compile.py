@@ -100,13 +100,14 @@ def _check_indexer(res, rows):
         assert "wgmma" in res["ptx"], "expected Hopper wgmma for >= 64 dot rows"
 
 
-@pytest.mark.parametrize("cfg", [(4, 32, 64, 4, 2, True, False), (8, 32, 64, 8, 3, True, True),
-                                 (1, 32, 256, 8, 4, True, False), (4, 32, 64, 4, 3, True, False, 4096, 4096, True),
-                                 (8, 32, 64, 8, 3, True, True, 4096, 4096, False, True)],
+@pytest.mark.parametrize("cfg", [dict(block_s=4, block_t=64, warps=4, stages=2),
+                                 dict(block_s=8, block_t=64, warps=8, stages=3, mask=True),
+                                 dict(block_s=1, block_t=256, warps=8, stages=4),
+                                 dict(block_s=4, block_t=64, warps=4, stages=3, head_major=True),
+                                 dict(block_s=8, block_t=64, warps=8, stages=3, mask=True, key_rows=True)],
                          ids=["prefill", "prefill_mask_256rows", "decode", "prefill_head_major", "prefill_key_rows"])
 def test_indexer_compiles_for_sm90(cfg):
-    block_s, h_pad, *rest = cfg
-    _check_indexer(_compile_indexer(block_s, h_pad, *rest), block_s * h_pad)
+    _check_indexer(_compile_indexer(h_pad=32, **cfg), cfg["block_s"] * 32)
 
 
 @slow[0]
@@ -117,7 +118,7 @@ def test_indexer_all_configs_compile_for_sm90():
     for cfg in _prefill_configs(32):
         kw = cfg.kwargs
         _check_indexer(_compile_indexer(kw["BLOCK_S"], 32, kw["BLOCK_T"], cfg.num_warps, cfg.num_stages,
-                                        head_major=kw["HEAD_MAJOR"], key_rows=kw.get("KEY_ROWS", False)),
+                                        head_major=kw["HEAD_MAJOR"], key_rows=kw["KEY_ROWS"]),
                        kw["BLOCK_S"] * 32)
     for cfg in _decode_configs():
         _check_indexer(_compile_indexer(1, 32, cfg.kwargs["BLOCK_T"], cfg.num_warps, cfg.num_stages), 32)

@@ -36,21 +36,18 @@ def test_hf_prefill_and_decode_with_fused_indexer(eight_heads, plan, lowering):
         assert (w - g).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("model_name", ["glm", "deepseek_v32"])
-def test_prompt_as_long_as_the_indexer_head_dim(eight_heads, model_name):
+def test_deepseek_v32_prompt_as_long_as_the_indexer_head_dim(eight_heads):
     """T == index_head_dim (16 here; a 128-token prompt for the real models): the key [B,T,D] and
     HF's transposed copy [B,D,T] have the same shape, and the lowering must still hand the op the
-    key, not its transpose (it once matched by shape and got it wrong: max |dlogits| 0.3)."""
+    key, not its transpose (it once matched by shape and got it wrong: max |dlogits| 0.3). GLM:
+    test_prompt_lengths_equal_to_model_dims."""
     from ic_compile.reference import shared_indexer_hooks
 
-    model = getattr(tiny_models, model_name)()
+    model = tiny_models.deepseek_v32()
     ids = tiny_models.random_ids(seq=tiny_models.HF_TINY["index_head_dim"])
     with torch.no_grad():
-        if model_name == "glm":
-            want = tiny_models.glm_with_plan(model, "FSFS")(ids, use_cache=False).logits
-        else:
-            with shared_indexer_hooks(model, "FSFS"):
-                want = model(ids, use_cache=False).logits
+        with shared_indexer_hooks(model, "FSFS"):
+            want = model(ids, use_cache=False).logits
         got = compiled(model, "FSFS")(ids, use_cache=False).logits
     assert (got - want).abs().max().item() < 1e-4
 
