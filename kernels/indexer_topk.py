@@ -178,10 +178,15 @@ def _prefill_configs(h_pad: int):
     return configs
 
 
-def _decode_configs():
-    """Memory-bound streaming of K: deep pipelines of [D, BLOCK_T] tiles."""
+def _decode_configs(exact_fp32: bool = False):
+    """Memory-bound streaming of K: deep pipelines of [D, BLOCK_T] tiles.
+
+    exact_fp32 (fp32 inputs, "ieee" dots without tensor cores): only BLOCK_T 64. The FMA-emulated
+    [rows, 128] x [128, 256] dot took minutes per config to compile (the GPU test with S=3,
+    fp32 ran past 175 s autotuning); fp32 is a correctness path, not a speed one."""
+    block_ts = (64,) if exact_fp32 else (64, 128, 256)
     return [triton.Config({"BLOCK_T": bt, "HEAD_MAJOR": False, "KEY_ROWS": False}, num_warps=w, num_stages=st)
-            for bt in (64, 128, 256) for w in (4, 8) for st in (3, 4)]
+            for bt in block_ts for w in (4, 8) for st in (3, 4)]
 
 
 _TUNED: dict = {}
@@ -193,11 +198,11 @@ def _jit_kernel():
     return _TUNED["jit"]
 
 
-def _tuned_kernel(mode: str, h_pad: int):
+def _tuned_kernel(mode: str, h_pad: int, exact_fp32: bool):
     """Autotuned GPU kernel for mode 'prefill' (BLOCK_S tuned) or 'decode' (BLOCK_S given)."""
-    key = (mode, h_pad)
+    key = (mode, h_pad, exact_fp32)
     if key not in _TUNED:
-        configs = _prefill_configs(h_pad) if mode == "prefill" else _decode_configs()
+        configs = _prefill_configs(h_pad) if mode == "prefill" else _decode_configs(exact_fp32)
         _TUNED[key] = triton.autotune(configs, key=["H_PAD", "D_PAD", "CAUSAL", "HAS_MASK", "tune_bucket"])(
             _jit_kernel())
     return _TUNED[key]
@@ -260,7 +265,7 @@ def indexer_scores(
         launch_config(_jit_kernel(), grid, args, consts, config)
     else:
         mode = "prefill" if decode_block_s is None else "decode"
-        _tuned_kernel(mode, h_pad)[grid](*args, **consts)
+        _tuned_kernel(mode, h_pad, consts["DOT_PRECISION"] == "ieee")[grid](*args, **consts)
     return out
 
 
