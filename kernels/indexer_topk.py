@@ -55,9 +55,10 @@ MAX_TILE_ROWS = 256  # max BLOCK_S * H_PAD (rows of the tensor-core dot)
 # sort made topk_select 2x slower than torch.topk at 16K). Launch configs: bench/sweep_select.py.
 MIN_SELECT_ROWS = 256
 MAX_SELECT_TOPK = 2048  # candidate block 2 * topk lives in registers: measured only up to here
-SELECT_KWARGS = {"narrow": dict(num_warps=4, block=2048, stages=3),  # width <= SELECT_NARROW
-                 "wide": dict(num_warps=8, block=2048, stages=3)}
-SELECT_NARROW = 32768
+# topk_select launch: the filter kernel with 4 warps held to 72 registers (7 programs per SM;
+# 64 spills inside the streaming loop under triton 3.9), fastest at 16K and 128K
+# (bench/sweep_select.py, sixth run set)
+SELECT_KWARGS = dict(num_warps=4, block=1024, stages=3, maxnreg=72, resolve_warps=8)
 
 
 def _indexer_scores_kernel(
@@ -321,9 +322,8 @@ def select_topk(scores: torch.Tensor, topk: int, diag_base: int | None, sorted: 
         selection = "triton" if wanted else "torch"
     if selection == "torch":
         return topk_indices_from_scores(scores, topk)
-    launch = SELECT_KWARGS["narrow" if width <= SELECT_NARROW else "wide"]
     out = topk_select(scores.view(B * rows, width), topk, diag_base=diag_base, row_period=rows, sorted=sorted,
-                      **launch)
+                      **SELECT_KWARGS)
     return out.view(B, rows, topk)
 
 

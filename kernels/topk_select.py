@@ -7,24 +7,30 @@
 
 Reference: `reference.topk_indices_from_scores` (torch.topk; -inf = not allowed).
 
-One program per row, three ways to get at most CAND candidates into registers:
-  * direct   (n <= CAND): the row itself is the candidate block.
-  * filtered (n >  CAND): a strided sample of SAMPLE scores (groups of GROUP contiguous ones)
-    estimates a threshold expected to keep ~(topk + CAND) / 2 keys; one streaming pass writes
-    the keys >= threshold to a per-row scratch (running offset + cumsum). Kept only when
-    topk <= kept <= CAND, i.e. the threshold is below the topk-th score and the block fits;
-    otherwise one retry with the sample rank scaled by target / kept.
-  * exact    (otherwise, e.g. heavy ties): the topk-th score found by a 32-step bit search of
-    full-row counting passes, then the keys above it plus the first ties go to the scratch.
-The candidate block is then resolved exactly in registers: the topk-th largest key by the
-same bit search (counts over the block), ties broken by lower index, and (SORTED) a bitonic
-sort of (score, -index) pairs packed into int64 gives the descending order.
+Three kernels, one program per row each (split so that each keeps its own register budget:
+in one kernel the resolve step held 172 registers/thread and one 8-warp program per SM ran the
+streaming pass -- ncu: 12.5 % occupancy, one instruction every 2.5 cycles per scheduler).
+  * `_topk_filter_kernel` (only launched when W > CAND) gets at most CAND candidates per row:
+    - direct   (n <= CAND): the row itself is the candidate block (nothing to do);
+    - filtered (n >  CAND): a strided sample of SAMPLE scores (groups of GROUP contiguous ones)
+      estimates a threshold expected to keep ~(topk + CAND) / 2 keys; one streaming pass
+      writes the scores >= threshold (an fp32 compare) to a per-row scratch (running offset +
+      cumsum). Kept only when topk <= kept <= CAND, i.e. the threshold is below the topk-th
+      score and the block fits; otherwise retries (TRIES passes in all) with the sample rank
+      scaled by target / kept;
+    - otherwise (e.g. heavy ties) the row is marked PATH_EXACT.
+  * `_topk_exact_kernel`, for PATH_EXACT rows: the topk-th score by a 16-step radix-4 search
+    of full-row counting passes, then the keys above it plus the first ties go to the scratch.
+  * `_topk_resolve_kernel` loads the candidate block into registers and resolves it exactly:
+    the topk-th largest key by the same radix-4 search (three counts per step in one block
+    reduction), ties broken by lower index, and (SORTED) a bitonic sort of (score, -index)
+    pairs packed into int64 gives the descending order.
 
 Scores are compared as order-preserving uint32 keys ("ukeys": fp32 bits, sign-flipped); -inf
 (and NaN) are not allowed and get ukey 0, below every allowed score.
 No histogram: Triton lowers tl.histogram to ballots + shared-memory atomics, which made a
-radix select slower than torch.topk (docs/benchmarks.md, third run set). H200 (fourth run set,
-bench/sweep_select.py): unordered 1.9x faster than torch.topk on a 16K chunk, 1.8x on a 128K
+radix select slower than torch.topk (docs/benchmarks.md, third run set). H200 (sixth run set,
+bench/sweep_select.py): unordered 2.3x faster than torch.topk on a 16K chunk, 3.2x on a 128K
 chunk; the bitonic sort (sorted=True) costs more than torch.topk, and so does one program per
 row when there are few rows (decode) -- callers use torch.topk there (indexer_topk.select_topk).
 """
@@ -59,14 +65,69 @@ def _ukeys(vals):
 
 
 @_jit
-def _kth_ukey(ukeys, k, BITS: tl.constexpr):
-    """Largest v with #(ukeys >= v) >= k -- the k-th largest ukey, in its top BITS bits (the
-    rest 0); 0 when fewer than k keys are allowed. One block-wide count per bit."""
+def _add3(a0, a1, a2, b0, b1, b2):
+    return a0 + b0, a1 + b1, a2 + b2
+
+
+@_jit
+def _digit_trials(prefix, step):
+    """The three trial keys of radix-4 step `step`: prefix with bits (31-2*step, 30-2*step) = 1, 2, 3."""
+    unit = tl.full((), 0x40000000, tl.uint32) >> (2 * step)
+    return prefix | unit, prefix | (2 * unit), prefix | (3 * unit)
+
+
+@_jit
+def _pick_digit(prefix, t1, t2, t3, n1, n2, n3, k):
+    """The largest trial whose count (#keys >= trial) still reaches k (counts fall with the trial)."""
+    return tl.where(n3 >= k, t3, tl.where(n2 >= k, t2, tl.where(n1 >= k, t1, prefix)))
+
+
+@_jit
+def _count_ge3(ukeys, t1, t2, t3, ONE_REDUCE: tl.constexpr):
+    """#(ukeys >= t) for three trials. ONE_REDUCE (GPU): one block reduction of the three (one
+    cross-warp exchange); else three tl.sum (the interpreter runs a custom combine per element)."""
+    ge1, ge2, ge3 = (ukeys >= t1).to(tl.int32), (ukeys >= t2).to(tl.int32), (ukeys >= t3).to(tl.int32)
+    if ONE_REDUCE:
+        return tl.reduce((ge1, ge2, ge3), 0, _add3)
+    return tl.sum(ge1, axis=0), tl.sum(ge2, axis=0), tl.sum(ge3, axis=0)
+
+
+@_jit
+def _kth_ukey(ukeys, k, BITS: tl.constexpr, ONE_REDUCE: tl.constexpr):
+    """Largest v with #(ukeys >= v) >= k -- the k-th largest ukey, in its top BITS (even) bits
+    (the rest 0); 0 when fewer than k keys are allowed. Radix 4: BITS / 2 steps of three counts."""
     prefix = tl.zeros((), tl.uint32)
-    for i in range(BITS):
-        trial = prefix | (tl.full((), 0x80000000, tl.uint32) >> i)
-        n_ge = tl.sum((ukeys >= trial).to(tl.int32), axis=0)
-        prefix = tl.where(n_ge >= k, trial, prefix)
+    for step in range(BITS // 2):
+        t1, t2, t3 = _digit_trials(prefix, step)
+        n1, n2, n3 = _count_ge3(ukeys, t1, t2, t3, ONE_REDUCE)
+        prefix = _pick_digit(prefix, t1, t2, t3, n1, n2, n3, k)
+    return prefix
+
+
+@_jit
+def _row_count_ge3(row_ptr, n, t1, t2, t3, BLOCK: tl.constexpr, STAGES: tl.constexpr, ONE_REDUCE: tl.constexpr):
+    """#(ukey >= t) for three trials over the row's first n scores (one streaming pass)."""
+    n1 = tl.zeros((), tl.int32)
+    n2 = tl.zeros((), tl.int32)
+    n3 = tl.zeros((), tl.int32)
+    for start in tl.range(0, n, BLOCK, num_stages=STAGES):
+        offs = start + tl.arange(0, BLOCK)
+        ukeys = _ukeys(tl.load(row_ptr + offs, mask=offs < n, other=float("-inf")))
+        c1, c2, c3 = _count_ge3(ukeys, t1, t2, t3, ONE_REDUCE)
+        n1 += c1
+        n2 += c2
+        n3 += c3
+    return n1, n2, n3
+
+
+@_jit
+def _row_kth_ukey(row_ptr, n, k, BLOCK: tl.constexpr, STAGES: tl.constexpr, ONE_REDUCE: tl.constexpr):
+    """_kth_ukey over a whole row: 16 counting passes (the exact fallback)."""
+    prefix = tl.zeros((), tl.uint32)
+    for step in range(16):
+        t1, t2, t3 = _digit_trials(prefix, step)
+        n1, n2, n3 = _row_count_ge3(row_ptr, n, t1, t2, t3, BLOCK, STAGES, ONE_REDUCE)
+        prefix = _pick_digit(prefix, t1, t2, t3, n1, n2, n3, k)
     return prefix
 
 
@@ -82,42 +143,74 @@ def _row_count_ge(row_ptr, n, threshold, BLOCK: tl.constexpr, STAGES: tl.constex
 
 
 @_jit
-def _row_kth_ukey(row_ptr, n, k, BLOCK: tl.constexpr, STAGES: tl.constexpr):
-    """_kth_ukey over a whole row: 32 counting passes (the exact fallback)."""
-    prefix = tl.zeros((), tl.uint32)
-    for i in range(32):
-        trial = prefix | (tl.full((), 0x80000000, tl.uint32) >> i)
-        prefix = tl.where(_row_count_ge(row_ptr, n, trial, BLOCK, STAGES) >= k, trial, prefix)
-    return prefix
-
-
-@_jit
-def _sample_threshold(row_ptr, n, rank, SAMPLE: tl.constexpr, GROUP: tl.constexpr):
+def _sample_threshold(row_ptr, n, rank, SAMPLE: tl.constexpr, GROUP: tl.constexpr, ONE_REDUCE: tl.constexpr):
     """The rank-th largest ukey (top 16 bits: a threshold, not a selection) of SAMPLE of the
     row's n (> SAMPLE) scores: SAMPLE // GROUP groups of GROUP contiguous scores, evenly spread."""
     g = tl.arange(0, SAMPLE // GROUP).to(tl.int64)
     starts = g * (n - GROUP) // (SAMPLE // GROUP - 1)  # first 0, last n - GROUP
     offs = tl.reshape(starts[:, None] + tl.arange(0, GROUP)[None, :], (SAMPLE,))
-    return _kth_ukey(_ukeys(tl.load(row_ptr + offs)), rank, 16)
+    return _kth_ukey(_ukeys(tl.load(row_ptr + offs)), rank, 16, ONE_REDUCE)
 
 
 @_jit
-def _row_compact(row_ptr, n, keep_from, tie_key, ties_allowed, cand_val_ptr, cand_idx_ptr,
-                 CAND: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr, TIES: tl.constexpr):
-    """Stream the row, keeping (in index order) the allowed scores with ukey >= keep_from and
-    (TIES) the first `ties_allowed` with ukey == tie_key; the first CAND kept go to the scratch
-    (values, indices). Returns how many were kept (may exceed CAND)."""
+def _float_threshold(ukey):
+    """The fp32 value whose ukey is `ukey` (>= 1), for float compares: every allowed score has
+    ukey >= ukey(-FLT_MAX) = 0x00800000, so lower thresholds become -FLT_MAX (keeps all finite)."""
+    ukey = tl.maximum(ukey, 0x00800000)
+    bits = tl.where(ukey >= 0x80000000, ukey ^ 0x80000000, ~ukey)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@_jit
+def _compact_block(vals, offs, threshold, kept, cand_val_ptr, cand_idx_ptr, CAND: tl.constexpr):
+    """Append the block's scores >= threshold (and their indices) at scratch slot `kept` on, in
+    index order. vals, offs [BLOCK // 4, 4]: each thread holds whole rows of 4 contiguous scores,
+    so the slots come from an in-thread prefix plus a block scan over the row counts only
+    (a quarter of the elements: fewer shuffles and selects than a scan over every score)."""
+    keep = (vals >= threshold).to(tl.int32)  # [R, 4]
+    row_count = tl.sum(keep, axis=1)  # [R]
+    row_start = kept + tl.cumsum(row_count, axis=0) - row_count  # [R] exclusive prefix
+    slot = row_start[:, None] + tl.cumsum(keep, axis=1) - 1  # [R, 4]
+    ok = (keep > 0) & (slot < CAND)
+    tl.store(cand_val_ptr + slot, vals, mask=ok)
+    tl.store(cand_idx_ptr + slot, offs, mask=ok)
+    return kept + tl.sum(row_count, axis=0)
+
+
+@_jit
+def _row_compact_above(row_ptr, n, threshold, cand_val_ptr, cand_idx_ptr,
+                       CAND: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+    """Stream the row, keeping (in index order) the scores >= threshold (fp32; -inf and NaN never
+    pass); the first CAND kept go to the scratch. Returns how many were kept (may exceed CAND).
+    Whole blocks load unmasked (vectorised), then one masked tail block."""
+    kept = tl.zeros((), tl.int32)
+    n_full = n // BLOCK * BLOCK
+    quad = tl.arange(0, BLOCK // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]  # [BLOCK // 4, 4]
+    for start in tl.range(0, n_full, BLOCK, num_stages=STAGES):
+        offs = start + quad
+        kept = _compact_block(tl.load(row_ptr + offs), offs, threshold, kept, cand_val_ptr, cand_idx_ptr, CAND)
+    if n_full < n:
+        offs = n_full + quad
+        vals = tl.load(row_ptr + offs, mask=offs < n, other=float("-inf"))
+        kept = _compact_block(vals, offs, threshold, kept, cand_val_ptr, cand_idx_ptr, CAND)
+    return kept
+
+
+@_jit
+def _row_compact_ties(row_ptr, n, keep_from, tie_key, ties_allowed, cand_val_ptr, cand_idx_ptr,
+                      CAND: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+    """Stream the row, keeping (in index order) the allowed scores with ukey >= keep_from and the
+    first `ties_allowed` with ukey == tie_key; the first CAND kept go to the scratch (values,
+    indices). Returns how many were kept (may exceed CAND). The exact path's last pass."""
     kept = tl.zeros((), tl.int32)
     ties = tl.zeros((), tl.int32)
     for start in tl.range(0, n, BLOCK, num_stages=STAGES):
         offs = start + tl.arange(0, BLOCK)
         vals = tl.load(row_ptr + offs, mask=offs < n, other=float("-inf"))
         ukeys = _ukeys(vals)
-        keep = ukeys >= keep_from
-        if TIES:
-            tie = (ukeys == tie_key) & (ukeys > 0)
-            keep = keep | (tie & (ties + tl.cumsum(tie.to(tl.int32), axis=0) <= ties_allowed))
-            ties += tl.sum(tie.to(tl.int32), axis=0)
+        tie = (ukeys == tie_key) & (ukeys > 0)
+        keep = (ukeys >= keep_from) | (tie & (ties + tl.cumsum(tie.to(tl.int32), axis=0) <= ties_allowed))
+        ties += tl.sum(tie.to(tl.int32), axis=0)
         slot = kept + tl.cumsum(keep.to(tl.int32), axis=0) - 1
         ok = keep & (slot < CAND)
         tl.store(cand_val_ptr + slot, vals, mask=ok)
@@ -128,54 +221,92 @@ def _row_compact(row_ptr, n, keep_from, tie_key, ties_allowed, cand_val_ptr, can
 
 @_jit
 def _filter_row(row_ptr, n, rank, cand_val_ptr, cand_idx_ptr, CAND: tl.constexpr, SAMPLE: tl.constexpr,
-                GROUP: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+                GROUP: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr, ONE_REDUCE: tl.constexpr):
     """Keep the scores >= the sample's rank-th largest (scratch); returns how many were kept."""
-    threshold = tl.maximum(_sample_threshold(row_ptr, n, rank, SAMPLE, GROUP), 1)
-    return _row_compact(row_ptr, n, threshold, 0, 0, cand_val_ptr, cand_idx_ptr, CAND, BLOCK, STAGES, False)
+    threshold = _float_threshold(tl.maximum(_sample_threshold(row_ptr, n, rank, SAMPLE, GROUP, ONE_REDUCE), 1))
+    return _row_compact_above(row_ptr, n, threshold, cand_val_ptr, cand_idx_ptr, CAND, BLOCK, STAGES)
 
 
-def _topk_select_kernel(
-    scores_ptr, out_ptr, cand_val_ptr, cand_idx_ptr, path_ptr,
+@_jit
+def _row_length(row, width, diag_base, row_period):
+    """How many leading scores row `row` may select from (int32; see row_lengths)."""
+    return tl.minimum(width, tl.maximum(diag_base + row % row_period + 1, 0))
+
+
+def _topk_filter_kernel(
+    scores_ptr, cand_val_ptr, cand_idx_ptr, n_cand_ptr, path_ptr,
     width, diag_base, row_period, topk,  # row r: scores[r, :min(width, diag_base + r % row_period + 1)]
-    s_row, s_out, s_cand,
+    s_row, s_cand,
     CAND: tl.constexpr, SAMPLE: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
-    STAGES: tl.constexpr, SORTED: tl.constexpr,
+    STAGES: tl.constexpr, TRIES: tl.constexpr, ONE_REDUCE: tl.constexpr,
 ):
+    """Per row: path[row] (PATH_*) and n_cand[row] candidates -- the row itself (direct) or the
+    scratch rows cand_val / cand_idx (filtered, retried); PATH_EXACT rows are not done yet."""
     row = tl.program_id(0)
-    n = tl.minimum(width, tl.maximum(diag_base + row % row_period + 1, 0))  # int32
+    n = _row_length(row, width, diag_base, row_period)
     row_ptr = scores_ptr + row.to(tl.int64) * s_row
     cand_val = cand_val_ptr + row.to(tl.int64) * s_cand
     cand_idx = cand_idx_ptr + row.to(tl.int64) * s_cand
-    c = tl.arange(0, CAND)
 
     path = n * 0  # PATH_*: 0 direct, 1 filtered, 2 filtered after a retry, 3 exact
     n_cand = n
-    if n > CAND:  # filtered: aim the sample threshold at `target` kept keys; one corrected retry
+    if n > CAND:  # filtered: aim the sample threshold at `target` kept keys; corrected retries
         target = (topk + CAND) // 2
         rank = tl.minimum(tl.maximum((target * SAMPLE) // n, 1), SAMPLE)
-        path += 1
-        n_cand = _filter_row(row_ptr, n, rank, cand_val, cand_idx, CAND, SAMPLE, GROUP, BLOCK, STAGES)
-        if (n_cand < topk) | (n_cand > CAND):  # scale the rank by how far the kept count was off
-            path += 1
+        n_cand = _filter_row(row_ptr, n, rank, cand_val, cand_idx, CAND, SAMPLE, GROUP, BLOCK, STAGES, ONE_REDUCE)
+        tries = 1
+        while ((n_cand < topk) | (n_cand > CAND)) & (tries < TRIES):  # scale the rank by how far off
             rank = tl.minimum(tl.maximum((rank * target) // tl.maximum(n_cand, 1), 1), SAMPLE)
-            n_cand = _filter_row(row_ptr, n, rank, cand_val, cand_idx, CAND, SAMPLE, GROUP, BLOCK, STAGES)
-        if (n_cand < topk) | (n_cand > CAND):  # exact: k-th score by bit search over the row
-            path = path * 0 + 3
-            kth = _row_kth_ukey(row_ptr, n, topk, BLOCK, STAGES)
-            n_above = _row_count_ge(row_ptr, n, kth + 1, BLOCK, STAGES)
-            n_cand = _row_compact(row_ptr, n, kth + 1, kth, topk - n_above, cand_val, cand_idx, CAND, BLOCK, STAGES,
-                                  True)
+            n_cand = _filter_row(row_ptr, n, rank, cand_val, cand_idx, CAND, SAMPLE, GROUP, BLOCK, STAGES, ONE_REDUCE)
+            tries += 1
+        path += tl.minimum(tries, 2)
+        if (n_cand < topk) | (n_cand > CAND):
+            path = path * 0 + 3  # PATH_EXACT: left to _topk_exact_kernel
     tl.store(path_ptr + row, path)
+    tl.store(n_cand_ptr + row, n_cand)
 
-    if path == 0:
-        vals = tl.load(row_ptr + c, mask=c < n, other=float("-inf"))
+
+def _topk_exact_kernel(
+    scores_ptr, cand_val_ptr, cand_idx_ptr, n_cand_ptr, path_ptr,
+    width, diag_base, row_period, topk,
+    s_row, s_cand,
+    CAND: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr, ONE_REDUCE: tl.constexpr,
+):
+    """The rows the filter marked PATH_EXACT (others return at once): the topk-th score by a
+    radix-4 search of counting passes over the row, then the scores above it plus the first
+    ties go to the scratch. A kernel of its own so that this rare path's registers do not
+    lower the filter kernel's occupancy."""
+    row = tl.program_id(0)
+    if tl.load(path_ptr + row) == 3:
+        n = _row_length(row, width, diag_base, row_period)
+        row_ptr = scores_ptr + row.to(tl.int64) * s_row
+        kth = _row_kth_ukey(row_ptr, n, topk, BLOCK, STAGES, ONE_REDUCE)
+        n_above = _row_count_ge(row_ptr, n, kth + 1, BLOCK, STAGES)
+        n_cand = _row_compact_ties(row_ptr, n, kth + 1, kth, topk - n_above, cand_val_ptr + row.to(tl.int64) * s_cand,
+                                   cand_idx_ptr + row.to(tl.int64) * s_cand, CAND, BLOCK, STAGES)
+        tl.store(n_cand_ptr + row, n_cand)
+
+
+def _topk_resolve_kernel(
+    scores_ptr, out_ptr, cand_val_ptr, cand_idx_ptr, n_cand_ptr,
+    width, diag_base, row_period, topk,
+    s_row, s_out, s_cand,
+    CAND: tl.constexpr, SORTED: tl.constexpr, FILTERED: tl.constexpr, ONE_REDUCE: tl.constexpr,
+):
+    """Per row: the exact top-k of its candidate block (the row when it fits in CAND, else the
+    filter kernel's scratch; FILTERED = that kernel ran)."""
+    row = tl.program_id(0)
+    n = _row_length(row, width, diag_base, row_period)
+    c = tl.arange(0, CAND)
+    if n <= CAND:
+        vals = tl.load(scores_ptr + row.to(tl.int64) * s_row + c, mask=c < n, other=float("-inf"))
         idx = c
     else:
-        tl.debug_barrier()  # the scratch was written by other threads of this program
-        vals = tl.load(cand_val + c, mask=c < n_cand, other=float("-inf"))
-        idx = tl.load(cand_idx + c, mask=c < n_cand, other=0)
+        n_cand = tl.load(n_cand_ptr + row) if FILTERED else 0
+        vals = tl.load(cand_val_ptr + row.to(tl.int64) * s_cand + c, mask=c < n_cand, other=float("-inf"))
+        idx = tl.load(cand_idx_ptr + row.to(tl.int64) * s_cand + c, mask=c < n_cand, other=0)
     ukeys = _ukeys(vals)  # [CAND]
-    kth = _kth_ukey(ukeys, topk, 32)
+    kth = _kth_ukey(ukeys, topk, 32, ONE_REDUCE)
     tie = (ukeys == kth) & (ukeys > 0)
     n_above = tl.sum((ukeys > kth).to(tl.int32), axis=0)
     picked = (ukeys > kth) | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= topk - n_above))
@@ -197,12 +328,14 @@ def _topk_select_kernel(
 # --------------------------------------------------------------------------- host side
 
 _JIT: dict = {}
+EXACT_LAUNCH = dict(num_warps=8, block=2048, stages=3)  # the rare exact path (one program per row)
 
 
-def _kernel():
-    if "kernel" not in _JIT:
-        _JIT["kernel"] = triton.jit(_topk_select_kernel)
-    return _JIT["kernel"]
+def _kernel(name: str):
+    if name not in _JIT:
+        _JIT[name] = triton.jit({"filter": _topk_filter_kernel, "exact": _topk_exact_kernel,
+                                 "resolve": _topk_resolve_kernel}[name])
+    return _JIT[name]
 
 
 def candidate_capacity(topk: int) -> int:
@@ -211,44 +344,63 @@ def candidate_capacity(topk: int) -> int:
     return max(64, next_pow2(2 * topk))
 
 
-def launch_meta(topk: int, sorted: bool = True, block: int | None = None, stages: int = 1) -> dict:
-    """Compile-time parameters: CAND candidates, a SAMPLE of min(CAND, 2048) scores in groups
-    of GROUP, BLOCK scores per streaming step, STAGES loads in flight in the streaming loops."""
+def launch_meta(topk: int, block: int | None = None, stages: int = 1) -> dict:
+    """The filter kernel's compile-time parameters: CAND candidates, a SAMPLE of min(CAND, 2048)
+    scores in groups of GROUP, BLOCK scores per streaming step, STAGES loads in flight, at most
+    TRIES filtering passes before the exact fallback."""
     cand = candidate_capacity(topk)
     sample = min(2048, cand)
-    return dict(CAND=cand, SAMPLE=sample, GROUP=min(32, sample // 4), BLOCK=block or 4096,
-                STAGES=stages, SORTED=sorted)
+    return dict(CAND=cand, SAMPLE=sample, GROUP=min(32, sample // 4), BLOCK=block or 4096, STAGES=stages,
+                TRIES=3)
 
 
 def topk_select(
     scores: torch.Tensor, topk: int, diag_base: int | None = None, row_period: int | None = None,
     sorted: bool = True, num_warps: int = 8, block: int | None = None, stages: int = 1,
-    return_path: bool = False,
+    maxnreg: int | None = None, resolve_warps: int = 8, return_path: bool = False, one_reduce: bool | None = None,
 ):
     """scores fp32 [R, W] (-inf = not allowed) -> int32 [R, topk] (-1 padded).
 
     diag_base: row r only reads its first min(W, diag_base + r % row_period + 1) scores
     (causal chunks; None = all W; row_period defaults to R). Scores beyond that are treated
     as not allowed without being read.
+    Three launches: the filter kernel (num_warps, block, stages, maxnreg registers per thread at
+    most; only when W > CAND) streams each row into at most CAND candidates, the exact kernel
+    does the rows it could not, the resolve kernel (resolve_warps) selects among the candidates.
+    Separate kernels so that the streaming one can be held to few registers (many programs per
+    SM) without spilling the other steps.
     return_path: also return int32 [R]: the PATH_* each row took.
+    one_reduce: the three counts of a radix-4 step in one tl.reduce (default: on the GPU; the
+    interpreter runs that reduction's combine per element, which is slow but exact).
     """
     R, W = scores.shape
     assert scores.dtype == torch.float32 and scores.stride(1) == 1, (scores.dtype, scores.stride())
-    meta = launch_meta(topk, sorted, block, stages)
+    meta = launch_meta(topk, block, stages)
     cand = meta["CAND"]
     out = new_output((R, topk), torch.int32, scores.device)
-    path = torch.empty(R, dtype=torch.int32, device=scores.device)
-    needs_scratch = W > cand
-    cand_val = torch.empty((R, cand) if needs_scratch else (1, 1), dtype=torch.float32, device=scores.device)
+    path = torch.zeros(R, dtype=torch.int32, device=scores.device)
+    filtered = W > cand
+    cand_val = torch.empty((R, cand) if filtered else (1, 1), dtype=torch.float32, device=scores.device)
     cand_idx = torch.empty(cand_val.shape, dtype=torch.int32, device=scores.device)
-    args = (scores, out, cand_val, cand_idx, path, W, W if diag_base is None else diag_base,
-            row_period or max(R, 1), topk,
-            scores.stride(0), out.stride(0), cand_val.stride(0))
-    if R > 0:
-        if interpreting(scores):
-            launch_interpreted(_topk_select_kernel, (R,), *args, **meta)
-        else:
-            _kernel()[(R,)](*args, **meta, num_warps=num_warps)
+    n_cand = torch.empty(R if filtered else 1, dtype=torch.int32, device=scores.device)
+    rows = (W, W if diag_base is None else diag_base, row_period or max(R, 1), topk)
+    filter_args = (scores, cand_val, cand_idx, n_cand, path, *rows, scores.stride(0), cand_val.stride(0))
+    exact_meta = dict(CAND=cand, BLOCK=EXACT_LAUNCH["block"], STAGES=EXACT_LAUNCH["stages"])
+    resolve_args = (scores, out, cand_val, cand_idx, n_cand, *rows, scores.stride(0), out.stride(0),
+                    cand_val.stride(0))
+    resolve_meta = dict(CAND=cand, SORTED=sorted, FILTERED=filtered)
+    one_reduce = not interpreting(scores) if one_reduce is None else one_reduce
+    meta["ONE_REDUCE"] = exact_meta["ONE_REDUCE"] = resolve_meta["ONE_REDUCE"] = one_reduce
+    if R > 0 and interpreting(scores):
+        if filtered:
+            launch_interpreted(_topk_filter_kernel, (R,), *filter_args, **meta)
+            launch_interpreted(_topk_exact_kernel, (R,), *filter_args, **dict(exact_meta, BLOCK=meta["BLOCK"]))
+        launch_interpreted(_topk_resolve_kernel, (R,), *resolve_args, **resolve_meta)
+    elif R > 0:
+        if filtered:
+            _kernel("filter")[(R,)](*filter_args, **meta, num_warps=num_warps, maxnreg=maxnreg)
+            _kernel("exact")[(R,)](*filter_args, **exact_meta, num_warps=EXACT_LAUNCH["num_warps"])
+        _kernel("resolve")[(R,)](*resolve_args, **resolve_meta, num_warps=resolve_warps)
     return (out, path) if return_path else out
 
 

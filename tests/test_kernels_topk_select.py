@@ -87,16 +87,20 @@ def test_topk_select_early_causal_rows():
     assert torch.equal(got, topk_select_ref(scores, 8, -2))
 
 
-def test_topk_select_ties_take_the_exact_path(request):
+@pytest.mark.parametrize("one_reduce", [False, True], ids=["three_sums", "one_reduce"])
+def test_topk_select_ties_take_the_exact_path(one_reduce, request):
     """Heavy ties defeat the sampled threshold (everything at the threshold is kept -> more
-    than CAND candidates): the exact bit-search path still returns a valid top-k."""
+    than CAND candidates): the exact radix-search path still returns a valid top-k. Both forms
+    of the radix-4 step counts (one_reduce: the GPU default)."""
     seed = seed_everything(request.node.name)
     W, topk = 400, 16
     scores = torch.zeros(3, W)
     scores[0, 100:] = 1.0  # 300 tied maxima
     scores[1, ::3] = -torch.rand(W // 3 + 1) - 0.1  # the 2/3 exact zeros are the maxima
     scores[2] = torch.randint(0, 3, (W,)).float()  # three values only
-    got, path = topk_select(scores, topk, return_path=True)
+    if one_reduce:  # interpreted tl.reduce combines per element: one narrower row (> CAND = 64)
+        scores = scores[1:2, :130].contiguous()  # 87 tied maxima
+    got, path = topk_select(scores, topk, return_path=True, one_reduce=one_reduce, block=128 if one_reduce else None)
     _check(got, scores, topk, True, seed)
     assert (path == PATH_EXACT).all(), path
 

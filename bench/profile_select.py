@@ -1,0 +1,41 @@
+"""One topk_select launch on the last query chunk's real score buffer, for a profiler.
+
+    ncu --clock-control none -k regex:topk_select --launch-skip 1 --launch-count 1 \
+        --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
+        python bench/profile_select.py 16384
+
+Builds the indexer scores of random inputs (30B indexer shape, prefill S = T = L), then runs
+topk_select (unordered, the launch config indexer_topk.SELECT_KWARGS) twice: the first
+launch compiles, the second is the one to profile. Prints the wall time of a third.
+"""
+import sys
+import time
+
+import torch
+
+from ic_compile.kernels.indexer_topk import SELECT_KWARGS, chunked_scores
+from ic_compile.kernels.topk_select import topk_select
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from kernels import indexer_inputs  # noqa: E402  (bench/kernels.py)
+
+
+def main(L: int) -> None:
+    torch.manual_seed(0)
+    q, k, w = indexer_inputs(1, L, L, 32, 128, torch.device("cuda"))
+    for s0, _, last in chunked_scores(q, k, w):
+        pass
+    scores = last[0]  # [rows, width] fp32
+    launch = SELECT_KWARGS
+    for _ in range(2):
+        topk_select(scores, 2048, diag_base=s0, sorted=False, **launch)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    topk_select(scores, 2048, diag_base=s0, sorted=False, **launch)
+    torch.cuda.synchronize()
+    print(f"L={L} rows={scores.shape[0]} width={scores.shape[1]} {launch}: "
+          f"{(time.perf_counter() - t0) * 1e3:.3f} ms", flush=True)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 16384)
