@@ -2,7 +2,7 @@
 
 Per L (prefill, S = T = L, 30B indexer shape, top-k 2048):
   * on the widest (last) query chunk's score buffer: torch.topk (descending) vs topk_select
-    for each launch config (filter kernel: num_warps, block, stages, maxnreg; resolve_warps) --
+    for each launch config (filter kernel: num_warps, block, stages, maxnreg; resolve_warps; store_vals) --
     ms, how many rows took each path (direct / filtered / retried / exact), rows whose selected
     SET differs from torch.topk's, and % of the copy bandwidth for reading each row once up to
     its diagonal (the selection's byte floor);
@@ -29,12 +29,17 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from kernels import bench_ms, indexer_inputs, measure_peaks  # noqa: E402  (bench/kernels.py)
 
 TOPK = 2048
-# launch configs (unordered): filter (num_warps, block, stages, maxnreg) and resolve_warps
-CONFIGS = [dict(sorted=False, num_warps=warps, block=block, stages=stages, maxnreg=maxnreg, resolve_warps=resolve)
-           for warps, block, stages, maxnreg, resolve in ((4, 1024, 3, 72, 8), (4, 1024, 3, 72, 4),
-                                                          (4, 1024, 3, 72, 16), (4, 2048, 3, 72, 16))]
+# launch configs (unordered): filter (num_warps, block, stages, maxnreg), resolve_warps, and
+# whether the filter stores candidate scores (else the resolve step gathers them from the row)
+CONFIGS = [dict(sorted=False, num_warps=warps, block=block, stages=stages, maxnreg=maxnreg, resolve_warps=resolve,
+                store_vals=store_vals)
+           for warps, block, stages, maxnreg, resolve, store_vals in (
+               (4, 1024, 3, 72, 8, True), (4, 1024, 3, 72, 8, False), (4, 1024, 3, 72, 4, False),
+               (4, 2048, 3, 72, 8, False))]
 WHOLE_INDEXER = {"torch.topk (descending)": dict(selection="torch"),
                  "auto, unordered (topk_select)": dict(sorted=False)}
+# whole-indexer runs with indexer_topk.SELECT_KWARGS changed (name -> overrides)
+WHOLE_INDEXER_SELECT = {"auto, unordered (topk_select), store_vals=False": dict(store_vals=False)}
 
 
 def set_mismatches(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -72,6 +77,15 @@ def prefill(L: int, device, copy_gbps: float) -> list[dict]:
         ms = bench_ms(lambda: indexer_topk_triton(q, k, w, TOPK, **kwargs), device, quick=True)
         rows.append({"L": L, "indexer_total_ms": ms, "selection": name,
                      "select_kwargs": indexer_topk.SELECT_KWARGS})
+        print(json.dumps(rows[-1]), flush=True)
+    for name, overrides in WHOLE_INDEXER_SELECT.items():
+        default = indexer_topk.SELECT_KWARGS
+        indexer_topk.SELECT_KWARGS = {**default, **overrides}
+        try:
+            ms = bench_ms(lambda: indexer_topk_triton(q, k, w, TOPK, sorted=False), device, quick=True)
+        finally:
+            indexer_topk.SELECT_KWARGS = default
+        rows.append({"L": L, "indexer_total_ms": ms, "selection": name, "select_kwargs": {**default, **overrides}})
         print(json.dumps(rows[-1]), flush=True)
     got = indexer_topk_triton(q, k, w, TOPK, sorted=False)
     want = indexer_topk_triton(q, k, w, TOPK, selection="torch")

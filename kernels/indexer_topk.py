@@ -57,7 +57,9 @@ MIN_SELECT_ROWS = 256
 MAX_SELECT_TOPK = 2048  # candidate block 2 * topk lives in registers: measured only up to here
 # topk_select launch: the filter kernel with 4 warps held to 72 registers (7 programs per SM;
 # 64 spills inside the streaming loop under triton 3.9), fastest at 16K and 128K
-# (bench/sweep_select.py, sixth run set)
+# (bench/sweep_select.py, sixth run set). Not yet timed on a GPU: store_vals=False (the filter
+# stores candidate indices only, 236 -> 219 SASS instructions per streaming step; the resolve
+# step gathers the scores back) -- bench/sweep_select.py compares both in one run.
 SELECT_KWARGS = dict(num_warps=4, block=1024, stages=3, maxnreg=72, resolve_warps=8)
 
 

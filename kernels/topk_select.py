@@ -30,8 +30,8 @@ Scores are compared as order-preserving uint32 keys ("ukeys": fp32 bits, sign-fl
 (and NaN) are not allowed and get ukey 0, below every allowed score.
 No histogram: Triton lowers tl.histogram to ballots + shared-memory atomics, which made a
 radix select slower than torch.topk (docs/benchmarks.md, third run set). H200 (sixth run set,
-bench/sweep_select.py): unordered 2.3x faster than torch.topk on a 16K chunk, 3.2x on a 128K
-chunk; the bitonic sort (sorted=True) costs more than torch.topk, and so does one program per
+bench/sweep_select.py): unordered 2.5x faster than torch.topk on a 16K chunk (0.48 ms), 5.1x on
+a 128K chunk (0.64 ms); the bitonic sort (sorted=True) costs more than torch.topk, and so does one program per
 row when there are few rows (decode) -- callers use torch.topk there (indexer_topk.select_topk).
 """
 from __future__ import annotations
@@ -162,7 +162,8 @@ def _float_threshold(ukey):
 
 
 @_jit
-def _compact_block(vals, offs, threshold, kept, cand_val_ptr, cand_idx_ptr, CAND: tl.constexpr):
+def _compact_block(vals, offs, threshold, kept, cand_val_ptr, cand_idx_ptr, CAND: tl.constexpr,
+                   STORE_VALS: tl.constexpr):
     """Append the block's scores >= threshold (and their indices) at scratch slot `kept` on, in
     index order. vals, offs [BLOCK // 4, 4]: each thread holds whole rows of 4 contiguous scores,
     so the slots come from an in-thread prefix plus a block scan over the row counts only
@@ -172,14 +173,15 @@ def _compact_block(vals, offs, threshold, kept, cand_val_ptr, cand_idx_ptr, CAND
     row_start = kept + tl.cumsum(row_count, axis=0) - row_count  # [R] exclusive prefix
     slot = row_start[:, None] + tl.cumsum(keep, axis=1) - 1  # [R, 4]
     ok = (keep > 0) & (slot < CAND)
-    tl.store(cand_val_ptr + slot, vals, mask=ok)
+    if STORE_VALS:
+        tl.store(cand_val_ptr + slot, vals, mask=ok)
     tl.store(cand_idx_ptr + slot, offs, mask=ok)
     return kept + tl.sum(row_count, axis=0)
 
 
 @_jit
 def _row_compact_above(row_ptr, n, threshold, cand_val_ptr, cand_idx_ptr,
-                       CAND: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+                       CAND: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr, STORE_VALS: tl.constexpr):
     """Stream the row, keeping (in index order) the scores >= threshold (fp32; -inf and NaN never
     pass); the first CAND kept go to the scratch. Returns how many were kept (may exceed CAND).
     Whole blocks load unmasked (vectorised), then one masked tail block."""
@@ -188,11 +190,13 @@ def _row_compact_above(row_ptr, n, threshold, cand_val_ptr, cand_idx_ptr,
     quad = tl.arange(0, BLOCK // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]  # [BLOCK // 4, 4]
     for start in tl.range(0, n_full, BLOCK, num_stages=STAGES):
         offs = start + quad
-        kept = _compact_block(tl.load(row_ptr + offs), offs, threshold, kept, cand_val_ptr, cand_idx_ptr, CAND)
+        kept = _compact_block(tl.load(row_ptr + offs), offs, threshold, kept, cand_val_ptr, cand_idx_ptr, CAND,
+                              STORE_VALS)
     if n_full < n:
         offs = n_full + quad
         vals = tl.load(row_ptr + offs, mask=offs < n, other=float("-inf"))
-        kept = _compact_block(vals, offs, threshold, kept, cand_val_ptr, cand_idx_ptr, CAND)
+        kept = _compact_block(vals, offs, threshold, kept, cand_val_ptr, cand_idx_ptr, CAND,
+                              STORE_VALS)
     return kept
 
 
@@ -221,10 +225,11 @@ def _row_compact_ties(row_ptr, n, keep_from, tie_key, ties_allowed, cand_val_ptr
 
 @_jit
 def _filter_row(row_ptr, n, rank, cand_val_ptr, cand_idx_ptr, CAND: tl.constexpr, SAMPLE: tl.constexpr,
-                GROUP: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr, ONE_REDUCE: tl.constexpr):
+                GROUP: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr, ONE_REDUCE: tl.constexpr,
+                STORE_VALS: tl.constexpr):
     """Keep the scores >= the sample's rank-th largest (scratch); returns how many were kept."""
     threshold = _float_threshold(tl.maximum(_sample_threshold(row_ptr, n, rank, SAMPLE, GROUP, ONE_REDUCE), 1))
-    return _row_compact_above(row_ptr, n, threshold, cand_val_ptr, cand_idx_ptr, CAND, BLOCK, STAGES)
+    return _row_compact_above(row_ptr, n, threshold, cand_val_ptr, cand_idx_ptr, CAND, BLOCK, STAGES, STORE_VALS)
 
 
 @_jit
@@ -238,7 +243,7 @@ def _topk_filter_kernel(
     width, diag_base, row_period, topk,  # row r: scores[r, :min(width, diag_base + r % row_period + 1)]
     s_row, s_cand,
     CAND: tl.constexpr, SAMPLE: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
-    STAGES: tl.constexpr, TRIES: tl.constexpr, ONE_REDUCE: tl.constexpr,
+    STAGES: tl.constexpr, TRIES: tl.constexpr, ONE_REDUCE: tl.constexpr, STORE_VALS: tl.constexpr,
 ):
     """Per row: path[row] (PATH_*) and n_cand[row] candidates -- the row itself (direct) or the
     scratch rows cand_val / cand_idx (filtered, retried); PATH_EXACT rows are not done yet."""
@@ -253,11 +258,13 @@ def _topk_filter_kernel(
     if n > CAND:  # filtered: aim the sample threshold at `target` kept keys; corrected retries
         target = (topk + CAND) // 2
         rank = tl.minimum(tl.maximum((target * SAMPLE) // n, 1), SAMPLE)
-        n_cand = _filter_row(row_ptr, n, rank, cand_val, cand_idx, CAND, SAMPLE, GROUP, BLOCK, STAGES, ONE_REDUCE)
+        n_cand = _filter_row(row_ptr, n, rank, cand_val, cand_idx, CAND, SAMPLE, GROUP, BLOCK, STAGES, ONE_REDUCE,
+                             STORE_VALS)
         tries = 1
         while ((n_cand < topk) | (n_cand > CAND)) & (tries < TRIES):  # scale the rank by how far off
             rank = tl.minimum(tl.maximum((rank * target) // tl.maximum(n_cand, 1), 1), SAMPLE)
-            n_cand = _filter_row(row_ptr, n, rank, cand_val, cand_idx, CAND, SAMPLE, GROUP, BLOCK, STAGES, ONE_REDUCE)
+            n_cand = _filter_row(row_ptr, n, rank, cand_val, cand_idx, CAND, SAMPLE, GROUP, BLOCK, STAGES, ONE_REDUCE,
+                             STORE_VALS)
             tries += 1
         path += tl.minimum(tries, 2)
         if (n_cand < topk) | (n_cand > CAND):
@@ -292,6 +299,7 @@ def _topk_resolve_kernel(
     width, diag_base, row_period, topk,
     s_row, s_out, s_cand,
     CAND: tl.constexpr, SORTED: tl.constexpr, FILTERED: tl.constexpr, ONE_REDUCE: tl.constexpr,
+    STORE_VALS: tl.constexpr,
 ):
     """Per row: the exact top-k of its candidate block (the row when it fits in CAND, else the
     filter kernel's scratch; FILTERED = that kernel ran)."""
@@ -303,8 +311,11 @@ def _topk_resolve_kernel(
         idx = c
     else:
         n_cand = tl.load(n_cand_ptr + row) if FILTERED else 0
-        vals = tl.load(cand_val_ptr + row.to(tl.int64) * s_cand + c, mask=c < n_cand, other=float("-inf"))
         idx = tl.load(cand_idx_ptr + row.to(tl.int64) * s_cand + c, mask=c < n_cand, other=0)
+        if STORE_VALS:
+            vals = tl.load(cand_val_ptr + row.to(tl.int64) * s_cand + c, mask=c < n_cand, other=float("-inf"))
+        else:  # gather the candidates' scores back from the row (ascending indices)
+            vals = tl.load(scores_ptr + row.to(tl.int64) * s_row + idx, mask=c < n_cand, other=float("-inf"))
     ukeys = _ukeys(vals)  # [CAND]
     kth = _kth_ukey(ukeys, topk, 32, ONE_REDUCE)
     tie = (ukeys == kth) & (ukeys > 0)
@@ -328,7 +339,9 @@ def _topk_resolve_kernel(
 # --------------------------------------------------------------------------- host side
 
 _JIT: dict = {}
-EXACT_LAUNCH = dict(num_warps=8, block=2048, stages=3)  # the rare exact path (one program per row)
+# the rare exact path; launched over every row (rows not marked exact return at once: ~9 us per
+# 2048 rows on the H200), since only the GPU knows which rows need it
+EXACT_LAUNCH = dict(num_warps=8, block=2048, stages=3)
 
 
 def _kernel(name: str):
@@ -358,6 +371,7 @@ def topk_select(
     scores: torch.Tensor, topk: int, diag_base: int | None = None, row_period: int | None = None,
     sorted: bool = True, num_warps: int = 8, block: int | None = None, stages: int = 1,
     maxnreg: int | None = None, resolve_warps: int = 8, return_path: bool = False, one_reduce: bool | None = None,
+    store_vals: bool = True,
 ):
     """scores fp32 [R, W] (-inf = not allowed) -> int32 [R, topk] (-1 padded).
 
@@ -372,6 +386,8 @@ def topk_select(
     return_path: also return int32 [R]: the PATH_* each row took.
     one_reduce: the three counts of a radix-4 step in one tl.reduce (default: on the GPU; the
     interpreter runs that reduction's combine per element, which is slow but exact).
+    store_vals: the filter stores each candidate's score next to its index; else only the index,
+    and the resolve step gathers the scores back from the row.
     """
     R, W = scores.shape
     assert scores.dtype == torch.float32 and scores.stride(1) == 1, (scores.dtype, scores.stride())
@@ -391,6 +407,7 @@ def topk_select(
     resolve_meta = dict(CAND=cand, SORTED=sorted, FILTERED=filtered)
     one_reduce = not interpreting(scores) if one_reduce is None else one_reduce
     meta["ONE_REDUCE"] = exact_meta["ONE_REDUCE"] = resolve_meta["ONE_REDUCE"] = one_reduce
+    meta["STORE_VALS"] = resolve_meta["STORE_VALS"] = store_vals
     if R > 0 and interpreting(scores):
         if filtered:
             launch_interpreted(_topk_filter_kernel, (R,), *filter_args, **meta)

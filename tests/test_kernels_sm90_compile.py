@@ -220,19 +220,23 @@ def test_compiles_after_interpreted_launch(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- top-k selection
 
-def _compile_topk_select(topk, warps, block, stages, resolve_warps=8, sorted_out=False, maxnreg=None):
-    """-> (filter kernel, resolve kernel) compile results."""
-    from ic_compile.kernels.topk_select import _topk_filter_kernel, _topk_resolve_kernel, launch_meta
+def _compile_topk_select(topk, warps, block, stages, resolve_warps=8, sorted_out=False, maxnreg=None,
+                         store_vals=True):
+    """-> (filter kernel, exact kernel, resolve kernel) compile results."""
+    from ic_compile.kernels.topk_select import (EXACT_LAUNCH, _topk_exact_kernel, _topk_filter_kernel,
+                                                _topk_resolve_kernel, launch_meta)
 
-    meta = dict(launch_meta(topk, block, stages), ONE_REDUCE=True)
+    meta = dict(launch_meta(topk, block, stages), ONE_REDUCE=True, STORE_VALS=store_vals)
     ints = dict(width=16384, diag_base=12288, row_period=4096, topk=topk, s_row=16384, s_out=topk, s_cand=meta["CAND"])
     ptrs = dict(scores_ptr="fp32", out_ptr="i32", cand_val_ptr="fp32", cand_idx_ptr="i32", path_ptr="i32",
                 n_cand_ptr="i32")
     ints_filter = {k: v for k, v in ints.items() if k != "s_out"}
     ptrs_filter = {k: v for k, v in ptrs.items() if k != "out_ptr"}
     ptrs_resolve = {k: v for k, v in ptrs.items() if k != "path_ptr"}
-    resolve_meta = dict(CAND=meta["CAND"], SORTED=sorted_out, FILTERED=True, ONE_REDUCE=True)
+    resolve_meta = dict(CAND=meta["CAND"], SORTED=sorted_out, FILTERED=True, ONE_REDUCE=True, STORE_VALS=store_vals)
+    exact_meta = dict(CAND=meta["CAND"], BLOCK=EXACT_LAUNCH["block"], STAGES=EXACT_LAUNCH["stages"], ONE_REDUCE=True)
     return (compile_sm90(_topk_filter_kernel, ptrs_filter, ints_filter, {}, meta, warps, 1, maxnreg),
+            compile_sm90(_topk_exact_kernel, ptrs_filter, ints_filter, {}, exact_meta, EXACT_LAUNCH["num_warps"], 1),
             compile_sm90(_topk_resolve_kernel, ptrs_resolve, ints, {}, resolve_meta, resolve_warps, 1))
 
 
@@ -240,15 +244,17 @@ def test_topk_select_compiles_for_sm90():
     """The launch config the indexer uses (unordered rows, topk 2048): fits, the filter's
     streaming loads are pipelined (cp.async), it keeps few enough registers for >= 4 programs
     per SM (the reason it is a kernel of its own), and whatever maxnreg spills lies outside its
-    streaming loops; the resolve kernel does not spill."""
+    streaming loops; the exact and resolve kernels do not spill."""
     from ic_compile.kernels.indexer_topk import SELECT_KWARGS
 
     cfg = SELECT_KWARGS
-    filt, resolve = _compile_topk_select(2048, cfg["num_warps"], cfg["block"], cfg["stages"],
-                                         cfg["resolve_warps"], maxnreg=cfg["maxnreg"])
-    for res in (filt, resolve):
+    filt, exact, resolve = _compile_topk_select(2048, cfg["num_warps"], cfg["block"], cfg["stages"],
+                                                cfg["resolve_warps"], maxnreg=cfg["maxnreg"],
+                                                store_vals=cfg.get("store_vals", True))
+    for res in (filt, exact, resolve):
         assert res["shared"] <= MAX_SMEM, res["shared"]
-    assert resolve["stack"] == 0, f"register spills: {resolve['stack']} bytes"
+    for res in (exact, resolve):
+        assert res["stack"] == 0, f"register spills: {res['stack']} bytes"
     assert filt["regs"] * 32 * cfg["num_warps"] * 4 <= 65536, filt["regs"]
     assert "cp.async" in filt["ptx"]
     assert _spills_in_streaming_loops(filt["cubin"]) == []
@@ -256,6 +262,6 @@ def test_topk_select_compiles_for_sm90():
 
 def test_topk_select_sorted_compiles_for_sm90():
     """sorted=True (bitonic tl.sort of packed int64; not used by default): compiles and fits."""
-    _, res = _compile_topk_select(2048, 8, 2048, 1, sorted_out=True)
+    *_, res = _compile_topk_select(2048, 8, 2048, 1, sorted_out=True)
     assert res["shared"] <= MAX_SMEM, res["shared"]
-    print({k: v for k, v in res.items() if k != "ptx"})
+    print({k: v for k, v in res.items() if k not in ("ptx", "cubin")})

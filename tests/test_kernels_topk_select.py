@@ -9,6 +9,7 @@ from ic_compile.kernels.topk_select import (
     PATH_DIRECT,
     PATH_EXACT,
     PATH_FILTERED,
+    PATH_RETRIED,
     candidate_capacity,
     readable_scores,
     topk_select,
@@ -115,6 +116,36 @@ def test_topk_select_filtered_path_is_taken(request):
     assert (path == PATH_FILTERED).sum() >= 3, path
 
 
+def test_candidate_scores_gathered_from_the_row(request):
+    """store_vals=False: the filter stores only candidate indices and the resolve step gathers
+    their scores from the row -- for filtered and exact (tied) rows alike, and with
+    causal row lengths (the gather must not read past a row's diagonal)."""
+    seed = seed_everything(request.node.name)
+    W, topk = 300, 16
+    scores = torch.randn(6, W)
+    scores[0] = 0.0  # all tied: exact path
+    scores[1, ::2] = 5.0  # 150 tied maxima: exact path
+    got, path = topk_select(scores, topk, diag_base=W - 3, row_period=3, return_path=True, store_vals=False)
+    _check(got, readable_scores(scores, W - 3, 3), topk, True, seed)
+    assert set(path.tolist()) >= {PATH_EXACT, PATH_FILTERED}, path
+
+
+@pytest.mark.parametrize("shift", [-10.0, 0.0, 1e30], ids=["negative", "around_zero", "huge"])
+def test_filter_threshold_sign_and_magnitude(shift, request):
+    """The filter compares fp32 scores against a threshold rebuilt from a ukey: negative
+    thresholds (all scores < 0), ones near +-0, and huge magnitudes must keep exactly what the
+    ukey order keeps (else the candidate block misses the top-k or overflows)."""
+    seed = seed_everything(request.node.name)
+    scores = torch.randn(4, 300) * (1e28 if shift == 1e30 else 1.0) + shift
+    scores[3, ::2] = -scores[3, ::2].abs() - 1  # mixed signs in one row, and some +-0
+    scores[3, 1::2] = scores[3, 1::2].abs()
+    scores[3, 1:40:4] = 0.0
+    scores[3, 3:40:4] = -0.0
+    got, path = topk_select(scores, 16, return_path=True)
+    _check(got, scores, 16, True, seed)
+    assert ((path == PATH_FILTERED) | (path == PATH_RETRIED)).all(), path  # no exact fallback
+
+
 @pytest.mark.parametrize("case", ["chunked_batches", "queries_after_keys", "padding_mask"])
 def test_unordered_indexer_uses_topk_select(case, request, monkeypatch, select_calls):
     """indexer_topk_triton(sorted=False) through topk_select (MIN_SELECT_ROWS lowered so small
@@ -140,13 +171,14 @@ def test_unordered_indexer_uses_topk_select(case, request, monkeypatch, select_c
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("sorted_out", [True, False], ids=["sorted", "unsorted"])
+@pytest.mark.parametrize("sorted_out,store_vals", [(True, True), (False, True), (False, False)],
+                         ids=["sorted", "unsorted", "unsorted_gathered"])
 @pytest.mark.parametrize("R,W,diag", [(256, 16384, 12288), (16, 131072, None), (64, 3000, None)])
-def test_topk_select_gpu(R, W, diag, sorted_out, request):
+def test_topk_select_gpu(R, W, diag, sorted_out, store_vals, request):
     seed = seed_everything(request.node.name)
     scores = _rows(R, W, "cuda")
     scores[2, :5000] = 0.5  # ties
-    got = topk_select(scores, 2048, diag_base=diag, sorted=sorted_out)
+    got = topk_select(scores, 2048, diag_base=diag, sorted=sorted_out, store_vals=store_vals)
     allowed = readable_scores(scores, diag, R)
     _check(got.cpu(), allowed.cpu(), 2048, sorted_out, seed)
 
