@@ -1,12 +1,13 @@
-"""One topk_select launch on the last query chunk's real score buffer, for a profiler.
+"""One topk_select call on the last query chunk's real score buffer, for a profiler.
 
-    ncu --clock-control none -k regex:topk_select --launch-skip 1 --launch-count 1 \
+    ncu --clock-control none -k regex:topk_ --launch-skip 3 --launch-count 3 \
         --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
         python bench/profile_select.py 16384
 
-Builds the indexer scores of random inputs (30B indexer shape, prefill S = T = L), then runs
-topk_select (unordered, the launch config indexer_topk.SELECT_KWARGS) twice: the first
-launch compiles, the second is the one to profile. Prints the wall time of a third.
+Builds the indexer scores of random inputs (30B indexer shape, prefill S = T = L), then calls
+topk_select (unordered, the launch config indexer_topk.SELECT_KWARGS) twice: the first call
+compiles, the second is the one to profile (three launches: filter, exact, resolve kernels).
+Prints the wall time of a third.
 """
 import sys
 import time
