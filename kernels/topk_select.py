@@ -16,8 +16,9 @@ streaming pass -- ncu: 12.5 % occupancy, one instruction every 2.5 cycles per sc
       estimates a threshold expected to keep ~(topk + CAND) / 2 keys; one streaming pass
       writes the scores >= threshold (an fp32 compare) to a per-row scratch (running offset +
       cumsum). Kept only when topk <= kept <= CAND, i.e. the threshold is below the topk-th
-      score and the block fits; otherwise retries (TRIES passes in all) with the sample rank
-      scaled by target / kept;
+      score and the block fits, or when kept <= CAND is every allowed score (rows with fewer
+      than topk allowed, e.g. a short sequence in a padded batch); otherwise retries (TRIES
+      passes in all) with the sample rank scaled by target / kept;
     - otherwise (e.g. heavy ties) the row is marked PATH_EXACT.
   * `_topk_exact_kernel`, for PATH_EXACT rows: the topk-th score by a 16-step radix-4 search
     of full-row counting passes, then the keys above it plus the first ties go to the scratch.
@@ -227,9 +228,13 @@ def _row_compact_ties(row_ptr, n, keep_from, tie_key, ties_allowed, cand_val_ptr
 def _filter_row(row_ptr, n, rank, cand_val_ptr, cand_idx_ptr, CAND: tl.constexpr, SAMPLE: tl.constexpr,
                 GROUP: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr, ONE_REDUCE: tl.constexpr,
                 STORE_VALS: tl.constexpr):
-    """Keep the scores >= the sample's rank-th largest (scratch); returns how many were kept."""
-    threshold = _float_threshold(tl.maximum(_sample_threshold(row_ptr, n, rank, SAMPLE, GROUP, ONE_REDUCE), 1))
-    return _row_compact_above(row_ptr, n, threshold, cand_val_ptr, cand_idx_ptr, CAND, BLOCK, STAGES, STORE_VALS)
+    """Keep the scores >= the sample's rank-th largest (scratch). Returns how many were kept, and
+    1 if the threshold was below every allowed score (all of them kept: fewer than topk is then
+    the answer, e.g. a padded sequence's row), else 0."""
+    ukey = tl.maximum(_sample_threshold(row_ptr, n, rank, SAMPLE, GROUP, ONE_REDUCE), 1)
+    kept = _row_compact_above(row_ptr, n, _float_threshold(ukey), cand_val_ptr, cand_idx_ptr, CAND, BLOCK, STAGES,
+                              STORE_VALS)
+    return kept, (ukey <= 0x00800000).to(tl.int32)  # 0x00800000 = ukey(-FLT_MAX)
 
 
 @_jit
@@ -258,16 +263,17 @@ def _topk_filter_kernel(
     if n > CAND:  # filtered: aim the sample threshold at `target` kept keys; corrected retries
         target = (topk + CAND) // 2
         rank = tl.minimum(tl.maximum((target * SAMPLE) // n, 1), SAMPLE)
-        n_cand = _filter_row(row_ptr, n, rank, cand_val, cand_idx, CAND, SAMPLE, GROUP, BLOCK, STAGES, ONE_REDUCE,
-                             STORE_VALS)
+        n_cand, all_kept = _filter_row(row_ptr, n, rank, cand_val, cand_idx, CAND, SAMPLE, GROUP, BLOCK, STAGES,
+                                       ONE_REDUCE, STORE_VALS)
         tries = 1
-        while ((n_cand < topk) | (n_cand > CAND)) & (tries < TRIES):  # scale the rank by how far off
-            rank = tl.minimum(tl.maximum((rank * target) // tl.maximum(n_cand, 1), 1), SAMPLE)
-            n_cand = _filter_row(row_ptr, n, rank, cand_val, cand_idx, CAND, SAMPLE, GROUP, BLOCK, STAGES, ONE_REDUCE,
-                             STORE_VALS)
+        # done when the block fits and holds the top-k: >= topk kept, or every allowed score kept
+        while ((n_cand > CAND) | ((n_cand < topk) & (all_kept == 0))) & (tries < TRIES):
+            rank = tl.minimum(tl.maximum((rank * target) // tl.maximum(n_cand, 1), 1), SAMPLE)  # scale by how far off
+            n_cand, all_kept = _filter_row(row_ptr, n, rank, cand_val, cand_idx, CAND, SAMPLE, GROUP, BLOCK, STAGES,
+                                           ONE_REDUCE, STORE_VALS)
             tries += 1
         path += tl.minimum(tries, 2)
-        if (n_cand < topk) | (n_cand > CAND):
+        if (n_cand > CAND) | ((n_cand < topk) & (all_kept == 0)):
             path = path * 0 + 3  # PATH_EXACT: left to _topk_exact_kernel
     tl.store(path_ptr + row, path)
     tl.store(n_cand_ptr + row, n_cand)

@@ -130,6 +130,21 @@ def test_candidate_scores_gathered_from_the_row(request):
     assert set(path.tolist()) >= {PATH_EXACT, PATH_FILTERED}, path
 
 
+def test_rows_with_fewer_allowed_than_topk_stay_filtered(request):
+    """A short sequence in a padded batch: rows wider than CAND with fewer than topk allowed
+    scores (here 0, 5 and 10 of 300; left padding and scattered). The filter keeps every allowed
+    score, which is the answer (-1 padded) -- without the exact path's full-row passes."""
+    seed = seed_everything(request.node.name)
+    scores = torch.full((4, 300), float("-inf"))
+    scores[1, 295:] = torch.randn(5)  # left padding: the last 5 keys are the sequence
+    scores[2, ::30] = torch.randn(10)
+    scores[3] = torch.randn(300)  # an ordinary row next to them
+    got, path = topk_select(scores, 16, return_path=True)
+    _check(got, scores, 16, True, seed)
+    assert (got[:3] == -1).sum(dim=1).tolist() == [16, 11, 6]
+    assert ((path == PATH_FILTERED) | (path == PATH_RETRIED)).all(), path  # no exact fallback
+
+
 @pytest.mark.parametrize("shift", [-10.0, 0.0, 1e30], ids=["negative", "around_zero", "huge"])
 def test_filter_threshold_sign_and_magnitude(shift, request):
     """The filter compares fp32 scores against a threshold rebuilt from a ukey: negative
