@@ -133,13 +133,9 @@ def _row_kth_ukey(row_ptr, n, k, BLOCK: tl.constexpr, STAGES: tl.constexpr, ONE_
 
 
 @_jit
-def _row_count_ge(row_ptr, n, threshold, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+def _row_count_ge(row_ptr, n, threshold, BLOCK: tl.constexpr, STAGES: tl.constexpr, ONE_REDUCE: tl.constexpr):
     """#(ukey >= threshold) over the row's first n scores (one streaming pass)."""
-    count = tl.zeros((), tl.int32)
-    for start in tl.range(0, n, BLOCK, num_stages=STAGES):
-        offs = start + tl.arange(0, BLOCK)
-        vals = tl.load(row_ptr + offs, mask=offs < n, other=float("-inf"))
-        count += tl.sum((_ukeys(vals) >= threshold).to(tl.int32), axis=0)
+    count, _, _ = _row_count_ge3(row_ptr, n, threshold, threshold, threshold, BLOCK, STAGES, ONE_REDUCE)
     return count
 
 
@@ -238,6 +234,13 @@ def _filter_row(row_ptr, n, rank, cand_val_ptr, cand_idx_ptr, CAND: tl.constexpr
 
 
 @_jit
+def _needs_another_pass(n_cand, all_kept, topk, CAND: tl.constexpr):
+    """The candidate block is not the answer yet: it overflows CAND, or it misses some of the
+    top-k (fewer than topk kept while some allowed scores were not)."""
+    return (n_cand > CAND) | ((n_cand < topk) & (all_kept == 0))
+
+
+@_jit
 def _row_length(row, width, diag_base, row_period):
     """How many leading scores row `row` may select from (int32; see row_lengths)."""
     return tl.minimum(width, tl.maximum(diag_base + row % row_period + 1, 0))
@@ -260,20 +263,18 @@ def _topk_filter_kernel(
 
     path = n * 0  # PATH_*: 0 direct, 1 filtered, 2 filtered after a retry, 3 exact
     n_cand = n
-    if n > CAND:  # filtered: aim the sample threshold at `target` kept keys; corrected retries
+    if n > CAND:  # filtered: aim the sample threshold at `target` kept keys, rank rescaled per pass
         target = (topk + CAND) // 2
-        rank = tl.minimum(tl.maximum((target * SAMPLE) // n, 1), SAMPLE)
-        n_cand, all_kept = _filter_row(row_ptr, n, rank, cand_val, cand_idx, CAND, SAMPLE, GROUP, BLOCK, STAGES,
-                                       ONE_REDUCE, STORE_VALS)
-        tries = 1
-        # done when the block fits and holds the top-k: >= topk kept, or every allowed score kept
-        while ((n_cand > CAND) | ((n_cand < topk) & (all_kept == 0))) & (tries < TRIES):
-            rank = tl.minimum(tl.maximum((rank * target) // tl.maximum(n_cand, 1), 1), SAMPLE)  # scale by how far off
+        rank = SAMPLE + n * 0  # rescaled by target / n before the first pass: SAMPLE * target // n
+        all_kept = n * 0
+        tries = n * 0
+        while _needs_another_pass(n_cand, all_kept, topk, CAND) & (tries < TRIES):
+            rank = tl.minimum(tl.maximum((rank * target) // tl.maximum(n_cand, 1), 1), SAMPLE)
             n_cand, all_kept = _filter_row(row_ptr, n, rank, cand_val, cand_idx, CAND, SAMPLE, GROUP, BLOCK, STAGES,
                                            ONE_REDUCE, STORE_VALS)
             tries += 1
         path += tl.minimum(tries, 2)
-        if (n_cand > CAND) | ((n_cand < topk) & (all_kept == 0)):
+        if _needs_another_pass(n_cand, all_kept, topk, CAND):
             path = path * 0 + 3  # PATH_EXACT: left to _topk_exact_kernel
     tl.store(path_ptr + row, path)
     tl.store(n_cand_ptr + row, n_cand)
@@ -294,7 +295,7 @@ def _topk_exact_kernel(
         n = _row_length(row, width, diag_base, row_period)
         row_ptr = scores_ptr + row.to(tl.int64) * s_row
         kth = _row_kth_ukey(row_ptr, n, topk, BLOCK, STAGES, ONE_REDUCE)
-        n_above = _row_count_ge(row_ptr, n, kth + 1, BLOCK, STAGES)
+        n_above = _row_count_ge(row_ptr, n, kth + 1, BLOCK, STAGES, ONE_REDUCE)
         n_cand = _row_compact_ties(row_ptr, n, kth + 1, kth, topk - n_above, cand_val_ptr + row.to(tl.int64) * s_cand,
                                    cand_idx_ptr + row.to(tl.int64) * s_cand, CAND, BLOCK, STAGES)
         tl.store(n_cand_ptr + row, n_cand)
