@@ -2,13 +2,14 @@
 
 Per L (prefill, S = T = L, 30B indexer shape, top-k 2048):
   * on the widest (last) query chunk's score buffer: torch.topk (descending) vs topk_select
-    for each launch config (filter kernel: num_warps, block, stages, maxnreg; resolve_warps; store_vals) --
+    for each launch config (filter kernel: num_warps, block, stages, maxnreg; resolve_warps) --
     ms, how many rows took each path (direct / filtered / retried / exact), rows whose selected
     SET differs from torch.topk's, and % of the copy bandwidth for reading each row once up to
     its diagonal (the selection's byte floor);
   * the whole indexer (scores + selection over all chunks) with selection="torch" vs "triton"
     (a few topk_select launch configs);
-Decode (S = 1, T = 128K, B in {1, 16}): torch.topk vs topk_select on the [B, 1, T] buffer.
+Decode (S = 1, T = 128K, B in {1, 16}): torch.topk vs topk_select on the [B, 1, T] buffer, by
+programs per row in the filtering step (segments; 1 = the one-program filter).
 
     python bench/sweep_select.py --out bench/results/sweep_select_h200.json
 """
@@ -29,17 +30,16 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from kernels import bench_ms, indexer_inputs, measure_peaks  # noqa: E402  (bench/kernels.py)
 
 TOPK = 2048
-# launch configs (unordered): filter (num_warps, block, stages, maxnreg), resolve_warps, and
-# whether the filter stores candidate scores (else the resolve step gathers them from the row)
-CONFIGS = [dict(sorted=False, num_warps=warps, block=block, stages=stages, maxnreg=maxnreg, resolve_warps=resolve,
-                store_vals=store_vals)
-           for warps, block, stages, maxnreg, resolve, store_vals in (
-               (4, 1024, 3, 72, 8, True), (4, 1024, 3, 72, 8, False), (4, 1024, 3, 72, 4, False),
-               (4, 2048, 3, 72, 8, False))]
+# launch configs (unordered): filter (num_warps, block, stages, maxnreg), resolve_warps
+CONFIGS = [dict(sorted=False, num_warps=warps, block=block, stages=stages, maxnreg=maxnreg, resolve_warps=resolve)
+           for warps, block, stages, maxnreg, resolve in ((4, 1024, 3, 72, 8), (4, 1024, 3, 72, 4))]
+# decode (few wide rows): programs per row in the filtering step (1 = the one-program filter)
+DECODE_CONFIGS = [dict(sorted=False, num_warps=warps, block=1024, stages=3, segments=segments)
+                  for segments in (1, 8, 16, 32, 64, 128) for warps in (4, 8)]
 WHOLE_INDEXER = {"torch.topk (descending)": dict(selection="torch"),
                  "auto, unordered (topk_select)": dict(sorted=False)}
 # whole-indexer runs with indexer_topk.SELECT_KWARGS changed (name -> overrides)
-WHOLE_INDEXER_SELECT = {"auto, unordered (topk_select), store_vals=False": dict(store_vals=False)}
+WHOLE_INDEXER_SELECT = {"auto, unordered (topk_select), resolve_warps=4": dict(resolve_warps=4)}
 
 
 def set_mismatches(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -47,27 +47,38 @@ def set_mismatches(a: torch.Tensor, b: torch.Tensor) -> int:
     return int((a.sort(-1).values != b.sort(-1).values).any(-1).sum())
 
 
-def compare_on_buffer(scores: torch.Tensor, diag_base: int | None, copy_gbps: float, label: dict) -> list[dict]:
-    """scores [R, W] (one query chunk): torch.topk vs every topk_select config."""
+def compare_on_buffer(scores: torch.Tensor, diag_base: int | None, copy_gbps: float, label: dict,
+                      configs: list[dict] = CONFIGS, graphs: bool = False) -> list[dict]:
+    """scores [R, W] (one query chunk): torch.topk vs every topk_select config; `graphs`: also
+    timed as CUDA-graph replays (graph_ms: no host launch overhead, as decode runs in serving)."""
     R, W = scores.shape
     read_bytes = int(row_lengths(R, W, diag_base, device=scores.device).sum()) * 4
     floor_ms = read_bytes / copy_gbps / 1e6 * 2  # copy_gbps counts read + write
     want = topk_indices_from_scores(scores, TOPK)
     rows = [{**label, "rows": R, "width": W, "impl": "torch.topk", "read_floor_ms": floor_ms,
              "ms": bench_ms(lambda: topk_indices_from_scores(scores, TOPK), scores.device, quick=True)}]
+    if graphs:
+        rows[-1]["graph_ms"] = graph_ms(lambda: topk_indices_from_scores(scores, TOPK))
     print(json.dumps(rows[-1]), flush=True)
-    for cfg in CONFIGS:
+    for cfg in configs:
         def run(cfg=cfg):
             return topk_select(scores, TOPK, diag_base=diag_base, return_path=True, **cfg)
         got, path = run()
         entry = {**label, "impl": "topk_select", **cfg,
-                 "ms": bench_ms(run, scores.device, quick=True),
+                 "ms": bench_ms(run, scores.device, quick=True), **({"graph_ms": graph_ms(run)} if graphs else {}),
                  "paths": torch.bincount(path.long(), minlength=4).tolist(),
                  "set_mismatch_rows": set_mismatches(got, want)}
         entry["pct_of_read_floor"] = 100 * floor_ms / entry["ms"]
         rows.append(entry)
         print(json.dumps(entry), flush=True)
     return rows
+
+
+def graph_ms(fn) -> float:
+    """Median ms of fn replayed from a CUDA graph (triton.testing.do_bench_cudagraph)."""
+    import triton.testing
+
+    return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
 
 
 def prefill(L: int, device, copy_gbps: float) -> list[dict]:
@@ -101,7 +112,8 @@ def decode(B: int, T: int, device, copy_gbps: float) -> list[dict]:
     q, k, w = indexer_inputs(B, 1, T, 32, 128, device)
     for _, _, scores in chunked_scores(q, k, w):
         pass
-    return compare_on_buffer(scores[:, 0], None, copy_gbps, {"B": B, "T": T, "mode": "decode"})
+    return compare_on_buffer(scores[:, 0], None, copy_gbps, {"B": B, "T": T, "mode": "decode"}, DECODE_CONFIGS,
+                             graphs=True)
 
 
 def main(argv=None) -> None:

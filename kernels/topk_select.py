@@ -23,16 +23,18 @@ streaming pass -- ncu: 12.5 % occupancy, one instruction every 2.5 cycles per sc
   * `_topk_exact_kernel`, for PATH_EXACT rows: the topk-th score by a 16-step radix-4 search
     of full-row counting passes, then the keys above it plus the first ties go to the scratch.
   * `_topk_resolve_kernel` loads the candidate block into registers and resolves it exactly:
-    the topk-th largest key by the same radix-4 search (three counts per step in one block
-    reduction), ties broken by lower index, and (SORTED) a bitonic sort of (score, -index)
-    pairs packed into int64 gives the descending order.
+    the topk-th largest key by an interpolation search (`_kth_ukey_interpolated`: a bracket
+    from the block's min and max narrowed by three interpolated trials per step, counted in one
+    block reduction -- 5-9 reductions on smooth scores where the radix-4 search takes 16; 1.3x
+    faster resolve on the H200), ties broken by lower index, and (SORTED) a bitonic sort of
+    (score, -index) pairs packed into int64 gives the descending order.
 
 Scores are compared as order-preserving uint32 keys ("ukeys": fp32 bits, sign-flipped); -inf
 (and NaN) are not allowed and get ukey 0, below every allowed score.
 No histogram: Triton lowers tl.histogram to ballots + shared-memory atomics, which made a
-radix select slower than torch.topk (docs/benchmarks.md, third run set). H200 (sixth run set,
-bench/sweep_select.py): unordered 2.5x faster than torch.topk on a 16K chunk (0.48 ms), 5.1x on
-a 128K chunk (0.64 ms); the bitonic sort (sorted=True) costs more than torch.topk, and so does one program per
+radix select slower than torch.topk (docs/benchmarks.md, third run set). H200 (seventh run set,
+bench/sweep_select.py): unordered 3.4x faster than torch.topk on a 16K chunk (0.36 ms), 5.8x on
+a 128K chunk (0.57 ms); the bitonic sort (sorted=True) costs more than torch.topk, and so does one program per
 row when there are few rows (decode) -- callers use torch.topk there (indexer_topk.select_topk).
 """
 from __future__ import annotations
@@ -45,6 +47,7 @@ from ._triton_utils import (
     launch_interpreted,
     new_output,
     next_pow2,
+    num_sms,
     tl,
     triton,
 )
@@ -106,6 +109,95 @@ def _kth_ukey(ukeys, k, BITS: tl.constexpr, ONE_REDUCE: tl.constexpr):
 
 
 @_jit
+def _min_max_count(ukeys, ONE_REDUCE: tl.constexpr):
+    """(smallest allowed ukey, largest ukey, #allowed) of ukeys [N] (allowed = ukey >= 1)."""
+    allowed = ukeys > 0
+    lows = tl.where(allowed, ukeys, 0xFFFFFFFF)
+    if ONE_REDUCE:
+        return tl.reduce((lows, ukeys, allowed.to(tl.int32)), 0, _min_max_add)
+    return tl.min(lows, axis=0), tl.max(ukeys, axis=0), tl.sum(allowed.to(tl.int32), axis=0)
+
+
+@_jit
+def _min_max_add(a_lo, a_hi, a_n, b_lo, b_hi, b_n):
+    return tl.minimum(a_lo, b_lo), tl.maximum(a_hi, b_hi), a_n + b_n
+
+
+@_jit
+def _interpolated_trial(lo, hi, c_lo, c_hi, count):
+    """The key in (lo, hi) where #(ukeys >= key) should be `count`, were the counts linear in the
+    key between lo (c_lo) and hi (c_hi) -- an estimate; int64."""
+    frac = tl.minimum(tl.maximum((c_lo - count) / (c_lo - c_hi).to(tl.float32), 0.0), 1.0)
+    trial = lo + ((hi - lo).to(tl.float32) * frac).to(tl.int64)
+    return tl.minimum(tl.maximum(trial, lo + 1), hi - 1)
+
+
+@_jit
+def _narrow_bracket(ukeys, k, lo, hi, c_lo, c_hi, ONE_REDUCE: tl.constexpr):
+    """One step of the interpolation search: three trials near where the count crosses k (the
+    middle one at k - 1/2, the others a quarter of the bracket's keys either side), counted in
+    one block reduction; the bracket shrinks to the two trials (or ends) around the crossing."""
+    margin = (c_lo - c_hi) // 4 + 1
+    t1 = _interpolated_trial(lo, hi, c_lo, c_hi, (k + margin).to(tl.float32))  # t1 <= t2 <= t3
+    t2 = _interpolated_trial(lo, hi, c_lo, c_hi, k - 0.5)
+    t3 = _interpolated_trial(lo, hi, c_lo, c_hi, (k - 1 - margin).to(tl.float32))
+    n1, n2, n3 = _count_ge3(ukeys, t1.to(tl.uint32), t2.to(tl.uint32), t3.to(tl.uint32), ONE_REDUCE)  # n1 >= n2 >= n3
+    new_lo = tl.where(n3 >= k, t3, tl.where(n2 >= k, t2, tl.where(n1 >= k, t1, lo)))
+    new_c_lo = tl.where(n3 >= k, n3, tl.where(n2 >= k, n2, tl.where(n1 >= k, n1, c_lo)))
+    new_hi = tl.where(n1 < k, t1, tl.where(n2 < k, t2, tl.where(n3 < k, t3, hi)))
+    new_c_hi = tl.where(n1 < k, n1, tl.where(n2 < k, n2, tl.where(n3 < k, n3, c_hi)))
+    return new_lo, new_hi, new_c_lo, new_c_hi
+
+
+@_jit
+def _kth_ukey_interpolated(ukeys, k, MAX_STEPS: tl.constexpr, ONE_REDUCE: tl.constexpr):
+    """The k-th largest ukey of ukeys [N] and whether exactly k ukeys are >= it (no ties to
+    break); (1, 1) when at most k are allowed (then every allowed key is picked).
+
+    Keeps a bracket [lo, hi) with #(>= lo) = c_lo >= k > c_hi = #(>= hi), from [min, max + 1),
+    and narrows it by interpolation (_narrow_bracket; ~5 steps on smooth scores where the radix
+    search always takes 16) until it pins the k-th key: c_lo == k (the smallest key >= lo),
+    c_hi == k - 1 (the largest key < hi) or hi == lo + 1 (lo). Ties and clusters that stall it
+    for MAX_STEPS steps finish with the radix search below the bracket's common prefix."""
+    lo32, hi32, n_allowed = _min_max_count(ukeys, ONE_REDUCE)
+    lo = lo32.to(tl.int64)
+    hi = hi32.to(tl.int64) + 1
+    c_lo = n_allowed
+    c_hi = n_allowed * 0
+    steps = 0
+    while (c_lo > k) & (c_hi != k - 1) & (hi - lo > 1) & (steps < MAX_STEPS):
+        lo, hi, c_lo, c_hi = _narrow_bracket(ukeys, k, lo, hi, c_lo, c_hi, ONE_REDUCE)
+        steps += 1
+    if c_lo <= k:  # exactly k keys >= lo (or fewer than k allowed: all of them, from key 1 up)
+        kth = tl.where(n_allowed <= k, 1, tl.min(tl.where(ukeys >= lo, ukeys, 0xFFFFFFFF), axis=0))
+        exact = n_allowed * 0 + 1
+    elif c_hi == k - 1:
+        kth = tl.max(tl.where(ukeys.to(tl.int64) < hi, ukeys, 0), axis=0)
+        exact = n_allowed * 0
+    else:
+        kth = _kth_ukey_below_prefix(ukeys, k, lo, hi - 1, 16, ONE_REDUCE)
+        exact = n_allowed * 0
+    return kth, exact
+
+
+@_jit
+def _kth_ukey_below_prefix(ukeys, k, lo, hi, STEPS: tl.constexpr, ONE_REDUCE: tl.constexpr):
+    """The radix-4 search for the k-th largest ukey, known to lie in [lo, hi] (int64): it starts
+    below their common leading bits (whole 2-bit digits) and takes at most STEPS steps (fewer
+    than the remaining bits: the k-th key with its lower bits cleared, a lower bound)."""
+    diff = lo ^ hi
+    first_step = 0
+    for step in tl.static_range(16):
+        first_step += ((diff >> (30 - 2 * step)) == 0).to(tl.int32)
+    prefix = (lo & ~((tl.full((), 1, tl.int64) << (32 - 2 * first_step)) - 1)).to(tl.uint32)
+    for step in range(first_step, tl.minimum(first_step + STEPS, 16)):
+        t1, t2, t3 = _digit_trials(prefix, step)
+        n1, n2, n3 = _count_ge3(ukeys, t1, t2, t3, ONE_REDUCE)
+        prefix = _pick_digit(prefix, t1, t2, t3, n1, n2, n3, k)
+    return prefix
+
+
+@_jit
 def _row_count_ge3(row_ptr, n, t1, t2, t3, BLOCK: tl.constexpr, STAGES: tl.constexpr, ONE_REDUCE: tl.constexpr):
     """#(ukey >= t) for three trials over the row's first n scores (one streaming pass)."""
     n1 = tl.zeros((), tl.int32)
@@ -140,13 +232,18 @@ def _row_count_ge(row_ptr, n, threshold, BLOCK: tl.constexpr, STAGES: tl.constex
 
 
 @_jit
-def _sample_threshold(row_ptr, n, rank, SAMPLE: tl.constexpr, GROUP: tl.constexpr, ONE_REDUCE: tl.constexpr):
-    """The rank-th largest ukey (top 16 bits: a threshold, not a selection) of SAMPLE of the
-    row's n (> SAMPLE) scores: SAMPLE // GROUP groups of GROUP contiguous scores, evenly spread."""
+def _sample_threshold(row_ptr, n, rank, steps, SAMPLE: tl.constexpr, GROUP: tl.constexpr, ONE_REDUCE: tl.constexpr):
+    """A threshold at the rank-th largest ukey of SAMPLE of the row's n (> SAMPLE) scores
+    (SAMPLE // GROUP groups of GROUP contiguous scores, evenly spread), or just below it: `steps`
+    radix-4 steps below the sample's common leading bits (8: 16 bits of resolution across the
+    sample's own range, however large its magnitude; 16: exact); 0 when fewer than rank are allowed."""
     g = tl.arange(0, SAMPLE // GROUP).to(tl.int64)
     starts = g * (n - GROUP) // (SAMPLE // GROUP - 1)  # first 0, last n - GROUP
     offs = tl.reshape(starts[:, None] + tl.arange(0, GROUP)[None, :], (SAMPLE,))
-    return _kth_ukey(_ukeys(tl.load(row_ptr + offs)), rank, 16, ONE_REDUCE)
+    ukeys = _ukeys(tl.load(row_ptr + offs))
+    lo, hi, n_allowed = _min_max_count(ukeys, ONE_REDUCE)
+    kth = _kth_ukey_below_prefix(ukeys, rank, lo.to(tl.int64), hi.to(tl.int64), steps, ONE_REDUCE)
+    return tl.where(n_allowed < rank, 0, kth)
 
 
 @_jit
@@ -159,8 +256,7 @@ def _float_threshold(ukey):
 
 
 @_jit
-def _compact_block(vals, offs, threshold, kept, cand_val_ptr, cand_idx_ptr, CAND: tl.constexpr,
-                   STORE_VALS: tl.constexpr):
+def _compact_block(vals, offs, threshold, kept, cand_val_ptr, cand_idx_ptr, CAND: tl.constexpr):
     """Append the block's scores >= threshold (and their indices) at scratch slot `kept` on, in
     index order. vals, offs [BLOCK // 4, 4]: each thread holds whole rows of 4 contiguous scores,
     so the slots come from an in-thread prefix plus a block scan over the row counts only
@@ -170,30 +266,27 @@ def _compact_block(vals, offs, threshold, kept, cand_val_ptr, cand_idx_ptr, CAND
     row_start = kept + tl.cumsum(row_count, axis=0) - row_count  # [R] exclusive prefix
     slot = row_start[:, None] + tl.cumsum(keep, axis=1) - 1  # [R, 4]
     ok = (keep > 0) & (slot < CAND)
-    if STORE_VALS:
-        tl.store(cand_val_ptr + slot, vals, mask=ok)
+    tl.store(cand_val_ptr + slot, vals, mask=ok)
     tl.store(cand_idx_ptr + slot, offs, mask=ok)
     return kept + tl.sum(row_count, axis=0)
 
 
 @_jit
-def _row_compact_above(row_ptr, n, threshold, cand_val_ptr, cand_idx_ptr,
-                       CAND: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr, STORE_VALS: tl.constexpr):
-    """Stream the row, keeping (in index order) the scores >= threshold (fp32; -inf and NaN never
-    pass); the first CAND kept go to the scratch. Returns how many were kept (may exceed CAND).
-    Whole blocks load unmasked (vectorised), then one masked tail block."""
+def _row_compact_above(row_ptr, lo, hi, threshold, cand_val_ptr, cand_idx_ptr,
+                       CAND: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+    """Stream the row's scores [lo, hi), keeping (in index order) those >= threshold (fp32; -inf
+    and NaN never pass); the first CAND kept go to the scratch. Returns how many were kept (may
+    exceed CAND). Whole blocks load unmasked (vectorised), then one masked tail block."""
     kept = tl.zeros((), tl.int32)
-    n_full = n // BLOCK * BLOCK
+    full_end = lo + (hi - lo) // BLOCK * BLOCK
     quad = tl.arange(0, BLOCK // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]  # [BLOCK // 4, 4]
-    for start in tl.range(0, n_full, BLOCK, num_stages=STAGES):
+    for start in tl.range(lo, full_end, BLOCK, num_stages=STAGES):
         offs = start + quad
-        kept = _compact_block(tl.load(row_ptr + offs), offs, threshold, kept, cand_val_ptr, cand_idx_ptr, CAND,
-                              STORE_VALS)
-    if n_full < n:
-        offs = n_full + quad
-        vals = tl.load(row_ptr + offs, mask=offs < n, other=float("-inf"))
-        kept = _compact_block(vals, offs, threshold, kept, cand_val_ptr, cand_idx_ptr, CAND,
-                              STORE_VALS)
+        kept = _compact_block(tl.load(row_ptr + offs), offs, threshold, kept, cand_val_ptr, cand_idx_ptr, CAND)
+    if full_end < hi:
+        offs = full_end + quad
+        vals = tl.load(row_ptr + offs, mask=offs < hi, other=float("-inf"))
+        kept = _compact_block(vals, offs, threshold, kept, cand_val_ptr, cand_idx_ptr, CAND)
     return kept
 
 
@@ -221,15 +314,13 @@ def _row_compact_ties(row_ptr, n, keep_from, tie_key, ties_allowed, cand_val_ptr
 
 
 @_jit
-def _filter_row(row_ptr, n, rank, cand_val_ptr, cand_idx_ptr, CAND: tl.constexpr, SAMPLE: tl.constexpr,
-                GROUP: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr, ONE_REDUCE: tl.constexpr,
-                STORE_VALS: tl.constexpr):
+def _filter_row(row_ptr, n, rank, steps, cand_val_ptr, cand_idx_ptr, CAND: tl.constexpr, SAMPLE: tl.constexpr,
+                GROUP: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr, ONE_REDUCE: tl.constexpr):
     """Keep the scores >= the sample's rank-th largest (scratch). Returns how many were kept, and
     1 if the threshold was below every allowed score (all of them kept: fewer than topk is then
     the answer, e.g. a padded sequence's row), else 0."""
-    ukey = tl.maximum(_sample_threshold(row_ptr, n, rank, SAMPLE, GROUP, ONE_REDUCE), 1)
-    kept = _row_compact_above(row_ptr, n, _float_threshold(ukey), cand_val_ptr, cand_idx_ptr, CAND, BLOCK, STAGES,
-                              STORE_VALS)
+    ukey = tl.maximum(_sample_threshold(row_ptr, n, rank, steps, SAMPLE, GROUP, ONE_REDUCE), 1)
+    kept = _row_compact_above(row_ptr, 0, n, _float_threshold(ukey), cand_val_ptr, cand_idx_ptr, CAND, BLOCK, STAGES)
     return kept, (ukey <= 0x00800000).to(tl.int32)  # 0x00800000 = ukey(-FLT_MAX)
 
 
@@ -251,7 +342,7 @@ def _topk_filter_kernel(
     width, diag_base, row_period, topk,  # row r: scores[r, :min(width, diag_base + r % row_period + 1)]
     s_row, s_cand,
     CAND: tl.constexpr, SAMPLE: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
-    STAGES: tl.constexpr, TRIES: tl.constexpr, ONE_REDUCE: tl.constexpr, STORE_VALS: tl.constexpr,
+    STAGES: tl.constexpr, TRIES: tl.constexpr, ONE_REDUCE: tl.constexpr,
 ):
     """Per row: path[row] (PATH_*) and n_cand[row] candidates -- the row itself (direct) or the
     scratch rows cand_val / cand_idx (filtered, retried); PATH_EXACT rows are not done yet."""
@@ -270,14 +361,90 @@ def _topk_filter_kernel(
         tries = n * 0
         while _needs_another_pass(n_cand, all_kept, topk, CAND) & (tries < TRIES):
             rank = tl.minimum(tl.maximum((rank * target) // tl.maximum(n_cand, 1), 1), SAMPLE)
-            n_cand, all_kept = _filter_row(row_ptr, n, rank, cand_val, cand_idx, CAND, SAMPLE, GROUP, BLOCK, STAGES,
-                                           ONE_REDUCE, STORE_VALS)
+            steps = 8 + 8 * tl.minimum(tries, 1)  # retries: the sample's exact rank-th (coarse ones can lump)
+            n_cand, all_kept = _filter_row(row_ptr, n, rank, steps, cand_val, cand_idx, CAND, SAMPLE, GROUP, BLOCK, STAGES,
+                                           ONE_REDUCE)
             tries += 1
         path += tl.minimum(tries, 2)
         if _needs_another_pass(n_cand, all_kept, topk, CAND):
             path = path * 0 + 3  # PATH_EXACT: left to _topk_exact_kernel
     tl.store(path_ptr + row, path)
     tl.store(n_cand_ptr + row, n_cand)
+
+
+@_jit
+def _row_count_above(row_ptr, lo, hi, threshold, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+    """#(scores >= threshold) among the row's scores [lo, hi) (fp32 compare, as the compaction)."""
+    count = tl.zeros((), tl.int32)
+    for start in tl.range(lo, hi, BLOCK, num_stages=STAGES):
+        offs = start + tl.arange(0, BLOCK)
+        vals = tl.load(row_ptr + offs, mask=offs < hi, other=float("-inf"))
+        count += tl.sum((vals >= threshold).to(tl.int32), axis=0)
+    return count
+
+
+@_jit
+def _segment_threshold(row_ptr, n, topk, CAND: tl.constexpr, SAMPLE: tl.constexpr, GROUP: tl.constexpr,
+                       ONE_REDUCE: tl.constexpr):
+    """The segmented form's one threshold per row (ukey >= 1): the sample's rank-th largest,
+    the rank aimed at (topk + CAND) / 2 kept keys (each segment's program gets the same)."""
+    rank = tl.minimum(tl.maximum((SAMPLE * ((topk + CAND) // 2)) // n, 1), SAMPLE)
+    return tl.maximum(_sample_threshold(row_ptr, n, rank, 8, SAMPLE, GROUP, ONE_REDUCE), 1)
+
+
+def _topk_segment_count_kernel(
+    scores_ptr, seg_count_ptr, threshold_ptr,
+    width, diag_base, row_period, topk, s_row, n_segs,
+    CAND: tl.constexpr, SAMPLE: tl.constexpr, GROUP: tl.constexpr, SEGMENT: tl.constexpr,
+    BLOCK: tl.constexpr, STAGES: tl.constexpr, ONE_REDUCE: tl.constexpr,
+):
+    """The segmented filter for few wide rows (decode), pass 1 of 2; program (row, seg) owns the
+    row's scores [seg * SEGMENT, +SEGMENT): seg_count[row, seg] = how many are >= the row's
+    threshold (threshold[row]: its ukey, written by segment 0)."""
+    row = tl.program_id(0)
+    seg = tl.program_id(1)
+    n = _row_length(row, width, diag_base, row_period)
+    if n > CAND:
+        row_ptr = scores_ptr + row.to(tl.int64) * s_row
+        ukey = _segment_threshold(row_ptr, n, topk, CAND, SAMPLE, GROUP, ONE_REDUCE)
+        if seg == 0:
+            tl.store(threshold_ptr + row, ukey.to(tl.int32, bitcast=True))
+        lo = seg * SEGMENT
+        count = _row_count_above(row_ptr, lo, tl.minimum(n, lo + SEGMENT), _float_threshold(ukey), BLOCK, STAGES)
+        tl.store(seg_count_ptr + row * n_segs + seg, count)
+
+
+def _topk_segment_compact_kernel(
+    scores_ptr, cand_val_ptr, cand_idx_ptr, n_cand_ptr, path_ptr, seg_count_ptr, threshold_ptr,
+    width, diag_base, row_period, topk, s_row, s_cand, n_segs,
+    CAND: tl.constexpr, SEGMENT: tl.constexpr, SEG_PAD: tl.constexpr, BLOCK: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """Pass 2 of the segmented filter: when the row's kept keys (all segments) make a candidate
+    block (as in _topk_filter_kernel), each segment writes its own at the offset its
+    predecessors' counts sum to -- the block in index order, as one program would have written
+    it; otherwise the row is marked PATH_EXACT (segment 0 writes path and n_cand)."""
+    row = tl.program_id(0)
+    seg = tl.program_id(1)
+    n = _row_length(row, width, diag_base, row_period)
+    if n > CAND:
+        ukey = tl.load(threshold_ptr + row).to(tl.uint32, bitcast=True)
+        segs = tl.arange(0, SEG_PAD)
+        counts = tl.load(seg_count_ptr + row * n_segs + segs, mask=segs < n_segs, other=0)  # [SEG_PAD]
+        total = tl.sum(counts, axis=0)
+        if _needs_another_pass(total, (ukey <= 0x00800000).to(tl.int32), topk, CAND):
+            if seg == 0:
+                tl.store(path_ptr + row, 3)  # PATH_EXACT
+        else:
+            before = tl.sum(tl.where(segs < seg, counts, 0), axis=0)
+            lo = seg * SEGMENT
+            _row_compact_above(scores_ptr + row.to(tl.int64) * s_row, lo, tl.minimum(n, lo + SEGMENT),
+                               _float_threshold(ukey), cand_val_ptr + row.to(tl.int64) * s_cand + before,
+                               cand_idx_ptr + row.to(tl.int64) * s_cand + before, CAND, BLOCK, STAGES)
+            if seg == 0:
+                tl.store(path_ptr + row, 1)  # PATH_FILTERED
+        if seg == 0:
+            tl.store(n_cand_ptr + row, total)
 
 
 def _topk_exact_kernel(
@@ -306,7 +473,6 @@ def _topk_resolve_kernel(
     width, diag_base, row_period, topk,
     s_row, s_out, s_cand,
     CAND: tl.constexpr, SORTED: tl.constexpr, FILTERED: tl.constexpr, ONE_REDUCE: tl.constexpr,
-    STORE_VALS: tl.constexpr,
 ):
     """Per row: the exact top-k of its candidate block (the row when it fits in CAND, else the
     filter kernel's scratch; FILTERED = that kernel ran)."""
@@ -319,15 +485,15 @@ def _topk_resolve_kernel(
     else:
         n_cand = tl.load(n_cand_ptr + row) if FILTERED else 0
         idx = tl.load(cand_idx_ptr + row.to(tl.int64) * s_cand + c, mask=c < n_cand, other=0)
-        if STORE_VALS:
-            vals = tl.load(cand_val_ptr + row.to(tl.int64) * s_cand + c, mask=c < n_cand, other=float("-inf"))
-        else:  # gather the candidates' scores back from the row (ascending indices)
-            vals = tl.load(scores_ptr + row.to(tl.int64) * s_row + idx, mask=c < n_cand, other=float("-inf"))
+        vals = tl.load(cand_val_ptr + row.to(tl.int64) * s_cand + c, mask=c < n_cand, other=float("-inf"))
     ukeys = _ukeys(vals)  # [CAND]
-    kth = _kth_ukey(ukeys, topk, 32, ONE_REDUCE)
-    tie = (ukeys == kth) & (ukeys > 0)
-    n_above = tl.sum((ukeys > kth).to(tl.int32), axis=0)
-    picked = (ukeys > kth) | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= topk - n_above))
+    kth, no_ties = _kth_ukey_interpolated(ukeys, topk, 8, ONE_REDUCE)
+    if no_ties:  # the keys >= kth are the answer (exactly topk, or every allowed one)
+        picked = ukeys >= kth
+    else:  # keys above kth, then the lowest-index ties up to topk
+        tie = (ukeys == kth) & (ukeys > 0)
+        n_above = tl.sum((ukeys > kth).to(tl.int32), axis=0)
+        picked = (ukeys > kth) | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= topk - n_above))
     out_row = out_ptr + row.to(tl.int64) * s_out
     if SORTED:  # pack (ukey, -idx) into one int64 and sort descending; unpicked = int64 min, last
         unpicked = tl.full((CAND,), -1, tl.int64) << 63
@@ -346,6 +512,8 @@ def _topk_resolve_kernel(
 # --------------------------------------------------------------------------- host side
 
 _JIT: dict = {}
+_KERNELS = {"filter": _topk_filter_kernel, "exact": _topk_exact_kernel, "resolve": _topk_resolve_kernel,
+            "segment_count": _topk_segment_count_kernel, "segment_compact": _topk_segment_compact_kernel}
 # the rare exact path; launched over every row (rows not marked exact return at once: ~9 us per
 # 2048 rows on the H200), since only the GPU knows which rows need it
 EXACT_LAUNCH = dict(num_warps=8, block=2048, stages=3)
@@ -353,8 +521,7 @@ EXACT_LAUNCH = dict(num_warps=8, block=2048, stages=3)
 
 def _kernel(name: str):
     if name not in _JIT:
-        _JIT[name] = triton.jit({"filter": _topk_filter_kernel, "exact": _topk_exact_kernel,
-                                 "resolve": _topk_resolve_kernel}[name])
+        _JIT[name] = triton.jit(_KERNELS[name])
     return _JIT[name]
 
 
@@ -374,11 +541,31 @@ def launch_meta(topk: int, block: int | None = None, stages: int = 1) -> dict:
                 TRIES=3)
 
 
+def segment_meta(topk: int, W: int, segments: int, block: int, stages: int) -> dict:
+    """The segmented filter's compile-time parameters: SEGMENT scores per program (a power of
+    two, whole BLOCKs), a 4x larger SAMPLE than the one-program filter's (one pass, no retries:
+    a miss costs the exact path), SEG_PAD >= the segments per row (host: `n_segs`)."""
+    cand = candidate_capacity(topk)
+    sample = min(8192, 4 * cand)
+    segment = max(block, next_pow2(-(-W // segments)))
+    n_segs = -(-W // segment)
+    return dict(CAND=cand, SAMPLE=sample, GROUP=min(32, sample // 4), SEGMENT=segment, SEG_PAD=next_pow2(n_segs),
+                BLOCK=block, STAGES=stages), n_segs
+
+
+def default_segments(R: int, W: int, topk: int, device) -> int:
+    """Segments per row for the segmented filter: 1 (one program per row) unless there are
+    fewer rows than SMs and they are wide; then enough for ~4 programs per SM."""
+    if R >= num_sms(device) or W < 4 * candidate_capacity(topk):
+        return 1
+    return next_pow2(-(-4 * num_sms(device) // R))
+
+
 def topk_select(
     scores: torch.Tensor, topk: int, diag_base: int | None = None, row_period: int | None = None,
     sorted: bool = True, num_warps: int = 8, block: int | None = None, stages: int = 1,
     maxnreg: int | None = None, resolve_warps: int = 8, return_path: bool = False, one_reduce: bool | None = None,
-    store_vals: bool = True,
+    segments: int | None = None,
 ):
     """scores fp32 [R, W] (-inf = not allowed) -> int32 [R, topk] (-1 padded).
 
@@ -393,8 +580,8 @@ def topk_select(
     return_path: also return int32 [R]: the PATH_* each row took.
     one_reduce: the three counts of a radix-4 step in one tl.reduce (default: on the GPU; the
     interpreter runs that reduction's combine per element, which is slow but exact).
-    store_vals: the filter stores each candidate's score next to its index; else only the index,
-    and the resolve step gathers the scores back from the row.
+    segments: programs per row in the filtering step (default_segments: > 1 for few wide rows,
+    e.g. decode); > 1 replaces the filter kernel by the two segmented ones (count, compact).
     """
     R, W = scores.shape
     assert scores.dtype == torch.float32 and scores.stride(1) == 1, (scores.dtype, scores.stride())
@@ -414,18 +601,43 @@ def topk_select(
     resolve_meta = dict(CAND=cand, SORTED=sorted, FILTERED=filtered)
     one_reduce = not interpreting(scores) if one_reduce is None else one_reduce
     meta["ONE_REDUCE"] = exact_meta["ONE_REDUCE"] = resolve_meta["ONE_REDUCE"] = one_reduce
-    meta["STORE_VALS"] = resolve_meta["STORE_VALS"] = store_vals
-    if R > 0 and interpreting(scores):
-        if filtered:
-            launch_interpreted(_topk_filter_kernel, (R,), *filter_args, **meta)
-            launch_interpreted(_topk_exact_kernel, (R,), *filter_args, **dict(exact_meta, BLOCK=meta["BLOCK"]))
-        launch_interpreted(_topk_resolve_kernel, (R,), *resolve_args, **resolve_meta)
-    elif R > 0:
-        if filtered:
-            _kernel("filter")[(R,)](*filter_args, **meta, num_warps=num_warps, maxnreg=maxnreg)
-            _kernel("exact")[(R,)](*filter_args, **exact_meta, num_warps=EXACT_LAUNCH["num_warps"])
-        _kernel("resolve")[(R,)](*resolve_args, **resolve_meta, num_warps=resolve_warps)
+    segments = default_segments(R, W, topk, scores.device) if segments is None else segments
+    if R > 0 and filtered and segments > 1:  # maxnreg is the one-program filter's (its larger sample would spill)
+        _segmented_filter(scores, filter_args, topk, W, segments, meta, one_reduce, dict(num_warps=num_warps))
+    elif R > 0 and filtered:
+        _launch("filter", (R,), scores, filter_args, meta, dict(num_warps=num_warps, maxnreg=maxnreg))
+    if R > 0 and filtered:
+        interp_block = dict(BLOCK=meta["BLOCK"]) if interpreting(scores) else {}  # small interpreted tests
+        _launch("exact", (R,), scores, filter_args, dict(exact_meta, **interp_block),
+                dict(num_warps=EXACT_LAUNCH["num_warps"]))
+    if R > 0:
+        _launch("resolve", (R,), scores, resolve_args, resolve_meta, dict(num_warps=resolve_warps))
     return (out, path) if return_path else out
+
+
+def _launch(name: str, grid: tuple, scores: torch.Tensor, args: tuple, meta: dict, launch: dict) -> None:
+    """One of the kernels: compiled (launch options: num_warps, maxnreg), or interpreted on CPU."""
+    if interpreting(scores):
+        launch_interpreted(_KERNELS[name], grid, *args, **meta)
+    else:
+        _kernel(name)[grid](*args, **meta, **{k: v for k, v in launch.items() if v is not None})
+
+
+def _segmented_filter(scores, filter_args, topk, W, segments, meta, one_reduce, launch) -> None:
+    """The filtering step with `segments` programs per row (few wide rows): count, then compact
+    (writes the same cand_val / cand_idx / n_cand / path as the filter kernel)."""
+    _, cand_val, cand_idx, n_cand, path, *rows, s_row, s_cand = filter_args
+    R = scores.shape[0]
+    seg_meta, n_segs = segment_meta(topk, W, segments, meta["BLOCK"], meta["STAGES"])
+    seg_count = torch.empty((R, n_segs), dtype=torch.int32, device=scores.device)
+    threshold = torch.empty(R, dtype=torch.int32, device=scores.device)
+    count_meta = {k: seg_meta[k] for k in ("CAND", "SAMPLE", "GROUP", "SEGMENT", "BLOCK", "STAGES")}
+    _launch("segment_count", (R, n_segs), scores, (scores, seg_count, threshold, *rows, s_row, n_segs),
+            dict(count_meta, ONE_REDUCE=one_reduce), launch)
+    compact_meta = {k: seg_meta[k] for k in ("CAND", "SEGMENT", "SEG_PAD", "BLOCK", "STAGES")}
+    _launch("segment_compact", (R, n_segs), scores,
+            (scores, cand_val, cand_idx, n_cand, path, seg_count, threshold, *rows, s_row, s_cand, n_segs),
+            compact_meta, launch)
 
 
 def row_lengths(R: int, W: int, diag_base: int | None = None, row_period: int | None = None,

@@ -106,17 +106,18 @@ def _spills_in_streaming_loops(cubin: bytes) -> list[str]:
 # ----------------------------------------------------------------------------- indexer
 
 def _compile_indexer(block_s, h_pad, block_t, warps, stages, causal=True, mask=False, S=4096, T=4096,
-                     head_major=False, key_rows=False):
+                     head_major=False, key_rows=False, key_range=False):
     from ic_compile.kernels.indexer_topk import _indexer_scores_kernel
 
     D = 128
     ints = dict(S=S, T=T, H=h_pad, D=D, row_start=0, n_rows=S, width=T, tune_bucket=13,
                 sq_b=S * h_pad * D, sq_s=h_pad * D, sq_h=D, sq_d=1, sk_b=T * D, sk_t=D, sk_d=1,
                 sw_b=S * h_pad, sw_s=h_pad, sw_h=1, sm_b=0 if mask else 1, sm_s=0 if mask else 1, sm_t=1,
-                so_b=S * T, so_s=T, so_t=1)
-    ptrs = dict(q_ptr="bf16", k_ptr="bf16", w_ptr="fp32", mask_ptr="u8", out_ptr="fp32")
+                sr_b=S * 3, sr_s=3, sr_c=1, so_b=S * T, so_s=T, so_t=1)
+    ptrs = dict(q_ptr="bf16", k_ptr="bf16", w_ptr="fp32", mask_ptr="u8", range_ptr="i32", out_ptr="fp32")
     consts = dict(BLOCK_S=block_s, H_PAD=h_pad, D_PAD=D, BLOCK_T=block_t, CAUSAL=causal, HAS_MASK=mask,
-                  DOT_PRECISION="tf32", UPCAST_DOT=False, HEAD_MAJOR=head_major, KEY_ROWS=key_rows)
+                  DOT_PRECISION="tf32", UPCAST_DOT=False, HEAD_MAJOR=head_major, KEY_ROWS=key_rows,
+                  HAS_RANGE=key_range)
     return compile_sm90(_indexer_scores_kernel, ptrs, ints, {}, consts, warps, stages)
 
 
@@ -131,8 +132,12 @@ def _check_indexer(res, rows):
                                  dict(block_s=8, block_t=64, warps=8, stages=3, mask=True),
                                  dict(block_s=1, block_t=256, warps=8, stages=4),
                                  dict(block_s=4, block_t=64, warps=4, stages=3, head_major=True),
-                                 dict(block_s=8, block_t=64, warps=8, stages=3, mask=True, key_rows=True)],
-                         ids=["prefill", "prefill_mask_256rows", "decode", "prefill_head_major", "prefill_key_rows"])
+                                 dict(block_s=8, block_t=64, warps=8, stages=3, mask=True, key_rows=True),
+                                 dict(block_s=8, block_t=64, warps=8, stages=3, causal=False, key_range=True,
+                                      key_rows=True),
+                                 dict(block_s=1, block_t=256, warps=8, stages=4, causal=False, key_range=True)],
+                         ids=["prefill", "prefill_mask_256rows", "decode", "prefill_head_major", "prefill_key_rows",
+                              "prefill_key_range", "decode_key_range"])
 def test_indexer_compiles_for_sm90(cfg):
     _check_indexer(_compile_indexer(h_pad=32, **cfg), cfg["block_s"] * 32)
 
@@ -220,20 +225,19 @@ def test_compiles_after_interpreted_launch(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- top-k selection
 
-def _compile_topk_select(topk, warps, block, stages, resolve_warps=8, sorted_out=False, maxnreg=None,
-                         store_vals=True):
+def _compile_topk_select(topk, warps, block, stages, resolve_warps=8, sorted_out=False, maxnreg=None):
     """-> (filter kernel, exact kernel, resolve kernel) compile results."""
     from ic_compile.kernels.topk_select import (EXACT_LAUNCH, _topk_exact_kernel, _topk_filter_kernel,
                                                 _topk_resolve_kernel, launch_meta)
 
-    meta = dict(launch_meta(topk, block, stages), ONE_REDUCE=True, STORE_VALS=store_vals)
+    meta = dict(launch_meta(topk, block, stages), ONE_REDUCE=True)
     ints = dict(width=16384, diag_base=12288, row_period=4096, topk=topk, s_row=16384, s_out=topk, s_cand=meta["CAND"])
     ptrs = dict(scores_ptr="fp32", out_ptr="i32", cand_val_ptr="fp32", cand_idx_ptr="i32", path_ptr="i32",
                 n_cand_ptr="i32")
     ints_filter = {k: v for k, v in ints.items() if k != "s_out"}
     ptrs_filter = {k: v for k, v in ptrs.items() if k != "out_ptr"}
     ptrs_resolve = {k: v for k, v in ptrs.items() if k != "path_ptr"}
-    resolve_meta = dict(CAND=meta["CAND"], SORTED=sorted_out, FILTERED=True, ONE_REDUCE=True, STORE_VALS=store_vals)
+    resolve_meta = dict(CAND=meta["CAND"], SORTED=sorted_out, FILTERED=True, ONE_REDUCE=True)
     exact_meta = dict(CAND=meta["CAND"], BLOCK=EXACT_LAUNCH["block"], STAGES=EXACT_LAUNCH["stages"], ONE_REDUCE=True)
     return (compile_sm90(_topk_filter_kernel, ptrs_filter, ints_filter, {}, meta, warps, 1, maxnreg),
             compile_sm90(_topk_exact_kernel, ptrs_filter, ints_filter, {}, exact_meta, EXACT_LAUNCH["num_warps"], 1),
@@ -249,8 +253,7 @@ def test_topk_select_compiles_for_sm90():
 
     cfg = SELECT_KWARGS
     filt, exact, resolve = _compile_topk_select(2048, cfg["num_warps"], cfg["block"], cfg["stages"],
-                                                cfg["resolve_warps"], maxnreg=cfg["maxnreg"],
-                                                store_vals=cfg.get("store_vals", True))
+                                                cfg["resolve_warps"], maxnreg=cfg["maxnreg"])
     for res in (filt, exact, resolve):
         assert res["shared"] <= MAX_SMEM, res["shared"]
     for res in (exact, resolve):
@@ -258,6 +261,26 @@ def test_topk_select_compiles_for_sm90():
     assert filt["regs"] * 32 * cfg["num_warps"] * 4 <= 65536, filt["regs"]
     assert "cp.async" in filt["ptx"]
     assert _spills_in_streaming_loops(filt["cubin"]) == []
+
+
+@pytest.mark.parametrize("warps", [4, 8])
+def test_topk_select_segmented_compiles_for_sm90(warps):
+    """The segmented filter (few wide rows: decode), at a decode shape (topk 2048, T = 128K, 64
+    segments): both kernels fit and do not spill."""
+    from ic_compile.kernels.topk_select import _topk_segment_compact_kernel, _topk_segment_count_kernel, segment_meta
+
+    meta, n_segs = segment_meta(2048, 131072, 64, 1024, 3)
+    ints = dict(width=131072, diag_base=131072, row_period=16, topk=2048, s_row=131072, s_cand=4096, n_segs=n_segs)
+    count_meta = {k: meta[k] for k in ("CAND", "SAMPLE", "GROUP", "SEGMENT", "BLOCK", "STAGES")}
+    count = compile_sm90(_topk_segment_count_kernel, dict(scores_ptr="fp32", seg_count_ptr="i32", threshold_ptr="i32"),
+                         {k: v for k, v in ints.items() if k != "s_cand"}, {}, dict(count_meta, ONE_REDUCE=True), warps, 1)
+    compact_meta = {k: meta[k] for k in ("CAND", "SEGMENT", "SEG_PAD", "BLOCK", "STAGES")}
+    compact = compile_sm90(_topk_segment_compact_kernel,
+                           dict(scores_ptr="fp32", cand_val_ptr="fp32", cand_idx_ptr="i32", n_cand_ptr="i32",
+                                path_ptr="i32", seg_count_ptr="i32", threshold_ptr="i32"), ints, {}, compact_meta, warps, 1)
+    for res in (count, compact):
+        assert res["shared"] <= MAX_SMEM, res["shared"]
+        assert res["stack"] == 0, f"register spills: {res['stack']} bytes"
 
 
 def test_topk_select_sorted_compiles_for_sm90():

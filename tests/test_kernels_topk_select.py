@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ic_compile.kernels import _triton_utils
+from ic_compile.kernels._triton_utils import launch_interpreted, tl
 from ic_compile.kernels.testing import check_topk, repro, seed_everything
 from ic_compile.kernels.topk_select import (
     PATH_DIRECT,
@@ -13,6 +14,8 @@ from ic_compile.kernels.topk_select import (
     candidate_capacity,
     readable_scores,
     topk_select,
+    _kth_ukey_interpolated,
+    _ukeys,
     topk_select_ref,
 )
 
@@ -106,6 +109,58 @@ def test_topk_select_ties_take_the_exact_path(one_reduce, request):
     assert (path == PATH_EXACT).all(), path
 
 
+def _kth_probe_kernel(scores_ptr, out_ptr, k, N: tl.constexpr, MAX_STEPS: tl.constexpr, ONE_REDUCE: tl.constexpr):
+    """out[0:2] = _kth_ukey_interpolated of the N scores: (k-th largest ukey, no-ties flag)."""
+    kth, no_ties = _kth_ukey_interpolated(_ukeys(tl.load(scores_ptr + tl.arange(0, N))), k, MAX_STEPS, ONE_REDUCE)
+    tl.store(out_ptr, kth.to(tl.int64))
+    tl.store(out_ptr + 1, no_ties.to(tl.int64))
+
+
+def _ukeys_torch(scores):
+    """kernels' _ukeys in torch (int64): order-preserving, 0 for -inf."""
+    bits = scores.view(torch.int32).long()
+    flipped = torch.where(bits < 0, ~bits & 0xFFFFFFFF, bits | 0x80000000)
+    return torch.where(scores > float("-inf"), flipped, 0)
+
+
+def _kth_probe_rows(N):
+    gen = torch.randn(N)
+    yield "smooth", gen
+    yield "three values", torch.randint(0, 3, (N,)).float()
+    tied = torch.randn(N)
+    tied[N // 8:N // 2] = 0.25  # a tie group straddling the k-th
+    yield "tie group at the k-th", tied
+    yield "wide dynamic range", torch.randn(N) * 10.0 ** torch.randint(-30, 30, (N,)).float()
+    few = torch.full((N,), float("-inf"))
+    few[::9] = torch.randn(len(few[::9]))
+    yield "fewer allowed than k", few
+    exactly = torch.full((N,), float("-inf"))
+    exactly[:N // 4] = torch.randn(N // 4)
+    yield "exactly k allowed", exactly
+    yield "none allowed", torch.full((N,), float("-inf"))
+
+
+@pytest.mark.parametrize("max_steps", [0, 8], ids=["radix_only", "interpolated"])
+@pytest.mark.parametrize("one_reduce", [False, True], ids=["three_sums", "one_reduce"])
+def test_kth_ukey_interpolated(max_steps, one_reduce, request):
+    """The resolve step's search returns the k-th largest ukey (1 when at most k are allowed),
+    and its no-ties flag only when the keys >= it are exactly the answer -- for smooth rows,
+    ties, a wide dynamic range, few allowed keys; by interpolation, and by the radix search it
+    falls back to when the interpolation stalls (max_steps 0: always)."""
+    seed_everything(request.node.name)
+    N = 64 if one_reduce else 256  # interpreted tl.reduce combines per element: small
+    k = N // 4
+    for name, scores in _kth_probe_rows(N):
+        out = torch.zeros(2, dtype=torch.int64)
+        launch_interpreted(_kth_probe_kernel, (1,), scores, out, k, N=N, MAX_STEPS=max_steps, ONE_REDUCE=one_reduce)
+        ukeys = _ukeys_torch(scores)
+        n_allowed = int((ukeys > 0).sum())
+        want = 1 if n_allowed <= k else int(ukeys.sort(descending=True).values[k - 1])
+        assert int(out[0]) == want, (name, int(out[0]), want)
+        if out[1]:
+            assert int((ukeys >= want).sum()) == min(k, n_allowed), name
+
+
 def test_topk_select_filtered_path_is_taken(request):
     """Smooth random rows wider than CAND go through the sampled filter (no fallback). (The
     sample is 64 scores for topk 16; for much wider rows its rank-1 threshold keeps too many.)"""
@@ -114,20 +169,6 @@ def test_topk_select_filtered_path_is_taken(request):
     got, path = topk_select(scores, 16, return_path=True)
     _check(got, scores, 16, True, seed)
     assert (path == PATH_FILTERED).sum() >= 3, path
-
-
-def test_candidate_scores_gathered_from_the_row(request):
-    """store_vals=False: the filter stores only candidate indices and the resolve step gathers
-    their scores from the row -- for filtered and exact (tied) rows alike, and with
-    causal row lengths (the gather must not read past a row's diagonal)."""
-    seed = seed_everything(request.node.name)
-    W, topk = 300, 16
-    scores = torch.randn(6, W)
-    scores[0] = 0.0  # all tied: exact path
-    scores[1, ::2] = 5.0  # 150 tied maxima: exact path
-    got, path = topk_select(scores, topk, diag_base=W - 3, row_period=3, return_path=True, store_vals=False)
-    _check(got, readable_scores(scores, W - 3, 3), topk, True, seed)
-    assert set(path.tolist()) >= {PATH_EXACT, PATH_FILTERED}, path
 
 
 def test_rows_with_fewer_allowed_than_topk_stay_filtered(request):
@@ -145,6 +186,29 @@ def test_rows_with_fewer_allowed_than_topk_stay_filtered(request):
     assert ((path == PATH_FILTERED) | (path == PATH_RETRIED)).all(), path  # no exact fallback
 
 
+@pytest.mark.parametrize("segments", [2, 8])
+def test_segmented_filter(segments, request):
+    """Few wide rows (decode): `segments` programs per row count, then compact, their part of
+    the row; the candidate block is the one the one-program filter writes (index order), so the
+    answer is the same set. Causal row lengths, a row with fewer allowed scores than topk, and
+    heavy ties (the exact path) included."""
+    seed = seed_everything(request.node.name)
+    W, topk = 1000, 16
+    scores = torch.randn(5, W)
+    scores[1, torch.arange(W) % 97 != 5] = float("-inf")  # 11 allowed, in most segments: all kept
+    scores[2] = 0.0  # all tied: exact path
+    scores[3, ::2] = float("-inf")
+    got, path = topk_select(scores, topk, diag_base=W - 4, row_period=5, return_path=True, segments=segments)
+    readable = readable_scores(scores, W - 4, 5)
+    _check(got, readable, topk, True, seed)
+    one_program = topk_select(scores, topk, diag_base=W - 4, row_period=5, segments=1)
+    assert torch.equal(got, one_program)  # same candidate blocks, same tie breaks
+    assert int((got[1] == -1).sum()) == topk - 11
+    assert path[1] == PATH_FILTERED and path[2] == PATH_EXACT, path
+    # one pass, no retries: with a 256-score sample (topk 16) a row misses now and then -> exact path
+    assert set(path[[0, 3, 4]].tolist()) <= {PATH_FILTERED, PATH_EXACT}, path
+
+
 @pytest.mark.parametrize("shift", [-10.0, 0.0, 1e30], ids=["negative", "around_zero", "huge"])
 def test_filter_threshold_sign_and_magnitude(shift, request):
     """The filter compares fp32 scores against a threshold rebuilt from a ukey: negative
@@ -158,7 +222,9 @@ def test_filter_threshold_sign_and_magnitude(shift, request):
     scores[3, 3:40:4] = -0.0
     got, path = topk_select(scores, 16, return_path=True)
     _check(got, scores, 16, True, seed)
-    assert ((path == PATH_FILTERED) | (path == PATH_RETRIED)).all(), path  # no exact fallback
+    # the filter path, not the exact fallback (a 64-score sample for topk 16 can still miss 3 times
+    # on one row in a few hundred: at most one row may fall back)
+    assert int(((path == PATH_FILTERED) | (path == PATH_RETRIED)).sum()) >= 3, path
 
 
 @pytest.mark.parametrize("case", ["chunked_batches", "queries_after_keys", "padding_mask"])
@@ -186,14 +252,13 @@ def test_unordered_indexer_uses_topk_select(case, request, monkeypatch, select_c
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("sorted_out,store_vals", [(True, True), (False, True), (False, False)],
-                         ids=["sorted", "unsorted", "unsorted_gathered"])
-@pytest.mark.parametrize("R,W,diag", [(256, 16384, 12288), (16, 131072, None), (64, 3000, None)])
-def test_topk_select_gpu(R, W, diag, sorted_out, store_vals, request):
+@pytest.mark.parametrize("sorted_out", [True, False], ids=["sorted", "unsorted"])
+@pytest.mark.parametrize("R,W,diag", [(256, 16384, 12288), (16, 131072, None), (2, 131072, None), (64, 3000, None)])
+def test_topk_select_gpu(R, W, diag, sorted_out, request):
     seed = seed_everything(request.node.name)
     scores = _rows(R, W, "cuda")
     scores[2, :5000] = 0.5  # ties
-    got = topk_select(scores, 2048, diag_base=diag, sorted=sorted_out, store_vals=store_vals)
+    got = topk_select(scores, 2048, diag_base=diag, sorted=sorted_out)
     allowed = readable_scores(scores, diag, R)
     _check(got.cpu(), allowed.cpu(), 2048, sorted_out, seed)
 
