@@ -16,6 +16,8 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_leaves
 
+from ic_compile.passes.lower_indexer import INDEXER_MASKS
+
 from .plan import PlanError
 from .rewrite import NoIndexerFoundError, RewriteResult, rewrite
 
@@ -36,6 +38,9 @@ class BackendOptions:
     strict: bool = False  # raise instead of warning when detection is unsure
     kernels: Any = "auto"  # lower F indexers to ic::indexer_topk: True | False | "auto" (= inputs on CUDA)
     sparse_attention: bool = True  # with kernels: mask-scatter + SDPA -> ic::sparse_mla / ic::sparse_attention
+    # with kernels: the mask reaches ic::indexer_topk as key ranges | "dense" | "auto" (ranges under
+    # Inductor, which fuses their reductions; dense under eager, where they would be int64 [B,S,T])
+    indexer_mask: str = "auto"
     rtol: float | None = None  # verify tolerances; by dtype when None
     atol: float | None = None
 
@@ -49,6 +54,8 @@ class BackendOptions:
         parsed = cls(**options)
         if parsed.lowering not in LOWERINGS:
             raise PlanError(f"lowering={parsed.lowering!r} is not one of {LOWERINGS}")
+        if parsed.indexer_mask not in ("auto",) + INDEXER_MASKS:
+            raise PlanError(f"indexer_mask={parsed.indexer_mask!r} is not one of {('auto',) + INDEXER_MASKS}")
         return parsed
 
 
@@ -56,7 +63,7 @@ def indexcache_backend(gm: fx.GraphModule, example_inputs, options: dict | None 
     opts = BackendOptions.parse(options)
     use_kernels = opts.kernels if opts.kernels != "auto" else _on_cuda(example_inputs)
     result = rewrite(gm, opts.plan, strict=opts.strict, kernels=bool(use_kernels) and opts.lowering != "tensorrt",
-                     sparse_attention=opts.sparse_attention)
+                     sparse_attention=opts.sparse_attention, indexer_mask=_indexer_mask(opts))
     last_results.append(result)
     _check_found(result, opts)
     compiled = lower(result.gm, example_inputs, opts.lowering)
@@ -80,6 +87,15 @@ def _check_found(result: RewriteResult, opts: BackendOptions) -> None:
         _warned_no_plan = True
         warnings.warn(f"indexcache: no plan given, all {len(result.detection.matches)} indexer layers "
                       "stay full (nothing is shared). Pass options={'plan': 'FSSS...'}.", stacklevel=3)
+
+
+def _indexer_mask(opts: "BackendOptions") -> str:
+    """"auto": key ranges under Inductor (their three reductions fuse with the mask's producers);
+    the dense mask otherwise (run eagerly, the reductions would write int64 [B,S,T] temporaries:
+    8 bytes per mask element)."""
+    if opts.indexer_mask != "auto":
+        return opts.indexer_mask
+    return "ranges" if opts.lowering == "inductor" else "dense"
 
 
 def lower(gm: fx.GraphModule, example_inputs, lowering: str) -> Callable:

@@ -35,6 +35,8 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
+from ic_compile.kernels.key_range import range_allowed
+
 from .rewrite import NoIndexerFoundError, RewriteResult, rewrite
 
 FORMATS = ("onnx", "tensorrt")
@@ -46,9 +48,11 @@ class ExportError(ValueError):
 
 
 # ------------------------------------------------------------------------------ decompositions
-def _indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True):
+def _indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=None):
     """ic::indexer_topk in standard ops (no loops, symbolic S/T): q [B,S,H,D], k [B,T,D], w [B,S,H]
-    -> int32 [B,S,topk], -1 where fewer than topk keys are allowed (matches kernels/reference.py)."""
+    -> int32 [B,S,topk], -1 where fewer than topk keys are allowed (matches kernels/reference.py).
+    key_range is read as ranges without the op's contiguity check (the export lowers with
+    indexer_mask="dense", so exported models hand this the mask)."""
     S, T = q.shape[1], k.shape[1]
     scores = torch.einsum("bshd,btd->bsht", q.float(), k.float()).relu()
     scores = (scores * w.float()[..., None]).sum(2)  # [B, S, T]
@@ -57,6 +61,8 @@ def _indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True):
         scores = scores.masked_fill(~allowed, float("-inf"))
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
+    if key_range is not None:
+        scores = scores.masked_fill(~range_allowed(key_range, T), float("-inf"))
     # pad with topk -inf columns so that topk(k) is valid for any T (the pads come back as -1)
     scores = torch.nn.functional.pad(scores, (0, topk), value=float("-inf"))
     values, index = scores.topk(topk, dim=-1)
@@ -276,11 +282,12 @@ def capture_rewritten(model, example_inputs, plan=None, *, dynamic_seq: bool = T
                       require_indexer: bool = True, kernels: bool = False) -> RewrittenProgram:
     """Capture (unless `model` is a CapturedModel already), rewrite for `plan`, decompose custom ops, wrap.
     kernels=True: F indexers are lowered to `ic::indexer_topk` first (as the backend does on CUDA), and
-    that op is then exported through its standard-op decomposition."""
+    that op is then exported through its standard-op decomposition, with the model's dense mask
+    (indexer_mask="dense": exact for any mask; an ONNX graph could not raise on a non-range one)."""
     captured = model if isinstance(model, CapturedModel) else capture_model(
         model, example_inputs, dynamic_seq=dynamic_seq, seq_dim=seq_dim)
     gm = captured.gm
-    result = rewrite(gm, plan, strict=True, kernels=kernels)
+    result = rewrite(gm, plan, strict=True, kernels=kernels, indexer_mask="dense")
     if require_indexer and not result.detection.matches:
         raise NoIndexerFoundError(f"cannot export with plan {plan!r}: {result.message}. Is this a DSA model? "
                                   "Without a lightning indexer there is nothing to share.")

@@ -60,9 +60,10 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def rewrite(gm: fx.GraphModule, plan=None, *, strict: bool = False, kernels: bool = False,
-            sparse_attention: bool = True) -> RewriteResult:
+            sparse_attention: bool = True, indexer_mask: str = "ranges") -> RewriteResult:
     """kernels=True also lowers each F indexer to the fused `ic::indexer_topk` op and the
-    scatter-to-mask + dense SDPA it feeds to `ic::sparse_attention` (unless sparse_attention=False)."""
+    scatter-to-mask + dense SDPA it feeds to `ic::sparse_attention` (unless sparse_attention=False).
+    indexer_mask: how the model's mask reaches that op, "ranges" (per-query key ranges) or "dense"."""
     work = eliminate_dead_code(copy_graph_module(gm))  # baseline: what was dead already isn't ours
     baseline = {n.name for n in work.graph.nodes}
     detection = detect_indexers(work)
@@ -85,7 +86,7 @@ def rewrite(gm: fx.GraphModule, plan=None, *, strict: bool = False, kernels: boo
     steps = [lambda g: forward_indices(g, result.bindings), eliminate_dead_code,
              lambda g: drop_shared_key_cache(g, result.caches)]
     if kernels:
-        steps += [lambda g: lower_indexer(g, full, result.kernels)]
+        steps += [lambda g: lower_indexer(g, full, result.kernels, indexer_mask)]
         if sparse_attention:
             steps += [lambda g: lower_sparse_attention(g, result.kernels)]
         steps += [eliminate_dead_code]

@@ -13,7 +13,11 @@ Design (prefill, one Triton kernel `_indexer_scores_kernel`):
     adjacent *columns* of the accumulator, so the head sum is in-thread adds plus two quad
     shuffles (1.7x faster on the H200 than q . k^T, whose head sum crosses warps through
     shared memory).
-  * key tiles entirely above the causal diagonal are not computed (only filled with -inf).
+  * which keys a query may see: the causal diagonal, and a bool mask tile [BLOCK_S, BLOCK_T]
+    (HAS_MASK) or a key range lo <= t <= hi per query (HAS_RANGE: [BLOCK_S] loads, the form
+    ic::indexer_topk gets from the compiled model, see kernels/key_range.py).
+  * key tiles entirely above the causal diagonal, or outside every query's range in the
+    block, are not computed (only filled with -inf).
   * queries are processed in chunks so the fp32 [B, chunk, width] score buffer stays under
     ~1 GiB; `width` is the chunk's causal horizon, so torch.topk (the selection) never sees
     the columns no query of the chunk may attend to; causal chunks are at most
@@ -57,26 +61,26 @@ MIN_SELECT_ROWS = 256
 MAX_SELECT_TOPK = 2048  # candidate block 2 * topk lives in registers: measured only up to here
 # topk_select launch: the filter kernel with 4 warps held to 72 registers (7 programs per SM;
 # 64 spills inside the streaming loop under triton 3.9), fastest at 16K and 128K
-# (bench/sweep_select.py, sixth run set). Not yet timed on a GPU: store_vals=False (the filter
-# stores candidate indices only, 236 -> 219 SASS instructions per streaming step; the resolve
-# step gathers the scores back) -- bench/sweep_select.py compares both in one run.
+# (bench/sweep_select.py, sixth run set).
 SELECT_KWARGS = dict(num_warps=4, block=1024, stages=3, maxnreg=72, resolve_warps=8)
 
 
 def _indexer_scores_kernel(
-    q_ptr, k_ptr, w_ptr, mask_ptr, out_ptr,
+    q_ptr, k_ptr, w_ptr, mask_ptr, range_ptr, out_ptr,
     S, T, H, D,  # q [B,S,H,D], k [B,T,D]
     row_start, n_rows, width, tune_bucket,  # this chunk: queries [row_start, +n_rows), columns [0, width)
     sq_b, sq_s, sq_h, sq_d,
     sk_b, sk_t, sk_d,
     sw_b, sw_s, sw_h,
     sm_b, sm_s, sm_t,
+    sr_b, sr_s, sr_c,  # key_range [B,S,3] = (lo, hi, count) per query
     so_b, so_s, so_t,
     BLOCK_S: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,  # interpreter only: fp32 dot operands (see upcast_dots)
     HEAD_MAJOR: tl.constexpr,  # dot rows ordered (head, query) instead of (query, head)
     KEY_ROWS: tl.constexpr = False,  # dot = k . q^T ([BLOCK_T, queries x heads]) instead of q . k^T
+    HAS_RANGE: tl.constexpr = False,  # key t allowed iff lo <= t <= hi of its query (count 0: none)
 ):
     """out[b, s_local, t] = masked score (fp32, -inf = not allowed) for t in this program's split."""
     pid_s = tl.program_id(0)
@@ -106,6 +110,11 @@ def _indexer_scores_kernel(
     s_ok = s_loc < n_rows
     s_glob = (row_start + s_loc).to(tl.int64)
     last_key = (T - S) + s_glob  # causal: key t allowed iff t <= last_key
+    if HAS_RANGE:  # [BLOCK_S] first / last allowed key per query (an empty row: lo > hi)
+        range_row_ptr = range_ptr + b * sr_b + s_glob * sr_s
+        row_lo = tl.load(range_row_ptr, mask=s_ok, other=T)
+        row_count = tl.load(range_row_ptr + 2 * sr_c, mask=s_ok, other=0)
+        row_hi = tl.where(row_count > 0, tl.load(range_row_ptr + sr_c, mask=s_ok, other=-1), -1)
 
     # This program's key range [t_lo, t_hi): a split of [0, width) in whole BLOCK_T tiles.
     blocks_per_split = tl.cdiv(tl.cdiv(width, BLOCK_T), num_splits)
@@ -117,10 +126,16 @@ def _indexer_scores_kernel(
         last_row = tl.minimum(row_start + pid_s * BLOCK_S + BLOCK_S, row_start + n_rows) - 1
         horizon = tl.minimum(t_hi, (T - S) + last_row + 1)
         n_computed = tl.cdiv(tl.maximum(horizon - t_lo, 0), BLOCK_T)
+    first_computed = 0
+    if HAS_RANGE:  # tiles outside every query's range are only -inf filled
+        block_lo = tl.min(tl.where(s_ok, row_lo, T), axis=0)
+        block_hi = tl.max(tl.where(s_ok, row_hi, -1), axis=0)
+        n_computed = tl.minimum(n_computed, tl.cdiv(tl.maximum(block_hi + 1 - t_lo, 0), BLOCK_T))
+        first_computed = tl.minimum(tl.maximum(block_lo - t_lo, 0) // BLOCK_T, n_computed)
 
     t_ar = tl.arange(0, BLOCK_T)
     out_row_ptr = out_ptr + b * so_b + s_loc.to(tl.int64) * so_s  # [BLOCK_S]
-    for i in range(0, n_computed):
+    for i in range(first_computed, n_computed):
         t = t_lo + i * BLOCK_T + t_ar  # [BLOCK_T]
         t_ok = t < T
         if KEY_ROWS:  # keys are the dot's rows: the head sum runs along its columns (in registers + quad shuffles)
@@ -149,10 +164,16 @@ def _indexer_scores_kernel(
             m = tl.load(mask_ptr + b * sm_b + s_glob[:, None] * sm_s + t[None, :].to(tl.int64) * sm_t,
                         mask=allowed, other=0)
             allowed = allowed & (m != 0)
+        if HAS_RANGE:
+            allowed = allowed & (t[None, :] >= row_lo[:, None]) & (t[None, :] <= row_hi[:, None])
         scores = tl.where(allowed, scores, float("-inf"))
         tl.store(out_row_ptr[:, None] + t[None, :] * so_t, scores,
                  mask=s_ok[:, None] & (t[None, :] < t_hi))
     neg_inf = tl.full((BLOCK_S, BLOCK_T), float("-inf"), tl.float32)
+    for i in range(0, first_computed):
+        t = t_lo + i * BLOCK_T + t_ar
+        tl.store(out_row_ptr[:, None] + t[None, :] * so_t, neg_inf,
+                 mask=s_ok[:, None] & (t[None, :] < t_hi))
     for i in range(n_computed, n_tiles):
         t = t_lo + i * BLOCK_T + t_ar
         tl.store(out_row_ptr[:, None] + t[None, :] * so_t, neg_inf,
@@ -206,7 +227,8 @@ def _tuned_kernel(mode: str, h_pad: int, exact_fp32: bool):
     key = (mode, h_pad, exact_fp32)
     if key not in _TUNED:
         configs = _prefill_configs(h_pad) if mode == "prefill" else _decode_configs(exact_fp32)
-        _TUNED[key] = triton.autotune(configs, key=["H_PAD", "D_PAD", "CAUSAL", "HAS_MASK", "tune_bucket"])(
+        _TUNED[key] = triton.autotune(configs, key=["H_PAD", "D_PAD", "CAUSAL", "HAS_MASK", "HAS_RANGE",
+                                                                   "tune_bucket"])(
             _jit_kernel())
     return _TUNED[key]
 
@@ -230,11 +252,13 @@ def indexer_scores(
     q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, mask: torch.Tensor | None, causal: bool,
     row_start: int, n_rows: int, width: int, out: torch.Tensor,
     decode_block_s: int | None = None, num_splits: int | None = None, config=None,
+    key_range: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masked scores of queries [row_start, row_start+n_rows) vs keys [0, width) into out [B, n_rows, width].
 
     decode_block_s: put that many queries (>= n_rows) in one program row (decode form).
     num_splits: programs along the key axis (default: enough to fill the GPU).
+    key_range: int32 [B,S,3] (lo, hi, count) per query (kernels/key_range.py), with or instead of `mask`.
     """
     B, S, H, D = q.shape
     T = k.shape[1]
@@ -243,17 +267,20 @@ def indexer_scores(
     mask_u8 = q.new_zeros((1, 1, 1), dtype=torch.uint8)
     if mask is not None:
         mask_u8 = mask.to(torch.bool).expand(B, S, T).view(torch.uint8)
+    ranges = q.new_zeros((1, 1, 3), dtype=torch.int32) if key_range is None else \
+        key_range.to(torch.int32).expand(B, S, 3)
     if num_splits is None:
         rows_per_prog = decode_block_s or max(1, 128 // h_pad)
         programs = B * cdiv(n_rows, rows_per_prog)
         num_splits = max(1, min(cdiv(2 * num_sms(q.device), programs), cdiv(width, 512)))
     args = (
-        q, k, w, mask_u8, out,
+        q, k, w, mask_u8, ranges, out,
         S, T, H, D,
         row_start, n_rows, width, min(width.bit_length(), 17),
-        *q.stride(), *k.stride(), *w.stride(), *mask_u8.stride(), *out.stride(),
+        *q.stride(), *k.stride(), *w.stride(), *mask_u8.stride(), *ranges.stride(), *out.stride(),
     )
     consts = {"H_PAD": h_pad, "D_PAD": d_pad, "CAUSAL": bool(causal), "HAS_MASK": mask is not None,
+              "HAS_RANGE": key_range is not None,
               "DOT_PRECISION": dot_precision(q.dtype), "UPCAST_DOT": upcast_dots(q)}
     if decode_block_s is not None:
         consts["BLOCK_S"] = decode_block_s
@@ -286,6 +313,7 @@ def _chunk_rows(B: int, T: int, block: int, causal: bool, budget: int = SCORE_BU
 def chunked_scores(
     q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, mask: torch.Tensor | None = None,
     causal: bool = True, chunk_rows: int | None = None, num_splits: int | None = None,
+    key_range: torch.Tensor | None = None,
 ):
     """Yield (s0, s1, scores [B, s1-s0, width]) per query chunk; `scores` is reused between chunks.
 
@@ -305,7 +333,7 @@ def chunked_scores(
         scores = storage[: B * (s1 - s0) * width].view(B, s1 - s0, width)  # contiguous for torch.topk
         if width > 0:
             indexer_scores(q, k, w, mask, causal, s0, s1 - s0, width, scores,
-                           decode_block_s=decode_block_s, num_splits=num_splits)
+                           decode_block_s=decode_block_s, num_splits=num_splits, key_range=key_range)
         yield s0, s1, scores
 
 
@@ -333,7 +361,7 @@ def indexer_topk_triton(
     q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, topk: int,
     mask: torch.Tensor | None = None, causal: bool = True,
     chunk_rows: int | None = None, num_splits: int | None = None, sorted: bool = True,
-    selection: str = "auto",
+    selection: str = "auto", key_range: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton path of indexer_topk (CPU tensors run in the Triton interpreter).
 
@@ -342,7 +370,7 @@ def indexer_topk_triton(
     """
     B, S, T = q.shape[0], q.shape[1], k.shape[1]
     out = new_output((B, S, topk), torch.int32, q.device)
-    for s0, s1, scores in chunked_scores(q, k, w, mask, causal, chunk_rows, num_splits):
+    for s0, s1, scores in chunked_scores(q, k, w, mask, causal, chunk_rows, num_splits, key_range=key_range):
         if scores.shape[-1] == 0:  # no key visible to this chunk (causal with S > T)
             out[:, s0:s1] = -1
         else:
@@ -354,17 +382,19 @@ def indexer_topk_triton(
 def indexer_topk(
     q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, topk: int,
     mask: torch.Tensor | None = None, causal: bool = True, use_triton: bool | None = None,
-    sorted: bool = True,
+    sorted: bool = True, key_range: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Indexer top-k. q [B,S,H,D], k [B,T,D], w [B,S,H] -> int32 [B,S,topk] (-1 padded).
 
+    mask: bool broadcastable to [B,S,T]; key_range: int32 [B,S,3] (lo, hi, count), key t allowed
+    iff count > 0 and lo <= t <= hi (kernels/key_range.py); both optional, on top of `causal`.
     sorted=False: the caller does not need descending order (the reference still gives it).
     use_triton: None = Triton on CUDA, reference elsewhere; True = Triton (interpreter on CPU);
     False = reference. See _triton_utils for the IC_KERNELS_TRITON override.
     """
     if use_triton_for(q, use_triton):
-        return indexer_topk_triton(q, k, w, topk, mask, causal, sorted=sorted)
-    return indexer_topk_ref(q, k, w, topk, mask, causal)
+        return indexer_topk_triton(q, k, w, topk, mask, causal, sorted=sorted, key_range=key_range)
+    return indexer_topk_ref(q, k, w, topk, mask, causal, key_range=key_range)
 
 
 __all__ = ["indexer_topk", "indexer_topk_triton", "indexer_scores", "chunked_scores", "HAS_TRITON"]

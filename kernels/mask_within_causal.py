@@ -2,9 +2,10 @@
 
     within[...] = not any(mask[b, s, t] for t > (T - S) + s)     mask [B|1, S|1, T], True = allowed
 
-The queries are the last S of T positions (HF caches). ic::indexer_topk asks this once per F
-layer: when the model's mask is causal it runs the causal kernel (key tiles above the diagonal
-skipped, selection reads each row only up to its diagonal) with the same answer.
+The queries are the last S of T positions (HF caches). ic::indexer_topk asks this once per call
+when it is given a dense mask (indexer_mask="dense", or direct users; key ranges are checked in
+kernels/key_range.py instead): when the mask is causal it runs the causal kernel (key tiles above
+the diagonal skipped, selection reads each row only up to its diagonal) with the same answer.
 
 Design (Triton, `_mask_above_diagonal_kernel`): a program owns BLOCK_S rows of one batch and
 streams the columns from the BLOCK_T-aligned tile holding its first row's diagonal on, in

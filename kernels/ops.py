@@ -1,7 +1,7 @@
 """torch.library custom ops in namespace ``ic`` (importing this module registers them).
 
     ic::indexer_topk(Tensor q, Tensor k, Tensor w, SymInt topk, Tensor? mask=None, bool causal=True,
-                     bool sorted=True) -> Tensor
+                     bool sorted=True, Tensor? key_range=None) -> Tensor
     ic::sparse_attention(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, bool causal=True) -> Tensor
     ic::sparse_mla(Tensor q, Tensor kv, Tensor indices, float scale, int dv, bool causal=True) -> Tensor
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .indexer_topk import indexer_topk as _indexer_topk
+from .key_range import check_key_range
 from .mask_within_causal import mask_within_causal
 from .sparse_attention import sparse_attention as _sparse_attention
 from .sparse_attention import sparse_mla as _sparse_mla
@@ -34,22 +35,32 @@ NAMESPACE = "ic"
 # traced value (a guard in torch.compile, and in torch.export a runtime assert that ONNX drops: the
 # exported graph then padded short prompts' rows with -1 instead of selecting fewer keys).
 _INDEXER_TOPK_SCHEMA = ("(Tensor q, Tensor k, Tensor w, SymInt topk, Tensor? mask=None, bool causal=True, "
-                        "bool sorted=True) -> Tensor")
+                        "bool sorted=True, Tensor? key_range=None) -> Tensor")
 _SPARSE_ATTENTION_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, bool causal=True) -> Tensor"
 _SPARSE_MLA_SCHEMA = "(Tensor q, Tensor kv, Tensor indices, float scale, int dv, bool causal=True) -> Tensor"
 
 
 @torch.library.custom_op(f"{NAMESPACE}::indexer_topk", mutates_args=(), schema=_INDEXER_TOPK_SCHEMA)
-def indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True):
+def indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=None):
     """q [B,S,H,D], k [B,T,D], w [B,S,H] -> int32 [B,S,topk] (-1 padded). sorted=False: rows
-    may come in any order (the lowering asks for that when every consumer ignores order)."""
-    if not causal and mask is not None and mask_within_causal(mask, q.shape[1], k.shape[1]):
+    may come in any order (the lowering asks for that when every consumer ignores order).
+
+    Allowed keys: causal (t <= T - S + s), and either a bool `mask` [B|1,S|1,T] or `key_range`
+    int32 [B,S,3] = (lo, hi, count): t allowed iff lo <= t <= hi (count 0: none). A key_range
+    that is not one contiguous run per row (count != hi - lo + 1) raises NotAKeyRangeError.
+    When the mask / ranges allow exactly the causal rows, the causal path runs alone."""
+    S, T = q.shape[1], k.shape[1]
+    if mask is not None and key_range is not None:
+        raise ValueError("ic::indexer_topk: pass either mask or key_range, not both")
+    if key_range is not None and check_key_range(key_range, S, T, causal):
+        key_range, causal = None, True  # plain causal rows: no range read
+    if not causal and mask is not None and mask_within_causal(mask, S, T):
         causal = True  # same answer, and key blocks above the diagonal are skipped
-    return _indexer_topk(q, k, w, topk, mask, causal, sorted=sorted)
+    return _indexer_topk(q, k, w, topk, mask, causal, sorted=sorted, key_range=key_range)
 
 
 @indexer_topk.register_fake
-def _(q, k, w, topk, mask=None, causal=True, sorted=True):
+def _(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=None):
     B, S = q.shape[0], q.shape[1]
     return q.new_empty((B, S, topk), dtype=torch.int32)
 

@@ -6,11 +6,16 @@ implementation used on CPU / when Triton is unavailable.
 Conventions shared by all ops:
   * queries are the LAST S positions of the T keys: query s sits at position (T - S) + s,
     so with causal=True key t is allowed for query s iff t <= (T - S) + s;
-  * index -1 means "no key" (padding of a top-k row).
+  * index -1 means "no key" (padding of a top-k row);
+  * the indexer's allowed keys: the causal rule (causal=True), a bool mask broadcastable to
+    [B,S,T], and/or per-query key ranges key_range int32 [B,S,3] = (lo, hi, count): key t is
+    allowed iff count > 0 and lo <= t <= hi (kernels/key_range.py).
 """
 from __future__ import annotations
 
 import torch
+
+from .key_range import range_allowed
 
 # Largest fp32 intermediate (bytes) a reference materialises per query chunk.
 _CHUNK_BYTES = 256 * 2**20
@@ -57,17 +62,20 @@ def indexer_topk_ref(
     topk: int,
     mask: torch.Tensor | None = None,
     causal: bool = True,
+    key_range: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Lightning-indexer top-k. q [B,S,H,D], k [B,T,D], w [B,S,H] -> int32 [B,S,topk].
 
-    mask: optional bool broadcastable to [B,S,T], True = allowed. Slots beyond the number
-    of allowed keys hold -1. Rows are in descending score order.
+    mask: optional bool broadcastable to [B,S,T], True = allowed; key_range: optional int32
+    [B,S,3] (lo, hi, count), see the module docstring. Slots beyond the number of allowed keys
+    hold -1. Rows are in descending score order.
     """
     B, S, H, D = q.shape
     T = k.shape[1]
     out = torch.empty(B, S, topk, dtype=torch.int32, device=q.device)
     chunk = _query_chunk(B * H * T * 4, S)
     mask_full = None if mask is None else mask.expand(B, S, T)
+    ranges = None if key_range is None else key_range.expand(B, S, 3)
     for s0 in range(0, S, chunk):
         s1 = min(S, s0 + chunk)
         scores = indexer_scores_ref(q[:, s0:s1], k, w[:, s0:s1])  # [B,c,T]
@@ -75,6 +83,8 @@ def indexer_topk_ref(
             scores.masked_fill_(~causal_allowed(S, T, q.device, s0, s1), float("-inf"))
         if mask_full is not None:
             scores.masked_fill_(~mask_full[:, s0:s1], float("-inf"))
+        if ranges is not None:
+            scores.masked_fill_(~range_allowed(ranges[:, s0:s1], T), float("-inf"))
         out[:, s0:s1] = topk_indices_from_scores(scores, topk)
     return out
 

@@ -40,8 +40,9 @@ def random_indices(B, S, T, K, p_none=0.15, dtype=torch.int32, device="cpu"):
     return idx.to(dtype)
 
 
-def masked_scores(q, k, w, mask=None, causal=True) -> torch.Tensor:
-    """Reference fp32 scores [B,S,T] with -inf where a key is not allowed."""
+def masked_scores(q, k, w, mask=None, causal=True, key_range=None) -> torch.Tensor:
+    """Reference fp32 scores [B,S,T] with -inf where a key is not allowed (key_range: int32 [B,S,3])."""
+    from .key_range import range_allowed
     from .reference import causal_allowed, indexer_scores_ref
 
     B, S, T = q.shape[0], q.shape[1], k.shape[1]
@@ -50,6 +51,8 @@ def masked_scores(q, k, w, mask=None, causal=True) -> torch.Tensor:
         scores.masked_fill_(~causal_allowed(S, T, q.device), float("-inf"))
     if mask is not None:
         scores.masked_fill_(~mask.expand(B, S, T), float("-inf"))
+    if key_range is not None:
+        scores.masked_fill_(~range_allowed(key_range.expand(B, S, 3), T), float("-inf"))
     return scores
 
 

@@ -4,8 +4,12 @@ Recognised layouts (others are left as they are, with the reason in `LoweringRep
   matmul form (HF):  relu(matmul(q[B,S,H,D], kT[B,1,D,T]) * c) -> matmul(w[B,S,1,H], .) -> squeeze
   einsum form (ours): einsum("bshd,btd->bsht", q, k).clamp_min(0) * c -> (. * w[B,S,H,1]).sum(2)
 then scalar scales, a mask (masked_fill / additive / where) and topk(k, dim=-1) whose values are unused.
-Positive scalar scales are folded into w (ReLU(c·x) = c·ReLU(x) for c > 0). The model's own mask is
-passed through (causal=False), so static caches and padding keep their exact meaning.
+Positive scalar scales are folded into w (ReLU(c·x) = c·ReLU(x) for c > 0). The model's own mask
+keeps its exact meaning (causal=False; static caches, padding): by default (`indexer_mask="ranges"`)
+it reaches the op as per-query key ranges, int32 [B,S,3] = (first, last, number of) allowed keys,
+three reductions traced into the graph that Inductor fuses with the mask's producers, so the [S,T]
+mask need not be materialised for the indexer (kernels/key_range.py); the op raises if a row is not
+one contiguous range. `indexer_mask="dense"` hands the op the [B,S,T] bool mask itself (any mask).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx
+
+from ic_compile.kernels.key_range import key_range_of
 
 from .detect_indexers import IndexerMatch
 from .graph_ops import LAYOUT_OPS, is_last_dim, op_name, shape_of
@@ -40,28 +46,37 @@ class _Plan:
     ordered: bool  # some consumer may depend on the descending order of the indices
 
 
-def lower_indexer(gm: fx.GraphModule, matches: list[IndexerMatch], report: LoweringReport) -> fx.GraphModule:
+INDEXER_MASKS = ("ranges", "dense")  # how the model's mask reaches the op (backend option indexer_mask)
+
+
+def lower_indexer(gm: fx.GraphModule, matches: list[IndexerMatch], report: LoweringReport,
+                  indexer_mask: str = "ranges") -> fx.GraphModule:
     import ic_compile.kernels.ops  # noqa: F401  registers torch.ops.ic.*
+    if indexer_mask not in INDEXER_MASKS:
+        raise ValueError(f"indexer_mask={indexer_mask!r} is not one of {INDEXER_MASKS}")
     for match in matches:
         plan = _analyse(match)
         if isinstance(plan, str):
             report.skipped[match.layer] = plan
             continue
-        _replace(gm, match, plan)
+        _replace(gm, match, plan, indexer_mask)
         report.lowered.append(match.layer)
     return gm
 
 
-def lowered_indexer(q, k, w, scale, mask, topk, w_layout, mask_kind, ordered=True):
+def lowered_indexer(q, k, w, scale, mask, topk, w_layout, mask_kind, ordered=True, indexer_mask="ranges"):
     """Canonical layouts, then the fused op -> int32 [B,S,topk], -1 where fewer keys are allowed;
-    rows descending by score when `ordered` (else any order, which lets CUDA use topk_select)."""
+    rows descending by score when `ordered` (else any order, which lets CUDA use topk_select).
+    indexer_mask "ranges": the mask reaches the op as key ranges [B,S,3]; "dense": as itself."""
     # q [B,S,H,D], k [B,T,D] in the model's dtype: bf16 products are exact in the fp32 accumulator,
     # so skipping the model's .float() upcast changes only the summation order (and uses tensor cores)
     if q.dtype != k.dtype:
         q, k = q.float(), k.float()
     w = (w.squeeze(-2) if w_layout == "bs1h" else w.squeeze(-1)).float() * scale  # [B,S,H]
-    allowed = _allowed(mask, mask_kind, q.shape[0], q.shape[1], k.shape[1])
-    return torch.ops.ic.indexer_topk(q, k, w, topk, allowed, False, ordered)  # [B,S,topk] int32
+    allowed = _allowed(mask, mask_kind, q.shape[0], q.shape[1], k.shape[1])  # bool [B,S,T] | None
+    if allowed is None or indexer_mask == "dense":
+        return torch.ops.ic.indexer_topk(q, k, w, topk, allowed, False, ordered)  # [B,S,topk] int32
+    return torch.ops.ic.indexer_topk(q, k, w, topk, None, False, ordered, key_range=key_range_of(allowed))
 
 
 def scatter_safe_indices(ids, keys):
@@ -299,11 +314,11 @@ def _head_weights(node: fx.Node, via: fx.Node):
     return None
 
 
-def _replace(gm: fx.GraphModule, match: IndexerMatch, plan: _Plan) -> None:
+def _replace(gm: fx.GraphModule, match: IndexerMatch, plan: _Plan, indexer_mask: str) -> None:
     with gm.graph.inserting_before(match.topk):
         node = gm.graph.call_function(
             lowered_indexer, (plan.q, plan.k, plan.w, plan.scale, plan.mask, plan.topk, plan.w_layout,
-                              plan.mask_kind, plan.ordered))
+                              plan.mask_kind, plan.ordered, indexer_mask))
         safe = gm.graph.call_function(scatter_safe_indices, (node, plan.k))
     for new in (node, safe):
         new.meta.update({k: v for k, v in match.topk.meta.items() if k in ("nn_module_stack", "stack_trace")})

@@ -131,7 +131,8 @@ def test_bad_options_and_plans_are_clear_errors():
              ({"plan": "SFFF"}, "first indexer layer must be 'F'"),
              ({"plan": "FXSF"}, r"unknown characters \['X'\]"),
              ({"plan": "FSSF", "lowring": "eager"}, r"unknown indexcache option\(s\) \['lowring'\]"),
-             ({"plan": "FSSF", "lowering": "tvm"}, "lowering='tvm' is not one of")]
+             ({"plan": "FSSF", "lowering": "tvm"}, "lowering='tvm' is not one of"),
+             ({"plan": "FSSF", "indexer_mask": "tree"}, r"indexer_mask='tree' is not one of \('auto', 'ranges', 'dense'\)")]
     for options, message in cases:
         torch._dynamo.reset()
         with pytest.raises(Exception, match=message):

@@ -119,12 +119,17 @@ def test_hf_glm_moe_dsa_with_kernels_onnx_matches_native_plan(hf_capture, tmp_pa
 
 def test_decompositions_match_kernel_references():
     from ic_compile.kernels import reference as ref
+    from ic_compile.kernels.key_range import key_range_of
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 12, 4, 8, generator=g), torch.randn(2, 12, 8, generator=g)
     w = torch.randn(2, 12, 4, generator=g)
     for topk in (5, 16):  # 16 > T: -1 padding
         want, got = ref.indexer_topk_ref(q, k, w, topk), _indexer_topk(q, k, w, topk)
         assert torch.equal(want.sort(-1).values, got.sort(-1).values)
+    window = torch.arange(12)[None, :] > torch.arange(12)[:, None] - 4  # [S,T] with the causal rule: 4 keys
+    key_range = key_range_of((window & (torch.arange(12)[None, :] <= torch.arange(12)[:, None])).expand(2, 12, 12))
+    want, got = ref.indexer_topk_ref(q, k, w, 5, window, True), _indexer_topk(q, k, w, 5, key_range=key_range)
+    assert torch.equal(want.sort(-1).values, got.sort(-1).values)
     idx = ref.indexer_topk_ref(q, k, w, 5)
     kk, v = torch.randn(2, 12, 2, 8, generator=g), torch.randn(2, 12, 2, 6, generator=g)
     torch.testing.assert_close(_sparse_attention(q, kk, v, idx, 0.3), ref.sparse_attention_ref(q, kk, v, idx, 0.3))

@@ -15,7 +15,7 @@ from marks import needs_cuda, needs_triton
 
 SCHEMAS = {
     "indexer_topk": "ic::indexer_topk(Tensor q, Tensor k, Tensor w, SymInt topk, Tensor? mask=None, "
-                    "bool causal=True, bool sorted=True) -> Tensor",
+                    "bool causal=True, bool sorted=True, Tensor? key_range=None) -> Tensor",
     "sparse_attention": "ic::sparse_attention(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, "
                         "bool causal=True) -> Tensor",
     "sparse_mla": "ic::sparse_mla(Tensor q, Tensor kv, Tensor indices, float scale, int dv, "
@@ -44,11 +44,21 @@ def _mla_args(B=2, S=5, T=24, H=4, D=24, K=10, device="cpu"):
     return q, kv, random_indices(B, S, T, K, device=device)
 
 
-@pytest.mark.parametrize("variant", ["plain", "mask_noncausal"])
+def _window_key_range(B=2, S=6, T=20, window=5):
+    """int32 [B,S,3] (lo, hi, count) of a sliding causal window, the second sequence left-padded by 3."""
+    last = torch.arange(S) + (T - S)  # [S]
+    lo = torch.maximum(last - window + 1, torch.tensor([[0], [3]]))  # [B,S]
+    hi = last.expand(B, S)
+    return torch.stack((lo, hi, hi - lo + 1), -1).int()
+
+
+@pytest.mark.parametrize("variant", ["plain", "mask_noncausal", "key_range", "key_range_causal"])
 def test_opcheck_indexer_topk(variant, request):
     seed_everything(request.node.name)
     q, k, w = _indexer_args()
-    kwargs = {} if variant == "plain" else {"mask": torch.rand(2, 1, 20) > 0.3, "causal": False}
+    kwargs = {"plain": {}, "mask_noncausal": {"mask": torch.rand(2, 1, 20) > 0.3, "causal": False},
+              "key_range": {"key_range": _window_key_range(), "causal": False},
+              "key_range_causal": {"key_range": _window_key_range()}}[variant]
     torch.library.opcheck(torch.ops.ic.indexer_topk.default, (q, k, w, 7), kwargs)
 
 

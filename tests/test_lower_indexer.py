@@ -1,5 +1,8 @@
 """F indexers lowered to ic::indexer_topk (CPU reference here) still equal the model's own plan."""
 
+import math
+import re
+
 import pytest
 import torch
 
@@ -20,9 +23,9 @@ def eight_heads(monkeypatch):
     monkeypatch.setitem(tiny_models.HF_TINY, "index_n_heads", 8)
 
 
-def compiled(model, plan, lowering="eager"):
+def compiled(model, plan, lowering="eager", indexer_mask="auto"):
     return torch.compile(model, backend="indexcache",
-                         options={"plan": plan, "lowering": lowering, "kernels": True})
+                         options={"plan": plan, "lowering": lowering, "kernels": True, "indexer_mask": indexer_mask})
 
 
 @pytest.mark.parametrize("plan,lowering", [("FSFS", "eager"), ("FFSF", "inductor")])
@@ -34,6 +37,79 @@ def test_hf_prefill_and_decode_with_fused_indexer(eight_heads, plan, lowering):
     got, _ = tiny_models.prefill_and_decode(compiled(model, plan, lowering), ids, steps)
     for w, g in zip(want, got):
         assert (w - g).abs().max().item() < 1e-4
+
+
+def _left_padded(ids, pad=5):
+    """attention_mask [B,T] with the second sequence left-padded by `pad` tokens."""
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :pad] = 0
+    return attention_mask
+
+
+@pytest.mark.parametrize("plan", ["FSFS", "FFSF"])
+def test_hf_left_padded_prefill_with_fused_indexer(eight_heads, plan):
+    """A padded batch: the indexer gets key ranges that start at the padding (and none for the
+    queries inside it); logits equal HF's own IndexCache model at every position."""
+    model, ids = tiny_models.glm(), tiny_models.random_ids(seq=20)
+    attention_mask = _left_padded(ids)
+    with torch.no_grad():
+        want = tiny_models.glm_with_plan(model, plan)(ids, attention_mask=attention_mask, use_cache=False).logits
+        got = compiled(model, plan, indexer_mask="ranges")(ids, attention_mask=attention_mask, use_cache=False).logits
+    assert (got - want).abs().max().item() < 1e-4
+
+
+def _tree_mask(batch, seq):
+    """bool [B,1,S,S] custom 4D mask, causal except that queries from 10 on skip key 7 (two key runs)."""
+    mask = torch.tril(torch.ones(seq, seq, dtype=torch.bool))
+    mask[10:, 7] = False
+    return mask.expand(batch, 1, seq, seq).clone()
+
+
+def test_non_range_mask_needs_the_dense_option(eight_heads):
+    """A mask that is not one key range per query (tree attention) is an error naming the option;
+    with indexer_mask="dense" the op gets the mask itself and the logits equal HF's own plan."""
+    model, ids = tiny_models.glm(), tiny_models.random_ids(seq=20)
+    mask = _tree_mask(2, 20)
+    with torch.no_grad():
+        with pytest.raises(ic_compile.NotAKeyRangeError, match="not one contiguous key range.*'indexer_mask': 'dense'"):
+            compiled(model, "FSFS", indexer_mask="ranges")(ids, attention_mask=mask, use_cache=False)
+        torch._dynamo.reset()
+        want = tiny_models.glm_with_plan(model, "FSFS")(ids, attention_mask=mask, use_cache=False).logits
+        dense = torch.compile(model, backend="indexcache", options={"plan": "FSFS", "lowering": "eager",
+                                                                    "kernels": True, "indexer_mask": "dense"})
+        got = dense(ids, attention_mask=mask, use_cache=False).logits
+    assert (got - want).abs().max().item() < 1e-4
+
+
+MASK_SEQ = 37  # prime, and no dim of the tiny model: a buffer of a multiple of 37*37 elements holds [S,T]
+
+
+def _mask_sized_buffers(code: str) -> list[list[int]]:
+    """Shapes of the buffers Inductor's output code allocates whose size is a multiple of S*T."""
+    shapes = [[int(d) for d in dims.split(",") if d.strip()]
+              for dims in re.findall(r"empty_strided_\w+\(\(([^)]*)\)", code)]
+    return [shape for shape in shapes if math.prod(shape) % MASK_SEQ**2 == 0]
+
+
+@pytest.mark.parametrize("indexer_mask", ["ranges", "dense"])
+def test_inductor_never_materialises_the_mask(eight_heads, monkeypatch, indexer_mask):
+    """Left-padded HF prefill under Inductor (fused indexer + sparse attention): the key ranges
+    are reduced inside kernels that compute HF's mask on the fly, so no buffer has S*T elements;
+    with indexer_mask="dense" the op reads the mask, so Inductor writes it (what this test catches)."""
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setitem(tiny_models.HF_TINY, "num_hidden_layers", 2)  # one dense-MLP, one MoE layer
+    model, ids = tiny_models.glm(), tiny_models.random_ids(seq=MASK_SEQ)
+    attention_mask = _left_padded(ids)
+    fn = torch.compile(model, backend="indexcache", options={"plan": "FS", "kernels": True,
+                                                             "indexer_mask": indexer_mask})
+    with torch.no_grad():
+        want = tiny_models.glm_with_plan(model, "FS")(ids, attention_mask=attention_mask, use_cache=False).logits
+        got, codes = run_and_get_code(fn, ids, attention_mask=attention_mask, use_cache=False)
+    code = "\n".join(codes)
+    assert "ic.indexer_topk" in code and ic_compile.backend.last_results[-1].kernels.lowered == [0]
+    assert (_mask_sized_buffers(code) == []) == (indexer_mask == "ranges"), _mask_sized_buffers(code)
+    assert (got.logits - want).abs().max().item() < 1e-4
 
 
 def test_deepseek_v32_prompt_as_long_as_the_indexer_head_dim(eight_heads):
@@ -138,7 +214,7 @@ def test_order_sensitive_consumer_keeps_descending_indices():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_hf_oracle_on_gpu_with_triton_kernels(monkeypatch):
     """CUDA: the lowered graph runs the Triton indexer (unordered selection through topk_select:
-    300 query rows >= MIN_SELECT_ROWS) and sparse MLA; logits match HF's own IndexCache model."""
+    prefill and decode) and sparse MLA; logits match HF's own IndexCache model."""
     from ic_compile.kernels import indexer_topk as indexer_mod
 
     monkeypatch.setitem(tiny_models.HF_TINY, "index_n_heads", 8)
@@ -155,3 +231,40 @@ def test_hf_oracle_on_gpu_with_triton_kernels(monkeypatch):
     assert selects, "the Triton selection did not run"
     for w, g in zip(want, got):
         assert (w - g).abs().max().item() < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_hf_left_padded_prefill_on_gpu_reads_key_ranges(monkeypatch):
+    """CUDA: a left-padded batch is not plain causal, so the Triton kernel's range path runs
+    (HAS_RANGE); logits match HF's own IndexCache model."""
+    from ic_compile.kernels import ops
+
+    monkeypatch.setitem(tiny_models.HF_TINY, "index_n_heads", 8)
+    monkeypatch.setitem(tiny_models.HF_TINY, "index_topk", 64)
+    monkeypatch.setitem(tiny_models.HF_TINY, "max_position_embeddings", 1024)
+    ranges = []
+    original = ops._indexer_topk
+    monkeypatch.setattr(ops, "_indexer_topk",
+                        lambda *a, **kw: ranges.append(kw.get("key_range") is not None) or original(*a, **kw))
+    model = tiny_models.glm().cuda()
+    ids = tiny_models.random_ids(batch=2, seq=300).cuda()
+    attention_mask = _left_padded(ids, pad=37)
+    with torch.no_grad():
+        want = tiny_models.glm_with_plan(model, "FSFS").cuda()(ids, attention_mask=attention_mask,
+                                                               use_cache=False).logits
+        got = compiled(model, "FSFS", "inductor")(ids, attention_mask=attention_mask, use_cache=False).logits
+    assert ranges and all(ranges), "the op did not get key ranges"
+    # positions after the padding (SDPA backends differ on the padded queries' fully masked rows)
+    assert (got[:, 37:] - want[:, 37:]).abs().max().item() < 1e-3
+
+
+def test_indexer_mask_auto_picks_ranges_under_inductor_only():
+    """"auto" (the default): key ranges where Inductor fuses their reductions, the dense mask when
+    the graph runs eagerly (unfused, the reductions would write int64 [B,S,T] temporaries)."""
+    from ic_compile.backend import BackendOptions, _indexer_mask
+
+    assert _indexer_mask(BackendOptions.parse({})) == "ranges"  # lowering defaults to inductor
+    assert _indexer_mask(BackendOptions.parse({"lowering": "eager"})) == "dense"
+    assert _indexer_mask(BackendOptions.parse({"lowering": "eager", "indexer_mask": "ranges"})) == "ranges"
+    assert _indexer_mask(BackendOptions.parse({"indexer_mask": "dense"})) == "dense"
