@@ -53,11 +53,12 @@ from .topk_select import topk_select
 SCORE_BUFFER_BYTES = 1 << 30  # fp32 [B, chunk, width] score buffer budget per query chunk
 CAUSAL_CHUNK_ROWS = 4096  # causal query chunks at most this tall (see _chunk_rows; bench/sweep_topk.py)
 MAX_TILE_ROWS = 256  # max BLOCK_S * H_PAD (rows of the tensor-core dot)
-# Unordered selection (sorted=False) uses kernels/topk_select.py for chunks of at least
-# MIN_SELECT_ROWS rows (one program per row: fewer leave the GPU idle -- decode B=16 measured
-# 0.21 ms vs torch.topk's 0.13); sorted selection and small chunks use torch.topk (the bitonic
-# sort made topk_select 2x slower than torch.topk at 16K). Launch configs: bench/sweep_select.py.
-MIN_SELECT_ROWS = 256
+# Unordered selection (sorted=False) uses kernels/topk_select.py (few wide rows, as in decode,
+# through its segmented filter: T = 128K under CUDA graphs 0.023 ms at B = 1 and 0.037 at B = 16
+# vs torch.topk's 0.075 / 0.098, seventh run set; without graphs decode is host-bound and
+# topk_select's four launches cost more host time than torch.topk's); sorted selection uses
+# torch.topk (the bitonic sort made topk_select 2x slower than torch.topk at 16K). Launch
+# configs: bench/sweep_select.py.
 MAX_SELECT_TOPK = 2048  # candidate block 2 * topk lives in registers: measured only up to here
 # topk_select launch: the filter kernel with 4 warps held to 72 registers (7 programs per SM;
 # 64 spills inside the streaming loop under triton 3.9), fastest at 16K and 128K
@@ -343,12 +344,13 @@ def select_topk(scores: torch.Tensor, topk: int, diag_base: int | None, sorted: 
     `sorted`, else in no particular order).
 
     selection: "triton" (kernels/topk_select.py; causal rows are read only up to their diagonal
-    diag_base + row), "torch" (torch.topk over the whole buffer), or "auto" (see MIN_SELECT_ROWS)."""
+    diag_base + row), "torch" (torch.topk over the whole buffer), or "auto" (triton when unordered
+    and topk <= MAX_SELECT_TOPK)."""
     B, rows, width = scores.shape
     if selection not in ("auto", "triton", "torch"):
         raise ValueError(f"selection must be 'auto', 'triton' or 'torch', got {selection!r}")
     if selection == "auto":
-        wanted = not sorted and B * rows >= MIN_SELECT_ROWS and topk <= MAX_SELECT_TOPK
+        wanted = not sorted and topk <= MAX_SELECT_TOPK
         selection = "triton" if wanted else "torch"
     if selection == "torch":
         return topk_indices_from_scores(scores, topk)

@@ -20,6 +20,11 @@ streaming pass -- ncu: 12.5 % occupancy, one instruction every 2.5 cycles per sc
       than topk allowed, e.g. a short sequence in a padded batch); otherwise retries (TRIES
       passes in all) with the sample rank scaled by target / kept;
     - otherwise (e.g. heavy ties) the row is marked PATH_EXACT.
+    Few wide rows (fewer rows than SMs: decode) run this step as `segments` programs per row
+    instead (`_topk_segment_count_kernel`, `_topk_segment_compact_kernel`): one threshold per
+    row from a 4x larger sample, each segment's count, then each segment writes its candidates
+    at its predecessors' total -- the same index-ordered block; one pass, a miss goes exact.
+    H200, T = 128K, CUDA graphs: 0.023 ms at B = 1, 0.037 at B = 16 (torch.topk 0.075 / 0.098).
   * `_topk_exact_kernel`, for PATH_EXACT rows: the topk-th score by a 16-step radix-4 search
     of full-row counting passes, then the keys above it plus the first ties go to the scratch.
   * `_topk_resolve_kernel` loads the candidate block into registers and resolves it exactly:
@@ -34,8 +39,8 @@ Scores are compared as order-preserving uint32 keys ("ukeys": fp32 bits, sign-fl
 No histogram: Triton lowers tl.histogram to ballots + shared-memory atomics, which made a
 radix select slower than torch.topk (docs/benchmarks.md, third run set). H200 (seventh run set,
 bench/sweep_select.py): unordered 3.4x faster than torch.topk on a 16K chunk (0.36 ms), 5.8x on
-a 128K chunk (0.57 ms); the bitonic sort (sorted=True) costs more than torch.topk, and so does one program per
-row when there are few rows (decode) -- callers use torch.topk there (indexer_topk.select_topk).
+a 128K chunk (0.57 ms); the bitonic sort (sorted=True) costs more than torch.topk -- callers use
+torch.topk for descending rows (indexer_topk.select_topk).
 """
 from __future__ import annotations
 
@@ -555,10 +560,13 @@ def segment_meta(topk: int, W: int, segments: int, block: int, stages: int) -> d
 
 def default_segments(R: int, W: int, topk: int, device) -> int:
     """Segments per row for the segmented filter: 1 (one program per row) unless there are
-    fewer rows than SMs and they are wide; then enough for ~4 programs per SM."""
+    fewer rows than SMs and they are wide; then the power of two that makes about one program
+    per SM (H200, CUDA graphs, T = 128K: B = 1 fastest at 64-128 segments, B = 16 at 8; 4x as
+    many programs were 2-3x slower at B = 16 -- bench/sweep_select.py, seventh run set)."""
     if R >= num_sms(device) or W < 4 * candidate_capacity(topk):
         return 1
-    return next_pow2(-(-4 * num_sms(device) // R))
+    per_row = -(-num_sms(device) // R)
+    return 1 << (per_row.bit_length() - 1)  # largest power of two <= per_row
 
 
 def topk_select(

@@ -228,14 +228,13 @@ def test_filter_threshold_sign_and_magnitude(shift, request):
 
 
 @pytest.mark.parametrize("case", ["chunked_batches", "queries_after_keys", "padding_mask"])
-def test_unordered_indexer_uses_topk_select(case, request, monkeypatch, select_calls):
-    """indexer_topk_triton(sorted=False) through topk_select (MIN_SELECT_ROWS lowered so small
-    chunks take it): causal diagonals per chunk, B > 1 rows (row_period), masks."""
+def test_unordered_indexer_uses_topk_select(case, request, select_calls):
+    """indexer_topk_triton(sorted=False) through topk_select: causal diagonals per chunk, B > 1
+    rows (row_period), masks."""
     from ic_compile.kernels import indexer_topk as mod
     from ic_compile.kernels.testing import indexer_inputs, masked_scores
 
     seed = seed_everything(request.node.name)
-    monkeypatch.setattr(mod, "MIN_SELECT_ROWS", 1)
     B, S, T, kw, mask = {"chunked_batches": (2, 24, 150, {"chunk_rows": 8}, None),
                          "queries_after_keys": (1, 30, 20, {"chunk_rows": 8}, None),
                          "padding_mask": (2, 16, 120, {}, "pad")}[case]
@@ -253,7 +252,7 @@ def test_unordered_indexer_uses_topk_select(case, request, monkeypatch, select_c
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("sorted_out", [True, False], ids=["sorted", "unsorted"])
-@pytest.mark.parametrize("R,W,diag", [(256, 16384, 12288), (16, 131072, None), (2, 131072, None), (64, 3000, None)])
+@pytest.mark.parametrize("R,W,diag", [(256, 16384, 12288), (16, 131072, None), (3, 131072, None), (64, 3000, None)])
 def test_topk_select_gpu(R, W, diag, sorted_out, request):
     seed = seed_everything(request.node.name)
     scores = _rows(R, W, "cuda")
@@ -280,17 +279,14 @@ def test_unordered_indexer_gpu(request):
 
 
 def test_auto_selection_rule(monkeypatch, select_calls):
-    """select_topk(selection="auto"): topk_select only for unordered rows, >= MIN_SELECT_ROWS of
-    them and topk <= MAX_SELECT_TOPK; torch.topk (descending) otherwise. Same sets either way."""
+    """select_topk(selection="auto"): topk_select only for unordered rows and topk <=
+    MAX_SELECT_TOPK; torch.topk (descending) otherwise. Same sets either way."""
     from ic_compile.kernels import indexer_topk as mod
 
     calls = select_calls
-    monkeypatch.setattr(mod, "MIN_SELECT_ROWS", 64)
     scores = _rows(64, 40).view(2, 32, 40)  # B * rows = 64
     want = mod.select_topk(scores, 8, None, sorted=True)
     assert not calls, "descending rows must use torch.topk"
-    mod.select_topk(scores[:1], 8, None, sorted=False)  # 32 rows < MIN_SELECT_ROWS
-    assert not calls, "few rows must use torch.topk"
     got = mod.select_topk(scores, 8, None, sorted=False)
     assert calls
     assert torch.equal(got.sort(-1).values, want.sort(-1).values)
