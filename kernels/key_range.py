@@ -42,19 +42,22 @@ def range_allowed(key_range: torch.Tensor, T: int) -> torch.Tensor:
     return (t >= lo[..., None]) & (t <= hi[..., None]) & (count[..., None] > 0)
 
 
-def check_key_range(key_range: torch.Tensor, S: int, T: int, causal: bool) -> bool:
-    """Raise NotAKeyRangeError unless each row of key_range [B|1, S|1, 3] is one contiguous run;
-    return True when the ranges allow exactly the causal rows (t <= T - S + s; intersected with
-    them when `causal`), so the op may run its plain causal path. One device sync."""
+def check_key_range(key_range: torch.Tensor, S: int, T: int, causal: bool) -> tuple[bool, bool]:
+    """Raise NotAKeyRangeError unless each row of key_range [B|1, S|1, 3] is one contiguous run.
+    Returns (plain_causal, within_causal): the ranges allow exactly the causal rows (t <= T - S + s;
+    intersected with them when `causal`), so the op may run its plain causal path; no range
+    reaches past its query's diagonal, so the op may add the causal rule (its chunks and rows then
+    stop at the diagonal) without changing the answer. One device sync."""
     lo, hi, count = key_range.expand(key_range.shape[0], S, 3).unbind(-1)  # [B, S]
     diag = torch.arange(S, device=key_range.device) + (T - S)  # [S] last causal key per query
     last = torch.minimum(hi, diag) if causal else hi
     not_range = ((count != 0) & (count != hi - lo + 1)).any()
     plain_causal = ((count > 0) & (lo == 0) & (last == diag)).all()
-    not_range, plain_causal = torch.stack((not_range, plain_causal)).tolist()
+    within_causal = ((count == 0) | (last <= diag)).all()
+    not_range, plain_causal, within_causal = torch.stack((not_range, plain_causal, within_causal)).tolist()
     if not_range:
         raise NotAKeyRangeError(_not_a_range_message(lo, hi, count))
-    return bool(plain_causal)
+    return bool(plain_causal), bool(within_causal)
 
 
 def _not_a_range_message(lo, hi, count) -> str:

@@ -48,12 +48,16 @@ def indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=N
     Allowed keys: causal (t <= T - S + s), and either a bool `mask` [B|1,S|1,T] or `key_range`
     int32 [B,S,3] = (lo, hi, count): t allowed iff lo <= t <= hi (count 0: none). A key_range
     that is not one contiguous run per row (count != hi - lo + 1) raises NotAKeyRangeError.
-    When the mask / ranges allow exactly the causal rows, the causal path runs alone."""
+    When the mask / ranges allow exactly the causal rows, the causal path runs alone; ranges that
+    stay within them (e.g. a left-padded batch) run with the causal rule added (same answer)."""
     S, T = q.shape[1], k.shape[1]
     if mask is not None and key_range is not None:
         raise ValueError("ic::indexer_topk: pass either mask or key_range, not both")
-    if key_range is not None and check_key_range(key_range, S, T, causal):
-        key_range, causal = None, True  # plain causal rows: no range read
+    if key_range is not None:
+        plain_causal, within_causal = check_key_range(key_range, S, T, causal)
+        if plain_causal:
+            key_range = None  # plain causal rows: no range read
+        causal = causal or within_causal  # same keys; causal chunks and rows stop at the diagonal
     if not causal and mask is not None and mask_within_causal(mask, S, T):
         causal = True  # same answer, and key blocks above the diagonal are skipped
     return _indexer_topk(q, k, w, topk, mask, causal, sorted=sorted, key_range=key_range)

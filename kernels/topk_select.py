@@ -102,18 +102,6 @@ def _count_ge3(ukeys, t1, t2, t3, ONE_REDUCE: tl.constexpr):
 
 
 @_jit
-def _kth_ukey(ukeys, k, BITS: tl.constexpr, ONE_REDUCE: tl.constexpr):
-    """Largest v with #(ukeys >= v) >= k -- the k-th largest ukey, in its top BITS (even) bits
-    (the rest 0); 0 when fewer than k keys are allowed. Radix 4: BITS / 2 steps of three counts."""
-    prefix = tl.zeros((), tl.uint32)
-    for step in range(BITS // 2):
-        t1, t2, t3 = _digit_trials(prefix, step)
-        n1, n2, n3 = _count_ge3(ukeys, t1, t2, t3, ONE_REDUCE)
-        prefix = _pick_digit(prefix, t1, t2, t3, n1, n2, n3, k)
-    return prefix
-
-
-@_jit
 def _min_max_count(ukeys, ONE_REDUCE: tl.constexpr):
     """(smallest allowed ukey, largest ukey, #allowed) of ukeys [N] (allowed = ukey >= 1)."""
     allowed = ukeys > 0
@@ -220,7 +208,8 @@ def _row_count_ge3(row_ptr, n, t1, t2, t3, BLOCK: tl.constexpr, STAGES: tl.const
 
 @_jit
 def _row_kth_ukey(row_ptr, n, k, BLOCK: tl.constexpr, STAGES: tl.constexpr, ONE_REDUCE: tl.constexpr):
-    """_kth_ukey over a whole row: 16 counting passes (the exact fallback)."""
+    """The k-th largest ukey of a whole row by the radix-4 search: 16 counting passes (the exact
+    fallback)."""
     prefix = tl.zeros((), tl.uint32)
     for step in range(16):
         t1, t2, t3 = _digit_trials(prefix, step)
@@ -546,10 +535,10 @@ def launch_meta(topk: int, block: int | None = None, stages: int = 1) -> dict:
                 TRIES=3)
 
 
-def segment_meta(topk: int, W: int, segments: int, block: int, stages: int) -> dict:
-    """The segmented filter's compile-time parameters: SEGMENT scores per program (a power of
+def segment_meta(topk: int, W: int, segments: int, block: int, stages: int) -> tuple[dict, int]:
+    """The segmented filter's compile-time parameters -- SEGMENT scores per program (a power of
     two, whole BLOCKs), a 4x larger SAMPLE than the one-program filter's (one pass, no retries:
-    a miss costs the exact path), SEG_PAD >= the segments per row (host: `n_segs`)."""
+    a miss costs the exact path), SEG_PAD >= the segments per row -- and n_segs, that count."""
     cand = candidate_capacity(topk)
     sample = min(8192, 4 * cand)
     segment = max(block, next_pow2(-(-W // segments)))

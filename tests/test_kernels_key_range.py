@@ -119,10 +119,14 @@ def _calls_of_kernel(monkeypatch) -> list[dict]:
     return calls
 
 
-@pytest.mark.parametrize("kind,causal_flag,plain", [("causal", False, True), ("left_padded", False, False),
-                                                    ("sliding_window", True, False), ("full", True, True)])
-def test_plain_causal_ranges_run_the_causal_path(kind, causal_flag, plain, monkeypatch, request):
-    """Ranges that allow exactly the causal rows run the causal kernel with no range read."""
+@pytest.mark.parametrize("kind,causal_flag,expected", [
+    ("causal", False, (True, True)), ("full", True, (True, True)),  # plain causal: no range read
+    ("left_padded", False, (False, True)), ("sliding_window", False, (False, True)),  # within: causal added
+    ("sliding_window", True, (False, True)), ("full", False, (False, False))])  # past the diagonal: as given
+def test_plain_causal_ranges_run_the_causal_path(kind, causal_flag, expected, monkeypatch, request):
+    """Ranges that allow exactly the causal rows run the causal kernel with no range read; ranges
+    within them run with the causal rule added (causal chunk widths and row lengths); others as given.
+    expected: (key_range dropped, causal) of the kernel call."""
     seed_everything(request.node.name)
     calls = _calls_of_kernel(monkeypatch)
     B, S, T = 2, 8, 12
@@ -130,7 +134,7 @@ def test_plain_causal_ranges_run_the_causal_path(kind, causal_flag, plain, monke
     mask = torch.ones(B, S, T, dtype=torch.bool) if kind == "full" else range_mask(kind, B, S, T)
     got = torch.ops.ic.indexer_topk(q, k, w, 4, None, causal_flag, key_range=key_range_of(mask))
     assert torch.equal(got, indexer_topk_ref(q, k, w, 4, mask, causal_flag))
-    assert (calls[0]["key_range"] is None, calls[0]["causal"]) == ((True, True) if plain else (False, causal_flag))
+    assert (calls[0]["key_range"] is None, calls[0]["causal"]) == expected
 
 
 def test_non_range_mask_is_an_error_naming_the_dense_option():
@@ -147,9 +151,9 @@ def test_non_range_mask_is_an_error_naming_the_dense_option():
 
 def test_check_key_range_broadcasts_over_batch_and_queries():
     one_row = torch.tensor([[[0, 9, 10]]], dtype=torch.int32)  # [1,1,3]: every query sees keys 0..9
-    assert check_key_range(one_row, 1, 10, causal=False) is True  # decode: the one query's causal row
-    assert check_key_range(one_row, 4, 10, causal=False) is False  # earlier queries see past their diagonal
-    assert check_key_range(one_row, 4, 10, causal=True) is True  # ... unless the op is causal anyway
+    assert check_key_range(one_row, 1, 10, causal=False) == (True, True)  # decode: the one query's causal row
+    assert check_key_range(one_row, 4, 10, causal=False) == (False, False)  # earlier queries see past their diagonal
+    assert check_key_range(one_row, 4, 10, causal=True) == (True, True)  # ... unless the op is causal anyway
 
 
 @pytest.mark.gpu
