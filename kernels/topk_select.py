@@ -319,6 +319,13 @@ def _filter_row(row_ptr, n, rank, steps, cand_val_ptr, cand_idx_ptr, CAND: tl.co
 
 
 @_jit
+def _rescaled_rank(rank, target, kept, SAMPLE: tl.constexpr):
+    """The sample rank expected to keep `target` scores, given that `rank` kept `kept` (>= 1;
+    rank SAMPLE keeps the whole row); within [1, SAMPLE]."""
+    return tl.minimum(tl.maximum((rank * target) // tl.maximum(kept, 1), 1), SAMPLE)
+
+
+@_jit
 def _needs_another_pass(n_cand, all_kept, topk, CAND: tl.constexpr):
     """The candidate block is not the answer yet: it overflows CAND, or it misses some of the
     top-k (fewer than topk kept while some allowed scores were not)."""
@@ -354,7 +361,7 @@ def _topk_filter_kernel(
         all_kept = n * 0
         tries = n * 0
         while _needs_another_pass(n_cand, all_kept, topk, CAND) & (tries < TRIES):
-            rank = tl.minimum(tl.maximum((rank * target) // tl.maximum(n_cand, 1), 1), SAMPLE)
+            rank = _rescaled_rank(rank, target, n_cand, SAMPLE)
             steps = 8 + 8 * tl.minimum(tries, 1)  # retries: the sample's exact rank-th (coarse ones can lump)
             n_cand, all_kept = _filter_row(row_ptr, n, rank, steps, cand_val, cand_idx, CAND, SAMPLE, GROUP, BLOCK, STAGES,
                                            ONE_REDUCE)
@@ -382,7 +389,7 @@ def _segment_threshold(row_ptr, n, topk, CAND: tl.constexpr, SAMPLE: tl.constexp
                        ONE_REDUCE: tl.constexpr):
     """The segmented form's one threshold per row (ukey >= 1): the sample's rank-th largest,
     the rank aimed at (topk + CAND) / 2 kept keys (each segment's program gets the same)."""
-    rank = tl.minimum(tl.maximum((SAMPLE * ((topk + CAND) // 2)) // n, 1), SAMPLE)
+    rank = _rescaled_rank(SAMPLE, (topk + CAND) // 2, n, SAMPLE)
     return tl.maximum(_sample_threshold(row_ptr, n, rank, 8, SAMPLE, GROUP, ONE_REDUCE), 1)
 
 
@@ -426,18 +433,15 @@ def _topk_segment_compact_kernel(
         segs = tl.arange(0, SEG_PAD)
         counts = tl.load(seg_count_ptr + row * n_segs + segs, mask=segs < n_segs, other=0)  # [SEG_PAD]
         total = tl.sum(counts, axis=0)
-        if _needs_another_pass(total, (ukey <= 0x00800000).to(tl.int32), topk, CAND):
-            if seg == 0:
-                tl.store(path_ptr + row, 3)  # PATH_EXACT
-        else:
+        exact = _needs_another_pass(total, (ukey <= 0x00800000).to(tl.int32), topk, CAND)
+        if not exact:
             before = tl.sum(tl.where(segs < seg, counts, 0), axis=0)
             lo = seg * SEGMENT
             _row_compact_above(scores_ptr + row.to(tl.int64) * s_row, lo, tl.minimum(n, lo + SEGMENT),
                                _float_threshold(ukey), cand_val_ptr + row.to(tl.int64) * s_cand + before,
                                cand_idx_ptr + row.to(tl.int64) * s_cand + before, CAND, BLOCK, STAGES)
-            if seg == 0:
-                tl.store(path_ptr + row, 1)  # PATH_FILTERED
         if seg == 0:
+            tl.store(path_ptr + row, tl.where(exact, 3, 1))  # PATH_EXACT or PATH_FILTERED
             tl.store(n_cand_ptr + row, total)
 
 
@@ -535,16 +539,19 @@ def launch_meta(topk: int, block: int | None = None, stages: int = 1) -> dict:
                 TRIES=3)
 
 
-def segment_meta(topk: int, W: int, segments: int, block: int, stages: int) -> tuple[dict, int]:
-    """The segmented filter's compile-time parameters -- SEGMENT scores per program (a power of
-    two, whole BLOCKs), a 4x larger SAMPLE than the one-program filter's (one pass, no retries:
-    a miss costs the exact path), SEG_PAD >= the segments per row -- and n_segs, that count."""
+def segment_meta(topk: int, W: int, segments: int, block: int, stages: int,
+                 one_reduce: bool = True) -> tuple[dict, dict, int]:
+    """The segmented filter's compile-time parameters, (count kernel's, compact kernel's, n_segs):
+    SEGMENT scores per program (a power of two, whole BLOCKs), a 4x larger SAMPLE than the
+    one-program filter's (one pass, no retries: a miss costs the exact path), SEG_PAD >= n_segs,
+    the segments per row."""
     cand = candidate_capacity(topk)
     sample = min(8192, 4 * cand)
     segment = max(block, next_pow2(-(-W // segments)))
     n_segs = -(-W // segment)
-    return dict(CAND=cand, SAMPLE=sample, GROUP=min(32, sample // 4), SEGMENT=segment, SEG_PAD=next_pow2(n_segs),
-                BLOCK=block, STAGES=stages), n_segs
+    shared = dict(CAND=cand, SEGMENT=segment, BLOCK=block, STAGES=stages)
+    return (dict(shared, SAMPLE=sample, GROUP=min(32, sample // 4), ONE_REDUCE=one_reduce),
+            dict(shared, SEG_PAD=next_pow2(n_segs)), n_segs)
 
 
 def default_segments(R: int, W: int, topk: int, device) -> int:
@@ -570,8 +577,9 @@ def topk_select(
     (causal chunks; None = all W; row_period defaults to R). Scores beyond that are treated
     as not allowed without being read.
     Three launches: the filter kernel (num_warps, block, stages, maxnreg registers per thread at
-    most; only when W > CAND) streams each row into at most CAND candidates, the exact kernel
-    does the rows it could not, the resolve kernel (resolve_warps) selects among the candidates.
+    most; only when W > CAND; two segmented kernels instead for few wide rows, see `segments`)
+    streams each row into at most CAND candidates, the exact kernel does the rows it could not,
+    the resolve kernel (resolve_warps) selects among the candidates.
     Separate kernels so that the streaming one can be held to few registers (many programs per
     SM) without spilling the other steps.
     return_path: also return int32 [R]: the PATH_* each row took.
@@ -599,11 +607,11 @@ def topk_select(
     one_reduce = not interpreting(scores) if one_reduce is None else one_reduce
     meta["ONE_REDUCE"] = exact_meta["ONE_REDUCE"] = resolve_meta["ONE_REDUCE"] = one_reduce
     segments = default_segments(R, W, topk, scores.device) if segments is None else segments
-    if R > 0 and filtered and segments > 1:  # maxnreg is the one-program filter's (its larger sample would spill)
-        _segmented_filter(scores, filter_args, topk, W, segments, meta, one_reduce, dict(num_warps=num_warps))
-    elif R > 0 and filtered:
-        _launch("filter", (R,), scores, filter_args, meta, dict(num_warps=num_warps, maxnreg=maxnreg))
     if R > 0 and filtered:
+        if segments > 1:  # maxnreg is the one-program filter's (the segments' larger sample would spill)
+            _segmented_filter(scores, filter_args, topk, W, segments, meta, one_reduce, dict(num_warps=num_warps))
+        else:
+            _launch("filter", (R,), scores, filter_args, meta, dict(num_warps=num_warps, maxnreg=maxnreg))
         interp_block = dict(BLOCK=meta["BLOCK"]) if interpreting(scores) else {}  # small interpreted tests
         _launch("exact", (R,), scores, filter_args, dict(exact_meta, **interp_block),
                 dict(num_warps=EXACT_LAUNCH["num_warps"]))
@@ -625,13 +633,11 @@ def _segmented_filter(scores, filter_args, topk, W, segments, meta, one_reduce, 
     (writes the same cand_val / cand_idx / n_cand / path as the filter kernel)."""
     _, cand_val, cand_idx, n_cand, path, *rows, s_row, s_cand = filter_args
     R = scores.shape[0]
-    seg_meta, n_segs = segment_meta(topk, W, segments, meta["BLOCK"], meta["STAGES"])
+    count_meta, compact_meta, n_segs = segment_meta(topk, W, segments, meta["BLOCK"], meta["STAGES"], one_reduce)
     seg_count = torch.empty((R, n_segs), dtype=torch.int32, device=scores.device)
     threshold = torch.empty(R, dtype=torch.int32, device=scores.device)
-    count_meta = {k: seg_meta[k] for k in ("CAND", "SAMPLE", "GROUP", "SEGMENT", "BLOCK", "STAGES")}
     _launch("segment_count", (R, n_segs), scores, (scores, seg_count, threshold, *rows, s_row, n_segs),
-            dict(count_meta, ONE_REDUCE=one_reduce), launch)
-    compact_meta = {k: seg_meta[k] for k in ("CAND", "SEGMENT", "SEG_PAD", "BLOCK", "STAGES")}
+            count_meta, launch)
     _launch("segment_compact", (R, n_segs), scores,
             (scores, cand_val, cand_idx, n_cand, path, seg_count, threshold, *rows, s_row, s_cand, n_segs),
             compact_meta, launch)

@@ -269,12 +269,10 @@ def test_topk_select_segmented_compiles_for_sm90(warps):
     segments): both kernels fit and do not spill."""
     from ic_compile.kernels.topk_select import _topk_segment_compact_kernel, _topk_segment_count_kernel, segment_meta
 
-    meta, n_segs = segment_meta(2048, 131072, 64, 1024, 3)
+    count_meta, compact_meta, n_segs = segment_meta(2048, 131072, 64, 1024, 3)
     ints = dict(width=131072, diag_base=131072, row_period=16, topk=2048, s_row=131072, s_cand=4096, n_segs=n_segs)
-    count_meta = {k: meta[k] for k in ("CAND", "SAMPLE", "GROUP", "SEGMENT", "BLOCK", "STAGES")}
     count = compile_sm90(_topk_segment_count_kernel, dict(scores_ptr="fp32", seg_count_ptr="i32", threshold_ptr="i32"),
-                         {k: v for k, v in ints.items() if k != "s_cand"}, {}, dict(count_meta, ONE_REDUCE=True), warps, 1)
-    compact_meta = {k: meta[k] for k in ("CAND", "SEGMENT", "SEG_PAD", "BLOCK", "STAGES")}
+                         {k: v for k, v in ints.items() if k != "s_cand"}, {}, count_meta, warps, 1)
     compact = compile_sm90(_topk_segment_compact_kernel,
                            dict(scores_ptr="fp32", cand_val_ptr="fp32", cand_idx_ptr="i32", n_cand_ptr="i32",
                                 path_ptr="i32", seg_count_ptr="i32", threshold_ptr="i32"), ints, {}, compact_meta, warps, 1)
