@@ -39,7 +39,8 @@ class BackendOptions:
     kernels: Any = "auto"  # lower F indexers to ic::indexer_topk: True | False | "auto" (= inputs on CUDA)
     sparse_attention: bool = True  # with kernels: mask-scatter + SDPA -> ic::sparse_mla / ic::sparse_attention
     # with kernels: the mask reaches ic::indexer_topk as key ranges | "dense" | "auto" (ranges under
-    # Inductor, which fuses their reductions; dense under eager, where they would be int64 [B,S,T])
+    # Inductor, which fuses their reductions, but dense in decode graphs: the op's range check is a
+    # device sync; dense under eager, where the reductions would write int64 [B,S,T])
     indexer_mask: str = "auto"
     rtol: float | None = None  # verify tolerances; by dtype when None
     atol: float | None = None
@@ -54,8 +55,8 @@ class BackendOptions:
         parsed = cls(**options)
         if parsed.lowering not in LOWERINGS:
             raise PlanError(f"lowering={parsed.lowering!r} is not one of {LOWERINGS}")
-        if parsed.indexer_mask not in ("auto",) + INDEXER_MASKS:
-            raise PlanError(f"indexer_mask={parsed.indexer_mask!r} is not one of {('auto',) + INDEXER_MASKS}")
+        if parsed.indexer_mask not in INDEXER_MASKS:
+            raise PlanError(f"indexer_mask={parsed.indexer_mask!r} is not one of {INDEXER_MASKS}")
         return parsed
 
 
@@ -90,12 +91,13 @@ def _check_found(result: RewriteResult, opts: BackendOptions) -> None:
 
 
 def _indexer_mask(opts: "BackendOptions") -> str:
-    """"auto": key ranges under Inductor (their three reductions fuse with the mask's producers);
-    the dense mask otherwise (run eagerly, the reductions would write int64 [B,S,T] temporaries:
-    8 bytes per mask element)."""
+    """"auto": under Inductor, lower_indexer's "auto" (key ranges, whose three reductions fuse with
+    the mask's producers; the dense mask in decode graphs, skipping the op's range check and its
+    device sync); the dense mask otherwise (run eagerly, the reductions would write int64 [B,S,T]
+    temporaries: 8 bytes per mask element)."""
     if opts.indexer_mask != "auto":
         return opts.indexer_mask
-    return "ranges" if opts.lowering == "inductor" else "dense"
+    return "auto" if opts.lowering == "inductor" else "dense"
 
 
 def lower(gm: fx.GraphModule, example_inputs, lowering: str) -> Callable:

@@ -265,10 +265,11 @@ def indexer_scores(
     T = k.shape[1]
     h_pad = _head_padding(H, decode_block_s or 1)
     d_pad = max(16, next_pow2(D))
-    mask_u8 = q.new_zeros((1, 1, 1), dtype=torch.uint8)
+    # placeholders when absent (never read): new_empty launches no fill kernel (decode is host-bound)
+    mask_u8 = q.new_empty((1, 1, 1), dtype=torch.uint8)
     if mask is not None:
         mask_u8 = mask.to(torch.bool).expand(B, S, T).view(torch.uint8)
-    ranges = q.new_zeros((1, 1, 3), dtype=torch.int32) if key_range is None else \
+    ranges = q.new_empty((1, 1, 3), dtype=torch.int32) if key_range is None else \
         key_range.to(torch.int32).expand(B, S, 3)
     if num_splits is None:
         rows_per_prog = decode_block_s or max(1, 128 // h_pad)
@@ -300,6 +301,12 @@ def indexer_scores(
     return out
 
 
+def decode_form(S: int, H: int) -> bool:
+    """Few queries (decode, speculative decode): all S x heads fit one dot tile, so the kernel runs
+    them in one program row with the key axis split (no query chunks, no causal tile skipping)."""
+    return next_pow2(S) * next_pow2(H) <= MAX_TILE_ROWS
+
+
 def _chunk_rows(B: int, T: int, block: int, causal: bool, budget: int = SCORE_BUFFER_BYTES) -> int:
     """Queries per chunk: the buffer budget, and (causal) at most CAUSAL_CHUNK_ROWS so each
     chunk's width stays within that many keys of its rows' diagonal and torch.topk reads less
@@ -325,7 +332,7 @@ def chunked_scores(
     T = k.shape[1]
     assert k.shape == (B, T, D) and w.shape == (B, S, H), (q.shape, k.shape, w.shape)
     k = k.to(q.dtype)
-    decode_block_s = next_pow2(S) if next_pow2(S) * next_pow2(H) <= MAX_TILE_ROWS else None
+    decode_block_s = next_pow2(S) if decode_form(S, H) else None
     chunk = S if decode_block_s is not None else (chunk_rows or _chunk_rows(B, T, 256, causal))
     storage = new_output((B * min(chunk, S) * T,), torch.float32, q.device)
     for s0 in range(0, S, chunk):
@@ -399,4 +406,4 @@ def indexer_topk(
     return indexer_topk_ref(q, k, w, topk, mask, causal, key_range=key_range)
 
 
-__all__ = ["indexer_topk", "indexer_topk_triton", "indexer_scores", "chunked_scores", "HAS_TRITON"]
+__all__ = ["indexer_topk", "indexer_topk_triton", "indexer_scores", "chunked_scores", "decode_form", "HAS_TRITON"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from .indexer_topk import decode_form
 from .indexer_topk import indexer_topk as _indexer_topk
 from .key_range import check_key_range
 from .mask_within_causal import mask_within_causal
@@ -49,7 +50,9 @@ def indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=N
     int32 [B,S,3] = (lo, hi, count): t allowed iff lo <= t <= hi (count 0: none). A key_range
     that is not one contiguous run per row (count != hi - lo + 1) raises NotAKeyRangeError.
     When the mask / ranges allow exactly the causal rows, the causal path runs alone; ranges that
-    stay within them (e.g. a left-padded batch) run with the causal rule added (same answer)."""
+    stay within them (e.g. a left-padded batch) run with the causal rule added (same answer).
+    Decode-sized calls (decode_form) skip the dense mask's causal check: the causal path would skip
+    no key tile there, and the check is a device sync (decode is host-bound without CUDA graphs)."""
     S, T = q.shape[1], k.shape[1]
     if mask is not None and key_range is not None:
         raise ValueError("ic::indexer_topk: pass either mask or key_range, not both")
@@ -58,7 +61,7 @@ def indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=N
         if plain_causal:
             key_range = None  # plain causal rows: no range read
         causal = causal or within_causal  # same keys; causal chunks and rows stop at the diagonal
-    if not causal and mask is not None and mask_within_causal(mask, S, T):
+    if not causal and mask is not None and not decode_form(S, q.shape[2]) and mask_within_causal(mask, S, T):
         causal = True  # same answer, and key blocks above the diagonal are skipped
     return _indexer_topk(q, k, w, topk, mask, causal, sorted=sorted, key_range=key_range)
 

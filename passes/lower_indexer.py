@@ -10,6 +10,9 @@ it reaches the op as per-query key ranges, int32 [B,S,3] = (first, last, number 
 three reductions traced into the graph that Inductor fuses with the mask's producers, so the [S,T]
 mask need not be materialised for the indexer (kernels/key_range.py); the op raises if a row is not
 one contiguous range. `indexer_mask="dense"` hands the op the [B,S,T] bool mask itself (any mask).
+`indexer_mask="auto"` (the backend's default under Inductor): key ranges, except in graphs whose query
+length is a constant <= DENSE_MASK_MAX_QUERIES (decode): there the mask is at most [B, 8, T] and
+goes dense, since the op checks key ranges with a device sync that host-bound decode cannot afford.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ class _Plan:
     ordered: bool  # some consumer may depend on the descending order of the indices
 
 
-INDEXER_MASKS = ("ranges", "dense")  # how the model's mask reaches the op (backend option indexer_mask)
+INDEXER_MASKS = ("auto", "ranges", "dense")  # how the model's mask reaches the op (backend option indexer_mask)
+DENSE_MASK_MAX_QUERIES = 8  # "auto": graphs with at most this many (static) queries get the dense mask
 
 
 def lower_indexer(gm: fx.GraphModule, matches: list[IndexerMatch], report: LoweringReport,
@@ -67,16 +71,22 @@ def lower_indexer(gm: fx.GraphModule, matches: list[IndexerMatch], report: Lower
 def lowered_indexer(q, k, w, scale, mask, topk, w_layout, mask_kind, ordered=True, indexer_mask="ranges"):
     """Canonical layouts, then the fused op -> int32 [B,S,topk], -1 where fewer keys are allowed;
     rows descending by score when `ordered` (else any order, which lets CUDA use topk_select).
-    indexer_mask "ranges": the mask reaches the op as key ranges [B,S,3]; "dense": as itself."""
+    indexer_mask "ranges": the mask reaches the op as key ranges [B,S,3]; "dense": as itself; "auto":
+    dense when S is a constant <= DENSE_MASK_MAX_QUERIES (decode graphs), else ranges."""
     # q [B,S,H,D], k [B,T,D] in the model's dtype: bf16 products are exact in the fp32 accumulator,
     # so skipping the model's .float() upcast changes only the summation order (and uses tensor cores)
     if q.dtype != k.dtype:
         q, k = q.float(), k.float()
     w = (w.squeeze(-2) if w_layout == "bs1h" else w.squeeze(-1)).float() * scale  # [B,S,H]
     allowed = _allowed(mask, mask_kind, q.shape[0], q.shape[1], k.shape[1])  # bool [B,S,T] | None
-    if allowed is None or indexer_mask == "dense":
+    if allowed is None or indexer_mask == "dense" or (indexer_mask == "auto" and _decode_sized(q.shape[1])):
         return torch.ops.ic.indexer_topk(q, k, w, topk, allowed, False, ordered)  # [B,S,topk] int32
     return torch.ops.ic.indexer_topk(q, k, w, topk, None, False, ordered, key_range=key_range_of(allowed))
+
+
+def _decode_sized(S) -> bool:
+    """A query length fixed at trace time and small (decode; symbolic under dynamic shapes: prefill)."""
+    return isinstance(S, int) and S <= DENSE_MASK_MAX_QUERIES
 
 
 def scatter_safe_indices(ids, keys):

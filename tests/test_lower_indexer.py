@@ -259,12 +259,52 @@ def test_hf_left_padded_prefill_on_gpu_reads_key_ranges(monkeypatch):
     assert (got[:, 37:] - want[:, 37:]).abs().max().item() < 1e-3
 
 
+def test_decode_graphs_hand_the_op_the_dense_mask(eight_heads, monkeypatch):
+    """Default options under Inductor, a left-padded batch: the prefill hands ic::indexer_topk key
+    ranges; the decode graphs (one query) the dense [B,1,T] mask, and the op runs neither the range
+    check nor the mask's causal check for them (each a device sync: decode without CUDA graphs is
+    host-bound). Last-token logits equal HF's own plan at every step."""
+    from transformers import DynamicCache
+
+    from ic_compile.kernels import ops
+
+    got_forms, checks = [], []
+    original = ops._indexer_topk
+
+    def recording(q, k, w, topk, mask, causal, sorted=True, key_range=None):
+        got_forms.append((q.shape[1], mask is not None, key_range is not None))
+        return original(q, k, w, topk, mask, causal, sorted=sorted, key_range=key_range)
+
+    monkeypatch.setattr(ops, "_indexer_topk", recording)
+    for name in ("check_key_range", "mask_within_causal"):  # both take (tensor, S, T, ...)
+        monkeypatch.setattr(ops, name, lambda *a, _fn=getattr(ops, name), _name=name: checks.append((_name, a[1])) or _fn(*a))
+    model = tiny_models.glm()
+    ids, steps = tiny_models.random_ids(seq=20), tiny_models.random_ids(seq=2, seed=5)
+
+    def last_logits(run):
+        cache, attention_mask = DynamicCache(config=model.config), _left_padded(ids)
+        with torch.no_grad():
+            out = [run(ids, attention_mask=attention_mask, cache=cache, use_cache=True).logits[:, -1]]
+            for t in range(steps.shape[1]):
+                attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+                out.append(run(steps[:, t:t + 1], attention_mask=attention_mask, cache=cache, use_cache=True).logits[:, -1])
+        return out
+
+    want = last_logits(tiny_models.glm_with_plan(model, "FSFS"))
+    got = last_logits(compiled(model, "FSFS", "inductor"))
+    for w, g in zip(want, got):
+        assert (w - g).abs().max().item() < 1e-4
+    assert {form for form in got_forms if form[0] == 20} == {(20, False, True)}, got_forms  # prefill: ranges
+    assert {form for form in got_forms if form[0] == 1} == {(1, True, False)}, got_forms  # decode: dense mask
+    assert checks and all(S == 20 for _, S in checks), checks
+
+
 def test_indexer_mask_auto_picks_ranges_under_inductor_only():
     """"auto" (the default): key ranges where Inductor fuses their reductions, the dense mask when
     the graph runs eagerly (unfused, the reductions would write int64 [B,S,T] temporaries)."""
     from ic_compile.backend import BackendOptions, _indexer_mask
 
-    assert _indexer_mask(BackendOptions.parse({})) == "ranges"  # lowering defaults to inductor
+    assert _indexer_mask(BackendOptions.parse({})) == "auto"  # lowering defaults to inductor: ranges, decode dense
     assert _indexer_mask(BackendOptions.parse({"lowering": "eager"})) == "dense"
     assert _indexer_mask(BackendOptions.parse({"lowering": "eager", "indexer_mask": "ranges"})) == "ranges"
     assert _indexer_mask(BackendOptions.parse({"indexer_mask": "dense"})) == "dense"

@@ -1,0 +1,241 @@
+"""Decode on the H200: one new token against a long context.
+
+    python bench/decode.py --lengths 16384 131072 --out bench/results/decode.json
+
+Two parts:
+  * model (2 layers of the paper's 30B shape as HF GlmMoeDsa, bf16, as bench/prefill.py): a
+    prefill of L tokens fills a DynamicCache; then each variant times single-token steps at
+    context L (the cache's tensors are put back after every step, so each step sees L past
+    tokens and the shapes never change). Per step: median wall ms (CUDA events around the
+    call: what a plain torch.compile user sees, host overhead included, no CUDA graphs) and
+    the GPU time (torch.profiler: the summed durations of the step's kernels). The gap is
+    host time. The top kernels of each variant are listed.
+  * ops (B in {1, 16}, T = L): the decode indexer (scores + top-k 2048) with torch.topk or
+    kernels/topk_select.py, and sparse MLA over 2048 selected rows, each timed per call
+    (triton.testing.do_bench: host launches included when they are slower than the GPU) and
+    replayed from a CUDA graph (do_bench_cudagraph: GPU time only, as serving engines run
+    decode); with the bytes each must read (K once / the selected rows once) over the
+    measured copy bandwidth.
+"""
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from kernels import indexer_inputs, measure_peaks, strided_causal_indices  # noqa: E402  (bench/kernels.py)
+from prefill import CONFIG, build_model, variant  # noqa: E402  (bench/prefill.py)
+
+TOPK = 2048
+
+
+# ----------------------------------------------------------------------------- model decode
+
+def cache_tensors(cache) -> list[dict]:
+    """The tensors each cache layer holds (keys, values, indexer keys...), to put back later."""
+    return [{name: value for name, value in vars(layer).items() if isinstance(value, torch.Tensor)}
+            for layer in cache.layers]
+
+
+def restore(cache, saved: list[dict]) -> None:
+    for layer, tensors in zip(cache.layers, saved):
+        for name, value in tensors.items():
+            setattr(layer, name, value)
+
+
+def prefilled_cache(model, L: int):
+    """A DynamicCache holding L random tokens (prefilled by ours-FF-inductor: fits at 128K)."""
+    from transformers import DynamicCache
+
+    ids = torch.randint(0, CONFIG["vocab_size"], (1, L), device="cuda")
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        variant(model, "ours-FF-inductor")(ids, cache=cache, use_cache=True, logits_to_keep=1)
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return cache
+
+
+def step_times(fn, cache, saved, token, reps: int) -> tuple[float, float, list]:
+    """(median wall ms per step, GPU ms per step, top kernels [(name, us per step)])."""
+    def step():
+        restore(cache, saved)
+        fn(token, cache=cache, use_cache=True)
+
+    with torch.no_grad():
+        for _ in range(3):  # compile, autotune, warm
+            step()
+        torch.cuda.synchronize()
+        wall = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            wall.append(start.elapsed_time(end))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                step()
+            torch.cuda.synchronize()
+    if HOST_PROFILE:
+        _print_host_profile(step, reps)
+    kernels = [(e.key, e.self_device_time_total / reps) for e in prof.key_averages() if e.self_device_time_total > 0]
+    kernels.sort(key=lambda kv: -kv[1])
+    gpu_ms = sum(us for _, us in kernels) / 1e3
+    return statistics.median(wall), gpu_ms, [(name[:90], round(us, 1)) for name, us in kernels[:8]]
+
+
+HOST_PROFILE = False  # --host-profile: cProfile the model's decode steps too
+
+
+def _print_host_profile(step, reps: int) -> None:
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    with torch.no_grad():
+        prof.enable()
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+        prof.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("tottime").print_stats(25)
+    print(f"host us per step: {stats.total_tt / reps * 1e6:.0f}", text.getvalue()[-7000:], flush=True)
+
+
+def model_decode(model, L: int, variants: list[str], reps: int) -> list[dict]:
+    cache = prefilled_cache(model, L)
+    saved = cache_tensors(cache)
+    token = torch.randint(0, CONFIG["vocab_size"], (1, 1), device="cuda")
+    rows = []
+    for name in variants:
+        try:
+            wall, gpu, top = step_times(variant(model, name), cache, saved, token, reps)
+            row = {"part": "model", "L": L, "variant": name, "wall_ms": wall, "gpu_ms": gpu, "top_kernels": top}
+        except Exception as exc:  # noqa: BLE001 - one variant failing must not lose the rest
+            row = {"part": "model", "L": L, "variant": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        restore(cache, saved)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------- ops
+
+def call_and_graph_ms(fn) -> tuple[float, float]:
+    import triton.testing
+
+    fn()  # autotune outside the timings
+    torch.cuda.synchronize()
+    return (triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"),
+            triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median"))
+
+
+def op_decode(T: int, B: int, copy_gbps: float) -> list[dict]:
+    from ic_compile.kernels.sparse_attention import sparse_mla
+    from ic_compile.kernels.indexer_topk import indexer_topk_triton
+
+    rows = []
+    H, D = CONFIG["index_n_heads"], CONFIG["index_head_dim"]
+    q, k, w = indexer_inputs(B, 1, T, H, D, "cuda")
+    k_bytes = k.numel() * k.element_size()
+    for selection in ("torch", "triton"):
+        sort = selection == "torch"
+        call, graph = call_and_graph_ms(lambda: indexer_topk_triton(q, k, w, TOPK, sorted=sort, selection=selection))
+        rows.append({"part": "ops", "op": f"indexer decode, selection={selection}", "B": B, "T": T,
+                     "call_ms": call, "graph_ms": graph, "floor_ms": k_bytes / copy_gbps / 1e6})
+    dqk, dv, heads = 576, 512, CONFIG["num_attention_heads"]
+    qm = torch.randn(B, 1, heads, dqk, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(B, T, dqk, device="cuda", dtype=torch.bfloat16)
+    idx = strided_causal_indices(B, 1, T, TOPK, "cuda")
+    row_bytes = int((idx >= 0).sum()) * dqk * kv.element_size()
+    call, graph = call_and_graph_ms(lambda: sparse_mla(qm, kv, idx, dqk ** -0.5, dv, use_triton=True))
+    rows.append({"part": "ops", "op": f"sparse MLA decode, H={heads}", "B": B, "T": T, "call_ms": call,
+                 "graph_ms": graph, "floor_ms": row_bytes / copy_gbps / 1e6})
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def host_profile(T: int, calls: int = 200) -> list[dict]:
+    """Where the host time of one decode call goes: cProfile of `calls` calls of each custom op
+    (B = 1, context T; the indexer with HF's key ranges as the compiled model hands them over)."""
+    import cProfile
+    import io
+    import pstats
+
+    import ic_compile.kernels.ops  # noqa: F401  (registers torch.ops.ic)
+
+    H, D = CONFIG["index_n_heads"], CONFIG["index_head_dim"]
+    q, k, w = indexer_inputs(1, 1, T, H, D, "cuda")
+    key_range = torch.tensor([[[0, T - 1, T]]], dtype=torch.int32, device="cuda")
+    qm = torch.randn(1, 1, CONFIG["num_attention_heads"], 576, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(1, T, 576, device="cuda", dtype=torch.bfloat16)
+    idx = strided_causal_indices(1, 1, T, TOPK, "cuda")
+    ops = {"ic::indexer_topk (key_range)": lambda: torch.ops.ic.indexer_topk(q, k, w, TOPK, None, False, False, key_range),
+           "ic::indexer_topk (no mask)": lambda: torch.ops.ic.indexer_topk(q, k, w, TOPK, None, True, False),
+           "ic::sparse_mla": lambda: torch.ops.ic.sparse_mla(qm, kv, idx, 576 ** -0.5, 512, True)}
+    rows = []
+    for name, fn in ops.items():
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        prof.disable()
+        text = io.StringIO()
+        stats = pstats.Stats(prof, stream=text)
+        stats.sort_stats("tottime").print_stats(18)
+        total_us = stats.total_tt / calls * 1e6
+        rows.append({"part": "host", "op": name, "T": T, "host_us_per_call": total_us})
+        print(json.dumps(rows[-1]), flush=True)
+        print(text.getvalue()[-6000:], flush=True)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 131072])
+    parser.add_argument("--variants", nargs="+",
+                        default=["hf-eager", "compile-default", "ours-FF-inductor", "ours-FS-inductor"])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="ops part")
+    parser.add_argument("--parts", nargs="+", default=["ops", "model"], choices=["ops", "model", "host"])
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--host-profile", action="store_true", help="model part: cProfile each variant's steps")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    global HOST_PROFILE
+    HOST_PROFILE = args.host_profile
+    device = torch.device("cuda")
+    peaks = measure_peaks(device, smoke=False, quick=True)
+    rows = []
+    if "ops" in args.parts:
+        for T in args.lengths:
+            for B in args.batches:
+                rows += op_decode(T, B, peaks["copy_gbps"])
+    if "host" in args.parts:
+        for T in args.lengths:
+            rows += host_profile(T)
+    if "model" in args.parts:
+        model = build_model()
+        for L in args.lengths:
+            rows += model_decode(model, L, args.variants, args.reps)
+    result = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+              "torch": torch.__version__, "command": " ".join(sys.argv), "peaks": peaks, "rows": rows}
+    if args.out:
+        open(args.out, "w").write(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
