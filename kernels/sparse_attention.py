@@ -15,7 +15,10 @@ rows (masked loads, invalid rows never touch memory), logits = q . k^T with the 
 into a power-of-two part D_A and a padded tail D_B (576 = 512 + 64), online softmax in fp32
 (exp2 domain), acc += p . v. A query with no valid key outputs zeros.
 Decode / few programs: the index list is split over `num_splits` programs (flash-decoding);
-each writes its normalised partial output and log-sum-exp, combined in torch afterwards.
+each writes its normalised partial output and log-sum-exp, then takes a ticket from a per-(query,
+head block) counter; the split that draws the last ticket combines all partials into the output
+(one launch in all: the combine as torch ops cost ~160 us of host time per decode call on the H200's
+host, more than the kernel's GPU time).
 """
 from __future__ import annotations
 
@@ -41,8 +44,12 @@ from .reference import sparse_attention_ref, sparse_mla_ref
 LOG2E = 1.4426950408889634
 
 
+def _jit(fn):
+    return triton.jit(fn) if HAS_TRITON else fn
+
+
 def _sparse_attention_kernel(
-    q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, out_ptr, ticket_ptr,
     S, T, Hk, G, K, D_B, DV, scale_log2,  # G = Hq // Hk query heads per kv head
     sq_b, sq_s, sq_h, sq_d,
     sk_b, sk_t, sk_h, sk_d,
@@ -50,9 +57,11 @@ def _sparse_attention_kernel(
     si_b, si_s, si_k,
     so_b, so_s, so_h, so_split, so_d,
     sl_b, sl_s, sl_h, sl_split,
+    sf_b, sf_s, sf_h, sf_d,  # out (the combined output, split programs only)
     D_A: tl.constexpr, D_B_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     CAUSAL: tl.constexpr, V_FROM_K: tl.constexpr, WRITE_LSE: tl.constexpr,
+    SPLIT_PAD: tl.constexpr,  # >= num_splits (WRITE_LSE: the last split combines)
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,  # interpreter only: fp32 dot operands (see upcast_dots)
 ):
@@ -137,7 +146,43 @@ def _sparse_attention_kernel(
              mask=h_ok[:, None] & dv_ok[None, :])
     if WRITE_LSE:
         lse = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
-        tl.store(lse_ptr + b * sl_b + s.to(tl.int64) * sl_s + h * sl_h + split * sl_split, lse, mask=h_ok)
+        lse_row = lse_ptr + b * sl_b + s.to(tl.int64) * sl_s + h * sl_h  # [BLOCK_H]
+        tl.store(lse_row + split * sl_split, lse, mask=h_ok)
+        tl.debug_barrier()  # every thread's partial stores precede the ticket (released by it)
+        ticket = tl.atomic_add(ticket_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if ticket == num_splits - 1:  # the last split of this (query, head block): combine
+            o_rows = o_ptr + b * so_b + s.to(tl.int64) * so_s + h * so_h  # [BLOCK_H]
+            out_row = out_ptr + b * sf_b + s.to(tl.int64) * sf_s + h * sf_h
+            _combine_partials(o_rows, lse_row, out_row, h_ok, DV, num_splits,
+                              so_split, so_d, sl_split, sf_d, SPLIT_PAD, DV_PAD)
+
+
+@_jit
+def _combine_partials(o_rows, lse_row, out_row, h_ok, DV, num_splits, so_split, so_d, sl_split, sf_d,
+                      SPLIT_PAD: tl.constexpr, DV_PAD: tl.constexpr):
+    """out[h, :] = sum_p w_p o_p[h, :] / sum_p w_p, w_p = 2^(lse_p - max_p lse_p) (an empty split:
+    lse -inf, weight 0; no valid key anywhere: zeros), in DV chunks of 128 (few registers: the
+    main loop's are the kernel's budget). Loads bypass L1 (.cg): other SMs wrote them."""
+    sp = tl.arange(0, SPLIT_PAD)
+    lse_all = tl.load(lse_row[:, None] + sp[None, :] * sl_split, mask=h_ok[:, None] & (sp[None, :] < num_splits),
+                      other=float("-inf"), cache_modifier=".cg")  # [BLOCK_H, SPLIT_PAD]
+    lse_max = tl.max(lse_all, axis=1)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # [BLOCK_H]
+    denom = tl.sum(tl.math.exp2(lse_all - lse_max[:, None]), axis=1)
+    denom = tl.where(denom > 0.0, denom, 1.0)
+    CHUNK: tl.constexpr = 128 if DV_PAD > 128 else DV_PAD
+    for d0 in tl.static_range(0, DV_PAD, CHUNK):
+        dv = d0 + tl.arange(0, CHUNK)
+        tile_ok = h_ok[:, None] & (dv[None, :] < DV)
+        acc = tl.zeros((o_rows.shape[0], CHUNK), tl.float32)  # [BLOCK_H, CHUNK]
+        for p in range(0, num_splits):
+            weight = tl.math.exp2(tl.load(lse_row + p * sl_split, mask=h_ok, other=float("-inf"),
+                                          cache_modifier=".cg") - lse_max)  # [BLOCK_H]
+            part = tl.load(o_rows[:, None] + p * so_split + dv[None, :] * so_d, mask=tile_ok, other=0.0,
+                           cache_modifier=".cg")
+            acc += weight[:, None] * part
+        tl.store(out_row[:, None] + dv[None, :] * sf_d, (acc / denom[:, None]).to(out_row.dtype.element_ty),
+                 mask=tile_ok)
 
 
 # --------------------------------------------------------------------------- launch configs
@@ -181,6 +226,7 @@ def _tuned_kernel(d_total: int, G: int):
         _TUNED[key] = triton.autotune(
             _configs(d_total, key[1]),
             key=["G", "D_A", "D_B_PAD", "DV_PAD", "CAUSAL", "V_FROM_K", "WRITE_LSE"],
+            reset_to_zero=["ticket_ptr"],  # benchmark runs draw tickets too: zeroed before each and the real launch
         )(_jit_kernel())
     return _TUNED[key]
 
@@ -203,16 +249,6 @@ def _default_splits(programs: int, K: int, device: torch.device) -> int:
     return max(1, min(cdiv(2 * num_sms(device), programs), cdiv(K, 128)))
 
 
-def _combine_splits(o_part: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """o_part [B,S,H,P,Dv] normalised partials, lse [B,S,H,P] (log2) -> [B,S,H,Dv]."""
-    lse_max = lse.amax(dim=-1, keepdim=True)
-    lse_max = torch.where(torch.isinf(lse_max), torch.zeros_like(lse_max), lse_max)
-    weights = torch.exp2(lse - lse_max)  # -inf (empty split) -> 0
-    denom = weights.sum(dim=-1, keepdim=True)
-    out = (o_part * weights[..., None]).sum(dim=-2) / torch.where(denom > 0, denom, torch.ones_like(denom))
-    return out.to(dtype)
-
-
 def sparse_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
     scale: float, causal: bool = True, num_splits: int | None = None, config=None,
@@ -231,22 +267,23 @@ def sparse_attention_triton(
     v_from_k = Dv == d_a and v.data_ptr() == k.data_ptr() and v.stride() == k.stride()
     programs_per_block_h = B * S * Hk  # x head blocks (BLOCK_H is tuned)
     splits = num_splits or _default_splits(programs_per_block_h * cdiv(G, 64), K, q.device)
-    if splits > 1:
+    out = new_output((B, S, Hq, Dv), q.dtype, q.device)
+    if splits > 1:  # fp32 partials + log-sum-exps; a ticket counter per program (BLOCK_H >= 16)
         o = new_output((B, S, Hq, splits, Dv), torch.float32, q.device)
         lse = new_output((B, S, Hq, splits), torch.float32, q.device)
+        tickets = torch.zeros(programs_per_block_h * cdiv(G, 16), dtype=torch.int32, device=q.device)
         o_strides, lse_strides = o.stride(), lse.stride()
-    else:
-        o = new_output((B, S, Hq, Dv), q.dtype, q.device)
-        lse = o  # unused (WRITE_LSE=False)
-        o_strides = (*o.stride()[:3], 0, o.stride(3))
+    else:  # the programs write `out` directly (o_ptr); lse, tickets unused
+        o = lse = tickets = out
+        o_strides = (*out.stride()[:3], 0, out.stride(3))
         lse_strides = (0, 0, 0, 0)
     args = (
-        q, k, v, indices, o, lse,
+        q, k, v, indices, o, lse, out, tickets,
         S, T, Hk, G, K, d_b, Dv, float(scale) * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *o_strides, *lse_strides,
+        *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *o_strides, *lse_strides, *out.stride(),
     )
     consts = {"D_A": d_a, "D_B_PAD": d_b_pad, "DV_PAD": max(16, next_pow2(Dv)),
-              "CAUSAL": bool(causal), "V_FROM_K": v_from_k, "WRITE_LSE": splits > 1,
+              "CAUSAL": bool(causal), "V_FROM_K": v_from_k, "WRITE_LSE": splits > 1, "SPLIT_PAD": next_pow2(splits),
               "DOT_PRECISION": dot_precision(q.dtype), "UPCAST_DOT": upcast_dots(q)}
 
     def grid(meta):
@@ -258,7 +295,7 @@ def sparse_attention_triton(
         launch_config(_jit_kernel(), grid, args, consts, config)
     else:
         _tuned_kernel(Dqk, G)[grid](*args, **consts)
-    return _combine_splits(o, lse, q.dtype) if splits > 1 else o
+    return out
 
 
 def sparse_mla_triton(
