@@ -2,7 +2,7 @@
 
     python bench/decode.py --lengths 16384 131072 --out bench/results/decode.json
 
-Two parts:
+Parts (--parts):
   * model (2 layers of the paper's 30B shape as HF GlmMoeDsa, bf16, as bench/prefill.py): a
     prefill of L tokens fills a DynamicCache; then each variant times single-token steps at
     context L (the cache's tensors are put back after every step, so each step sees L past
@@ -10,12 +10,17 @@ Two parts:
     call: what a plain torch.compile user sees, host overhead included, no CUDA graphs) and
     the GPU time (torch.profiler: the summed durations of the step's kernels). The gap is
     host time. The top kernels of each variant are listed.
+  * static: the same model with a StaticCache (fixed shapes), one step at position L:
+    torch.compile(mode="reduce-overhead") (CUDA graphs), compile default and ours. Its one run on
+    the H200 (eighth run set) stopped at a device-side assert, not diagnosed (docs/benchmarks.md).
   * ops (B in {1, 16}, T = L): the decode indexer (scores + top-k 2048) with torch.topk or
     kernels/topk_select.py, and sparse MLA over 2048 selected rows, each timed per call
     (triton.testing.do_bench: host launches included when they are slower than the GPU) and
     replayed from a CUDA graph (do_bench_cudagraph: GPU time only, as serving engines run
     decode); with the bytes each must read (K once / the selected rows once) over the
     measured copy bandwidth.
+  * host: microseconds of host time per call of each custom op and its pieces (perf_counter), and
+    which of them synchronise with the GPU (torch.cuda.set_sync_debug_mode).
 """
 
 import argparse
@@ -23,6 +28,7 @@ import datetime
 import json
 import statistics
 import sys
+import time
 
 import torch
 
@@ -60,12 +66,8 @@ def prefilled_cache(model, L: int):
     return cache
 
 
-def step_times(fn, cache, saved, token, reps: int) -> tuple[float, float, list]:
-    """(median wall ms per step, GPU ms per step, top kernels [(name, us per step)])."""
-    def step():
-        restore(cache, saved)
-        fn(token, cache=cache, use_cache=True)
-
+def step_times(step, reps: int) -> tuple[float, float, list]:
+    """(median wall ms per call of step(), GPU ms per call, top kernels [(name, us per call)])."""
     with torch.no_grad():
         for _ in range(3):  # compile, autotune, warm
             step()
@@ -118,11 +120,56 @@ def model_decode(model, L: int, variants: list[str], reps: int) -> list[dict]:
     rows = []
     for name in variants:
         try:
-            wall, gpu, top = step_times(variant(model, name), cache, saved, token, reps)
+            fn = variant(model, name)
+
+            def step():
+                restore(cache, saved)
+                fn(token, cache=cache, use_cache=True)
+
+            wall, gpu, top = step_times(step, reps)
             row = {"part": "model", "L": L, "variant": name, "wall_ms": wall, "gpu_ms": gpu, "top_kernels": top}
         except Exception as exc:  # noqa: BLE001 - one variant failing must not lose the rest
             row = {"part": "model", "L": L, "variant": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         restore(cache, saved)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def static_variant(model, name: str):
+    """name: a bench/prefill.py variant or "compile-reduce-overhead" (torch.compile's CUDA graphs)."""
+    torch._dynamo.reset()
+    if name == "compile-reduce-overhead":
+        return torch.compile(model, mode="reduce-overhead")
+    return variant(model, name)
+
+
+def static_decode(model, L: int, variants: list[str], reps: int) -> list[dict]:
+    """Single-token steps at position L of a StaticCache holding L prefilled tokens (fixed shapes:
+    what CUDA graphs need; every step rewrites the same slot)."""
+    from transformers import StaticCache
+
+    ids = torch.randint(0, CONFIG["vocab_size"], (1, L), device="cuda")
+    cache = StaticCache(config=model.config, max_cache_len=L + 8)
+    with torch.no_grad():
+        variant(model, "ours-FF-inductor")(ids, cache=cache, use_cache=True, cache_position=torch.arange(L, device="cuda"),
+                                           logits_to_keep=1)
+    torch.cuda.empty_cache()
+    token = torch.randint(0, CONFIG["vocab_size"], (1, 1), device="cuda")
+    position = torch.tensor([L], device="cuda")
+    rows = []
+    for name in variants:
+        try:
+            fn = static_variant(model, name)
+
+            def step():
+                torch.compiler.cudagraph_mark_step_begin()
+                fn(token, cache=cache, use_cache=True, cache_position=position)
+
+            wall, gpu, top = step_times(step, reps)
+            row = {"part": "static", "L": L, "variant": name, "wall_ms": wall, "gpu_ms": gpu, "top_kernels": top}
+        except Exception as exc:  # noqa: BLE001 - one variant failing must not lose the rest
+            row = {"part": "static", "L": L, "variant": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -165,14 +212,27 @@ def op_decode(T: int, B: int, copy_gbps: float) -> list[dict]:
     return rows
 
 
-def host_profile(T: int, calls: int = 200) -> list[dict]:
-    """Where the host time of one decode call goes: cProfile of `calls` calls of each custom op
-    (B = 1, context T; the indexer with HF's key ranges as the compiled model hands them over)."""
-    import cProfile
-    import io
-    import pstats
+def host_us(fn, calls: int = 200) -> float:
+    """Host microseconds per call of fn (perf_counter over `calls` calls; the GPU keeps up)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
 
+
+def host_profile(T: int) -> list[dict]:
+    """Where the host time of one decode call goes (B = 1, context T): each custom op, its Python
+    API, its Triton function, and pieces of them, timed with perf_counter; then whether any of
+    them synchronises with the GPU (torch.cuda.set_sync_debug_mode)."""
     import ic_compile.kernels.ops  # noqa: F401  (registers torch.ops.ic)
+    from ic_compile.kernels.indexer_topk import indexer_topk_triton
+    from ic_compile.kernels.sparse_attention import sparse_mla_triton
+    from ic_compile.kernels.topk_select import topk_select
 
     H, D = CONFIG["index_n_heads"], CONFIG["index_head_dim"]
     q, k, w = indexer_inputs(1, 1, T, H, D, "cuda")
@@ -180,27 +240,30 @@ def host_profile(T: int, calls: int = 200) -> list[dict]:
     qm = torch.randn(1, 1, CONFIG["num_attention_heads"], 576, device="cuda", dtype=torch.bfloat16)
     kv = torch.randn(1, T, 576, device="cuda", dtype=torch.bfloat16)
     idx = strided_causal_indices(1, 1, T, TOPK, "cuda")
-    ops = {"ic::indexer_topk (key_range)": lambda: torch.ops.ic.indexer_topk(q, k, w, TOPK, None, False, False, key_range),
-           "ic::indexer_topk (no mask)": lambda: torch.ops.ic.indexer_topk(q, k, w, TOPK, None, True, False),
-           "ic::sparse_mla": lambda: torch.ops.ic.sparse_mla(qm, kv, idx, 576 ** -0.5, 512, True)}
+    scores = torch.randn(1, T, device="cuda")
+    empty_op = torch.library.custom_op("icbench::empty", mutates_args=(), schema="(Tensor x) -> Tensor")(
+        lambda x: torch.empty_like(x))
+    fns = {
+        "ic::indexer_topk (key_range)": lambda: torch.ops.ic.indexer_topk(q, k, w, TOPK, None, False, False, key_range),
+        "ic::indexer_topk (no mask)": lambda: torch.ops.ic.indexer_topk(q, k, w, TOPK, None, True, False),
+        "indexer_topk_triton (no mask)": lambda: indexer_topk_triton(q, k, w, TOPK, sorted=False),
+        "topk_select [1, T]": lambda: topk_select(scores, TOPK, sorted=False),
+        "torch.topk [1, T]": lambda: torch.topk(scores, TOPK, dim=-1),
+        "ic::sparse_mla": lambda: torch.ops.ic.sparse_mla(qm, kv, idx, 576 ** -0.5, 512, True),
+        "sparse_mla_triton": lambda: sparse_mla_triton(qm, kv, idx, 576 ** -0.5, 512),
+        "sparse_mla_triton, num_splits=1": lambda: sparse_mla_triton(qm, kv, idx, 576 ** -0.5, 512, num_splits=1),
+        "custom op returning empty_like": lambda: empty_op(q),
+        "torch.empty_like": lambda: torch.empty_like(q),
+    }
     rows = []
-    for name, fn in ops.items():
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        prof.disable()
-        text = io.StringIO()
-        stats = pstats.Stats(prof, stream=text)
-        stats.sort_stats("tottime").print_stats(18)
-        total_us = stats.total_tt / calls * 1e6
-        rows.append({"part": "host", "op": name, "T": T, "host_us_per_call": total_us})
+    for name, fn in fns.items():
+        rows.append({"part": "host", "op": name, "T": T, "host_us_per_call": host_us(fn)})
         print(json.dumps(rows[-1]), flush=True)
-        print(text.getvalue()[-6000:], flush=True)
+    torch.cuda.set_sync_debug_mode("warn")
+    for name, fn in fns.items():
+        print("sync check:", name, flush=True)
+        fn()
+    torch.cuda.set_sync_debug_mode("default")
     return rows
 
 
@@ -210,7 +273,9 @@ def main():
     parser.add_argument("--variants", nargs="+",
                         default=["hf-eager", "compile-default", "ours-FF-inductor", "ours-FS-inductor"])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="ops part")
-    parser.add_argument("--parts", nargs="+", default=["ops", "model"], choices=["ops", "model", "host"])
+    parser.add_argument("--parts", nargs="+", default=["ops", "model", "static"], choices=["ops", "model", "static", "host"])
+    parser.add_argument("--static-variants", nargs="+",
+                        default=["compile-reduce-overhead", "compile-default", "ours-FF-inductor", "ours-FS-inductor"])
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--host-profile", action="store_true", help="model part: cProfile each variant's steps")
     parser.add_argument("--out", default=None)
@@ -227,10 +292,13 @@ def main():
     if "host" in args.parts:
         for T in args.lengths:
             rows += host_profile(T)
-    if "model" in args.parts:
+    if "model" in args.parts or "static" in args.parts:
         model = build_model()
         for L in args.lengths:
-            rows += model_decode(model, L, args.variants, args.reps)
+            if "model" in args.parts:
+                rows += model_decode(model, L, args.variants, args.reps)
+            if "static" in args.parts:
+                rows += static_decode(model, L, args.static_variants, args.reps)
     result = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
               "torch": torch.__version__, "command": " ".join(sys.argv), "peaks": peaks, "rows": rows}
     if args.out:

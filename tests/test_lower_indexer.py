@@ -259,6 +259,45 @@ def test_hf_left_padded_prefill_on_gpu_reads_key_ranges(monkeypatch):
     assert (got[:, 37:] - want[:, 37:]).abs().max().item() < 1e-3
 
 
+def _static_cache_steps(run, model, ids, steps, max_len):
+    """Last-token logits of a prefill and single-token steps with a StaticCache (fixed shapes)."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    n, out = ids.shape[1], []
+    with torch.no_grad():
+        for t, tokens in enumerate([ids] + [steps[:, i:i + 1] for i in range(steps.shape[1])]):
+            position = torch.arange(n, device=ids.device) if t == 0 else torch.tensor([n + t - 1], device=ids.device)
+            out.append(run(tokens, cache=cache, use_cache=True, cache_position=position).logits[:, -1])
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.xfail(strict=False, reason="HF StaticCache + the Triton kernels on the H200 hit a device-side assert "
+                   "('index out of bounds: 0 <= tmp13 < 16392' in an Inductor kernel) in the one run it had "
+                   "(bench/decode.py --parts static, eighth run set); not diagnosed. Interpreter-exact on CPU.")
+def test_static_cache_prefill_and_decode_on_gpu(eight_heads):
+    """A StaticCache (fixed shapes; keys past the filled positions masked): prefill with key ranges
+    (within causal: T = max_cache_len > S), decode with the dense mask; logits equal HF's own plan."""
+    model = tiny_models.glm().cuda()
+    ids, steps = tiny_models.random_ids(batch=2, seq=300).cuda(), tiny_models.random_ids(batch=2, seq=3, seed=5).cuda()
+    want = _static_cache_steps(tiny_models.glm_with_plan(model, "FSFS").cuda(), model, ids, steps, 320)
+    got = _static_cache_steps(compiled(model, "FSFS", "inductor"), model, ids, steps, 320)
+    for w, g in zip(want, got):
+        assert (w - g).abs().max().item() < 1e-3
+
+
+def test_static_cache_prefill_and_decode(eight_heads):
+    """The same on CPU (references): the prefill's key ranges end before T = max_cache_len."""
+    model = tiny_models.glm()
+    ids, steps = tiny_models.random_ids(batch=2, seq=40), tiny_models.random_ids(batch=2, seq=3, seed=5)
+    want = _static_cache_steps(tiny_models.glm_with_plan(model, "FSFS"), model, ids, steps, 64)
+    got = _static_cache_steps(compiled(model, "FSFS", "inductor"), model, ids, steps, 64)
+    for w, g in zip(want, got):
+        assert (w - g).abs().max().item() < 1e-4
+
+
 def test_decode_graphs_hand_the_op_the_dense_mask(eight_heads, monkeypatch):
     """Default options under Inductor, a left-padded batch: the prefill hands ic::indexer_topk key
     ranges; the decode graphs (one query) the dense [B,1,T] mask, and the op runs neither the range
