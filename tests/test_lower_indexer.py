@@ -277,9 +277,12 @@ def _static_cache_steps(run, model, ids, steps, max_len):
 @pytest.mark.xfail(strict=False, reason="HF StaticCache + the Triton kernels on the H200 hit a device-side assert "
                    "('index out of bounds: 0 <= tmp13 < 16392' in an Inductor kernel) in the one run it had "
                    "(bench/decode.py --parts static, eighth run set); not diagnosed. Interpreter-exact on CPU.")
-def test_static_cache_prefill_and_decode_on_gpu(eight_heads):
+def test_static_cache_prefill_and_decode_on_gpu(eight_heads, monkeypatch):
     """A StaticCache (fixed shapes; keys past the filled positions masked): prefill with key ranges
-    (within causal: T = max_cache_len > S), decode with the dense mask; logits equal HF's own plan."""
+    (within causal: T = max_cache_len > S), decode with the dense mask; logits equal HF's own plan.
+    (The same with the Triton interpreter on CPU, IC_KERNELS_TRITON=1: max |diff| 2.4e-4.)"""
+    monkeypatch.setitem(tiny_models.HF_TINY, "index_topk", 64)  # topk_select's filtered rows (W > 128)
+    monkeypatch.setitem(tiny_models.HF_TINY, "max_position_embeddings", 1024)
     model = tiny_models.glm().cuda()
     ids, steps = tiny_models.random_ids(batch=2, seq=300).cuda(), tiny_models.random_ids(batch=2, seq=3, seed=5).cuda()
     want = _static_cache_steps(tiny_models.glm_with_plan(model, "FSFS").cuda(), model, ids, steps, 320)
