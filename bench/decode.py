@@ -37,6 +37,7 @@ from kernels import indexer_inputs, measure_peaks, strided_causal_indices  # noq
 from prefill import CONFIG, build_model, variant  # noqa: E402  (bench/prefill.py)
 
 TOPK = 2048
+HOST_PROFILE = False  # --host-profile: cProfile the model part's decode steps too
 
 
 # ----------------------------------------------------------------------------- model decode
@@ -90,9 +91,6 @@ def step_times(step, reps: int) -> tuple[float, float, list]:
     kernels.sort(key=lambda kv: -kv[1])
     gpu_ms = sum(us for _, us in kernels) / 1e3
     return statistics.median(wall), gpu_ms, [(name[:90], round(us, 1)) for name, us in kernels[:8]]
-
-
-HOST_PROFILE = False  # --host-profile: cProfile the model's decode steps too
 
 
 def _print_host_profile(step, reps: int) -> None:
