@@ -273,8 +273,10 @@ def sparse_attention_triton(
         lse = new_output((B, S, Hq, splits), torch.float32, q.device)
         tickets = torch.zeros(programs_per_block_h * cdiv(G, 16), dtype=torch.int32, device=q.device)
         o_strides, lse_strides = o.stride(), lse.stride()
-    else:  # the programs write `out` directly (o_ptr); lse, tickets unused
-        o = lse = tickets = out
+    else:  # the programs write `out` directly (o_ptr); lse unused; tickets unused (own buffer: the
+        # autotuner zeroes it before its runs, which must not touch `out`)
+        o = lse = out
+        tickets = torch.empty(1, dtype=torch.int32, device=q.device)
         o_strides = (*out.stride()[:3], 0, out.stride(3))
         lse_strides = (0, 0, 0, 0)
     args = (
