@@ -342,8 +342,9 @@ def test_decode_graphs_hand_the_op_the_dense_mask(eight_heads, monkeypatch):
 
 
 def test_indexer_mask_auto_picks_ranges_under_inductor_only():
-    """"auto" (the default): key ranges where Inductor fuses their reductions, the dense mask when
-    the graph runs eagerly (unfused, the reductions would write int64 [B,S,T] temporaries)."""
+    """"auto" (the default): under Inductor, which fuses the ranges' reductions, lower_indexer's
+    "auto" (key ranges, the dense mask in decode graphs); the dense mask when the graph runs
+    eagerly (unfused, the reductions would write int64 [B,S,T] temporaries)."""
     from ic_compile.backend import BackendOptions, _indexer_mask
 
     assert _indexer_mask(BackendOptions.parse({})) == "auto"  # lowering defaults to inductor: ranges, decode dense
