@@ -26,7 +26,6 @@ Parts (--parts):
 import argparse
 import datetime
 import json
-import statistics
 import sys
 import time
 
@@ -34,10 +33,9 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from kernels import indexer_inputs, measure_peaks, strided_causal_indices  # noqa: E402  (bench/kernels.py)
-from prefill import CONFIG, build_model, variant  # noqa: E402  (bench/prefill.py)
+from prefill import CONFIG, build_model, time_ms, variant  # noqa: E402  (bench/prefill.py)
 
 TOPK = 2048
-HOST_PROFILE = False  # --host-profile: cProfile the model part's decode steps too
 
 
 # ----------------------------------------------------------------------------- model decode
@@ -70,45 +68,29 @@ def prefilled_cache(model, L: int):
 def step_times(step, reps: int) -> tuple[float, float, list]:
     """(median wall ms per call of step(), GPU ms per call, top kernels [(name, us per call)])."""
     with torch.no_grad():
-        for _ in range(3):  # compile, autotune, warm
+        for _ in range(2):  # compile, autotune (time_ms warms once more)
             step()
-        torch.cuda.synchronize()
-        wall = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            wall.append(start.elapsed_time(end))
+        wall = time_ms(step, reps)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(reps):
                 step()
             torch.cuda.synchronize()
-    if HOST_PROFILE:
-        _print_host_profile(step, reps)
     kernels = [(e.key, e.self_device_time_total / reps) for e in prof.key_averages() if e.self_device_time_total > 0]
     kernels.sort(key=lambda kv: -kv[1])
     gpu_ms = sum(us for _, us in kernels) / 1e3
-    return statistics.median(wall), gpu_ms, [(name[:90], round(us, 1)) for name, us in kernels[:8]]
+    return wall, gpu_ms, [(name[:90], round(us, 1)) for name, us in kernels[:8]]
 
 
-def _print_host_profile(step, reps: int) -> None:
-    import cProfile
-    import io
-    import pstats
-
-    prof = cProfile.Profile()
-    with torch.no_grad():
-        prof.enable()
-        for _ in range(reps):
-            step()
-        torch.cuda.synchronize()
-        prof.disable()
-    text = io.StringIO()
-    stats = pstats.Stats(prof, stream=text)
-    stats.sort_stats("tottime").print_stats(25)
-    print(f"host us per step: {stats.total_tt / reps * 1e6:.0f}", text.getvalue()[-7000:], flush=True)
+def variant_row(part: str, L: int, name: str, step, reps: int) -> dict:
+    """One variant's step_times as a printed result row (an error is recorded, not raised: one
+    variant failing must not lose the rest)."""
+    try:
+        wall, gpu, top = step_times(step, reps)
+        row = {"part": part, "L": L, "variant": name, "wall_ms": wall, "gpu_ms": gpu, "top_kernels": top}
+    except Exception as exc:  # noqa: BLE001
+        row = {"part": part, "L": L, "variant": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def model_decode(model, L: int, variants: list[str], reps: int) -> list[dict]:
@@ -117,20 +99,14 @@ def model_decode(model, L: int, variants: list[str], reps: int) -> list[dict]:
     token = torch.randint(0, CONFIG["vocab_size"], (1, 1), device="cuda")
     rows = []
     for name in variants:
-        try:
-            fn = variant(model, name)
+        fn = variant(model, name)
 
-            def step():
-                restore(cache, saved)
-                fn(token, cache=cache, use_cache=True)
+        def step():
+            restore(cache, saved)
+            fn(token, cache=cache, use_cache=True)
 
-            wall, gpu, top = step_times(step, reps)
-            row = {"part": "model", "L": L, "variant": name, "wall_ms": wall, "gpu_ms": gpu, "top_kernels": top}
-        except Exception as exc:  # noqa: BLE001 - one variant failing must not lose the rest
-            row = {"part": "model", "L": L, "variant": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        rows.append(variant_row("model", L, name, step, reps))
         restore(cache, saved)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
     return rows
 
 
@@ -157,23 +133,25 @@ def static_decode(model, L: int, variants: list[str], reps: int) -> list[dict]:
     position = torch.tensor([L], device="cuda")
     rows = []
     for name in variants:
-        try:
-            fn = static_variant(model, name)
+        fn = static_variant(model, name)
 
-            def step():
-                torch.compiler.cudagraph_mark_step_begin()
-                fn(token, cache=cache, use_cache=True, cache_position=position)
+        def step():
+            torch.compiler.cudagraph_mark_step_begin()
+            fn(token, cache=cache, use_cache=True, cache_position=position)
 
-            wall, gpu, top = step_times(step, reps)
-            row = {"part": "static", "L": L, "variant": name, "wall_ms": wall, "gpu_ms": gpu, "top_kernels": top}
-        except Exception as exc:  # noqa: BLE001 - one variant failing must not lose the rest
-            row = {"part": "static", "L": L, "variant": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        rows.append(variant_row("static", L, name, step, reps))
     return rows
 
 
 # ----------------------------------------------------------------------------- ops
+
+def mla_decode_inputs(B: int, T: int):
+    """Absorbed-MLA decode inputs of the model's shape: q [B,1,H,576], kv [B,T,576] (bf16), and
+    2048 indices [B,1,2048] spread over the context."""
+    q = torch.randn(B, 1, CONFIG["num_attention_heads"], 576, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(B, T, 576, device="cuda", dtype=torch.bfloat16)
+    return q, kv, strided_causal_indices(B, 1, T, TOPK, "cuda")
+
 
 def call_and_graph_ms(fn) -> tuple[float, float]:
     import triton.testing
@@ -185,8 +163,8 @@ def call_and_graph_ms(fn) -> tuple[float, float]:
 
 
 def op_decode(T: int, B: int, copy_gbps: float) -> list[dict]:
-    from ic_compile.kernels.sparse_attention import sparse_mla
     from ic_compile.kernels.indexer_topk import indexer_topk_triton
+    from ic_compile.kernels.sparse_attention import sparse_mla
 
     rows = []
     H, D = CONFIG["index_n_heads"], CONFIG["index_head_dim"]
@@ -197,13 +175,10 @@ def op_decode(T: int, B: int, copy_gbps: float) -> list[dict]:
         call, graph = call_and_graph_ms(lambda: indexer_topk_triton(q, k, w, TOPK, sorted=sort, selection=selection))
         rows.append({"part": "ops", "op": f"indexer decode, selection={selection}", "B": B, "T": T,
                      "call_ms": call, "graph_ms": graph, "floor_ms": k_bytes / copy_gbps / 1e6})
-    dqk, dv, heads = 576, 512, CONFIG["num_attention_heads"]
-    qm = torch.randn(B, 1, heads, dqk, device="cuda", dtype=torch.bfloat16)
-    kv = torch.randn(B, T, dqk, device="cuda", dtype=torch.bfloat16)
-    idx = strided_causal_indices(B, 1, T, TOPK, "cuda")
-    row_bytes = int((idx >= 0).sum()) * dqk * kv.element_size()
-    call, graph = call_and_graph_ms(lambda: sparse_mla(qm, kv, idx, dqk ** -0.5, dv, use_triton=True))
-    rows.append({"part": "ops", "op": f"sparse MLA decode, H={heads}", "B": B, "T": T, "call_ms": call,
+    qm, kv, idx = mla_decode_inputs(B, T)
+    row_bytes = int((idx >= 0).sum()) * kv.shape[-1] * kv.element_size()
+    call, graph = call_and_graph_ms(lambda: sparse_mla(qm, kv, idx, 576 ** -0.5, 512, use_triton=True))
+    rows.append({"part": "ops", "op": f"sparse MLA decode, H={qm.shape[2]}", "B": B, "T": T, "call_ms": call,
                  "graph_ms": graph, "floor_ms": row_bytes / copy_gbps / 1e6})
     for row in rows:
         print(json.dumps(row), flush=True)
@@ -235,9 +210,7 @@ def host_profile(T: int) -> list[dict]:
     H, D = CONFIG["index_n_heads"], CONFIG["index_head_dim"]
     q, k, w = indexer_inputs(1, 1, T, H, D, "cuda")
     key_range = torch.tensor([[[0, T - 1, T]]], dtype=torch.int32, device="cuda")
-    qm = torch.randn(1, 1, CONFIG["num_attention_heads"], 576, device="cuda", dtype=torch.bfloat16)
-    kv = torch.randn(1, T, 576, device="cuda", dtype=torch.bfloat16)
-    idx = strided_causal_indices(1, 1, T, TOPK, "cuda")
+    qm, kv, idx = mla_decode_inputs(1, T)
     scores = torch.randn(1, T, device="cuda")
     empty_op = torch.library.custom_op("icbench::empty", mutates_args=(), schema="(Tensor x) -> Tensor")(
         lambda x: torch.empty_like(x))
@@ -275,11 +248,8 @@ def main():
     parser.add_argument("--static-variants", nargs="+",
                         default=["compile-reduce-overhead", "compile-default", "ours-FF-inductor", "ours-FS-inductor"])
     parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--host-profile", action="store_true", help="model part: cProfile each variant's steps")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    global HOST_PROFILE
-    HOST_PROFILE = args.host_profile
     device = torch.device("cuda")
     peaks = measure_peaks(device, smoke=False, quick=True)
     rows = []
