@@ -72,6 +72,12 @@ def interpreted(fn):
     return InterpretedFunction(fn)
 
 
+def jit_helper(fn):
+    """triton.jit for @-decorated helpers called from kernels (the function itself without triton;
+    interpreted launches route JIT helpers to the interpreter, see _jit_helpers_interpreted)."""
+    return triton.jit(fn) if HAS_TRITON else fn
+
+
 def launch_config(kernel, grid, args: tuple, consts: dict, config) -> None:
     """Launch jitted ``kernel`` with one ``triton.Config`` (no autotune; the bench sweeps)."""
     kernel[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)

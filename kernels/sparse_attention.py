@@ -29,6 +29,7 @@ from ._triton_utils import (
     cdiv,
     dot_precision,
     interpreting,
+    jit_helper,
     launch_config,
     launch_interpreted,
     new_output,
@@ -42,10 +43,6 @@ from ._triton_utils import (
 from .reference import sparse_attention_ref, sparse_mla_ref
 
 LOG2E = 1.4426950408889634
-
-
-def _jit(fn):
-    return triton.jit(fn) if HAS_TRITON else fn
 
 
 def _sparse_attention_kernel(
@@ -157,7 +154,7 @@ def _sparse_attention_kernel(
                               so_split, so_d, sl_split, sf_d, SPLIT_PAD, DV_PAD)
 
 
-@_jit
+@jit_helper
 def _combine_partials(o_rows, lse_row, out_row, h_ok, DV, num_splits, so_split, so_d, sl_split, sf_d,
                       SPLIT_PAD: tl.constexpr, DV_PAD: tl.constexpr):
     """out[h, :] = sum_p w_p o_p[h, :] / sum_p w_p, w_p = 2^(lse_p - max_p lse_p) (an empty split:

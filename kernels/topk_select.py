@@ -49,6 +49,7 @@ import torch
 from ._triton_utils import (
     HAS_TRITON,
     interpreting,
+    jit_helper,
     launch_interpreted,
     new_output,
     next_pow2,
@@ -61,11 +62,7 @@ from .reference import topk_indices_from_scores
 PATH_DIRECT, PATH_FILTERED, PATH_RETRIED, PATH_EXACT = 0, 1, 2, 3
 
 
-def _jit(fn):
-    return triton.jit(fn) if HAS_TRITON else fn
-
-
-@_jit
+@jit_helper
 def _ukeys(vals):
     """fp32 [N] -> uint32 [N]: order-preserving keys, >= 1 for allowed scores; -inf / NaN -> 0."""
     bits = vals.to(tl.int32, bitcast=True)
@@ -73,25 +70,25 @@ def _ukeys(vals):
     return tl.where(vals > float("-inf"), flipped, 0).to(tl.uint32, bitcast=True)
 
 
-@_jit
+@jit_helper
 def _add3(a0, a1, a2, b0, b1, b2):
     return a0 + b0, a1 + b1, a2 + b2
 
 
-@_jit
+@jit_helper
 def _digit_trials(prefix, step):
     """The three trial keys of radix-4 step `step`: prefix with bits (31-2*step, 30-2*step) = 1, 2, 3."""
     unit = tl.full((), 0x40000000, tl.uint32) >> (2 * step)
     return prefix | unit, prefix | (2 * unit), prefix | (3 * unit)
 
 
-@_jit
+@jit_helper
 def _pick_digit(prefix, t1, t2, t3, n1, n2, n3, k):
     """The largest trial whose count (#keys >= trial) still reaches k (counts fall with the trial)."""
     return tl.where(n3 >= k, t3, tl.where(n2 >= k, t2, tl.where(n1 >= k, t1, prefix)))
 
 
-@_jit
+@jit_helper
 def _count_ge3(ukeys, t1, t2, t3, ONE_REDUCE: tl.constexpr):
     """#(ukeys >= t) for three trials. ONE_REDUCE (GPU): one block reduction of the three (one
     cross-warp exchange); else three tl.sum (the interpreter runs a custom combine per element)."""
@@ -101,7 +98,7 @@ def _count_ge3(ukeys, t1, t2, t3, ONE_REDUCE: tl.constexpr):
     return tl.sum(ge1, axis=0), tl.sum(ge2, axis=0), tl.sum(ge3, axis=0)
 
 
-@_jit
+@jit_helper
 def _min_max_count(ukeys, ONE_REDUCE: tl.constexpr):
     """(smallest allowed ukey, largest ukey, #allowed) of ukeys [N] (allowed = ukey >= 1)."""
     allowed = ukeys > 0
@@ -111,12 +108,12 @@ def _min_max_count(ukeys, ONE_REDUCE: tl.constexpr):
     return tl.min(lows, axis=0), tl.max(ukeys, axis=0), tl.sum(allowed.to(tl.int32), axis=0)
 
 
-@_jit
+@jit_helper
 def _min_max_add(a_lo, a_hi, a_n, b_lo, b_hi, b_n):
     return tl.minimum(a_lo, b_lo), tl.maximum(a_hi, b_hi), a_n + b_n
 
 
-@_jit
+@jit_helper
 def _interpolated_trial(lo, hi, c_lo, c_hi, count):
     """The key in (lo, hi) where #(ukeys >= key) should be `count`, were the counts linear in the
     key between lo (c_lo) and hi (c_hi) -- an estimate; int64."""
@@ -125,7 +122,7 @@ def _interpolated_trial(lo, hi, c_lo, c_hi, count):
     return tl.minimum(tl.maximum(trial, lo + 1), hi - 1)
 
 
-@_jit
+@jit_helper
 def _narrow_bracket(ukeys, k, lo, hi, c_lo, c_hi, ONE_REDUCE: tl.constexpr):
     """One step of the interpolation search: three trials near where the count crosses k (the
     middle one at k - 1/2, the others a quarter of the bracket's keys either side), counted in
@@ -142,7 +139,7 @@ def _narrow_bracket(ukeys, k, lo, hi, c_lo, c_hi, ONE_REDUCE: tl.constexpr):
     return new_lo, new_hi, new_c_lo, new_c_hi
 
 
-@_jit
+@jit_helper
 def _kth_ukey_interpolated(ukeys, k, MAX_STEPS: tl.constexpr, ONE_REDUCE: tl.constexpr):
     """The k-th largest ukey of ukeys [N] and whether exactly k ukeys are >= it (no ties to
     break); (1, 1) when at most k are allowed (then every allowed key is picked).
@@ -173,7 +170,7 @@ def _kth_ukey_interpolated(ukeys, k, MAX_STEPS: tl.constexpr, ONE_REDUCE: tl.con
     return kth, exact
 
 
-@_jit
+@jit_helper
 def _kth_ukey_below_prefix(ukeys, k, lo, hi, STEPS: tl.constexpr, ONE_REDUCE: tl.constexpr):
     """The radix-4 search for the k-th largest ukey, known to lie in [lo, hi] (int64): it starts
     below their common leading bits (whole 2-bit digits) and takes at most STEPS steps (fewer
@@ -190,7 +187,7 @@ def _kth_ukey_below_prefix(ukeys, k, lo, hi, STEPS: tl.constexpr, ONE_REDUCE: tl
     return prefix
 
 
-@_jit
+@jit_helper
 def _row_count_ge3(row_ptr, n, t1, t2, t3, BLOCK: tl.constexpr, STAGES: tl.constexpr, ONE_REDUCE: tl.constexpr):
     """#(ukey >= t) for three trials over the row's first n scores (one streaming pass)."""
     n1 = tl.zeros((), tl.int32)
@@ -206,7 +203,7 @@ def _row_count_ge3(row_ptr, n, t1, t2, t3, BLOCK: tl.constexpr, STAGES: tl.const
     return n1, n2, n3
 
 
-@_jit
+@jit_helper
 def _row_kth_ukey(row_ptr, n, k, BLOCK: tl.constexpr, STAGES: tl.constexpr, ONE_REDUCE: tl.constexpr):
     """The k-th largest ukey of a whole row by the radix-4 search: 16 counting passes (the exact
     fallback)."""
@@ -218,14 +215,14 @@ def _row_kth_ukey(row_ptr, n, k, BLOCK: tl.constexpr, STAGES: tl.constexpr, ONE_
     return prefix
 
 
-@_jit
+@jit_helper
 def _row_count_ge(row_ptr, n, threshold, BLOCK: tl.constexpr, STAGES: tl.constexpr, ONE_REDUCE: tl.constexpr):
     """#(ukey >= threshold) over the row's first n scores (one streaming pass)."""
     count, _, _ = _row_count_ge3(row_ptr, n, threshold, threshold, threshold, BLOCK, STAGES, ONE_REDUCE)
     return count
 
 
-@_jit
+@jit_helper
 def _sample_threshold(row_ptr, n, rank, steps, SAMPLE: tl.constexpr, GROUP: tl.constexpr, ONE_REDUCE: tl.constexpr):
     """A threshold at the rank-th largest ukey of SAMPLE of the row's n (> SAMPLE) scores
     (SAMPLE // GROUP groups of GROUP contiguous scores, evenly spread), or just below it: `steps`
@@ -240,7 +237,7 @@ def _sample_threshold(row_ptr, n, rank, steps, SAMPLE: tl.constexpr, GROUP: tl.c
     return tl.where(n_allowed < rank, 0, kth)
 
 
-@_jit
+@jit_helper
 def _float_threshold(ukey):
     """The fp32 value whose ukey is `ukey` (>= 1), for float compares: every allowed score has
     ukey >= ukey(-FLT_MAX) = 0x00800000, so lower thresholds become -FLT_MAX (keeps all finite)."""
@@ -249,7 +246,7 @@ def _float_threshold(ukey):
     return bits.to(tl.float32, bitcast=True)
 
 
-@_jit
+@jit_helper
 def _compact_block(vals, offs, threshold, kept, cand_val_ptr, cand_idx_ptr, CAND: tl.constexpr):
     """Append the block's scores >= threshold (and their indices) at scratch slot `kept` on, in
     index order. vals, offs [BLOCK // 4, 4]: each thread holds whole rows of 4 contiguous scores,
@@ -265,7 +262,7 @@ def _compact_block(vals, offs, threshold, kept, cand_val_ptr, cand_idx_ptr, CAND
     return kept + tl.sum(row_count, axis=0)
 
 
-@_jit
+@jit_helper
 def _row_compact_above(row_ptr, lo, hi, threshold, cand_val_ptr, cand_idx_ptr,
                        CAND: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     """Stream the row's scores [lo, hi), keeping (in index order) those >= threshold (fp32; -inf
@@ -284,7 +281,7 @@ def _row_compact_above(row_ptr, lo, hi, threshold, cand_val_ptr, cand_idx_ptr,
     return kept
 
 
-@_jit
+@jit_helper
 def _row_compact_ties(row_ptr, n, keep_from, tie_key, ties_allowed, cand_val_ptr, cand_idx_ptr,
                       CAND: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     """Stream the row, keeping (in index order) the allowed scores with ukey >= keep_from and the
@@ -307,7 +304,7 @@ def _row_compact_ties(row_ptr, n, keep_from, tie_key, ties_allowed, cand_val_ptr
     return kept
 
 
-@_jit
+@jit_helper
 def _filter_row(row_ptr, n, rank, steps, cand_val_ptr, cand_idx_ptr, CAND: tl.constexpr, SAMPLE: tl.constexpr,
                 GROUP: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr, ONE_REDUCE: tl.constexpr):
     """Keep the scores >= the sample's rank-th largest (scratch). Returns how many were kept, and
@@ -318,21 +315,21 @@ def _filter_row(row_ptr, n, rank, steps, cand_val_ptr, cand_idx_ptr, CAND: tl.co
     return kept, (ukey <= 0x00800000).to(tl.int32)  # 0x00800000 = ukey(-FLT_MAX)
 
 
-@_jit
+@jit_helper
 def _rescaled_rank(rank, target, kept, SAMPLE: tl.constexpr):
     """The sample rank expected to keep `target` scores, given that `rank` kept `kept` (>= 1;
     rank SAMPLE keeps the whole row); within [1, SAMPLE]."""
     return tl.minimum(tl.maximum((rank * target) // tl.maximum(kept, 1), 1), SAMPLE)
 
 
-@_jit
+@jit_helper
 def _needs_another_pass(n_cand, all_kept, topk, CAND: tl.constexpr):
     """The candidate block is not the answer yet: it overflows CAND, or it misses some of the
     top-k (fewer than topk kept while some allowed scores were not)."""
     return (n_cand > CAND) | ((n_cand < topk) & (all_kept == 0))
 
 
-@_jit
+@jit_helper
 def _row_length(row, width, diag_base, row_period):
     """How many leading scores row `row` may select from (int32; see row_lengths)."""
     return tl.minimum(width, tl.maximum(diag_base + row % row_period + 1, 0))
@@ -373,7 +370,7 @@ def _topk_filter_kernel(
     tl.store(n_cand_ptr + row, n_cand)
 
 
-@_jit
+@jit_helper
 def _row_count_above(row_ptr, lo, hi, threshold, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     """#(scores >= threshold) among the row's scores [lo, hi) (fp32 compare, as the compaction)."""
     count = tl.zeros((), tl.int32)
@@ -384,7 +381,7 @@ def _row_count_above(row_ptr, lo, hi, threshold, BLOCK: tl.constexpr, STAGES: tl
     return count
 
 
-@_jit
+@jit_helper
 def _segment_threshold(row_ptr, n, topk, CAND: tl.constexpr, SAMPLE: tl.constexpr, GROUP: tl.constexpr,
                        ONE_REDUCE: tl.constexpr):
     """The segmented form's one threshold per row (ukey >= 1): the sample's rank-th largest,
