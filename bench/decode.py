@@ -11,8 +11,12 @@ Parts (--parts):
     the GPU time (torch.profiler: the summed durations of the step's kernels). The gap is
     host time. The top kernels of each variant are listed.
   * static: the same model with a StaticCache (fixed shapes), one step at position L:
-    torch.compile(mode="reduce-overhead") (CUDA graphs), compile default and ours. Its one run on
-    the H200 (eighth run set) stopped at a device-side assert, not diagnosed (docs/benchmarks.md).
+    torch.compile(mode="reduce-overhead") (CUDA graphs), compile default and ours, with
+    ("-graphs": options={"cudagraphs": True}) and without CUDA graphs. The cache is allocated by one
+    uncompiled token (so its tensors are static addresses, which CUDA graphs need for the in-place
+    writes) and rewound to L before every step (transformers 5 writes at the cache's own running
+    length, not at cache_position: the eighth run set's device-side assert was this bench stepping
+    past max_cache_len).
   * ops (B in {1, 16}, T = L): the decode indexer (scores + top-k 2048) with torch.topk or
     kernels/topk_select.py, and sparse MLA over 2048 selected rows, each timed per call
     (triton.testing.do_bench: host launches included when they are slower than the GPU) and
@@ -30,6 +34,8 @@ import sys
 import time
 
 import torch
+
+import ic_compile
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from kernels import indexer_inputs, measure_peaks, strided_causal_indices  # noqa: E402  (bench/kernels.py)
@@ -111,20 +117,30 @@ def model_decode(model, L: int, variants: list[str], reps: int) -> list[dict]:
 
 
 def static_variant(model, name: str):
-    """name: a bench/prefill.py variant or "compile-reduce-overhead" (torch.compile's CUDA graphs)."""
+    """name: a bench/prefill.py variant, "compile-reduce-overhead" (torch.compile's CUDA graphs) or
+    ours with "-graphs" (options={"cudagraphs": True})."""
     torch._dynamo.reset()
     if name == "compile-reduce-overhead":
         return torch.compile(model, mode="reduce-overhead")
+    if name.endswith("-graphs"):  # ours-FF-inductor-graphs
+        _, plan, lowering, _ = name.split("-")
+        return torch.compile(model, backend="indexcache", options={"plan": plan, "lowering": lowering, "cudagraphs": True})
     return variant(model, name)
+
+
+def rewind(cache, length: int) -> None:
+    """Set every layer's running length (where transformers 5 writes the next token) to `length`."""
+    for layer in cache.layers:
+        layer.cumulative_length.fill_(length)
+        if getattr(layer, "indexer_cumulative_length", None) is not None:
+            layer.indexer_cumulative_length.fill_(length)
 
 
 def static_decode(model, L: int, variants: list[str], reps: int) -> list[dict]:
     """Single-token steps at position L of a StaticCache holding L prefilled tokens (fixed shapes:
     what CUDA graphs need; every step rewrites the same slot)."""
-    from transformers import StaticCache
-
     ids = torch.randint(0, CONFIG["vocab_size"], (1, L), device="cuda")
-    cache = StaticCache(config=model.config, max_cache_len=L + 8)
+    cache = ic_compile.static_cache(model, 1, L + 8)
     with torch.no_grad():
         variant(model, "ours-FF-inductor")(ids, cache=cache, use_cache=True, cache_position=torch.arange(L, device="cuda"),
                                            logits_to_keep=1)
@@ -136,6 +152,7 @@ def static_decode(model, L: int, variants: list[str], reps: int) -> list[dict]:
         fn = static_variant(model, name)
 
         def step():
+            rewind(cache, L)
             torch.compiler.cudagraph_mark_step_begin()
             fn(token, cache=cache, use_cache=True, cache_position=position)
 
@@ -246,7 +263,8 @@ def main():
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="ops part")
     parser.add_argument("--parts", nargs="+", default=["ops", "model", "static"], choices=["ops", "model", "static", "host"])
     parser.add_argument("--static-variants", nargs="+",
-                        default=["compile-reduce-overhead", "compile-default", "ours-FF-inductor", "ours-FS-inductor"])
+                        default=["compile-reduce-overhead", "compile-default", "ours-FF-inductor-graphs",
+                                 "ours-FS-inductor-graphs", "ours-FF-inductor"])
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

@@ -10,9 +10,10 @@ from .rewrite import DetectionUncertainWarning, NoIndexerFoundError, RewriteResu
 from .search import SearchResult, search_plan
 from .export import export_onnx
 from .graph_diff import graph_diff
+from .static_cache import static_cache
 from .kernels.key_range import NotAKeyRangeError
 
 __all__ = ["BackendOptions", "DetectionUncertainWarning", "ExplainReport", "LayerPlan",
            "NoIndexerFoundError", "NotAKeyRangeError", "PlanError", "RewriteResult", "SearchResult", "VerificationError", "capture_graphs",
-           "explain", "export_onnx", "graph_diff", "indexcache_backend", "rewrite", "search_plan"]
+           "explain", "export_onnx", "graph_diff", "indexcache_backend", "rewrite", "search_plan", "static_cache"]
 __version__ = "0.1.0"

@@ -42,6 +42,13 @@ class BackendOptions:
     # Inductor, which fuses their reductions, but dense in decode graphs: the op's range check is a
     # device sync; dense under eager, where the reductions would write int64 [B,S,T])
     indexer_mask: str = "auto"
+    # Inductor's CUDA-graph trees (what mode="reduce-overhead" turns on for the default backend):
+    # each graph is recorded once per distinct shape and replayed, removing the per-kernel launch
+    # cost that bounds decode. Inputs mutated in place (KV caches) must be static addresses: HF's
+    # StaticCache marks them when allocated outside a compiled graph. (Not
+    # cudagraph_skip_dynamic_graphs: HF's decode graph has symbolic sizes, and Inductor would then
+    # partition every op that uses them, our ops included, out of the graphs.)
+    cudagraphs: bool = False
     rtol: float | None = None  # verify tolerances; by dtype when None
     atol: float | None = None
 
@@ -57,6 +64,9 @@ class BackendOptions:
             raise PlanError(f"lowering={parsed.lowering!r} is not one of {LOWERINGS}")
         if parsed.indexer_mask not in INDEXER_MASKS:
             raise PlanError(f"indexer_mask={parsed.indexer_mask!r} is not one of {INDEXER_MASKS}")
+        if parsed.cudagraphs and parsed.lowering != "inductor":
+            raise PlanError(f"cudagraphs=True needs lowering='inductor' (got {parsed.lowering!r}): the CUDA "
+                            "graphs are Inductor's")
         return parsed
 
 
@@ -67,7 +77,7 @@ def indexcache_backend(gm: fx.GraphModule, example_inputs, options: dict | None 
                      sparse_attention=opts.sparse_attention, indexer_mask=_indexer_mask(opts))
     last_results.append(result)
     _check_found(result, opts)
-    compiled = lower(result.gm, example_inputs, opts.lowering)
+    compiled = lower(result.gm, example_inputs, opts.lowering, cudagraphs=opts.cudagraphs)
     if opts.verify and result.changed:
         return _verifying(_PlanReference(gm, result), compiled, opts)
     return compiled
@@ -100,12 +110,15 @@ def _indexer_mask(opts: "BackendOptions") -> str:
     return "auto" if opts.lowering == "inductor" else "dense"
 
 
-def lower(gm: fx.GraphModule, example_inputs, lowering: str) -> Callable:
+CUDAGRAPH_PATCHES = {"triton.cudagraphs": True}  # what mode="reduce-overhead" sets
+
+
+def lower(gm: fx.GraphModule, example_inputs, lowering: str, cudagraphs: bool = False) -> Callable:
     if lowering == "eager":
         return gm.forward
     if lowering == "inductor":
         from torch._inductor.compile_fx import compile_fx
-        return compile_fx(gm, example_inputs)
+        return compile_fx(gm, example_inputs, config_patches=CUDAGRAPH_PATCHES if cudagraphs else None)
     from .tensorrt import compile_tensorrt  # raises a clear error when TensorRT is absent
     return compile_tensorrt(gm, example_inputs)
 

@@ -53,10 +53,21 @@ class RewriteResult:
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    graph = fx.Graph()
-    output = graph.graph_copy(gm.graph, {})
+    """A copy that still reads as Dynamo's graph: its meta (dynamo_compile_id), parameter sources and
+    each placeholder's _dynamo_source, from which AOTAutograd finds the static inputs (parameters,
+    inputs marked with mark_static_address such as HF's StaticCache tensors). Without them Inductor's
+    CUDA graphs copy every weight into the graph on each replay and skip graphs that write a cache."""
+    graph, copies = fx.Graph(), {}
+    output = graph.graph_copy(gm.graph, copies)
     graph.output(output)
-    return fx.GraphModule(gm, graph)
+    copied = fx.GraphModule(gm, graph)
+    copied.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        copied._param_name_to_source = gm._param_name_to_source
+    for node, copy in copies.items():
+        if hasattr(node, "_dynamo_source"):
+            copy._dynamo_source = node._dynamo_source
+    return copied
 
 
 def rewrite(gm: fx.GraphModule, plan=None, *, strict: bool = False, kernels: bool = False,

@@ -52,10 +52,16 @@ def indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=N
     When the mask / ranges allow exactly the causal rows, the causal path runs alone; ranges that
     stay within them (e.g. a left-padded batch) run with the causal rule added (same answer).
     Decode-sized calls (decode_form) skip the dense mask's causal check: the causal path would skip
-    no key tile there, and the check is a device sync (decode is host-bound without CUDA graphs)."""
+    no key tile there, and the check is a device sync (decode is host-bound without CUDA graphs).
+    While a CUDA graph is being captured neither check runs (a sync cannot be captured): the ranges
+    or mask are read as given, on the general path -- the same answer, without the causal skips.
+    The contiguity of key ranges is then not checked: Inductor's CUDA-graph trees run every graph
+    uncaptured first (warm-up), which checks the masks that graph's code builds."""
     S, T = q.shape[1], k.shape[1]
     if mask is not None and key_range is not None:
         raise ValueError("ic::indexer_topk: pass either mask or key_range, not both")
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        return _indexer_topk(q, k, w, topk, mask, causal, sorted=sorted, key_range=key_range)
     if key_range is not None:
         plain_causal, within_causal = check_key_range(key_range, S, T, causal)
         if plain_causal:

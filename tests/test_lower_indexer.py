@@ -259,16 +259,18 @@ def test_hf_left_padded_prefill_on_gpu_reads_key_ranges(monkeypatch):
     assert (got[:, 37:] - want[:, 37:]).abs().max().item() < 1e-3
 
 
-def _static_cache_steps(run, model, ids, steps, max_len):
-    """Last-token logits of a prefill and single-token steps with a StaticCache (fixed shapes)."""
+def _static_cache_steps(run, model, ids, steps, max_len, cache=None):
+    """Last-token logits of a prefill and single-token steps with a StaticCache (fixed shapes).
+    (transformers 5 writes each step at the cache's running length; cache_position agrees with it.)"""
     from transformers import StaticCache
 
-    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    cache = cache or StaticCache(config=model.config, max_cache_len=max_len)
     n, out = ids.shape[1], []
     with torch.no_grad():
         for t, tokens in enumerate([ids] + [steps[:, i:i + 1] for i in range(steps.shape[1])]):
             position = torch.arange(n, device=ids.device) if t == 0 else torch.tensor([n + t - 1], device=ids.device)
-            out.append(run(tokens, cache=cache, use_cache=True, cache_position=position).logits[:, -1])
+            # a copy: under CUDA graphs the output lives in the graph's pool, rewritten by the next replay
+            out.append(run(tokens, cache=cache, use_cache=True, cache_position=position).logits[:, -1].clone())
     return out
 
 
@@ -277,10 +279,7 @@ def _static_cache_steps(run, model, ids, steps, max_len):
 def test_static_cache_prefill_and_decode_on_gpu(eight_heads, monkeypatch):
     """A StaticCache (fixed shapes; keys past the filled positions masked): prefill with key ranges
     (within causal: T = max_cache_len > S), decode with the dense mask; logits equal HF's own plan.
-    (The same with the Triton interpreter on CPU, IC_KERNELS_TRITON=1: max |diff| 2.4e-4.)
-    Not yet run on a GPU: the one StaticCache run on the H200 (bench/decode.py --parts static,
-    eighth run set) stopped at a device-side assert ('index out of bounds: 0 <= tmp13 < 16392' in
-    an Inductor kernel), not diagnosed -- expect this test to show it."""
+    (The same with the Triton interpreter on CPU, IC_KERNELS_TRITON=1: max |diff| 2.4e-4.)"""
     monkeypatch.setitem(tiny_models.HF_TINY, "index_topk", 64)  # topk_select's filtered rows (W > 128)
     monkeypatch.setitem(tiny_models.HF_TINY, "max_position_embeddings", 1024)
     model = tiny_models.glm().cuda()
@@ -289,6 +288,78 @@ def test_static_cache_prefill_and_decode_on_gpu(eight_heads, monkeypatch):
     got = _static_cache_steps(compiled(model, "FSFS", "inductor"), model, ids, steps, 320)
     for w, g in zip(want, got):
         assert (w - g).abs().max().item() < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cudagraphs_static_cache_decode_on_gpu(eight_heads, monkeypatch):
+    """options={"cudagraphs": True} with a StaticCache: no graph is skipped, the decode steps after
+    the warm-up and recording replay our ops from the graph (their Python never runs), and prefill
+    + every step equal HF's own plan. (HF's MoE must be capturable: its fp32 grouped_mm fallback
+    syncs (offs.tolist()), so this fp32 model runs its experts as batched_mm.)"""
+    from torch._dynamo.utils import counters
+
+    from ic_compile.kernels import ops
+
+    monkeypatch.setitem(tiny_models.HF_TINY, "index_topk", 64)
+    monkeypatch.setitem(tiny_models.HF_TINY, "max_position_embeddings", 1024)
+    model = tiny_models.glm().cuda()
+    ids, steps = tiny_models.random_ids(batch=2, seq=300).cuda(), tiny_models.random_ids(batch=2, seq=5, seed=5).cuda()
+    want = _static_cache_steps(tiny_models.glm_with_plan(model, "FSFS").cuda(), model, ids, steps, 320)
+    model.config._experts_implementation = "batched_mm"
+    torch._dynamo.reset()
+    counters.clear()
+    calls, op_calls = [], []  # forward calls; the forward call during which each op's Python ran
+    for name in ("_indexer_topk", "_sparse_mla"):
+        monkeypatch.setattr(ops, name, lambda *a, _fn=getattr(ops, name), **kw: op_calls.append(len(calls)) or _fn(*a, **kw))
+    graphs = torch.compile(model, backend="indexcache", options={"plan": "FSFS", "cudagraphs": True})
+    got = _static_cache_steps(lambda *a, **kw: calls.append(1) or graphs(*a, **kw), model, ids, steps, 320,
+                              cache=ic_compile.static_cache(graphs, 2, 320))
+    for w, g in zip(want, got):
+        assert (w - g).abs().max().item() < 1e-3
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert op_calls and max(op_calls) <= 3, f"ops ran outside a CUDA graph in forward calls {sorted(set(op_calls))}"
+
+
+def test_rewritten_graph_keeps_dynamo_static_inputs(eight_heads):
+    """The rewritten graph still reads as Dynamo's to AOTAutograd (compile id, placeholder sources):
+    otherwise it finds no static inputs, and Inductor's CUDA graphs copy every weight per replay and
+    skip the decode graph for writing the cache (seen on the H200). The StaticCache's tensors stay
+    marked static in the decode graph."""
+    from ic_compile.backend import last_results
+
+    model = tiny_models.glm()
+    ids = tiny_models.random_ids(batch=1, seq=20)
+    cache = ic_compile.static_cache(model, 1, 32)
+    last_results.clear()
+    torch._dynamo.reset()
+    _static_cache_steps(compiled(model, "FSFS", "inductor"), model, ids, ids[:, :2], 32, cache=cache)
+    rewritten = [r for r in last_results if r.changed]
+    assert rewritten
+    for result in rewritten:
+        assert result.gm.meta.get("dynamo_compile_id") == result.original.meta["dynamo_compile_id"]
+        assert all(hasattr(node, "_dynamo_source") for node in result.gm.graph.find_nodes(op="placeholder"))
+    decode = [r for r in rewritten if any(shape_of(n) == (1, 1) for n in r.gm.graph.find_nodes(op="placeholder"))]
+    marked = [n for n in decode[-1].gm.graph.find_nodes(op="placeholder")
+              if n.meta.get("tensor_dict", {}).get("_dynamo_static_input_type")]
+    assert len(marked) >= 4, "the cache tensors are not marked static in the decode graph"
+
+
+def test_static_cache_helper_allocates_marked_empty_tensors(eight_heads):
+    """ic_compile.static_cache (given the torch.compile wrapper): every cache tensor exists, is
+    marked as a static address (what CUDA graphs need for in-place writes) and is empty again."""
+    model = tiny_models.glm()
+    cache = ic_compile.static_cache(torch.compile(model, backend="indexcache"), batch_size=2, max_cache_len=16)
+    tensors = [t for layer in cache.layers for t in vars(layer).values() if isinstance(t, torch.Tensor)]
+    assert len(tensors) == 5 * len(cache.layers)  # keys, values, length; indexer keys, indexer length
+    assert all(getattr(t, "_dynamo_static_input_type", None) for t in tensors)
+    assert all(not t.any() for t in tensors)
+    assert cache.layers[0].keys.shape[:3] == (2, 1, 16)
+
+
+def test_cudagraphs_needs_inductor():
+    with pytest.raises(ic_compile.PlanError, match="cudagraphs=True needs lowering='inductor'"):
+        ic_compile.backend.BackendOptions.parse({"cudagraphs": True, "lowering": "eager"})
 
 
 def test_static_cache_prefill_and_decode(eight_heads):
