@@ -16,7 +16,7 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_leaves
 
-from ic_compile.passes.lower_indexer import INDEXER_MASKS
+from ic_compile.passes.lower_indexer import INDEXER_MASKS, prefill_indexers, skip_host_checks
 
 from .plan import PlanError
 from .rewrite import NoIndexerFoundError, RewriteResult, rewrite
@@ -45,9 +45,10 @@ class BackendOptions:
     # Inductor's CUDA-graph trees (what mode="reduce-overhead" turns on for the default backend):
     # each graph is recorded once per distinct shape and replayed, removing the per-kernel launch
     # cost that bounds decode. Inputs mutated in place (KV caches) must be static addresses: HF's
-    # StaticCache marks them when allocated outside a compiled graph. (Not
-    # cudagraph_skip_dynamic_graphs: HF's decode graph has symbolic sizes, and Inductor would then
-    # partition every op that uses them, our ops included, out of the graphs.)
+    # StaticCache marks them when allocated outside a compiled graph. Graphs with a prefill-sized
+    # indexer are not captured (see _graphable). (Not cudagraph_skip_dynamic_graphs: HF's decode
+    # graph has symbolic sizes, and Inductor would then partition every op that uses them, our ops
+    # included, out of the graphs.)
     cudagraphs: bool = False
     rtol: float | None = None  # verify tolerances; by dtype when None
     atol: float | None = None
@@ -77,7 +78,7 @@ def indexcache_backend(gm: fx.GraphModule, example_inputs, options: dict | None 
                      sparse_attention=opts.sparse_attention, indexer_mask=_indexer_mask(opts))
     last_results.append(result)
     _check_found(result, opts)
-    compiled = lower(result.gm, example_inputs, opts.lowering, cudagraphs=opts.cudagraphs)
+    compiled = lower(result.gm, example_inputs, opts.lowering, cudagraphs=opts.cudagraphs and _graphable(result))
     if opts.verify and result.changed:
         return _verifying(_PlanReference(gm, result), compiled, opts)
     return compiled
@@ -108,6 +109,19 @@ def _indexer_mask(opts: "BackendOptions") -> str:
     if opts.indexer_mask != "auto":
         return opts.indexer_mask
     return "auto" if opts.lowering == "inductor" else "dense"
+
+
+def _graphable(result: RewriteResult) -> bool:
+    """cudagraphs=True: is this graph to be captured? Not graphs with a prefill-sized indexer: their
+    GPU time dwarfs the launch cost graphs remove, and ic::indexer_topk picks its fastest exact path
+    (causal tile skipping) from the mask's data with a device sync, which a graph can neither hold
+    nor replay for other data. Graphs that are captured (decode) get check=False on their indexers:
+    one data-independent path, the same in the uncaptured warm-up (where autotuning happens) and in
+    the capture."""
+    if prefill_indexers(result.gm):
+        return False
+    skip_host_checks(result.gm)
+    return True
 
 
 CUDAGRAPH_PATCHES = {"triton.cudagraphs": True}  # what mode="reduce-overhead" sets

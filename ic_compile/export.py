@@ -48,7 +48,7 @@ class ExportError(ValueError):
 
 
 # ------------------------------------------------------------------------------ decompositions
-def _indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=None):
+def _indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=None, check=True):
     """ic::indexer_topk in standard ops (no loops, symbolic S/T): q [B,S,H,D], k [B,T,D], w [B,S,H]
     -> int32 [B,S,topk], -1 where fewer than topk keys are allowed (matches kernels/reference.py).
     key_range is read as ranges without the op's contiguity check (the export lowers with

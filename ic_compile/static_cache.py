@@ -19,16 +19,16 @@ import torch
 
 def static_cache(model: torch.nn.Module, batch_size: int, max_cache_len: int):
     """A transformers StaticCache for `model` whose tensors are allocated (outside any compiled
-    graph, so marked as static addresses) and empty. `model` may be the torch.compile wrapper: its
-    original module runs the one allocating token."""
+    graph, so marked as static addresses) and empty. `model` may already be compiled (torch.compile
+    of the module or of its forward, as for `generate`): the allocating token runs eagerly."""
     from transformers import StaticCache
 
-    eager = getattr(model, "_orig_mod", model)
-    cache = StaticCache(config=eager.config, max_cache_len=max_cache_len)
-    cache_kwarg = "cache" if "cache" in inspect.signature(eager.forward).parameters else "past_key_values"
-    token = torch.zeros((batch_size, 1), dtype=torch.long, device=eager.device)
-    with torch.no_grad():
-        eager(token, use_cache=True, **{cache_kwarg: cache})
+    module = getattr(model, "_orig_mod", model)
+    cache = StaticCache(config=module.config, max_cache_len=max_cache_len)
+    cache_kwarg = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+    token = torch.zeros((batch_size, 1), dtype=torch.long, device=module.device)
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        model(token, use_cache=True, **{cache_kwarg: cache})
     cache.reset()
     return cache
 

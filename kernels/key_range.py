@@ -60,6 +60,15 @@ def check_key_range(key_range: torch.Tensor, S: int, T: int, causal: bool) -> tu
     return bool(plain_causal), bool(within_causal)
 
 
+def assert_key_range_async(key_range: torch.Tensor) -> None:
+    """check_key_range's contiguity test without a sync (capturable in a CUDA graph): a device-side
+    assert on CUDA (it stops the process with this message), a RuntimeError on CPU."""
+    lo, hi, count = key_range.unbind(-1)
+    torch._assert_async(((count == 0) | (count == hi - lo + 1)).all(),
+                        "ic::indexer_topk: the attention mask is not one contiguous key range per query; "
+                        f"compile with {DENSE_OPTION} for such masks (tree attention, block-sparse)")
+
+
 def _not_a_range_message(lo, hi, count) -> str:
     b, s = [int(i) for i in ((count != 0) & (count != hi - lo + 1)).nonzero()[0]]
     n, first, last = int(count[b, s]), int(lo[b, s]), int(hi[b, s])
@@ -69,4 +78,5 @@ def _not_a_range_message(lo, hi, count) -> str:
             f"compile with {DENSE_OPTION} to hand the indexer the dense mask instead.")
 
 
-__all__ = ["DENSE_OPTION", "NotAKeyRangeError", "check_key_range", "key_range_of", "range_allowed"]
+__all__ = ["DENSE_OPTION", "NotAKeyRangeError", "assert_key_range_async", "check_key_range", "key_range_of",
+           "range_allowed"]

@@ -1,7 +1,7 @@
 """torch.library custom ops in namespace ``ic`` (importing this module registers them).
 
     ic::indexer_topk(Tensor q, Tensor k, Tensor w, SymInt topk, Tensor? mask=None, bool causal=True,
-                     bool sorted=True, Tensor? key_range=None) -> Tensor
+                     bool sorted=True, Tensor? key_range=None, bool check=True) -> Tensor
     ic::sparse_attention(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, bool causal=True) -> Tensor
     ic::sparse_mla(Tensor q, Tensor kv, Tensor indices, float scale, int dv, bool causal=True) -> Tensor
 
@@ -25,7 +25,7 @@ import torch
 
 from .indexer_topk import decode_form
 from .indexer_topk import indexer_topk as _indexer_topk
-from .key_range import check_key_range
+from .key_range import assert_key_range_async, check_key_range
 from .mask_within_causal import mask_within_causal
 from .sparse_attention import sparse_attention as _sparse_attention
 from .sparse_attention import sparse_mla as _sparse_mla
@@ -36,13 +36,13 @@ NAMESPACE = "ic"
 # traced value (a guard in torch.compile, and in torch.export a runtime assert that ONNX drops: the
 # exported graph then padded short prompts' rows with -1 instead of selecting fewer keys).
 _INDEXER_TOPK_SCHEMA = ("(Tensor q, Tensor k, Tensor w, SymInt topk, Tensor? mask=None, bool causal=True, "
-                        "bool sorted=True, Tensor? key_range=None) -> Tensor")
+                        "bool sorted=True, Tensor? key_range=None, bool check=True) -> Tensor")
 _SPARSE_ATTENTION_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, bool causal=True) -> Tensor"
 _SPARSE_MLA_SCHEMA = "(Tensor q, Tensor kv, Tensor indices, float scale, int dv, bool causal=True) -> Tensor"
 
 
 @torch.library.custom_op(f"{NAMESPACE}::indexer_topk", mutates_args=(), schema=_INDEXER_TOPK_SCHEMA)
-def indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=None):
+def indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=None, check=True):
     """q [B,S,H,D], k [B,T,D], w [B,S,H] -> int32 [B,S,topk] (-1 padded). sorted=False: rows
     may come in any order (the lowering asks for that when every consumer ignores order).
 
@@ -53,14 +53,17 @@ def indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=N
     stay within them (e.g. a left-padded batch) run with the causal rule added (same answer).
     Decode-sized calls (decode_form) skip the dense mask's causal check: the causal path would skip
     no key tile there, and the check is a device sync (decode is host-bound without CUDA graphs).
-    While a CUDA graph is being captured neither check runs (a sync cannot be captured): the ranges
-    or mask are read as given, on the general path -- the same answer, without the causal skips.
-    The contiguity of key ranges is then not checked: Inductor's CUDA-graph trees run every graph
-    uncaptured first (warm-up), which checks the masks that graph's code builds."""
+    check=False (the lowering's choice under CUDA graphs), or a call while a CUDA graph is being
+    captured: neither check runs (each is a device sync, which a graph cannot hold, and a path chosen
+    from one call's data would be replayed for other data): the mask or ranges are read as given, on
+    the general path -- the same answer, without the causal skips -- and the ranges' contiguity is
+    asserted on the device (torch._assert_async: a device-side assert, not a silent wrong answer)."""
     S, T = q.shape[1], k.shape[1]
     if mask is not None and key_range is not None:
         raise ValueError("ic::indexer_topk: pass either mask or key_range, not both")
-    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+    if not check or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if key_range is not None:
+            assert_key_range_async(key_range)
         return _indexer_topk(q, k, w, topk, mask, causal, sorted=sorted, key_range=key_range)
     if key_range is not None:
         plain_causal, within_causal = check_key_range(key_range, S, T, causal)
@@ -73,7 +76,7 @@ def indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=N
 
 
 @indexer_topk.register_fake
-def _(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=None):
+def _(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=None, check=True):
     B, S = q.shape[0], q.shape[1]
     return q.new_empty((B, S, topk), dtype=torch.int32)
 

@@ -68,20 +68,39 @@ def lower_indexer(gm: fx.GraphModule, matches: list[IndexerMatch], report: Lower
     return gm
 
 
-def lowered_indexer(q, k, w, scale, mask, topk, w_layout, mask_kind, ordered=True, indexer_mask="ranges"):
+def lowered_indexer(q, k, w, scale, mask, topk, w_layout, mask_kind, ordered=True, indexer_mask="ranges",
+                    check=True):
     """Canonical layouts, then the fused op -> int32 [B,S,topk], -1 where fewer keys are allowed;
     rows descending by score when `ordered` (else any order, which lets CUDA use topk_select).
     indexer_mask "ranges": the mask reaches the op as key ranges [B,S,3]; "dense": as itself; "auto":
-    dense when S is a constant <= DENSE_MASK_MAX_QUERIES (decode graphs), else ranges."""
+    dense when S is a constant <= DENSE_MASK_MAX_QUERIES (decode graphs), else ranges. check: the
+    op's host-side checks (False under CUDA graphs)."""
     # q [B,S,H,D], k [B,T,D] in the model's dtype: bf16 products are exact in the fp32 accumulator,
     # so skipping the model's .float() upcast changes only the summation order (and uses tensor cores)
     if q.dtype != k.dtype:
         q, k = q.float(), k.float()
     w = (w.squeeze(-2) if w_layout == "bs1h" else w.squeeze(-1)).float() * scale  # [B,S,H]
     allowed = _allowed(mask, mask_kind, q.shape[0], q.shape[1], k.shape[1])  # bool [B,S,T] | None
+    checks = {} if check else {"check": False}
     if allowed is None or indexer_mask == "dense" or (indexer_mask == "auto" and _decode_sized(q.shape[1])):
-        return torch.ops.ic.indexer_topk(q, k, w, topk, allowed, False, ordered)  # [B,S,topk] int32
-    return torch.ops.ic.indexer_topk(q, k, w, topk, None, False, ordered, key_range=key_range_of(allowed))
+        return torch.ops.ic.indexer_topk(q, k, w, topk, allowed, False, ordered, **checks)  # [B,S,topk] int32
+    return torch.ops.ic.indexer_topk(q, k, w, topk, None, False, ordered, key_range=key_range_of(allowed), **checks)
+
+
+def prefill_indexers(gm: fx.GraphModule) -> list[fx.Node]:
+    """The graph's lowered indexers whose query count is not a constant <= DENSE_MASK_MAX_QUERIES."""
+    calls = (n for n in gm.graph.nodes if n.op == "call_function" and n.target is lowered_indexer)
+    return [n for n in calls if not _decode_sized(shape_of(n.args[0])[1])]
+
+
+def skip_host_checks(gm: fx.GraphModule) -> None:
+    """check=False on every lowered indexer: the graph is to be captured as a CUDA graph, which can
+    hold no device sync and replays one kernel path for all later data (see ic::indexer_topk)."""
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is lowered_indexer]
+    for node in calls:
+        node.args = node.args[:10] + (False,)  # _replace passes all ten leading arguments
+    if calls:
+        gm.recompile()
 
 
 def _decode_sized(S) -> bool:

@@ -56,21 +56,44 @@ def test_decode_matches_native_plan(plan, lowering):
             assert keys.shape[1] == ids.shape[1] + steps.shape[1]
 
 
+def _left_padded_generate_kwargs() -> dict:
+    """Greedy HF `generate` arguments for a batch of two, the second row left-padded by 5 tokens."""
+    ids = random_ids(batch=2, seq=12)
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :5] = 0
+    return dict(input_ids=ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                output_logits=True, return_dict_in_generate=True)
+
+
 @pytest.mark.parametrize("kernels", [False, True], ids=["graph", "fused_ops"])
 def test_generate_with_left_padding_matches_native_plan(kernels):
     """The user's flow: a batch with a left-padded row through HF `generate` (greedy, KV cache),
     our backend compiling `forward`; tokens equal the native plan's, logits at every step close."""
-    plan = "FSFS"
-    ids = random_ids(batch=2, seq=12)
-    attention_mask = torch.ones_like(ids)
-    attention_mask[1, :5] = 0
-    kwargs = dict(input_ids=ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
-                  output_logits=True, return_dict_in_generate=True)
+    plan, kwargs = "FSFS", _left_padded_generate_kwargs()
     want = glm_with_plan(glm(), plan).generate(**kwargs)
     model = glm()
     model.forward = torch.compile(model.forward, backend="indexcache",
                                   options={"plan": plan, "kernels": kernels})
     got = model.generate(**kwargs)
+    assert torch.equal(got.sequences, want.sequences)
+    for w, g in zip(want.logits, got.logits):
+        assert (w - g).abs().max().item() < 1e-4
+
+
+def test_generate_with_static_cache_and_cudagraphs_option_matches_native_plan():
+    """The decode recipe of the README through HF `generate`: forward compiled with
+    cudagraphs=True, a StaticCache from ic_compile.static_cache (made after compiling: its token
+    runs eagerly, so the cache tensors are static addresses), a left-padded batch. (On CPU Inductor
+    runs no CUDA graphs; tests/test_lower_indexer.py has the GPU version.)"""
+    plan, kwargs = "FSFS", _left_padded_generate_kwargs()
+    native = glm_with_plan(glm(), plan)
+    want = native.generate(**kwargs, cache=ic_compile.static_cache(native, 2, 24))
+    model = glm()
+    model.forward = torch.compile(model.forward, backend="indexcache", options={"plan": plan, "cudagraphs": True})
+    cache = ic_compile.static_cache(model, 2, 24)
+    assert all(getattr(t, "_dynamo_static_input_type", None)
+               for layer in cache.layers for t in vars(layer).values() if isinstance(t, torch.Tensor))
+    got = model.generate(**kwargs, cache=cache)
     assert torch.equal(got.sequences, want.sequences)
     for w, g in zip(want.logits, got.logits):
         assert (w - g).abs().max().item() < 1e-4

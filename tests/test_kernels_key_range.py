@@ -149,6 +149,32 @@ def test_non_range_mask_is_an_error_naming_the_dense_option():
         _op(q, k, w, 3, mask=tree, key_range=key_range_of(tree))
 
 
+@pytest.mark.parametrize("kind", ["left_padded", "causal"])
+def test_unchecked_ranges_run_as_given(kind, monkeypatch, request):
+    """check=False (the lowering's choice under CUDA graphs): no host check (device sync) runs, and
+    the kernel gets the ranges and the causal flag as given -- one path whatever the data, so a
+    captured graph replays correctly -- with the reference's answer."""
+    seed_everything(request.node.name)
+    calls = _calls_of_kernel(monkeypatch)
+    monkeypatch.setattr(ops, "check_key_range", lambda *a: pytest.fail("check_key_range ran (a device sync)"))
+    B, S, T = 2, 8, 12
+    q, k, w = indexer_inputs(B, S, T, 2, 16)
+    mask = range_mask(kind, B, S, T)
+    got = torch.ops.ic.indexer_topk(q, k, w, 4, None, False, key_range=key_range_of(mask), check=False)
+    assert torch.equal(got, indexer_topk_ref(q, k, w, 4, mask, False))
+    assert calls[0]["key_range"] is not None and calls[0]["causal"] is False
+
+
+def test_unchecked_non_range_mask_still_fails_loudly():
+    """check=False still refuses a mask that is not one key range per query: an assert on the
+    device (CUDA: a device-side assert; CPU: this RuntimeError), not a silent wrong answer."""
+    q, k, w = indexer_inputs(2, 6, 6, 2, 16)
+    tree = range_mask("causal", 2, 6, 6).clone()
+    tree[1, 4, 2] = False
+    with pytest.raises(RuntimeError, match="not one contiguous key range per query.*'indexer_mask': 'dense'"):
+        torch.ops.ic.indexer_topk(q, k, w, 3, None, False, key_range=key_range_of(tree), check=False)
+
+
 def test_check_key_range_broadcasts_over_batch_and_queries():
     one_row = torch.tensor([[[0, 9, 10]]], dtype=torch.int32)  # [1,1,3]: every query sees keys 0..9
     assert check_key_range(one_row, 1, 10, causal=False) == (True, True)  # decode: the one query's causal row

@@ -46,6 +46,19 @@ def _left_padded(ids, pad=5):
     return attention_mask
 
 
+def _left_padded_last_logits(run, model, ids, steps):
+    """Last-token logits of a left-padded prefill and single-token steps with a DynamicCache."""
+    from transformers import DynamicCache
+
+    cache, attention_mask = DynamicCache(config=model.config), _left_padded(ids)
+    with torch.no_grad():
+        out = [run(ids, attention_mask=attention_mask, cache=cache, use_cache=True).logits[:, -1]]
+        for t in range(steps.shape[1]):
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            out.append(run(steps[:, t:t + 1], attention_mask=attention_mask, cache=cache, use_cache=True).logits[:, -1])
+    return out
+
+
 @pytest.mark.parametrize("plan", ["FSFS", "FFSF"])
 def test_hf_left_padded_prefill_with_fused_indexer(eight_heads, plan):
     """A padded batch: the indexer gets key ranges that start at the padding (and none for the
@@ -321,6 +334,30 @@ def test_cudagraphs_static_cache_decode_on_gpu(eight_heads, monkeypatch):
     assert op_calls and max(op_calls) <= 3, f"ops ran outside a CUDA graph in forward calls {sorted(set(op_calls))}"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_generate_with_cudagraphs_on_gpu(eight_heads, monkeypatch):
+    """HF `generate` with forward compiled with cudagraphs=True and ic_compile.static_cache, a
+    left-padded batch (prefill with key ranges), run twice with the same shapes: the second
+    prefill is captured in a CUDA graph (the op's capture path: no range check, no causal skip).
+    Tokens equal HF's own plan's and logits stay close, both times."""
+    monkeypatch.setitem(tiny_models.HF_TINY, "index_topk", 64)
+    monkeypatch.setitem(tiny_models.HF_TINY, "max_position_embeddings", 1024)
+    model = tiny_models.glm().cuda()
+    native = tiny_models.glm_with_plan(model, "FSFS").cuda()
+    model.config._experts_implementation = "batched_mm"  # HF's fp32 grouped_mm fallback syncs
+    model.forward = torch.compile(model.forward, backend="indexcache", options={"plan": "FSFS", "cudagraphs": True})
+    for seed in (0, 1):
+        ids = tiny_models.random_ids(batch=2, seq=300, seed=seed).cuda()
+        kwargs = dict(input_ids=ids, attention_mask=_left_padded(ids, pad=37), max_new_tokens=5, do_sample=False,
+                      pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        want = native.generate(**kwargs, cache=ic_compile.static_cache(native, 2, 320))
+        got = model.generate(**kwargs, cache=ic_compile.static_cache(model, 2, 320))
+        assert torch.equal(got.sequences, want.sequences), f"generate call {seed}"
+        for w, g in zip(want.logits, got.logits):
+            assert (w - g).abs().max().item() < 1e-3
+
+
 def test_rewritten_graph_keeps_dynamo_static_inputs(eight_heads):
     """The rewritten graph still reads as Dynamo's to AOTAutograd (compile id, placeholder sources):
     otherwise it finds no static inputs, and Inductor's CUDA graphs copy every weight per replay and
@@ -357,6 +394,35 @@ def test_static_cache_helper_allocates_marked_empty_tensors(eight_heads):
     assert cache.layers[0].keys.shape[:3] == (2, 1, 16)
 
 
+def test_cudagraphs_option_captures_decode_graphs_only(eight_heads, monkeypatch):
+    """cudagraphs=True: graphs with a prefill-sized indexer are compiled without CUDA graphs (their
+    indexer keeps its host checks and causal fast path); decode graphs are captured, their indexers
+    with check=False (no device sync; one path in warm-up and capture), so their op runs no check.
+    A left-padded prefill (key ranges) and decode steps still equal HF's own plan. (On CPU Inductor
+    records no graphs; the GPU tests above do.)"""
+    from ic_compile import backend
+    from ic_compile.kernels import ops
+
+    graphed, checks = [], []
+    monkeypatch.setattr(backend, "lower", lambda gm, inputs, lowering, cudagraphs=False, _lower=backend.lower:
+                        graphed.append(cudagraphs) or _lower(gm, inputs, lowering, cudagraphs))
+    monkeypatch.setattr(ops, "check_key_range", lambda *a, _fn=ops.check_key_range: checks.append(a[1]) or _fn(*a))
+    model = tiny_models.glm()
+    ids, steps = tiny_models.random_ids(seq=20), tiny_models.random_ids(seq=2, seed=5)
+    graphs = torch.compile(model, backend="indexcache", options={"plan": "FSFS", "kernels": True, "cudagraphs": True})
+
+    backend.last_results.clear()
+    want = _left_padded_last_logits(tiny_models.glm_with_plan(model, "FSFS"), model, ids, steps)
+    got = _left_padded_last_logits(graphs, model, ids, steps)
+    for w, g in zip(want, got):
+        assert (w - g).abs().max().item() < 1e-4
+    prefill, decode = backend.last_results[0].gm, backend.last_results[-1].gm
+    assert graphed[0] is False and graphed[-1] is True
+    assert all(len(n.args) == 10 for n in prefill.graph.nodes if n.target is lowered_indexer)
+    assert all(n.args[10] is False for n in decode.graph.nodes if n.target is lowered_indexer)
+    assert checks and set(checks) == {20}, "only the prefill (20 queries) checks its key ranges"
+
+
 def test_cudagraphs_needs_inductor():
     with pytest.raises(ic_compile.PlanError, match="cudagraphs=True needs lowering='inductor'"):
         ic_compile.backend.BackendOptions.parse({"cudagraphs": True, "lowering": "eager"})
@@ -377,8 +443,6 @@ def test_decode_graphs_hand_the_op_the_dense_mask(eight_heads, monkeypatch):
     ranges; the decode graphs (one query) the dense [B,1,T] mask, and the op runs neither the range
     check nor the mask's causal check for them (each a device sync: decode without CUDA graphs is
     host-bound). Last-token logits equal HF's own plan at every step."""
-    from transformers import DynamicCache
-
     from ic_compile.kernels import ops
 
     got_forms, checks = [], []
@@ -394,17 +458,8 @@ def test_decode_graphs_hand_the_op_the_dense_mask(eight_heads, monkeypatch):
     model = tiny_models.glm()
     ids, steps = tiny_models.random_ids(seq=20), tiny_models.random_ids(seq=2, seed=5)
 
-    def last_logits(run):
-        cache, attention_mask = DynamicCache(config=model.config), _left_padded(ids)
-        with torch.no_grad():
-            out = [run(ids, attention_mask=attention_mask, cache=cache, use_cache=True).logits[:, -1]]
-            for t in range(steps.shape[1]):
-                attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-                out.append(run(steps[:, t:t + 1], attention_mask=attention_mask, cache=cache, use_cache=True).logits[:, -1])
-        return out
-
-    want = last_logits(tiny_models.glm_with_plan(model, "FSFS"))
-    got = last_logits(compiled(model, "FSFS", "inductor"))
+    want = _left_padded_last_logits(tiny_models.glm_with_plan(model, "FSFS"), model, ids, steps)
+    got = _left_padded_last_logits(compiled(model, "FSFS", "inductor"), model, ids, steps)
     for w, g in zip(want, got):
         assert (w - g).abs().max().item() < 1e-4
     assert {form for form in got_forms if form[0] == 20} == {(20, False, True)}, got_forms  # prefill: ranges
