@@ -17,6 +17,11 @@ Parts (--parts):
     writes) and rewound to L before every step (transformers 5 writes at the cache's own running
     length, not at cache_position: the eighth run set's device-side assert was this bench stepping
     past max_cache_len).
+  * generate: HF `generate` on the same model with one StaticCache (ic_compile.static_cache, reset
+    before each call): per-token decode ms = (time of 1 + N new tokens - time of 1) / N. Variants:
+    "hf-auto-compile" (forward uncompiled: on CUDA with a static cache generate compiles the decode
+    forward itself, Inductor with its default compile_config) and ours "-graphs" (forward compiled
+    with options={"cudagraphs": True}, generate(disable_compile=True)).
   * ops (B in {1, 16}, T = L): the decode indexer (scores + top-k 2048) with torch.topk or
     kernels/topk_select.py, and sparse MLA over 2048 selected rows, each timed per call
     (triton.testing.do_bench: host launches included when they are slower than the GPU) and
@@ -160,6 +165,45 @@ def static_decode(model, L: int, variants: list[str], reps: int) -> list[dict]:
     return rows
 
 
+def compile_forward(model, name: str) -> dict:
+    """Set model.forward for generate variant `name`; -> the extra generate kwargs it needs."""
+    torch._dynamo.reset()
+    model.__dict__.pop("forward", None)  # the class's forward again (undoes the previous variant)
+    if name == "hf-auto-compile":
+        return {}
+    _, plan, lowering, _ = name.split("-")  # ours-FF-inductor-graphs
+    model.forward = torch.compile(model.forward, backend="indexcache",
+                                  options={"plan": plan, "lowering": lowering, "cudagraphs": True})
+    return {"disable_compile": True}  # else generate compiles the decode forward around ours
+
+
+def generate_decode(model, L: int, variants: list[str], new_tokens: int, reps: int) -> list[dict]:
+    ids = torch.randint(0, CONFIG["vocab_size"], (1, L), device="cuda")
+    cache = ic_compile.static_cache(model, 1, L + new_tokens + 1)
+    rows = []
+    for name in variants:
+        extra = compile_forward(model, name)
+
+        def run(n):
+            cache.reset()
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                           cache=cache, **extra)
+
+        try:
+            with torch.no_grad():
+                run(new_tokens + 1)  # compile, record
+                first = time_ms(lambda: run(1), reps)
+                total = time_ms(lambda: run(new_tokens + 1), reps)
+            row = {"part": "generate", "L": L, "variant": name, "first_token_ms": first,
+                   "decode_ms_per_token": (total - first) / new_tokens, "new_tokens": new_tokens}
+        except Exception as exc:  # noqa: BLE001
+            row = {"part": "generate", "L": L, "variant": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    model.__dict__.pop("forward", None)
+    return rows
+
+
 # ----------------------------------------------------------------------------- ops
 
 def mla_decode_inputs(B: int, T: int):
@@ -261,10 +305,14 @@ def main():
     parser.add_argument("--variants", nargs="+",
                         default=["hf-eager", "compile-default", "ours-FF-inductor", "ours-FS-inductor"])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="ops part")
-    parser.add_argument("--parts", nargs="+", default=["ops", "model", "static"], choices=["ops", "model", "static", "host"])
+    parser.add_argument("--parts", nargs="+", default=["ops", "model", "static"],
+                        choices=["ops", "model", "static", "host", "generate"])
     parser.add_argument("--static-variants", nargs="+",
                         default=["compile-reduce-overhead", "compile-default", "ours-FF-inductor-graphs",
                                  "ours-FS-inductor-graphs", "ours-FF-inductor"])
+    parser.add_argument("--generate-variants", nargs="+",
+                        default=["hf-auto-compile", "ours-FF-inductor-graphs", "ours-FS-inductor-graphs"])
+    parser.add_argument("--new-tokens", type=int, default=32, help="generate part")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -278,13 +326,15 @@ def main():
     if "host" in args.parts:
         for T in args.lengths:
             rows += host_profile(T)
-    if "model" in args.parts or "static" in args.parts:
+    if {"model", "static", "generate"} & set(args.parts):
         model = build_model()
         for L in args.lengths:
             if "model" in args.parts:
                 rows += model_decode(model, L, args.variants, args.reps)
             if "static" in args.parts:
                 rows += static_decode(model, L, args.static_variants, args.reps)
+            if "generate" in args.parts:
+                rows += generate_decode(model, L, args.generate_variants, args.new_tokens, min(args.reps, 3))
     result = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
               "torch": torch.__version__, "command": " ".join(sys.argv), "peaks": peaks, "rows": rows}
     if args.out:

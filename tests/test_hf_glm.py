@@ -93,7 +93,9 @@ def test_generate_with_static_cache_and_cudagraphs_option_matches_native_plan():
     cache = ic_compile.static_cache(model, 2, 24)
     assert all(getattr(t, "_dynamo_static_input_type", None)
                for layer in cache.layers for t in vars(layer).values() if isinstance(t, torch.Tensor))
-    got = model.generate(**kwargs, cache=cache)
+    ic_compile.backend.last_results.clear()
+    got = model.generate(**kwargs, cache=cache, disable_compile=True)  # no HF compile around ours (CUDA)
+    assert [r.changed for r in ic_compile.backend.last_results] == [True, True]  # prefill, decode: ours
     assert torch.equal(got.sequences, want.sequences)
     for w, g in zip(want.logits, got.logits):
         assert (w - g).abs().max().item() < 1e-4

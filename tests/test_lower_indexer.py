@@ -352,8 +352,11 @@ def test_generate_with_cudagraphs_on_gpu(eight_heads, monkeypatch):
         ids = tiny_models.random_ids(batch=2, seq=300, seed=seed).cuda()
         kwargs = dict(input_ids=ids, attention_mask=_left_padded(ids, pad=37), max_new_tokens=5, do_sample=False,
                       pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-        want = native.generate(**kwargs, cache=ic_compile.static_cache(native, 2, 320))
-        got = model.generate(**kwargs, cache=ic_compile.static_cache(model, 2, 320))
+        want = native.generate(**kwargs, cache=ic_compile.static_cache(native, 2, 320), disable_compile=True)  # eager
+        ic_compile.backend.last_results.clear()
+        # disable_compile: else on CUDA generate compiles the decode forward itself, around ours
+        got = model.generate(**kwargs, cache=ic_compile.static_cache(model, 2, 320), disable_compile=True)
+        assert seed or [r.changed for r in ic_compile.backend.last_results] == [True, True], "not our graphs"
         assert torch.equal(got.sequences, want.sequences), f"generate call {seed}"
         for w, g in zip(want.logits, got.logits):
             assert (w - g).abs().max().item() < 1e-3
