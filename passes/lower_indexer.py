@@ -88,9 +88,10 @@ def lowered_indexer(q, k, w, scale, mask, topk, w_layout, mask_kind, ordered=Tru
 
 
 def prefill_indexers(gm: fx.GraphModule) -> list[fx.Node]:
-    """The graph's lowered indexers whose query count is not a constant <= DENSE_MASK_MAX_QUERIES."""
+    """The graph's lowered indexers whose query count is not a constant <= DENSE_MASK_MAX_QUERIES
+    (or is unknown)."""
     calls = (n for n in gm.graph.nodes if n.op == "call_function" and n.target is lowered_indexer)
-    return [n for n in calls if not _decode_sized(shape_of(n.args[0])[1])]
+    return [n for n in calls if not (shape_of(n.args[0]) and _decode_sized(shape_of(n.args[0])[1]))]
 
 
 def skip_host_checks(gm: fx.GraphModule) -> None:
