@@ -33,7 +33,6 @@ Parts (--parts):
 """
 
 import argparse
-import datetime
 import json
 import sys
 import time
@@ -44,7 +43,7 @@ import ic_compile
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from kernels import indexer_inputs, measure_peaks, strided_causal_indices  # noqa: E402  (bench/kernels.py)
-from prefill import CONFIG, build_model, time_ms, variant  # noqa: E402  (bench/prefill.py)
+from prefill import CONFIG, build_model, save_result, time_ms, variant  # noqa: E402  (bench/prefill.py)
 
 TOPK = 2048
 
@@ -92,16 +91,21 @@ def step_times(step, reps: int) -> tuple[float, float, list]:
     return wall, gpu_ms, [(name[:90], round(us, 1)) for name, us in kernels[:8]]
 
 
-def variant_row(part: str, L: int, name: str, step, reps: int) -> dict:
-    """One variant's step_times as a printed result row (an error is recorded, not raised: one
-    variant failing must not lose the rest)."""
+def recorded_row(part: str, L: int, name: str, measure) -> dict:
+    """A printed result row of one variant: measure() -> its fields (an error is recorded, not
+    raised: one variant failing must not lose the rest)."""
+    row = {"part": part, "L": L, "variant": name}
     try:
-        wall, gpu, top = step_times(step, reps)
-        row = {"part": part, "L": L, "variant": name, "wall_ms": wall, "gpu_ms": gpu, "top_kernels": top}
+        row.update(measure())
     except Exception as exc:  # noqa: BLE001
-        row = {"part": part, "L": L, "variant": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     print(json.dumps(row), flush=True)
     return row
+
+
+def variant_row(part: str, L: int, name: str, step, reps: int) -> dict:
+    """One variant's step_times as a printed result row."""
+    return recorded_row(part, L, name, lambda: dict(zip(("wall_ms", "gpu_ms", "top_kernels"), step_times(step, reps))))
 
 
 def model_decode(model, L: int, variants: list[str], reps: int) -> list[dict]:
@@ -127,10 +131,15 @@ def static_variant(model, name: str):
     torch._dynamo.reset()
     if name == "compile-reduce-overhead":
         return torch.compile(model, mode="reduce-overhead")
-    if name.endswith("-graphs"):  # ours-FF-inductor-graphs
-        _, plan, lowering, _ = name.split("-")
-        return torch.compile(model, backend="indexcache", options={"plan": plan, "lowering": lowering, "cudagraphs": True})
+    if name.endswith("-graphs"):
+        return torch.compile(model, backend="indexcache", options=graphs_options(name))
     return variant(model, name)
+
+
+def graphs_options(name: str) -> dict:
+    """Backend options of an "ours-<plan>-<lowering>-graphs" variant (ours-FF-inductor-graphs)."""
+    _, plan, lowering, _ = name.split("-")
+    return {"plan": plan, "lowering": lowering, "cudagraphs": True}
 
 
 def rewind(cache, length: int) -> None:
@@ -171,9 +180,7 @@ def compile_forward(model, name: str) -> dict:
     model.__dict__.pop("forward", None)  # the class's forward again (undoes the previous variant)
     if name == "hf-auto-compile":
         return {}
-    _, plan, lowering, _ = name.split("-")  # ours-FF-inductor-graphs
-    model.forward = torch.compile(model.forward, backend="indexcache",
-                                  options={"plan": plan, "lowering": lowering, "cudagraphs": True})
+    model.forward = torch.compile(model.forward, backend="indexcache", options=graphs_options(name))
     return {"disable_compile": True}  # else generate compiles the decode forward around ours
 
 
@@ -189,17 +196,15 @@ def generate_decode(model, L: int, variants: list[str], new_tokens: int, reps: i
             model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
                            cache=cache, **extra)
 
-        try:
+        def measure():
             with torch.no_grad():
                 run(new_tokens + 1)  # compile, record
                 first = time_ms(lambda: run(1), reps)
                 total = time_ms(lambda: run(new_tokens + 1), reps)
-            row = {"part": "generate", "L": L, "variant": name, "first_token_ms": first,
-                   "decode_ms_per_token": (total - first) / new_tokens, "new_tokens": new_tokens}
-        except Exception as exc:  # noqa: BLE001
-            row = {"part": "generate", "L": L, "variant": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+            return {"first_token_ms": first, "decode_ms_per_token": (total - first) / new_tokens,
+                    "new_tokens": new_tokens}
+
+        rows.append(recorded_row("generate", L, name, measure))
     model.__dict__.pop("forward", None)
     return rows
 
@@ -335,10 +340,7 @@ def main():
                 rows += static_decode(model, L, args.static_variants, args.reps)
             if "generate" in args.parts:
                 rows += generate_decode(model, L, args.generate_variants, args.new_tokens, min(args.reps, 3))
-    result = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-              "torch": torch.__version__, "command": " ".join(sys.argv), "peaks": peaks, "rows": rows}
-    if args.out:
-        open(args.out, "w").write(json.dumps(result, indent=2))
+    save_result(args.out, rows, peaks=peaks)
 
 
 if __name__ == "__main__":

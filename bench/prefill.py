@@ -94,6 +94,14 @@ def measure(model, name, L, reps):
         return {"ms": None, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
 
 
+def save_result(out: str | None, rows: list[dict], **fields) -> None:
+    """Write the run's rows under `out` (JSON) with the card, date, torch version and command."""
+    if out:
+        result = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+                  "torch": torch.__version__, "command": " ".join(sys.argv), **fields, "rows": rows}
+        open(out, "w").write(json.dumps(result, indent=2))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768, 65536, 131072])
@@ -115,10 +123,7 @@ def main():
                    "limit_ms": work_flops(L, plan) / (peak * 1e12) * 1e3}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    result = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-              "torch": torch.__version__, "command": " ".join(sys.argv), "bf16_peak_tflops": peak, "rows": rows}
-    if args.out:
-        open(args.out, "w").write(json.dumps(result, indent=2))
+    save_result(args.out, rows, bf16_peak_tflops=peak)
 
 
 if __name__ == "__main__":

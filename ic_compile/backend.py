@@ -78,7 +78,10 @@ def indexcache_backend(gm: fx.GraphModule, example_inputs, options: dict | None 
                      sparse_attention=opts.sparse_attention, indexer_mask=_indexer_mask(opts))
     last_results.append(result)
     _check_found(result, opts)
-    compiled = lower(result.gm, example_inputs, opts.lowering, cudagraphs=opts.cudagraphs and _graphable(result))
+    graphed = opts.cudagraphs and _graphable(result)
+    if graphed:
+        skip_host_checks(result.gm)
+    compiled = lower(result.gm, example_inputs, opts.lowering, cudagraphs=graphed)
     if opts.verify and result.changed:
         return _verifying(_PlanReference(gm, result), compiled, opts)
     return compiled
@@ -118,10 +121,7 @@ def _graphable(result: RewriteResult) -> bool:
     nor replay for other data. Graphs that are captured (decode) get check=False on their indexers:
     one data-independent path, the same in the uncaptured warm-up (where autotuning happens) and in
     the capture."""
-    if prefill_indexers(result.gm):
-        return False
-    skip_host_checks(result.gm)
-    return True
+    return not prefill_indexers(result.gm)
 
 
 CUDAGRAPH_PATCHES = {"triton.cudagraphs": True}  # what mode="reduce-overhead" sets

@@ -81,17 +81,16 @@ def lowered_indexer(q, k, w, scale, mask, topk, w_layout, mask_kind, ordered=Tru
         q, k = q.float(), k.float()
     w = (w.squeeze(-2) if w_layout == "bs1h" else w.squeeze(-1)).float() * scale  # [B,S,H]
     allowed = _allowed(mask, mask_kind, q.shape[0], q.shape[1], k.shape[1])  # bool [B,S,T] | None
-    checks = {} if check else {"check": False}
     if allowed is None or indexer_mask == "dense" or (indexer_mask == "auto" and _decode_sized(q.shape[1])):
-        return torch.ops.ic.indexer_topk(q, k, w, topk, allowed, False, ordered, **checks)  # [B,S,topk] int32
-    return torch.ops.ic.indexer_topk(q, k, w, topk, None, False, ordered, key_range=key_range_of(allowed), **checks)
+        return torch.ops.ic.indexer_topk(q, k, w, topk, allowed, False, ordered, check=check)  # [B,S,topk] int32
+    return torch.ops.ic.indexer_topk(q, k, w, topk, None, False, ordered, key_range=key_range_of(allowed), check=check)
 
 
 def prefill_indexers(gm: fx.GraphModule) -> list[fx.Node]:
     """The graph's lowered indexers whose query count is not a constant <= DENSE_MASK_MAX_QUERIES
     (or is unknown)."""
     calls = (n for n in gm.graph.nodes if n.op == "call_function" and n.target is lowered_indexer)
-    return [n for n in calls if not (shape_of(n.args[0]) and _decode_sized(shape_of(n.args[0])[1]))]
+    return [n for n in calls if not ((q_shape := shape_of(n.args[0])) and _decode_sized(q_shape[1]))]
 
 
 def skip_host_checks(gm: fx.GraphModule) -> None:
