@@ -17,7 +17,9 @@ Design (prefill, one Triton kernel `_indexer_scores_kernel`):
     (HAS_MASK) or a key range lo <= t <= hi per query (HAS_RANGE: [BLOCK_S] loads, the form
     ic::indexer_topk gets from the compiled model, see kernels/key_range.py).
   * key tiles entirely above the causal diagonal, or outside every query's range in the
-    block, are not computed (only filled with -inf).
+    block, are not computed (only filled with -inf); "open" tiles, where every key is allowed
+    for every query of the block (most of a long causal prefill), are stored without the
+    per-element mask (OPEN_TILES: 8.8 % faster on full-width 128K rows, tenth run set).
   * queries are processed in chunks so the fp32 [B, chunk, width] score buffer stays under
     ~1 GiB; `width` is the chunk's causal horizon, so torch.topk (the selection) never sees
     the columns no query of the chunk may attend to; causal chunks are at most
@@ -82,6 +84,7 @@ def _indexer_scores_kernel(
     HEAD_MAJOR: tl.constexpr,  # dot rows ordered (head, query) instead of (query, head)
     KEY_ROWS: tl.constexpr = False,  # dot = k . q^T ([BLOCK_T, queries x heads]) instead of q . k^T
     HAS_RANGE: tl.constexpr = False,  # key t allowed iff lo <= t <= hi of its query (count 0: none)
+    OPEN_TILES: tl.constexpr = True,  # False: every tile masked (bench/sweep_indexer.py's A/B)
 ):
     """out[b, s_local, t] = masked score (fp32, -inf = not allowed) for t in this program's split."""
     pid_s = tl.program_id(0)
@@ -134,6 +137,22 @@ def _indexer_scores_kernel(
         n_computed = tl.minimum(n_computed, tl.cdiv(tl.maximum(block_hi + 1 - t_lo, 0), BLOCK_T))
         first_computed = tl.minimum(tl.maximum(block_lo - t_lo, 0) // BLOCK_T, n_computed)
 
+    # Open tiles [open_lo, open_hi): every key allowed for every query of the block (all rows real,
+    # below the first row's diagonal, inside every row's range, no bool mask): stored without the
+    # per-element allowed / where / store mask (most tiles of a long causal prefill).
+    open_lo = first_computed
+    open_hi = first_computed
+    if OPEN_TILES and not HAS_MASK:
+        block_full = pid_s * BLOCK_S + BLOCK_S <= n_rows
+        open_end = t_hi  # keys [.., open_end) allowed for all rows
+        if CAUSAL:
+            open_end = tl.minimum(open_end, (T - S) + row_start + pid_s * BLOCK_S + 1)
+        if HAS_RANGE:
+            open_end = tl.minimum(open_end, tl.min(tl.where(s_ok, row_hi, -1), axis=0) + 1)
+            first_key = tl.max(tl.where(s_ok, row_lo, T), axis=0)
+            open_lo = tl.maximum(open_lo, tl.cdiv(tl.maximum(first_key - t_lo, 0), BLOCK_T))
+        open_hi = tl.where(block_full, tl.maximum(open_lo, (open_end - t_lo) // BLOCK_T), open_lo)
+
     t_ar = tl.arange(0, BLOCK_T)
     out_row_ptr = out_ptr + b * so_b + s_loc.to(tl.int64) * so_s  # [BLOCK_S]
     for i in range(first_computed, n_computed):
@@ -158,18 +177,21 @@ def _indexer_scores_kernel(
                 scores = tl.sum(tl.reshape(weighted, (H_PAD, BLOCK_S, BLOCK_T)), axis=0)  # [BLOCK_S, BLOCK_T]
             else:
                 scores = tl.sum(tl.reshape(weighted, (BLOCK_S, H_PAD, BLOCK_T)), axis=1)
-        allowed = t_ok[None, :] & s_ok[:, None]
-        if CAUSAL:
-            allowed = allowed & (t[None, :] <= last_key[:, None])
-        if HAS_MASK:
-            m = tl.load(mask_ptr + b * sm_b + s_glob[:, None] * sm_s + t[None, :].to(tl.int64) * sm_t,
-                        mask=allowed, other=0)
-            allowed = allowed & (m != 0)
-        if HAS_RANGE:
-            allowed = allowed & (t[None, :] >= row_lo[:, None]) & (t[None, :] <= row_hi[:, None])
-        scores = tl.where(allowed, scores, float("-inf"))
-        tl.store(out_row_ptr[:, None] + t[None, :] * so_t, scores,
-                 mask=s_ok[:, None] & (t[None, :] < t_hi))
+        if (i >= open_lo) & (i < open_hi):
+            tl.store(out_row_ptr[:, None] + t[None, :] * so_t, scores)
+        else:
+            allowed = t_ok[None, :] & s_ok[:, None]
+            if CAUSAL:
+                allowed = allowed & (t[None, :] <= last_key[:, None])
+            if HAS_MASK:
+                m = tl.load(mask_ptr + b * sm_b + s_glob[:, None] * sm_s + t[None, :].to(tl.int64) * sm_t,
+                            mask=allowed, other=0)
+                allowed = allowed & (m != 0)
+            if HAS_RANGE:
+                allowed = allowed & (t[None, :] >= row_lo[:, None]) & (t[None, :] <= row_hi[:, None])
+            scores = tl.where(allowed, scores, float("-inf"))
+            tl.store(out_row_ptr[:, None] + t[None, :] * so_t, scores,
+                     mask=s_ok[:, None] & (t[None, :] < t_hi))
     neg_inf = tl.full((BLOCK_S, BLOCK_T), float("-inf"), tl.float32)
     for i in range(0, first_computed):
         t = t_lo + i * BLOCK_T + t_ar

@@ -146,6 +146,37 @@ def test_indexer_scores_every_column_written(kw, request):
 
 
 @needs_triton
+@pytest.mark.parametrize("key_rows", [False, True], ids=["query_rows", "key_rows"])
+@pytest.mark.parametrize("limits", ["causal", "left_padded_causal", "left_padded"])
+def test_open_tiles_store_what_masked_tiles_would(limits, key_rows, request):
+    """Tiles where every key is allowed for every query of the block skip the mask (OPEN_TILES):
+    the buffer (poisoned) equals the reference and the all-masked kernel's output exactly. Rows
+    18 of 20 (a partial last block), a left padding per batch row, keys past the diagonal."""
+    import triton
+
+    seed_everything(request.node.name)
+    B, S, T = 2, 40, 100
+    q, k, w = indexer_inputs(B, S, T, 8, 32)
+    causal = limits != "left_padded"
+    key_range = None
+    if limits != "causal":
+        pad = torch.tensor([0, 37])[:, None].expand(B, S)  # batch row 1: keys < 37 are padding
+        key_range = torch.stack((pad, torch.full_like(pad, T - 1), T - pad), -1).int()
+    row_start, n_rows = 22, 18
+    width = T - S + row_start + n_rows if causal else T
+    outs = []
+    for open_tiles in (True, False):
+        config = triton.Config({"BLOCK_S": 4, "BLOCK_T": 16, "HEAD_MAJOR": False, "KEY_ROWS": key_rows,
+                                "OPEN_TILES": open_tiles})
+        out = torch.full((B, n_rows, width), float("nan"))
+        indexer_scores(q, k, w, None, causal, row_start, n_rows, width, out, config=config, key_range=key_range)
+        outs.append(out)
+    want = masked_scores(q, k, w, None, causal, key_range)[:, row_start:row_start + n_rows, :width]
+    torch.testing.assert_close(outs[0], want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(outs[0], outs[1])
+
+
+@needs_triton
 def test_dispatch(request, monkeypatch):
     seed_everything(request.node.name)
     q, k, w = indexer_inputs(1, 3, 20, 4, 16)

@@ -106,7 +106,7 @@ def _spills_in_streaming_loops(cubin: bytes) -> list[str]:
 # ----------------------------------------------------------------------------- indexer
 
 def _compile_indexer(block_s, h_pad, block_t, warps, stages, causal=True, mask=False, S=4096, T=4096,
-                     head_major=False, key_rows=False, key_range=False):
+                     head_major=False, key_rows=False, key_range=False, open_tiles=True):
     from ic_compile.kernels.indexer_topk import _indexer_scores_kernel
 
     D = 128
@@ -117,7 +117,7 @@ def _compile_indexer(block_s, h_pad, block_t, warps, stages, causal=True, mask=F
     ptrs = dict(q_ptr="bf16", k_ptr="bf16", w_ptr="fp32", mask_ptr="u8", range_ptr="i32", out_ptr="fp32")
     consts = dict(BLOCK_S=block_s, H_PAD=h_pad, D_PAD=D, BLOCK_T=block_t, CAUSAL=causal, HAS_MASK=mask,
                   DOT_PRECISION="tf32", UPCAST_DOT=False, HEAD_MAJOR=head_major, KEY_ROWS=key_rows,
-                  HAS_RANGE=key_range)
+                  HAS_RANGE=key_range, OPEN_TILES=open_tiles)
     return compile_sm90(_indexer_scores_kernel, ptrs, ints, {}, consts, warps, stages)
 
 
