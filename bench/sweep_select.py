@@ -37,7 +37,10 @@ CONFIGS = [dict(sorted=False, num_warps=warps, block=block, stages=stages, maxnr
 DECODE_CONFIGS = [dict(sorted=False, num_warps=warps, block=1024, stages=3, segments=segments)
                   for segments in (1, 8, 16, 32, 64, 128) for warps in (4, 8)]
 WHOLE_INDEXER = {"torch.topk (descending)": dict(selection="torch"),
-                 "auto, unordered (topk_select)": dict(sorted=False)}
+                 "auto, unordered (topk_select)": dict(sorted=False),
+                 # taller query chunks than the 1 GiB score-buffer budget allows at 128K (2048 rows)
+                 "auto, unordered, chunk_rows=4096": dict(sorted=False, chunk_rows=4096),
+                 "auto, unordered, chunk_rows=8192": dict(sorted=False, chunk_rows=8192)}
 # whole-indexer runs with indexer_topk.SELECT_KWARGS changed (name -> overrides)
 WHOLE_INDEXER_SELECT = {"auto, unordered (topk_select), resolve_warps=4": dict(resolve_warps=4)}
 
