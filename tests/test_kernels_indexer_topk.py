@@ -150,8 +150,9 @@ def test_indexer_scores_every_column_written(kw, request):
 @pytest.mark.parametrize("limits", ["causal", "left_padded_causal", "left_padded"])
 def test_open_tiles_store_what_masked_tiles_would(limits, key_rows, request):
     """Tiles where every key is allowed for every query of the block skip the mask (OPEN_TILES):
-    the buffer (poisoned) equals the reference and the all-masked kernel's output exactly. Rows
-    18 of 20 (a partial last block), a left padding per batch row, keys past the diagonal."""
+    the buffer (poisoned) equals the reference and the all-masked kernel's output exactly. 18 query
+    rows in blocks of 4 (a partial last block), a left padding in one batch row, keys past the
+    diagonal."""
     import triton
 
     seed_everything(request.node.name)

@@ -246,6 +246,32 @@ def test_hf_oracle_on_gpu_with_triton_kernels(monkeypatch):
         assert (w - g).abs().max().item() < 1e-3
 
 
+@pytest.mark.parametrize("device,seq", [
+    ("cpu", 100),
+    pytest.param("cuda", 300, marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                         reason="needs CUDA")])])
+def test_hf_deepseek_v32_with_kernels_matches_hooks(device, seq, monkeypatch):
+    """HF DeepseekV32 (no native plan: the oracle is forward hooks, S indexer output := last F's)
+    with every F indexer and every attention layer lowered to our ops (CPU: the references; CUDA:
+    the Triton kernels), prefill + two decode steps."""
+    from ic_compile.reference import shared_indexer_hooks
+
+    monkeypatch.setitem(tiny_models.HF_TINY, "index_n_heads", 8)
+    monkeypatch.setitem(tiny_models.HF_TINY, "index_topk", 64)
+    monkeypatch.setitem(tiny_models.HF_TINY, "max_position_embeddings", 1024)
+    model = tiny_models.deepseek_v32().to(device)
+    ids = tiny_models.random_ids(batch=1, seq=seq).to(device)
+    steps = tiny_models.random_ids(batch=1, seq=2, seed=5).to(device)
+    with shared_indexer_hooks(model, "FSSF"):
+        want, _ = tiny_models.prefill_and_decode(model, ids, steps)
+    ic_compile.backend.last_results.clear()
+    got, _ = tiny_models.prefill_and_decode(compiled(model, "FSSF", "inductor"), ids, steps)
+    kernels = [r.kernels for r in ic_compile.backend.last_results]
+    assert kernels and all(k.lowered == [0, 3] and k.attention_lowered == 4 for k in kernels), kernels
+    for w, g in zip(want, got):
+        assert (w - g).abs().max().item() < (1e-3 if device == "cuda" else 1e-4)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_hf_left_padded_prefill_on_gpu_reads_key_ranges(monkeypatch):
