@@ -89,14 +89,14 @@ def lowered_indexer(q, k, w, scale, mask, topk, w_layout, mask_kind, ordered=Tru
 def prefill_indexers(gm: fx.GraphModule) -> list[fx.Node]:
     """The graph's lowered indexers whose query count is not a constant <= DENSE_MASK_MAX_QUERIES
     (or is unknown)."""
-    calls = (n for n in gm.graph.nodes if n.op == "call_function" and n.target is lowered_indexer)
+    calls = gm.graph.find_nodes(op="call_function", target=lowered_indexer)
     return [n for n in calls if not ((q_shape := shape_of(n.args[0])) and _decode_sized(q_shape[1]))]
 
 
 def skip_host_checks(gm: fx.GraphModule) -> None:
     """check=False on every lowered indexer: the graph is to be captured as a CUDA graph, which can
     hold no device sync and replays one kernel path for all later data (see ic::indexer_topk)."""
-    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is lowered_indexer]
+    calls = gm.graph.find_nodes(op="call_function", target=lowered_indexer)
     for node in calls:
         node.args = node.args[:10] + (False,)  # _replace passes all ten leading arguments
     if calls:

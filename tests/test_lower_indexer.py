@@ -23,6 +23,14 @@ def eight_heads(monkeypatch):
     monkeypatch.setitem(tiny_models.HF_TINY, "index_n_heads", 8)
 
 
+@pytest.fixture
+def long_context(eight_heads, monkeypatch):
+    """Eight indexer heads, top-64 (so a few hundred keys reach topk_select's filtered rows) and
+    positions up to 1024: the tiny models of the GPU tests, with prompts of 300 tokens."""
+    monkeypatch.setitem(tiny_models.HF_TINY, "index_topk", 64)
+    monkeypatch.setitem(tiny_models.HF_TINY, "max_position_embeddings", 1024)
+
+
 def compiled(model, plan, lowering="eager", indexer_mask="auto"):
     return torch.compile(model, backend="indexcache",
                          options={"plan": plan, "lowering": lowering, "kernels": True, "indexer_mask": indexer_mask})
@@ -225,14 +233,11 @@ def test_order_sensitive_consumer_keeps_descending_indices():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_hf_oracle_on_gpu_with_triton_kernels(monkeypatch):
+def test_hf_oracle_on_gpu_with_triton_kernels(long_context, monkeypatch):
     """CUDA: the lowered graph runs the Triton indexer (unordered selection through topk_select:
     prefill and decode) and sparse MLA; logits match HF's own IndexCache model."""
     from ic_compile.kernels import indexer_topk as indexer_mod
 
-    monkeypatch.setitem(tiny_models.HF_TINY, "index_n_heads", 8)
-    monkeypatch.setitem(tiny_models.HF_TINY, "index_topk", 64)
-    monkeypatch.setitem(tiny_models.HF_TINY, "max_position_embeddings", 1024)
     selects = []
     original = indexer_mod.topk_select
     monkeypatch.setattr(indexer_mod, "topk_select", lambda *a, **kw: selects.append(1) or original(*a, **kw))
@@ -250,15 +255,12 @@ def test_hf_oracle_on_gpu_with_triton_kernels(monkeypatch):
     ("cpu", 100),
     pytest.param("cuda", 300, marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                                          reason="needs CUDA")])])
-def test_hf_deepseek_v32_with_kernels_matches_hooks(device, seq, monkeypatch):
+def test_hf_deepseek_v32_with_kernels_matches_hooks(device, seq, long_context):
     """HF DeepseekV32 (no native plan: the oracle is forward hooks, S indexer output := last F's)
     with every F indexer and every attention layer lowered to our ops (CPU: the references; CUDA:
     the Triton kernels), prefill + two decode steps."""
     from ic_compile.reference import shared_indexer_hooks
 
-    monkeypatch.setitem(tiny_models.HF_TINY, "index_n_heads", 8)
-    monkeypatch.setitem(tiny_models.HF_TINY, "index_topk", 64)
-    monkeypatch.setitem(tiny_models.HF_TINY, "max_position_embeddings", 1024)
     model = tiny_models.deepseek_v32().to(device)
     ids = tiny_models.random_ids(batch=1, seq=seq).to(device)
     steps = tiny_models.random_ids(batch=1, seq=2, seed=5).to(device)
@@ -274,14 +276,11 @@ def test_hf_deepseek_v32_with_kernels_matches_hooks(device, seq, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_hf_left_padded_prefill_on_gpu_reads_key_ranges(monkeypatch):
+def test_hf_left_padded_prefill_on_gpu_reads_key_ranges(long_context, monkeypatch):
     """CUDA: a left-padded batch is not plain causal, so the Triton kernel's range path runs
     (HAS_RANGE); logits match HF's own IndexCache model."""
     from ic_compile.kernels import ops
 
-    monkeypatch.setitem(tiny_models.HF_TINY, "index_n_heads", 8)
-    monkeypatch.setitem(tiny_models.HF_TINY, "index_topk", 64)
-    monkeypatch.setitem(tiny_models.HF_TINY, "max_position_embeddings", 1024)
     ranges = []
     original = ops._indexer_topk
     monkeypatch.setattr(ops, "_indexer_topk",
@@ -315,12 +314,10 @@ def _static_cache_steps(run, model, ids, steps, max_len, cache=None):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_static_cache_prefill_and_decode_on_gpu(eight_heads, monkeypatch):
+def test_static_cache_prefill_and_decode_on_gpu(long_context):
     """A StaticCache (fixed shapes; keys past the filled positions masked): prefill with key ranges
     (within causal: T = max_cache_len > S), decode with the dense mask; logits equal HF's own plan.
     (The same with the Triton interpreter on CPU, IC_KERNELS_TRITON=1: max |diff| 2.4e-4.)"""
-    monkeypatch.setitem(tiny_models.HF_TINY, "index_topk", 64)  # topk_select's filtered rows (W > 128)
-    monkeypatch.setitem(tiny_models.HF_TINY, "max_position_embeddings", 1024)
     model = tiny_models.glm().cuda()
     ids, steps = tiny_models.random_ids(batch=2, seq=300).cuda(), tiny_models.random_ids(batch=2, seq=3, seed=5).cuda()
     want = _static_cache_steps(tiny_models.glm_with_plan(model, "FSFS").cuda(), model, ids, steps, 320)
@@ -331,7 +328,7 @@ def test_static_cache_prefill_and_decode_on_gpu(eight_heads, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cudagraphs_static_cache_decode_on_gpu(eight_heads, monkeypatch):
+def test_cudagraphs_static_cache_decode_on_gpu(long_context, monkeypatch):
     """options={"cudagraphs": True} with a StaticCache: no graph is skipped, the decode steps after
     the warm-up and recording replay our ops from the graph (their Python never runs), and prefill
     + every step equal HF's own plan. (HF's MoE must be capturable: its fp32 grouped_mm fallback
@@ -340,8 +337,6 @@ def test_cudagraphs_static_cache_decode_on_gpu(eight_heads, monkeypatch):
 
     from ic_compile.kernels import ops
 
-    monkeypatch.setitem(tiny_models.HF_TINY, "index_topk", 64)
-    monkeypatch.setitem(tiny_models.HF_TINY, "max_position_embeddings", 1024)
     model = tiny_models.glm().cuda()
     ids, steps = tiny_models.random_ids(batch=2, seq=300).cuda(), tiny_models.random_ids(batch=2, seq=5, seed=5).cuda()
     want = _static_cache_steps(tiny_models.glm_with_plan(model, "FSFS").cuda(), model, ids, steps, 320)
@@ -362,14 +357,12 @@ def test_cudagraphs_static_cache_decode_on_gpu(eight_heads, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_generate_with_cudagraphs_on_gpu(eight_heads, monkeypatch):
+def test_generate_with_cudagraphs_on_gpu(long_context):
     """HF `generate` with forward compiled with cudagraphs=True and ic_compile.static_cache, a
     left-padded batch (prefill with key ranges: not captured), run twice with the same shapes, so
     the second run replays what the first recorded. Tokens equal HF's own plan's and logits stay
     close, both times. (Its first H200 run failed inside a capture, before prefill graphs stopped
     being captured: docs/benchmarks.md, ninth run set, call 9.)"""
-    monkeypatch.setitem(tiny_models.HF_TINY, "index_topk", 64)
-    monkeypatch.setitem(tiny_models.HF_TINY, "max_position_embeddings", 1024)
     model = tiny_models.glm().cuda()
     native = tiny_models.glm_with_plan(model, "FSFS").cuda()
     model.config._experts_implementation = "batched_mm"  # HF's fp32 grouped_mm fallback syncs
