@@ -33,14 +33,13 @@ TOPK = 2048
 # launch configs (unordered): filter (num_warps, block, stages, maxnreg), resolve_warps
 CONFIGS = [dict(sorted=False, num_warps=warps, block=block, stages=stages, maxnreg=maxnreg, resolve_warps=resolve)
            for warps, block, stages, maxnreg, resolve in ((4, 1024, 3, 72, 8), (4, 1024, 3, 72, 4))]
+# (resolve_warps 2 / 1: 1.4x / 2.2x slower on a 16K chunk, eleventh run set)
 # decode (few wide rows): programs per row in the filtering step (1 = the one-program filter)
 DECODE_CONFIGS = [dict(sorted=False, num_warps=warps, block=1024, stages=3, segments=segments)
                   for segments in (1, 8, 16, 32, 64, 128) for warps in (4, 8)]
 WHOLE_INDEXER = {"torch.topk (descending)": dict(selection="torch"),
-                 "auto, unordered (topk_select)": dict(sorted=False),
-                 # taller query chunks than the 1 GiB score-buffer budget allows at 128K (2048 rows)
-                 "auto, unordered, chunk_rows=4096": dict(sorted=False, chunk_rows=4096),
-                 "auto, unordered, chunk_rows=8192": dict(sorted=False, chunk_rows=8192)}
+                 "auto, unordered (topk_select)": dict(sorted=False)}
+# (taller query chunks, chunk_rows 4096 / 8192 at 128K: no gain, tenth run set)
 # whole-indexer runs with indexer_topk.SELECT_KWARGS changed (name -> overrides)
 WHOLE_INDEXER_SELECT = {"auto, unordered (topk_select), resolve_warps=4": dict(resolve_warps=4)}
 

@@ -64,7 +64,8 @@ MAX_TILE_ROWS = 256  # max BLOCK_S * H_PAD (rows of the tensor-core dot)
 MAX_SELECT_TOPK = 2048  # candidate block 2 * topk lives in registers: measured only up to here
 # topk_select launch: the filter kernel with 4 warps held to 72 registers (7 programs per SM;
 # 64 spills inside the streaming loop under triton 3.9), fastest at 16K and 128K
-# (bench/sweep_select.py, sixth run set).
+# (bench/sweep_select.py, sixth run set). Resolve: 8 and 4 warps equal; 2 / 1 warps (more
+# candidates per thread, fewer programs per SM) 1.4x / 2.2x slower (eleventh run set).
 SELECT_KWARGS = dict(num_warps=4, block=1024, stages=3, maxnreg=72, resolve_warps=8)
 
 

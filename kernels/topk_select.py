@@ -474,12 +474,10 @@ def _topk_resolve_kernel(
     row = tl.program_id(0)
     n = _row_length(row, width, diag_base, row_period)
     c = tl.arange(0, CAND)
-    if n <= CAND:
+    if n <= CAND:  # the row itself is the block (index = position), else the filter's scratch
         vals = tl.load(scores_ptr + row.to(tl.int64) * s_row + c, mask=c < n, other=float("-inf"))
-        idx = c
     else:
         n_cand = tl.load(n_cand_ptr + row) if FILTERED else 0
-        idx = tl.load(cand_idx_ptr + row.to(tl.int64) * s_cand + c, mask=c < n_cand, other=0)
         vals = tl.load(cand_val_ptr + row.to(tl.int64) * s_cand + c, mask=c < n_cand, other=float("-inf"))
     ukeys = _ukeys(vals)  # [CAND]
     kth, no_ties = _kth_ukey_interpolated(ukeys, topk, 8, ONE_REDUCE)
@@ -489,6 +487,11 @@ def _topk_resolve_kernel(
         tie = (ukeys == kth) & (ukeys > 0)
         n_above = tl.sum((ukeys > kth).to(tl.int32), axis=0)
         picked = (ukeys > kth) | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= topk - n_above))
+    # the candidates' indices only now: not held in registers through the search (8 warps: 80
+    # registers instead of 118, 3 programs per SM instead of 2; no measurable speed change)
+    n_scratch = tl.where(n > CAND, tl.load(n_cand_ptr + row), 0) if FILTERED else 0
+    idx = tl.load(cand_idx_ptr + row.to(tl.int64) * s_cand + c, mask=picked & (c < n_scratch), other=0)
+    idx = tl.where(n > CAND, idx, c)
     out_row = out_ptr + row.to(tl.int64) * s_out
     if SORTED:  # pack (ukey, -idx) into one int64 and sort descending; unpicked = int64 min, last
         unpicked = tl.full((CAND,), -1, tl.int64) << 63
