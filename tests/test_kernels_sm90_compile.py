@@ -7,6 +7,7 @@ the triton wheel) with JIT-like argument specialisation (stride 1 -> constexpr, 
 instructions as intended, and (where the design allows it) no register spills.
 Representative configs run by default; the full autotune sweep is marked slow.
 Caveat: this is the local triton's codegen (the target box runs triton 3.6).
+A few compiles target sm_80 / sm_89 (A100, L4 / L40S): configs that fit those cards exist.
 """
 import importlib.util
 import os
@@ -39,8 +40,8 @@ slow = [pytest.mark.slow, pytest.mark.skipif(os.environ.get("IC_RUN_SLOW") != "1
 
 
 def compile_sm90(fn, ptrs: dict, ints: dict, floats: dict, consts: dict, num_warps: int, num_stages: int,
-                 maxnreg: int | None = None) -> dict:
-    """Compile kernel function `fn` for sm_90 with the given example argument values."""
+                 maxnreg: int | None = None, arch: int = 90) -> dict:
+    """Compile kernel function `fn` for sm_90 (or sm_`arch`) with the given example argument values."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
@@ -62,7 +63,7 @@ def compile_sm90(fn, ptrs: dict, ints: dict, floats: dict, consts: dict, num_war
             if ints[name] % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     kernel = triton.compile(ASTSource(jit_fn, signature, constexprs=constants, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32),
+                            target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages, "maxnreg": maxnreg})
     return {"shared": kernel.metadata.shared, "ptx": kernel.asm["ptx"], "cubin": kernel.asm["cubin"],
             **_resource_usage(kernel.asm["cubin"])}
@@ -106,7 +107,7 @@ def _spills_in_streaming_loops(cubin: bytes) -> list[str]:
 # ----------------------------------------------------------------------------- indexer
 
 def _compile_indexer(block_s, h_pad, block_t, warps, stages, causal=True, mask=False, S=4096, T=4096,
-                     head_major=False, key_rows=False, key_range=False, open_tiles=True):
+                     head_major=False, key_rows=False, key_range=False, open_tiles=True, arch=90):
     from ic_compile.kernels.indexer_topk import _indexer_scores_kernel
 
     D = 128
@@ -118,7 +119,7 @@ def _compile_indexer(block_s, h_pad, block_t, warps, stages, causal=True, mask=F
     consts = dict(BLOCK_S=block_s, H_PAD=h_pad, D_PAD=D, BLOCK_T=block_t, CAUSAL=causal, HAS_MASK=mask,
                   DOT_PRECISION="tf32", UPCAST_DOT=False, HEAD_MAJOR=head_major, KEY_ROWS=key_rows,
                   HAS_RANGE=key_range, OPEN_TILES=open_tiles)
-    return compile_sm90(_indexer_scores_kernel, ptrs, ints, {}, consts, warps, stages)
+    return compile_sm90(_indexer_scores_kernel, ptrs, ints, {}, consts, warps, stages, arch=arch)
 
 
 def _check_indexer(res, rows):
@@ -158,7 +159,7 @@ def test_indexer_all_configs_compile_for_sm90():
 
 # ----------------------------------------------------------------------------- sparse attention
 
-def _compile_sparse(block_h, block_k, warps, stages, H=64, dqk=576, dv=512, v_from_k=True, lse=False):
+def _compile_sparse(block_h, block_k, warps, stages, H=64, dqk=576, dv=512, v_from_k=True, lse=False, arch=90):
     from ic_compile.kernels.sparse_attention import _key_split, _sparse_attention_kernel
 
     d_a, d_b, d_b_pad = _key_split(dqk)
@@ -177,7 +178,7 @@ def _compile_sparse(block_h, block_k, warps, stages, H=64, dqk=576, dv=512, v_fr
     consts = dict(D_A=d_a, D_B_PAD=d_b_pad, DV_PAD=dv, BLOCK_H=block_h, BLOCK_K=block_k, CAUSAL=True,
                   V_FROM_K=v_from_k, WRITE_LSE=lse, SPLIT_PAD=16 if lse else 1, DOT_PRECISION="tf32",
                   UPCAST_DOT=False)
-    return compile_sm90(_sparse_attention_kernel, ptrs, ints, dict(scale_log2=1.0), consts, warps, stages)
+    return compile_sm90(_sparse_attention_kernel, ptrs, ints, dict(scale_log2=1.0), consts, warps, stages, arch=arch)
 
 
 @pytest.mark.parametrize("cfg", [dict(block_h=64, block_k=32, warps=8, stages=2),
@@ -212,6 +213,34 @@ def test_sparse_attention_all_configs_compile_for_sm90():
                                   v_from_k=dv == 512)
             # smem overflow is allowed here: the autotuner prunes such configs (OutOfResources)
             print(H, dqk, kw, cfg.num_warps, cfg.num_stages, {k: v for k, v in res.items() if k != "ptx"})
+
+
+# Max dynamic shared memory per block: A100 (sm_80) 163 KB, L4 / L40S / RTX 4090 (sm_89) 99 KB.
+SMEM_OF_ARCH = {80: 166912, 89: 101376}
+
+
+@pytest.mark.parametrize("arch", sorted(SMEM_OF_ARCH))
+def test_autotune_lists_hold_a_config_that_fits_older_gpus(arch):
+    """Never run on a non-Hopper GPU (no such machine here); the autotuner drops configs that do
+    not fit (OutOfResources), so each kernel needs at least one that does. The smallest of each
+    list (by shared memory, in an AOT sweep of every config for sm_80 and sm_89) compiles for
+    `arch`, fits its shared memory and does not spill."""
+    from ic_compile.kernels.indexer_topk import _decode_configs, _prefill_configs
+    from ic_compile.kernels.sparse_attention import _block_h_candidates, _configs
+
+    def listed(configs, kwargs, warps, stages):
+        return any(all(c.kwargs.get(k) == v for k, v in kwargs.items()) and (c.num_warps, c.num_stages) == (warps, stages)
+                   for c in configs)
+
+    assert listed(_prefill_configs(32), dict(BLOCK_S=4, BLOCK_T=64, KEY_ROWS=False, HEAD_MAJOR=False), 4, 2)
+    assert listed(_decode_configs(), dict(BLOCK_T=64), 4, 3)
+    compiled = [_compile_indexer(4, 32, 64, 4, 2, arch=arch), _compile_indexer(1, 32, 64, 4, 3, arch=arch)]
+    for heads in (64, 20):  # the MLA configs: GLM-5 and the 30B shape
+        assert listed(_configs(576, _block_h_candidates(heads)), dict(BLOCK_H=32, BLOCK_K=32), 8, 2)
+        compiled.append(_compile_sparse(32, 32, 8, 2, H=heads, arch=arch))
+    for res in compiled:
+        assert res["shared"] <= SMEM_OF_ARCH[arch], res["shared"]
+        assert res["stack"] == 0, f"register spills: {res['stack']} bytes"
 
 
 def test_compiles_after_interpreted_launch(tmp_path, monkeypatch):
