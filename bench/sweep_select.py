@@ -7,7 +7,8 @@ Per L (prefill, S = T = L, 30B indexer shape, top-k 2048):
     SET differs from torch.topk's, and % of the copy bandwidth for reading each row once up to
     its diagonal (the selection's byte floor);
   * the whole indexer (scores + selection over all chunks) with selection="torch" vs "triton"
-    (a few topk_select launch configs);
+    (a few topk_select launch configs; --chunk-rows: other query-chunk heights), each unordered
+    variant's selected sets checked against torch.topk's;
 Decode (S = 1, T = 128K, B in {1, 16}): torch.topk vs topk_select on the [B, 1, T] buffer, by
 programs per row in the filtering step (segments; 1 = the one-program filter).
 
@@ -39,7 +40,6 @@ DECODE_CONFIGS = [dict(sorted=False, num_warps=warps, block=1024, stages=3, segm
                   for segments in (1, 8, 16, 32, 64, 128) for warps in (4, 8)]
 WHOLE_INDEXER = {"torch.topk (descending)": dict(selection="torch"),
                  "auto, unordered (topk_select)": dict(sorted=False)}
-# (taller query chunks, chunk_rows 4096 / 8192 at 128K: no gain, tenth run set)
 # whole-indexer runs with indexer_topk.SELECT_KWARGS changed (name -> overrides)
 WHOLE_INDEXER_SELECT = {"auto, unordered (topk_select), resolve_warps=4": dict(resolve_warps=4)}
 
@@ -83,10 +83,11 @@ def graph_ms(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
 
 
-def prefill(L: int, device, copy_gbps: float) -> list[dict]:
+def prefill(L: int, device, copy_gbps: float, chunk_rows: list[int] = ()) -> list[dict]:
     q, k, w = indexer_inputs(1, L, L, 32, 128, device)
     rows = []
-    for name, kwargs in WHOLE_INDEXER.items():
+    taller = {f"auto, unordered, chunk_rows={r}": dict(sorted=False, chunk_rows=r) for r in chunk_rows}
+    for name, kwargs in {**WHOLE_INDEXER, **taller}.items():
         ms = bench_ms(lambda: indexer_topk_triton(q, k, w, TOPK, **kwargs), device, quick=True)
         rows.append({"L": L, "indexer_total_ms": ms, "selection": name,
                      "select_kwargs": indexer_topk.SELECT_KWARGS})
@@ -100,10 +101,12 @@ def prefill(L: int, device, copy_gbps: float) -> list[dict]:
             indexer_topk.SELECT_KWARGS = default
         rows.append({"L": L, "indexer_total_ms": ms, "selection": name, "select_kwargs": {**default, **overrides}})
         print(json.dumps(rows[-1]), flush=True)
-    got = indexer_topk_triton(q, k, w, TOPK, sorted=False)
     want = indexer_topk_triton(q, k, w, TOPK, selection="torch")
-    rows.append({"L": L, "whole_indexer_set_mismatch_rows": set_mismatches(got[0], want[0])})
-    print(json.dumps(rows[-1]), flush=True)
+    for rows_per_chunk in (None, *chunk_rows):
+        got = indexer_topk_triton(q, k, w, TOPK, sorted=False, chunk_rows=rows_per_chunk)
+        rows.append({"L": L, "chunk_rows": rows_per_chunk or "default",
+                     "whole_indexer_set_mismatch_rows": set_mismatches(got[0], want[0])})
+        print(json.dumps(rows[-1]), flush=True)
     for s0, _, last in chunked_scores(q, k, w):
         pass
     rows += compare_on_buffer(last[0], s0, copy_gbps, {"L": L, "mode": "prefill_last_chunk"})
@@ -122,6 +125,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="16384,131072")
     ap.add_argument("--decode", default="1,16", help="decode batch sizes at T=128K ('' = none)")
+    ap.add_argument("--chunk-rows", type=int, nargs="*", default=[],
+                    help="whole indexer also with these query-chunk heights (default: the 1 GiB budget, "
+                         "causal chunks <= 4096 rows); tenth / eleventh run sets")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = torch.device("cuda")
@@ -131,7 +137,7 @@ def main(argv=None) -> None:
               "results": []}
     try:
         for L in (int(x) for x in args.lengths.split(",") if x):
-            report["results"] += prefill(L, device, peaks["copy_gbps"])
+            report["results"] += prefill(L, device, peaks["copy_gbps"], args.chunk_rows)
         for B in (int(x) for x in args.decode.split(",") if x):
             report["results"] += decode(B, 131072, device, peaks["copy_gbps"])
     finally:

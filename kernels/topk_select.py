@@ -488,7 +488,9 @@ def _topk_resolve_kernel(
         n_above = tl.sum((ukeys > kth).to(tl.int32), axis=0)
         picked = (ukeys > kth) | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= topk - n_above))
     # the candidates' indices only now: not held in registers through the search (8 warps: 80
-    # registers instead of 118, 3 programs per SM instead of 2; no measurable speed change)
+    # registers instead of 118, 3 programs per SM instead of 2; no measurable speed change). n_cand
+    # is loaded again here on purpose: loaded once before the branch it stays live through the
+    # search (99 registers, 2 programs per SM; AOT sm_90, triton 3.6)
     n_scratch = tl.where(n > CAND, tl.load(n_cand_ptr + row), 0) if FILTERED else 0
     idx = tl.load(cand_idx_ptr + row.to(tl.int64) * s_cand + c, mask=picked & (c < n_scratch), other=0)
     idx = tl.where(n > CAND, idx, c)

@@ -98,7 +98,7 @@ def skip_host_checks(gm: fx.GraphModule) -> None:
     hold no device sync and replays one kernel path for all later data (see ic::indexer_topk)."""
     calls = gm.graph.find_nodes(op="call_function", target=lowered_indexer)
     for node in calls:
-        node.args = node.args[:10] + (False,)  # _replace passes all ten leading arguments
+        node.kwargs = {**node.kwargs, "check": False}
     if calls:
         gm.recompile()
 

@@ -441,8 +441,8 @@ def test_cudagraphs_option_captures_decode_graphs_only(eight_heads, monkeypatch)
         assert (w - g).abs().max().item() < 1e-4
     prefill, decode = backend.last_results[0].gm, backend.last_results[-1].gm
     assert graphed[0] is False and graphed[-1] is True
-    assert all(len(n.args) == 10 for n in prefill.graph.nodes if n.target is lowered_indexer)
-    assert all(n.args[10] is False for n in decode.graph.nodes if n.target is lowered_indexer)
+    assert all(n.kwargs.get("check", True) for n in prefill.graph.find_nodes(op="call_function", target=lowered_indexer))
+    assert all(n.kwargs["check"] is False for n in decode.graph.find_nodes(op="call_function", target=lowered_indexer))
     assert checks and set(checks) == {20}, "only the prefill (20 queries) checks its key ranges"
 
 
