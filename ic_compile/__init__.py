@@ -3,6 +3,10 @@
     fast = torch.compile(model, backend="indexcache", options={"plan": "FSSSFSSS"})
 """
 
+from .versions import warn_untested
+
+warn_untested()  # once per process: a library outside the tested range (pyproject.toml) is named
+
 from .backend import BackendOptions, VerificationError, indexcache_backend
 from .explain import ExplainReport, capture_graphs, explain
 from .plan import LayerPlan, PlanError
