@@ -1,8 +1,10 @@
 """Layer plans: which DSA layers keep their indexer (F, "full") and which reuse one (S, "shared").
 
-A plan is a string over {F, S}, one character per indexer layer in model order, e.g. "FSSSFSSS".
-It is the `index_topk_pattern` format that vLLM, SGLang and HF transformers read. An S layer reuses
-the top-k indices of the nearest preceding F layer, so the first layer must be F.
+A plan is a string over {F, S}, one character per indexer layer in model order, e.g. "FSSSFSSS",
+written like HF's `index_topk_pattern`. An S layer reuses the top-k indices of the nearest preceding
+F layer, so the first layer must be F. Engines read one role per *decoder* layer; where some decoder
+layers have no indexer (GLM-5.2-style checkpoints) `to_hf_overrides(model)` maps the plan onto them
+(ic_compile/deploy.py, docs/deploy.md).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class LayerPlan:
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "LayerPlan":
         """Reads {"index_topk_pattern": "FSSF..."} (also accepts "pattern" or "plan")."""
-        data = json.loads(Path(path).read_text())
+        data = _read_json(path)
         if isinstance(data, str):
             return cls.from_pattern(data)
         for key in ("index_topk_pattern", "pattern", "plan"):
@@ -98,10 +100,17 @@ class LayerPlan:
             sources.append(last_full)
         return sources
 
-    def to_hf_overrides(self) -> dict:
-        """Config overrides for HF transformers (`GlmMoeDsaConfig(**overrides)`), vLLM
-        (`--hf-overrides '<json>'`) and SGLang (`--json-model-override-args '<json>'`)."""
-        return {"index_topk_pattern": self.pattern}
+    def to_hf_overrides(self, model_or_config=None) -> dict:
+        """Config overrides that make vLLM (`--hf-overrides`), SGLang (`--json-model-override-args`),
+        HF transformers (`GlmMoeDsaConfig(**overrides)`) and TRT-LLM (merged into config.json) run
+        this plan: `indexer_types` and `index_topk_pattern`, one role per decoder layer.
+
+        Without `model_or_config` the plan must have one role per decoder layer. With one (an
+        nn.Module, a transformers config, a config dict or a config.json/checkpoint path) the plan
+        has one role per indexer of that model and is mapped onto its decoder layers; a plan that
+        needs indexer weights the model lacks raises PlanError."""
+        from .deploy import deployment  # deploy imports this module
+        return deployment(self, model_or_config).overrides
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         text = json.dumps({"index_topk_pattern": self.pattern, "num_layers": len(self),
@@ -109,6 +118,19 @@ class LayerPlan:
         if path is not None:
             Path(path).write_text(text + "\n")
         return text
+
+
+def _read_json(path):
+    """The JSON in `path`; a missing file or invalid JSON is a one-line PlanError naming the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise PlanError(f"plan file {str(path)!r} not found; give a path to a plan.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f"line {exc.lineno} column {exc.colno}: {exc.msg}" if isinstance(exc, json.JSONDecodeError) \
+            else "not UTF-8 text"
+        raise PlanError(f"plan file {str(path)!r} is not valid JSON ({where}); expected JSON like "
+                        '{"index_topk_pattern": "FSSF"}') from None
 
 
 def normalize_pattern(pattern: str) -> str:
