@@ -169,3 +169,15 @@ def test_checkpoint_weights_decide_the_layout(tmp_path):
     assert deployment("FS", folder).decoder_plan.pattern == "FSSSSSSS"
     with pytest.raises(PlanError, match="decoder layers 1 F"):
         deployment("FFSSFSSS", folder)
+
+
+def test_docs_show_what_ic_plan_prints(capsys):
+    """docs/deploy.md's first example is the command's real output."""
+    from pathlib import Path
+
+    from ic_compile.cli import main
+    assert main(["plan", "--pattern", "FSSFSSSF"]) == 0
+    printed = capsys.readouterr().out
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "deploy.md").read_text()
+    block = docs.split("$ ic plan --pattern FSSFSSSF\n", 1)[1].split("```", 1)[0]
+    assert block == printed
