@@ -67,12 +67,8 @@ def layout_of(source) -> DecoderLayout:
 def _layout_from_module(model) -> DecoderLayout:
     from .reference import find_indexer_modules  # torch-level import, only when a module is given
     indexers = {id(m) for m in find_indexer_modules(model)}
-    layers = []
-    for name, module in model.named_modules():
-        match = _LAYER_INDEX.search(name + ".")
-        if id(module) in indexers and match:
-            layers.append(int(match.group(1)))
-            indexers.discard(id(module))  # a module reachable under two names counts once
+    layers = [int(match.group(1)) for name, module in model.named_modules()
+              if id(module) in indexers and (match := _LAYER_INDEX.search(name + "."))]
     if not layers:
         raise PlanError(f"{type(model).__name__} has no indexer module under a `layers.N` module: "
                         "nothing to deploy a plan onto")
@@ -94,7 +90,11 @@ def _as_hf_config(config):
     model_type = data.pop("model_type", None)
     if model_type is None:
         raise PlanError("config dict has no 'model_type'; give the checkpoint's config.json contents")
-    return AutoConfig.for_model(model_type, **data)
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except ValueError as exc:
+        raise PlanError(f"config model_type {model_type!r}: transformers cannot build it ({exc}); "
+                        "give the config of a DSA model (glm_moe_dsa, deepseek_v32, ...)") from None
 
 
 def _layout_from_config(config) -> DecoderLayout:
@@ -130,18 +130,32 @@ def _layout_from_path(path: Path) -> DecoderLayout:
     shipped = _layers_with_indexer_weights(config_file.parent, layout.num_layers)
     if shipped is None:
         return layout
+    if not shipped:
+        raise PlanError(f"{config_file.parent}: the checkpoint's weights hold no '.indexer.' tensor on "
+                        f"decoder layers 0..{layout.num_layers - 1}: no indexer to share")
     return DecoderLayout(layout.num_layers, shipped, layout.model_type)
 
 
 def _layers_with_indexer_weights(directory: Path, num_layers: int) -> tuple[int, ...] | None:
-    """Decoder layers whose indexer weights the checkpoint ships, from model.safetensors.index.json
-    (the weight map; no tensor is read). None when there is no index to read."""
-    index = directory / "model.safetensors.index.json"
-    if not index.is_file():
+    """Decoder layers whose indexer weights the checkpoint ships, from the weight names of
+    model.safetensors.index.json or model.safetensors' header (no tensor is read). None when the
+    folder has neither."""
+    names = _weight_names(directory)
+    if names is None:
         return None
-    names = json.loads(index.read_text()).get("weight_map", {})
     layers = {int(m.group(1)) for n in names if ".indexer." in n and (m := _LAYER_INDEX.search(n))}
-    return tuple(sorted(i for i in layers if i < num_layers))
+    return tuple(sorted(i for i in layers if i < num_layers))  # MTP layers (>= num_layers) aside
+
+
+def _weight_names(directory: Path):
+    index, single = directory / "model.safetensors.index.json", directory / "model.safetensors"
+    if index.is_file():
+        return list(json.loads(index.read_text()).get("weight_map", {}))
+    if single.is_file():
+        from safetensors import safe_open
+        with safe_open(str(single), "pt") as handle:
+            return list(handle.keys())
+    return None
 
 
 # ------------------------------------------------------------------ plan -> decoder layers

@@ -181,3 +181,14 @@ def test_docs_show_what_ic_plan_prints(capsys):
     docs = (Path(__file__).resolve().parent.parent / "docs" / "deploy.md").read_text()
     block = docs.split("$ ic plan --pattern FSSFSSSF\n", 1)[1].split("```", 1)[0]
     assert block == printed
+
+
+def test_single_safetensors_file_decides_the_layout(tmp_path):
+    from safetensors.torch import save_file
+    folder = checkpoint(tmp_path, "GLM-5")
+    tensors = {f"model.layers.{i}.self_attn.indexer.wk.weight": torch.zeros(1) for i in (0, 1, 2, 6)}
+    save_file(tensors, str(folder / "model.safetensors"))
+    assert layout_of(folder).indexer_layers == (0, 1, 2, 6)
+    save_file({"model.layers.0.self_attn.o_proj.weight": torch.zeros(1)}, str(folder / "model.safetensors"))
+    with pytest.raises(PlanError, match=r"hold no '\.indexer\.' tensor"):
+        layout_of(folder)
