@@ -19,8 +19,8 @@ class ExplainReport:
     nodes_before: int
     nodes_after: int
     other_topk: int  # topk calls left alone (MoE routers, ...)
-    key_cache_dropped: list[int]  # S layers whose indexer key-cache write was removed
-    key_cache_kept: list[int]  # S layers that still write it (graph did not allow removal)
+    key_cache_dropped: list[int]  # S layers whose indexer key-cache writes are absent from the rewritten graph
+    key_cache_kept: list[int]  # S layers whose writes are still in it (cache layout not recognised)
     plan: str
     graphs: int = 1
     notes: list[str] = field(default_factory=list)
@@ -85,7 +85,10 @@ def explain(model, example_inputs, plan=None, **kwargs) -> ExplainReport:
 
 
 def _report(result: RewriteResult) -> ExplainReport:
-    removed_by_layer = Counter(n.layer for n in result.removed)
+    from .graph_diff import attribute_layers, key_cache_notes, key_cache_writes_removed
+    layer_of = attribute_layers(result.original)[0]  # by nn_module_stack / the layer a node feeds
+    removed_by_layer = Counter(layer_of.get(n.name, n.layer) for n in result.removed)
+    counted = key_cache_writes_removed(result)  # from the rewritten graph, not the pass's own flag
     layers = [{"layer": b.match.layer, "role": b.role, "source": b.source.layer, "module": b.match.module,
                "removed_nodes": removed_by_layer.get(b.match.layer, 0) if b.role == "S" else 0}
               for b in result.bindings]
@@ -93,16 +96,30 @@ def _report(result: RewriteResult) -> ExplainReport:
         layers=layers, removed_nodes=len(result.removed),
         nodes_before=len(result.gm.graph.nodes) + len(result.removed), nodes_after=len(result.gm.graph.nodes),
         other_topk=len(result.detection.other_topk),
-        key_cache_dropped=[c.layer for c in result.caches if c.dropped],
-        key_cache_kept=[c.layer for c in result.caches if not c.dropped],
-        plan=str(result.plan))
+        key_cache_dropped=[layer for layer, removed in counted.items() if removed],
+        key_cache_kept=[layer for layer, removed in counted.items() if removed is False],
+        plan=str(result.plan), notes=_unattributed(removed_by_layer, layers) + key_cache_notes(counted))
+
+
+def _unattributed(removed_by_layer: Counter, layers: list[dict]) -> list[str]:
+    """Removed nodes not under one indexer layer: said, so the per-layer column adds up to the total."""
+    outside = sum(count for layer, count in removed_by_layer.items()
+                  if layer not in {l["layer"] for l in layers if l["role"] == "S"})
+    return [f"{outside} removed nodes belong to no S layer (shared by several layers)"] if outside else []
 
 
 def register_cli(subparsers) -> None:
-    from .cli import add_model_arguments
-    parser = subparsers.add_parser("explain", help="what the rewrite finds and changes for a plan")
+    from .cli import add_cache_argument, add_model_arguments, examples
+    parser = subparsers.add_parser(
+        "explain", help="what the rewrite finds and changes for a plan",
+        description="Capture the model's Dynamo graph, detect its lightning indexers and apply --plan: "
+                    "prints each indexer layer's role, source and removed nodes.",
+        epilog=examples("ic explain --model dsa:tiny --plan FSSF",
+                        "ic explain --model hf-tiny:deepseek_v32 --plan FSFS --json",
+                        "ic explain --model my_models:build --plan plan.json   # my_models.py in the working dir"))
     add_model_arguments(parser)
     parser.add_argument("--plan", default=None, help="pattern (FSSF...), plan.json, or omit for all F")
+    add_cache_argument(parser)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(run=_run_cli)
 
@@ -111,6 +128,6 @@ def _run_cli(args) -> int:
     from .cli import example_ids, forward_inputs, print_json
     from .models import load_model
     model = load_model(args.model, args.seed)
-    report = explain(model, forward_inputs(model, example_ids(model, args)), plan=args.plan)
+    report = explain(model, forward_inputs(model, example_ids(model, args), args.with_cache), plan=args.plan)
     print_json(report.to_dict()) if args.json else print(report)
     return 0

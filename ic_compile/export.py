@@ -25,9 +25,11 @@ torch-level graph, so we export the graph they already rewrote.
 
 from __future__ import annotations
 
+import contextlib
 import keyword
-import os
+import logging
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -363,24 +365,78 @@ class OnnxExport:
 
 
 def check_writable(path) -> Path:
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise ExportError(f"output path {str(path)!r} is a directory; give a file name such as model.onnx")
-    if not parent.is_dir():
-        raise ExportError(f"cannot write {str(path)!r}: directory {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ExportError(f"cannot write {str(path)!r}: permission denied")
-    return path
+    """Fail before the export (20-100 s) if `path` cannot be written. A real write test: root passes
+    os.access everywhere (e.g. /proc)."""
+    from .cli import OutputPathError, output_file
+    try:
+        return output_file(path, flag="output")
+    except OutputPathError as exc:
+        raise ExportError(str(exc)) from None
+
+
+class _NoStages:
+    """Stages' interface without a bar (the API's default)."""
+
+    @contextlib.contextmanager
+    def step(self, _name: str):
+        yield
+
+
+ONNX_STAGES = ["capture (Dynamo)", "rewrite for the plan", "torch.export", "convert to ONNX", "save + check"]
+
+# Third-party log lines and warnings every export prints that say nothing about the user's model:
+# ops of a package that is not installed, a pytree deprecation inside torch, and onnx_ir defaulting an
+# empty attribute list to INTS (the checker and onnxruntime accept the result; tests compare outputs).
+QUIET_LOG_MESSAGES = {
+    "torch.onnx._internal.exporter._registration": ("torchvision is not installed",),
+    "onnx_ir._convenience": ("Attribute type is ambiguous",),
+}
+QUIET_WARNINGS = [(FutureWarning, r".*isinstance\(treespec, LeafSpec\)")]
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+@contextlib.contextmanager
+def quiet_third_party():
+    """Silence only the known-harmless messages above, only around the export; ours still show."""
+    filters = [(logging.getLogger(name), _DropMessages(prefixes)) for name, prefixes in QUIET_LOG_MESSAGES.items()]
+    for logger, f in filters:
+        logger.addFilter(f)
+    try:
+        with warnings.catch_warnings():
+            for category, message in QUIET_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            yield
+    finally:
+        for logger, f in filters:
+            logger.removeFilter(f)
 
 
 def export_onnx(model: nn.Module, example_inputs, path, plan=None, *, dynamic_seq: bool = True,
-                opset: int | None = None, optimize: bool = False, kernels: bool = False) -> OnnxExport:
+                opset: int | None = None, optimize: bool = False, kernels: bool = False,
+                progress=None) -> OnnxExport:
     """Export the model rewritten for `plan` to ONNX at `path`; returns what was written.
     `model` may be a `CapturedModel` (then `example_inputs` is ignored) to export several plans from one
-    capture."""
+    capture. `progress`: a `cli.Stages` over ONNX_STAGES (the CLI's bar)."""
     path = check_writable(path)
-    program = capture_rewritten(model, example_inputs, plan, dynamic_seq=dynamic_seq, kernels=kernels)
+    stages = progress or _NoStages()
+    with quiet_third_party():
+        with stages.step("capture (Dynamo)"):
+            captured = model if isinstance(model, CapturedModel) else capture_model(
+                model, example_inputs, dynamic_seq=dynamic_seq)
+        with stages.step("rewrite for the plan"):
+            program = capture_rewritten(captured, None, plan, kernels=kernels)
+        return _export_rewritten(program, path, opset, optimize, stages)
+
+
+def _export_rewritten(program: RewrittenProgram, path: Path, opset, optimize: bool, stages) -> OnnxExport:
     dynamic_seq = program.dynamic_seq
     seq = torch.export.Dim(SEQ_DIM_NAME, min=2, max=1 << 20)
     dynamic = {name: ({1: seq} if dynamic_seq and t.dim() > 1 else {})
@@ -390,15 +446,19 @@ def export_onnx(model: nn.Module, example_inputs, path, plan=None, *, dynamic_se
     output_names = ["logits"] + [f"output_{i}" for i in range(1, num_outputs)]
     kwargs = {} if opset is None else {"opset_version": opset}
     with torch.no_grad():
-        exported, decomposed = _export_program(module, program.example_args, dynamic)
-        onnx_program = torch.onnx.export(exported, dynamo=True, input_names=program.input_names,
-                                         output_names=output_names, optimize=optimize, verbose=False, **kwargs)
-    onnx_program.save(str(path))
-    import onnx
-    proto = onnx.load(str(path))
-    if dynamic_seq and _name_seq_axis(proto, {n for n, d in dynamic.items() if d}):
-        onnx.save(proto, str(path))
-    onnx.checker.check_model(proto)
+        with stages.step("torch.export"):
+            exported, decomposed = _export_program(module, program.example_args, dynamic)
+        with stages.step("convert to ONNX"):
+            onnx_program = torch.onnx.export(exported, dynamo=True, input_names=program.input_names,
+                                             output_names=output_names, optimize=optimize, verbose=False,
+                                             **kwargs)
+    with stages.step("save + check"):
+        onnx_program.save(str(path))
+        import onnx
+        proto = onnx.load(str(path))
+        if dynamic_seq and _name_seq_axis(proto, {n for n, d in dynamic.items() if d}):
+            onnx.save(proto, str(path))
+        onnx.checker.check_model(proto)
     key_topk, other_topk = count_topk(proto)
     result = program.result
     return OnnxExport(
@@ -478,13 +538,19 @@ def count_topk(proto, seq_name: str = SEQ_DIM_NAME) -> tuple[int, int]:
 
 # ------------------------------------------------------------------------------ CLI
 def register_cli(subparsers) -> None:
-    from .cli import add_model_arguments
-    parser = subparsers.add_parser("export", help="export the rewritten model (S indexers removed) to ONNX or "
-                                                  "TensorRT")
+    from .cli import add_model_arguments, examples
+    parser = subparsers.add_parser(
+        "export", help="export the rewritten model (S indexers removed) to ONNX or TensorRT",
+        description="Export the model rewritten for --plan: S-layer indexers are absent, custom ops are "
+                    "decomposed into standard ONNX ops, the sequence axis is dynamic. Takes 20-100 s on CPU.",
+        epilog=examples("ic export --model dsa:tiny --plan FSSF --seq 24 --out dsa_fssf.onnx",
+                        "ic export --model hf-tiny:glm_moe_dsa --plan plan.json --out glm.onnx --json",
+                        "ic export --model ckpt:runs/small --plan FSSSFS --format tensorrt --out small.ep"))
     add_model_arguments(parser)
     parser.add_argument("--plan", default=None, help="pattern (FSSF...), plan.json, or omit for all F")
-    parser.add_argument("--format", default="onnx", help=f"one of {', '.join(FORMATS)}")
-    parser.add_argument("--out", required=True, help="output file (model.onnx / model.ep)")
+    parser.add_argument("--format", default="onnx", choices=FORMATS, help="onnx, or a TensorRT engine")
+    parser.add_argument("--out", required=True,
+                        help="output file (model.onnx / model.ep); checked before the export starts")
     parser.add_argument("--static-seq", action="store_true", help="no dynamic sequence axis")
     parser.add_argument("--kernels", action="store_true",
                         help="ONNX: lower F indexers to ic::indexer_topk first (exported in standard ops)")
@@ -493,19 +559,21 @@ def register_cli(subparsers) -> None:
 
 
 def _run_cli(args) -> int:
-    from .cli import example_ids, forward_inputs, print_json
+    from .cli import Stages, example_ids, forward_inputs, output_file, print_json
     from .models import load_model
-    if args.format not in FORMATS:
-        raise ExportError(f"unknown export format {args.format!r}; choose one of {', '.join(FORMATS)}")
-    check_writable(args.out)
-    model = load_model(args.model, args.seed)
-    inputs = forward_inputs(model, example_ids(model, args))
-    if args.format == "onnx":
-        result = export_onnx(model, inputs, args.out, plan=args.plan, dynamic_seq=not args.static_seq,
-                             kernels=args.kernels)
-    else:
-        from .tensorrt import export_tensorrt
-        result = export_tensorrt(model, inputs, args.out, plan=args.plan, dynamic_seq=not args.static_seq)
+    output_file(args.out)  # before the 20-100 s of work
+    names = ["load model"] + (ONNX_STAGES if args.format == "onnx" else ["capture, rewrite, build engine"])
+    with Stages(names, f"ic export ({args.format})") as stages:
+        with stages.step("load model"):
+            model = load_model(args.model, args.seed)
+            inputs = forward_inputs(model, example_ids(model, args))
+        if args.format == "onnx":
+            result = export_onnx(model, inputs, args.out, plan=args.plan, dynamic_seq=not args.static_seq,
+                                 kernels=args.kernels, progress=stages)
+        else:
+            from .tensorrt import export_tensorrt
+            with stages.step("capture, rewrite, build engine"), quiet_third_party():
+                result = export_tensorrt(model, inputs, args.out, plan=args.plan, dynamic_seq=not args.static_seq)
     print_json(result.to_dict()) if args.json else print(result)
     return 0
 

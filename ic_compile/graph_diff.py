@@ -31,6 +31,7 @@ JSON schema (schema_version 1):
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import math
@@ -75,9 +76,10 @@ class NodeChange:
     name: str
     op: str
     module: str
-    layer: int | None
+    layer: int | None  # None: shared by several layers / outside them / the graph output (see attribution)
     inputs_before: list[str] = field(default_factory=list)
     inputs_after: list[str] = field(default_factory=list)
+    attribution: str = ""  # how `layer` was found, or why there is none
 
 
 @dataclass
@@ -89,6 +91,7 @@ class GraphDiff:
     layers: list[LayerDiff]
     nodes: list[NodeChange]
     result: RewriteResult | None = field(default=None, repr=False)
+    notes: list[str] = field(default_factory=list)  # caveats of the counts (e.g. no key cache in the graph)
 
     # ---------------------------------------------------------------- views
     @property
@@ -107,7 +110,7 @@ class GraphDiff:
         return {"schema_version": SCHEMA_VERSION, "plan": self.plan, "seq_len": self.seq_len,
                 "nodes_before": self.nodes_before, "nodes_after": self.nodes_after,
                 "layers": [asdict(l) for l in self.layers], "totals": self.totals,
-                "nodes": [asdict(n) for n in self.nodes]}
+                "nodes": [asdict(n) for n in self.nodes], "notes": list(self.notes)}
 
     def to_json(self, path=None) -> str:
         text = json.dumps(self.to_dict(), indent=2)
@@ -140,8 +143,14 @@ class GraphDiff:
             for n in rewired:
                 gained = [x for x in n.inputs_after if x not in n.inputs_before]
                 lost = [x for x in n.inputs_before if x not in n.inputs_after]
-                lines.append(f"  {n.change:8} {n.name} ({n.op}, layer {n.layer}): reads {named(gained)}"
+                where = f"layer {n.layer}" if n.layer is not None else n.attribution
+                lines.append(f"  {n.change:8} {n.name} ({n.op}, {where}): reads {named(gained)}"
                              + (f" instead of {named(lost)}" if n.change == "rewired" else ""))
+        shared = [n for n in self.nodes if n.layer is None and n.change == "removed"]
+        if shared:
+            lines.append(f"removed nodes of no single layer: {len(shared)} ("
+                         + "; ".join(sorted({n.attribution for n in shared})) + ")")
+        lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
     def to_html(self, path=None) -> str:
@@ -166,14 +175,27 @@ def _bytes(x: int) -> str:
 
 
 # ------------------------------------------------------------------------ building the diff
+DIFF_STAGES = ["capture (Dynamo)", "rewrite for the plan", "count"]
+
+
+class _NoStages:
+    @contextlib.contextmanager
+    def step(self, _name: str):
+        yield
+
+
 def graph_diff(model, example_inputs, plan=None, seq_len: int | None = None, *, kernels: bool = False,
-               **kwargs) -> GraphDiff:
+               progress=None, **kwargs) -> GraphDiff:
     """Capture the model's Dynamo graph, apply `plan`, and describe what changed.
     kernels=True also lowers F indexers to `ic::indexer_topk` (what the backend does on CUDA): their
-    nodes show as removed and the fused op as added (F layers' FLOPs are moved, not removed)."""
+    nodes show as removed and the fused op as added (F layers' FLOPs are moved, not removed).
+    progress: a `cli.Stages` over DIFF_STAGES (the CLI's bar)."""
     from .explain import capture_graphs
-    graphs = capture_graphs(model, example_inputs, **kwargs)
-    results = [rewrite(gm, plan, strict=True, kernels=kernels) for gm in graphs]
+    stages = progress or _NoStages()
+    with stages.step("capture (Dynamo)"):
+        graphs = capture_graphs(model, example_inputs, **kwargs)
+    with stages.step("rewrite for the plan"):
+        results = [rewrite(gm, plan, strict=True, kernels=kernels) for gm in graphs]
     found = [r for r in results if r.detection.matches]
     if not found:
         raise NoIndexerFoundError(f"graph diff: no lightning indexer found in the model's {len(graphs)} "
@@ -181,7 +203,8 @@ def graph_diff(model, example_inputs, plan=None, seq_len: int | None = None, *, 
     if len(found) > 1:
         raise PlanError(f"the model was split into {len(graphs)} graphs with indexers in {len(found)} of them "
                         "(graph breaks); a plan must see all layers in one graph")
-    return diff_rewrite(found[0], seq_len)
+    with stages.step("count"):
+        return diff_rewrite(found[0], seq_len)
 
 
 def diff_rewrite(result: RewriteResult, seq_len: int | None = None) -> GraphDiff:
@@ -192,10 +215,10 @@ def diff_rewrite(result: RewriteResult, seq_len: int | None = None) -> GraphDiff
     topk_in = before[first.topk.name].args[0]
     if seq_len is None:
         seq_len = int((shape_of(topk_in) or (0,))[-1])
-    layer_of = node_layers(result.original)
-    changes = _node_changes(result, before, after, layer_of)
+    layer_of, why = attribute_layers(result.original)
+    changes = _node_changes(result, before, after, layer_of, why)
     removed_names = {c.name for c in changes if c.change == "removed"}
-    dropped = {c.layer: c.dropped for c in result.caches}
+    dropped = key_cache_writes_removed(result)
     layers = []
     for b in result.bindings:
         m = b.match
@@ -211,43 +234,116 @@ def diff_rewrite(result: RewriteResult, seq_len: int | None = None) -> GraphDiff
             removed_nodes=len(own_removed),
             rewired_nodes=sum(c.change == "rewired" and c.layer == m.layer for c in changes),
             weight_bytes_freed=sum(_nbytes(p) for p in freed), freed_parameters=[parameter_path(p) for p in freed],
-            key_cache_bytes_per_token_freed=dim * _key_itemsize(before[m.key.name]) if is_s else 0,
+            key_cache_bytes_per_token_freed=(dim * _key_itemsize(before[m.key.name])
+                                             if is_s and dropped.get(m.layer) else 0),
             key_cache_write_removed=dropped.get(m.layer) if is_s else None))
     return GraphDiff(plan=str(result.plan), seq_len=seq_len, nodes_after=len(after),
                      nodes_before=len(after) + sum(c.change == "removed" for c in changes),
-                     layers=layers, nodes=changes, result=result)
+                     layers=layers, nodes=changes, result=result, notes=key_cache_notes(dropped))
+
+
+def key_cache_writes_removed(result: RewriteResult) -> dict[int, bool | None]:
+    """S layer -> True if every write of its indexer key cache (the cache append, or the in-place writes
+    into a static buffer) found in the original graph is absent from the rewritten one, False if any is
+    still there, None if the original graph writes no such cache (e.g. captured without a cache).
+    Counted from the graphs, not from what the pass believes it did."""
+    after = {n.name for n in result.gm.graph.nodes}
+    caches = {c.layer: c for c in result.caches}
+    counted: dict[int, bool | None] = {}
+    for b in result.bindings:
+        if b.role != "S":
+            continue
+        cache = caches.get(b.match.layer)
+        writes = ([] if cache is None else [cache.concat.name] if cache.concat is not None
+                  else [w.name for w in cache.writers])
+        counted[b.match.layer] = None if not writes else not any(w in after for w in writes)
+    return counted
+
+
+def key_cache_notes(counted: dict[int, bool | None]) -> list[str]:
+    """Why an S layer's key-cache bytes count as 0."""
+    absent = [layer for layer, removed in counted.items() if removed is None]
+    kept = [layer for layer, removed in counted.items() if removed is False]
+    notes = []
+    if absent:
+        notes.append(f"S layers {absent}: this graph writes no indexer key cache (captured without a cache), "
+                     "so no key-cache write is counted as removed (0 B/token); capture with a cache "
+                     "(ic --with-cache; API: use_cache=True and a DynamicCache / StaticCache) to count them")
+    if kept:
+        notes.append(f"S layers {kept} still write their indexer key cache in the rewritten graph (cache "
+                     "layout not recognised by drop_shared_key_cache): 0 bytes counted as freed")
+    return notes
 
 
 def node_layers(gm: fx.GraphModule) -> dict[str, int | None]:
-    """Layer of every node: from its module path; placeholders / get_attr take their readers' layer."""
-    layers = {}
-    for node in gm.graph.nodes:
-        layers[node.name] = layer_number(module_path(node)) if node.op not in ("placeholder", "get_attr") else None
-    for node in gm.graph.nodes:
-        if node.op in ("placeholder", "get_attr"):
-            readers = {layers[u.name] for u in node.users}
-            layers[node.name] = readers.pop() if len(readers) == 1 else None
-    return layers
+    """Layer of every node (None: shared by several layers or outside them); see `attribute_layers`."""
+    return attribute_layers(gm)[0]
 
 
-def _node_changes(result, before, after, layer_of) -> list[NodeChange]:
+def attribute_layers(gm: fx.GraphModule) -> tuple[dict[str, int | None], dict[str, str]]:
+    """(layer, why) of every node. In order of trust:
+    - the innermost entry of its nn_module_stack under a numbered layer (a helper function such as HF
+      DeepSeek-V3.2's `apply_rotary_pos_emb` is the innermost entry; the layer is the one above it);
+    - else the single layer all its users belong to (parameters, graph inputs, helper values);
+    - else None, with the reason: read by several layers, the graph output, outside every layer."""
+    nodes = list(gm.graph.nodes)
+    layers: dict[str, int | None] = {n.name: _stack_layer(n) for n in nodes}
+    why = {n.name: "module path" for n in nodes if layers[n.name] is not None}
+    for node in reversed(nodes):  # users come later in the graph: their layer is known first
+        if layers[node.name] is not None or node.op == "output":
+            continue
+        readers = {layers[u.name] for u in node.users}
+        if len(readers) == 1 and None not in readers:
+            layers[node.name] = readers.pop()
+            why[node.name] = f"feeds only layer {layers[node.name]}"
+    for node in nodes:
+        if node.name in why:
+            continue
+        readers = sorted({layers[u.name] for u in node.users} - {None})
+        why[node.name] = ("graph output (returns every layer's results and cache state)" if node.op == "output"
+                          else f"shared: read by layers {readers}" if len(readers) > 1
+                          else "outside the layers (embedding, final norm, head, or values they read)")
+    return layers, why
+
+
+def _stack_layer(node: fx.Node) -> int | None:
+    if node.op in ("placeholder", "get_attr", "output"):
+        return None
+    stack = node.meta.get("nn_module_stack") or {}
+    for entry in reversed(list(stack.values())):
+        path = _clean_path(entry[0])
+        block = re.search(r"(?:^|\.)(?:layers|layer|blocks|block|h)\.(\d+)(?=\.|$)", path)
+        layer = int(block.group(1)) if block else layer_number(path)  # not an expert's index
+        if layer is not None:
+            return layer
+    return None
+
+
+def _clean_path(path) -> str:
+    """"L['self'].model.layers[3]" -> "model.layers.3" (as graph_ops.module_path writes it)."""
+    path = re.sub(r"^L\['self'\]\.?", "", str(path))
+    path = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", path)
+    return re.sub(r"\._modules\.", ".", path).strip(".")
+
+
+def _node_changes(result, before, after, layer_of, why) -> list[NodeChange]:
     changes = []
     removed_by_rewrite = {r.name for r in result.removed}
     for name, node in before.items():
         if name not in after:
             if name in removed_by_rewrite:  # (nodes dead before the rewrite are not its doing)
                 changes.append(NodeChange("removed", name, op_name(node) or str(node.target), module_path(node),
-                                          layer_of[name], [a.name for a in tensor_args(node)], []))
+                                          layer_of[name], [a.name for a in tensor_args(node)], [], why[name]))
             continue
         old, new = [a.name for a in tensor_args(node)], [a.name for a in tensor_args(after[name])]
         if old != new:
             changes.append(NodeChange("rewired", name, op_name(node) or node.op, module_path(node),
-                                      layer_of[name], old, new))
+                                      layer_of[name], old, new, why[name]))
+    added_layers, added_why = attribute_layers(result.gm)
     for name, node in after.items():
         if name not in before:
-            path = module_path(node)
-            changes.append(NodeChange("added", name, op_name(node) or str(node.target), path, layer_number(path),
-                                      [], [a.name for a in tensor_args(node)]))
+            changes.append(NodeChange("added", name, op_name(node) or str(node.target), module_path(node),
+                                      added_layers[name], [], [a.name for a in tensor_args(node)], added_why[name]))
     return changes
 
 
@@ -571,43 +667,45 @@ if(!location.hash){{sel.value='{first}';apply();}}</script></body></html>
 
 # ------------------------------------------------------------------------ CLI
 def register_cli(subparsers) -> None:
-    from .cli import add_model_arguments
-    parser = subparsers.add_parser("diff", help="per-layer graph diff of the rewrite: removed nodes, FLOPs, bytes")
+    from .cli import add_cache_argument, add_model_arguments, examples, positive_int
+    parser = subparsers.add_parser(
+        "diff", help="per-layer graph diff of the rewrite: removed nodes, FLOPs, bytes",
+        description="Apply --plan to the model's Dynamo graph and count, per indexer layer, the nodes "
+                    "removed / rewired and the indexer FLOPs, weights and key-cache bytes that no longer run.",
+        epilog=examples("ic diff --model dsa:tiny --plan FSSF --seq 24 --seq-len 1024",
+                        "ic diff --model hf-tiny:deepseek_v32 --plan FSFS --json > diff.json",
+                        "ic diff --model hf-tiny:glm_moe_dsa --plan FSFS --html diff.html"))
     add_model_arguments(parser)
     parser.add_argument("--plan", required=True, help="pattern (FSSF...) or plan.json")
-    parser.add_argument("--seq-len", type=int, default=None,
+    parser.add_argument("--seq-len", type=positive_int, default=None,
                         help="sequence length the FLOPs are counted at (default: --seq)")
     parser.add_argument("--kernels", action="store_true",
                         help="also lower F indexers to ic::indexer_topk (as the backend does on CUDA)")
+    add_cache_argument(parser)
     parser.add_argument("--json", action="store_true", help="print the diff as JSON")
-    parser.add_argument("--html", default=None, help="write the interactive graph page here")
+    parser.add_argument("--html", default=None, help="write the interactive graph page here (checked first)")
     parser.set_defaults(run=_run_cli)
 
 
 def _run_cli(args) -> int:
-    from .cli import example_ids, forward_inputs, print_json
+    from .cli import Stages, example_ids, forward_inputs, output_file, print_json
     from .models import load_model
     if args.html:
-        _check_writable(args.html)
-    model = load_model(args.model, args.seed)
-    diff = graph_diff(model, forward_inputs(model, example_ids(model, args)), plan=args.plan, seq_len=args.seq_len,
-                      kernels=args.kernels)
+        output_file(args.html, "--html")
+    names = ["load model"] + DIFF_STAGES + (["write HTML"] if args.html else [])
+    with Stages(names, "ic diff") as stages:
+        with stages.step("load model"):
+            model = load_model(args.model, args.seed)
+            inputs = forward_inputs(model, example_ids(model, args), args.with_cache)
+        diff = graph_diff(model, inputs, plan=args.plan, seq_len=args.seq_len, kernels=args.kernels,
+                          progress=stages)
+        if args.html:
+            with stages.step("write HTML"):
+                diff.to_html(args.html)
     print_json(diff.to_dict()) if args.json else print(diff)
-    if args.html:
-        diff.to_html(args.html)
-        if not args.json:
-            print(f"wrote {args.html}")
+    if args.html and not args.json:
+        print(f"wrote {args.html}")
     return 0
-
-
-def _check_writable(path) -> None:
-    import os
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise ValueError(f"cannot write the HTML page to {str(path)!r}: "
-                         + ("it is a directory" if path.is_dir() else
-                            f"directory {str(parent)!r} does not exist" if not parent.is_dir() else "permission denied"))
 
 
 __all__ = ["GraphDiff", "LayerDiff", "NodeChange", "SCHEMA_VERSION", "diff_rewrite", "graph_diff", "node_layers"]

@@ -5,7 +5,10 @@ SPEC is one of
   hf:CONFIG.json           an HF transformers model built from a config file (random weights)
   hf-tiny:glm_moe_dsa      a tiny HF GlmMoeDsa / deepseek_v32 with random weights
   ckpt:DIR                 a checkpoint written by examples/train_dsa.py (config.json + model.safetensors)
-  MODULE:FUNCTION          any importable factory returning (model, example_inputs) or a model
+  MODULE:FUNCTION          a factory returning a model or (model, example_inputs) (the CLI builds its
+                           own inputs from --seq/--batch); MODULE is imported from sys.path, then the
+                           working directory
+A spec that cannot be built raises ModelSpecError, whose message names the spec and the fix.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,7 +31,9 @@ HF_TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_interme
                first_k_dense_replace=1, max_position_embeddings=256)
 
 
-MODEL_HELP = "dsa:NAME | hf:CONFIG.json | hf-tiny:glm_moe_dsa | ckpt:DIR | MODULE:FUNCTION"
+MODEL_HELP = ("dsa:NAME[:PATTERN] (reference model; NAME tiny|small|...) | hf:CONFIG.json (random weights) | "
+              "hf-tiny:glm_moe_dsa|deepseek_v32 | ckpt:DIR (examples/train_dsa.py output) | MODULE:FUNCTION "
+              "(factory in the working directory or on sys.path returning a model or (model, inputs))")
 
 
 def vocab_size(model) -> int:
@@ -53,24 +59,103 @@ def import_examples_module(name: str = "dsa_model"):
     return module
 
 
+class ModelSpecError(ValueError):
+    """A `--model SPEC` that cannot be turned into a model; the message names the spec and the fix."""
+
+
+FORMS = ("dsa:NAME", "hf:CONFIG.json", "hf-tiny:glm_moe_dsa", "ckpt:DIR", "MODULE:FUNCTION")
+
+
 def load_model(spec: str, seed: int = 0) -> torch.nn.Module:
-    kind, _, rest = spec.partition(":")
+    """The model a `--model SPEC` names (see the module docstring), in eval mode."""
+    kind, colon, rest = spec.partition(":")
+    if not colon or not kind:
+        raise ModelSpecError(f"--model {spec!r} is not a model spec: use one of {', '.join(FORMS)} "
+                             "(e.g. --model dsa:tiny)")
     torch.manual_seed(seed)
     if kind == "dsa":
-        dsa = import_examples_module()
-        name, _, pattern = rest.partition(":")
-        args = dsa.ModelArgs.from_name(name or "tiny", **({"index_topk_pattern": pattern} if pattern else {}))
-        return dsa.init_weights(dsa.Transformer(args), seed).eval()
+        return _dsa(spec, rest, seed)
     if kind == "hf":
-        from transformers import AutoConfig, AutoModelForCausalLM
-        config = AutoConfig.from_pretrained(rest)
-        return AutoModelForCausalLM.from_config(config).eval()
+        return _hf_config(spec, rest)
     if kind == "hf-tiny":
         return _hf_tiny(rest or "glm_moe_dsa")
     if kind == "ckpt":
         return load_checkpoint(rest)
-    module = importlib.import_module(kind)
-    return getattr(module, rest)()
+    return _factory(spec, kind, rest)
+
+
+def _dsa(spec: str, rest: str, seed: int) -> torch.nn.Module:
+    dsa = import_examples_module()
+    name, _, pattern = rest.partition(":")
+    try:
+        args = dsa.ModelArgs.from_name(name or "tiny", **({"index_topk_pattern": pattern} if pattern else {}))
+    except ValueError as exc:  # unknown name, bad pattern: the reference model's own message
+        raise ModelSpecError(f"--model {spec}: {exc}") from None
+    return dsa.init_weights(dsa.Transformer(args), seed).eval()
+
+
+def _hf_config(spec: str, path: str) -> torch.nn.Module:
+    """hf:CONFIG.json (or a directory holding config.json): the architecture, random weights."""
+    config_path = Path(path)
+    if config_path.is_dir():
+        config_path = config_path / "config.json"
+    if not config_path.is_file():
+        raise ModelSpecError(f"--model {spec}: {str(config_path)!r} does not exist; give the path of an HF "
+                             "config.json (or of the directory holding it)")
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        config = AutoConfig.from_pretrained(str(config_path))
+        return AutoModelForCausalLM.from_config(config).eval()
+    except (OSError, ValueError, KeyError) as exc:  # bad JSON, unknown model_type, no causal-LM class
+        raise ModelSpecError(f"--model {spec}: transformers cannot build a causal LM from {str(config_path)!r}: "
+                             f"{_first_line(exc)}") from None
+
+
+def _factory(spec: str, module_name: str, function: str) -> torch.nn.Module:
+    """MODULE:FUNCTION, MODULE importable from sys.path or the working directory."""
+    if not function:
+        raise ModelSpecError(f"--model {spec}: no FUNCTION after the colon; use MODULE:FUNCTION, "
+                             "e.g. --model my_models:build (my_models.py in the working directory)")
+    _working_directory_importable()
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name.split(".")[0] and exc.name != module_name:
+            raise ModelSpecError(f"--model {spec}: importing {module_name!r} failed: {exc}") from None
+        raise ModelSpecError(f"--model {spec}: no module named {module_name!r} (looked in the working "
+                             f"directory {os.getcwd()} and on sys.path); the prefix must be one of "
+                             f"{', '.join(f.split(':')[0] + ':' for f in FORMS[:4])} or an importable module"
+                             ) from None
+    factory = getattr(module, function, None)
+    if not callable(factory):
+        found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+                       and getattr(v, "__module__", None) == module.__name__)
+        raise ModelSpecError(f"--model {spec}: module {module_name!r} has no function {function!r}; "
+                             f"it defines {found or 'no public functions'}")
+    return _model_from(spec, factory())
+
+
+def _working_directory_importable() -> None:
+    """`ic` is a console script, so the working directory is not on sys.path. It is appended, never
+    prepended: a folder there (e.g. a checkout's kernels/) must not shadow an installed package."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+
+
+def _model_from(spec: str, made) -> torch.nn.Module:
+    """A factory may return the model or (model, example_inputs); the CLI builds its own inputs."""
+    if isinstance(made, (tuple, list)) and made and isinstance(made[0], torch.nn.Module):
+        made = made[0]
+    if not isinstance(made, torch.nn.Module):
+        raise ModelSpecError(f"--model {spec}: the factory returned {type(made).__name__}, not a "
+                             "torch.nn.Module; return the model or (model, example_inputs)")
+    return made.eval()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 def _hf_tiny(model_type: str) -> torch.nn.Module:
@@ -78,16 +163,47 @@ def _hf_tiny(model_type: str) -> torch.nn.Module:
     classes = {"glm_moe_dsa": ("GlmMoeDsaConfig", "GlmMoeDsaForCausalLM"),
                "deepseek_v32": ("DeepseekV32Config", "DeepseekV32ForCausalLM")}
     if model_type not in classes:
-        raise ValueError(f"hf-tiny:{model_type}: known types are {sorted(classes)}")
+        raise ModelSpecError(f"--model hf-tiny:{model_type}: unknown type; known types are {sorted(classes)}")
     config_cls, model_cls = (getattr(transformers, n) for n in classes[model_type])
-    return getattr(transformers, classes[model_type][1])(config_cls(**HF_TINY, n_group=1, topk_group=1)).eval()
+    return model_cls(config_cls(**HF_TINY, n_group=1, topk_group=1)).eval()
 
 
 def load_checkpoint(directory: str) -> torch.nn.Module:
-    """config.json ({"model_args": {...}}) + model.safetensors written by examples/train_dsa.py."""
+    """config.json ({"model_args": {...}}) + model.safetensors written by examples/train_dsa.py.
+    Loaded strictly: a tensor missing from the file would otherwise run with its random init."""
     from safetensors.torch import load_file
+    folder = Path(directory)
+    config_path, weights_path = folder / "config.json", folder / "model.safetensors"
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise ModelSpecError(f"--model ckpt:{directory}: {str(path)!r} does not exist; a checkpoint "
+                                 "directory holds config.json and model.safetensors (examples/train_dsa.py "
+                                 "--out DIR writes them)")
     dsa = import_examples_module()
-    config = json.loads((Path(directory) / "config.json").read_text())
-    model = dsa.Transformer(dsa.ModelArgs(**config["model_args"]))
-    model.load_state_dict(load_file(str(Path(directory) / "model.safetensors")), strict=False)
+    try:
+        model_args = dsa.ModelArgs(**json.loads(config_path.read_text())["model_args"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelSpecError(f"--model ckpt:{directory}: {str(config_path)!r} does not hold valid "
+                             f"\"model_args\" for examples/dsa_model.py: {_first_line(exc)}") from None
+    model = dsa.Transformer(model_args)
+    state = load_file(str(weights_path))
+    check_state_dict(model, state, f"--model ckpt:{directory}")
+    model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def check_state_dict(model: torch.nn.Module, state: dict, what: str) -> None:
+    """Raise naming every missing / unexpected / mis-shaped tensor (load_state_dict's own error is a
+    RuntimeError wall; strict=False would silently keep random weights)."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(f"{k} {tuple(state[k].shape)} (model: {tuple(v.shape)})" for k, v in expected.items()
+                    if k in state and tuple(state[k].shape) != tuple(v.shape))
+    problems = ([f"missing tensors {missing}"] if missing else []) + (
+        [f"unexpected tensors {unexpected}"] if unexpected else []) + (
+        [f"shape mismatches {shapes}"] if shapes else [])
+    if problems:
+        raise ModelSpecError(f"{what}: the weights do not match the model built from config.json: "
+                             + "; ".join(problems) + ". Re-save the checkpoint or fix config.json's "
+                             "model_args (e.g. index_topk_pattern decides which layers have indexer weights)")

@@ -58,13 +58,16 @@ def collect_topk(model: nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
     return outputs
 
 
-def topk_overlap(model: nn.Module, data, *, batch_size: int = 8) -> torch.Tensor:
+def topk_overlap(model: nn.Module, data, *, batch_size: int = 8, progress: bool = False) -> torch.Tensor:
     """Mean Jaccard overlap [n, n] (float64) of the top-k sets of every pair of indexer layers,
-    averaged over the queries that have more than K allowed keys. data: as `search_plan`'s calibration."""
+    averaged over the queries that have more than K allowed keys. data: as `search_plan`'s calibration.
+    progress: a tqdm bar over the batches, on stderr."""
+    import sys
+    from tqdm.auto import tqdm
     from .search import _to_device, as_batches
     batches = _to_device(as_batches(data, batch_size, vocab_size=vocab_size(model)), model)
     total, count = None, 0
-    for ids in batches:
+    for ids in tqdm(batches, desc="overlap", unit="batch", disable=not progress, leave=False, file=sys.stderr):
         topk = collect_topk(model, ids)
         k = topk[0].shape[-1]
         if any(t.shape != topk[0].shape for t in topk):
@@ -169,30 +172,38 @@ def plot_overlap(matrix: torch.Tensor, path: str | os.PathLike, title: str = "to
 
 
 def register_cli(subparsers) -> None:
-    parser = subparsers.add_parser("overlap", help="top-k overlap heatmap between indexer layers")
-    from .cli import add_model_arguments
+    from .cli import add_model_arguments, examples, positive_int
+    parser = subparsers.add_parser(
+        "overlap", help="top-k overlap heatmap between indexer layers",
+        description="Run every indexer (all F) and measure the mean Jaccard overlap of the top-k key sets "
+                    "of each pair of layers; writes overlap.json and overlap.png into --out.",
+        epilog=examples("ic overlap --model dsa:tiny --out overlap_out",
+                        "ic overlap --model ckpt:runs/small --data corpus/ --num-full 2 --out overlap_out"))
     add_model_arguments(parser, seq=256, batch=8, seq_help="sequence length")
     parser.add_argument("--data", nargs="+", help="text files or directories (default: random tokens)")
-    parser.add_argument("--max-sequences", type=int, default=32)
-    parser.add_argument("--num-full", type=int, help="also print overlap / uniform plans with this many F")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", required=True, help="output directory (overlap.json, overlap.png)")
+    parser.add_argument("--max-sequences", type=positive_int, default=32, help="sequences measured")
+    parser.add_argument("--num-full", type=positive_int,
+                        help="also print overlap / uniform plans with this many F")
+    parser.add_argument("--device", default="cpu", help="torch device for the model and data")
+    parser.add_argument("--out", required=True,
+                        help="output directory (overlap.json, overlap.png; created, checked first)")
     parser.set_defaults(run=_run_cli)
 
 
 def _run_cli(args) -> int:
+    from .cli import Stages, output_dir, progress_enabled
     from .models import load_model
     from .search import calibration_from_files
-    model = load_model(args.model, args.seed).to(args.device)
+    out = output_dir(args.out)  # before the model runs
+    with Stages(["load model"], "ic overlap") as stages, stages.step("load model"):
+        model = load_model(args.model, args.seed).to(args.device)
     if args.data:
         data = calibration_from_files(args.data, args.seq, vocab_size=vocab_size(model),
                                       max_sequences=args.max_sequences)
     else:
         data = torch.randint(0, vocab_size(model), (args.max_sequences, args.seq),
                              generator=torch.Generator().manual_seed(args.seed))
-    matrix = topk_overlap(model, data, batch_size=args.batch)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    matrix = topk_overlap(model, data, batch_size=args.batch, progress=progress_enabled())
     report = overlap_report(matrix, args.num_full)
     (out / "overlap.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_overlap(matrix, out / "overlap.png")

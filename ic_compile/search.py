@@ -449,18 +449,22 @@ class SearchResult:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
         fig, ax = plt.subplots(figsize=(6, 4))
+        label = "candidates (one more layer made S)"
         for step in self.history[1:]:
             xs = [step.num_full] * len(step.candidates)
-            ax.scatter(xs, list(step.candidates.values()), s=10, color="0.7", zorder=1)
+            ax.scatter(xs, list(step.candidates.values()), s=10, color="0.6", zorder=1, label=label)
+            label = None  # one legend entry for every step's candidates
         ax.plot([s.num_full for s in self.history], [s.loss for s in self.history], "o-", zorder=2,
-                label=f"greedy ({self.objective})")
+                label=f"greedy path (chosen plan per step, {self.objective})")
         ax.axhline(self.full_loss, color="k", lw=0.8, ls="--", label="all F")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # F-layer counts are whole numbers
         ax.set_xlabel("number of F (full) indexer layers")
         ax.set_ylabel("KL(all-F || plan)" if self.objective == "kl" else "calibration LM loss")
         ax.invert_xaxis()
         ax.set_title(f"greedy plan search: {self.plan.pattern}")
-        ax.legend()
+        ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
@@ -536,15 +540,17 @@ def _search(model, calibration, num_full, ratio, loss_budget, objective, progres
                         f"target {stop_at}")
 
     obj = Objective(objective, cache_limit_bytes)
-    n_candidates = sum(range(stop_at, current.num_full)) if target is not None or loss_budget is None else None
-    bar = _progress_bar(progress, n_candidates, f"search {objective}")
+    bar = _progress_bar(progress, _planned_evaluations(current, stop_at, target, loss_budget),
+                        f"search {objective}")
     evaluations = 0
     full_loss = _loss(ev, obj, batches, all_full)  # also fills the prefix cache / KL reference
     evaluations += 1
+    _advance(bar, F=n, plan=all_full, loss=full_loss)
     if current.pattern != all_full:
         ev.accept(current.pattern)
         current_loss = _loss(ev, obj, batches, current.pattern)
         evaluations += 1
+        _advance(bar, F=current.num_full, plan=current.pattern, loss=current_loss)
     else:
         current_loss = full_loss
     history = [SearchStep(0, current.num_full, current.pattern, current_loss, None)]
@@ -558,9 +564,9 @@ def _search(model, calibration, num_full, ratio, loss_budget, objective, progres
             pattern = current.pattern[:layer] + SHARED + current.pattern[layer + 1:]
             candidates[layer] = _loss(ev, obj, batches, pattern)
             evaluations += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(F=current.num_full - 1, loss=f"{candidates[layer]:.4f}")
+            leader = min(candidates, key=lambda l: (candidates[l], l))  # the step's best so far
+            _advance(bar, F=current.num_full - 1, best=current.pattern[:leader] + SHARED
+                     + current.pattern[leader + 1:], loss=candidates[leader])
         best = min(candidates, key=lambda l: (candidates[l], l))
         if loss_budget is not None and candidates[best] > full_loss + loss_budget:
             rejected = candidates
@@ -573,7 +579,9 @@ def _search(model, calibration, num_full, ratio, loss_budget, objective, progres
         history.append(SearchStep(len(history), current.num_full, current.pattern, current_loss, best,
                                   candidates))
         stop_reason = "reached target" if target is not None else "reached one F layer"
+        _advance(bar, 0, F=current.num_full, plan=current.pattern, loss=current_loss)
     if bar is not None:
+        bar.total = bar.n  # a loss budget may stop before the planned count
         bar.close()
     result = SearchResult(current, history, evaluations, time.perf_counter() - start_time, objective,
                           full_loss, stop_reason or "reached target", ev.name,
@@ -581,52 +589,88 @@ def _search(model, calibration, num_full, ratio, loss_budget, objective, progres
     return result
 
 
+def _planned_evaluations(current: LayerPlan, stop_at: int, target, loss_budget) -> int | None:
+    """What the bar counts: the all-F plan, the init plan (if not all F), and every candidate down to
+    the target (F layers but the first, each step); None when a loss budget decides where to stop."""
+    if target is None and loss_budget is not None:
+        return None
+    start = 1 + (current.num_full < len(current))
+    return start + sum(f - 1 for f in range(current.num_full, stop_at, -1))
+
+
+def _advance(bar, count: int = 1, **postfix) -> None:
+    """Count `count` evaluations; the postfix shows the plan that matters (the step's best candidate
+    while a step runs, the chosen plan after it), never just the last candidate's loss."""
+    if bar is None:
+        return
+    if "loss" in postfix:
+        postfix["loss"] = f"{postfix['loss']:.4f}"
+    bar.set_postfix(postfix, refresh=count == 0)  # update(0) would not redraw
+    bar.update(count)
+
+
 def _progress_bar(progress: bool, total, desc: str):
     if not progress:
         return None
+    import sys
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="plan", leave=False)
+    return tqdm(total=total, desc=desc, unit="plan", leave=False, file=sys.stderr)
 
 
 # ============================================================== CLI
 
 def register_cli(subparsers) -> None:
-    parser = subparsers.add_parser("search", help="greedy plan search on calibration data")
-    from .cli import add_model_arguments
-    add_model_arguments(parser, seq=256, batch=8, seq_help="calibration sequence length")
+    from .cli import add_model_arguments, examples, positive_int
+    parser = subparsers.add_parser(
+        "search", help="greedy plan search on calibration data",
+        description="Greedy training-free search (IndexCache paper): starting from all F, turn the F layer "
+                    "whose sharing costs least into S, until the target. Writes plan.json, search.json "
+                    "and loss.png into --out.",
+        epilog=examples("ic search --model dsa:tiny --data README.md docs/ --num-full 2 --out search_out",
+                        "ic search --model ckpt:runs/small --data corpus/ --ratio 0.25 --objective kl --out s",
+                        "ic search --model hf:config.json --tokenizer DIR --data texts/ --loss-budget 0.05 --out s"))
+    add_model_arguments(parser, seq=256, batch=8, seq_help="calibration sequence length (tokens per row)")
     parser.add_argument("--data", nargs="+", required=True, help="calibration text files or directories")
     target = parser.add_mutually_exclusive_group()
-    target.add_argument("--num-full", type=int, help="stop at this many F layers")
+    target.add_argument("--num-full", type=positive_int, help="stop at this many F layers")
     target.add_argument("--ratio", type=float, help="stop at this fraction of F layers, in (0, 1]")
-    parser.add_argument("--loss-budget", type=float, help="stop before loss > all-F loss + budget")
-    parser.add_argument("--objective", choices=OBJECTIVES, default="lm_loss")
-    parser.add_argument("--max-sequences", type=int, default=64, help="calibration sequences used")
+    parser.add_argument("--loss-budget", type=float,
+                        help="stop before loss > all-F loss + budget (without a target: down to 1 F layer)")
+    parser.add_argument("--objective", choices=OBJECTIVES, default="lm_loss",
+                        help="lm_loss: next-token cross entropy; kl: KL(all-F || plan), label-free")
+    parser.add_argument("--max-sequences", type=positive_int, default=64, help="calibration sequences used")
     parser.add_argument("--tokenizer", help="HF tokenizer name/dir (default: bytes %% vocab)")
-    parser.add_argument("--evaluator", choices=EVALUATORS, default="auto")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--evaluator", choices=EVALUATORS, default="auto",
+                        help="graph: rewritten Dynamo graph, any model; prefix: reference model, reruns "
+                             "from the changed layer; auto: prefix where it applies")
+    parser.add_argument("--device", default="cpu", help="torch device for the model and data")
+    parser.add_argument("--out", required=True, help="output directory (created; checked before the search)")
     parser.set_defaults(run=_run_cli)
 
 
 def _run_cli(args) -> int:
+    from .cli import Stages, output_dir, progress_enabled
     from .models import load_model
-    model = load_model(args.model, args.seed).to(args.device)
-    tokenizer = None
-    if args.tokenizer:
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    data = calibration_from_files(args.data, args.seq, tokenizer=tokenizer, vocab_size=vocab_size(model),
-                                  max_sequences=args.max_sequences)
+    out = output_dir(args.out)  # before the search: a bad path must not cost its minutes
+    with Stages(["load model", "tokenize"], "search setup") as stages:
+        with stages.step("load model"):
+            model = load_model(args.model, args.seed).to(args.device)
+        with stages.step("tokenize"):
+            tokenizer = None
+            if args.tokenizer:
+                from transformers import AutoTokenizer
+                tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+            data = calibration_from_files(args.data, args.seq, tokenizer=tokenizer, vocab_size=vocab_size(model),
+                                          max_sequences=args.max_sequences)
     result = search_plan(model, data, num_full=args.num_full, ratio=args.ratio, loss_budget=args.loss_budget,
-                         objective=args.objective, batch_size=args.batch, evaluator=args.evaluator)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+                         objective=args.objective, batch_size=args.batch, evaluator=args.evaluator,
+                         progress=progress_enabled())
     result.plan.to_json(out / "plan.json")
     result.to_json(out / "search.json")
     result.plot(out / "loss.png")
     print(f"plan {result.plan.pattern} ({result.plan.num_full}/{len(result.plan)} F), {args.objective} "
-          f"{result.loss:.4f} (all F {result.full_loss:.4f}); {result.evaluations} evaluations in "
-          f"{result.seconds:.1f}s; wrote {out}/plan.json, search.json, loss.png")
+          f"{result.loss:.4f} (all F {result.full_loss:.4f}); {result.evaluations} evaluations "
+          f"(all F + candidates) in {result.seconds:.1f}s; wrote {out}/plan.json, search.json, loss.png")
     return 0
 
 

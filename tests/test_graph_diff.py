@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from ic_compile.graph_diff import SCHEMA_VERSION, graph_diff
+from ic_compile.graph_diff import SCHEMA_VERSION, graph_diff, node_layers
 from ic_compile.models import load_model
 from ic_compile.plan import PlanError
 from ic_compile.rewrite import NoIndexerFoundError
@@ -37,7 +37,7 @@ def test_json_schema_is_stable(hf_diff):
     data = json.loads(json.dumps(hf_diff.to_dict()))
     assert data["schema_version"] == SCHEMA_VERSION == 1
     assert set(data) == {"schema_version", "plan", "seq_len", "nodes_before", "nodes_after", "layers", "totals",
-                         "nodes"}
+                         "nodes", "notes"}
     assert data["plan"] == "FSFS" and data["seq_len"] == L
     assert set(data["layers"][0]) == {
         "layer", "role", "source", "module", "heads", "head_dim", "indexer_flops", "flops_removed", "removed_nodes",
@@ -47,7 +47,8 @@ def test_json_schema_is_stable(hf_diff):
                                    "rewired_nodes", "added_nodes", "weight_bytes_freed",
                                    "key_cache_bytes_per_token_freed"}
     assert {n["change"] for n in data["nodes"]} <= {"removed", "added", "rewired"}
-    assert set(data["nodes"][0]) == {"change", "name", "op", "module", "layer", "inputs_before", "inputs_after"}
+    assert set(data["nodes"][0]) == {"change", "name", "op", "module", "layer", "inputs_before", "inputs_after",
+                                     "attribution"}
 
 
 def test_hf_numbers_match_hand_count(hf_diff):
@@ -63,8 +64,11 @@ def test_hf_numbers_match_hand_count(hf_diff):
     # wq_b [H·D, q_lora], wk [D, hidden], k_norm weight + bias [D], weights_proj [H, hidden]; fp32
     weights = (H * D * c["q_lora_rank"] + D * c["hidden_size"] + 2 * D + H * c["hidden_size"]) * 4
     assert [l.weight_bytes_freed for l in hf_diff.layers] == [0, weights, 0, weights]
-    assert [l.key_cache_bytes_per_token_freed for l in hf_diff.layers] == [0, D * 4, 0, D * 4]
-    assert t["weight_bytes_freed"] == 2 * weights and t["key_cache_bytes_per_token_freed"] == 2 * D * 4
+    # captured without a cache: no key-cache write exists to remove, so none is counted (and a note says so)
+    assert [l.key_cache_write_removed for l in hf_diff.layers] == [None] * 4
+    assert [l.key_cache_bytes_per_token_freed for l in hf_diff.layers] == [0] * 4
+    assert t["weight_bytes_freed"] == 2 * weights and t["key_cache_bytes_per_token_freed"] == 0
+    assert any("S layers [1, 3]: this graph writes no indexer key cache" in n for n in hf_diff.notes)
     assert all(".indexer" in p for l in hf_diff.layers for p in l.freed_parameters)
 
 
@@ -75,7 +79,56 @@ def test_reference_model_numbers_match_hand_count(ref_diff):
     assert [l.role for l in ref_diff.layers] == list("FSSF")
     assert [l.source for l in ref_diff.layers] == [0, 0, 0, 3]
     assert [l.flops_removed for l in ref_diff.layers] == [0, per_layer, per_layer, 0]
-    assert ref_diff.totals["key_cache_bytes_per_token_freed"] == 2 * a.index_head_dim * 4
+    assert ref_diff.totals["key_cache_bytes_per_token_freed"] == 0  # no cache in a prefill without one
+
+
+def test_reference_model_static_cache_writes_counted(tmp_path):
+    """With static caches the S layers' index_copy_ into their key buffers is in the graph: counted as
+    removed only because those nodes are absent from the rewritten graph."""
+    from ic_compile.models import import_examples_module
+    model = load_model("dsa:tiny")
+    model.setup_caches(2, 24)
+    diff = graph_diff(model, {"idx": random_ids(seq=24, vocab=256), "input_pos": torch.arange(24)}, plan="FSSF")
+    D = import_examples_module().ModelArgs.tiny().index_head_dim
+    assert [l.key_cache_write_removed for l in diff.layers] == [None, True, True, None]
+    assert [l.key_cache_bytes_per_token_freed for l in diff.layers] == [0, D * 4, D * 4, 0]
+    after = {n.name for n in diff.result.gm.graph.nodes}
+    for cache in diff.result.caches:  # the count's evidence: each S layer's writes, absent after the rewrite
+        assert cache.writers and not {w.name for w in cache.writers} & after
+    assert diff.notes == []
+
+
+def test_hf_static_cache_writes_counted_from_the_graph():
+    """HF StaticCache: the S layers' key-cache index_copy_ nodes disappear from the rewritten graph;
+    the diff and explain count that (the pass's own `dropped` flag stays False for this layout)."""
+    import ic_compile
+    model = glm()
+    inputs = {"input_ids": random_ids(batch=1), "use_cache": True,
+              "past_key_values": ic_compile.static_cache(model, 1, 32)}
+    diff = graph_diff(model, inputs, plan="FSSF")
+    after = {n.name for n in diff.result.gm.graph.nodes}
+    written = {c.layer: [w.name for w in c.writers] for c in diff.result.caches}
+    assert set(written) == {1, 2} and all(w and not set(w) & after for w in written.values())
+    assert [l.key_cache_write_removed for l in diff.layers] == [None, True, True, None]
+    assert [l.key_cache_bytes_per_token_freed for l in diff.layers] == [0, 64, 64, 0]
+    torch._dynamo.reset()
+    inputs["past_key_values"] = ic_compile.static_cache(model, 1, 32)
+    report = ic_compile.explain(model, inputs, plan="FSSF")
+    assert report.key_cache_dropped == [1, 2] and report.key_cache_kept == []
+    assert "indexer key-cache writes removed for S layers [1, 2]" in str(report)
+
+
+def test_deepseek_v32_rope_nodes_are_attributed_to_their_layer():
+    """HF DeepseekV32's indexer rope runs in a module-level function (apply_rotary_pos_emb): the
+    innermost nn_module_stack entry has no layer number, the one above it does."""
+    diff = graph_diff(load_model("hf-tiny:deepseek_v32"), {"input_ids": random_ids(), "use_cache": False},
+                      plan="FSSF")
+    removed = [n for n in diff.nodes if n.change == "removed"]
+    rope = [n for n in removed if "apply_rotary_pos_emb" in n.module]
+    assert len(rope) >= 16 and {n.layer for n in rope} == {1, 2}
+    assert all(n.layer is not None for n in removed)
+    assert sum(l.removed_nodes for l in diff.layers) == len(removed)
+    assert "no single layer" not in str(diff)
 
 
 def test_node_diff_matches_rewrite_and_rewires_to_source(hf_diff):
@@ -85,10 +138,12 @@ def test_node_diff_matches_rewrite_and_rewires_to_source(hf_diff):
     removed = [n for n in hf_diff.nodes if n.change == "removed"]
     assert {n.layer for n in removed} == {1, 3}
     assert sum(n.op == "topk" for n in removed) == 2
-    rewired = {n.layer: n for n in hf_diff.nodes if n.change == "rewired"}
-    source_topk = {b.match.layer: b.source.topk.name for b in hf_diff.result.bindings}
-    for layer in (1, 3):
-        assert rewired[layer].inputs_after == [source_topk[layer]]
+    # each S layer's rewired nodes now read what its F source computed (the top-k, or its cast)
+    layer_of = node_layers(hf_diff.result.original)
+    for layer, source in ((1, 0), (3, 2)):
+        rewired = [n for n in hf_diff.nodes if n.change == "rewired" and n.layer == layer]
+        gained = {x for n in rewired for x in n.inputs_after if x not in n.inputs_before}
+        assert rewired and gained and {layer_of[x] for x in gained} == {source}
     assert sum(l.removed_nodes for l in hf_diff.layers) == len(removed)
 
 
@@ -121,7 +176,7 @@ def test_html_is_self_contained_and_marks_every_layer(hf_diff, tmp_path):
     removed = {n.name for n in hf_diff.nodes if n.change == "removed"}
     drawn_removed = set(re.findall(r"<g class='n removed' data-name='([^']+)'", page))
     assert drawn_removed == removed
-    assert len(re.findall(r"<g class='n rewired'", page)) == 2
+    assert len(re.findall(r"<g class='n rewired'", page)) == sum(n.change == "rewired" for n in hf_diff.nodes) >= 2
     assert "<script src" not in page and "<link" not in page and "@import" not in page
     assert not re.search(r"https?://(?!www\.w3\.org/2000/svg)", page)  # only the SVG namespace URI
 
@@ -157,4 +212,5 @@ def test_cli_json_and_bad_html_path(capsys, tmp_path):
     data = json.loads(capsys.readouterr().out)
     assert data["schema_version"] == 1 and data["seq_len"] == 2048 and html.exists()
     assert main(["diff", "--plan", "FSFS", "--html", str(tmp_path / "missing" / "d.html")]) == 2
-    assert "cannot write the HTML page" in capsys.readouterr().err
+    assert f"--html {tmp_path / 'missing' / 'd.html'}: directory '{tmp_path / 'missing'}' does not exist" in \
+        capsys.readouterr().err

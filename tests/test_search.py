@@ -1,5 +1,6 @@
 """Greedy plan search (ic_compile.search): known answers, exactness vs the backend, I/O, errors."""
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -185,3 +186,45 @@ def test_hf_model_search_equals_backend():
         logits = compiled(input_ids=data, use_cache=False).logits
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, 128), data[:, 1:].reshape(-1)).item()
     assert abs(result.loss - expected) < 1e-5
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_full=1), dict(num_full=2, init="FFSF"), dict(loss_budget=1e9)])
+def test_progress_bar_counts_every_evaluation_and_ends_on_the_chosen_plan(capsys, monkeypatch, kwargs):
+    """The bar's total is the summary's evaluation count (all-F included), and its last loss= is the
+    chosen plan's, not the last candidate's."""
+    monkeypatch.setenv("TQDM_MININTERVAL", "0")  # print every update (tqdm reads TQDM_* overrides)
+    result = search_plan(make_model(), ids(2), progress=True, **kwargs)
+    bar = capsys.readouterr().err
+    if "loss_budget" in kwargs:  # no known total: "search lm_loss: 7plan [00:00, ...]"
+        assert re.findall(r": (\d+)plan \[", bar)[-1] == str(result.evaluations)
+    else:  # "search lm_loss: 100%|...| 7/7 [00:00<00:00, ...]"
+        done, total = re.findall(r"\| (\d+)/(\d+) \[", bar)[-1]
+        assert int(done) == int(total) == result.evaluations
+    assert re.findall(r"loss=([0-9.]+)", bar)[-1] == f"{result.loss:.4f}"
+    assert re.findall(r"plan=([FS]+)", bar)[-1] == result.plan.pattern
+
+
+def test_plot_has_whole_f_layer_ticks_and_a_labelled_candidate_series(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    result = search_plan(make_model(), ids(2), num_full=1, progress=False)
+    captured = {}
+    original = plt.Figure.savefig
+
+    def keep(fig, *args, **kwargs):  # the real savefig, after noting what is drawn
+        ax = fig.axes[0]
+        fig.canvas.draw()
+        captured["ticks"] = [t for t in ax.get_xticks() if ax.get_xlim()[1] <= t <= ax.get_xlim()[0]]
+        captured["labels"] = [t.get_text() for t in ax.get_legend().get_texts()]
+        return original(fig, *args, **kwargs)
+
+    plt.Figure.savefig = keep
+    try:
+        result.plot(tmp_path / "loss.png")
+    finally:
+        plt.Figure.savefig = original
+    assert captured["ticks"] and all(float(t).is_integer() for t in captured["ticks"])
+    assert captured["labels"] == ["candidates (one more layer made S)", "greedy path (chosen plan per step, lm_loss)",
+                                  "all F"]
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
