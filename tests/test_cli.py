@@ -211,3 +211,17 @@ def test_checkpoint_with_an_unexpected_tensor_names_it(tmp_path):
     save_checkpoint(tmp_path, extra="layers.9.attn.indexer.wk.weight")
     with pytest.raises(ModelSpecError, match=r"unexpected tensors \['layers.9.attn.indexer.wk.weight'\]"):
         load_model(f"ckpt:{tmp_path}")
+
+
+# ------------------------------------------------------------------ README
+def test_readme_first_snippet_runs(tmp_path):
+    """The README's first Python block runs as is (it once used undefined `config` and `input_ids`) and
+    prints the max difference to HF's own plan."""
+    readme = (REPO / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "snippet.py").write_text(code)
+    run = subprocess.run([sys.executable, str(tmp_path / "snippet.py")], capture_output=True, text=True,
+                         timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    printed = run.stdout.strip().splitlines()[-1]
+    assert float(printed.removeprefix("tensor(").removesuffix(")")) < 1e-5
