@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_known_true
+
 from ic_compile.plan import FULL, LayerPlan, PlanError, check_plan_length
 
 from .detect_indexers import IndexerMatch
-from .graph_ops import shape_of
+from .graph_ops import example_value, shape_of
 
 
 @dataclass
@@ -23,21 +26,104 @@ def bind_plan(matches: list[IndexerMatch], plan: LayerPlan) -> list[LayerBinding
     bindings = [LayerBinding(m, role, matches[src]) for m, role, src in zip(matches, plan.pattern, sources)]
     for b in bindings:
         if b.role != FULL:
-            _check_compatible(b)
+            check_compatible(b.match, b.source)
     return bindings
 
 
-def _check_compatible(binding: LayerBinding) -> None:
-    own, source = binding.match, binding.source
+def check_compatible(own: IndexerMatch, source: IndexerMatch) -> None:
+    """An S layer can take its source's top-k only if both rank the same [.., T] scores and keep the
+    same k. Under dynamic shapes each layer may carry its own symbol for T (HF DynamicCache gives
+    every layer's key length its own) and so its own `min(index_topk, T)` node: equal by value is
+    enough. Equality is proved by the ShapeEnv or, when it holds for these inputs, guarded (a later
+    call where it does not recompiles and lands here with a real mismatch)."""
     own_shape, source_shape = shape_of(own.topk.args[0]), shape_of(source.topk.args[0])
-    if own_shape is not None and source_shape is not None and own_shape != source_shape:
+    if own_shape is not None and source_shape is not None and not _same_shape(own_shape, source_shape):
         raise PlanError(f"layer {own.layer} cannot reuse layer {source.layer}'s top-k: their score "
-                        f"shapes differ ({own_shape} vs {source_shape})")
-    own_k, source_k = _k_of(own.topk), _k_of(source.topk)
-    if own_k != source_k:
-        raise PlanError(f"layer {own.layer} selects k={own_k} keys but its source layer "
-                        f"{source.layer} selects k={source_k}; sharing needs the same k")
+                        f"shapes differ ({show(own_shape)} vs {show(source_shape)})")
+    own_k, source_k = _k_value(own.topk), _k_value(source.topk)
+    if not same_size(own_k, source_k):
+        raise PlanError(f"layer {own.layer} selects k={show(own_k)} keys but its source layer "
+                        f"{source.layer} selects k={show(source_k)}; sharing needs the same k. Give "
+                        f"layer {own.layer} its own indexer (F) or use the same index_topk in both layers")
 
 
-def _k_of(topk):
-    return topk.args[1] if len(topk.args) > 1 else topk.kwargs.get("k")
+def _same_shape(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
+
+
+def same_size(a, b) -> bool:
+    """int / SymInt equality by value: proved statically, else guarded on (true for these inputs)."""
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return statically_known_true(a == b) or guard_or_false(a == b)
+    return a == b
+
+
+def show(value) -> str:
+    """Sizes as values (a SymInt as its hint for these inputs, with its symbol), not node names."""
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(show(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    if isinstance(value, torch.SymInt):
+        hint = value.node.hint
+        return f"{hint} (symbolic {value.node.expr})" if hint is not None else f"symbolic {value.node.expr}"
+    return str(value)
+
+
+def _k_value(topk):
+    """k as an int or SymInt: a node's example value (e.g. `min(index_topk, T)` traced as sym_min)."""
+    k = topk.args[1] if len(topk.args) > 1 else topk.kwargs.get("k")
+    if isinstance(k, torch.fx.Node):
+        value = example_value(k)
+        return value if value is not None else k.name
+    return k
+
+
+@dataclass
+class StoreRead:
+    """An S layer whose F source ran in an earlier graph fragment: it reads the source's top-k from
+    the index store (the graph gets it as an extra input) instead of computing it."""
+    match: IndexerMatch
+    layer: int  # plan position of the S layer
+    source: int  # plan position of its F source
+    items: tuple = ()  # which topk outputs the graph reads: 0 values, 1 indices
+    shapes: tuple = ()  # per item, the shape this graph was traced with (ints, or SymInts: unchecked)
+
+
+@dataclass
+class StoreWrite:
+    """An F layer whose top-k S layers in later fragments read: the graph returns it as extra
+    outputs, written to the index store after the fragment runs."""
+    match: IndexerMatch
+    layer: int
+    readers: tuple  # plan positions of the S layers outside this fragment that read it
+
+
+@dataclass
+class FragmentBinding:
+    bindings: list  # every indexer of the fragment; imported S layers bound to themselves
+    reads: list  # StoreRead
+    writes: list  # StoreWrite
+    layers: list  # plan position of each match, in match order
+
+
+def bind_fragment(matches: list[IndexerMatch], positions: list[int], plan: LayerPlan) -> FragmentBinding:
+    """Bind the indexers of one graph fragment to their plan positions (found from their module
+    paths over the whole model). S layers whose source is in the fragment share in-graph as in
+    `bind_plan`; the others go through the index store."""
+    by_position = dict(zip(positions, matches))
+    sources = plan.sources()
+    bindings, reads, writes = [], [], []
+    for match, position in zip(matches, positions):
+        role, source = plan.pattern[position], sources[position]
+        if role == FULL:
+            bindings.append(LayerBinding(match, role, match))
+            readers = tuple(j for j, s in enumerate(sources) if s == position and j != position
+                            and j not in by_position)
+            if readers:
+                writes.append(StoreWrite(match, position, readers))
+        elif source in by_position:
+            check_compatible(match, by_position[source])
+            bindings.append(LayerBinding(match, role, by_position[source]))
+        else:
+            bindings.append(LayerBinding(match, role, match))  # its own topk is replaced by the read
+            reads.append(StoreRead(match, position, source))
+    return FragmentBinding(bindings, reads, writes, list(positions))
