@@ -236,7 +236,10 @@ def one_line(exc: BaseException) -> str:
     lines = [l for l in str(exc).strip().splitlines() if l.strip()]
     text = lines[0] if lines else type(exc).__name__
     # our errors are ValueErrors whose text says it all; name any other kind (OSError, torch's RuntimeError)
-    return text if isinstance(exc, ValueError) else f"{type(exc).__name__}: {text}"
+    # and say how to see where it came from
+    if isinstance(exc, ValueError):
+        return text
+    return f"{type(exc).__name__}: {text} (IC_TRACEBACK=1 shows the traceback)"
 
 
 if __name__ == "__main__":

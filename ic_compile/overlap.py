@@ -193,8 +193,10 @@ def register_cli(subparsers) -> None:
 def _run_cli(args) -> int:
     from .cli import Stages, output_dir, progress_enabled
     from .models import load_model
-    from .search import calibration_from_files
+    from .search import calibration_from_files, check_data_paths
     out = output_dir(args.out)  # before the model runs
+    if args.data:
+        check_data_paths(args.data)
     with Stages(["load model"], "ic overlap") as stages, stages.step("load model"):
         model = load_model(args.model, args.seed).to(args.device)
     if args.data:

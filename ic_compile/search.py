@@ -648,10 +648,20 @@ def register_cli(subparsers) -> None:
     parser.set_defaults(run=_run_cli)
 
 
+def check_data_paths(paths) -> None:
+    """--data: every path exists and some file holds text, checked before the model is built."""
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        raise ValueError(f"--data {' '.join(map(str, missing))}: does not exist; give text files or directories")
+    if not text_files(paths):
+        raise ValueError(f"--data {' '.join(map(str, paths))}: no files in there; give text files or directories")
+
+
 def _run_cli(args) -> int:
     from .cli import Stages, output_dir, progress_enabled
     from .models import load_model
     out = output_dir(args.out)  # before the search: a bad path must not cost its minutes
+    check_data_paths(args.data)
     with Stages(["load model", "tokenize"], "search setup") as stages:
         with stages.step("load model"):
             model = load_model(args.model, args.seed).to(args.device)

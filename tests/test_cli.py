@@ -65,6 +65,15 @@ def test_output_that_is_a_file_or_directory_or_in_a_missing_folder(capsys, tmp_p
     assert not (tmp_path / "missing").exists()
 
 
+def test_missing_calibration_data_fails_before_the_model_is_built(capsys, tmp_path):
+    for command in ("search", "overlap"):
+        code, _, err = run_cli(capsys, command, "--model", "nosuch", "--data", "/nonexistent.txt",
+                               "--out", str(tmp_path / command))
+        # the data error, not the (later) model error: checked first
+        assert code == 2 and ("--data /nonexistent.txt: does not exist; give text files or directories"
+                              in one_error_line(err, command))
+
+
 # ------------------------------------------------------------------ --model specs
 @pytest.mark.parametrize("spec, message", [
     ("nosuch", "--model 'nosuch' is not a model spec: use one of dsa:NAME, hf:CONFIG.json, "
