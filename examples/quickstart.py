@@ -38,7 +38,8 @@ def main():
 
     # the oracle: HF's own IndexCache, same weights, built with index_topk_pattern=plan
     native = GlmMoeDsaForCausalLM(GlmMoeDsaConfig(**TINY, index_topk_pattern=args.plan)).eval()
-    native.load_state_dict(model.state_dict(), strict=False)  # S layers have no indexer weights
+    loaded = native.load_state_dict(model.state_dict(), strict=False)  # S layers have no indexer weights...
+    assert not loaded.missing_keys, loaded.missing_keys  # ...but every tensor the oracle has is the model's
     with torch.no_grad():
         want = native(ids, use_cache=False).logits
         full = model(ids, use_cache=False).logits
