@@ -516,7 +516,16 @@ _KERNELS = {"filter": _topk_filter_kernel, "exact": _topk_exact_kernel, "resolve
             "segment_count": _topk_segment_count_kernel, "segment_compact": _topk_segment_compact_kernel}
 # the rare exact path; launched over every row (rows not marked exact return at once: ~9 us per
 # 2048 rows on the H200), since only the GPU knows which rows need it
-EXACT_LAUNCH = dict(num_warps=8, block=2048, stages=3)
+# One exact row is one program's 18 serial passes over the row (at 256K a chunk's single exact row
+# cost ~1 ms at 8 warps, 2048-score blocks, 3 stages; H100, bench/sweep_long.py): 6 stages keep twice
+# the bytes in flight per program; 16 warps hold it to 115 registers (8 warps: 182), no spills (AOT sm_90;
+# 4096-score blocks spill).
+EXACT_LAUNCH = dict(num_warps=16, block=2048, stages=6)
+# Rows longer than this get a 4096-score sample: the first pass aims at rank SAMPLE * target / n of
+# the sample, whose relative error is ~ rank^-1/2; with 2048 samples the rank fell from 48 (128K) to
+# 31 (200K) and 24 (256K), and retried / exact rows (one extra pass / 18 passes, in the launch's tail)
+# made the selection 4x slower per byte at 2048 x 200K than at 2048 x 128K (bench/sweep_long.py).
+LONG_ROW = 131072
 
 
 def _kernel(name: str):
@@ -531,12 +540,12 @@ def candidate_capacity(topk: int) -> int:
     return max(64, next_pow2(2 * topk))
 
 
-def launch_meta(topk: int, block: int | None = None, stages: int = 1) -> dict:
+def launch_meta(topk: int, block: int | None = None, stages: int = 1, width: int = 0) -> dict:
     """The filter kernel's compile-time parameters: CAND candidates, a SAMPLE of min(CAND, 2048)
-    scores in groups of GROUP, BLOCK scores per streaming step, STAGES loads in flight, at most
-    TRIES filtering passes before the exact fallback."""
+    scores (4096 for rows wider than LONG_ROW) in groups of GROUP, BLOCK scores per streaming step,
+    STAGES loads in flight, at most TRIES filtering passes before the exact fallback."""
     cand = candidate_capacity(topk)
-    sample = min(2048, cand)
+    sample = min(2048, cand) * (2 if width > LONG_ROW and cand >= 4096 else 1)  # filtered rows: n > CAND >= SAMPLE
     return dict(CAND=cand, SAMPLE=sample, GROUP=min(32, sample // 4), BLOCK=block or 4096, STAGES=stages,
                 TRIES=3)
 
@@ -571,7 +580,7 @@ def topk_select(
     scores: torch.Tensor, topk: int, diag_base: int | None = None, row_period: int | None = None,
     sorted: bool = True, num_warps: int = 8, block: int | None = None, stages: int = 1,
     maxnreg: int | None = None, resolve_warps: int = 8, return_path: bool = False, one_reduce: bool | None = None,
-    segments: int | None = None,
+    segments: int | None = None, out: torch.Tensor | None = None,
 ):
     """scores fp32 [R, W] (-inf = not allowed) -> int32 [R, topk] (-1 padded).
 
@@ -589,14 +598,19 @@ def topk_select(
     interpreter runs that reduction's combine per element, which is slow but exact).
     segments: programs per row in the filtering step (default_segments: > 1 for few wide rows,
     e.g. decode); > 1 replaces the filter kernel by the two segmented ones (count, compact).
+    out: int32 [R, topk] (unit stride along topk) to write into instead of a new tensor.
     """
     R, W = scores.shape
     assert scores.dtype == torch.float32 and scores.stride(1) == 1, (scores.dtype, scores.stride())
-    meta = launch_meta(topk, block, stages)
+    meta = launch_meta(topk, block, stages, scores.shape[1])
     cand = meta["CAND"]
-    out = new_output((R, topk), torch.int32, scores.device)
-    path = torch.zeros(R, dtype=torch.int32, device=scores.device)
+    if out is None:
+        out = new_output((R, topk), torch.int32, scores.device)
+    assert out.shape == (R, topk) and out.dtype == torch.int32 and out.stride(1) == 1, (out.shape, out.stride())
     filtered = W > cand
+    segments = default_segments(R, W, topk, scores.device) if segments is None else segments
+    # the one-program filter writes every row's path; the segmented one only the filtered rows'
+    path = (torch.empty if filtered and segments <= 1 else torch.zeros)(R, dtype=torch.int32, device=scores.device)
     cand_val = torch.empty((R, cand) if filtered else (1, 1), dtype=torch.float32, device=scores.device)
     cand_idx = torch.empty(cand_val.shape, dtype=torch.int32, device=scores.device)
     n_cand = torch.empty(R if filtered else 1, dtype=torch.int32, device=scores.device)
@@ -608,7 +622,6 @@ def topk_select(
     resolve_meta = dict(CAND=cand, SORTED=sorted, FILTERED=filtered)
     one_reduce = not interpreting(scores) if one_reduce is None else one_reduce
     meta["ONE_REDUCE"] = exact_meta["ONE_REDUCE"] = resolve_meta["ONE_REDUCE"] = one_reduce
-    segments = default_segments(R, W, topk, scores.device) if segments is None else segments
     if R > 0 and filtered:
         if segments > 1:  # maxnreg is the one-program filter's (the segments' larger sample would spill)
             _segmented_filter(scores, filter_args, topk, W, segments, meta, one_reduce, dict(num_warps=num_warps))

@@ -264,6 +264,24 @@ def test_topk_select_gpu(R, W, diag, sorted_out, request):
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("R,W,diag", [(640, 200000, 199000), (300, 262144, None)])
+def test_topk_select_long_rows_gpu(R, W, diag, request):
+    """Rows wider than LONG_ROW: the filter's 4096-score sample, with the indexer's long-row launch
+    (indexer_topk.SELECT_KWARGS_LONG); causal rows, ties, a row with fewer allowed than topk."""
+    from ic_compile.kernels.indexer_topk import SELECT_KWARGS_LONG
+    from ic_compile.kernels.topk_select import LONG_ROW, launch_meta
+
+    assert W > LONG_ROW and launch_meta(2048, width=W)["SAMPLE"] == 4096
+    seed = seed_everything(request.node.name)
+    scores = _rows(R, W, "cuda")
+    scores[2, :5000] = 0.5  # ties
+    scores[5, 100:] = float("-inf")  # 100 allowed keys
+    got = topk_select(scores, 2048, diag_base=diag, sorted=False, **SELECT_KWARGS_LONG)
+    _check(got, readable_scores(scores, diag, R), 2048, False, seed)
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_unordered_indexer_gpu(request):
     """The CUDA op path with sorted=False (what the lowering asks for behind HF's index mask)."""
     from ic_compile.kernels.indexer_topk import indexer_topk
