@@ -21,10 +21,13 @@ Design (prefill, one Triton kernel `_indexer_scores_kernel`):
     for every query of the block (most of a long causal prefill), are stored without the
     per-element mask (OPEN_TILES: 8.8 % faster on full-width 128K rows, tenth run set).
   * queries are processed in chunks so the fp32 [B, chunk, width] score buffer stays under
-    ~1 GiB; `width` is the chunk's causal horizon, so torch.topk (the selection) never sees
+    ~1 GiB (causal chunks: >= 2048 rows while it stays under 2 GiB; the key axis is split so that a
+    chunk's programs fill whole waves, prefill_splits); `width` is the chunk's causal horizon, so torch.topk (the selection) never sees
     the columns no query of the chunk may attend to; causal chunks are at most
     CAUSAL_CHUNK_ROWS tall so that width follows the diagonal. The buffer is contiguous per
     chunk (no copy in topk).
+  * indexer_precision="fp8" (`_indexer_scores_fp8_kernel`, same body): e4m3 q and k, e4m3 dots,
+    scores times the keys' scales (DeepSeek-V3.2's fp8_index; kernels/fp8_indexer.py).
   * decode / small S: all S queries share one program row (K streamed once) and the key
     axis is split over `num_splits` programs so the GPU is filled even for B=1.
 The selection runs per chunk on the masked scores: torch.topk, or kernels/topk_select.py when
@@ -39,6 +42,7 @@ from ._triton_utils import (
     cdiv,
     dot_precision,
     interpreting,
+    jit_helper,
     launch_config,
     launch_interpreted,
     new_output,
@@ -49,10 +53,16 @@ from ._triton_utils import (
     upcast_dots,
     use_triton_for,
 )
-from .reference import indexer_topk_ref, topk_indices_from_scores
-from .topk_select import topk_select
+from .fp8_indexer import quantize_indexer
+from .reference import check_indexer_precision, indexer_topk_ref, topk_indices_from_scores
+from .topk_select import LONG_ROW, topk_select
 
 SCORE_BUFFER_BYTES = 1 << 30  # fp32 [B, chunk, width] score buffer budget per query chunk
+# Causal chunks keep at least this many rows while the buffer stays under 2 x SCORE_BUFFER_BYTES:
+# the budget alone gives 1280 rows at 200K and 1024 at 256K, and the selection's one-program-per-row
+# filter then runs 1.1-1.4 waves of programs per chunk (H100: whole indexer 256K 617 -> 597 ms,
+# 200K 352 -> 350, for a 1.6 / 2 GiB buffer; bench/sweep_long.py).
+MIN_CAUSAL_CHUNK_ROWS = 2048
 CAUSAL_CHUNK_ROWS = 4096  # causal query chunks at most this tall (see _chunk_rows; bench/sweep_topk.py)
 MAX_TILE_ROWS = 256  # max BLOCK_S * H_PAD (rows of the tensor-core dot)
 # Unordered selection (sorted=False) uses kernels/topk_select.py (few wide rows, as in decode,
@@ -67,6 +77,9 @@ MAX_SELECT_TOPK = 2048  # candidate block 2 * topk lives in registers: measured 
 # (bench/sweep_select.py, sixth run set). Resolve: 8 and 4 warps equal; 2 / 1 warps (more
 # candidates per thread, fewer programs per SM) 1.4x / 2.2x slower (eleventh run set).
 SELECT_KWARGS = dict(num_warps=4, block=1024, stages=3, maxnreg=72, resolve_warps=8)
+# Chunks wider than topk_select.LONG_ROW (its filter then samples 4096 scores: at 4 warps / 72
+# registers that spills inside the streaming loop, at 8 warps it does not; AOT sm_90).
+SELECT_KWARGS_LONG = dict(num_warps=8, block=2048, stages=3, maxnreg=72, resolve_warps=8)
 
 
 def _indexer_scores_kernel(
@@ -88,6 +101,50 @@ def _indexer_scores_kernel(
     OPEN_TILES: tl.constexpr = True,  # False: every tile masked (bench/sweep_indexer.py's A/B)
 ):
     """out[b, s_local, t] = masked score (fp32, -inf = not allowed) for t in this program's split."""
+    _scores_body(q_ptr, k_ptr, w_ptr, w_ptr, mask_ptr, range_ptr, out_ptr, S, T, H, D,
+                 row_start, n_rows, width, sq_b, sq_s, sq_h, sq_d, sk_b, sk_t, sk_d, sw_b, sw_s, sw_h, 0, 0,
+                 sm_b, sm_s, sm_t, sr_b, sr_s, sr_c, so_b, so_s, so_t,
+                 BLOCK_S, H_PAD, D_PAD, BLOCK_T, CAUSAL, HAS_MASK, DOT_PRECISION, UPCAST_DOT, HEAD_MAJOR, KEY_ROWS,
+                 HAS_RANGE, OPEN_TILES, False)
+
+
+def _indexer_scores_fp8_kernel(
+    q_ptr, k_ptr, w_ptr, ks_ptr, mask_ptr, range_ptr, out_ptr,
+    S, T, H, D,  # q [B,S,H,D] fp8 e4m3, k [B,T,D] fp8 e4m3, w [B,S,H] (q's scales folded in), ks [B,T] fp32
+    row_start, n_rows, width, tune_bucket,
+    sq_b, sq_s, sq_h, sq_d,
+    sk_b, sk_t, sk_d,
+    sw_b, sw_s, sw_h,
+    sks_b, sks_t,
+    sm_b, sm_s, sm_t,
+    sr_b, sr_s, sr_c,
+    so_b, so_s, so_t,
+    BLOCK_S: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, HEAD_MAJOR: tl.constexpr, KEY_ROWS: tl.constexpr = False,
+    HAS_RANGE: tl.constexpr = False, OPEN_TILES: tl.constexpr = True,
+):
+    """The fp8 indexer (DeepSeek-V3.2's fp8_index): e4m3 x e4m3 tensor-core dots (fp32
+    accumulate), and each key's score times its scale ks[t] after the head sum:
+    out[b, s, t] = ks[b, t] * sum_h w[b, s, h] * relu(q8[b, s, h] . k8[b, t]) (masked as the bf16 kernel)."""
+    _scores_body(q_ptr, k_ptr, w_ptr, ks_ptr, mask_ptr, range_ptr, out_ptr, S, T, H, D,
+                 row_start, n_rows, width, sq_b, sq_s, sq_h, sq_d, sk_b, sk_t, sk_d, sw_b, sw_s, sw_h, sks_b, sks_t,
+                 sm_b, sm_s, sm_t, sr_b, sr_s, sr_c, so_b, so_s, so_t,
+                 BLOCK_S, H_PAD, D_PAD, BLOCK_T, CAUSAL, HAS_MASK, DOT_PRECISION, UPCAST_DOT, HEAD_MAJOR, KEY_ROWS,
+                 HAS_RANGE, OPEN_TILES, True)
+
+
+@jit_helper
+def _scores_body(
+    q_ptr, k_ptr, w_ptr, ks_ptr, mask_ptr, range_ptr, out_ptr, S, T, H, D,
+    row_start, n_rows, width, sq_b, sq_s, sq_h, sq_d, sk_b, sk_t, sk_d, sw_b, sw_s, sw_h, sks_b, sks_t,
+    sm_b, sm_s, sm_t, sr_b, sr_s, sr_c, so_b, so_s, so_t,
+    BLOCK_S: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr, KEY_ROWS: tl.constexpr, HAS_RANGE: tl.constexpr, OPEN_TILES: tl.constexpr,
+    KSCALE: tl.constexpr,
+):
+    """The score kernels' body (one program's tiles); KSCALE: scores times ks[b, t] (fp8 keys' scales)."""
     pid_s = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -166,7 +223,11 @@ def _indexer_scores_kernel(
                 k_rows = k_rows.to(tl.float32)
             logits_t = tl.dot(k_rows, tl.trans(q_tile), input_precision=DOT_PRECISION)  # [BLOCK_T, R] fp32
             weighted_t = tl.maximum(logits_t, 0.0) * w_rows[None, :]
-            scores = tl.trans(tl.sum(tl.reshape(weighted_t, (BLOCK_T, BLOCK_S, H_PAD)), axis=2))  # [BLOCK_S, BLOCK_T]
+            scores_t = tl.sum(tl.reshape(weighted_t, (BLOCK_T, BLOCK_S, H_PAD)), axis=2)  # [BLOCK_T, BLOCK_S]
+            if KSCALE:
+                k_scale = tl.load(ks_ptr + b * sks_b + t.to(tl.int64) * sks_t, mask=t_ok, other=0.0)
+                scores_t = scores_t * k_scale[:, None]
+            scores = tl.trans(scores_t)  # [BLOCK_S, BLOCK_T]
         else:
             k_tile = tl.load(k_ptr + b * sk_b + t[None, :].to(tl.int64) * sk_t + d[:, None] * sk_d,
                              mask=(d[:, None] < D) & t_ok[None, :], other=0.0)  # k^T [D_PAD, BLOCK_T]
@@ -178,6 +239,9 @@ def _indexer_scores_kernel(
                 scores = tl.sum(tl.reshape(weighted, (H_PAD, BLOCK_S, BLOCK_T)), axis=0)  # [BLOCK_S, BLOCK_T]
             else:
                 scores = tl.sum(tl.reshape(weighted, (BLOCK_S, H_PAD, BLOCK_T)), axis=1)
+            if KSCALE:
+                k_scale = tl.load(ks_ptr + b * sks_b + t.to(tl.int64) * sks_t, mask=t_ok, other=0.0)
+                scores = scores * k_scale[None, :]
         if (i >= open_lo) & (i < open_hi):
             tl.store(out_row_ptr[:, None] + t[None, :] * so_t, scores)
         else:
@@ -226,6 +290,18 @@ def _prefill_configs(h_pad: int):
     return configs
 
 
+def _prefill_fp8_configs(h_pad: int):
+    """fp8 (e4m3) tiles: the bf16 list's KEY_ROWS shapes (half the shared memory per tile, so one
+    more stage fits) plus 128-key tiles, since each key tile carries half the dot work per byte."""
+    configs = []
+    for rows, block_t, warps, stages in ((256, 64, 8, 3), (256, 64, 8, 4), (128, 64, 4, 3), (128, 128, 8, 3),
+                                         (256, 128, 8, 3), (128, 64, 8, 4), (256, 64, 8, 5), (128, 128, 4, 3),
+                                         (256, 32, 8, 4)):
+        configs.append(triton.Config({"BLOCK_S": max(1, rows // h_pad), "BLOCK_T": block_t, "HEAD_MAJOR": False,
+                                      "KEY_ROWS": True}, num_warps=warps, num_stages=stages))
+    return configs
+
+
 def _decode_configs(exact_fp32: bool = False):
     """Memory-bound streaming of K: deep pipelines of [D, BLOCK_T] tiles.
 
@@ -240,21 +316,55 @@ def _decode_configs(exact_fp32: bool = False):
 _TUNED: dict = {}
 
 
-def _jit_kernel():
-    if "jit" not in _TUNED:
-        _TUNED["jit"] = triton.jit(_indexer_scores_kernel)
-    return _TUNED["jit"]
-
-
-def _tuned_kernel(mode: str, h_pad: int, exact_fp32: bool):
-    """Autotuned GPU kernel for mode 'prefill' (BLOCK_S tuned) or 'decode' (BLOCK_S given)."""
-    key = (mode, h_pad, exact_fp32)
+def _jit_kernel(fp8: bool = False):
+    key = "jit_fp8" if fp8 else "jit"
     if key not in _TUNED:
-        configs = _prefill_configs(h_pad) if mode == "prefill" else _decode_configs(exact_fp32)
+        _TUNED[key] = triton.jit(_indexer_scores_fp8_kernel if fp8 else _indexer_scores_kernel)
+    return _TUNED[key]
+
+
+def _tuned_kernel(mode: str, h_pad: int, exact_fp32: bool, fp8: bool = False):
+    """Autotuned GPU kernel for mode 'prefill' (BLOCK_S tuned) or 'decode' (BLOCK_S given)."""
+    key = (mode, h_pad, exact_fp32, fp8)
+    if key not in _TUNED:
+        if mode == "prefill":
+            configs = _prefill_fp8_configs(h_pad) if fp8 else _prefill_configs(h_pad)
+        else:
+            configs = _decode_configs(exact_fp32)
         _TUNED[key] = triton.autotune(configs, key=["H_PAD", "D_PAD", "CAUSAL", "HAS_MASK", "HAS_RANGE",
                                                                    "tune_bucket"])(
-            _jit_kernel())
+            _jit_kernel(fp8))
     return _TUNED[key]
+
+
+# Prefill grid: programs per SM the tuned configs keep resident (<= 112 KB shared memory, <= 128
+# registers x 256 threads), and how the key axis is split so that the programs fill whole waves.
+PREFILL_CTAS_PER_SM = 2
+MIN_SPLIT_KEYS = 512  # a key split is at least this many keys (8 tiles of 64)
+MAX_SPLITS = 64
+
+
+def prefill_splits(programs: int, width: int, block_t: int, sms: int) -> int:
+    """Key-axis splits for a prefill launch of `programs` query programs (B x query blocks).
+
+    A chunk's programs all do about the same work (the chunk is thin next to its width), so the
+    launch takes ceil(P / slots) rounds of one program per slot (slots = PREFILL_CTAS_PER_SM x SMs).
+    Chunk heights follow the 1 GiB score-buffer budget (2^28 / T rows): 2048 rows at 128K make 256
+    programs of 8 queries (one round of 264 slots on 132 SMs, 97 % busy), but 1280 rows at 200K make
+    160 (61 %) and 1024 at 256K 128 (48 %) -- the cliff past 128K. Splitting the key axis s ways
+    multiplies the programs at almost no cost (each split reloads only its q block): the smallest s
+    (at most width / MIN_SPLIT_KEYS) whose rounds are >= 95 % busy, else the busiest."""
+    slots = PREFILL_CTAS_PER_SM * max(1, sms)
+    max_s = max(1, min(MAX_SPLITS, width // max(MIN_SPLIT_KEYS, block_t)))
+    best, best_busy = 1, 0.0
+    for s in range(1, max_s + 1):
+        p = programs * s
+        busy = p / (cdiv(p, slots) * slots)
+        if busy >= 0.95:
+            return s
+        if busy > best_busy + 1e-9:
+            best, best_busy = s, busy
+    return best
 
 
 def _interpreter_meta(block_s: int | None, h_pad: int) -> dict:
@@ -276,15 +386,19 @@ def indexer_scores(
     q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, mask: torch.Tensor | None, causal: bool,
     row_start: int, n_rows: int, width: int, out: torch.Tensor,
     decode_block_s: int | None = None, num_splits: int | None = None, config=None,
-    key_range: torch.Tensor | None = None,
+    key_range: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masked scores of queries [row_start, row_start+n_rows) vs keys [0, width) into out [B, n_rows, width].
 
     decode_block_s: put that many queries (>= n_rows) in one program row (decode form).
     num_splits: programs along the key axis (default: enough to fill the GPU).
     key_range: int32 [B,S,3] (lo, hi, count) per query (kernels/key_range.py), with or instead of `mask`.
+    k_scale: fp32 [B,T], with fp8 (e4m3) q and k: the fp8 kernel (scores times k_scale[t]; q's scales
+    folded into w, see kernels/fp8_indexer.py).
+    num_splits None: decode form, enough splits for 2 programs per SM; prefill, prefill_splits.
     """
     B, S, H, D = q.shape
+    fp8 = k_scale is not None
     T = k.shape[1]
     h_pad = _head_padding(H, decode_block_s or 1)
     d_pad = max(16, next_pow2(D))
@@ -294,33 +408,43 @@ def indexer_scores(
         mask_u8 = mask.to(torch.bool).expand(B, S, T).view(torch.uint8)
     ranges = q.new_empty((1, 1, 3), dtype=torch.int32) if key_range is None else \
         key_range.to(torch.int32).expand(B, S, 3)
-    if num_splits is None:
-        rows_per_prog = decode_block_s or max(1, 128 // h_pad)
-        programs = B * cdiv(n_rows, rows_per_prog)
-        num_splits = max(1, min(cdiv(2 * num_sms(q.device), programs), cdiv(width, 512)))
-    args = (
-        q, k, w, mask_u8, ranges, out,
-        S, T, H, D,
-        row_start, n_rows, width, min(width.bit_length(), 17),
-        *q.stride(), *k.stride(), *w.stride(), *mask_u8.stride(), *ranges.stride(), *out.stride(),
-    )
+    sms = num_sms(q.device)
+    if num_splits is None and decode_block_s is not None:
+        programs = B * cdiv(n_rows, decode_block_s)
+        num_splits = max(1, min(cdiv(2 * sms, programs), cdiv(width, 512)))
+    if fp8:
+        ks = k_scale.to(torch.float32).expand(B, T)
+        args = (q, k, w, ks, mask_u8, ranges, out, S, T, H, D, row_start, n_rows, width, min(width.bit_length(), 17),
+                *q.stride(), *k.stride(), *w.stride(), *ks.stride(), *mask_u8.stride(), *ranges.stride(),
+                *out.stride())
+    else:
+        args = (
+            q, k, w, mask_u8, ranges, out,
+            S, T, H, D,
+            row_start, n_rows, width, min(width.bit_length(), 17),
+            *q.stride(), *k.stride(), *w.stride(), *mask_u8.stride(), *ranges.stride(), *out.stride(),
+        )
     consts = {"H_PAD": h_pad, "D_PAD": d_pad, "CAUSAL": bool(causal), "HAS_MASK": mask is not None,
               "HAS_RANGE": key_range is not None,
-              "DOT_PRECISION": dot_precision(q.dtype), "UPCAST_DOT": upcast_dots(q)}
+              "DOT_PRECISION": "tf32" if fp8 else dot_precision(q.dtype),
+              "UPCAST_DOT": interpreting(q) if fp8 else upcast_dots(q)}
     if decode_block_s is not None:
         consts["BLOCK_S"] = decode_block_s
 
     def grid(meta):
-        return (cdiv(n_rows, meta["BLOCK_S"]), B, num_splits)
+        prog_rows = cdiv(n_rows, meta["BLOCK_S"])
+        splits = num_splits or prefill_splits(B * prog_rows, width, meta["BLOCK_T"], sms)
+        return (prog_rows, B, splits)
 
+    kernel_fn = _indexer_scores_fp8_kernel if fp8 else _indexer_scores_kernel
     if interpreting(q):
         consts.update(config.kwargs if config is not None else _interpreter_meta(decode_block_s, h_pad))
-        launch_interpreted(_indexer_scores_kernel, grid, *args, **consts)
+        launch_interpreted(kernel_fn, grid, *args, **consts)
     elif config is not None:  # bench/sweep_indexer.py: one launch config, no autotune
-        launch_config(_jit_kernel(), grid, args, consts, config)
+        launch_config(_jit_kernel(fp8), grid, args, consts, config)
     else:
         mode = "prefill" if decode_block_s is None else "decode"
-        _tuned_kernel(mode, h_pad, consts["DOT_PRECISION"] == "ieee")[grid](*args, **consts)
+        _tuned_kernel(mode, h_pad, consts["DOT_PRECISION"] == "ieee", fp8)[grid](*args, **consts)
     return out
 
 
@@ -337,6 +461,7 @@ def _chunk_rows(B: int, T: int, block: int, causal: bool, budget: int = SCORE_BU
     launch): at 16K, 4096 rows measured best (bench/sweep_topk.py, docs/benchmarks.md)."""
     rows = max(1, budget // (B * max(T, 1) * 4))
     if causal:
+        rows = max(rows, min(MIN_CAUSAL_CHUNK_ROWS, 2 * budget // (B * max(T, 1) * 4)))
         rows = min(rows, CAUSAL_CHUNK_ROWS)
     return max(block, rows // block * block)
 
@@ -344,17 +469,22 @@ def _chunk_rows(B: int, T: int, block: int, causal: bool, budget: int = SCORE_BU
 def chunked_scores(
     q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, mask: torch.Tensor | None = None,
     causal: bool = True, chunk_rows: int | None = None, num_splits: int | None = None,
-    key_range: torch.Tensor | None = None,
+    key_range: torch.Tensor | None = None, indexer_precision: str = "bf16",
 ):
     """Yield (s0, s1, scores [B, s1-s0, width]) per query chunk; `scores` is reused between chunks.
 
     width = the chunk's causal horizon (T when not causal). Small S (S x heads fits one dot
     tile) uses the decode form: a single chunk, all queries in one program row, keys split.
+    indexer_precision "fp8": q and k quantised to e4m3 first (kernels/fp8_indexer.py), fp8 dots.
     """
     B, S, H, D = q.shape
     T = k.shape[1]
-    assert k.shape == (B, T, D) and w.shape == (B, S, H), (q.shape, k.shape, w.shape)
-    k = k.to(q.dtype)
+    assert k.shape[0] == B and k.shape[1:] == (T, D) and w.shape == (B, S, H), (q.shape, k.shape, w.shape)
+    k_scale = None
+    if check_indexer_precision(indexer_precision) == "fp8":
+        q, k, w, k_scale = quantize_indexer(q, k, w)
+    else:
+        k = k.to(q.dtype)
     decode_block_s = next_pow2(S) if decode_form(S, H) else None
     chunk = S if decode_block_s is not None else (chunk_rows or _chunk_rows(B, T, 256, causal))
     storage = new_output((B * min(chunk, S) * T,), torch.float32, q.device)
@@ -364,18 +494,20 @@ def chunked_scores(
         scores = storage[: B * (s1 - s0) * width].view(B, s1 - s0, width)  # contiguous for torch.topk
         if width > 0:
             indexer_scores(q, k, w, mask, causal, s0, s1 - s0, width, scores,
-                           decode_block_s=decode_block_s, num_splits=num_splits, key_range=key_range)
+                           decode_block_s=decode_block_s, num_splits=num_splits, key_range=key_range,
+                           k_scale=k_scale)
         yield s0, s1, scores
 
 
 def select_topk(scores: torch.Tensor, topk: int, diag_base: int | None, sorted: bool = True,
-                selection: str = "auto"):
+                selection: str = "auto", out: torch.Tensor | None = None):
     """Masked fp32 scores [B, rows, width] -> int32 [B, rows, topk] (-1 padded; descending when
     `sorted`, else in no particular order).
 
     selection: "triton" (kernels/topk_select.py; causal rows are read only up to their diagonal
     diag_base + row), "torch" (torch.topk over the whole buffer), or "auto" (triton when unordered
-    and topk <= MAX_SELECT_TOPK)."""
+    and topk <= MAX_SELECT_TOPK). out: int32 [B*rows, topk] for topk_select to write into (B = 1: a
+    slice of the whole output, no copy)."""
     B, rows, width = scores.shape
     if selection not in ("auto", "triton", "torch"):
         raise ValueError(f"selection must be 'auto', 'triton' or 'torch', got {selection!r}")
@@ -384,8 +516,9 @@ def select_topk(scores: torch.Tensor, topk: int, diag_base: int | None, sorted: 
         selection = "triton" if wanted else "torch"
     if selection == "torch":
         return topk_indices_from_scores(scores, topk)
+    launch = SELECT_KWARGS_LONG if width > LONG_ROW else SELECT_KWARGS
     out = topk_select(scores.view(B * rows, width), topk, diag_base=diag_base, row_period=rows, sorted=sorted,
-                      **SELECT_KWARGS)
+                      out=out, **launch)
     return out.view(B, rows, topk)
 
 
@@ -393,7 +526,7 @@ def indexer_topk_triton(
     q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, topk: int,
     mask: torch.Tensor | None = None, causal: bool = True,
     chunk_rows: int | None = None, num_splits: int | None = None, sorted: bool = True,
-    selection: str = "auto", key_range: torch.Tensor | None = None,
+    selection: str = "auto", key_range: torch.Tensor | None = None, indexer_precision: str = "bf16",
 ) -> torch.Tensor:
     """Triton path of indexer_topk (CPU tensors run in the Triton interpreter).
 
@@ -402,19 +535,24 @@ def indexer_topk_triton(
     """
     B, S, T = q.shape[0], q.shape[1], k.shape[1]
     out = new_output((B, S, topk), torch.int32, q.device)
-    for s0, s1, scores in chunked_scores(q, k, w, mask, causal, chunk_rows, num_splits, key_range=key_range):
+    for s0, s1, scores in chunked_scores(q, k, w, mask, causal, chunk_rows, num_splits, key_range=key_range,
+                                         indexer_precision=indexer_precision):
         if scores.shape[-1] == 0:  # no key visible to this chunk (causal with S > T)
             out[:, s0:s1] = -1
         else:
             diag_base = (T - S + s0) if causal else None
-            out[:, s0:s1] = select_topk(scores, topk, diag_base, sorted, selection)
+            triton_select = selection == "triton" or (selection == "auto" and not sorted and topk <= MAX_SELECT_TOPK)
+            if B == 1 and triton_select:  # topk_select writes into out's rows (no copy)
+                select_topk(scores, topk, diag_base, sorted, selection, out=out[0, s0:s1])
+            else:
+                out[:, s0:s1] = select_topk(scores, topk, diag_base, sorted, selection)
     return out
 
 
 def indexer_topk(
     q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, topk: int,
     mask: torch.Tensor | None = None, causal: bool = True, use_triton: bool | None = None,
-    sorted: bool = True, key_range: torch.Tensor | None = None,
+    sorted: bool = True, key_range: torch.Tensor | None = None, indexer_precision: str = "bf16",
 ) -> torch.Tensor:
     """Indexer top-k. q [B,S,H,D], k [B,T,D], w [B,S,H] -> int32 [B,S,topk] (-1 padded).
 
@@ -423,10 +561,15 @@ def indexer_topk(
     sorted=False: the caller does not need descending order (the reference still gives it).
     use_triton: None = Triton on CUDA, reference elsewhere; True = Triton (interpreter on CPU);
     False = reference. See _triton_utils for the IC_KERNELS_TRITON override.
+    indexer_precision: "bf16" (default: q, k as given, in their dtype) or "fp8" (DeepSeek-V3.2's
+    fp8 indexer: q, k quantised to e4m3 with a scale per token and head, e4m3 tensor-core dots;
+    kernels/fp8_indexer.py).
     """
+    check_indexer_precision(indexer_precision)
     if use_triton_for(q, use_triton):
-        return indexer_topk_triton(q, k, w, topk, mask, causal, sorted=sorted, key_range=key_range)
-    return indexer_topk_ref(q, k, w, topk, mask, causal, key_range=key_range)
+        return indexer_topk_triton(q, k, w, topk, mask, causal, sorted=sorted, key_range=key_range,
+                                   indexer_precision=indexer_precision)
+    return indexer_topk_ref(q, k, w, topk, mask, causal, key_range=key_range, indexer_precision=indexer_precision)
 
 
 __all__ = ["indexer_topk", "indexer_topk_triton", "indexer_scores", "chunked_scores", "decode_form", "HAS_TRITON"]

@@ -1,7 +1,8 @@
 """torch.library custom ops in namespace ``ic`` (importing this module registers them).
 
     ic::indexer_topk(Tensor q, Tensor k, Tensor w, SymInt topk, Tensor? mask=None, bool causal=True,
-                     bool sorted=True, Tensor? key_range=None, bool check=True) -> Tensor
+                     bool sorted=True, Tensor? key_range=None, bool check=True,
+                     str indexer_precision="bf16") -> Tensor
     ic::sparse_attention(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, bool causal=True) -> Tensor
     ic::sparse_mla(Tensor q, Tensor kv, Tensor indices, float scale, int dv, bool causal=True) -> Tensor
 
@@ -36,13 +37,15 @@ NAMESPACE = "ic"
 # traced value (a guard in torch.compile, and in torch.export a runtime assert that ONNX drops: the
 # exported graph then padded short prompts' rows with -1 instead of selecting fewer keys).
 _INDEXER_TOPK_SCHEMA = ("(Tensor q, Tensor k, Tensor w, SymInt topk, Tensor? mask=None, bool causal=True, "
-                        "bool sorted=True, Tensor? key_range=None, bool check=True) -> Tensor")
+                        "bool sorted=True, Tensor? key_range=None, bool check=True, "
+                        "str indexer_precision=\"bf16\") -> Tensor")
 _SPARSE_ATTENTION_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, bool causal=True) -> Tensor"
 _SPARSE_MLA_SCHEMA = "(Tensor q, Tensor kv, Tensor indices, float scale, int dv, bool causal=True) -> Tensor"
 
 
 @torch.library.custom_op(f"{NAMESPACE}::indexer_topk", mutates_args=(), schema=_INDEXER_TOPK_SCHEMA)
-def indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=None, check=True):
+def indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=None, check=True,
+                 indexer_precision="bf16"):
     """q [B,S,H,D], k [B,T,D], w [B,S,H] -> int32 [B,S,topk] (-1 padded). sorted=False: rows
     may come in any order (the lowering asks for that when every consumer ignores order).
 
@@ -57,14 +60,17 @@ def indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=N
     captured: neither check runs (each is a device sync, which a graph cannot hold, and a path chosen
     from one call's data would be replayed for other data): the mask or ranges are read as given, on
     the general path -- the same answer, without the causal skips -- and the ranges' contiguity is
-    asserted on the device (torch._assert_async: a device-side assert, not a silent wrong answer)."""
+    asserted on the device (torch._assert_async: a device-side assert, not a silent wrong answer).
+    indexer_precision="fp8": DeepSeek-V3.2's fp8 indexer (q, k quantised to e4m3 per token and head,
+    kernels/fp8_indexer.py); "bf16" (default): the scores of q and k as given."""
     S, T = q.shape[1], k.shape[1]
+    precision = {} if indexer_precision == "bf16" else {"indexer_precision": indexer_precision}  # bf16: as before
     if mask is not None and key_range is not None:
         raise ValueError("ic::indexer_topk: pass either mask or key_range, not both")
     if not check or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         if key_range is not None:
             assert_key_range_async(key_range)
-        return _indexer_topk(q, k, w, topk, mask, causal, sorted=sorted, key_range=key_range)
+        return _indexer_topk(q, k, w, topk, mask, causal, sorted=sorted, key_range=key_range, **precision)
     if key_range is not None:
         plain_causal, within_causal = check_key_range(key_range, S, T, causal)
         if plain_causal:
@@ -72,11 +78,11 @@ def indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=N
         causal = causal or within_causal  # same keys; causal chunks and rows stop at the diagonal
     if not causal and mask is not None and not decode_form(S, q.shape[2]) and mask_within_causal(mask, S, T):
         causal = True  # same answer, and key blocks above the diagonal are skipped
-    return _indexer_topk(q, k, w, topk, mask, causal, sorted=sorted, key_range=key_range)
+    return _indexer_topk(q, k, w, topk, mask, causal, sorted=sorted, key_range=key_range, **precision)
 
 
 @indexer_topk.register_fake
-def _(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=None, check=True):
+def _(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=None, check=True, indexer_precision="bf16"):
     B, S = q.shape[0], q.shape[1]
     return q.new_empty((B, S, topk), dtype=torch.int32)
 

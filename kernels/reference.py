@@ -43,6 +43,15 @@ def indexer_scores_ref(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> tor
     return torch.einsum("bsht,bsh->bst", logits.relu_(), w.float())
 
 
+INDEXER_PRECISIONS = ("bf16", "fp8")
+
+
+def check_indexer_precision(indexer_precision: str) -> str:
+    if indexer_precision not in INDEXER_PRECISIONS:
+        raise ValueError(f"indexer_precision must be one of {INDEXER_PRECISIONS}, got {indexer_precision!r}")
+    return indexer_precision
+
+
 def topk_indices_from_scores(scores: torch.Tensor, topk: int) -> torch.Tensor:
     """Masked fp32 scores [..., T] (-inf = not allowed) -> int32 [..., topk], descending, -1 padded."""
     T = scores.shape[-1]
@@ -63,8 +72,12 @@ def indexer_topk_ref(
     mask: torch.Tensor | None = None,
     causal: bool = True,
     key_range: torch.Tensor | None = None,
+    indexer_precision: str = "bf16",
 ) -> torch.Tensor:
     """Lightning-indexer top-k. q [B,S,H,D], k [B,T,D], w [B,S,H] -> int32 [B,S,topk].
+
+    indexer_precision "fp8": the scores of DeepSeek-V3.2's fp8 indexer (q, k quantised to e4m3 with
+    a scale per token and head, kernels/fp8_indexer.py); "bf16" (default): of q, k as given (fp32 math).
 
     mask: optional bool broadcastable to [B,S,T], True = allowed; key_range: optional int32
     [B,S,3] (lo, hi, count), see the module docstring. Slots beyond the number of allowed keys
@@ -72,6 +85,11 @@ def indexer_topk_ref(
     """
     B, S, H, D = q.shape
     T = k.shape[1]
+    k_scale = None
+    if check_indexer_precision(indexer_precision) == "fp8":
+        from .fp8_indexer import quantize_indexer
+
+        q, k, w, k_scale = quantize_indexer(q, k, w)
     out = torch.empty(B, S, topk, dtype=torch.int32, device=q.device)
     chunk = _query_chunk(B * H * T * 4, S)
     mask_full = None if mask is None else mask.expand(B, S, T)
@@ -79,6 +97,8 @@ def indexer_topk_ref(
     for s0 in range(0, S, chunk):
         s1 = min(S, s0 + chunk)
         scores = indexer_scores_ref(q[:, s0:s1], k, w[:, s0:s1])  # [B,c,T]
+        if k_scale is not None:
+            scores.mul_(k_scale[:, None, :])
         if causal:
             scores.masked_fill_(~causal_allowed(S, T, q.device, s0, s1), float("-inf"))
         if mask_full is not None:

@@ -238,3 +238,34 @@ def test_gpu_configs_in_interpreter(mode, request, monkeypatch):
         with _triton_utils._jit_helpers_interpreted():
             _check_against_reference(q, k, w, topk, seed=seed)
         assert len(mod._TUNED) == 2, "the autotuned (GPU) launcher was not used"
+
+
+# ----------------------------------------------------------------------------- launch shape (host side)
+
+def test_prefill_splits_fill_whole_waves():
+    """Key splits: chunks of 1280 rows at 200K (160 programs of 8 queries) and 1024 at 256K (128)
+    no longer leave a third / half of the 264 program slots of 132 SMs idle (the cliff past 128K);
+    256 programs (2048 rows at 128K) keep one split; narrow chunks are not split below 512 keys."""
+    from ic_compile.kernels.indexer_topk import PREFILL_CTAS_PER_SM, prefill_splits
+
+    slots = PREFILL_CTAS_PER_SM * 132
+    for programs, width in ((160, 200000), (128, 262144), (256, 131072), (512, 32768), (40, 100000)):
+        s = prefill_splits(programs, width, 64, 132)
+        p = programs * s
+        assert p / (-(-p // slots) * slots) >= 0.95, (programs, width, s)
+    assert prefill_splits(256, 131072, 64, 132) == 1
+    assert prefill_splits(160, 1536, 64, 132) == 3  # at most width / 512 splits: the busiest of 1-3
+    assert prefill_splits(3, 300, 64, 132) == 1
+
+
+def test_causal_chunk_rows():
+    """Causal chunks: the 1 GiB budget, at least 2048 rows while the buffer stays under 2 GiB, at
+    most 4096; not causal: the budget alone."""
+    from ic_compile.kernels.indexer_topk import _chunk_rows
+
+    assert _chunk_rows(1, 32768, 256, True) == 4096
+    assert _chunk_rows(1, 131072, 256, True) == 2048
+    assert _chunk_rows(1, 200000, 256, True) == 2048
+    assert _chunk_rows(1, 262144, 256, True) == 2048
+    assert _chunk_rows(1, 524288, 256, True) == 1024
+    assert _chunk_rows(1, 200000, 256, False) == 1280
