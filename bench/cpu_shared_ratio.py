@@ -9,6 +9,7 @@ dominates. Prints measured time ratio next to the FLOP ratio counted from the co
 import argparse
 import dataclasses
 import json
+import pathlib
 import statistics
 import time
 
@@ -44,7 +45,8 @@ def main():
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--plan", default=None, help="default: F then S for the rest")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results" / "cpu_shared_ratio.json"),
+                        help="JSON report, overwritten (default: %(default)s; '' = print only)")
     cli = parser.parse_args()
     dsa = import_examples_module()
     args = dsa.ModelArgs.tiny(n_layers=cli.layers, index_n_heads=32, index_head_dim=64, index_topk=32,

@@ -1,6 +1,6 @@
 """Decode on the H200: one new token against a long context.
 
-    python bench/decode.py --lengths 16384 131072 --out bench/results/decode.json
+    python bench/decode.py --lengths 16384 131072   # -> bench/results/decode.json
 
 Parts (--parts):
   * model (2 layers of the paper's 30B shape as HF GlmMoeDsa, bf16, as bench/prefill.py): a
@@ -15,8 +15,8 @@ Parts (--parts):
     ("-graphs": options={"cudagraphs": True}) and without CUDA graphs. The cache is allocated by one
     uncompiled token (so its tensors are static addresses, which CUDA graphs need for the in-place
     writes) and rewound to L before every step (transformers 5 writes at the cache's own running
-    length, not at cache_position: the eighth run set's device-side assert was this bench stepping
-    past max_cache_len).
+    length, not at cache_position: without the rewind, repeated steps wrote past max_cache_len and
+    raised a device-side assert).
   * generate: HF `generate` on the same model with one StaticCache (ic_compile.static_cache, reset
     before each call): per-token decode ms = (time of 1 + N new tokens - time of 1) / N. Variants:
     "hf-auto-compile" (forward uncompiled: on CUDA with a static cache generate compiles the decode
@@ -34,6 +34,7 @@ Parts (--parts):
 
 import argparse
 import json
+import pathlib
 import sys
 import time
 
@@ -44,6 +45,8 @@ import ic_compile
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from kernels import indexer_inputs, measure_peaks, strided_causal_indices  # noqa: E402  (bench/kernels.py)
 from prefill import CONFIG, build_model, save_result, time_ms, variant  # noqa: E402  (bench/prefill.py)
+
+RESULT = str(pathlib.Path(__file__).resolve().parent / "results" / "decode.json")  # overwritten by each run
 
 TOPK = 2048
 
@@ -319,7 +322,7 @@ def main():
                         default=["hf-auto-compile", "ours-FF-inductor-graphs", "ours-FS-inductor-graphs"])
     parser.add_argument("--new-tokens", type=int, default=32, help="generate part")
     parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=RESULT, help="JSON report, overwritten (default: %(default)s; '' = print only)")
     args = parser.parse_args()
     device = torch.device("cuda")
     peaks = measure_peaks(device, smoke=False, quick=True)

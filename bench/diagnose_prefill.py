@@ -6,6 +6,7 @@
 
 import argparse
 import json
+import pathlib
 import sys
 import time
 
@@ -46,8 +47,11 @@ def main():
     ap.add_argument("--sparse-attention", choices=("on", "off", "both"), default="both")
     ap.add_argument("--rows", type=int, default=15)
     ap.add_argument("--lowering", choices=("eager", "inductor"), default="eager")
-    ap.add_argument("--out", default=None, help="append the profile tables to this file")
+    ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results" / "diagnose_prefill.txt"),
+                    help="the run's profile tables, overwritten (default: %(default)s; '' = print only)")
     args = ap.parse_args()
+    if args.out:
+        open(args.out, "w").close()  # one run per file: each profile() call appends its table
     model = build_model()
     ids = torch.randint(0, CONFIG["vocab_size"], (1, args.length), device="cuda")
     choices = {"on": [True], "off": [False], "both": [False, True]}[args.sparse_attention]

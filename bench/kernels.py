@@ -13,7 +13,7 @@ Measures, in one run:
     (kernels/mask_within_causal.py, Triton vs its chunked torch reference): bytes = the upper
     triangle read once, as % of copy BW.
 
-    python bench/kernels.py --out results.json                 # full run (GPU)
+    python bench/kernels.py                                    # full run (GPU) -> bench/results/kernels.json
     python bench/kernels.py --quick --lengths 4096,16384       # faster subset
     python bench/kernels.py --smoke                            # tiny sizes, runs on CPU too
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import pathlib
 import platform
 import statistics
 import sys
@@ -209,8 +210,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="fewer reps, first model shape, fewer decode sizes")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes; runs on CPU (Triton interpreter)")
     ap.add_argument("--only", choices=("indexer", "mla", "mask"), default=None, help="one kernel family only")
-    ap.add_argument("--out", default=None, help="write the JSON report here (default: print only)")
+    ap.add_argument("--out", default=None,
+                    help="JSON report, overwritten (default: bench/results/kernels.json; kernels_indexer.json with "
+                         "--only indexer; none with --smoke or --only mla/mask; '' = print only)")
     args = ap.parse_args(argv)
+    if args.out is None and not args.smoke and args.only in (None, "indexer"):
+        name = "kernels_indexer.json" if args.only == "indexer" else "kernels.json"
+        args.out = str(pathlib.Path(__file__).resolve().parent / "results" / name)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:

@@ -1,6 +1,6 @@
 """End-to-end prefill on the H200: 2 layers of the paper's 30B shape as HF GlmMoeDsa (bf16).
 
-    python bench/prefill.py --lengths 4096 16384 32768 65536 131072 --out bench/results/prefill.json
+    python bench/prefill.py --lengths 4096 16384 32768 65536 131072   # -> bench/results/prefill.json
 
 Variants: HF eager; torch.compile default (inductor); ours all-F ("FF") and FS, with our fused indexer
 op and absorbed sparse MLA, the rest of the graph run eagerly ("ours-FF-eager") or by Inductor
@@ -12,6 +12,7 @@ the bf16 limit = counted FLOPs of the same work / measured bf16 matmul peak.
 import argparse
 import datetime
 import json
+import pathlib
 import statistics
 import sys
 
@@ -22,6 +23,8 @@ CONFIG = dict(vocab_size=154880, hidden_size=2048, intermediate_size=10240, moe_
               num_experts_per_tok=4, n_shared_experts=1, kv_lora_rank=512, q_lora_rank=768,
               qk_rope_head_dim=64, v_head_dim=256, qk_nope_head_dim=192, index_topk=2048, index_head_dim=128,
               index_n_heads=32, first_k_dense_replace=1, n_group=1, topk_group=1, max_position_embeddings=202752)
+
+RESULT = str(pathlib.Path(__file__).resolve().parent / "results" / "prefill.json")  # overwritten by each run
 
 
 def bf16_peak_tflops():
@@ -95,7 +98,7 @@ def measure(model, name, L, reps):
 
 
 def save_result(out: str | None, rows: list[dict], **fields) -> None:
-    """Write the run's rows under `out` (JSON) with the card, date, torch version and command."""
+    """Write the run's rows to `out` (JSON, overwritten; '' = none) with the card, date, torch version and command."""
     if out:
         result = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
                   "torch": torch.__version__, "command": " ".join(sys.argv), **fields, "rows": rows}
@@ -109,7 +112,7 @@ def main():
                         default=["hf-eager", "compile-default", "ours-FF-eager", "ours-FS-eager"])
     parser.add_argument("--max-baseline-len", type=int, default=16384, help="HF/compile-default above OOM")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=RESULT, help="JSON report, overwritten (default: %(default)s; '' = print only)")
     args = parser.parse_args()
     peak = bf16_peak_tflops()
     model = build_model()

@@ -13,6 +13,7 @@ FLOPs = L^2/2 * H * D * 2 (causal dot products); one query chunk of all L rows (
 """
 import argparse
 import json
+import pathlib
 
 import torch
 import triton
@@ -49,7 +50,8 @@ def main():
     ap.add_argument("--key-rows-only", action="store_true", help="KEY_ROWS configs (+ one reference config)")
     ap.add_argument("--only", nargs="+", default=None,
                     help="KEY_ROWS configs as ROWSxBLOCK_TxWARPS (e.g. 256x64x8), both stage counts")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results" / "sweep_indexer.json"),
+        help="JSON report, overwritten (default: %(default)s; '' = print only)")
     args = ap.parse_args()
     L, n = args.length, args.rows
     q = torch.randn(1, L, H, D, device="cuda", dtype=torch.bfloat16)

@@ -10,12 +10,13 @@ Per L (prefill, S = T = L, 30B indexer shape 32 x 128, top-k 2048, B = 1):
   * --fp8 L: indexer_precision="fp8" timings, and its top-k recall against the bf16 selection
     (|fp8 set & bf16 set| / topk, rows sampled) on random and on structured inputs.
 
-    python bench/sweep_long.py --lengths 32768,65536,131072,200000,262144 --out bench/results/sweep_long.json
+    python bench/sweep_long.py --lengths 32768,65536,131072,200000,262144   # -> bench/results/sweep_long.json
 """
 from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import sys
 import time
 
@@ -154,7 +155,8 @@ def main(argv=None) -> None:
     ap.add_argument("--fp8", default="", help="lengths: fp8 timings and recall vs bf16")
     ap.add_argument("--recall-rows", type=int, default=2048)
     ap.add_argument("--select-shapes", default="", help="ROWSxWIDTH,...: topk_select on random full rows")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results" / "sweep_long.json"),
+        help="JSON report, overwritten (default: %(default)s; '' = print only)")
     args = ap.parse_args(argv)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     device = torch.device("cuda")

@@ -8,6 +8,7 @@ Prints ms and TFLOP/s (FLOPs = L*k*H*(576+512)*2) per config, best first.
 """
 import argparse
 import json
+import pathlib
 
 import torch
 import triton
@@ -44,7 +45,8 @@ def main():
     ap.add_argument("--block-k", type=int, nargs="+", default=[16, 32, 64, 128])
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4])
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results" / "sweep_sparse_mla.json"),
+        help="JSON report, overwritten (default: %(default)s; '' = print only)")
     args = ap.parse_args()
     L, device = args.length, torch.device("cuda")
     idx = model_indices(L, device)

@@ -6,12 +6,13 @@
   * on the widest (last) chunk's real score buffer: torch.topk(sorted=True) (what the op returns:
     descending order) vs sorted=False (what a consumer that ignores order would need).
 
-    python bench/sweep_topk.py --out bench/results/sweep_topk_h200.json
+    python bench/sweep_topk.py   # -> bench/results/sweep_topk.json
 """
 from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import sys
 
 import torch
@@ -49,7 +50,8 @@ def sweep(L: int, topk: int, device) -> list[dict]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="16384,131072")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results" / "sweep_topk.json"),
+        help="JSON report, overwritten (default: %(default)s; '' = print only)")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     torch.manual_seed(0)

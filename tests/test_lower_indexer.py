@@ -361,8 +361,9 @@ def test_generate_with_cudagraphs_on_gpu(long_context):
     """HF `generate` with forward compiled with cudagraphs=True and ic_compile.static_cache, a
     left-padded batch (prefill with key ranges: not captured), run twice with the same shapes, so
     the second run replays what the first recorded. Tokens equal HF's own plan's and logits stay
-    close, both times. (Its first H200 run failed inside a capture, before prefill graphs stopped
-    being captured: docs/benchmarks.md, ninth run set, call 9.)"""
+    close, both times. (Capturing prefill graphs failed on the GPU with "operation not permitted when
+    stream is capturing": by reading the code, their warm-up checked the key ranges and took a
+    data-dependent path the capture did not, so only decode-sized graphs are captured.)"""
     model = tiny_models.glm().cuda()
     native = tiny_models.glm_with_plan(model, "FSFS").cuda()
     model.config._experts_implementation = "batched_mm"  # HF's fp32 grouped_mm fallback syncs
