@@ -45,7 +45,8 @@ def main():
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--plan", default=None, help="default: F then S for the rest")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results" / "cpu_shared_ratio.json"),
+    result_file = pathlib.Path(__file__).resolve().parent / "results" / "cpu_shared_ratio.json"
+    parser.add_argument("--out", default=str(result_file),
                         help="JSON report, overwritten (default: %(default)s; '' = print only)")
     cli = parser.parse_args()
     dsa = import_examples_module()

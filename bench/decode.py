@@ -322,7 +322,8 @@ def main():
                         default=["hf-auto-compile", "ours-FF-inductor-graphs", "ours-FS-inductor-graphs"])
     parser.add_argument("--new-tokens", type=int, default=32, help="generate part")
     parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--out", default=RESULT, help="JSON report, overwritten (default: %(default)s; '' = print only)")
+    parser.add_argument("--out", default=RESULT,
+                        help="JSON report, overwritten (default: %(default)s; '' = print only)")
     args = parser.parse_args()
     device = torch.device("cuda")
     peaks = measure_peaks(device, smoke=False, quick=True)

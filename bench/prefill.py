@@ -112,7 +112,8 @@ def main():
                         default=["hf-eager", "compile-default", "ours-FF-eager", "ours-FS-eager"])
     parser.add_argument("--max-baseline-len", type=int, default=16384, help="HF/compile-default above OOM")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--out", default=RESULT, help="JSON report, overwritten (default: %(default)s; '' = print only)")
+    parser.add_argument("--out", default=RESULT,
+                        help="JSON report, overwritten (default: %(default)s; '' = print only)")
     args = parser.parse_args()
     peak = bf16_peak_tflops()
     model = build_model()
