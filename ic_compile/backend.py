@@ -4,6 +4,10 @@
 
 Dynamo hands us its FX graph; `rewrite` makes S layers read their F layer's top-k and deletes their
 indexer work; the result is lowered by Inductor (default) or run as is ("eager").
+
+A model with graph breaks reaches us as several graphs (fragments). Each is bound to the plan by its
+indexers' module paths over the whole model (`frames.frame_layout`); an S layer whose F source ran
+in an earlier fragment reads that top-k from the per-model index store (`index_store`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from torch.utils._pytree import tree_leaves
 
 from ic_compile.passes.lower_indexer import INDEXER_MASKS, prefill_indexers, skip_host_checks
 
+from .frames import (RecompileLimitError, RecompileLimitWarning, allow_fragment_recompiles,  # noqa: F401
+                     frame_layout, note_plan_frame, pin_frame_to_module)
+from .index_store import IndexStoreError, store_for, with_store  # noqa: F401 (IndexStoreError re-exported)
 from .plan import PlanError
 from .rewrite import NoIndexerFoundError, RewriteResult, rewrite
 
@@ -75,16 +82,53 @@ def indexcache_backend(gm: fx.GraphModule, example_inputs, options: dict | None 
     opts = BackendOptions.parse(options)
     use_kernels = opts.kernels if opts.kernels != "auto" else _on_cuda(example_inputs)
     result = rewrite(gm, opts.plan, strict=opts.strict, kernels=bool(use_kernels) and opts.lowering != "tensorrt",
-                     sparse_attention=opts.sparse_attention, indexer_mask=_indexer_mask(opts))
+                     sparse_attention=opts.sparse_attention, indexer_mask=_indexer_mask(opts), layout=frame_layout())
     last_results.append(result)
     _check_found(result, opts)
+    _keep_frame_bound(result)
     graphed = opts.cudagraphs and _graphable(result)
     if graphed:
         skip_host_checks(result.gm)
-    compiled = lower(result.gm, example_inputs, opts.lowering, cudagraphs=graphed)
+    compiled = lower(result.gm, [*example_inputs, *_store_inputs(result)], opts.lowering, cudagraphs=graphed)
+    if _uses_store(result):
+        return _with_index_store(compiled, result, opts)
     if opts.verify and result.changed:
         return _verifying(_PlanReference(gm, result), compiled, opts)
     return compiled
+
+
+def _keep_frame_bound(result: RewriteResult) -> None:
+    """Dynamo must neither run this frame's original code (past the recompile limit: the model
+    without the plan) nor reuse a layer fragment's graph, rewritten for that layer's role, for
+    another layer of the same class."""
+    if result.changed:
+        note_plan_frame(f"plan {result.plan}, layers {[b.match.layer for b in result.bindings]}")
+    if result.fragment is not None:
+        allow_fragment_recompiles()
+        if result.layout.prefix:
+            pin_frame_to_module()
+
+
+def _with_index_store(compiled: Callable, result: RewriteResult, opts: BackendOptions) -> Callable:
+    if opts.verify:
+        warnings.warn("indexcache: verify=True does not check graph fragments that read or write the "
+                      f"index store (layers {result.fragment.layers}): their original graph computes the S "
+                      "layer's own top-k. Check the model with ic_compile.reference.shared_indexer_hooks.",
+                      stacklevel=3)
+    store = store_for(result.layout.model, str(result.plan))
+    return with_store(compiled, store, result.fragment.reads, result.fragment.writes)
+
+
+def _uses_store(result: RewriteResult) -> bool:
+    """Does this fragment read or write top-k across graphs? (verify=True does not cover these:
+    its reference is the fragment's original graph, which computes the S layer's own top-k.)"""
+    return result.fragment is not None and bool(result.fragment.reads or result.fragment.writes)
+
+
+def _store_inputs(result: RewriteResult) -> list:
+    """Example values (fake tensors with the graph's symbolic sizes) for the inputs the store fills."""
+    return [n.meta["example_value"] for n in result.gm.graph.nodes
+            if n.op == "placeholder" and n.name.startswith("ic_index_store_")] if _uses_store(result) else []
 
 
 def _on_cuda(example_inputs) -> bool:
@@ -93,6 +137,8 @@ def _on_cuda(example_inputs) -> bool:
 
 def _check_found(result: RewriteResult, opts: BackendOptions) -> None:
     global _warned_no_plan
+    if result.passes_through:
+        return  # a fragment of a DSA model outside its indexers (embedding, MoE dispatch, head)
     if not result.detection.matches and result.detection.confident:
         if opts.plan is not None:
             raise NoIndexerFoundError(f"plan {str(opts.plan)!r} given but {result.message}. Is this a "

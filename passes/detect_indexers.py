@@ -46,12 +46,15 @@ class Detection:
         return not self.uncertain
 
 
-def detect_indexers(gm: fx.GraphModule) -> Detection:
+def detect_indexers(gm: fx.GraphModule, prefix: str = "") -> Detection:
+    """prefix: the module path of the frame's `self` in the whole model, when Dynamo compiles a
+    submodule's frame on its own (a graph break inside a layer): its nodes' module paths start at
+    that submodule ('self_attn.indexer'), the layer number is in the prefix ('model.layers.3')."""
     matches, others, uncertain = [], [], []
     for node in gm.graph.nodes:
         if op_name(node) != "topk":
             continue
-        verdict = _classify_topk(node)
+        verdict = _classify_topk(node, prefix)
         if isinstance(verdict, IndexerMatch):
             matches.append(verdict)
         elif verdict is None:
@@ -63,7 +66,7 @@ def detect_indexers(gm: fx.GraphModule) -> Detection:
     return Detection(matches, others, uncertain)
 
 
-def _classify_topk(topk: fx.Node) -> IndexerMatch | str | None:
+def _classify_topk(topk: fx.Node, prefix: str = "") -> IndexerMatch | str | None:
     """IndexerMatch, None (clearly not an indexer) or a reason string (unsure)."""
     scores = topk.args[0]
     relus, products_without_relu, score_nodes = _walk_score_path(scores)
@@ -81,7 +84,7 @@ def _classify_topk(topk: fx.Node) -> IndexerMatch | str | None:
     if product is None:
         return f"{where}: ReLU found but no q·k product of two activations beneath it"
     query, key = _operands(product)
-    path = module_path(topk)
+    path = ".".join(p for p in (prefix, module_path(topk)) if p)
     layer = layer_number(path)
     return IndexerMatch(topk, relus[0], product, query, key, path, -1 if layer is None else layer,
                         score_nodes)

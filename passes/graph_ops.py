@@ -119,3 +119,59 @@ def layer_number(path: str) -> int | None:
     """The last integer component of a module path ('model.layers.3.self_attn.indexer' -> 3)."""
     numbers = re.findall(r"(?:^|\.)(\d+)(?=\.|$)", path)
     return int(numbers[-1]) if numbers else None
+
+
+TOPK_ITEMS = {"values": 0, "indices": 1}
+
+
+def topk_item_users(topk: fx.Node) -> dict[int, list[fx.Node]]:
+    """The users of a topk node by which output they take (0 values, 1 indices): `topk[i]` or
+    `topk.values` / `topk.indices`. Any other use of the whole result is an error."""
+    users: dict[int, list[fx.Node]] = {}
+    for user in topk.users:
+        item = _topk_item(user, topk)
+        if item is None:
+            raise ValueError(f"topk '{topk.name}' ({module_path(topk)}) is used whole by '{user.name}' "
+                             f"({op_name(user)}); expected only topk[0] / topk[1] / .values / .indices")
+        users.setdefault(item, []).append(user)
+    return users
+
+
+def _topk_item(user: fx.Node, topk: fx.Node) -> int | None:
+    if user.op != "call_function" or len(user.args) != 2 or user.args[0] is not topk:
+        return None
+    if user.target is operator.getitem and user.args[1] in (0, 1):
+        return user.args[1]
+    if user.target is getattr:
+        return TOPK_ITEMS.get(user.args[1])
+    return None
+
+
+def add_inputs(gm: fx.GraphModule, inputs: list[tuple[str, fx.Node]]) -> list[fx.Node]:
+    """New placeholders after the existing ones (callers append their values to the arguments),
+    each with the example value (fake tensor, symbolic sizes) of the node it stands in for."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    added = []
+    for name, like in inputs:
+        anchor = added[-1] if added else placeholders[-1] if placeholders else None
+        with (gm.graph.inserting_after(anchor) if anchor is not None else gm.graph.inserting_before()):
+            node = gm.graph.placeholder(name)
+        node.meta["example_value"] = example_value(like)
+        added.append(node)
+    return added
+
+
+def add_outputs(gm: fx.GraphModule, items: list[tuple[fx.Node, int]]) -> None:
+    """Append `node[item]` for each (node, item) to the graph's output tuple (Dynamo returns one)."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    values = output.args[0]
+    if not isinstance(values, (tuple, list)):
+        raise ValueError(f"expected the graph to return a tuple, got {type(values).__name__}")
+    extra = []
+    for node, item in items:
+        with gm.graph.inserting_after(node):
+            got = gm.graph.call_function(operator.getitem, (node, item))
+        value = example_value(node)
+        got.meta["example_value"] = value[item] if value is not None else None
+        extra.append(got)
+    output.args = (type(values)([*values, *extra]),)
