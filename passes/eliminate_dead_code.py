@@ -1,13 +1,26 @@
 """Dead-code elimination that keeps in-place writes (static KV caches mutate buffers in place),
-except writes into a tensor the graph allocated itself and never reads."""
+except in-place ops on a tensor the graph allocated itself and nothing reads: writes into a local
+buffer, `torch.full(...).triu_(1)` masks whose reader was removed."""
 
 from __future__ import annotations
 
+import operator
+
 from torch import fx
 
-from .graph_ops import IN_PLACE_WRITES, op_name, writes_in_place
+from .graph_ops import LAYOUT_OPS, op_name, writes_in_place
 
-LOCAL_ALLOCATIONS = {"new_empty", "new_zeros", "new_full", "empty", "zeros", "full", "empty_like", "zeros_like"}
+# ops that always return a new tensor (never an alias of an input): an in-place op on their result
+# writes memory only this graph can see
+FRESH = {"new_empty", "new_zeros", "new_ones", "new_full", "new_tensor", "empty", "zeros", "ones", "full",
+         "empty_like", "zeros_like", "ones_like", "full_like", "arange", "tensor", "clone", "eye", "rand",
+         "randn", "rand_like", "randn_like"}
+# ops whose result may share memory with their first argument: a view of the temporary is the temporary
+VIEWS = LAYOUT_OPS | {"split", "chunk", "unbind", "select", "slice", "t", "detach", "view_as", "as_strided",
+                      "diagonal", "unfold", "tensor_split", "split_with_sizes"}
+# Python's augmented assignment on a tensor (x += y) traces as these and writes into x
+IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor}
 
 
 def is_impure(node: fx.Node) -> bool:
@@ -20,37 +33,44 @@ def is_impure(node: fx.Node) -> bool:
 
 def eliminate_dead_code(gm: fx.GraphModule) -> fx.GraphModule:
     gm.graph.eliminate_dead_code(is_impure_node=is_impure)
-    while _erase_unread_local_writes(gm.graph):
+    while _erase_dead_temporaries(gm.graph):
         gm.graph.eliminate_dead_code(is_impure_node=is_impure)
     return gm
 
 
-def _erase_unread_local_writes(graph: fx.Graph) -> bool:
-    """Erase the writes (and the views they write through) into graph-allocated tensors nothing reads,
-    e.g. a key buffer filled by copy_ whose attention was lowered to another form."""
+def _erase_dead_temporaries(graph: fx.Graph) -> bool:
+    """Erase every graph-allocated tensor that nothing reads, with its views and the in-place ops on
+    it (e.g. a key buffer filled by copy_ whose attention was lowered to another form, or a causal
+    mask built with triu_ whose indexer was removed). Plain DCE keeps them: in-place ops are impure."""
     erased = False
-    for buffer in [n for n in graph.nodes if op_name(n) in LOCAL_ALLOCATIONS]:
-        writes = _unread_writes(buffer)
-        for node in writes or ():
+    for fresh in [n for n in graph.nodes if op_name(n) in FRESH]:
+        group = _dead_alias_group(fresh)
+        for node in reversed(group or ()):
             graph.erase_node(node)
-        erased |= bool(writes)
+        erased |= bool(group)
     return erased
 
 
-def _unread_writes(buffer: fx.Node) -> list[fx.Node] | None:
-    """Every user of `buffer`, in erasable order, when all of them only write into it (directly or
-    through a getitem view); None as soon as one reads it."""
-    found = []
-    for user in buffer.users:
-        if _is_unread_write(user, buffer):
-            found.append(user)
-        elif op_name(user) == "getitem" and user.args[0] is buffer and all(
-                _is_unread_write(write, user) for write in user.users):
-            found += [*user.users, user]
-        else:
-            return None
-    return found
+def _dead_alias_group(fresh: fx.Node) -> list[fx.Node] | None:
+    """`fresh`, its views and the in-place ops on them (which return the same memory), in graph
+    order, when nothing else reads any of them; None as soon as one is read (or leaves the graph)."""
+    group, frontier = {fresh}, [fresh]
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if user in group:
+                continue
+            if not _aliases_first_argument(user, node):
+                return None  # read by an op that is not a view of it or an in-place op on it
+            group.add(user)
+            frontier.append(user)
+    return [n for n in fresh.graph.nodes if n in group]
 
 
-def _is_unread_write(node: fx.Node, destination: fx.Node) -> bool:
-    return op_name(node) in IN_PLACE_WRITES and node.args[0] is destination and not node.users
+def _aliases_first_argument(user: fx.Node, node: fx.Node) -> bool:
+    """Is `user` a view of `node` or an in-place op writing into it (its result is `node`'s memory)?"""
+    if user.op not in ("call_function", "call_method") or not user.args or user.args[0] is not node:
+        return False
+    if any(arg is node for arg in user.args[1:]) or node in user.kwargs.values():
+        return False  # x.copy_(x[::-1])-like ops also read it as a value
+    return op_name(user) in VIEWS or writes_in_place(user) or user.target in IN_PLACE_OPERATORS

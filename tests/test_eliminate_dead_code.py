@@ -43,3 +43,35 @@ def test_writes_into_an_input_buffer_are_kept():
     cache = torch.zeros(2, 4)
     eliminate_dead_code(fx.symbolic_trace(write_into_input))(torch.ones(2, 2), cache)
     assert cache[:, :2].eq(1).all()
+
+
+def dead_triu_mask(x, cache):
+    mask = x.new_full((2, 2), float("-inf")).triu_(1)  # its reader is gone: nothing sees the write
+    mask += 1
+    return x + 1
+
+
+def read_triu_mask(x, cache):
+    return x + x.new_full((2, 2), float("-inf")).triu_(1)
+
+
+def fresh_buffer_copied_into_the_cache(x, cache):
+    buffer = x.new_zeros(2, 2)
+    buffer.fill_(3)
+    cache[:, :2].copy_(buffer)  # the cache reads the temporary: its writes stay
+    return x + 1
+
+
+def test_in_place_ops_on_an_unread_temporary_are_dead():
+    assert ops(dead_triu_mask) == ["add"]
+
+
+def test_a_read_temporary_keeps_its_in_place_ops():
+    assert ops(read_triu_mask) == ["new_full", "triu_", "add"]
+
+
+def test_a_temporary_written_into_a_cache_keeps_its_writes():
+    assert ops(fresh_buffer_copied_into_the_cache).count("fill_") == 1
+    cache = torch.zeros(2, 4)
+    eliminate_dead_code(fx.symbolic_trace(fresh_buffer_copied_into_the_cache))(torch.ones(2, 2), cache)
+    assert cache[:, :2].eq(3).all()
