@@ -1,23 +1,33 @@
-"""S layers stop writing their indexer key cache: nobody reads it once their indexer is gone.
+"""S layers stop writing their indexer caches: nobody reads them once their indexer is gone.
 
-Run after `forward_indices` + dead-code elimination. Two cache styles are handled:
+Run after `forward_indices` + dead-code elimination. What an S indexer stores for later calls:
 - growing caches (HF DynamicCache): `keys = cat([old_keys, new_key])` whose only remaining user is
-  the graph output (the cache's new state) -> the output gets `old_keys` back, so the S layer's
-  indexer cache stays as it was (empty after prefill) and its key projection, norm and rope die;
-- static caches (gpt-fast style buffers): in-place writes (`index_copy_`, `cache[...] = k`) into a
-  buffer that nothing else reads any more -> the writes are erased.
-Anything else is left alone (and still costs the key computation + write; see `CacheWrite.kept`).
+  the graph output (the cache's new state), `old_keys` empty -> the output gets `old_keys` back, so
+  the S layer's indexer cache stays empty (as in HF's native plan) and its key projection, norm and
+  rope die. With keys in `old_keys` (a model that never saw an empty one) the cat is state, below;
+- buffers (gpt-fast / DeepSeek inference style, module buffers or attributes that are graph inputs):
+  every in-place write made inside the S indexer (`index_copy_`, `cache[:b, s:e] = k`, the per-key
+  scale cache next to the key cache) into a buffer that nothing else reads any more -> erased. A
+  buffer written also outside the indexer (the attention's KV cache) is never touched;
+- state handed out of the graph (a module attribute set on the first call, `self.k_cache = k`, or
+  HF DeepSeek-V4's compressor buffers): an output computed inside the S indexer and read by nothing
+  else in the graph -> an uninitialised tensor of the same shape and dtype, so the attribute keeps
+  its shape (code that reads its length behaves the same) and only its contents, which only the
+  S indexer reads, go stale.
+Anything else is left alone (and still costs the key computation + write; see `CacheWrite.dropped`).
+The premise, IndexCache's: an S layer's indexer state is read by that indexer only, in every graph.
 """
 
 from __future__ import annotations
 
+import torch
 from dataclasses import dataclass, field
 
 from torch import fx
 
 from .bind_plan import LayerBinding
 from .eliminate_dead_code import eliminate_dead_code
-from .graph_ops import LAYOUT_OPS, op_name, tensor_args, writes_in_place
+from .graph_ops import LAYOUT_OPS, example_value, is_parameter, module_path, op_name, tensor_args, writes_in_place
 
 CONSTRUCTORS = {"tensor", "empty", "zeros", "new_empty", "new_zeros", "empty_like", "zeros_like"}
 
@@ -29,13 +39,27 @@ class CacheWrite:
     old_keys: fx.Node | None = None  # its input that holds the previous keys
     buffer: fx.Node | None = None  # static cache: the buffer written in place
     writers: list = field(default_factory=list)  # in-place write nodes on `buffer`
-    dropped: bool = False
+    buffers: list = field(default_factory=list)  # other (buffer, writers) the S indexer writes (scale caches)
+    states: list = field(default_factory=list)  # S-indexer tensors that leave the graph (attribute state)
+    dropped: bool = False  # every write above was removed
+    kept: list = field(default_factory=list)  # what could not be removed, and why
 
 
 def find_shared_key_caches(bindings: list[LayerBinding]) -> list[CacheWrite]:
-    """Call before any rewrite: records where each S layer's indexer keys are cached."""
-    found = [_find(b.match.key, b.match.layer) for b in bindings if b.role == "S" and b.match.key is not None]
+    """Call before any rewrite: records where each S layer's indexer stores state across calls."""
+    found = [_find_all(b.match) for b in bindings if b.role == "S"]
     return [cache for cache in found if cache is not None]
+
+
+def _find_all(match) -> CacheWrite | None:
+    cache = (_find(match.key, match.layer) if match.key is not None else None) or CacheWrite(match.layer)
+    scope, graph = match.module, match.topk.graph
+    written = [(b, w) for b, w in _buffers_written_in(graph, scope) if b is not cache.buffer]
+    cache.buffers = written
+    cache.states = [n for n in _outputs_from(graph, scope) if n is not cache.concat]
+    if cache.concat is None and cache.buffer is None and not written and not cache.states:
+        return None
+    return cache
 
 
 def _find(key: fx.Node, layer: int) -> CacheWrite | None:
@@ -66,6 +90,31 @@ def _from_concat(concat: fx.Node, layer: int) -> CacheWrite | None:
     return CacheWrite(layer, concat=concat, old_keys=old[0])
 
 
+def _in_scope(node: fx.Node, scope: str) -> bool:
+    path = module_path(node)
+    return bool(scope) and (path == scope or path.startswith(scope + "."))
+
+
+def _buffers_written_in(graph: fx.Graph, scope: str) -> list[tuple[fx.Node, list[fx.Node]]]:
+    """Graph inputs (not parameters) written in place, every write made inside the module `scope`."""
+    found = []
+    for node in graph.nodes:
+        if node.op not in ("placeholder", "get_attr") or is_parameter(node):
+            continue
+        writers = _writers_of(node)
+        if writers and all(_in_scope(w, scope) for w in writers):
+            found.append((node, writers))
+    return found
+
+
+def _outputs_from(graph: fx.Graph, scope: str) -> list[fx.Node]:
+    """Tensors computed inside `scope` that the graph returns (state Dynamo stores back after it)."""
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    values = dict.fromkeys(n for n in tensor_args(output)
+                           if n.op in ("call_function", "call_method") and _in_scope(n, scope))
+    return list(values)
+
+
 def _views_of(buffer: fx.Node) -> list[fx.Node]:
     """The buffer and every view of it (cache[:B], .view(...)) through layout ops."""
     views, frontier = [buffer], [buffer]
@@ -83,15 +132,78 @@ def _writers_of(buffer: fx.Node) -> list[fx.Node]:
 def drop_shared_key_cache(gm: fx.GraphModule, caches: list[CacheWrite]) -> fx.GraphModule:
     live = set(gm.graph.nodes)
     for cache in caches:
-        if cache.concat is not None and cache.concat in live and cache.old_keys is not None:
-            if all(u.op == "output" for u in cache.concat.users):
-                cache.concat.replace_all_uses_with(cache.old_keys)
-                cache.dropped = True
-        elif cache.buffer is not None and cache.writers and all(w in live for w in cache.writers):
-            views = _views_of(cache.buffer)
-            readers = {u for v in views for u in v.users} - set(views) - set(cache.writers)
-            if not readers and not any(w.users for w in cache.writers):
-                for writer in cache.writers:
-                    gm.graph.erase_node(writer)
-                cache.dropped = True
+        done, states = [], list(cache.states)
+        if cache.concat is not None and cache.old_keys is not None:
+            concat = _drop_concat(cache, live)
+            if concat is None:
+                states.append(cache.concat)
+            else:
+                done.append(concat)
+        if cache.buffer is not None:
+            done.append(_drop_buffer(gm.graph, cache.buffer, cache.writers, live, cache))
+        done += [_drop_buffer(gm.graph, b, w, live, cache) for b, w in cache.buffers]
+        gm = eliminate_dead_code(gm)  # the state below may have been read by the writes just erased
+        live = set(gm.graph.nodes)
+        done += [_drop_state(gm.graph, node, live, cache) for node in states]
+        cache.dropped = bool(done) and all(done)
     return eliminate_dead_code(gm)
+
+
+def _drop_concat(cache: CacheWrite, live: set) -> bool | None:
+    if cache.concat not in live:
+        return True  # already gone with the S indexer
+    if not all(u.op == "output" for u in cache.concat.users):
+        cache.kept.append(f"{cache.concat.name}: the appended keys are read outside the graph output")
+        return False
+    if not _is_empty(cache.old_keys):
+        return None  # a length the model may read (self.k_cache.shape[1]): handled as state, length kept
+    cache.concat.replace_all_uses_with(cache.old_keys)
+    if cache.old_keys.op != "placeholder":  # HF's torch.tensor([]).to(...) made inside the S indexer
+        _hand_out_empty(cache.old_keys.graph, cache.old_keys)
+    return True
+
+
+def _is_empty(node: fx.Node) -> bool:
+    """Holds no keys: HF's lazily initialised cache, and an S layer's after we kept it that way."""
+    value = example_value(node)
+    return isinstance(value, torch.Tensor) and any(isinstance(size, int) and size == 0 for size in value.shape)
+
+
+def _drop_buffer(graph: fx.Graph, buffer: fx.Node, writers: list, live: set, cache: CacheWrite) -> bool:
+    writers = [w for w in writers if w in live]
+    views = _views_of(buffer)
+    readers = {u for v in views for u in v.users} - set(views) - set(writers)
+    if readers or any(w.users for w in writers):
+        cache.kept.append(f"{buffer.name}: still read by {sorted(n.name for n in readers)[:3]}")
+        return False
+    for writer in writers:
+        graph.erase_node(writer)
+    return True
+
+
+def _drop_state(graph: fx.Graph, node: fx.Node, live: set, cache: CacheWrite) -> bool:
+    """The output gets an uninitialised tensor of the same shape, dtype and device instead."""
+    if node not in live:
+        return True
+    value = example_value(node)
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    if set(node.users) != {output} or not isinstance(value, torch.Tensor):
+        cache.kept.append(f"{node.name}: read inside the graph too")
+        return False
+    if not all(isinstance(size, int) for size in value.shape):
+        cache.kept.append(f"{node.name}: symbolic shape {tuple(value.shape)} (dynamic shapes)")
+        return False
+    _hand_out_empty(graph, node)
+    return True
+
+
+def _hand_out_empty(graph: fx.Graph, node: fx.Node) -> None:
+    """The graph output `node` (static shape) becomes torch.empty of its shape, dtype and device,
+    made outside any module: the S indexer's ops that computed it die."""
+    value = example_value(node)
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    with graph.inserting_before(output):
+        empty = graph.call_function(torch.empty, (tuple(value.shape),),
+                                    {"dtype": value.dtype, "device": value.device})
+    empty.meta["example_value"] = value
+    output.replace_input_with(node, empty)
