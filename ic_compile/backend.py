@@ -91,7 +91,7 @@ def indexcache_backend(gm: fx.GraphModule, example_inputs, options: dict | None 
         skip_host_checks(result.gm)
     compiled = lower(result.gm, [*example_inputs, *_store_inputs(result)], opts.lowering, cudagraphs=graphed)
     if _uses_store(result):
-        return _with_index_store(compiled, result, opts)
+        return _with_index_store(compiled, result, opts, copy=graphed)
     if opts.verify and result.changed:
         return _verifying(_PlanReference(gm, result), compiled, opts)
     return compiled
@@ -109,14 +109,14 @@ def _keep_frame_bound(result: RewriteResult) -> None:
             pin_frame_to_module()
 
 
-def _with_index_store(compiled: Callable, result: RewriteResult, opts: BackendOptions) -> Callable:
+def _with_index_store(compiled: Callable, result: RewriteResult, opts: BackendOptions, copy: bool) -> Callable:
     if opts.verify:
         warnings.warn("indexcache: verify=True does not check graph fragments that read or write the "
                       f"index store (layers {result.fragment.layers}): their original graph computes the S "
                       "layer's own top-k. Check the model with ic_compile.reference.shared_indexer_hooks.",
                       stacklevel=3)
     store = store_for(result.layout.model, str(result.plan))
-    return with_store(compiled, store, result.fragment.reads, result.fragment.writes)
+    return with_store(compiled, store, result.fragment.reads, result.fragment.writes, copy=copy)
 
 
 def _uses_store(result: RewriteResult) -> bool:

@@ -68,9 +68,11 @@ def store_for(model: torch.nn.Module, plan: str) -> IndexStore:
     return per_plan.setdefault(plan, IndexStore(plan))
 
 
-def with_store(compiled: Callable, store: IndexStore, reads: list, writes: list) -> Callable:
+def with_store(compiled: Callable, store: IndexStore, reads: list, writes: list, copy: bool = False) -> Callable:
     """Wrap a compiled fragment: append the store reads to its inputs (in `reads` order, the items
-    each graph uses), and write the trailing extra outputs (values, indices per F layer) to the store."""
+    each graph uses), and write the trailing extra outputs (values, indices per F layer) to the store.
+    copy=True (CUDA graphs): outputs live in the graph's memory pool, which a later replay may
+    overwrite before the S fragment reads them; the store keeps its own copy (B x S x k, small)."""
     extra_outputs = 2 * len(writes)
 
     def run(*args):
@@ -79,6 +81,8 @@ def with_store(compiled: Callable, store: IndexStore, reads: list, writes: list)
         if not extra_outputs:
             return outputs
         tail = list(outputs[len(outputs) - extra_outputs:])
+        if copy:
+            tail = [t.clone() for t in tail]
         for i, write in enumerate(writes):
             store.write(write.layer, tail[2 * i:2 * i + 2], write.readers)
         return type(outputs)(outputs[:len(outputs) - extra_outputs])
