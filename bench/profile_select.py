@@ -5,7 +5,7 @@
         python bench/profile_select.py 16384
 
 Builds the indexer scores of random inputs (30B indexer shape, prefill S = T = L), then calls
-topk_select (unordered, the launch config indexer_topk.SELECT_KWARGS) twice: the first call
+topk_select (unordered, the launch config indexer_topk._SELECT_TUNING) twice: the first call
 compiles, the second is the one to profile (three launches: filter, exact, resolve kernels).
 Prints the wall time of a third.
 """
@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from ic_compile.kernels.indexer_topk import SELECT_KWARGS, chunked_scores
+# the launch config is private (topk_select's _Tuning): this bench script imports the indexer's own
+from ic_compile.kernels.indexer_topk import _SELECT_TUNING, chunked_scores
 from ic_compile.kernels.topk_select import topk_select
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -27,12 +28,12 @@ def main(L: int) -> None:
     for s0, _, last in chunked_scores(q, k, w):
         pass
     scores = last[0]  # [rows, width] fp32
-    launch = SELECT_KWARGS
+    launch = _SELECT_TUNING
     for _ in range(2):
-        topk_select(scores, 2048, diag_base=s0, sorted=False, **launch)
+        topk_select(scores, 2048, diag_base=s0, sorted=False, _tuning=launch)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    topk_select(scores, 2048, diag_base=s0, sorted=False, **launch)
+    topk_select(scores, 2048, diag_base=s0, sorted=False, _tuning=launch)
     torch.cuda.synchronize()
     print(f"L={L} rows={scores.shape[0]} width={scores.shape[1]} {launch}: "
           f"{(time.perf_counter() - t0) * 1e3:.3f} ms", flush=True)

@@ -4,10 +4,6 @@ checked against the first config's.
 
     python bench/sweep_indexer.py --length 32768 --out sweep.json
     python bench/sweep_indexer.py --key-rows-only
-    python bench/sweep_indexer.py --length 131072 --rows 4096 --key-rows-only --only 256x64x8 128x64x4
-
-KEY_ROWS configs run twice: OPEN_TILES on (the default: tiles where every key is allowed skip the
-mask) and off (every tile masked), for an A/B in one run.
 
 FLOPs = L^2/2 * H * D * 2 (causal dot products); one query chunk of all L rows (scores buffer fp32).
 """
@@ -24,7 +20,7 @@ from ic_compile.kernels.indexer_topk import indexer_scores
 H, D = 32, 128
 
 
-def candidates(key_rows_only: bool, only: list[str] | None = None):
+def candidates(key_rows_only: bool):
     yield triton.Config({"BLOCK_S": 128 // H, "BLOCK_T": 64, "HEAD_MAJOR": True}, num_warps=4, num_stages=3)
     for rows, warps in (() if key_rows_only else ((128, 4), (128, 8), (256, 8))):
         for block_t in (64, 128):
@@ -35,12 +31,9 @@ def candidates(key_rows_only: bool, only: list[str] | None = None):
     # keys as dot rows; (queries x heads, key block, warps) without register spills in AOT sm_90 compiles
     for rows, block_t, warps in ((128, 64, 4), (128, 64, 8), (128, 128, 4), (128, 128, 8), (128, 256, 8),
                                  (256, 64, 4), (256, 64, 8), (256, 128, 8)):
-        if only and f"{rows}x{block_t}x{warps}" not in only:
-            continue
         for stages in (2, 3):
-            for open_tiles in (True, False):  # tiles below the diagonal stored without masking, or all masked
-                yield triton.Config({"BLOCK_S": rows // H, "BLOCK_T": block_t, "HEAD_MAJOR": False, "KEY_ROWS": True,
-                                     "OPEN_TILES": open_tiles}, num_warps=warps, num_stages=stages)
+            yield triton.Config({"BLOCK_S": rows // H, "BLOCK_T": block_t, "HEAD_MAJOR": False, "KEY_ROWS": True},
+                                num_warps=warps, num_stages=stages)
 
 
 def main():
@@ -48,8 +41,6 @@ def main():
     ap.add_argument("--length", type=int, default=32768)
     ap.add_argument("--rows", type=int, default=8192, help="query rows timed (the last ones: full width)")
     ap.add_argument("--key-rows-only", action="store_true", help="KEY_ROWS configs (+ one reference config)")
-    ap.add_argument("--only", nargs="+", default=None,
-                    help="KEY_ROWS configs as ROWSxBLOCK_TxWARPS (e.g. 256x64x8), both stage counts")
     ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results" / "sweep_indexer.json"),
         help="JSON report, overwritten (default: %(default)s; '' = print only)")
     args = ap.parse_args()
@@ -60,7 +51,7 @@ def main():
     out = torch.empty(1, n, L, device="cuda")
     flops = sum(L - n + i + 1 for i in range(n)) * H * D * 2
     rows, first = [], None
-    for cfg in candidates(args.key_rows_only, args.only):
+    for cfg in candidates(args.key_rows_only):
         fn = lambda: indexer_scores(q, k, w, None, True, L - n, n, L, out, config=cfg)  # noqa: E731
         try:
             fn()

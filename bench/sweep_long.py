@@ -24,7 +24,8 @@ import torch
 
 from ic_compile.kernels.indexer_topk import chunked_scores, indexer_topk_triton
 from ic_compile.kernels.reference import topk_indices_from_scores
-from ic_compile.kernels.topk_select import row_lengths, topk_select
+# the launch knobs are private to topk_select (_Tuning); bench sweeps build their own
+from ic_compile.kernels.topk_select import _topk_select_with_path, _Tuning, row_lengths, topk_select
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from kernels import bench_ms, indexer_inputs, measure_peaks  # noqa: E402  (bench/kernels.py)
@@ -116,7 +117,7 @@ SELECT_VARIANTS = {"4 warps, block 1024, 3 stages, 72 regs": dict(num_warps=4, b
                    "8 warps, block 2048, 72 regs": dict(num_warps=8, block=2048, stages=3, maxnreg=72),
                    "8 warps, block 2048": dict(num_warps=8, block=2048, stages=3),
                    "8 warps, block 1024, 72 regs": dict(num_warps=8, block=1024, stages=3, maxnreg=72)}
-# whole-indexer A/B of indexer_topk.SELECT_KWARGS_LONG (chunks wider than LONG_ROW)
+# whole-indexer A/B of indexer_topk._SELECT_TUNING_LONG (chunks wider than LONG_ROW)
 LONG_VARIANTS = {"long rows: 4 warps, block 1024, 72 regs": dict(num_warps=4, block=1024, stages=3, maxnreg=72,
                                                                  resolve_warps=8),
                  "long rows: 8 warps, block 2048": dict(num_warps=8, block=2048, stages=3, maxnreg=None,
@@ -132,14 +133,15 @@ def select_shape(R: int, W: int, peaks: dict, out) -> None:
     entry = {"select_shape": [R, W], "gb": gb, "amax_ms": ms_max, "amax_gbps": gb / ms_max * 1e3}
     want = topk_indices_from_scores(scores, TOPK)
     for name, kw in SELECT_VARIANTS.items():
-        ms = bench_ms(lambda: topk_select(scores, TOPK, sorted=False, **kw), scores.device, quick=True)
-        got, path = topk_select(scores, TOPK, sorted=False, return_path=True, **kw)
+        ms = bench_ms(lambda: topk_select(scores, TOPK, sorted=False, _tuning=_Tuning(**kw)), scores.device,
+                      quick=True)
+        got, path = _topk_select_with_path(scores, TOPK, sorted=False, tuning=_Tuning(**kw))
         entry[name] = {"ms": ms, "gbps": gb / ms * 1e3, "paths": torch.bincount(path.long(), minlength=4).tolist(),
                        "set_mismatch_rows": set_mismatches(got, want)}
     # the resolve kernel alone (rows that fit CAND): R x 4096 buffer
     small = scores[:, :4096].contiguous()
-    entry["resolve_only_ms"] = bench_ms(lambda: topk_select(small, TOPK, sorted=False, resolve_warps=8), scores.device,
-                                        quick=True)
+    entry["resolve_only_ms"] = bench_ms(lambda: topk_select(small, TOPK, sorted=False, _tuning=_Tuning(resolve_warps=8)),
+                                        scores.device, quick=True)
     emit(entry, out)
     del scores, small
     torch.cuda.empty_cache()
@@ -172,13 +174,13 @@ def main(argv=None) -> None:
         if L in ints(args.splits_ab):
             time_indexer(q, k, w, peak, {"variant": "bf16, one key split"}, args.out, num_splits=1)
             from ic_compile.kernels import indexer_topk as mod
-            default = mod.SELECT_KWARGS_LONG
+            default = mod._SELECT_TUNING_LONG
             for name, kw in LONG_VARIANTS.items():
-                mod.SELECT_KWARGS_LONG = kw
+                mod._SELECT_TUNING_LONG = _Tuning(**kw)
                 try:
                     time_indexer(q, k, w, peak, {"variant": f"bf16, {name}"}, args.out)
                 finally:
-                    mod.SELECT_KWARGS_LONG = default
+                    mod._SELECT_TUNING_LONG = default
             for r in args.chunk_rows:
                 time_indexer(q, k, w, peak, {"variant": f"bf16, {r}-row chunks"}, args.out, chunk_rows=r)
         if L in ints(args.fp8):
@@ -189,10 +191,10 @@ def main(argv=None) -> None:
                 pass
             R, W = last.shape[1:]
             read = int(row_lengths(R, W, s0, device=device).sum()) * 4
-            ms = bench_ms(lambda: topk_select(last[0], TOPK, diag_base=s0, sorted=False, num_warps=4, block=1024,
-                                              stages=3, maxnreg=72, resolve_warps=8), device, quick=True)
-            _, path = topk_select(last[0], TOPK, diag_base=s0, sorted=False, return_path=True, num_warps=4,
-                                  block=1024, stages=3, maxnreg=72)
+            tuning = _Tuning(num_warps=4, block=1024, stages=3, maxnreg=72, resolve_warps=8)
+            ms = bench_ms(lambda: topk_select(last[0], TOPK, diag_base=s0, sorted=False, _tuning=tuning), device,
+                          quick=True)
+            _, path = _topk_select_with_path(last[0], TOPK, diag_base=s0, sorted=False, tuning=tuning)
             emit({"L": L, "last_chunk": [R, W], "select_ms": ms, "read_gb": read / 1e9,
                   "pct_copy_bw": 100 * read / ms / 1e6 / (peaks["copy_gbps"] / 2),
                   "paths": torch.bincount(path.long(), minlength=4).tolist()}, args.out)

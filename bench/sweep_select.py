@@ -26,23 +26,27 @@ import torch
 from ic_compile.kernels import indexer_topk
 from ic_compile.kernels.indexer_topk import chunked_scores, indexer_topk_triton
 from ic_compile.kernels.reference import topk_indices_from_scores
-from ic_compile.kernels.topk_select import row_lengths, topk_select
+import dataclasses
+
+# the launch knobs are private to topk_select (_Tuning); bench sweeps build their own
+from ic_compile.kernels.topk_select import _topk_select_with_path, _Tuning, row_lengths
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from kernels import bench_ms, indexer_inputs, measure_peaks  # noqa: E402  (bench/kernels.py)
 
 TOPK = 2048
-# launch configs (unordered): filter (num_warps, block, stages, maxnreg), resolve_warps
-CONFIGS = [dict(sorted=False, num_warps=warps, block=block, stages=stages, maxnreg=maxnreg, resolve_warps=resolve)
+# launch configs (unordered; topk_select's private _Tuning fields): filter (num_warps, block, stages, maxnreg),
+# resolve_warps
+CONFIGS = [dict(num_warps=warps, block=block, stages=stages, maxnreg=maxnreg, resolve_warps=resolve)
            for warps, block, stages, maxnreg, resolve in ((4, 1024, 3, 72, 8), (4, 1024, 3, 72, 4))]
 # (resolve_warps 2 / 1: 1.4x / 2.2x slower on a 16K chunk, H200: the resolve is instruction-bound, and fewer
 # warps per row issue the same per-candidate work with less parallelism)
 # decode (few wide rows): programs per row in the filtering step (1 = the one-program filter)
-DECODE_CONFIGS = [dict(sorted=False, num_warps=warps, block=1024, stages=3, segments=segments)
+DECODE_CONFIGS = [dict(num_warps=warps, block=1024, stages=3, segments=segments)
                   for segments in (1, 8, 16, 32, 64, 128) for warps in (4, 8)]
 WHOLE_INDEXER = {"torch.topk (descending)": dict(selection="torch"),
                  "auto, unordered (topk_select)": dict(sorted=False)}
-# whole-indexer runs with indexer_topk.SELECT_KWARGS changed (name -> overrides)
+# whole-indexer runs with indexer_topk._SELECT_TUNING changed (name -> overrides)
 WHOLE_INDEXER_SELECT = {"auto, unordered (topk_select), resolve_warps=4": dict(resolve_warps=4)}
 
 
@@ -66,9 +70,9 @@ def compare_on_buffer(scores: torch.Tensor, diag_base: int | None, copy_gbps: fl
     print(json.dumps(rows[-1]), flush=True)
     for cfg in configs:
         def run(cfg=cfg):
-            return topk_select(scores, TOPK, diag_base=diag_base, return_path=True, **cfg)
+            return _topk_select_with_path(scores, TOPK, diag_base=diag_base, sorted=False, tuning=_Tuning(**cfg))
         got, path = run()
-        entry = {**label, "impl": "topk_select", **cfg,
+        entry = {**label, "impl": "topk_select", "sorted": False, **cfg,
                  "ms": bench_ms(run, scores.device, quick=True), **({"graph_ms": graph_ms(run)} if graphs else {}),
                  "paths": torch.bincount(path.long(), minlength=4).tolist(),
                  "set_mismatch_rows": set_mismatches(got, want)}
@@ -92,16 +96,17 @@ def prefill(L: int, device, copy_gbps: float, chunk_rows: list[int] = ()) -> lis
     for name, kwargs in {**WHOLE_INDEXER, **taller}.items():
         ms = bench_ms(lambda: indexer_topk_triton(q, k, w, TOPK, **kwargs), device, quick=True)
         rows.append({"L": L, "indexer_total_ms": ms, "selection": name,
-                     "select_kwargs": indexer_topk.SELECT_KWARGS})
+                     "select_kwargs": dataclasses.asdict(indexer_topk._SELECT_TUNING)})
         print(json.dumps(rows[-1]), flush=True)
     for name, overrides in WHOLE_INDEXER_SELECT.items():
-        default = indexer_topk.SELECT_KWARGS
-        indexer_topk.SELECT_KWARGS = {**default, **overrides}
+        default = indexer_topk._SELECT_TUNING
+        indexer_topk._SELECT_TUNING = dataclasses.replace(default, **overrides)
         try:
             ms = bench_ms(lambda: indexer_topk_triton(q, k, w, TOPK, sorted=False), device, quick=True)
         finally:
-            indexer_topk.SELECT_KWARGS = default
-        rows.append({"L": L, "indexer_total_ms": ms, "selection": name, "select_kwargs": {**default, **overrides}})
+            indexer_topk._SELECT_TUNING = default
+        rows.append({"L": L, "indexer_total_ms": ms, "selection": name,
+                     "select_kwargs": dataclasses.asdict(dataclasses.replace(default, **overrides))})
         print(json.dumps(rows[-1]), flush=True)
     want = indexer_topk_triton(q, k, w, TOPK, selection="torch")
     for rows_per_chunk in (None, *chunk_rows):

@@ -19,7 +19,7 @@ Design (prefill, one Triton kernel `_indexer_scores_kernel`):
   * key tiles entirely above the causal diagonal, or outside every query's range in the
     block, are not computed (only filled with -inf); "open" tiles, where every key is allowed
     for every query of the block (most of a long causal prefill), are stored without the
-    per-element mask (OPEN_TILES: 8.8 % faster on full-width 128K rows, tenth run set).
+    per-element mask (8.8 % faster than masking every tile on full-width 128K rows, tenth run set).
   * queries are processed in chunks so the fp32 [B, chunk, width] score buffer stays under
     ~1 GiB (causal chunks: >= 2048 rows while it stays under 2 GiB; the key axis is split so that a
     chunk's programs fill whole waves, prefill_splits); `width` is the chunk's causal horizon, so torch.topk (the selection) never sees
@@ -55,7 +55,7 @@ from ._triton_utils import (
 )
 from .fp8_indexer import quantize_indexer
 from .reference import check_indexer_precision, indexer_topk_ref, topk_indices_from_scores
-from .topk_select import LONG_ROW, topk_select
+from .topk_select import LONG_ROW, _Tuning, topk_select
 
 SCORE_BUFFER_BYTES = 1 << 30  # fp32 [B, chunk, width] score buffer budget per query chunk
 # Causal chunks keep at least this many rows while the buffer stays under 2 x SCORE_BUFFER_BYTES:
@@ -76,10 +76,11 @@ MAX_SELECT_TOPK = 2048  # candidate block 2 * topk lives in registers: measured 
 # 64 spills inside the streaming loop under triton 3.9), fastest at 16K and 128K
 # (bench/sweep_select.py, sixth run set). Resolve: 8 and 4 warps equal; 2 / 1 warps (more
 # candidates per thread, fewer programs per SM) 1.4x / 2.2x slower (eleventh run set).
-SELECT_KWARGS = dict(num_warps=4, block=1024, stages=3, maxnreg=72, resolve_warps=8)
+# (_Tuning is topk_select's private launch-knob object; bench/sweep_select.py swaps these for A/Bs.)
+_SELECT_TUNING = _Tuning(num_warps=4, block=1024, stages=3, maxnreg=72, resolve_warps=8)
 # Chunks wider than topk_select.LONG_ROW (its filter then samples 4096 scores: at 4 warps / 72
 # registers that spills inside the streaming loop, at 8 warps it does not; AOT sm_90).
-SELECT_KWARGS_LONG = dict(num_warps=8, block=2048, stages=3, maxnreg=72, resolve_warps=8)
+_SELECT_TUNING_LONG = _Tuning(num_warps=8, block=2048, stages=3, maxnreg=72, resolve_warps=8)
 
 
 def _indexer_scores_kernel(
@@ -98,14 +99,13 @@ def _indexer_scores_kernel(
     HEAD_MAJOR: tl.constexpr,  # dot rows ordered (head, query) instead of (query, head)
     KEY_ROWS: tl.constexpr = False,  # dot = k . q^T ([BLOCK_T, queries x heads]) instead of q . k^T
     HAS_RANGE: tl.constexpr = False,  # key t allowed iff lo <= t <= hi of its query (count 0: none)
-    OPEN_TILES: tl.constexpr = True,  # False: every tile masked (bench/sweep_indexer.py's A/B)
 ):
     """out[b, s_local, t] = masked score (fp32, -inf = not allowed) for t in this program's split."""
     _scores_body(q_ptr, k_ptr, w_ptr, w_ptr, mask_ptr, range_ptr, out_ptr, S, T, H, D,
                  row_start, n_rows, width, sq_b, sq_s, sq_h, sq_d, sk_b, sk_t, sk_d, sw_b, sw_s, sw_h, 0, 0,
                  sm_b, sm_s, sm_t, sr_b, sr_s, sr_c, so_b, so_s, so_t,
                  BLOCK_S, H_PAD, D_PAD, BLOCK_T, CAUSAL, HAS_MASK, DOT_PRECISION, UPCAST_DOT, HEAD_MAJOR, KEY_ROWS,
-                 HAS_RANGE, OPEN_TILES, False)
+                 HAS_RANGE, False)
 
 
 def _indexer_scores_fp8_kernel(
@@ -122,7 +122,7 @@ def _indexer_scores_fp8_kernel(
     BLOCK_S: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr, HEAD_MAJOR: tl.constexpr, KEY_ROWS: tl.constexpr = False,
-    HAS_RANGE: tl.constexpr = False, OPEN_TILES: tl.constexpr = True,
+    HAS_RANGE: tl.constexpr = False,
 ):
     """The fp8 indexer (DeepSeek-V3.2's fp8_index): e4m3 x e4m3 tensor-core dots (fp32
     accumulate), and each key's score times its scale ks[t] after the head sum:
@@ -131,7 +131,7 @@ def _indexer_scores_fp8_kernel(
                  row_start, n_rows, width, sq_b, sq_s, sq_h, sq_d, sk_b, sk_t, sk_d, sw_b, sw_s, sw_h, sks_b, sks_t,
                  sm_b, sm_s, sm_t, sr_b, sr_s, sr_c, so_b, so_s, so_t,
                  BLOCK_S, H_PAD, D_PAD, BLOCK_T, CAUSAL, HAS_MASK, DOT_PRECISION, UPCAST_DOT, HEAD_MAJOR, KEY_ROWS,
-                 HAS_RANGE, OPEN_TILES, True)
+                 HAS_RANGE, True)
 
 
 @jit_helper
@@ -141,7 +141,7 @@ def _scores_body(
     sm_b, sm_s, sm_t, sr_b, sr_s, sr_c, so_b, so_s, so_t,
     BLOCK_S: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    HEAD_MAJOR: tl.constexpr, KEY_ROWS: tl.constexpr, HAS_RANGE: tl.constexpr, OPEN_TILES: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr, KEY_ROWS: tl.constexpr, HAS_RANGE: tl.constexpr,
     KSCALE: tl.constexpr,
 ):
     """The score kernels' body (one program's tiles); KSCALE: scores times ks[b, t] (fp8 keys' scales)."""
@@ -200,7 +200,7 @@ def _scores_body(
     # per-element allowed / where / store mask (most tiles of a long causal prefill).
     open_lo = first_computed
     open_hi = first_computed
-    if OPEN_TILES and not HAS_MASK:
+    if not HAS_MASK:
         block_full = pid_s * BLOCK_S + BLOCK_S <= n_rows
         open_end = t_hi  # keys [.., open_end) allowed for all rows
         if CAUSAL:
@@ -516,9 +516,9 @@ def select_topk(scores: torch.Tensor, topk: int, diag_base: int | None, sorted: 
         selection = "triton" if wanted else "torch"
     if selection == "torch":
         return topk_indices_from_scores(scores, topk)
-    launch = SELECT_KWARGS_LONG if width > LONG_ROW else SELECT_KWARGS
+    tuning = _SELECT_TUNING_LONG if width > LONG_ROW else _SELECT_TUNING
     out = topk_select(scores.view(B * rows, width), topk, diag_base=diag_base, row_period=rows, sorted=sorted,
-                      out=out, **launch)
+                      out=out, _tuning=tuning)
     return out.view(B, rows, topk)
 
 

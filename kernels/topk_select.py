@@ -44,6 +44,8 @@ torch.topk for descending rows (indexer_topk.select_topk).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ._triton_utils import (
@@ -60,6 +62,9 @@ from ._triton_utils import (
 from .reference import topk_indices_from_scores
 
 PATH_DIRECT, PATH_FILTERED, PATH_RETRIED, PATH_EXACT = 0, 1, 2, 3
+if HAS_TRITON:  # the same values inside the kernels (they may only read constexpr globals)
+    _PATH_DIRECT_K, _PATH_FILTERED_K, _PATH_RETRIED_K, _PATH_EXACT_K = (
+        tl.constexpr(v) for v in (PATH_DIRECT, PATH_FILTERED, PATH_RETRIED, PATH_EXACT))
 
 
 @jit_helper
@@ -350,7 +355,7 @@ def _topk_filter_kernel(
     cand_val = cand_val_ptr + row.to(tl.int64) * s_cand
     cand_idx = cand_idx_ptr + row.to(tl.int64) * s_cand
 
-    path = n * 0  # PATH_*: 0 direct, 1 filtered, 2 filtered after a retry, 3 exact
+    path = n * 0 + _PATH_DIRECT_K  # PATH_*: direct, filtered, filtered after a retry, exact
     n_cand = n
     if n > CAND:  # filtered: aim the sample threshold at `target` kept keys, rank rescaled per pass
         target = (topk + CAND) // 2
@@ -363,9 +368,9 @@ def _topk_filter_kernel(
             n_cand, all_kept = _filter_row(row_ptr, n, rank, steps, cand_val, cand_idx, CAND, SAMPLE, GROUP, BLOCK, STAGES,
                                            ONE_REDUCE)
             tries += 1
-        path += tl.minimum(tries, 2)
+        path += tl.minimum(tries, _PATH_RETRIED_K)  # DIRECT + 1 pass = FILTERED, + more = RETRIED
         if _needs_another_pass(n_cand, all_kept, topk, CAND):
-            path = path * 0 + 3  # PATH_EXACT: left to _topk_exact_kernel
+            path = path * 0 + _PATH_EXACT_K  # left to _topk_exact_kernel
     tl.store(path_ptr + row, path)
     tl.store(n_cand_ptr + row, n_cand)
 
@@ -438,7 +443,7 @@ def _topk_segment_compact_kernel(
                                _float_threshold(ukey), cand_val_ptr + row.to(tl.int64) * s_cand + before,
                                cand_idx_ptr + row.to(tl.int64) * s_cand + before, CAND, BLOCK, STAGES)
         if seg == 0:
-            tl.store(path_ptr + row, tl.where(exact, 3, 1))  # PATH_EXACT or PATH_FILTERED
+            tl.store(path_ptr + row, tl.where(exact, _PATH_EXACT_K, _PATH_FILTERED_K))
             tl.store(n_cand_ptr + row, total)
 
 
@@ -453,7 +458,7 @@ def _topk_exact_kernel(
     ties go to the scratch. A kernel of its own so that this rare path's registers do not
     lower the filter kernel's occupancy."""
     row = tl.program_id(0)
-    if tl.load(path_ptr + row) == 3:
+    if tl.load(path_ptr + row) == _PATH_EXACT_K:
         n = _row_length(row, width, diag_base, row_period)
         row_ptr = scores_ptr + row.to(tl.int64) * s_row
         kth = _row_kth_ukey(row_ptr, n, topk, BLOCK, STAGES, ONE_REDUCE)
@@ -576,30 +581,58 @@ def default_segments(R: int, W: int, topk: int, device) -> int:
     return 1 << (per_row.bit_length() - 1)  # largest power of two <= per_row
 
 
-def topk_select(
-    scores: torch.Tensor, topk: int, diag_base: int | None = None, row_period: int | None = None,
-    sorted: bool = True, num_warps: int = 8, block: int | None = None, stages: int = 1,
-    maxnreg: int | None = None, resolve_warps: int = 8, return_path: bool = False, one_reduce: bool | None = None,
-    segments: int | None = None, out: torch.Tensor | None = None,
-):
-    """scores fp32 [R, W] (-inf = not allowed) -> int32 [R, topk] (-1 padded).
+@dataclass(frozen=True)
+class _Tuning:
+    """topk_select's launch knobs: how its kernels run, not what they select. Private: the indexer's launch
+    configs (indexer_topk._SELECT_TUNING, _SELECT_TUNING_LONG), the tests and the bench sweeps
+    (bench/sweep_select.py, sweep_long.py, profile_select.py) build one and pass it as `_tuning`.
+      num_warps, block, stages, maxnreg: the filter kernel's warps, scores per streaming step
+        (None: launch_meta's 4096), loads in flight, registers per thread at most (None: no cap);
+      resolve_warps: the resolve kernel's warps;
+      one_reduce: the three counts of a radix-4 step in one tl.reduce (None: on the GPU; the
+        interpreter runs that reduction's combine per element, which is slow but exact);
+      segments: programs per row in the filtering step (None: default_segments, > 1 for few wide
+        rows, e.g. decode); > 1 replaces the filter kernel by the two segmented ones (count, compact).
+    """
+    num_warps: int = 8
+    block: int | None = None
+    stages: int = 1
+    maxnreg: int | None = None
+    resolve_warps: int = 8
+    one_reduce: bool | None = None
+    segments: int | None = None
+
+
+def topk_select(scores: torch.Tensor, topk: int, diag_base: int | None = None, row_period: int | None = None,
+                sorted: bool = True, out: torch.Tensor | None = None, *, _tuning: _Tuning | None = None):
+    """scores fp32 [R, W] (-inf = not allowed) -> int32 [R, topk]: per row, the indices (columns)
+    of its topk largest allowed scores, -1 padded when fewer are allowed; descending by score
+    (ties: lower index first) when `sorted`, else in ascending index order.
 
     diag_base: row r only reads its first min(W, diag_base + r % row_period + 1) scores
     (causal chunks; None = all W; row_period defaults to R). Scores beyond that are treated
     as not allowed without being read.
-    Three launches: the filter kernel (num_warps, block, stages, maxnreg registers per thread at
-    most; only when W > CAND; two segmented kernels instead for few wide rows, see `segments`)
-    streams each row into at most CAND candidates, the exact kernel does the rows it could not,
-    the resolve kernel (resolve_warps) selects among the candidates.
+    out: int32 [R, topk] (unit stride along topk) to write into instead of a new tensor.
+    _tuning: private launch knobs (_Tuning), for the indexer's launch configs and the bench sweeps.
+    """
+    return _topk_select_with_path(scores, topk, diag_base, row_period, sorted, out, _tuning)[0]
+
+
+def _topk_select_with_path(scores: torch.Tensor, topk: int, diag_base: int | None = None,
+                           row_period: int | None = None, sorted: bool = True, out: torch.Tensor | None = None,
+                           tuning: _Tuning | None = None):
+    """topk_select, and int32 [R]: the PATH_* each row took (tests and bench/ look at it).
+
+    Three launches: the filter kernel (tuning's num_warps, block, stages, maxnreg registers per
+    thread at most; only when W > CAND; two segmented kernels instead for few wide rows, see
+    _Tuning.segments) streams each row into at most CAND candidates, the exact kernel does the
+    rows it could not, the resolve kernel (resolve_warps) selects among the candidates.
     Separate kernels so that the streaming one can be held to few registers (many programs per
     SM) without spilling the other steps.
-    return_path: also return int32 [R]: the PATH_* each row took.
-    one_reduce: the three counts of a radix-4 step in one tl.reduce (default: on the GPU; the
-    interpreter runs that reduction's combine per element, which is slow but exact).
-    segments: programs per row in the filtering step (default_segments: > 1 for few wide rows,
-    e.g. decode); > 1 replaces the filter kernel by the two segmented ones (count, compact).
-    out: int32 [R, topk] (unit stride along topk) to write into instead of a new tensor.
     """
+    tuning = tuning or _Tuning()
+    num_warps, block, stages, maxnreg = tuning.num_warps, tuning.block, tuning.stages, tuning.maxnreg
+    resolve_warps, one_reduce, segments = tuning.resolve_warps, tuning.one_reduce, tuning.segments
     R, W = scores.shape
     assert scores.dtype == torch.float32 and scores.stride(1) == 1, (scores.dtype, scores.stride())
     meta = launch_meta(topk, block, stages, scores.shape[1])
@@ -632,7 +665,7 @@ def topk_select(
                 dict(num_warps=EXACT_LAUNCH["num_warps"]))
     if R > 0:
         _launch("resolve", (R,), scores, resolve_args, resolve_meta, dict(num_warps=resolve_warps))
-    return (out, path) if return_path else out
+    return out, path
 
 
 def _launch(name: str, grid: tuple, scores: torch.Tensor, args: tuple, meta: dict, launch: dict) -> None:

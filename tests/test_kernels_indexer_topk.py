@@ -27,10 +27,6 @@ def poison(monkeypatch):
     monkeypatch.setattr(_triton_utils, "POISON_OUTPUTS", True)
 
 
-def _bf16_rounded(*xs):
-    return [x.to(torch.bfloat16) for x in xs]
-
-
 # ----------------------------------------------------------------------------- reference
 
 def _naive_topk(q, k, w, topk, mask, causal):
@@ -149,10 +145,10 @@ def test_indexer_scores_every_column_written(kw, request):
 @pytest.mark.parametrize("key_rows", [False, True], ids=["query_rows", "key_rows"])
 @pytest.mark.parametrize("limits", ["causal", "left_padded_causal", "left_padded"])
 def test_open_tiles_store_what_masked_tiles_would(limits, key_rows, request):
-    """Tiles where every key is allowed for every query of the block skip the mask (OPEN_TILES):
-    the buffer (poisoned) equals the reference and the all-masked kernel's output exactly. 18 query
-    rows in blocks of 4 (a partial last block), a left padding in one batch row, keys past the
-    diagonal."""
+    """Tiles where every key is allowed for every query of the block skip the mask ("open" tiles):
+    the buffer (poisoned) equals the reference, and exactly the output of a launch with an all-True
+    bool mask (HAS_MASK: no open tiles, every tile masked). 18 query rows in blocks of 4 (a partial
+    last block), a left padding in one batch row, keys past the diagonal."""
     import triton
 
     seed_everything(request.node.name)
@@ -166,11 +162,10 @@ def test_open_tiles_store_what_masked_tiles_would(limits, key_rows, request):
     row_start, n_rows = 22, 18
     width = T - S + row_start + n_rows if causal else T
     outs = []
-    for open_tiles in (True, False):
-        config = triton.Config({"BLOCK_S": 4, "BLOCK_T": 16, "HEAD_MAJOR": False, "KEY_ROWS": key_rows,
-                                "OPEN_TILES": open_tiles})
+    config = triton.Config({"BLOCK_S": 4, "BLOCK_T": 16, "HEAD_MAJOR": False, "KEY_ROWS": key_rows})
+    for mask in (None, torch.ones(B, S, T, dtype=torch.bool)):  # open tiles, then every tile masked
         out = torch.full((B, n_rows, width), float("nan"))
-        indexer_scores(q, k, w, None, causal, row_start, n_rows, width, out, config=config, key_range=key_range)
+        indexer_scores(q, k, w, mask, causal, row_start, n_rows, width, out, config=config, key_range=key_range)
         outs.append(out)
     want = masked_scores(q, k, w, None, causal, key_range)[:, row_start:row_start + n_rows, :width]
     torch.testing.assert_close(outs[0], want, rtol=1e-5, atol=1e-5)

@@ -107,7 +107,7 @@ def _spills_in_streaming_loops(cubin: bytes) -> list[str]:
 # ----------------------------------------------------------------------------- indexer
 
 def _compile_indexer(block_s, h_pad, block_t, warps, stages, causal=True, mask=False, S=4096, T=4096,
-                     head_major=False, key_rows=False, key_range=False, open_tiles=True, arch=90):
+                     head_major=False, key_rows=False, key_range=False, arch=90):
     from ic_compile.kernels.indexer_topk import _indexer_scores_kernel
 
     D = 128
@@ -118,7 +118,7 @@ def _compile_indexer(block_s, h_pad, block_t, warps, stages, causal=True, mask=F
     ptrs = dict(q_ptr="bf16", k_ptr="bf16", w_ptr="fp32", mask_ptr="u8", range_ptr="i32", out_ptr="fp32")
     consts = dict(BLOCK_S=block_s, H_PAD=h_pad, D_PAD=D, BLOCK_T=block_t, CAUSAL=causal, HAS_MASK=mask,
                   DOT_PRECISION="tf32", UPCAST_DOT=False, HEAD_MAJOR=head_major, KEY_ROWS=key_rows,
-                  HAS_RANGE=key_range, OPEN_TILES=open_tiles)
+                  HAS_RANGE=key_range)
     return compile_sm90(_indexer_scores_kernel, ptrs, ints, {}, consts, warps, stages, arch=arch)
 
 
@@ -282,16 +282,15 @@ def test_topk_select_compiles_for_sm90():
     streaming loads are pipelined (cp.async), it keeps few enough registers for >= 4 programs
     per SM (the reason it is a kernel of its own), and whatever maxnreg spills lies outside its
     streaming loops; the exact and resolve kernels do not spill."""
-    from ic_compile.kernels.indexer_topk import SELECT_KWARGS
+    from ic_compile.kernels.indexer_topk import _SELECT_TUNING as cfg
 
-    cfg = SELECT_KWARGS
-    filt, exact, resolve = _compile_topk_select(2048, cfg["num_warps"], cfg["block"], cfg["stages"],
-                                                cfg["resolve_warps"], maxnreg=cfg["maxnreg"])
+    filt, exact, resolve = _compile_topk_select(2048, cfg.num_warps, cfg.block, cfg.stages,
+                                                cfg.resolve_warps, maxnreg=cfg.maxnreg)
     for res in (filt, exact, resolve):
         assert res["shared"] <= MAX_SMEM, res["shared"]
     for res in (exact, resolve):
         assert res["stack"] == 0, f"register spills: {res['stack']} bytes"
-    assert filt["regs"] * 32 * cfg["num_warps"] * 4 <= 65536, filt["regs"]
+    assert filt["regs"] * 32 * cfg.num_warps * 4 <= 65536, filt["regs"]
     assert "cp.async" in filt["ptx"]
     assert _spills_in_streaming_loops(filt["cubin"]) == []
 

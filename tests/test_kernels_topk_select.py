@@ -11,6 +11,8 @@ from ic_compile.kernels.topk_select import (
     PATH_EXACT,
     PATH_FILTERED,
     PATH_RETRIED,
+    _topk_select_with_path,
+    _Tuning,
     candidate_capacity,
     readable_scores,
     topk_select,
@@ -63,7 +65,7 @@ def _rows(R, W, device="cpu"):
 def test_topk_select(W, topk, sorted_out, request):
     seed = seed_everything(request.node.name)
     scores = _rows(6, W)
-    got, path = topk_select(scores, topk, sorted=sorted_out, return_path=True)
+    got, path = _topk_select_with_path(scores, topk, sorted=sorted_out)
     assert got.shape == (6, topk) and got.dtype == torch.int32
     _check(got, scores, topk, sorted_out, seed)
     cand = candidate_capacity(topk)
@@ -104,7 +106,8 @@ def test_topk_select_ties_take_the_exact_path(one_reduce, request):
     scores[2] = torch.randint(0, 3, (W,)).float()  # three values only
     if one_reduce:  # interpreted tl.reduce combines per element: one narrower row (> CAND = 64)
         scores = scores[1:2, :130].contiguous()  # 87 tied maxima
-    got, path = topk_select(scores, topk, return_path=True, one_reduce=one_reduce, block=128 if one_reduce else None)
+    got, path = _topk_select_with_path(scores, topk, tuning=_Tuning(one_reduce=one_reduce,
+                                                                 block=128 if one_reduce else None))
     _check(got, scores, topk, True, seed)
     assert (path == PATH_EXACT).all(), path
 
@@ -161,12 +164,23 @@ def test_kth_ukey_interpolated(max_steps, one_reduce, request):
             assert int((ukeys >= want).sum()) == min(k, n_allowed), name
 
 
+def test_public_signature_says_what_is_selected():
+    """topk_select's public parameters are the selection's semantics; its launch knobs are the
+    private _Tuning (the indexer's configs, tests and bench sweeps pass it as `_tuning`)."""
+    import inspect
+
+    params = inspect.signature(topk_select).parameters
+    assert [p for p in params if not p.startswith("_")] == ["scores", "topk", "diag_base", "row_period", "sorted",
+                                                             "out"]
+    assert params["_tuning"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
 def test_topk_select_filtered_path_is_taken(request):
     """Smooth random rows wider than CAND go through the sampled filter (no fallback). (The
     sample is 64 scores for topk 16; for much wider rows its rank-1 threshold keeps too many.)"""
     seed = seed_everything(request.node.name)
     scores = torch.randn(4, 300)
-    got, path = topk_select(scores, 16, return_path=True)
+    got, path = _topk_select_with_path(scores, 16)
     _check(got, scores, 16, True, seed)
     assert (path == PATH_FILTERED).sum() >= 3, path
 
@@ -180,7 +194,7 @@ def test_rows_with_fewer_allowed_than_topk_stay_filtered(request):
     scores[1, 295:] = torch.randn(5)  # left padding: the last 5 keys are the sequence
     scores[2, ::30] = torch.randn(10)
     scores[3] = torch.randn(300)  # an ordinary row next to them
-    got, path = topk_select(scores, 16, return_path=True)
+    got, path = _topk_select_with_path(scores, 16)
     _check(got, scores, 16, True, seed)
     assert (got[:3] == -1).sum(dim=1).tolist() == [16, 11, 6]
     assert ((path == PATH_FILTERED) | (path == PATH_RETRIED)).all(), path  # no exact fallback
@@ -198,10 +212,11 @@ def test_segmented_filter(segments, request):
     scores[1, torch.arange(W) % 97 != 5] = float("-inf")  # 11 allowed, in most segments: all kept
     scores[2] = 0.0  # all tied: exact path
     scores[3, ::2] = float("-inf")
-    got, path = topk_select(scores, topk, diag_base=W - 4, row_period=5, return_path=True, segments=segments)
+    got, path = _topk_select_with_path(scores, topk, diag_base=W - 4, row_period=5,
+                                       tuning=_Tuning(segments=segments))
     readable = readable_scores(scores, W - 4, 5)
     _check(got, readable, topk, True, seed)
-    one_program = topk_select(scores, topk, diag_base=W - 4, row_period=5, segments=1)
+    one_program = topk_select(scores, topk, diag_base=W - 4, row_period=5, _tuning=_Tuning(segments=1))
     assert torch.equal(got, one_program)  # same candidate blocks, same tie breaks
     assert int((got[1] == -1).sum()) == topk - 11
     assert path[1] == PATH_FILTERED and path[2] == PATH_EXACT, path
@@ -220,7 +235,7 @@ def test_filter_threshold_sign_and_magnitude(shift, request):
     scores[3, 1::2] = scores[3, 1::2].abs()
     scores[3, 1:40:4] = 0.0
     scores[3, 3:40:4] = -0.0
-    got, path = topk_select(scores, 16, return_path=True)
+    got, path = _topk_select_with_path(scores, 16)
     _check(got, scores, 16, True, seed)
     # the filter path, not the exact fallback (a 64-score sample for topk 16 can still miss 3 times
     # on one row in a few hundred: at most one row may fall back)
@@ -267,8 +282,8 @@ def test_topk_select_gpu(R, W, diag, sorted_out, request):
 @pytest.mark.parametrize("R,W,diag", [(640, 200000, 199000), (300, 262144, None)])
 def test_topk_select_long_rows_gpu(R, W, diag, request):
     """Rows wider than LONG_ROW: the filter's 4096-score sample, with the indexer's long-row launch
-    (indexer_topk.SELECT_KWARGS_LONG); causal rows, ties, a row with fewer allowed than topk."""
-    from ic_compile.kernels.indexer_topk import SELECT_KWARGS_LONG
+    (indexer_topk._SELECT_TUNING_LONG); causal rows, ties, a row with fewer allowed than topk."""
+    from ic_compile.kernels.indexer_topk import _SELECT_TUNING_LONG
     from ic_compile.kernels.topk_select import LONG_ROW, launch_meta
 
     assert W > LONG_ROW and launch_meta(2048, width=W)["SAMPLE"] == 4096
@@ -276,7 +291,7 @@ def test_topk_select_long_rows_gpu(R, W, diag, request):
     scores = _rows(R, W, "cuda")
     scores[2, :5000] = 0.5  # ties
     scores[5, 100:] = float("-inf")  # 100 allowed keys
-    got = topk_select(scores, 2048, diag_base=diag, sorted=False, **SELECT_KWARGS_LONG)
+    got = topk_select(scores, 2048, diag_base=diag, sorted=False, _tuning=_SELECT_TUNING_LONG)
     _check(got, readable_scores(scores, diag, R), 2048, False, seed)
 
 
