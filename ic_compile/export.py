@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
-from ic_compile.kernels.key_range import range_allowed
+from ic_compile.kernels.reference import mask_indexer_scores, sparse_attention_rows
 
 from .rewrite import NoIndexerFoundError, RewriteResult, rewrite
 
@@ -50,72 +50,36 @@ class ExportError(ValueError):
 
 
 # ------------------------------------------------------------------------------ decompositions
+# One maths per op: the kernels' pure-torch references (kernels/reference.py, also the tests' oracle
+# and the CPU fallback), called on all queries at once. What the references add around these bodies
+# does not export: their query-chunk loop (`for s0 in range(0, S, chunk)`, chunk from the symbolic
+# S and T) would fix the trip count to the traced length; topk_indices_from_scores' `min(topk, T)` /
+# `if kk < topk` on the key count would guard the graph to one side of T = topk; and
+# indexer_scores_ref's in-place relu_ (it bounds the CPU reference's peak memory) is rejected by
+# run_decompositions ("aot_autograd expected to have an entirely functional graph").
 def _indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=None, check=True):
     """ic::indexer_topk in standard ops (no loops, symbolic S/T): q [B,S,H,D], k [B,T,D], w [B,S,H]
-    -> int32 [B,S,topk], -1 where fewer than topk keys are allowed (matches kernels/reference.py).
+    -> int32 [B,S,topk], -1 where fewer than topk keys are allowed (kernels/reference.py's scores).
     key_range is read as ranges without the op's contiguity check (the export lowers with
     indexer_mask="dense", so exported models hand this the mask)."""
-    S, T = q.shape[1], k.shape[1]
-    scores = torch.einsum("bshd,btd->bsht", q.float(), k.float()).relu()
-    scores = (scores * w.float()[..., None]).sum(2)  # [B, S, T]
-    if causal:
-        allowed = torch.arange(T, device=q.device)[None, :] <= (torch.arange(S, device=q.device) + (T - S))[:, None]
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    if key_range is not None:
-        scores = scores.masked_fill(~range_allowed(key_range, T), float("-inf"))
+    logits = torch.einsum("bshd,btd->bsht", q.float(), k.float())  # indexer_scores_ref, relu out of place
+    scores = torch.einsum("bsht,bsh->bst", logits.relu(), w.float())
+    scores = mask_indexer_scores(scores, q.shape[1], mask, causal, key_range)  # [B, S, T]
     # pad with topk -inf columns so that topk(k) is valid for any T (the pads come back as -1)
     scores = torch.nn.functional.pad(scores, (0, topk), value=float("-inf"))
     values, index = scores.topk(topk, dim=-1)
     return torch.where(values == float("-inf"), torch.full_like(index, -1), index).to(torch.int32)
 
 
-def _valid(indices, S, T, causal):
-    valid = (indices >= 0) & (indices < T)
-    if causal:
-        valid = valid & (indices <= (torch.arange(S, device=indices.device) + (T - S))[None, :, None])
-    return valid
-
-
-def _gather(x, idx):
-    """x [B,T,...], idx [B,S,K] -> [B,S,K,...]."""
-    B, S, K = idx.shape
-    rows = x[torch.arange(B, device=x.device)[:, None], idx.reshape(B, S * K).long()]
-    return rows.reshape(B, S, K, *x.shape[2:])
-
-
-def _softmax_valid(logits, valid):
-    logits = logits.masked_fill(~valid, float("-inf"))
-    row_max = logits.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
-    p = torch.exp(logits - row_max)
-    denom = p.sum(dim=-1, keepdim=True)
-    return p / torch.where(denom > 0, denom, torch.ones_like(denom))
-
-
 def _sparse_attention(q, k, v, indices, scale, causal=True):
     """ic::sparse_attention in standard ops: q [B,S,Hq,D], k [B,T,Hk,D], v [B,T,Hk,Dv], indices [B,S,K]."""
-    B, S, Hq, D = q.shape
-    T, Hk = k.shape[1], k.shape[2]
-    valid = _valid(indices, S, T, causal)
-    safe = torch.where(valid, indices, torch.zeros_like(indices))
-    kg, vg = _gather(k, safe).float(), _gather(v, safe).float()  # [B,S,K,Hk,*]
-    qg = q.float().reshape(B, S, Hk, Hq // Hk, D)
-    logits = torch.einsum("bshgd,bskhd->bshgk", qg, kg) * scale
-    p = _softmax_valid(logits, valid[:, :, None, None, :])
-    out = torch.einsum("bshgk,bskhd->bshgd", p, vg)
-    return out.reshape(B, S, Hq, v.shape[3]).to(q.dtype)
+    return sparse_attention_rows(q, k, v, indices, scale, causal)
 
 
 def _sparse_mla(q, kv, indices, scale, dv, causal=True):
-    """ic::sparse_mla in standard ops: q [B,S,H,Dl+Dr], kv [B,T,Dl+Dr], indices [B,S,K] -> [B,S,H,dv]."""
-    S, T = q.shape[1], kv.shape[1]
-    valid = _valid(indices, S, T, causal)
-    safe = torch.where(valid, indices, torch.zeros_like(indices))
-    kvg = _gather(kv, safe).float()  # [B,S,K,Dl+Dr]
-    logits = torch.einsum("bshd,bskd->bshk", q.float(), kvg) * scale
-    p = _softmax_valid(logits, valid[:, :, None, :])
-    return torch.einsum("bshk,bskd->bshd", p, kvg[..., :dv]).to(q.dtype)
+    """ic::sparse_mla in standard ops: q [B,S,H,Dl+Dr], kv [B,T,Dl+Dr], indices [B,S,K] -> [B,S,H,dv]
+    (kv as one key/value head, values its first dv channels, as kernels/reference.sparse_mla_ref)."""
+    return sparse_attention_rows(q, kv[:, :, None, :], None, indices, scale, causal, dv=dv)
 
 
 def _grouped_mm(input, weight, offs):

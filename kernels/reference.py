@@ -1,7 +1,11 @@
 """Pure-torch references for the ic-compile kernels (fp32 math, chunked over queries).
 
 These define the semantics the Triton kernels are tested against, and are the
-implementation used on CPU / when Triton is unavailable.
+implementation used on CPU / when Triton is unavailable. Their loop-free, out-of-place parts
+(`mask_indexer_scores`, `sparse_attention_rows`) are also what ic_compile/export.py decomposes
+the custom ops into for ONNX, over all queries at once (no query-chunk loop: under a symbolic
+sequence length its trip count would be specialised; no in-place op: torch.export's
+run_decompositions rejects them).
 
 Conventions shared by all ops:
   * queries are the LAST S positions of the T keys: query s sits at position (T - S) + s,
@@ -92,21 +96,34 @@ def indexer_topk_ref(
         q, k, w, k_scale = quantize_indexer(q, k, w)
     out = torch.empty(B, S, topk, dtype=torch.int32, device=q.device)
     chunk = _query_chunk(B * H * T * 4, S)
-    mask_full = None if mask is None else mask.expand(B, S, T)
-    ranges = None if key_range is None else key_range.expand(B, S, 3)
     for s0 in range(0, S, chunk):
         s1 = min(S, s0 + chunk)
         scores = indexer_scores_ref(q[:, s0:s1], k, w[:, s0:s1])  # [B,c,T]
         if k_scale is not None:
             scores.mul_(k_scale[:, None, :])
-        if causal:
-            scores.masked_fill_(~causal_allowed(S, T, q.device, s0, s1), float("-inf"))
-        if mask_full is not None:
-            scores.masked_fill_(~mask_full[:, s0:s1], float("-inf"))
-        if ranges is not None:
-            scores.masked_fill_(~range_allowed(ranges[:, s0:s1], T), float("-inf"))
-        out[:, s0:s1] = topk_indices_from_scores(scores, topk)
+        out[:, s0:s1] = topk_indices_from_scores(mask_indexer_scores(scores, S, mask, causal, key_range, s0), topk)
     return out
+
+
+def mask_indexer_scores(
+    scores: torch.Tensor,
+    S: int,
+    mask: torch.Tensor | None = None,
+    causal: bool = True,
+    key_range: torch.Tensor | None = None,
+    s0: int = 0,
+) -> torch.Tensor:
+    """scores fp32 [B, c, T] of queries [s0, s0 + c) of S -> a copy with -inf where the key is not
+    allowed (causal rule, `mask`, `key_range`; see indexer_topk_ref). Out of place, no loops and no
+    branches on sizes: also the ONNX export's masking (symbolic S and T)."""
+    B, c, T = scores.shape
+    if causal:
+        scores = scores.masked_fill(~causal_allowed(S, T, scores.device, s0, s0 + c), float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask.expand(B, S, T)[:, s0:s0 + c], float("-inf"))
+    if key_range is not None:
+        scores = scores.masked_fill(~range_allowed(key_range.expand(B, S, 3)[:, s0:s0 + c], T), float("-inf"))
+    return scores
 
 
 def _valid_indices(indices: torch.Tensor, S: int, T: int, s0: int, s1: int, causal: bool) -> torch.Tensor:
@@ -114,7 +131,7 @@ def _valid_indices(indices: torch.Tensor, S: int, T: int, s0: int, s1: int, caus
     valid = (indices >= 0) & (indices < T)
     if causal:
         s_pos = torch.arange(s0, s1, device=indices.device) + (T - S)  # [c]
-        valid &= indices <= s_pos[None, :, None]
+        valid = valid & (indices <= s_pos[None, :, None])
     return valid
 
 
@@ -139,30 +156,57 @@ def sparse_attention_ref(
     q [B,S,Hq,Dqk], k [B,T,Hk,Dqk], v [B,T,Hk,Dv], indices [B,S,K] (int, -1 = none).
     Query head h uses kv head h // (Hq // Hk). Softmax in fp32; no valid key -> zeros.
     """
+    return _sparse_attention_chunked(q, k, v, v.shape[3], indices, scale, causal)
+
+
+def _sparse_attention_chunked(q, k, v, dv, indices, scale, causal):
+    """sparse_attention_rows over query chunks (v None: values = the keys' first dv channels)."""
     B, S, Hq, Dqk = q.shape
-    T, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    Hk = k.shape[2]
     G = Hq // Hk
     K = indices.shape[-1]
-    out = torch.empty(B, S, Hq, Dv, dtype=q.dtype, device=q.device)
-    chunk = _query_chunk(B * K * Hk * (Dqk + Dv + G) * 4, S)
+    out = torch.empty(B, S, Hq, dv, dtype=q.dtype, device=q.device)
+    chunk = _query_chunk(B * K * Hk * (Dqk + dv + G) * 4, S)
     for s0 in range(0, S, chunk):
         s1 = min(S, s0 + chunk)
-        idx = indices[:, s0:s1]  # [B,c,K]
-        valid = _valid_indices(idx, S, T, s0, s1, causal)
-        safe = torch.where(valid, idx, torch.zeros_like(idx))
-        kg = _gather_rows(k, safe).float()  # [B,c,K,Hk,Dqk]
-        vg = _gather_rows(v, safe).float()  # [B,c,K,Hk,Dv]
-        qg = q[:, s0:s1].float().reshape(B, s1 - s0, Hk, G, Dqk)
-        logits = torch.einsum("bshgd,bskhd->bshgk", qg, kg) * scale  # [B,c,Hk,G,K]
-        valid5 = valid[:, :, None, None, :]
-        logits = logits.masked_fill(~valid5, float("-inf"))
-        row_max = logits.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
-        p = torch.exp(logits - row_max)  # masked -> 0
-        denom = p.sum(dim=-1, keepdim=True)
-        p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
-        o = torch.einsum("bshgk,bskhd->bshgd", p, vg)  # [B,c,Hk,G,Dv]
-        out[:, s0:s1] = o.reshape(B, s1 - s0, Hq, Dv).to(q.dtype)
+        out[:, s0:s1] = sparse_attention_rows(q, k, v, indices, scale, causal, s0, s1, dv=dv)
     return out
+
+
+def sparse_attention_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor | None,
+    indices: torch.Tensor,
+    scale: float,
+    causal: bool = True,
+    s0: int = 0,
+    s1: int | None = None,
+    dv: int | None = None,
+) -> torch.Tensor:
+    """sparse_attention_ref's output rows for queries [s0, s1) (default: all S), [B, s1 - s0, Hq, Dv]
+    in q's dtype. v None: the values are the gathered keys' first `dv` channels (MLA: one gather of
+    the latent rows). No loops and no branches on sizes, so it also traces with a symbolic S and T
+    (the ONNX export's decomposition)."""
+    B, S, Hq, Dqk = q.shape
+    T, Hk = k.shape[1], k.shape[2]
+    G = Hq // Hk
+    s1 = S if s1 is None else s1
+    idx = indices[:, s0:s1]  # [B,c,K]
+    valid = _valid_indices(idx, S, T, s0, s1, causal)
+    safe = torch.where(valid, idx, torch.zeros_like(idx))
+    kg = _gather_rows(k, safe).float()  # [B,c,K,Hk,Dqk]
+    vg = kg[..., :dv] if v is None else _gather_rows(v, safe).float()  # [B,c,K,Hk,Dv]
+    qg = q[:, s0:s1].float().reshape(B, s1 - s0, Hk, G, Dqk)
+    logits = torch.einsum("bshgd,bskhd->bshgk", qg, kg) * scale  # [B,c,Hk,G,K]
+    valid5 = valid[:, :, None, None, :]
+    logits = logits.masked_fill(~valid5, float("-inf"))
+    row_max = logits.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
+    p = torch.exp(logits - row_max)  # masked -> 0
+    denom = p.sum(dim=-1, keepdim=True)
+    p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
+    o = torch.einsum("bshgk,bskhd->bshgd", p, vg)  # [B,c,Hk,G,Dv]
+    return o.reshape(B, s1 - s0, Hq, vg.shape[-1]).to(q.dtype)
 
 
 def sparse_mla_ref(
@@ -176,8 +220,6 @@ def sparse_mla_ref(
     """MLA absorbed-form sparse attention (FlashMLA sparse mode). Returns [B,S,H,dv].
 
     q [B,S,H,Dl+Dr], kv [B,T,Dl+Dr] (one latent row per token, shared by all heads),
-    key = kv row, value = kv[..., :dv].
+    key = kv row, value = kv[..., :dv] (gathered once, with the key).
     """
-    k = kv[:, :, None, :]  # [B,T,1,Dqk]
-    v = kv[:, :, None, :dv]  # [B,T,1,dv]
-    return sparse_attention_ref(q, k, v, indices, scale, causal)
+    return _sparse_attention_chunked(q, kv[:, :, None, :], None, dv, indices, scale, causal)
