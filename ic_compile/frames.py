@@ -197,7 +197,6 @@ def pin_frame_to_module() -> None:
 
 
 FRAGMENT_RECOMPILE_LIMIT = 64
-_raised_limit = False
 
 
 def allow_fragment_recompiles() -> None:
@@ -206,14 +205,11 @@ def allow_fragment_recompiles() -> None:
     the default limit (8) on the second decode step of a 4-layer DeepSeek-V3.2 with a MoE graph
     break, after which Dynamo ran it and the layers under it uncompiled (un-rewritten). Raising the
     limit costs nothing for frames that do not recompile; past it, RecompileLimitError is raised."""
-    global _raised_limit
     limit = torch._dynamo.config.recompile_limit
     if limit >= FRAGMENT_RECOMPILE_LIMIT:
         return
     torch._dynamo.config.recompile_limit = FRAGMENT_RECOMPILE_LIMIT
-    if not _raised_limit:
-        _raised_limit = True
-        warnings.warn(f"indexcache: the model compiles into several graphs (graph breaks), so shared frames "
-                      f"recompile per layer and per shape; torch._dynamo.config.recompile_limit raised from "
-                      f"{limit} to {FRAGMENT_RECOMPILE_LIMIT} (a frame that still hits it raises "
-                      "RecompileLimitError). fullgraph=True avoids both.", RecompileLimitWarning, stacklevel=4)
+    warnings.warn(f"indexcache: the model compiles into several graphs (graph breaks), so shared frames "
+                  f"recompile per layer and per shape; torch._dynamo.config.recompile_limit raised from "
+                  f"{limit} to {FRAGMENT_RECOMPILE_LIMIT} (a frame that still hits it raises "
+                  "RecompileLimitError). fullgraph=True avoids both.", RecompileLimitWarning, stacklevel=4)

@@ -185,8 +185,10 @@ def test_hf_deepseek_v32_with_moe_break_matches_hooks(hf_moe_break, one_thread):
     with shared_indexer_hooks(model, "FSSF"):
         want, _ = prefill_and_decode(model, ids, steps)
     ic_compile.backend.last_results.clear()
-    with pytest.warns(UserWarning, match="recompile_limit raised from 8 to 64"):
+    with torch._dynamo.config.patch(recompile_limit=8), pytest.warns(UserWarning, match="recompile_limit raised "
+                                                                                       "from 8 to 64"):
         got, _ = prefill_and_decode(compiled(model, "FSSF"), ids, steps)
+        assert torch._dynamo.config.recompile_limit == 64
     assert max_error(want, got) < 1e-4
     assert store_graphs() == ([(1, 0), (2, 0)], [(0, (1, 2))])
     prefixes = {r.layout.prefix for r in ic_compile.backend.last_results if r.fragment is not None}
