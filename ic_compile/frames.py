@@ -72,8 +72,7 @@ def note_plan_frame(what: str) -> None:
         _warn_if_last(compile_id.frame_compile_id, info, what)
     if tx is not None:
         _plan_functions[info] = what
-    if torch._dynamo.config.skip_code_recursive_on_recompile_limit_hit:
-        _note_callers(what)
+    _note_callers(what)  # always: the config that used to say whether a skip recurses is deprecated (torch 2.13)
     watch_recompile_limit()
 
 

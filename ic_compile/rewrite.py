@@ -81,11 +81,12 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def rewrite(gm: fx.GraphModule, plan=None, *, strict: bool = False, kernels: bool = False,
-            sparse_attention: bool = True, indexer_mask: str = "ranges",
+            sparse_attention: bool = True, indexer_mask: str = "ranges", indexer_precision: str = "bf16",
             layout: FrameLayout | None = None) -> RewriteResult:
     """kernels=True also lowers each F indexer to the fused `ic::indexer_topk` op and the
     scatter-to-mask + dense SDPA it feeds to `ic::sparse_attention` (unless sparse_attention=False).
     indexer_mask: how the model's mask reaches that op, "ranges" (per-query key ranges) or "dense".
+    indexer_precision: that op's score precision, "bf16" (the model's) or "fp8" (DeepSeek-V3.2's).
     layout (the backend's): where this graph's frame sits in the whole model. When the graph holds
     only some of the model's indexers (graph breaks), it is bound as a fragment: S layers whose F
     source is elsewhere read its top-k from the index store, F layers that later fragments read
@@ -118,7 +119,7 @@ def rewrite(gm: fx.GraphModule, plan=None, *, strict: bool = False, kernels: boo
     steps += [lambda g: forward_indices(g, shared), eliminate_dead_code,
               lambda g: drop_shared_key_cache(g, result.caches)]
     if kernels:
-        steps += [lambda g: lower_indexer(g, full, result.kernels, indexer_mask)]
+        steps += [lambda g: lower_indexer(g, full, result.kernels, indexer_mask, indexer_precision)]
         if sparse_attention:
             steps += [lambda g: lower_sparse_attention(g, result.kernels)]
         steps += [eliminate_dead_code]

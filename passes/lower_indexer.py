@@ -54,7 +54,7 @@ DENSE_MASK_MAX_QUERIES = 8  # "auto": graphs with at most this many (static) que
 
 
 def lower_indexer(gm: fx.GraphModule, matches: list[IndexerMatch], report: LoweringReport,
-                  indexer_mask: str = "ranges") -> fx.GraphModule:
+                  indexer_mask: str = "ranges", indexer_precision: str = "bf16") -> fx.GraphModule:
     import ic_compile.kernels.ops  # noqa: F401  registers torch.ops.ic.*
     if indexer_mask not in INDEXER_MASKS:
         raise ValueError(f"indexer_mask={indexer_mask!r} is not one of {INDEXER_MASKS}")
@@ -63,18 +63,18 @@ def lower_indexer(gm: fx.GraphModule, matches: list[IndexerMatch], report: Lower
         if isinstance(plan, str):
             report.skipped[match.layer] = plan
             continue
-        _replace(gm, match, plan, indexer_mask)
+        _replace(gm, match, plan, indexer_mask, indexer_precision)
         report.lowered.append(match.layer)
     return gm
 
 
 def lowered_indexer(q, k, w, scale, mask, topk, w_layout, mask_kind, ordered=True, indexer_mask="ranges",
-                    check=True):
+                    check=True, indexer_precision="bf16"):
     """Canonical layouts, then the fused op -> int32 [B,S,topk], -1 where fewer keys are allowed;
     rows descending by score when `ordered` (else any order, which lets CUDA use topk_select).
     indexer_mask "ranges": the mask reaches the op as key ranges [B,S,3]; "dense": as itself; "auto":
     dense when S is a constant <= DENSE_MASK_MAX_QUERIES (decode graphs), else ranges. check: the
-    op's host-side checks (False under CUDA graphs)."""
+    op's host-side checks (False under CUDA graphs). indexer_precision: "bf16" (the model's) or "fp8"."""
     # q [B,S,H,D], k [B,T,D] in the model's dtype: bf16 products are exact in the fp32 accumulator,
     # so skipping the model's .float() upcast changes only the summation order (and uses tensor cores)
     if q.dtype != k.dtype:
@@ -82,8 +82,10 @@ def lowered_indexer(q, k, w, scale, mask, topk, w_layout, mask_kind, ordered=Tru
     w = (w.squeeze(-2) if w_layout == "bs1h" else w.squeeze(-1)).float() * scale  # [B,S,H]
     allowed = _allowed(mask, mask_kind, q.shape[0], q.shape[1], k.shape[1])  # bool [B,S,T] | None
     if allowed is None or indexer_mask == "dense" or (indexer_mask == "auto" and _decode_sized(q.shape[1])):
-        return torch.ops.ic.indexer_topk(q, k, w, topk, allowed, False, ordered, check=check)  # [B,S,topk] int32
-    return torch.ops.ic.indexer_topk(q, k, w, topk, None, False, ordered, key_range=key_range_of(allowed), check=check)
+        return torch.ops.ic.indexer_topk(q, k, w, topk, allowed, False, ordered, check=check,
+                                         indexer_precision=indexer_precision)  # [B,S,topk] int32
+    return torch.ops.ic.indexer_topk(q, k, w, topk, None, False, ordered, key_range=key_range_of(allowed), check=check,
+                                     indexer_precision=indexer_precision)
 
 
 def prefill_indexers(gm: fx.GraphModule) -> list[fx.Node]:
@@ -343,11 +345,13 @@ def _head_weights(node: fx.Node, via: fx.Node):
     return None
 
 
-def _replace(gm: fx.GraphModule, match: IndexerMatch, plan: _Plan, indexer_mask: str) -> None:
+def _replace(gm: fx.GraphModule, match: IndexerMatch, plan: _Plan, indexer_mask: str,
+             indexer_precision: str = "bf16") -> None:
     with gm.graph.inserting_before(match.topk):
         node = gm.graph.call_function(
             lowered_indexer, (plan.q, plan.k, plan.w, plan.scale, plan.mask, plan.topk, plan.w_layout,
-                              plan.mask_kind, plan.ordered, indexer_mask))
+                              plan.mask_kind, plan.ordered, indexer_mask),
+            {"indexer_precision": indexer_precision} if indexer_precision != "bf16" else {})
         safe = gm.graph.call_function(scatter_safe_indices, (node, plan.k))
     for new in (node, safe):
         new.meta.update({k: v for k, v in match.topk.meta.items() if k in ("nn_module_stack", "stack_trace")})

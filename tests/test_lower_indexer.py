@@ -501,3 +501,34 @@ def test_indexer_mask_auto_picks_ranges_under_inductor_only():
     assert _indexer_mask(BackendOptions.parse({"lowering": "eager"})) == "dense"
     assert _indexer_mask(BackendOptions.parse({"lowering": "eager", "indexer_mask": "ranges"})) == "ranges"
     assert _indexer_mask(BackendOptions.parse({"indexer_mask": "dense"})) == "dense"
+
+
+def test_fp8_indexer_option_reaches_the_op(eight_heads):
+    """indexer_precision="fp8" lowers every F indexer with fp8 scores (on CPU: the fp8 reference),
+    and changes what is computed; bf16 graphs carry no precision argument."""
+    model, ids = tiny_models.glm(), tiny_models.random_ids(seq=20)
+    graph = ic_compile.capture_graphs(model, {"input_ids": ids, "use_cache": False})[0]
+    fp8 = ic_compile.rewrite(graph, "FSSF", kernels=True, indexer_precision="fp8").gm
+    bf16 = ic_compile.rewrite(graph, "FSSF", kernels=True).gm
+    assert [n.kwargs for n in fp8.graph.find_nodes(op="call_function", target=lowered_indexer)] == [
+        {"indexer_precision": "fp8"}] * 2
+    assert all(not n.kwargs for n in bf16.graph.find_nodes(op="call_function", target=lowered_indexer))
+
+    def logits(precision):
+        options = {"plan": "FSSF", "lowering": "eager", "kernels": True, "indexer_precision": precision}
+        torch._dynamo.reset()
+        return torch.compile(model, backend="indexcache", options=options)(input_ids=ids, use_cache=False).logits
+
+    with torch.no_grad():
+        got_fp8, got_bf16 = logits("fp8"), logits("bf16")
+    assert torch.isfinite(got_fp8).all()
+    assert (got_fp8 - got_bf16).abs().max() > 0, "fp8 scores selected exactly the bf16 keys everywhere"
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"indexer_precision": "fp16"}, r"indexer_precision='fp16' is not one of \('bf16', 'fp8'\)"),
+    ({"indexer_precision": "fp8", "kernels": False}, r"indexer_precision='fp8' runs in our fused indexer op"),
+])
+def test_indexer_precision_option_errors(options, message):
+    with pytest.raises(ic_compile.PlanError, match=message):
+        ic_compile.backend.BackendOptions.parse(options)
