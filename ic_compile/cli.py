@@ -16,12 +16,12 @@ import importlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .models import MODEL_HELP, ModelSpecError, vocab_size
+from .outputs import OutputPathError, output_dir, output_file  # noqa: F401 (used by subcommands)
 
 FEATURE_MODULES = ["ic_compile.explain", "ic_compile.plan_cli", "ic_compile.search", "ic_compile.overlap",
                    "ic_compile.graph_diff", "ic_compile.export"]
@@ -34,10 +34,6 @@ EXAMPLES = """examples:
   ic plan --pattern FSSSFSSS
 
 each subcommand's --help lists its options and examples; IC_TRACEBACK=1 shows tracebacks of errors"""
-
-
-class OutputPathError(ValueError):
-    """An output path that cannot be written; raised before any work starts."""
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -137,48 +133,6 @@ def add_cache_argument(parser: argparse.ArgumentParser) -> None:
 
 def print_json(data) -> None:
     print(json.dumps(data, indent=2))
-
-
-# ------------------------------------------------------------------ outputs, checked before the work
-def output_dir(path, flag: str = "--out") -> Path:
-    """Create the output directory now (as the command would later) and prove a file can be written
-    in it; root ignores permission bits, so os.access is no test (e.g. /proc passes it)."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise OutputPathError(f"{flag} {path}: exists and is not a directory; give a directory path")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        _probe(out)
-    except OSError as exc:
-        raise OutputPathError(f"{flag} {path}: cannot write there ({exc.strerror or exc}); "
-                              "give a writable directory") from None
-    return out
-
-
-def output_file(path, flag: str = "--out") -> Path:
-    """Check that `path` can be written (its folder exists and takes a file) without creating it."""
-    out = Path(path)
-    parent = out.parent
-    if out.is_dir():
-        raise OutputPathError(f"{flag} {path}: is a directory; give a file name inside it, e.g. "
-                              f"{out / 'model.onnx'}")
-    if not parent.is_dir():
-        raise OutputPathError(f"{flag} {path}: directory {str(parent)!r} does not exist; create it first "
-                              "or choose another path")
-    try:
-        _probe(parent)
-        if out.exists():
-            with open(out, "r+b"):
-                pass
-    except OSError as exc:
-        raise OutputPathError(f"{flag} {path}: cannot write there ({exc.strerror or exc}); "
-                              "give a writable path") from None
-    return out
-
-
-def _probe(folder: Path) -> None:
-    with tempfile.NamedTemporaryFile(dir=folder, prefix=".ic-write-test-"):
-        pass
 
 
 # ------------------------------------------------------------------ progress (stderr)

@@ -39,6 +39,7 @@ from torch import fx, nn
 
 from ic_compile.kernels.reference import mask_indexer_scores, sparse_attention_rows
 
+from .outputs import OutputPathError, output_file
 from .rewrite import NoIndexerFoundError, RewriteResult, rewrite
 
 FORMATS = ("onnx", "tensorrt")
@@ -331,7 +332,6 @@ class OnnxExport:
 def check_writable(path) -> Path:
     """Fail before the export (20-100 s) if `path` cannot be written. A real write test: root passes
     os.access everywhere (e.g. /proc)."""
-    from .cli import OutputPathError, output_file
     try:
         return output_file(path, flag="output")
     except OutputPathError as exc:
@@ -523,7 +523,7 @@ def register_cli(subparsers) -> None:
 
 
 def _run_cli(args) -> int:
-    from .cli import Stages, example_ids, forward_inputs, output_file, print_json
+    from .cli import Stages, example_ids, forward_inputs, print_json
     from .models import load_model
     output_file(args.out)  # before the 20-100 s of work
     names = ["load model"] + (ONNX_STAGES if args.format == "onnx" else ["capture, rewrite, build engine"])

@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 from .deploy import deployment, layout_of
+from .outputs import output_file
 from .plan import LayerPlan, PlanError
 
 EXAMPLES = """examples:
@@ -40,7 +40,7 @@ def register_cli(subparsers) -> None:
 
 def _run(args) -> int:
     if args.out:
-        _check_writable(args.out)
+        output_file(args.out)  # before anything is printed
     layout = _layout(args)
     dep = deployment(_plan(args, layout), layout)
     commands = dep.commands(args.model_path or _default_model_path(args))
@@ -95,21 +95,3 @@ def _print_text(dep, commands: dict) -> None:
     width = max(map(len, commands)) + 1
     for engine, line in commands.items():
         print(f"{engine + ':':<{width}} {line}")
-
-
-def _check_writable(path) -> None:
-    """Fail before any output: the folder exists and takes a file (a probe file, since root passes
-    os.access checks), and the path is not a folder."""
-    out = Path(path)
-    if out.is_dir():
-        raise PlanError(f"--out {path}: is a directory; give a file name such as {out / 'plan.json'}")
-    if not out.parent.is_dir():
-        raise PlanError(f"--out {path}: directory {str(out.parent)!r} does not exist; create it or choose another path")
-    try:
-        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".ic-write-test-"):
-            pass
-        if out.exists():
-            with open(out, "r+b"):
-                pass
-    except OSError as exc:
-        raise PlanError(f"--out {path}: cannot write there ({exc.strerror or exc}); give a writable path") from None
