@@ -19,7 +19,7 @@ Design (prefill, one Triton kernel `_indexer_scores_kernel`):
   * key tiles entirely above the causal diagonal, or outside every query's range in the
     block, are not computed (only filled with -inf); "open" tiles, where every key is allowed
     for every query of the block (most of a long causal prefill), are stored without the
-    per-element mask (8.8 % faster than masking every tile on full-width 128K rows, tenth run set).
+    per-element mask (8.8 % faster than masking every tile on full-width 128K rows, H200).
   * queries are processed in chunks so the fp32 [B, chunk, width] score buffer stays under
     ~1 GiB (causal chunks: >= 2048 rows while it stays under 2 GiB; the key axis is split so that a
     chunk's programs fill whole waves, prefill_splits); `width` is the chunk's causal horizon, so torch.topk (the selection) never sees
@@ -67,15 +67,15 @@ CAUSAL_CHUNK_ROWS = 4096  # causal query chunks at most this tall (see _chunk_ro
 MAX_TILE_ROWS = 256  # max BLOCK_S * H_PAD (rows of the tensor-core dot)
 # Unordered selection (sorted=False) uses kernels/topk_select.py (few wide rows, as in decode,
 # through its segmented filter: T = 128K under CUDA graphs 0.023 ms at B = 1 and 0.037 at B = 16
-# vs torch.topk's 0.075 / 0.098, seventh run set; without graphs decode is host-bound and
+# vs torch.topk's 0.075 / 0.098 on the H200; without graphs decode is host-bound and
 # topk_select's four launches cost more host time than torch.topk's); sorted selection uses
 # torch.topk (the bitonic sort made topk_select 2x slower than torch.topk at 16K). Launch
 # configs: bench/sweep_select.py.
 MAX_SELECT_TOPK = 2048  # candidate block 2 * topk lives in registers: measured only up to here
 # topk_select launch: the filter kernel with 4 warps held to 72 registers (7 programs per SM;
 # 64 spills inside the streaming loop under triton 3.9), fastest at 16K and 128K
-# (bench/sweep_select.py, sixth run set). Resolve: 8 and 4 warps equal; 2 / 1 warps (more
-# candidates per thread, fewer programs per SM) 1.4x / 2.2x slower (eleventh run set).
+# (bench/sweep_select.py). Resolve: 8 and 4 warps equal; 2 / 1 warps (more candidates per
+# thread, fewer programs per SM) 1.4x / 2.2x slower: the resolve is instruction-bound (ncu).
 # (_Tuning is topk_select's private launch-knob object; bench/sweep_select.py swaps these for A/Bs.)
 _SELECT_TUNING = _Tuning(num_warps=4, block=1024, stages=3, maxnreg=72, resolve_warps=8)
 # Chunks wider than topk_select.LONG_ROW (its filter then samples 4096 scores: at 4 warps / 72

@@ -192,7 +192,7 @@ def _configs(d_total: int, block_hs: tuple[int, ...]):
     at BLOCK_H <= 32 (H = 20: 10.6 vs 15.9 ms at 16K, bench/sweep_sparse_mla.py on the H200).
     No 1-stage configs: never fastest in the sweep, and a kernel of the same shape (gathered tile
     reused as the value operand) gave wrong output on the H200 with 1 stage
-    (bench/results/compare_sparse_mla_h200.json); test_every_mla_config_on_gpu checks each config.
+    (docs/benchmarks.md, "tried, measured slower, not adopted"); test_every_mla_config_on_gpu checks each config.
     Narrow keys (<= 256): 4 or 8 warps, 2-3 stages.
     """
     if d_total > 256:

@@ -37,8 +37,8 @@ streaming pass -- ncu: 12.5 % occupancy, one instruction every 2.5 cycles per sc
 Scores are compared as order-preserving uint32 keys ("ukeys": fp32 bits, sign-flipped); -inf
 (and NaN) are not allowed and get ukey 0, below every allowed score.
 No histogram: Triton lowers tl.histogram to ballots + shared-memory atomics, which made a
-radix select slower than torch.topk (docs/benchmarks.md, third run set). H200 (seventh run set,
-bench/sweep_select.py): unordered 3.4x faster than torch.topk on a 16K chunk (0.36 ms), 5.8x on
+radix select slower than torch.topk (docs/benchmarks.md, not adopted). H200
+(bench/sweep_select.py): unordered 3.4x faster than torch.topk on a 16K chunk (0.36 ms), 5.8x on
 a 128K chunk (0.57 ms); the bitonic sort (sorted=True) costs more than torch.topk -- callers use
 torch.topk for descending rows (indexer_topk.select_topk).
 """
@@ -574,7 +574,7 @@ def default_segments(R: int, W: int, topk: int, device) -> int:
     """Segments per row for the segmented filter: 1 (one program per row) unless there are
     fewer rows than SMs and they are wide; then the power of two that makes about one program
     per SM (H200, CUDA graphs, T = 128K: B = 1 fastest at 64-128 segments, B = 16 at 8; 4x as
-    many programs were 2-3x slower at B = 16 -- bench/sweep_select.py, seventh run set)."""
+    many programs were 2-3x slower at B = 16 -- bench/sweep_select.py)."""
     if R >= num_sms(device) or W < 4 * candidate_capacity(topk):
         return 1
     per_row = -(-num_sms(device) // R)
