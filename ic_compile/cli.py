@@ -16,12 +16,10 @@ import importlib
 import json
 import os
 import sys
-from pathlib import Path
 
 import torch
 
 from .models import MODEL_HELP, ModelSpecError, vocab_size
-from .outputs import OutputPathError, output_dir, output_file  # noqa: F401 (used by subcommands)
 
 FEATURE_MODULES = ["ic_compile.explain", "ic_compile.plan_cli", "ic_compile.search", "ic_compile.overlap",
                    "ic_compile.graph_diff", "ic_compile.export"]

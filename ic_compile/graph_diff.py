@@ -688,7 +688,8 @@ def register_cli(subparsers) -> None:
 
 
 def _run_cli(args) -> int:
-    from .cli import Stages, example_ids, forward_inputs, output_file, print_json
+    from .cli import Stages, example_ids, forward_inputs, print_json
+    from .outputs import output_file
     from .models import load_model
     if args.html:
         output_file(args.html, "--html")

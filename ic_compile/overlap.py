@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -191,7 +190,8 @@ def register_cli(subparsers) -> None:
 
 
 def _run_cli(args) -> int:
-    from .cli import Stages, output_dir, progress_enabled
+    from .cli import Stages, progress_enabled
+    from .outputs import output_dir
     from .models import load_model
     from .search import calibration_from_files, check_data_paths
     out = output_dir(args.out)  # before the model runs

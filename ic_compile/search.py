@@ -658,7 +658,8 @@ def check_data_paths(paths) -> None:
 
 
 def _run_cli(args) -> int:
-    from .cli import Stages, output_dir, progress_enabled
+    from .cli import Stages, progress_enabled
+    from .outputs import output_dir
     from .models import load_model
     out = output_dir(args.out)  # before the search: a bad path must not cost its minutes
     check_data_paths(args.data)

@@ -40,20 +40,14 @@ def random_indices(B, S, T, K, p_none=0.15, dtype=torch.int32, device="cpu"):
     return idx.to(dtype)
 
 
-def masked_scores(q, k, w, mask=None, causal=True, key_range=None) -> torch.Tensor:
-    """Reference fp32 scores [B,S,T] with -inf where a key is not allowed (key_range: int32 [B,S,3])."""
-    from .key_range import range_allowed
-    from .reference import causal_allowed, indexer_scores_ref
+def masked_scores(q, k, w, mask=None, causal=True, key_range=None, indexer_precision="bf16") -> torch.Tensor:
+    """Reference fp32 scores [B,S,T] with -inf where a key is not allowed (key_range: int32 [B,S,3]);
+    indexer_precision "fp8": the fp8 indexer's scores (kernels/fp8_indexer.py)."""
+    from .fp8_indexer import fp8_indexer_scores_ref
+    from .reference import indexer_scores_ref, mask_indexer_scores
 
-    B, S, T = q.shape[0], q.shape[1], k.shape[1]
-    scores = indexer_scores_ref(q, k, w)
-    if causal:
-        scores.masked_fill_(~causal_allowed(S, T, q.device), float("-inf"))
-    if mask is not None:
-        scores.masked_fill_(~mask.expand(B, S, T), float("-inf"))
-    if key_range is not None:
-        scores.masked_fill_(~range_allowed(key_range.expand(B, S, 3), T), float("-inf"))
-    return scores
+    scores = (fp8_indexer_scores_ref if indexer_precision == "fp8" else indexer_scores_ref)(q, k, w)
+    return mask_indexer_scores(scores, q.shape[1], mask, causal, key_range)
 
 
 def check_topk(got: torch.Tensor, scores: torch.Tensor, topk: int, rel_tol: float = 1e-4,

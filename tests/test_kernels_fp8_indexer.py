@@ -7,9 +7,8 @@ import torch
 from ic_compile.kernels import _triton_utils
 from ic_compile.kernels.fp8_indexer import FP8_DTYPE, FP8_MAX, fp8_indexer_scores_ref, quantize_indexer, quantize_rows
 from ic_compile.kernels.indexer_topk import indexer_scores, indexer_topk
-from ic_compile.kernels.key_range import range_allowed
-from ic_compile.kernels.reference import causal_allowed, indexer_scores_ref, indexer_topk_ref
-from ic_compile.kernels.testing import check_topk, indexer_inputs, repro, seed_everything
+from ic_compile.kernels.reference import indexer_scores_ref, indexer_topk_ref
+from ic_compile.kernels.testing import check_topk, indexer_inputs, masked_scores, repro, seed_everything
 
 from marks import needs_cuda, needs_triton
 
@@ -20,15 +19,7 @@ def poison(monkeypatch):
 
 
 def _fp8_masked(q, k, w, causal=True, mask=None, key_range=None):
-    B, S, T = q.shape[0], q.shape[1], k.shape[1]
-    scores = fp8_indexer_scores_ref(q, k, w)
-    if causal:
-        scores.masked_fill_(~causal_allowed(S, T, q.device), float("-inf"))
-    if mask is not None:
-        scores.masked_fill_(~mask.expand(B, S, T), float("-inf"))
-    if key_range is not None:
-        scores.masked_fill_(~range_allowed(key_range.expand(B, S, 3), T), float("-inf"))
-    return scores
+    return masked_scores(q, k, w, mask, causal, key_range, indexer_precision="fp8")
 
 
 def test_quantize_rows(request):
