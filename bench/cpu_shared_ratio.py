@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from ic_compile.models import import_examples_module
+from ic_compile import dsa_model
 
 
 def counted_flops(dsa, args, ids, plan):
@@ -49,7 +49,7 @@ def main():
     parser.add_argument("--out", default=str(result_file),
                         help="JSON report, overwritten (default: %(default)s; '' = print only)")
     cli = parser.parse_args()
-    dsa = import_examples_module()
+    dsa = dsa_model
     args = dsa.ModelArgs.tiny(n_layers=cli.layers, index_n_heads=32, index_head_dim=64, index_topk=32,
                               max_seq_len=cli.seq, n_routed_experts=2, n_activated_experts=1)
     model = dsa.init_weights(dsa.Transformer(args), 0).eval()

@@ -1,5 +1,5 @@
 """Training-aware IndexCache in a few lines: fine-tune the reference model with a plan applied, once on
-the LM loss alone and once on LM + the multi-layer distillation loss (ic_compile.training), from the
+the LM loss alone and once on LM + the multi-layer distillation loss (ic_compile.tools.training), from the
 same start on the same batches, and compare them on held-out text.
 
     python examples/distill_example.py [--plan FSSSFSSS] [--steps 30] [--lr 1e-3]
@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ic_compile.models import import_examples_module  # noqa: E402
-from ic_compile.search import calibration_from_files  # noqa: E402
-from ic_compile.training import collect_distillation_inputs, multi_layer_distillation_loss  # noqa: E402
+from ic_compile import dsa_model  # noqa: E402
+from ic_compile.tools.search import calibration_from_files  # noqa: E402
+from ic_compile.tools.training import collect_distillation_inputs, multi_layer_distillation_loss  # noqa: E402
 
 VOCAB = 256
 REPO = Path(__file__).resolve().parent.parent
@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
     p.add_argument("--lr", type=float, default=1e-3)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    dsa = import_examples_module("dsa_model")
+    dsa = dsa_model
     gen = torch.Generator().manual_seed(0)
     rows = calibration_from_files([REPO / "docs", REPO / "README.md", REPO / "ic_compile"], args.seq)
     rows = rows[torch.randperm(len(rows), generator=gen)]

@@ -1,4 +1,4 @@
-"""Train the reference DSA model (examples/dsa_model.py) on Python source, DeepSeek-V3.2 style, and
+"""Train the reference DSA model (ic_compile/dsa_model.py) on Python source, DeepSeek-V3.2 style, and
 produce the numbers of the IndexCache results table.
 
 Data (byte-level, vocab 256; nothing is downloaded):
@@ -13,14 +13,14 @@ Recipe (DeepSeek-V3.2 continued-pretraining stages, scaled down):
   3. sparse   top-k attention; LM loss (main weights) + KL over the selected keys (indexers; the
               indexer input is detached, so the two losses train disjoint weights).
   -> CHECKPOINT/config.json ({"model_args", "recipe", "data"}) + model.safetensors,
-     loadable with ic_compile.models.load_checkpoint / `--model ckpt:DIR`.
+     loadable with ic_compile.tools.models.load_checkpoint / `--model ckpt:DIR`.
 
 --results (after training, or on --from-ckpt DIR) writes results.json:
   held-out code / prose LM loss of all-F; greedy (calibrated on code and on prose, evaluated on both)
   vs uniform plans at 1/2, 1/4, 1/8 F; and, after the same fine-tuning budget from the checkpoint,
   all-F vs training-free uniform-1/4 (all-F fine-tune, plan applied afterwards) vs training-aware
   uniform-1/4 (fine-tuned with the plan applied and multi-layer distillation).
-Plans are evaluated with ic_compile.search.evaluate-style evaluators: exactly what the indexcache
+Plans are evaluated with ic_compile.tools.search.evaluate-style evaluators: exactly what the indexcache
 backend runs (see ic_compile/search.py).
 
   python examples/train_dsa.py --tiny --out runs/tiny --results            # CPU smoke, < 2 min
@@ -48,15 +48,13 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "examples"))
 
-from ic_compile.models import import_examples_module  # noqa: E402
-from ic_compile.overlap import overlap_plan, topk_overlap, uniform_plan  # noqa: E402
+from ic_compile import dsa_model as dsa  # noqa: E402
+from ic_compile.tools.overlap import overlap_plan, topk_overlap, uniform_plan  # noqa: E402
 from ic_compile.plan import LayerPlan  # noqa: E402
-from ic_compile.search import Objective, _loss, make_evaluator, search_plan  # noqa: E402
-from ic_compile.training import freeze_all_but_indexers, multi_layer_distillation_loss  # noqa: E402
+from ic_compile.tools.search import Objective, _loss, make_evaluator, search_plan  # noqa: E402
+from ic_compile.tools.training import freeze_all_but_indexers, multi_layer_distillation_loss  # noqa: E402
 
-dsa = import_examples_module("dsa_model")
 
 # ============================================================== data
 
@@ -441,7 +439,7 @@ def main(argv=None) -> dict:
     summary = {"data": {"hash": data_hash, "bytes": sizes}}
 
     if args.from_ckpt:
-        from ic_compile.models import load_checkpoint
+        from ic_compile.tools.models import load_checkpoint
         model = load_checkpoint(args.from_ckpt).to(args.device)
         args.seq = min(args.seq, model.args.max_seq_len)
     else:

@@ -8,12 +8,12 @@ from .versions import warn_untested
 warn_untested()  # once per process: a library outside the tested range (pyproject.toml) is named
 
 from .backend import BackendOptions, VerificationError, indexcache_backend
-from .explain import ExplainReport, capture_graphs, explain
+from .tools.explain import ExplainReport, capture_graphs, explain
 from .plan import LayerPlan, PlanError
 from .rewrite import DetectionUncertainWarning, NoIndexerFoundError, RewriteResult, rewrite
-from .search import SearchResult, search_plan
-from .export import export_onnx
-from .graph_diff import graph_diff
+from .tools.search import SearchResult, search_plan
+from .export.onnx import export_onnx
+from .tools.graph_diff import graph_diff
 from .static_cache import static_cache
 from .kernels.key_range import NotAKeyRangeError
 

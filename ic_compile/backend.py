@@ -192,7 +192,7 @@ def lower(gm: fx.GraphModule, example_inputs, lowering: str, cudagraphs: bool = 
     if lowering == "inductor":
         from torch._inductor.compile_fx import compile_fx
         return compile_fx(gm, example_inputs, config_patches=CUDAGRAPH_PATCHES if cudagraphs else None)
-    from .tensorrt import compile_tensorrt  # raises a clear error when TensorRT is absent
+    from .export.tensorrt import compile_tensorrt  # raises a clear error when TensorRT is absent
     return compile_tensorrt(gm, example_inputs)
 
 

@@ -1,5 +1,13 @@
+"""Shared fixtures. The helper modules beside this file (tiny_models, dsa_styles, engine_rules, marks) are
+imported by tests in every subfolder, so this folder goes on sys.path."""
+
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ import torch
 
 from engine_rules import ENGINE_RULES, as_pattern, engine_pattern, trtllm_config, trtllm_shared_layers
 from ic_compile.deploy import DecoderLayout, deployment, layout_of
-from ic_compile.models import HF_TINY
+from ic_compile.tools.models import HF_TINY
 from ic_compile.plan import LayerPlan, PlanError
 
 transformers = pytest.importorskip("transformers")
@@ -140,7 +140,7 @@ def test_glm52_layout_and_mapping(tmp_path):
 
 
 def test_layout_from_a_model_matches_its_config(tmp_path):
-    from ic_compile.models import load_model
+    from ic_compile.tools.models import load_model
     path = checkpoint(tmp_path, "GLM-5.2") / "config.json"
     assert layout_of(load_model(f"hf:{path}")) == layout_of(path)
     assert layout_of(load_model("dsa:tiny:FSFF")) == DecoderLayout(4, (0, 2, 3), None)

@@ -70,7 +70,7 @@ def test_overrides_need_both_keys_and_map_over_a_models_indexers():
     plan = LayerPlan.from_pattern("FSSF")
     assert plan.to_hf_overrides() == {"indexer_types": ["full", "shared", "shared", "full"],
                                       "index_topk_pattern": "FSSF"}
-    from ic_compile.models import load_model
+    from ic_compile.tools.models import load_model
     assert plan.to_hf_overrides(load_model("hf-tiny:glm_moe_dsa")) == plan.to_hf_overrides()
     # the reference model built with FSFF has indexers on layers 0, 2, 3 only: 3 roles, mapped
     assert LayerPlan.from_pattern("FFS").to_hf_overrides(load_model("dsa:tiny:FSFF"))["index_topk_pattern"] == "FSFS"
@@ -101,7 +101,7 @@ def test_ic_plan_prints_each_engines_line(capsys, tmp_path):
 
 def test_ic_plan_json_maps_a_checkpoint(capsys, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from ic_compile.models import HF_TINY
+    from ic_compile.tools.models import HF_TINY
     config = transformers.GlmMoeDsaConfig(**{**HF_TINY, "num_hidden_layers": 8}, index_topk_freq=4,
                                           index_skip_topk_offset=3)
     config.save_pretrained(tmp_path)

@@ -2,7 +2,7 @@
 
 import torch
 
-from ic_compile.models import HF_TINY  # the `hf-tiny:` CLI model; tests monkeypatch it (restored)
+from ic_compile.tools.models import HF_TINY  # the `hf-tiny:` CLI model; tests monkeypatch it (restored)
 
 PLANS = ["FFFF", "FSFS", "FSSS", "FFSF"]  # all-F, every other, one F, irregular (greedy-looking)
 

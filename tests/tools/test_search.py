@@ -1,4 +1,4 @@
-"""Greedy plan search (ic_compile.search): known answers, exactness vs the backend, I/O, errors."""
+"""Greedy plan search (ic_compile.tools.search): known answers, exactness vs the backend, I/O, errors."""
 import json
 import re
 import sys
@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from ic_compile.plan import LayerPlan, PlanError
-from ic_compile.search import as_batches, calibration_from_files, evaluate_plan, search_plan
+from ic_compile.tools.search import as_batches, calibration_from_files, evaluate_plan, search_plan
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from dsa_model import ModelArgs, Transformer, init_weights  # noqa: E402
+from ic_compile.dsa_model import ModelArgs, Transformer, init_weights  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -175,7 +174,7 @@ def test_bad_calibration_rejected():
 def test_hf_model_search_equals_backend():
     """HF GlmMoeDsa (forward(input_ids=..., use_cache=False).logits) through the graph evaluator."""
     pytest.importorskip("transformers")
-    from ic_compile.models import load_model
+    from ic_compile.tools.models import load_model
     model = load_model("hf-tiny:glm_moe_dsa")
     data = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     result = search_plan(model, data, num_full=2, progress=False)

@@ -19,10 +19,10 @@ import sys
 
 import torch
 
-from .models import MODEL_HELP, ModelSpecError, vocab_size
+from ..tools.models import MODEL_HELP, ModelSpecError, vocab_size
 
-FEATURE_MODULES = ["ic_compile.explain", "ic_compile.plan_cli", "ic_compile.search", "ic_compile.overlap",
-                   "ic_compile.graph_diff", "ic_compile.export"]
+FEATURE_MODULES = ["ic_compile.tools.explain", "ic_compile.cli.plan", "ic_compile.tools.search", "ic_compile.tools.overlap",
+                   "ic_compile.tools.graph_diff", "ic_compile.export.onnx"]
 
 EXAMPLES = """examples:
   ic explain --model dsa:tiny --plan FSSF
@@ -165,7 +165,7 @@ def progress_enabled() -> bool:
 # ------------------------------------------------------------------ main
 def project_errors() -> tuple[type[BaseException], ...]:
     """What a user's input can cause: printed as one line. Anything else is a bug: full traceback."""
-    from .backend import VerificationError
+    from ..backend import VerificationError
     return (ValueError, OSError, ModelSpecError, VerificationError, RuntimeError)
 
 

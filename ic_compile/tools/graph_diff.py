@@ -45,8 +45,8 @@ from torch import fx
 from ic_compile.passes.graph_ops import (LAYOUT_OPS, example_value, is_parameter, layer_number, module_path,
                                          op_name, shape_of, tensor_args)
 
-from .plan import PlanError
-from .rewrite import NoIndexerFoundError, RewriteResult, rewrite
+from ..plan import PlanError
+from ..rewrite import NoIndexerFoundError, RewriteResult, rewrite
 
 SCHEMA_VERSION = 1
 PROJECTION_OPS = {"linear", "matmul", "mm", "bmm", "einsum", "addmm"}
@@ -667,7 +667,7 @@ if(!location.hash){{sel.value='{first}';apply();}}</script></body></html>
 
 # ------------------------------------------------------------------------ CLI
 def register_cli(subparsers) -> None:
-    from .cli import add_cache_argument, add_model_arguments, examples, positive_int
+    from ..cli import add_cache_argument, add_model_arguments, examples, positive_int
     parser = subparsers.add_parser(
         "diff", help="per-layer graph diff of the rewrite: removed nodes, FLOPs, bytes",
         description="Apply --plan to the model's Dynamo graph and count, per indexer layer, the nodes "
@@ -688,8 +688,8 @@ def register_cli(subparsers) -> None:
 
 
 def _run_cli(args) -> int:
-    from .cli import Stages, example_ids, forward_inputs, print_json
-    from .outputs import output_file
+    from ..cli import Stages, example_ids, forward_inputs, print_json
+    from ..outputs import output_file
     from .models import load_model
     if args.html:
         output_file(args.html, "--html")

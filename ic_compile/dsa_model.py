@@ -301,7 +301,7 @@ class Attention(nn.Module):
                     detach_indexer_input: bool, with_probs: bool = True
                     ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
         """Training path (no cache): attention as a masked dense softmax so that the full
-        probability map is available.  Used by ic_compile.training; forward() is unchanged.
+        probability map is available.  Used by ic_compile.tools.training; forward() is unchanged.
 
         role "F": run this layer's indexer, "S": use prev_topk.  dense=True: attend to every
         causal key (indexer not used for selection).  The indexer reads detached inputs when

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .models import vocab_size
-from .plan import FULL, SHARED, LayerPlan, PlanError
+from ..plan import FULL, SHARED, LayerPlan, PlanError
 
 
 def _set_jaccard(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -32,7 +32,7 @@ def _set_jaccard(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def collect_topk(model: nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
     """Each indexer layer's top-k ids [B, S, K] for one batch (forward hooks on the indexers)."""
-    from .reference import find_indexer_modules
+    from ..reference import find_indexer_modules
     from .search import forward_logits
     indexers = find_indexer_modules(model)
     if not indexers:
@@ -171,7 +171,7 @@ def plot_overlap(matrix: torch.Tensor, path: str | os.PathLike, title: str = "to
 
 
 def register_cli(subparsers) -> None:
-    from .cli import add_model_arguments, examples, positive_int
+    from ..cli import add_model_arguments, examples, positive_int
     parser = subparsers.add_parser(
         "overlap", help="top-k overlap heatmap between indexer layers",
         description="Run every indexer (all F) and measure the mean Jaccard overlap of the top-k key sets "
@@ -190,8 +190,8 @@ def register_cli(subparsers) -> None:
 
 
 def _run_cli(args) -> int:
-    from .cli import Stages, progress_enabled
-    from .outputs import output_dir
+    from ..cli import Stages, progress_enabled
+    from ..outputs import output_dir
     from .models import load_model
     from .search import calibration_from_files, check_data_paths
     out = output_dir(args.out)  # before the model runs

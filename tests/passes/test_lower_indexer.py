@@ -8,7 +8,7 @@ import torch
 
 import ic_compile
 import tiny_models
-from ic_compile.models import import_examples_module
+from ic_compile import dsa_model
 from ic_compile.passes.detect_indexers import detect_indexers
 from ic_compile.passes.graph_ops import op_name, shape_of
 from ic_compile.passes.lower_sparse_attention import lowered_absorbed_mla
@@ -191,7 +191,7 @@ def test_lowered_graph_has_one_op_per_f_layer_and_no_score_tensor(eight_heads):
 
 
 def test_reference_model_static_cache_with_fused_indexer():
-    dsa = import_examples_module()
+    dsa = dsa_model
     full = dsa.init_weights(dsa.Transformer(dsa.ModelArgs.tiny()), 0).eval()
     native = dsa.init_weights(dsa.Transformer(dsa.ModelArgs.tiny(index_topk_pattern="FSFS")), 0).eval()
     for m in (full, native):

@@ -1,7 +1,7 @@
 """Model specs for the CLI: how `ic ... --model SPEC` builds a model.
 
 SPEC is one of
-  dsa:NAME[:PATTERN]       the reference model of examples/dsa_model.py (NAME: tiny, small, ...)
+  dsa:NAME[:PATTERN]       the reference model of ic_compile/dsa_model.py (NAME: tiny, small, ...)
   hf:CONFIG.json           an HF transformers model built from a config file (random weights)
   hf-tiny:glm_moe_dsa      a tiny HF GlmMoeDsa / deepseek_v32 with random weights
   ckpt:DIR                 a checkpoint written by examples/train_dsa.py (config.json + model.safetensors)
@@ -14,7 +14,6 @@ A spec that cannot be built raises ModelSpecError, whose message names the spec 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import os
 import sys
@@ -22,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
 
 HF_TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
@@ -42,21 +40,6 @@ def vocab_size(model) -> int:
     if config is not None and getattr(config, "vocab_size", None):
         return config.vocab_size
     return getattr(getattr(model, "args", None), "vocab_size", 256)
-
-
-def import_examples_module(name: str = "dsa_model"):
-    """examples/<name>.py from a source checkout (examples are not installed)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    path = REPO / "examples" / f"{name}.py"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: the reference model lives in the repository's "
-                                "examples/ folder; run from a source checkout")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 class ModelSpecError(ValueError):
@@ -85,7 +68,7 @@ def load_model(spec: str, seed: int = 0) -> torch.nn.Module:
 
 
 def _dsa(spec: str, rest: str, seed: int) -> torch.nn.Module:
-    dsa = import_examples_module()
+    from .. import dsa_model as dsa
     name, _, pattern = rest.partition(":")
     try:
         args = dsa.ModelArgs.from_name(name or "tiny", **({"index_topk_pattern": pattern} if pattern else {}))
@@ -179,12 +162,12 @@ def load_checkpoint(directory: str) -> torch.nn.Module:
             raise ModelSpecError(f"--model ckpt:{directory}: {str(path)!r} does not exist; a checkpoint "
                                  "directory holds config.json and model.safetensors (examples/train_dsa.py "
                                  "--out DIR writes them)")
-    dsa = import_examples_module()
+    from .. import dsa_model as dsa
     try:
         model_args = dsa.ModelArgs(**json.loads(config_path.read_text())["model_args"])
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelSpecError(f"--model ckpt:{directory}: {str(config_path)!r} does not hold valid "
-                             f"\"model_args\" for examples/dsa_model.py: {_first_line(exc)}") from None
+                             f"\"model_args\" for ic_compile/dsa_model.py: {_first_line(exc)}") from None
     model = dsa.Transformer(model_args)
     state = load_file(str(weights_path))
     check_state_dict(model, state, f"--model ckpt:{directory}")

@@ -39,8 +39,8 @@ from torch import fx, nn
 
 from ic_compile.kernels.reference import mask_indexer_scores, sparse_attention_rows
 
-from .outputs import OutputPathError, output_file
-from .rewrite import NoIndexerFoundError, RewriteResult, rewrite
+from ..outputs import OutputPathError, output_file
+from ..rewrite import NoIndexerFoundError, RewriteResult, rewrite
 
 FORMATS = ("onnx", "tensorrt")
 SEQ_DIM_NAME = "seq"
@@ -131,7 +131,7 @@ def decompose_custom_ops(gm: fx.GraphModule) -> list[str]:
         if name not in DECOMPOSITIONS:
             raise ExportError(f"custom op {name} (node {node.name!r}) has no decomposition into standard "
                               "ops, so it cannot be exported to ONNX; register one with "
-                              "ic_compile.export.register_decomposition('" + name + "', fn)")
+                              "ic_compile.export.onnx.register_decomposition('" + name + "', fn)")
         node.target = DECOMPOSITIONS[name]
         replaced.append(name)
     if replaced:
@@ -268,7 +268,7 @@ def capture_rewritten(model, example_inputs, plan=None, *, dynamic_seq: bool = T
 
 
 def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
-    from .rewrite import copy_graph_module
+    from ..rewrite import copy_graph_module
     return copy_graph_module(gm)
 
 
@@ -447,7 +447,7 @@ def _export_program(module: nn.Module, args: tuple, dynamic_shapes: dict):
         missing = sorted(name for name in custom.values() if name not in DECOMPOSITIONS)
         if missing:
             raise ExportError(f"custom op {missing[0]} has no decomposition into standard ops, so it cannot be "
-                              "exported to ONNX; register one with ic_compile.export.register_decomposition("
+                              "exported to ONNX; register one with ic_compile.export.onnx.register_decomposition("
                               f"'{missing[0]}', fn)")
         exported = exported.run_decompositions({op: DECOMPOSITIONS[name] for op, name in custom.items()})
     return exported, sorted(set(custom.values()))
@@ -502,7 +502,7 @@ def count_topk(proto, seq_name: str = SEQ_DIM_NAME) -> tuple[int, int]:
 
 # ------------------------------------------------------------------------------ CLI
 def register_cli(subparsers) -> None:
-    from .cli import add_model_arguments, examples
+    from ..cli import add_model_arguments, examples
     parser = subparsers.add_parser(
         "export", help="export the rewritten model (S indexers removed) to ONNX or TensorRT",
         description="Export the model rewritten for --plan: S-layer indexers are absent, custom ops are "
@@ -523,8 +523,8 @@ def register_cli(subparsers) -> None:
 
 
 def _run_cli(args) -> int:
-    from .cli import Stages, example_ids, forward_inputs, print_json
-    from .models import load_model
+    from ..cli import Stages, example_ids, forward_inputs, print_json
+    from ..tools.models import load_model
     output_file(args.out)  # before the 20-100 s of work
     names = ["load model"] + (ONNX_STAGES if args.format == "onnx" else ["capture, rewrite, build engine"])
     with Stages(names, f"ic export ({args.format})") as stages:

@@ -1,7 +1,7 @@
 """TensorRT lowering and export through torch-tensorrt's dynamo path.
 
     torch.compile(model, backend="indexcache", options={"plan": "FSSF", "lowering": "tensorrt"})
-    ic_compile.tensorrt.export_tensorrt(model, inputs, "model.ep", plan="FSSF")   # ic export --format tensorrt
+    ic_compile.export.tensorrt.export_tensorrt(model, inputs, "model.ep", plan="FSSF")   # ic export --format tensorrt
 
 Both run the IndexCache rewrite first (S-layer indexers deleted), check TensorRT's documented limits on
 the rewritten graph (no TensorRT needed for that), and only then import torch-tensorrt and call its
@@ -27,8 +27,8 @@ from torch import fx
 from ic_compile.passes.detect_indexers import detect_indexers
 from ic_compile.passes.graph_ops import is_parameter, module_path, layer_number, op_name, shape_of
 
-from .plan import PlanError
-from .rewrite import NoIndexerFoundError
+from ..plan import PlanError
+from ..rewrite import NoIndexerFoundError
 
 TOPK_MAX_K = 3840  # TensorRT TopK: k <= 3840
 MAX_VOLUME = 2**31 - 1  # TensorRT: a tensor holds at most 2^31 - 1 elements
@@ -165,7 +165,7 @@ def compile_tensorrt(gm: fx.GraphModule, example_inputs, *, index_topk: int | No
     """lowering='tensorrt': gm is the rewritten Dynamo graph. Limits first, then torch-tensorrt."""
     check_tensorrt_limits(gm, index_topk=index_topk, max_seq_len=max_seq_len)
     torch_tensorrt = require_tensorrt()
-    from .export import decompose_custom_ops
+    from .onnx import decompose_custom_ops
     decompose_custom_ops(gm)  # e.g. HF's transformers::grouped_mm_fallback: standard ops for TensorRT
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     user = [i for i, n in enumerate(placeholders) if not is_parameter(n)]
@@ -204,7 +204,7 @@ class _BakedWeights(torch.nn.Module):
 def export_tensorrt(model, example_inputs, path, plan=None, *, dynamic_seq: bool = True,
                     max_seq_len: int | None = None, opt_seq_len: int | None = None) -> TensorRTReport:
     """Rewrite for `plan`, check TensorRT limits, build with torch-tensorrt and save to `path`."""
-    from .export import (SEQ_DIM_NAME, CapturedModel, _export_program, _named_forward, capture_rewritten,
+    from .onnx import (SEQ_DIM_NAME, CapturedModel, _export_program, _named_forward, capture_rewritten,
                          check_writable)
     path = check_writable(path)
     try:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .plan import FULL, LayerPlan, PlanError
+from ..plan import FULL, LayerPlan, PlanError
 
 
 def serving_groups(plan) -> dict[int, list[int]]:
@@ -154,12 +154,12 @@ class DistillationInputs:
 
 def collect_distillation_inputs(model: nn.Module, ids: Tensor, plan=None, *, dense: bool = False,
                                 detach_indexer_input: bool = True) -> DistillationInputs:
-    """One forward of the reference model (examples/dsa_model.py) returning logits, every F layer's
+    """One forward of the reference model (ic_compile/dsa_model.py) returning logits, every F layer's
     indexer scores and every layer's attention probabilities. The indexer reads detached hidden states
     (DeepSeek), so a distillation loss on these scores trains the indexers only."""
     if not hasattr(model, "forward_aux"):
         raise TypeError(f"{type(model).__name__} has no forward_aux(); collect_distillation_inputs needs "
-                        "the reference model of examples/dsa_model.py")
+                        "the reference model of ic_compile/dsa_model.py")
     n = len(model.layers)
     plan = LayerPlan.coerce(plan, n) if plan is not None else LayerPlan(model.args.pattern)
     if len(plan) != n:
@@ -171,7 +171,7 @@ def collect_distillation_inputs(model: nn.Module, ids: Tensor, plan=None, *, den
 
 
 def indexer_parameters(model: nn.Module) -> list[nn.Parameter]:
-    from .reference import find_indexer_modules
+    from ..reference import find_indexer_modules
     return [p for m in find_indexer_modules(model) for p in m.parameters()]
 
 

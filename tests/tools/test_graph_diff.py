@@ -6,8 +6,8 @@ import re
 import pytest
 import torch
 
-from ic_compile.graph_diff import SCHEMA_VERSION, graph_diff, node_layers
-from ic_compile.models import load_model
+from ic_compile.tools.graph_diff import SCHEMA_VERSION, graph_diff, node_layers
+from ic_compile.tools.models import load_model
 from ic_compile.plan import PlanError
 from ic_compile.rewrite import NoIndexerFoundError
 from tiny_models import HF_TINY, glm, random_ids
@@ -73,8 +73,8 @@ def test_hf_numbers_match_hand_count(hf_diff):
 
 
 def test_reference_model_numbers_match_hand_count(ref_diff):
-    from ic_compile.models import import_examples_module
-    a = import_examples_module().ModelArgs.tiny()
+    from ic_compile import dsa_model
+    a = dsa_model.ModelArgs.tiny()
     per_layer = hand_flops(L, a.index_n_heads, a.index_head_dim, a.q_lora_rank, a.dim)
     assert [l.role for l in ref_diff.layers] == list("FSSF")
     assert [l.source for l in ref_diff.layers] == [0, 0, 0, 3]
@@ -85,11 +85,11 @@ def test_reference_model_numbers_match_hand_count(ref_diff):
 def test_reference_model_static_cache_writes_counted(tmp_path):
     """With static caches the S layers' index_copy_ into their key buffers is in the graph: counted as
     removed only because those nodes are absent from the rewritten graph."""
-    from ic_compile.models import import_examples_module
+    from ic_compile import dsa_model
     model = load_model("dsa:tiny")
     model.setup_caches(2, 24)
     diff = graph_diff(model, {"idx": random_ids(seq=24, vocab=256), "input_pos": torch.arange(24)}, plan="FSSF")
-    D = import_examples_module().ModelArgs.tiny().index_head_dim
+    D = dsa_model.ModelArgs.tiny().index_head_dim
     assert [l.key_cache_write_removed for l in diff.layers] == [None, True, True, None]
     assert [l.key_cache_bytes_per_token_freed for l in diff.layers] == [0, D * 4, D * 4, 0]
     after = {n.name for n in diff.result.gm.graph.nodes}

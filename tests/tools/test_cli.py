@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from ic_compile.cli import main
-from ic_compile.models import ModelSpecError, import_examples_module, load_checkpoint, load_model
+from ic_compile import dsa_model
+from ic_compile.tools.models import ModelSpecError, load_checkpoint, load_model
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -100,9 +101,8 @@ def test_hf_config_that_transformers_cannot_read(capsys, tmp_path):
 
 
 FACTORY = '''
-import sys
-sys.path.insert(0, {examples!r})
-import dsa_model, torch
+import torch
+from ic_compile import dsa_model
 
 def build():  # the form models.py documents: (model, example_inputs)
     model = dsa_model.init_weights(dsa_model.Transformer(dsa_model.ModelArgs.tiny()), 0)
@@ -184,7 +184,7 @@ def test_console_script_prints_one_line_without_traceback():
 # ------------------------------------------------------------------ checkpoints load strictly
 def save_checkpoint(folder: Path, drop: str | None = None, extra: str | None = None) -> torch.nn.Module:
     from safetensors.torch import save_file
-    dsa = import_examples_module()
+    dsa = dsa_model
     model = dsa.init_weights(dsa.Transformer(dsa.ModelArgs.tiny()), 0)
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     if drop:

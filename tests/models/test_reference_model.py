@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import ic_compile
-from ic_compile.models import import_examples_module
+from ic_compile import dsa_model
 from ic_compile.reference import shared_indexer_hooks
 
-dsa = import_examples_module()
+dsa = dsa_model
 
 
 def model_pair(pattern, seed=0):

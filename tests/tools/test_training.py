@@ -1,4 +1,4 @@
-"""Multi-layer indexer distillation (ic_compile.training) and the training example."""
+"""Multi-layer indexer distillation (ic_compile.tools.training) and the training example."""
 import math
 import subprocess
 import sys
@@ -9,12 +9,11 @@ import torch
 
 from ic_compile.plan import PlanError
 from ic_compile.reference import shared_indexer_hooks
-from ic_compile.training import (collect_distillation_inputs, indexer_parameters,
+from ic_compile.tools.training import (collect_distillation_inputs, indexer_parameters,
                                  multi_layer_distillation_loss, serving_groups)
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "examples"))
-from dsa_model import ModelArgs, Transformer, init_weights  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
+from ic_compile.dsa_model import ModelArgs, Transformer, init_weights  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -174,7 +173,7 @@ def test_bad_arguments_raise_clear_errors(plan, kwargs, message):
 
 def test_train_example_tiny_writes_loadable_checkpoint(tmp_path):
     """The training example end to end at minimum size (all stages, 1-2 steps each)."""
-    from ic_compile.models import load_checkpoint
+    from ic_compile.tools.models import load_checkpoint
     cmd = [sys.executable, str(REPO / "examples" / "train_dsa.py"), "--tiny", "--out", str(tmp_path),
            "--layers", "4", "--max-files", "30", "--dense-steps", "2", "--warmup-steps", "1",
            "--sparse-steps", "1", "--finetune-steps", "1", "--eval-sequences", "2", "--calib-sequences", "2",
@@ -200,8 +199,10 @@ def test_train_example_tiny_writes_loadable_checkpoint(tmp_path):
 def test_distill_example_lowers_the_loss_it_optimises(capsys):
     """examples/distill_example.py: same start, same batches; the run with the distillation term ends
     with a lower held-out distillation loss than the LM-only run, and says what each number is."""
-    from ic_compile.models import import_examples_module
-    example = import_examples_module("distill_example")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("distill_example", REPO / "examples" / "distill_example.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
     results = example.main(["--steps", "12", "--plan", "FSSF"])
     assert results["LM + distill"][1] < 0.5 * results["LM only"][1]
     assert results["LM only"][0] < results["start"][0]  # the LM loss both runs optimise falls

@@ -13,7 +13,7 @@ What is measured is what the backend runs. Two evaluators, both exact:
   "graph"   The model is captured once by Dynamo (one compile per batch shape); every candidate plan
             is applied to that graph with `ic_compile.rewrite.rewrite(gm, plan)` and the rewritten
             graph is run as is — the code path of `options={"lowering": "eager"}`. Any model.
-  "prefix"  Reference model (examples/dsa_model.py) only. Changing layer i from F to S cannot change
+  "prefix"  Reference model (ic_compile/dsa_model.py) only. Changing layer i from F to S cannot change
             layers 0..i-1, so the hidden state and top-k entering each layer under the current plan
             are cached per batch, and a candidate is run from layer i onwards only (S layers skip
             their indexer). On average this halves the work per candidate. Same ops as the graph;
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models import vocab_size
-from .plan import FULL, SHARED, LayerPlan, PlanError
+from ..plan import FULL, SHARED, LayerPlan, PlanError
 
 OBJECTIVES = ("lm_loss", "kl")
 EVALUATORS = ("auto", "graph", "prefix")
@@ -156,7 +156,7 @@ def is_reference_model(model: nn.Module) -> bool:
 
 
 def num_indexer_layers(model: nn.Module) -> int:
-    from .reference import find_indexer_modules
+    from ..reference import find_indexer_modules
     return len(find_indexer_modules(model))
 
 
@@ -186,7 +186,7 @@ class GraphEvaluator:
         return run
 
     def _forward_for(self, slot: int):
-        from .rewrite import rewrite
+        from ..rewrite import rewrite
         gm = self._graphs[slot]
         key = (slot, self.pattern)
         if key not in self._rewritten:
@@ -194,7 +194,7 @@ class GraphEvaluator:
         return self._rewritten[key]
 
     def num_layers(self, example: torch.Tensor) -> int:
-        from .rewrite import rewrite
+        from ..rewrite import rewrite
         if not self._graphs:
             self.logits(example, None)
         counts = [len(rewrite(gm, None, strict=True).detection.matches) for gm in self._graphs]
@@ -223,7 +223,7 @@ class PrefixEvaluator:
 
     def __init__(self, model: nn.Module, batches: list[torch.Tensor]):
         if not is_reference_model(model):
-            raise ValueError("evaluator='prefix' needs the reference model of examples/dsa_model.py; "
+            raise ValueError("evaluator='prefix' needs the reference model of ic_compile/dsa_model.py; "
                              "use evaluator='graph' for other models")
         missing = [i for i, layer in enumerate(model.layers) if layer.attn.indexer is None]
         if missing:
@@ -620,7 +620,7 @@ def _progress_bar(progress: bool, total, desc: str):
 # ============================================================== CLI
 
 def register_cli(subparsers) -> None:
-    from .cli import add_model_arguments, examples, positive_int
+    from ..cli import add_model_arguments, examples, positive_int
     parser = subparsers.add_parser(
         "search", help="greedy plan search on calibration data",
         description="Greedy training-free search (IndexCache paper): starting from all F, turn the F layer "
@@ -658,8 +658,8 @@ def check_data_paths(paths) -> None:
 
 
 def _run_cli(args) -> int:
-    from .cli import Stages, progress_enabled
-    from .outputs import output_dir
+    from ..cli import Stages, progress_enabled
+    from ..outputs import output_dir
     from .models import load_model
     out = output_dir(args.out)  # before the search: a bad path must not cost its minutes
     check_data_paths(args.data)

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from .plan import PlanError
-from .rewrite import NoIndexerFoundError, RewriteResult, rewrite
+from ..plan import PlanError
+from ..rewrite import NoIndexerFoundError, RewriteResult, rewrite
 
 
 @dataclass
@@ -109,7 +109,7 @@ def _unattributed(removed_by_layer: Counter, layers: list[dict]) -> list[str]:
 
 
 def register_cli(subparsers) -> None:
-    from .cli import add_cache_argument, add_model_arguments, examples
+    from ..cli import add_cache_argument, add_model_arguments, examples
     parser = subparsers.add_parser(
         "explain", help="what the rewrite finds and changes for a plan",
         description="Capture the model's Dynamo graph, detect its lightning indexers and apply --plan: "
@@ -125,7 +125,7 @@ def register_cli(subparsers) -> None:
 
 
 def _run_cli(args) -> int:
-    from .cli import example_ids, forward_inputs, print_json
+    from ..cli import example_ids, forward_inputs, print_json
     from .models import load_model
     model = load_model(args.model, args.seed)
     report = explain(model, forward_inputs(model, example_ids(model, args), args.with_cache), plan=args.plan)

@@ -4,10 +4,10 @@ runtime, which cannot be installed on the CPU CI machine, so that test is skippe
 import pytest
 import torch
 
-from ic_compile.export import capture_rewritten
-from ic_compile.models import import_examples_module
+from ic_compile.export.onnx import capture_rewritten
+from ic_compile import dsa_model
 from ic_compile.rewrite import NoIndexerFoundError
-from ic_compile.tensorrt import (MAX_VOLUME, TOPK_MAX_K, TensorRTLimitError, TensorRTUnavailableError,
+from ic_compile.export.tensorrt import (MAX_VOLUME, TOPK_MAX_K, TensorRTLimitError, TensorRTUnavailableError,
                                  check_tensorrt_limits, export_tensorrt, require_tensorrt)
 from tiny_models import random_ids
 
@@ -16,7 +16,7 @@ NO_TENSORRT = ("TensorRT runtime not installable here: the PyPI tensorrt/torch-t
 
 
 def reference_model(**overrides):
-    dsa = import_examples_module()
+    dsa = dsa_model
     return dsa.init_weights(dsa.Transformer(dsa.ModelArgs.tiny(**overrides)), 0).eval()
 
 

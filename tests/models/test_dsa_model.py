@@ -1,12 +1,11 @@
-"""Tests for the reference DSA model in examples/dsa_model.py (CPU, fast)."""
+"""Tests for the reference DSA model in ic_compile/dsa_model.py (CPU, fast)."""
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from dsa_model import KVCache, ModelArgs, MoE, Transformer, init_weights  # noqa: E402
+from ic_compile.dsa_model import KVCache, ModelArgs, MoE, Transformer, init_weights  # noqa: E402
 
 SEQ = 24  # > index_topk (8) of the tiny config, so the indexer really selects
 

@@ -1,4 +1,4 @@
-"""Cross-layer top-k overlap and the uniform / overlap baseline plans (ic_compile.overlap)."""
+"""Cross-layer top-k overlap and the uniform / overlap baseline plans (ic_compile.tools.overlap)."""
 import itertools
 import json
 import sys
@@ -7,12 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ic_compile.overlap import _set_jaccard, collect_topk, overlap_plan, topk_overlap, uniform_plan
+from ic_compile.tools.overlap import _set_jaccard, collect_topk, overlap_plan, topk_overlap, uniform_plan
 from ic_compile.plan import LayerPlan
-from ic_compile.search import search_plan
+from ic_compile.tools.search import search_plan
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from dsa_model import ModelArgs, Transformer, init_weights  # noqa: E402
+from ic_compile.dsa_model import ModelArgs, Transformer, init_weights  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -106,7 +105,7 @@ def test_cli_writes_json_and_heatmap(tmp_path):
 
 def test_hf_model_overlap():
     pytest.importorskip("transformers")
-    from ic_compile.models import load_model
+    from ic_compile.tools.models import load_model
     model = load_model("hf-tiny:glm_moe_dsa")  # index_topk 4
     matrix = topk_overlap(model, torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0)))
     assert matrix.shape == (4, 4) and torch.allclose(torch.diagonal(matrix), torch.ones(4, dtype=torch.float64))
