@@ -1,23 +1,30 @@
 """ic-compile: IndexCache as a torch.compile backend for DeepSeek-Sparse-Attention models.
 
     fast = torch.compile(model, backend="indexcache", options={"plan": "FSSSFSSS"})
+
+This module is the public surface: the compiler core (plan, rewrite, backend), then the tools and the
+exporters built on it. Inside the package, imports point one way: core <- tools/export <- cli.
 """
 
 from .versions import warn_untested
 
 warn_untested()  # once per process: a library outside the tested range (pyproject.toml) is named
 
-from .backend import BackendOptions, VerificationError, indexcache_backend
-from .tools.explain import ExplainReport, capture_graphs, explain
+# compiler core
+from .errors import IndexCacheError
 from .plan import LayerPlan, PlanError
 from .rewrite import DetectionUncertainWarning, NoIndexerFoundError, RewriteResult, rewrite
-from .tools.search import SearchResult, search_plan
-from .export.onnx import export_onnx
-from .tools.graph_diff import graph_diff
+from .backend import BackendOptions, OptionsError, VerificationError, indexcache_backend
 from .static_cache import static_cache
 from .kernels.key_range import NotAKeyRangeError
+# tools and exporters
+from .tools.explain import ExplainReport, capture_graphs, explain
+from .tools.search import SearchResult, search_plan
+from .tools.graph_diff import graph_diff
+from .export.onnx import export_onnx
 
-__all__ = ["BackendOptions", "DetectionUncertainWarning", "ExplainReport", "LayerPlan",
-           "NoIndexerFoundError", "NotAKeyRangeError", "PlanError", "RewriteResult", "SearchResult", "VerificationError", "capture_graphs",
-           "explain", "export_onnx", "graph_diff", "indexcache_backend", "rewrite", "search_plan", "static_cache"]
+__all__ = ["BackendOptions", "DetectionUncertainWarning", "ExplainReport", "IndexCacheError", "LayerPlan",
+           "NoIndexerFoundError", "NotAKeyRangeError", "OptionsError", "PlanError", "RewriteResult", "SearchResult",
+           "VerificationError", "capture_graphs", "explain", "export_onnx", "graph_diff", "indexcache_backend",
+           "rewrite", "search_plan", "static_cache"]
 __version__ = "0.1.0"

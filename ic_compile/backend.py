@@ -13,6 +13,7 @@ in an earlier fragment reads that top-k from the per-model index store (`index_s
 from __future__ import annotations
 
 import warnings
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -20,21 +21,27 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_leaves
 
+from .errors import IndexCacheError
 from ic_compile.kernels.reference import INDEXER_PRECISIONS
 from ic_compile.passes.lower_indexer import INDEXER_MASKS, prefill_indexers, skip_host_checks
 
 from .frames import (RecompileLimitError, RecompileLimitWarning, allow_fragment_recompiles,  # noqa: F401
                      frame_layout, note_plan_frame, pin_frame_to_module)
 from .index_store import IndexStoreError, store_for, with_store  # noqa: F401 (IndexStoreError re-exported)
-from .plan import PlanError
 from .rewrite import NoIndexerFoundError, RewriteResult, rewrite
 
 LOWERINGS = ("inductor", "eager", "tensorrt")
 _warned_no_plan = False
-last_results: list[RewriteResult] = []  # what the backend did to the graphs it compiled, newest last
+# What the backend did to the graphs it compiled most recently, newest last. Bounded: each entry holds a
+# compiled GraphModule, and a long-running server must not keep every graph it ever compiled.
+last_results: deque[RewriteResult] = deque(maxlen=64)
 
 
-class VerificationError(AssertionError):
+class OptionsError(IndexCacheError, ValueError):
+    """A torch.compile(..., backend="indexcache", options=...) value ic-compile does not accept."""
+
+
+class VerificationError(IndexCacheError):
     """`verify=True` found the rewritten graph disagreeing with the original beyond tolerance."""
 
 
@@ -71,21 +78,21 @@ class BackendOptions:
         options = dict(options or {})
         unknown = sorted(set(options) - set(cls.__dataclass_fields__))
         if unknown:
-            raise PlanError(f"unknown indexcache option(s) {unknown}; valid options are "
+            raise OptionsError(f"unknown indexcache option(s) {unknown}; valid options are "
                             f"{sorted(cls.__dataclass_fields__)}")
         parsed = cls(**options)
         if parsed.lowering not in LOWERINGS:
-            raise PlanError(f"lowering={parsed.lowering!r} is not one of {LOWERINGS}")
+            raise OptionsError(f"lowering={parsed.lowering!r} is not one of {LOWERINGS}")
         if parsed.indexer_mask not in INDEXER_MASKS:
-            raise PlanError(f"indexer_mask={parsed.indexer_mask!r} is not one of {INDEXER_MASKS}")
+            raise OptionsError(f"indexer_mask={parsed.indexer_mask!r} is not one of {INDEXER_MASKS}")
         if parsed.indexer_precision not in INDEXER_PRECISIONS:
-            raise PlanError(f"indexer_precision={parsed.indexer_precision!r} is not one of {INDEXER_PRECISIONS}")
+            raise OptionsError(f"indexer_precision={parsed.indexer_precision!r} is not one of {INDEXER_PRECISIONS}")
         if parsed.indexer_precision != "bf16" and (parsed.kernels is False or parsed.lowering == "tensorrt"):
-            raise PlanError(f"indexer_precision={parsed.indexer_precision!r} runs in our fused indexer op: it "
+            raise OptionsError(f"indexer_precision={parsed.indexer_precision!r} runs in our fused indexer op: it "
                             "needs kernels=True or 'auto' (and lowering 'inductor' or 'eager'), got "
                             f"kernels={parsed.kernels!r}, lowering={parsed.lowering!r}")
         if parsed.cudagraphs and parsed.lowering != "inductor":
-            raise PlanError(f"cudagraphs=True needs lowering='inductor' (got {parsed.lowering!r}): the CUDA "
+            raise OptionsError(f"cudagraphs=True needs lowering='inductor' (got {parsed.lowering!r}): the CUDA "
                             "graphs are Inductor's")
         return parsed
 

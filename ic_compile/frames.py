@@ -19,8 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import IndexCacheError
 
-class RecompileLimitError(RuntimeError):
+
+class RecompileLimitError(IndexCacheError, RuntimeError):
     """Dynamo hit its recompile limit on a frame the plan rewrote and would run it un-rewritten."""
 
 

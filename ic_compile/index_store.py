@@ -20,8 +20,10 @@ from typing import Callable
 
 import torch
 
+from .errors import IndexCacheError
 
-class IndexStoreError(RuntimeError):
+
+class IndexStoreError(IndexCacheError, RuntimeError):
     """An S layer's fragment ran but its F source did not write its top-k first in this call."""
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from .errors import IndexCacheError
 
-class OutputPathError(ValueError):
+
+class OutputPathError(IndexCacheError, ValueError):
     """An output path that cannot be written; raised before any work starts."""
 
 

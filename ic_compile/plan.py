@@ -14,10 +14,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import IndexCacheError
+
 FULL, SHARED = "F", "S"
 
 
-class PlanError(ValueError):
+class PlanError(IndexCacheError, ValueError):
     """A plan that cannot be applied; the message says what is wrong and how to fix it."""
 
 

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import IndexCacheError
+
 # what the error names: the backend option that hands the op the dense mask instead
 DENSE_OPTION = "options={'indexer_mask': 'dense'}"
 
 
-class NotAKeyRangeError(ValueError):
+class NotAKeyRangeError(IndexCacheError, ValueError):
     """Some query's allowed keys are not one contiguous range (the mask is not range-shaped)."""
 
 

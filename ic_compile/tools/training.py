@@ -23,7 +23,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..errors import IndexCacheError
 from ..plan import FULL, LayerPlan, PlanError
+
+
+class TrainingInputError(IndexCacheError, ValueError):
+    """Distillation-loss inputs of the wrong kind or shape; the message says which and what was expected."""
 
 
 def serving_groups(plan) -> dict[int, list[int]]:
@@ -37,12 +42,12 @@ def serving_groups(plan) -> dict[int, list[int]]:
 
 def _check_inputs(indexer_scores, attention_probs, plan):
     if not isinstance(attention_probs, dict) or not attention_probs:
-        raise PlanError("attention_probs must be a non-empty dict {layer: Tensor[B, H, S, T]}")
+        raise TrainingInputError("attention_probs must be a non-empty dict {layer: Tensor[B, H, S, T]}")
     if not isinstance(indexer_scores, dict):
-        raise PlanError("indexer_scores must be a dict {F layer: Tensor[B, S, T]}")
+        raise TrainingInputError("indexer_scores must be a dict {F layer: Tensor[B, S, T]}")
     n = len(attention_probs)
     if sorted(attention_probs) != list(range(n)):
-        raise PlanError(f"attention_probs must have one entry per layer 0..{n - 1} (indexer-layer order), "
+        raise TrainingInputError(f"attention_probs must have one entry per layer 0..{n - 1} (indexer-layer order), "
                         f"got layers {sorted(attention_probs)}")
     if plan is None:
         raise PlanError("plan is required: a pattern like 'FSSF' or a LayerPlan")
@@ -52,14 +57,14 @@ def _check_inputs(indexer_scores, attention_probs, plan):
                         "give one 'F'/'S' per layer")
     missing = [i for i, role in enumerate(plan.pattern) if role == FULL and i not in indexer_scores]
     if missing:
-        raise PlanError(f"indexer_scores has no entry for F layers {missing} of plan {plan.pattern!r}")
+        raise TrainingInputError(f"indexer_scores has no entry for F layers {missing} of plan {plan.pattern!r}")
     return plan
 
 
 def _head_summed(probs: Tensor) -> Tensor:
     """[B, H, S, T] -> [B, S, T]: summed over heads, L1-normalised over keys (0 rows stay 0)."""
     if probs.dim() != 4:
-        raise PlanError(f"attention probabilities must be [B, H, S, T], got shape {tuple(probs.shape)}")
+        raise TrainingInputError(f"attention probabilities must be [B, H, S, T], got shape {tuple(probs.shape)}")
     summed = _upcast(probs.detach()).sum(1)
     return summed / summed.sum(-1, keepdim=True).clamp_min(1e-30)
 
@@ -90,20 +95,20 @@ def multi_layer_distillation_loss(indexer_scores: dict[int, Tensor], attention_p
     groups = serving_groups(plan)
     if topk_indices is not None and not isinstance(topk_indices, dict):
         if len(groups) != 1:
-            raise PlanError(f"topk_indices must be a dict {{F layer: [B, S, K]}} for plan {plan.pattern!r} "
+            raise TrainingInputError(f"topk_indices must be a dict {{F layer: [B, S, K]}} for plan {plan.pattern!r} "
                             f"with {len(groups)} F layers")
         topk_indices = {next(iter(groups)): topk_indices}
     losses = []
     for f, group in groups.items():
         scores = indexer_scores[f]
         if scores.dim() != 3:
-            raise PlanError(f"indexer_scores[{f}] must be [B, S, T], got shape {tuple(scores.shape)}")
+            raise TrainingInputError(f"indexer_scores[{f}] must be [B, S, T], got shape {tuple(scores.shape)}")
         B, S, T = scores.shape
         target = None
         for layer in group:
             probs = attention_probs[layer]
             if probs.dim() != 4 or (probs.shape[0], probs.shape[2], probs.shape[3]) != (B, S, T):
-                raise PlanError(f"attention_probs[{layer}] has shape {tuple(probs.shape)}; expected "
+                raise TrainingInputError(f"attention_probs[{layer}] has shape {tuple(probs.shape)}; expected "
                                 f"[{B}, H, {S}, {T}] to match indexer_scores[{f}]")
             p = _head_summed(probs)
             target = p if target is None else target + p
@@ -115,10 +120,10 @@ def multi_layer_distillation_loss(indexer_scores: dict[int, Tensor], attention_p
             p = target.masked_fill(~allowed, 0.0)
         else:
             if f not in topk_indices:
-                raise PlanError(f"topk_indices has no entry for F layer {f}")
+                raise TrainingInputError(f"topk_indices has no entry for F layer {f}")
             index = topk_indices[f].long()
             if index.shape[:2] != (B, S):
-                raise PlanError(f"topk_indices[{f}] must be [{B}, {S}, K], got {tuple(index.shape)}")
+                raise TrainingInputError(f"topk_indices[{f}] must be [{B}, {S}, K], got {tuple(index.shape)}")
             valid = allowed.gather(-1, index)  # [B, S, K]
             log_q = scores.gather(-1, index).masked_fill(~valid, float("-inf")).log_softmax(-1)
             p = target.gather(-1, index).masked_fill(~valid, 0.0)
@@ -135,11 +140,11 @@ def _allowed(mask, B, S, T, device) -> Tensor:
         return (torch.arange(T, device=device)[None, :] <= query_pos).expand(B, S, T)
     mask = torch.as_tensor(mask, device=device)
     if mask.dtype != torch.bool:
-        raise PlanError(f"mask must be bool (True = allowed key), got {mask.dtype}")
+        raise TrainingInputError(f"mask must be bool (True = allowed key), got {mask.dtype}")
     try:
         return mask.expand(B, S, T)
     except RuntimeError as exc:
-        raise PlanError(f"mask of shape {tuple(mask.shape)} does not broadcast to [{B}, {S}, {T}]") from exc
+        raise TrainingInputError(f"mask of shape {tuple(mask.shape)} does not broadcast to [{B}, {S}, {T}]") from exc
 
 
 # ============================================================== reference-model helpers

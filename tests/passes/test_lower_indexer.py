@@ -448,7 +448,7 @@ def test_cudagraphs_option_captures_decode_graphs_only(eight_heads, monkeypatch)
 
 
 def test_cudagraphs_needs_inductor():
-    with pytest.raises(ic_compile.PlanError, match="cudagraphs=True needs lowering='inductor'"):
+    with pytest.raises(ic_compile.OptionsError, match="cudagraphs=True needs lowering='inductor'"):
         ic_compile.backend.BackendOptions.parse({"cudagraphs": True, "lowering": "eager"})
 
 
@@ -530,5 +530,5 @@ def test_fp8_indexer_option_reaches_the_op(eight_heads):
     ({"indexer_precision": "fp8", "kernels": False}, r"indexer_precision='fp8' runs in our fused indexer op"),
 ])
 def test_indexer_precision_option_errors(options, message):
-    with pytest.raises(ic_compile.PlanError, match=message):
+    with pytest.raises(ic_compile.OptionsError, match=message):
         ic_compile.backend.BackendOptions.parse(options)

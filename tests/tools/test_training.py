@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ic_compile.errors import IndexCacheError
 from ic_compile.plan import PlanError
 from ic_compile.reference import shared_indexer_hooks
 from ic_compile.tools.training import (collect_distillation_inputs, indexer_parameters,
@@ -165,7 +166,7 @@ def test_bad_arguments_raise_clear_errors(plan, kwargs, message):
         scores.pop(kwargs["drop_scores"])
     if "probs_keys" in kwargs:
         probs = dict(zip(kwargs["probs_keys"], probs.values()))
-    with pytest.raises(PlanError) as info:
+    with pytest.raises(IndexCacheError) as info:  # PlanError for the plan, TrainingInputError otherwise
         multi_layer_distillation_loss(scores, probs, plan, mask=kwargs.get("mask"),
                                       topk_indices=kwargs.get("topk"))
     assert message in str(info.value)
