@@ -1,0 +1,152 @@
+"""The paper's setting on one GPU: the whole 47-layer GLM-4.7-Flash-shaped model (30B, bf16, random weights).
+
+    python bench/e2e.py --part prefill --length 200000 --plans F 1/4 1/8   # -> bench/results/e2e.json
+    python bench/e2e.py --part decode --length 200000 --plans F 1/4
+
+Plans: "F" (every layer keeps its indexer), "1/4" and "1/8" (uniform: layer i keeps it when i % 4 == 0,
+resp. i % 8 == 0 — 12 and 6 of 47 layers). Every variant is ours with Inductor lowering.
+  * prefill: last-token logits of one L-token sequence, no cache. The first call's wall time (Dynamo
+    trace + rewrite + Inductor compile + one run) is reported as compile_s; then `--reps` timed runs.
+  * decode: one new token at position L of a StaticCache (ic_compile.static_cache) whose tensors
+    (latent KV, indexer keys) are filled with random values, rewound to L before every step, with
+    options={"cudagraphs": True}: what a serving engine replays. tokens/s = 1000 / step ms.
+Rows are merged into the results file by (part, L, plan), so the parts can run in separate calls.
+The bf16 limit of a prefill = its counted FLOPs (bench/prefill.py's work_flops) / the in-run matmul peak.
+"""
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from prefill import CONFIG, bf16_peak_tflops, save_result, time_ms, work_flops  # noqa: E402
+
+import ic_compile  # noqa: E402
+
+LAYERS = 47  # GLM-4.7-Flash: 47 decoder layers, the first dense, then 64-expert MoE
+RESULT = pathlib.Path(__file__).resolve().parent / "results" / "e2e.json"
+
+
+def pattern(plan: str, layers: int = LAYERS) -> str:
+    """"F" -> all F; "1/n" -> F every n-th layer from layer 0."""
+    every = 1 if plan == "F" else int(plan.split("/")[1])
+    return "".join("F" if i % every == 0 else "S" for i in range(layers))
+
+
+def build_model(layers: int):
+    """Built on the GPU in bf16 directly: a float32 copy of 30B parameters would not fit."""
+    from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = GlmMoeDsaForCausalLM(GlmMoeDsaConfig(**{**CONFIG, "num_hidden_layers": layers})).eval()
+    torch.set_default_dtype(torch.float32)
+    return model
+
+
+def compiled(model, plan: str, layers: int, graphs: bool = False):
+    torch._dynamo.reset()
+    options = {"plan": pattern(plan, layers), "lowering": "inductor", "cudagraphs": graphs}
+    return torch.compile(model, backend="indexcache", options=options)
+
+
+def prefill_row(model, plan: str, L: int, layers: int, reps: int, peak: float) -> dict:
+    ids = torch.randint(0, CONFIG["vocab_size"], (1, L), device="cuda")
+    fn = compiled(model, plan, layers)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        start = time.perf_counter()
+        fn(ids, use_cache=False, logits_to_keep=1)
+        torch.cuda.synchronize()
+        compile_s = time.perf_counter() - start
+        ms = time_ms(lambda: fn(ids, use_cache=False, logits_to_keep=1), reps)
+    limit_ms = work_flops(L, pattern(plan, layers)) / (peak * 1e12) * 1e3
+    return {"part": "prefill", "L": L, "plan": plan, "layers": layers, "ms": ms, "compile_s": compile_s,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30, "limit_ms": limit_ms,
+            "pct_of_limit": 100 * limit_ms / ms}
+
+
+def random_static_cache(model, L: int):
+    """A StaticCache of L + 8 slots, every floating tensor random, each layer's length at L."""
+    cache = ic_compile.static_cache(model, 1, L + 8)
+    for layer in cache.layers:
+        for value in vars(layer).values():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                value.normal_()
+    return cache
+
+
+def rewind(cache, length: int) -> None:
+    """Set every layer's running length (where transformers 5 writes the next token) to `length`."""
+    for layer in cache.layers:
+        layer.cumulative_length.fill_(length)
+        if getattr(layer, "indexer_cumulative_length", None) is not None:
+            layer.indexer_cumulative_length.fill_(length)
+
+
+def decode_row(model, cache, plan: str, L: int, layers: int, reps: int) -> dict:
+    fn = compiled(model, plan, layers, graphs=True)
+    token = torch.randint(0, CONFIG["vocab_size"], (1, 1), device="cuda")
+    position = torch.tensor([L], device="cuda")
+
+    def step():
+        rewind(cache, L)
+        torch.compiler.cudagraph_mark_step_begin()
+        fn(token, past_key_values=cache, use_cache=True, cache_position=position)
+
+    with torch.no_grad():
+        start = time.perf_counter()
+        for _ in range(3):  # compile, record the CUDA graph, first replay
+            step()
+        torch.cuda.synchronize()
+        compile_s = time.perf_counter() - start
+        ms = time_ms(step, reps)
+    return {"part": "decode", "L": L, "plan": plan, "layers": layers, "ms": ms, "tokens_per_s": 1000 / ms,
+            "compile_s": compile_s, "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30}
+
+
+def merged(out: pathlib.Path, rows: list[dict]) -> list[dict]:
+    """Earlier rows of the results file, those with the same (part, L, plan, layers) replaced."""
+    key = lambda row: (row["part"], row["L"], row["plan"], row["layers"])  # noqa: E731
+    old = json.loads(out.read_text())["rows"] if out.exists() else []
+    new = {key(row) for row in rows}
+    return [row for row in old if key(row) not in new] + rows
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--part", choices=["prefill", "decode"], required=True)
+    parser.add_argument("--length", type=int, default=200000)
+    parser.add_argument("--plans", nargs="+", default=["F", "1/4"])
+    parser.add_argument("--layers", type=int, default=LAYERS, help="fewer for a quick check")
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--out", default=str(RESULT), help="JSON results file, rows merged (default: %(default)s)")
+    args = parser.parse_args()
+    peak = bf16_peak_tflops()
+    model = build_model(args.layers)
+    cache = random_static_cache(model, args.length) if args.part == "decode" else None
+    rows = []
+    for plan in args.plans:
+        try:
+            if args.part == "prefill":
+                row = prefill_row(model, plan, args.length, args.layers, args.reps, peak)
+            else:
+                row = decode_row(model, cache, plan, args.length, args.layers, args.reps)
+        except torch.OutOfMemoryError as exc:
+            row = {"part": args.part, "L": args.length, "plan": plan, "layers": args.layers,
+                   "oom": str(exc)[:200]}
+        row["command"] = " ".join(sys.argv)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    out = pathlib.Path(args.out)
+    save_result(str(out), merged(out, rows), bf16_peak_tflops=peak,
+                versions={"torch": torch.__version__, "transformers": __import__("transformers").__version__})
+
+
+if __name__ == "__main__":
+    main()
