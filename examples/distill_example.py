@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ic_compile import dsa_model  # noqa: E402
-from ic_compile.tools.search import calibration_from_files  # noqa: E402
+from ic_compile.tools.calibration import calibration_from_files  # noqa: E402
 from ic_compile.tools.training import collect_distillation_inputs, multi_layer_distillation_loss  # noqa: E402
 
 VOCAB = 256

@@ -20,8 +20,8 @@ Recipe (DeepSeek-V3.2 continued-pretraining stages, scaled down):
   vs uniform plans at 1/2, 1/4, 1/8 F; and, after the same fine-tuning budget from the checkpoint,
   all-F vs training-free uniform-1/4 (all-F fine-tune, plan applied afterwards) vs training-aware
   uniform-1/4 (fine-tuned with the plan applied and multi-layer distillation).
-Plans are evaluated with ic_compile.tools.search.evaluate-style evaluators: exactly what the indexcache
-backend runs (see ic_compile/search.py).
+Plans are evaluated with ic_compile.tools.evaluators: exactly what the indexcache
+backend runs (see ic_compile/tools/evaluators.py).
 
   python examples/train_dsa.py --tiny --out runs/tiny --results            # CPU smoke, < 2 min
   python examples/train_dsa.py --device cuda --out runs/h200 --results     # H200, ~10 min
@@ -52,7 +52,8 @@ sys.path.insert(0, str(REPO))
 from ic_compile import dsa_model as dsa  # noqa: E402
 from ic_compile.tools.overlap import overlap_plan, topk_overlap, uniform_plan  # noqa: E402
 from ic_compile.plan import LayerPlan  # noqa: E402
-from ic_compile.tools.search import Objective, _loss, make_evaluator, search_plan  # noqa: E402
+from ic_compile.tools.evaluators import Objective, make_evaluator, plan_loss  # noqa: E402
+from ic_compile.tools.search import search_plan  # noqa: E402
 from ic_compile.tools.training import freeze_all_but_indexers, multi_layer_distillation_loss  # noqa: E402
 
 
@@ -275,7 +276,7 @@ class PlanScorer:
     def __call__(self, plan) -> float:
         pattern = LayerPlan.coerce(plan, self.n).pattern
         if pattern not in self._cache:
-            self._cache[pattern] = round(_loss(self.evaluator, self.objective, self.batches, pattern), 5)
+            self._cache[pattern] = round(plan_loss(self.evaluator, self.objective, self.batches, pattern), 5)
         return self._cache[pattern]
 
 

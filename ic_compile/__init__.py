@@ -16,9 +16,10 @@ from .plan import LayerPlan, PlanError
 from .rewrite import DetectionUncertainWarning, NoIndexerFoundError, RewriteResult, rewrite
 from .backend import BackendOptions, OptionsError, VerificationError, indexcache_backend
 from .static_cache import static_cache
+from .capture import capture_graphs
 from .kernels.key_range import NotAKeyRangeError
 # tools and exporters
-from .tools.explain import ExplainReport, capture_graphs, explain
+from .tools.explain import ExplainReport, explain
 from .tools.search import SearchResult, search_plan
 from .tools.graph_diff import graph_diff
 from .export.onnx import export_onnx

@@ -14,7 +14,8 @@ that caught those keeps working. Messages say what is wrong and how to fix it.
     ├── NotAKeyRangeError       a mask that is not one key range per query (ic_compile.kernels.key_range)
     ├── ModelSpecError          a --model SPEC that cannot be built (ic_compile.tools.models)
     ├── OutputPathError         an output path that cannot be written (ic_compile.outputs)
-    ├── ExportError             an export that cannot be done (ic_compile.export.onnx)
+    ├── ExportError             an export that cannot be done (ic_compile.export.decompose; also
+    │                           importable from ic_compile.export and ic_compile.export.onnx)
     └── TensorRTUnavailableError  torch-tensorrt is not installed (ic_compile.export.tensorrt)
 
 Each class lives in the module that raises it (listed above); this module holds only the base.

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..deploy import deployment, layout_of
 from ..outputs import output_file
 from ..plan import LayerPlan, PlanError
+from ..tools.models import load_model
 
 EXAMPLES = """examples:
   ic plan --pattern FSSFSSSF                        # one role per decoder layer (every layer has an indexer)
@@ -61,7 +62,6 @@ def _layout(args):
         return None
     if args.model.startswith("hf:"):
         return layout_of(args.model[3:])  # HF builds indexers as the config says: no weights needed
-    from ..tools.models import load_model
     return layout_of(load_model(args.model))
 
 

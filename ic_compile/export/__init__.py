@@ -1,4 +1,9 @@
-"""Exporters of a rewritten model: ONNX (`export_onnx`) and TensorRT (`compile_tensorrt`, `export_tensorrt`)."""
+"""Exporters of a rewritten model: ONNX (`onnx.export_onnx`) and TensorRT (`tensorrt.export_tensorrt`, and
+`tensorrt.compile_tensorrt` for the backend's lowering="tensorrt").
+
+Imports point one way: `decompose` (custom ops in standard ops, ExportError) <- `program` (capture,
+rewrite, wrap, torch.export) <- `onnx`, `tensorrt`. The exporters import the core, never the CLI.
+"""
 
 from .onnx import ExportError, export_onnx
 

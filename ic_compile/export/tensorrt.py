@@ -27,15 +27,18 @@ from torch import fx
 from ic_compile.passes.detect_indexers import detect_indexers
 from ic_compile.passes.graph_ops import is_parameter, module_path, layer_number, op_name, shape_of
 
+from ..errors import IndexCacheError
 from ..plan import PlanError
 from ..rewrite import NoIndexerFoundError
+from .decompose import decompose_custom_ops
+from .program import SEQ_DIM_NAME, CapturedModel, capture_rewritten, check_writable, export_program, named_forward
 
 TOPK_MAX_K = 3840  # TensorRT TopK: k <= 3840
 MAX_VOLUME = 2**31 - 1  # TensorRT: a tensor holds at most 2^31 - 1 elements
 TOPK_MAX_AXES_FROM_END = 4  # TopK reduces one of the last four dims
 
 
-class TensorRTUnavailableError(RuntimeError):
+class TensorRTUnavailableError(IndexCacheError, RuntimeError):
     """TensorRT / torch-tensorrt cannot be imported on this machine."""
 
 
@@ -165,7 +168,6 @@ def compile_tensorrt(gm: fx.GraphModule, example_inputs, *, index_topk: int | No
     """lowering='tensorrt': gm is the rewritten Dynamo graph. Limits first, then torch-tensorrt."""
     check_tensorrt_limits(gm, index_topk=index_topk, max_seq_len=max_seq_len)
     torch_tensorrt = require_tensorrt()
-    from .onnx import decompose_custom_ops
     decompose_custom_ops(gm)  # e.g. HF's transformers::grouped_mm_fallback: standard ops for TensorRT
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     user = [i for i, n in enumerate(placeholders) if not is_parameter(n)]
@@ -204,8 +206,6 @@ class _BakedWeights(torch.nn.Module):
 def export_tensorrt(model, example_inputs, path, plan=None, *, dynamic_seq: bool = True,
                     max_seq_len: int | None = None, opt_seq_len: int | None = None) -> TensorRTReport:
     """Rewrite for `plan`, check TensorRT limits, build with torch-tensorrt and save to `path`."""
-    from .onnx import (SEQ_DIM_NAME, CapturedModel, _export_program, _named_forward, capture_rewritten,
-                         check_writable)
     path = check_writable(path)
     try:
         program = capture_rewritten(model, example_inputs, plan, dynamic_seq=dynamic_seq)
@@ -217,20 +217,20 @@ def export_tensorrt(model, example_inputs, path, plan=None, *, dynamic_seq: bool
     report = check_tensorrt_limits(program.result.gm, index_topk=configured_topk(model), max_seq_len=max_seq_len,
                                    plan=str(program.result.plan))
     torch_tensorrt = require_tensorrt()
-    module = _named_forward(program.module, program.input_names)
+    module = named_forward(program.module, program.input_names)
     args = program.example_args
     seq = int(args[0].shape[1])
     if dynamic_seq:
         top = max_seq_len or max(seq, 2) * 8
         dim = torch.export.Dim(SEQ_DIM_NAME, min=2, max=top)
-        exported, _ = _export_program(module, args, {n: ({1: dim} if t.dim() > 1 else {})
+        exported, _ = export_program(module, args, {n: ({1: dim} if t.dim() > 1 else {})
                                                      for n, t in zip(program.input_names, args)})
         inputs = [torch_tensorrt.Input(min_shape=(t.shape[0], 2, *t.shape[2:]),
                                        opt_shape=(t.shape[0], opt_seq_len or seq, *t.shape[2:]),
                                        max_shape=(t.shape[0], top, *t.shape[2:]), dtype=t.dtype)
                   if t.dim() > 1 else t for t in args]
     else:
-        exported, _ = _export_program(module, args, {n: {} for n in program.input_names})
+        exported, _ = export_program(module, args, {n: {} for n in program.input_names})
         inputs = list(args)
     trt_gm = torch_tensorrt.dynamo.compile(exported, inputs=inputs, min_block_size=1)
     torch_tensorrt.save(trt_gm, str(path), arg_inputs=list(args))

@@ -5,11 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-import torch
-from torch import fx
-
-from ..plan import PlanError
-from ..rewrite import NoIndexerFoundError, RewriteResult, rewrite
+from ..capture import capture_graphs, indexer_graph
+from ..rewrite import RewriteResult, rewrite
+from .attribution import attribute_layers, key_cache_notes, key_cache_writes_removed
 
 
 @dataclass
@@ -44,48 +42,15 @@ class ExplainReport:
         return "\n".join(lines)
 
 
-def capture_graphs(model, example_inputs, **kwargs) -> list[fx.GraphModule]:
-    """The Dynamo FX graph(s) torch.compile would hand a backend for this call."""
-    graphs: list[fx.GraphModule] = []
-
-    def capture(gm, _inputs, **_options):
-        graphs.append(gm)
-        return gm.forward
-
-    args, call_kwargs = _split_inputs(example_inputs, kwargs)
-    with torch.no_grad():
-        torch.compile(model, backend=capture, dynamic=False)(*args, **call_kwargs)
-    return graphs
-
-
-def _split_inputs(example_inputs, kwargs):
-    if isinstance(example_inputs, dict):
-        return (), {**example_inputs, **kwargs}
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), kwargs
-    return tuple(example_inputs), kwargs
-
-
 def explain(model, example_inputs, plan=None, **kwargs) -> ExplainReport:
     graphs = capture_graphs(model, example_inputs, **kwargs)
-    results = [rewrite(gm, plan) for gm in graphs]
-    found = [r for r in results if r.detection.matches]
-    if not found:
-        uncertain = [r.message for r in results if r.message and not r.detection.confident]
-        if uncertain:
-            raise PlanError(uncertain[0])
-        raise NoIndexerFoundError(f"explain: no lightning indexer found in the model's "
-                                  f"{len(graphs)} graph(s); nothing to share")
-    if len(found) > 1:
-        raise PlanError(f"the model was split into {len(graphs)} graphs with indexers in {len(found)} "
-                        "of them (graph breaks); a plan must see all layers in one graph")
-    report = _report(found[0])
+    found = indexer_graph([rewrite(gm, plan) for gm in graphs], "explain", "nothing to share")
+    report = _report(found)
     report.graphs = len(graphs)
     return report
 
 
 def _report(result: RewriteResult) -> ExplainReport:
-    from .graph_diff import attribute_layers, key_cache_notes, key_cache_writes_removed
     layer_of = attribute_layers(result.original)[0]  # by nn_module_stack / the layer a node feeds
     removed_by_layer = Counter(layer_of.get(n.name, n.layer) for n in result.removed)
     counted = key_cache_writes_removed(result)  # from the rewritten graph, not the pass's own flag
@@ -108,26 +73,4 @@ def _unattributed(removed_by_layer: Counter, layers: list[dict]) -> list[str]:
     return [f"{outside} removed nodes belong to no S layer (shared by several layers)"] if outside else []
 
 
-def register_cli(subparsers) -> None:
-    from ..cli import add_cache_argument, add_model_arguments, examples
-    parser = subparsers.add_parser(
-        "explain", help="what the rewrite finds and changes for a plan",
-        description="Capture the model's Dynamo graph, detect its lightning indexers and apply --plan: "
-                    "prints each indexer layer's role, source and removed nodes.",
-        epilog=examples("ic explain --model dsa:tiny --plan FSSF",
-                        "ic explain --model hf-tiny:deepseek_v32 --plan FSFS --json",
-                        "ic explain --model my_models:build --plan plan.json   # my_models.py in the working dir"))
-    add_model_arguments(parser)
-    parser.add_argument("--plan", default=None, help="pattern (FSSF...), plan.json, or omit for all F")
-    add_cache_argument(parser)
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.set_defaults(run=_run_cli)
-
-
-def _run_cli(args) -> int:
-    from ..cli import example_ids, forward_inputs, print_json
-    from .models import load_model
-    model = load_model(args.model, args.seed)
-    report = explain(model, forward_inputs(model, example_ids(model, args), args.with_cache), plan=args.plan)
-    print_json(report.to_dict()) if args.json else print(report)
-    return 0
+__all__ = ["ExplainReport", "capture_graphs", "explain"]  # capture_graphs: from ic_compile.capture

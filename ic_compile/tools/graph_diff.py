@@ -32,21 +32,22 @@ JSON schema (schema_version 1):
 from __future__ import annotations
 
 import contextlib
-import html
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import fx
 
-from ic_compile.passes.graph_ops import (LAYOUT_OPS, example_value, is_parameter, layer_number, module_path,
-                                         op_name, shape_of, tensor_args)
+from ic_compile.passes.graph_ops import LAYOUT_OPS, example_value, is_parameter, module_path, op_name, shape_of, tensor_args
 
+from ..capture import capture_graphs, indexer_graph
 from ..plan import PlanError
-from ..rewrite import NoIndexerFoundError, RewriteResult, rewrite
+from ..rewrite import RewriteResult, rewrite
+from .attribution import (attribute_layers, key_cache_notes, key_cache_writes_removed,  # noqa: F401 (re-exported)
+                          node_layers, parameter_path)
+from .graph_diff_html import format_bytes, format_si, render_html
 
 SCHEMA_VERSION = 1
 PROJECTION_OPS = {"linear", "matmul", "mm", "bmm", "einsum", "addmm"}
@@ -127,12 +128,12 @@ class GraphDiff:
                  f"{'nodes -':>7} {'rewired':>7} {'weights freed':>13} {'kcache B/tok':>12}  module"]
         for l in self.layers:
             lines.append(f"{l.layer:>5} {l.role:>4} {l.source:>3} {f'{l.heads}×{l.head_dim}':>7} "
-                         f"{_si(l.indexer_flops):>14} {_si(l.flops_removed):>14} {l.removed_nodes:>7} "
-                         f"{l.rewired_nodes:>7} {_bytes(l.weight_bytes_freed):>13} "
+                         f"{format_si(l.indexer_flops):>14} {format_si(l.flops_removed):>14} {l.removed_nodes:>7} "
+                         f"{l.rewired_nodes:>7} {format_bytes(l.weight_bytes_freed):>13} "
                          f"{l.key_cache_bytes_per_token_freed:>12}  {l.module}")
-        lines.append(f"{'total':>5} {'':>4} {'':>3} {'':>7} {_si(t['indexer_flops']):>14} "
-                     f"{_si(t['flops_removed']):>14} {t['removed_nodes']:>7} {t['rewired_nodes']:>7} "
-                     f"{_bytes(t['weight_bytes_freed']):>13} {t['key_cache_bytes_per_token_freed']:>12}  "
+        lines.append(f"{'total':>5} {'':>4} {'':>3} {'':>7} {format_si(t['indexer_flops']):>14} "
+                     f"{format_si(t['flops_removed']):>14} {t['removed_nodes']:>7} {t['rewired_nodes']:>7} "
+                     f"{format_bytes(t['weight_bytes_freed']):>13} {t['key_cache_bytes_per_token_freed']:>12}  "
                      f"({100 * t['flops_removed_fraction']:.1f}% of indexer FLOPs removed)")
         rewired = [n for n in self.nodes if n.change in ("rewired", "added")]
         if rewired:
@@ -160,28 +161,8 @@ class GraphDiff:
         return text
 
 
-def _si(x: float) -> str:
-    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{unit}"
-    return f"{x:.0f}"
-
-
-def _bytes(x: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if x >= scale:
-            return f"{x / scale:.3g} {unit}"
-    return f"{x} B"
-
-
 # ------------------------------------------------------------------------ building the diff
 DIFF_STAGES = ["capture (Dynamo)", "rewrite for the plan", "count"]
-
-
-class _NoStages:
-    @contextlib.contextmanager
-    def step(self, _name: str):
-        yield
 
 
 def graph_diff(model, example_inputs, plan=None, seq_len: int | None = None, *, kernels: bool = False,
@@ -190,21 +171,17 @@ def graph_diff(model, example_inputs, plan=None, seq_len: int | None = None, *, 
     kernels=True also lowers F indexers to `ic::indexer_topk` (what the backend does on CUDA): their
     nodes show as removed and the fused op as added (F layers' FLOPs are moved, not removed).
     progress: a `cli.Stages` over DIFF_STAGES (the CLI's bar)."""
-    from .explain import capture_graphs
-    stages = progress or _NoStages()
-    with stages.step("capture (Dynamo)"):
+    with _step(progress, "capture (Dynamo)"):
         graphs = capture_graphs(model, example_inputs, **kwargs)
-    with stages.step("rewrite for the plan"):
+    with _step(progress, "rewrite for the plan"):
         results = [rewrite(gm, plan, strict=True, kernels=kernels) for gm in graphs]
-    found = [r for r in results if r.detection.matches]
-    if not found:
-        raise NoIndexerFoundError(f"graph diff: no lightning indexer found in the model's {len(graphs)} "
-                                  "graph(s); is this a DSA model? Without an indexer the plan changes nothing")
-    if len(found) > 1:
-        raise PlanError(f"the model was split into {len(graphs)} graphs with indexers in {len(found)} of them "
-                        "(graph breaks); a plan must see all layers in one graph")
-    with stages.step("count"):
-        return diff_rewrite(found[0], seq_len)
+    found = indexer_graph(results, "graph diff", "is this a DSA model? Without an indexer the plan changes nothing")
+    with _step(progress, "count"):
+        return diff_rewrite(found, seq_len)
+
+
+def _step(progress, name: str):
+    return progress.step(name) if progress is not None else contextlib.nullcontext()
 
 
 def diff_rewrite(result: RewriteResult, seq_len: int | None = None) -> GraphDiff:
@@ -225,7 +202,7 @@ def diff_rewrite(result: RewriteResult, seq_len: int | None = None) -> GraphDiff
         heads, dim = _heads_and_dim(before[m.query.name], before[m.topk.name].args[0])
         indexer_nodes = _indexer_nodes(result.original, m, removed_names, layer_of)
         own_removed = [before[c.name] for c in changes if c.change == "removed" and c.layer == m.layer]
-        freed = _freed_parameters(result.original, after, own_removed)
+        freed = _freed_parameters(result.original, own_removed)
         is_s = b.role == "S"
         layers.append(LayerDiff(
             layer=m.layer, role=b.role, source=b.source.layer, module=m.module, heads=heads, head_dim=dim,
@@ -240,90 +217,6 @@ def diff_rewrite(result: RewriteResult, seq_len: int | None = None) -> GraphDiff
     return GraphDiff(plan=str(result.plan), seq_len=seq_len, nodes_after=len(after),
                      nodes_before=len(after) + sum(c.change == "removed" for c in changes),
                      layers=layers, nodes=changes, result=result, notes=key_cache_notes(dropped))
-
-
-def key_cache_writes_removed(result: RewriteResult) -> dict[int, bool | None]:
-    """S layer -> True if every write of its indexer key cache (the cache append, or the in-place writes
-    into a static buffer) found in the original graph is absent from the rewritten one, False if any is
-    still there, None if the original graph writes no such cache (e.g. captured without a cache).
-    Counted from the graphs, not from what the pass believes it did."""
-    after = {n.name for n in result.gm.graph.nodes}
-    caches = {c.layer: c for c in result.caches}
-    counted: dict[int, bool | None] = {}
-    for b in result.bindings:
-        if b.role != "S":
-            continue
-        cache = caches.get(b.match.layer)
-        writes = ([] if cache is None else [cache.concat.name] if cache.concat is not None
-                  else [w.name for w in cache.writers])
-        counted[b.match.layer] = None if not writes else not any(w in after for w in writes)
-    return counted
-
-
-def key_cache_notes(counted: dict[int, bool | None]) -> list[str]:
-    """Why an S layer's key-cache bytes count as 0."""
-    absent = [layer for layer, removed in counted.items() if removed is None]
-    kept = [layer for layer, removed in counted.items() if removed is False]
-    notes = []
-    if absent:
-        notes.append(f"S layers {absent}: this graph writes no indexer key cache (captured without a cache), "
-                     "so no key-cache write is counted as removed (0 B/token); capture with a cache "
-                     "(ic --with-cache; API: use_cache=True and a DynamicCache / StaticCache) to count them")
-    if kept:
-        notes.append(f"S layers {kept} still write their indexer key cache in the rewritten graph (cache "
-                     "layout not recognised by drop_shared_key_cache): 0 bytes counted as freed")
-    return notes
-
-
-def node_layers(gm: fx.GraphModule) -> dict[str, int | None]:
-    """Layer of every node (None: shared by several layers or outside them); see `attribute_layers`."""
-    return attribute_layers(gm)[0]
-
-
-def attribute_layers(gm: fx.GraphModule) -> tuple[dict[str, int | None], dict[str, str]]:
-    """(layer, why) of every node. In order of trust:
-    - the innermost entry of its nn_module_stack under a numbered layer (a helper function such as HF
-      DeepSeek-V3.2's `apply_rotary_pos_emb` is the innermost entry; the layer is the one above it);
-    - else the single layer all its users belong to (parameters, graph inputs, helper values);
-    - else None, with the reason: read by several layers, the graph output, outside every layer."""
-    nodes = list(gm.graph.nodes)
-    layers: dict[str, int | None] = {n.name: _stack_layer(n) for n in nodes}
-    why = {n.name: "module path" for n in nodes if layers[n.name] is not None}
-    for node in reversed(nodes):  # users come later in the graph: their layer is known first
-        if layers[node.name] is not None or node.op == "output":
-            continue
-        readers = {layers[u.name] for u in node.users}
-        if len(readers) == 1 and None not in readers:
-            layers[node.name] = readers.pop()
-            why[node.name] = f"feeds only layer {layers[node.name]}"
-    for node in nodes:
-        if node.name in why:
-            continue
-        readers = sorted({layers[u.name] for u in node.users} - {None})
-        why[node.name] = ("graph output (returns every layer's results and cache state)" if node.op == "output"
-                          else f"shared: read by layers {readers}" if len(readers) > 1
-                          else "outside the layers (embedding, final norm, head, or values they read)")
-    return layers, why
-
-
-def _stack_layer(node: fx.Node) -> int | None:
-    if node.op in ("placeholder", "get_attr", "output"):
-        return None
-    stack = node.meta.get("nn_module_stack") or {}
-    for entry in reversed(list(stack.values())):
-        path = _clean_path(entry[0])
-        block = re.search(r"(?:^|\.)(?:layers|layer|blocks|block|h)\.(\d+)(?=\.|$)", path)
-        layer = int(block.group(1)) if block else layer_number(path)  # not an expert's index
-        if layer is not None:
-            return layer
-    return None
-
-
-def _clean_path(path) -> str:
-    """"L['self'].model.layers[3]" -> "model.layers.3" (as graph_ops.module_path writes it)."""
-    path = re.sub(r"^L\['self'\]\.?", "", str(path))
-    path = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", path)
-    return re.sub(r"\._modules\.", ".", path).strip(".")
 
 
 def _node_changes(result, before, after, layer_of, why) -> list[NodeChange]:
@@ -390,7 +283,7 @@ def _flops(nodes, match, seq_len: int, heads: int, dim: int) -> int:
     return total
 
 
-def _freed_parameters(original: fx.GraphModule, after: dict, removed: list[fx.Node]) -> list[fx.Node]:
+def _freed_parameters(original: fx.GraphModule, removed: list[fx.Node]) -> list[fx.Node]:
     removed_set = {n.name for n in removed}
     freed = []
     for node in original.graph.nodes:
@@ -399,15 +292,6 @@ def _freed_parameters(original: fx.GraphModule, after: dict, removed: list[fx.No
         if all(u.name in removed_set for u in node.users):
             freed.append(node)
     return freed
-
-
-def parameter_path(node: fx.Node) -> str:
-    """'model.layers.1.self_attn.indexer.wq_b.weight' from Dynamo's lifted placeholder name
-    ('l_self_modules_model_modules_layers_modules_1_..._parameters_weight_'); get_attr: its target."""
-    if node.op == "get_attr":
-        return str(node.target)
-    name = re.sub(r"^l_(self_)?", "", node.name).rstrip("_")
-    return re.sub(r"(?:^|_)(?:modules|parameters|buffers)_", ".", name).strip(".")
 
 
 def _nbytes(node: fx.Node) -> int:
@@ -427,286 +311,5 @@ def _key_itemsize(key: fx.Node) -> int:
     return value.element_size() if isinstance(value, torch.Tensor) else 4
 
 
-# ------------------------------------------------------------------------ HTML
-BOX_W, BOX_H, GAP_X, GAP_Y, MARGIN = 132, 24, 14, 30, 20
-
-
-def _layout(graph) -> dict:
-    """DAG-layered layout: rows = networkx topological generations of the non-source nodes (top to
-    bottom); each source (parameter, graph input, value from another layer) sits in the row just above
-    its first reader; columns ordered by the barycentre of the predecessors."""
-    import networkx as nx
-    sources = {n for n in graph if graph.in_degree(n) == 0 and graph.out_degree(n) > 0}
-    inner = graph.subgraph([n for n in graph if n not in sources])
-    row_of = {}
-    for row, generation in enumerate(nx.topological_generations(inner)):
-        for n in generation:
-            row_of[n] = row + 1
-    for n in sources:
-        row_of[n] = min(row_of[u] for u in graph.successors(n)) - 1
-    rows: dict[int, list] = {}
-    for n, r in row_of.items():
-        rows.setdefault(r, []).append(n)
-    pos, x_of = {}, {}
-    for r in sorted(rows):
-        def bary(n):
-            near = [x_of[p] for p in graph.predecessors(n) if p in x_of]
-            return (sum(near) / len(near) if near else 0.0, graph.nodes[n]["order"])
-        taken = set()
-        for n in sorted(rows[r], key=bary):
-            want = max(0, round(bary(n)[0]))
-            col = want
-            while col in taken:
-                col += 1
-            taken.add(col)
-            x_of[n] = col
-            pos[n] = (col, r - min(rows))
-    return pos
-
-
-def _layer_graph(diff: GraphDiff, layer, layer_of, status) -> "object":
-    """networkx DiGraph of one layer's nodes (before ∪ after) plus ghost nodes for inputs from elsewhere."""
-    import networkx as nx
-    result = diff.result
-    before = {n.name: n for n in result.original.graph.nodes}
-    after = {n.name: n for n in result.gm.graph.nodes}
-    order = {name: i for i, name in enumerate(list(before) + [n for n in after if n not in before])}
-    dead = {n for n in before if n not in after and n not in status}  # dead before the rewrite
-    members = [name for name in order
-               if name not in dead and _layer_key(layer_of.get(name, _added_layer(after, name))) == layer
-               and (before.get(name) or after.get(name)).op not in ("output",)]
-    graph = nx.DiGraph()
-    for name in members:
-        node = before.get(name) or after[name]
-        graph.add_node(name, order=order[name], op=_label_op(node), status=status.get(name, "kept"),
-                       module=module_path(node), ghost=False, shape=str(list(shape_of(node) or [])))
-    for name in members:
-        old = [a.name for a in tensor_args(before[name])] if name in before else []
-        new = [a.name for a in tensor_args(after[name])] if name in after else []
-        for src in dict.fromkeys(old + new):
-            if src not in graph:
-                node = before.get(src) or after[src]
-                if node.op == "placeholder" and not is_parameter(node) and layer_of.get(src) is None:
-                    pass  # graph input: shown as a ghost too
-                graph.add_node(src, order=order.get(src, 0), op=_label_op(node), status="ghost",
-                               module=module_path(node), ghost=True, shape=str(list(shape_of(node) or [])),
-                               ghost_layer=layer_of.get(src))
-            kind = ("kept" if src in old and src in new else "removed" if src in old else "added")
-            if status.get(name) == "removed":
-                kind = "removed"
-            graph.add_edge(src, name, kind=kind)
-    return graph
-
-
-def _added_layer(after, name):
-    node = after.get(name)
-    return layer_number(module_path(node)) if node is not None else None
-
-
-def _layer_key(layer) -> str:
-    return "other" if layer is None else str(layer)
-
-
-def _label_op(node: fx.Node) -> str:
-    if node.op in ("placeholder", "get_attr"):
-        if not is_parameter(node):
-            return "input"
-        return ".".join(parameter_path(node).split(".")[-2:])
-    return op_name(node) or node.op
-
-
-def render_html(diff: GraphDiff) -> str:
-    if diff.result is None:
-        raise ValueError("this GraphDiff has no rewrite result attached (built from JSON?); cannot draw it")
-    layer_of = node_layers(diff.result.original)
-    status = {c.name: c.change for c in diff.nodes}
-    for layer in diff.layers:
-        for p in layer.freed_parameters:
-            status[p] = "freed"
-    roles = {str(l.layer): l for l in diff.layers}
-    keys = sorted({_layer_key(v) for v in layer_of.values()} | set(roles),
-                  key=lambda k: (k == "other", int(k) if k.isdigit() else 0))
-    sections = []
-    for key in keys:
-        graph = _layer_graph(diff, key, layer_of, status)
-        if graph.number_of_nodes() == 0:
-            continue
-        sections.append(_svg_section(key, graph, roles.get(key)))
-    t = diff.totals
-    rows = "".join(
-        f"<tr data-layer='{l.layer}' class='role{l.role}'><td>{l.layer}</td><td>{l.role}</td><td>{l.source}</td>"
-        f"<td>{l.heads}×{l.head_dim}</td><td>{_si(l.indexer_flops)}</td><td>{_si(l.flops_removed)}</td>"
-        f"<td>{l.removed_nodes}</td><td>{l.rewired_nodes}</td><td>{_bytes(l.weight_bytes_freed)}</td>"
-        f"<td>{l.key_cache_bytes_per_token_freed}</td><td>{html.escape(l.module)}</td></tr>" for l in diff.layers)
-    changes = "".join(
-        f"<tr data-layer='{_layer_key(c.layer)}' class='c{c.change}'><td>{c.change}</td><td>{_layer_key(c.layer)}</td>"
-        f"<td>{html.escape(c.name)}</td><td>{html.escape(c.op)}</td><td>{html.escape(', '.join(c.inputs_before))}</td>"
-        f"<td>{html.escape(', '.join(c.inputs_after))}</td><td>{html.escape(c.module)}</td></tr>" for c in diff.nodes)
-    def option(k):
-        role = ""
-        if k in roles:
-            role = f" ({roles[k].role}" + (f" ← {roles[k].source}" if roles[k].role == "S" else "") + ")"
-        return f"<option value='{k}'>{'layer ' + k if k != 'other' else 'outside layers'}{role}</option>"
-    options = "".join(option(k) for k in keys)
-    first_s = next((str(l.layer) for l in diff.layers if l.role == "S"), keys[0])
-    data = html.escape(json.dumps({k: v for k, v in diff.to_dict().items() if k != "nodes"}))
-    return _PAGE.format(plan=html.escape(diff.plan), seq=diff.seq_len, before=diff.nodes_before,
-                        after=diff.nodes_after, removed=t["removed_nodes"], rewired=t["rewired_nodes"],
-                        added=t["added_nodes"], flops=_si(t["flops_removed"]), flops_all=_si(t["indexer_flops"]),
-                        frac=f"{100 * t['flops_removed_fraction']:.1f}", wbytes=_bytes(t["weight_bytes_freed"]),
-                        kbytes=t["key_cache_bytes_per_token_freed"], rows=rows, changes=changes,
-                        options=options, sections="".join(sections), first=first_s, data=data,
-                        css=_CSS, js=_JS)
-
-
-def _svg_section(key: str, graph, layer: LayerDiff | None) -> str:
-    pos = _layout(graph)
-    width = (max(x for x, _ in pos.values()) + 1) * (BOX_W + GAP_X) + 2 * MARGIN
-    height = (max(y for _, y in pos.values()) + 1) * (BOX_H + GAP_Y) + 2 * MARGIN
-    xy = {n: (MARGIN + x * (BOX_W + GAP_X), MARGIN + y * (BOX_H + GAP_Y)) for n, (x, y) in pos.items()}
-    parts = []
-    for src, dst, attrs in graph.edges(data=True):
-        (x1, y1), (x2, y2) = xy[src], xy[dst]
-        x1, y1, x2, y2 = x1 + BOX_W / 2, y1 + BOX_H, x2 + BOX_W / 2, y2
-        mid = (y1 + y2) / 2
-        parts.append(f"<path class='e {attrs['kind']}' data-src='{src}' data-dst='{dst}' "
-                     f"d='M{x1:.0f},{y1:.0f} C{x1:.0f},{mid:.0f} {x2:.0f},{mid:.0f} {x2:.0f},{y2:.0f}'/>")
-    for name, attrs in graph.nodes(data=True):
-        x, y = xy[name]
-        ghost_layer = attrs.get("ghost_layer")
-        label = attrs["op"] if not attrs["ghost"] else (
-            f"{attrs['op']} ← L{ghost_layer}" if ghost_layer is not None else f"{attrs['op']} ← outside")
-        tip = (f"{name}\nop: {attrs['op']}\nstatus: {attrs['status']}\nshape: {attrs['shape']}\n"
-               f"module: {attrs['module']}")
-        parts.append(f"<g class='n {attrs['status']}' data-name='{html.escape(name)}' transform='translate({x},{y})'>"
-                     f"<title>{html.escape(tip)}</title><rect width='{BOX_W}' height='{BOX_H}' rx='5'/>"
-                     f"<text x='{BOX_W / 2}' y='{BOX_H / 2 + 4}'>{html.escape(_short(label, 20))}</text></g>")
-    title = (f"Layer {key} — {layer.role}" + (f", reuses layer {layer.source}'s top-k" if layer.role == "S" else
-                                              ", runs its indexer") if layer else
-             (f"Layer {key} — no indexer" if key != "other" else "Outside the layers (embedding, head, ...)"))
-    stats = (f" · {layer.removed_nodes} nodes removed, {layer.rewired_nodes} rewired, "
-             f"{_si(layer.flops_removed)} FLOPs removed" if layer else "")
-    return (f"<section class='layer' data-layer='{key}'><h2>{html.escape(title)}<small>{stats} · "
-            f"{graph.number_of_nodes()} nodes</small></h2><div class='scroll'><svg width='{width}' height='{height}' "
-            f"viewBox='0 0 {width} {height}' xmlns='http://www.w3.org/2000/svg'>{''.join(parts)}</svg></div></section>")
-
-
-def _short(text: str, n: int) -> str:
-    return text if len(text) <= n else text[: n - 1] + "…"
-
-
-_CSS = """
-body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
-header{background:#1d2330;color:#fff;padding:14px 22px}header h1{margin:0;font-size:20px}
-header p{margin:4px 0 0;color:#c9d1e0}main{padding:14px 22px}
-.controls{position:sticky;top:0;z-index:5;background:#f6f7f9;padding:8px 0;border-bottom:1px solid #dde1e8;
- display:flex;gap:18px;align-items:center;flex-wrap:wrap}
-select{font-size:14px;padding:3px 6px}
-table{border-collapse:collapse;background:#fff;margin:8px 0 14px}
-td,th{border:1px solid #dde1e8;padding:3px 8px;text-align:right;white-space:nowrap}
-td:last-child{text-align:left}th{background:#eef0f4}
-tr.roleS td:nth-child(2){color:#c0392b;font-weight:600}tr.roleF td:nth-child(2){color:#1f6feb;font-weight:600}
-.legend span{display:inline-flex;align-items:center;gap:5px;margin-right:12px}
-.legend i{display:inline-block;width:22px;height:13px;border-radius:3px;border:1.5px solid}
-.k{background:#fff;border-color:#9aa3b2}.r{background:#fde2e0;border-color:#c0392b}
-.w{background:#fff1d6;border-color:#e08a00}.a{background:#dcf5e3;border-color:#1e8e3e}
-.f{background:#f3e5ff;border-color:#8e44ad}.g{background:#f0f1f4;border-color:#9aa3b2;border-style:dashed}
-h2{font-size:16px;margin:16px 0 6px}h2 small{font-weight:400;color:#5b6576;margin-left:8px}
-.scroll{overflow:auto;max-height:78vh;background:#fff;border:1px solid #dde1e8}
-svg text{font:11px ui-monospace,SFMono-Regular,Menlo,monospace;text-anchor:middle;fill:#1d2330}
-.n rect{fill:#fff;stroke:#9aa3b2;stroke-width:1.2}
-.n.removed rect{fill:#fde2e0;stroke:#c0392b;stroke-dasharray:4 2}.n.removed text{fill:#a02a1e;text-decoration:line-through}
-.n.rewired rect{fill:#fff1d6;stroke:#e08a00;stroke-width:2}.n.added rect{fill:#dcf5e3;stroke:#1e8e3e;stroke-width:2}
-.n.freed rect{fill:#f3e5ff;stroke:#8e44ad;stroke-dasharray:4 2}
-.n.ghost rect{fill:#f0f1f4;stroke:#9aa3b2;stroke-dasharray:3 3}.n.ghost text{fill:#5b6576}
-.e{fill:none;stroke:#b3bac6;stroke-width:1}.e.removed{stroke:#e3a39c;stroke-dasharray:4 3}
-.e.added{stroke:#e08a00;stroke-width:2.4}
-.changed-only .n.kept,.changed-only .n.ghost{opacity:.12}.changed-only .e.kept{opacity:.1}
-details{margin:8px 0}summary{cursor:pointer;font-weight:600}
-"""
-
-_JS = """
-const sel=document.getElementById('layer'),only=document.getElementById('only');
-function apply(){const v=sel.value;
- document.querySelectorAll('section.layer').forEach(s=>s.style.display=(v==='all'||s.dataset.layer===v)?'':'none');
- document.querySelectorAll('#changes tbody tr').forEach(r=>r.style.display=(v==='all'||r.dataset.layer===v)?'':'none');
- document.body.classList.toggle('changed-only',only.checked);location.hash=v;
- document.querySelectorAll('section.layer').forEach(s=>{if(s.style.display==='none')return;
-  const box=s.querySelector('.scroll'),n=s.querySelector('.n.rewired,.n.added')||s.querySelector('.n.removed');
-  if(n){const t=n.transform.baseVal.consolidate().matrix;box.scrollTop=Math.max(0,t.f-box.clientHeight*0.45);
-   box.scrollLeft=Math.max(0,t.e-box.clientWidth/2);}});}
-sel.addEventListener('change',apply);only.addEventListener('change',apply);
-const h=decodeURIComponent(location.hash.slice(1));if(h&&[...sel.options].some(o=>o.value===h))sel.value=h;apply();
-"""
-
-_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>indexcache graph diff — plan {plan}</title>
-<style>{css}</style></head><body>
-<header><h1>IndexCache graph diff — plan <code>{plan}</code></h1>
-<p>{before} → {after} graph nodes: {removed} removed, {rewired} rewired, {added} added ·
-indexer FLOPs removed at L={seq}: {flops} of {flops_all} ({frac}%) · indexer weights freed: {wbytes} ·
-indexer key cache freed: {kbytes} B/token</p></header>
-<main>
-<table><thead><tr><th>layer</th><th>role</th><th>source</th><th>H×D</th><th>indexer FLOPs</th>
-<th>FLOPs removed</th><th>nodes removed</th><th>rewired</th><th>weights freed</th><th>key cache B/token freed</th>
-<th>indexer module</th></tr></thead><tbody>{rows}</tbody></table>
-<div class="controls"><label>Show <select id="layer"><option value="all">all layers</option>{options}</select></label>
-<label><input type="checkbox" id="only"> fade unchanged nodes</label>
-<span class="legend"><span><i class="k"></i>kept</span><span><i class="r"></i>removed</span>
-<span><i class="w"></i>rewired (reads a new input: another layer's top-k, a fused op)</span><span><i class="a"></i>added</span>
-<span><i class="f"></i>parameter freed</span><span><i class="g"></i>from another layer</span></span></div>
-{sections}
-<details id="changes"><summary>Node-level diff ({removed} removed, {rewired} rewired, {added} added)</summary>
-<table><thead><tr><th>change</th><th>layer</th><th>node</th><th>op</th><th>inputs before</th><th>inputs after</th>
-<th>module</th></tr></thead><tbody>{changes}</tbody></table></details>
-<script type="application/json" id="diff-data">{data}</script>
-</main><script>{js}
-if(!location.hash){{sel.value='{first}';apply();}}</script></body></html>
-"""
-
-
-# ------------------------------------------------------------------------ CLI
-def register_cli(subparsers) -> None:
-    from ..cli import add_cache_argument, add_model_arguments, examples, positive_int
-    parser = subparsers.add_parser(
-        "diff", help="per-layer graph diff of the rewrite: removed nodes, FLOPs, bytes",
-        description="Apply --plan to the model's Dynamo graph and count, per indexer layer, the nodes "
-                    "removed / rewired and the indexer FLOPs, weights and key-cache bytes that no longer run.",
-        epilog=examples("ic diff --model dsa:tiny --plan FSSF --seq 24 --seq-len 1024",
-                        "ic diff --model hf-tiny:deepseek_v32 --plan FSFS --json > diff.json",
-                        "ic diff --model hf-tiny:glm_moe_dsa --plan FSFS --html diff.html"))
-    add_model_arguments(parser)
-    parser.add_argument("--plan", required=True, help="pattern (FSSF...) or plan.json")
-    parser.add_argument("--seq-len", type=positive_int, default=None,
-                        help="sequence length the FLOPs are counted at (default: --seq)")
-    parser.add_argument("--kernels", action="store_true",
-                        help="also lower F indexers to ic::indexer_topk (as the backend does on CUDA)")
-    add_cache_argument(parser)
-    parser.add_argument("--json", action="store_true", help="print the diff as JSON")
-    parser.add_argument("--html", default=None, help="write the interactive graph page here (checked first)")
-    parser.set_defaults(run=_run_cli)
-
-
-def _run_cli(args) -> int:
-    from ..cli import Stages, example_ids, forward_inputs, print_json
-    from ..outputs import output_file
-    from .models import load_model
-    if args.html:
-        output_file(args.html, "--html")
-    names = ["load model"] + DIFF_STAGES + (["write HTML"] if args.html else [])
-    with Stages(names, "ic diff") as stages:
-        with stages.step("load model"):
-            model = load_model(args.model, args.seed)
-            inputs = forward_inputs(model, example_ids(model, args), args.with_cache)
-        diff = graph_diff(model, inputs, plan=args.plan, seq_len=args.seq_len, kernels=args.kernels,
-                          progress=stages)
-        if args.html:
-            with stages.step("write HTML"):
-                diff.to_html(args.html)
-    print_json(diff.to_dict()) if args.json else print(diff)
-    if args.html and not args.json:
-        print(f"wrote {args.html}")
-    return 0
-
-
-__all__ = ["GraphDiff", "LayerDiff", "NodeChange", "SCHEMA_VERSION", "diff_rewrite", "graph_diff", "node_layers"]
+__all__ = ["DIFF_STAGES", "GraphDiff", "LayerDiff", "NodeChange", "SCHEMA_VERSION", "attribute_layers", "diff_rewrite",
+           "graph_diff", "key_cache_notes", "key_cache_writes_removed", "node_layers"]

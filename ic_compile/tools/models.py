@@ -21,17 +21,13 @@ from pathlib import Path
 
 import torch
 
+from ..errors import IndexCacheError
 
 HF_TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
                num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, v_head_dim=16,
                qk_nope_head_dim=16, index_topk=4, index_head_dim=16, index_n_heads=2,
                first_k_dense_replace=1, max_position_embeddings=256)
-
-
-MODEL_HELP = ("dsa:NAME[:PATTERN] (reference model; NAME tiny|small|...) | hf:CONFIG.json (random weights) | "
-              "hf-tiny:glm_moe_dsa|deepseek_v32 | ckpt:DIR (examples/train_dsa.py output) | MODULE:FUNCTION "
-              "(factory in the working directory or on sys.path returning a model or (model, inputs))")
 
 
 def vocab_size(model) -> int:
@@ -42,7 +38,7 @@ def vocab_size(model) -> int:
     return getattr(getattr(model, "args", None), "vocab_size", 256)
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(IndexCacheError, ValueError):
     """A `--model SPEC` that cannot be turned into a model; the message names the spec and the fix."""
 
 

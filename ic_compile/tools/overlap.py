@@ -11,14 +11,17 @@ Only queries with more than K allowed (causal) keys count: before that every lay
 
 from __future__ import annotations
 
-import json
 import os
+import sys
 
 import torch
 from torch import nn
 
-from .models import vocab_size
 from ..plan import FULL, SHARED, LayerPlan, PlanError
+from ..reference import find_indexer_modules
+from .calibration import as_batches, to_device
+from .evaluators import forward_logits
+from .models import vocab_size
 
 
 def _set_jaccard(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -32,8 +35,6 @@ def _set_jaccard(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def collect_topk(model: nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
     """Each indexer layer's top-k ids [B, S, K] for one batch (forward hooks on the indexers)."""
-    from ..reference import find_indexer_modules
-    from .search import forward_logits
     indexers = find_indexer_modules(model)
     if not indexers:
         raise PlanError("overlap: the model has no indexer modules (named 'indexer' or *Indexer)")
@@ -61,10 +62,8 @@ def topk_overlap(model: nn.Module, data, *, batch_size: int = 8, progress: bool 
     """Mean Jaccard overlap [n, n] (float64) of the top-k sets of every pair of indexer layers,
     averaged over the queries that have more than K allowed keys. data: as `search_plan`'s calibration.
     progress: a tqdm bar over the batches, on stderr."""
-    import sys
     from tqdm.auto import tqdm
-    from .search import _to_device, as_batches
-    batches = _to_device(as_batches(data, batch_size, vocab_size=vocab_size(model)), model)
+    batches = to_device(as_batches(data, batch_size, vocab_size=vocab_size(model)), model)
     total, count = None, 0
     for ids in tqdm(batches, desc="overlap", unit="batch", disable=not progress, leave=False, file=sys.stderr):
         topk = collect_topk(model, ids)
@@ -168,51 +167,6 @@ def plot_overlap(matrix: torch.Tensor, path: str | os.PathLike, title: str = "to
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def register_cli(subparsers) -> None:
-    from ..cli import add_model_arguments, examples, positive_int
-    parser = subparsers.add_parser(
-        "overlap", help="top-k overlap heatmap between indexer layers",
-        description="Run every indexer (all F) and measure the mean Jaccard overlap of the top-k key sets "
-                    "of each pair of layers; writes overlap.json and overlap.png into --out.",
-        epilog=examples("ic overlap --model dsa:tiny --out overlap_out",
-                        "ic overlap --model ckpt:runs/small --data corpus/ --num-full 2 --out overlap_out"))
-    add_model_arguments(parser, seq=256, batch=8, seq_help="sequence length")
-    parser.add_argument("--data", nargs="+", help="text files or directories (default: random tokens)")
-    parser.add_argument("--max-sequences", type=positive_int, default=32, help="sequences measured")
-    parser.add_argument("--num-full", type=positive_int,
-                        help="also print overlap / uniform plans with this many F")
-    parser.add_argument("--device", default="cpu", help="torch device for the model and data")
-    parser.add_argument("--out", required=True,
-                        help="output directory (overlap.json, overlap.png; created, checked first)")
-    parser.set_defaults(run=_run_cli)
-
-
-def _run_cli(args) -> int:
-    from ..cli import Stages, progress_enabled
-    from ..outputs import output_dir
-    from .models import load_model
-    from .search import calibration_from_files, check_data_paths
-    out = output_dir(args.out)  # before the model runs
-    if args.data:
-        check_data_paths(args.data)
-    with Stages(["load model"], "ic overlap") as stages, stages.step("load model"):
-        model = load_model(args.model, args.seed).to(args.device)
-    if args.data:
-        data = calibration_from_files(args.data, args.seq, vocab_size=vocab_size(model),
-                                      max_sequences=args.max_sequences)
-    else:
-        data = torch.randint(0, vocab_size(model), (args.max_sequences, args.seq),
-                             generator=torch.Generator().manual_seed(args.seed))
-    matrix = topk_overlap(model, data, batch_size=args.batch, progress=progress_enabled())
-    report = overlap_report(matrix, args.num_full)
-    (out / "overlap.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot_overlap(matrix, out / "overlap.png")
-    print(f"adjacent-layer mean overlap {report['adjacent_mean']:.3f}; wrote {out}/overlap.json, overlap.png")
-    if args.num_full:
-        print(f"overlap plan {report['overlap_plan']}  uniform plan {report['uniform_plan']}")
-    return 0
 
 
 __all__ = ["collect_topk", "overlap_plan", "overlap_report", "plot_overlap", "topk_overlap", "uniform_plan"]

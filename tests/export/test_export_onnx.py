@@ -11,8 +11,10 @@ import torch
 onnx = pytest.importorskip("onnx", reason="needs the 'onnx' extra: pip install 'ic-compile[onnx]'")
 ort = pytest.importorskip("onnxruntime", reason="needs the 'onnx' extra: pip install 'ic-compile[onnx]'")
 
-from ic_compile.export.onnx import (ExportError, _grouped_mm, _indexer_topk, _sparse_attention, _sparse_mla,  # noqa: E402
-                               capture_model, decompose_custom_ops, export_onnx)
+from ic_compile.export.decompose import (ExportError, _grouped_mm, _indexer_topk, _sparse_attention,  # noqa: E402
+                                         _sparse_mla, decompose_custom_ops)
+from ic_compile.export.onnx import export_onnx  # noqa: E402
+from ic_compile.export.program import capture_model  # noqa: E402
 from ic_compile.tools.models import load_model  # noqa: E402
 from ic_compile.rewrite import NoIndexerFoundError  # noqa: E402
 from tiny_models import HF_TINY, random_ids  # noqa: E402
@@ -241,7 +243,7 @@ def test_quiet_third_party_keeps_our_warnings_and_other_messages():
     import logging
     import warnings
 
-    from ic_compile.export.onnx import quiet_third_party
+    from ic_compile.export.program import quiet_third_party
     from ic_compile.rewrite import DetectionUncertainWarning
     records = []
 

@@ -4,7 +4,7 @@ runtime, which cannot be installed on the CPU CI machine, so that test is skippe
 import pytest
 import torch
 
-from ic_compile.export.onnx import capture_rewritten
+from ic_compile.export.program import capture_rewritten
 from ic_compile import dsa_model
 from ic_compile.rewrite import NoIndexerFoundError
 from ic_compile.export.tensorrt import (MAX_VOLUME, TOPK_MAX_K, TensorRTLimitError, TensorRTUnavailableError,
@@ -98,3 +98,13 @@ def test_build_engine_and_compare(tmp_path):
         want = reference_model(index_topk_pattern="FSSF").cuda()(ids)
         got = loaded(ids)[0]
     assert (got - want).abs().max().item() < 1e-3
+
+
+def test_export_errors_derive_from_the_project_base_and_their_builtin():
+    """`except IndexCacheError` catches every exporter error; the old builtin except clauses still work."""
+    from ic_compile.errors import IndexCacheError
+    from ic_compile.export import ExportError
+    from ic_compile.tools.models import ModelSpecError
+    for error, builtin in ((ExportError, ValueError), (ModelSpecError, ValueError),
+                           (TensorRTUnavailableError, RuntimeError), (TensorRTLimitError, ValueError)):
+        assert issubclass(error, IndexCacheError) and issubclass(error, builtin), error

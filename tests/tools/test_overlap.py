@@ -1,8 +1,6 @@
 """Cross-layer top-k overlap and the uniform / overlap baseline plans (ic_compile.tools.overlap)."""
 import itertools
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +8,7 @@ import torch
 from ic_compile.tools.overlap import _set_jaccard, collect_topk, overlap_plan, topk_overlap, uniform_plan
 from ic_compile.plan import LayerPlan
 from ic_compile.tools.search import search_plan
-
-from ic_compile.dsa_model import ModelArgs, Transformer, init_weights  # noqa: E402
+from ic_compile.dsa_model import ModelArgs, Transformer, init_weights
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,17 +1,15 @@
 """Greedy plan search (ic_compile.tools.search): known answers, exactness vs the backend, I/O, errors."""
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ic_compile.plan import LayerPlan, PlanError
-from ic_compile.tools.search import as_batches, calibration_from_files, evaluate_plan, search_plan
-
-from ic_compile.dsa_model import ModelArgs, Transformer, init_weights  # noqa: E402
+from ic_compile.tools.calibration import as_batches, calibration_from_files
+from ic_compile.tools.search import evaluate_plan, search_plan
+from ic_compile.dsa_model import ModelArgs, Transformer, init_weights
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

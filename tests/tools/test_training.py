@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from ic_compile.errors import IndexCacheError
-from ic_compile.plan import PlanError
 from ic_compile.reference import shared_indexer_hooks
 from ic_compile.tools.training import (collect_distillation_inputs, indexer_parameters,
                                  multi_layer_distillation_loss, serving_groups)
