@@ -4,7 +4,8 @@ For every indexer layer: its role and source F layer, the graph nodes removed / 
 plan saves — indexer FLOPs at a sequence length, indexer weight bytes no longer read, indexer key-cache
 bytes per token no longer written — plus the node-level diff. Three views: `str(diff)` (terminal
 table), `diff.to_dict()` (JSON, schema below) and `diff.to_html(path)` (one self-contained page with
-the annotated graph, filterable by layer).
+the annotated graph, filterable by layer: ic_compile.tools.graph_diff_html). Which layer a node belongs
+to is decided by ic_compile.tools.attribution (shared with `explain`).
 
 Indexer FLOPs (prefill of L tokens, batch 1, counted from the matched nodes, so HF and reference
 models alike; documented in docs/inspect_and_export.md):
@@ -170,7 +171,8 @@ def graph_diff(model, example_inputs, plan=None, seq_len: int | None = None, *, 
     """Capture the model's Dynamo graph, apply `plan`, and describe what changed.
     kernels=True also lowers F indexers to `ic::indexer_topk` (what the backend does on CUDA): their
     nodes show as removed and the fused op as added (F layers' FLOPs are moved, not removed).
-    progress: a `cli.Stages` over DIFF_STAGES (the CLI's bar)."""
+    progress: anything with a `step(name)` context manager, called for each of DIFF_STAGES (the CLI passes
+    its bar, `ic_compile.cli.progress.Stages`)."""
     with _step(progress, "capture (Dynamo)"):
         graphs = capture_graphs(model, example_inputs, **kwargs)
     with _step(progress, "rewrite for the plan"):
