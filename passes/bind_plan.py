@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+from torch import fx
 from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_known_true
 
 from ic_compile.plan import FULL, LayerPlan, PlanError, check_plan_length
 
-from .detect_indexers import IndexerMatch
+from .detect_indexers import Detection, IndexerMatch
+from .drop_shared_key_cache import find_shared_key_caches
 from .graph_ops import example_value, shape_of
+
+if TYPE_CHECKING:
+    from ic_compile.frames import FrameLayout
+
+    from .manager import PassContext
 
 
 @dataclass
@@ -20,7 +28,58 @@ class LayerBinding:
     source: IndexerMatch  # the F indexer whose top-k this layer uses (itself when F)
 
 
-def bind_plan(matches: list[IndexerMatch], plan: LayerPlan) -> list[LayerBinding]:
+def bind_plan(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """The pass: ctx.plan, ctx.bindings (and ctx.fragment for a graph holding some of the model's
+    indexers), then ctx.caches, recorded while the S indexers are still whole."""
+    matches = ctx.detection.matches
+    if is_fragment(ctx.detection, ctx.layout):
+        positions = [ctx.layout.position(m.module) for m in matches]
+        ctx.plan = _whole_model_plan(ctx.plan_spec, matches, positions, ctx.layout)
+        ctx.fragment = bind_fragment(matches, positions, ctx.plan)
+        ctx.bindings = ctx.fragment.bindings
+        ctx.counters["bind_plan.store_reads"] += len(ctx.fragment.reads)
+        ctx.counters["bind_plan.store_writes"] += len(ctx.fragment.writes)
+    else:
+        ctx.plan = LayerPlan.coerce(ctx.plan_spec, len(matches)) or LayerPlan.all_full(len(matches))
+        ctx.bindings = bind_layers(matches, ctx.plan)
+    ctx.counters["bind_plan.full"] += len(ctx.full)
+    ctx.counters["bind_plan.shared"] += len(ctx.shared)
+    ctx.caches = find_shared_key_caches(ctx.bindings)
+    ctx.counters["bind_plan.caches"] += len(ctx.caches)
+    return gm
+
+
+def is_fragment(detection: Detection, layout: FrameLayout | None) -> bool:
+    """Does the graph hold some, not all, of the model's indexers? (Without a layout, or when the
+    model names no indexer modules, the graph is taken to be the whole model, as before.)"""
+    if layout is None or not layout.indexers:
+        return False
+    found = {layout.position(m.module) for m in detection.matches}
+    if None in found and len(detection.matches) == len(layout.indexers):
+        return False  # the name-based module list disagrees with detection: trust the graph, as before
+    return found != set(range(len(layout.indexers)))
+
+
+def _whole_model_plan(plan_spec, matches: list[IndexerMatch], positions: list[int | None],
+                      layout: FrameLayout) -> LayerPlan:
+    """The plan over the whole model's indexers, for a fragment whose indexers sit at `positions`."""
+    total = len(layout.indexers)
+    if None in positions:
+        stray = [m.module for m, p in zip(matches, positions) if p is None]
+        raise PlanError(f"indexer(s) at {stray} are not inside any of the model's {total} indexer modules "
+                        f"({layout.indexers[0]}, ...), so their plan position across graph fragments is "
+                        "unknown. Compile with fullgraph=True (one graph, ordered by layer number).")
+    plan = LayerPlan.coerce(plan_spec, total) or LayerPlan.all_full(total)
+    if len(plan) != total:
+        raise PlanError(f"plan {plan.pattern!r} has {len(plan)} layers but the model has {total} "
+                        f"indexer modules ({layout.indexers[0]} ... {layout.indexers[-1]}); this graph "
+                        f"fragment holds {len(positions)} of them (plan positions {sorted(positions)}). "
+                        "Give exactly one 'F'/'S' per indexer layer of the whole model.")
+    return plan
+
+
+def bind_layers(matches: list[IndexerMatch], plan: LayerPlan) -> list[LayerBinding]:
+    """Each detected indexer (the whole model's, in layer order) to its plan role and F source."""
     check_plan_length(plan, len(matches))
     sources = plan.sources()
     bindings = [LayerBinding(m, role, matches[src]) for m, role, src in zip(matches, plan.pattern, sources)]

@@ -14,11 +14,17 @@ ReLU-of-activation-product behind it and is not an indexer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import fx
 
+from ic_compile.plan import PlanError
+
 from .graph_ops import (LAYOUT_OPS, MASK_SCALE_OPS, PRODUCT_OPS, REDUCE_OPS, is_last_dim, is_parameter, is_relu,
                         layer_number, module_path, op_name, shape_of, tensor_args)
+
+if TYPE_CHECKING:
+    from .manager import PassContext
 
 MAX_WALK = 200  # nodes visited behind one topk before we give up on it
 
@@ -44,6 +50,37 @@ class Detection:
     @property
     def confident(self) -> bool:
         return not self.uncertain
+
+
+def detect(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """The pass: ctx.detection. Ends the pipeline (ctx.stopped, the graph unchanged) when detection
+    is unsure (the caller warns, or raises under strict) or finds no indexer."""
+    detection = ctx.detection = detect_indexers(gm, ctx.prefix)
+    ctx.counters["detect.indexers"] += len(detection.matches)
+    ctx.counters["detect.other_topk"] += len(detection.other_topk)
+    ctx.counters["detect.uncertain"] += len(detection.uncertain)
+    if not detection.confident:
+        ctx.stopped = ("ic-compile left this graph unchanged: indexer detection is unsure — "
+                       + "; ".join(detection.uncertain))
+    elif not detection.matches:
+        ctx.stopped = (f"no lightning indexer found in a graph of {len(gm.graph.nodes)} nodes "
+                       f"({len(detection.other_topk)} topk calls, none over ReLU(q·k) scores)")
+        _check_no_indexer_code(gm, ctx)
+    return gm
+
+
+def _check_no_indexer_code(gm: fx.GraphModule, ctx: PassContext) -> None:
+    """A fragment passes through only if it really holds no indexer: code under one of the model's
+    indexer modules that detection did not recognise would otherwise run un-rewritten, silently."""
+    layout = ctx.layout
+    if layout is None or not layout.indexers:
+        return
+    paths = {".".join(p for p in (layout.prefix, module_path(n)) if p) for n in gm.graph.nodes
+             if op_name(n) == "topk"}
+    if layout.holds_indexer_code(paths):
+        raise PlanError(f"{ctx.stopped}, yet the graph has a topk inside the model's indexer module(s) "
+                        f"{sorted(p for p in paths if layout.position(p) is not None)}: an indexer variant "
+                        "ic-compile does not recognise. Run ic_compile.explain on the model to see why.")
 
 
 def detect_indexers(gm: fx.GraphModule, prefix: str = "") -> Detection:

@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import torch
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import fx
 
-from .bind_plan import LayerBinding
-from .eliminate_dead_code import eliminate_dead_code
+from .eliminate_dead_code import remove_dead_code
 from .graph_ops import LAYOUT_OPS, example_value, is_parameter, module_path, op_name, tensor_args, writes_in_place
+
+if TYPE_CHECKING:
+    from .bind_plan import LayerBinding
+    from .manager import PassContext
 
 CONSTRUCTORS = {"tensor", "empty", "zeros", "new_empty", "new_zeros", "empty_like", "zeros_like"}
 
@@ -46,7 +50,7 @@ class CacheWrite:
 
 
 def find_shared_key_caches(bindings: list[LayerBinding]) -> list[CacheWrite]:
-    """Call before any rewrite: records where each S layer's indexer stores state across calls."""
+    """Call before any rewrite (bind_plan does): records where each S layer's indexer stores state across calls."""
     found = [_find_all(b.match) for b in bindings if b.role == "S"]
     return [cache for cache in found if cache is not None]
 
@@ -129,9 +133,11 @@ def _writers_of(buffer: fx.Node) -> list[fx.Node]:
             if writes_in_place(u) and u.args and u.args[0] is view]
 
 
-def drop_shared_key_cache(gm: fx.GraphModule, caches: list[CacheWrite]) -> fx.GraphModule:
+def drop_shared_key_cache(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """The pass: drops what it can of each of ctx.caches (found by bind_plan), recording on each
+    cache whether every write went (`dropped`) and why any stayed (`kept`)."""
     live = set(gm.graph.nodes)
-    for cache in caches:
+    for cache in ctx.caches:
         done, states = [], list(cache.states)
         if cache.concat is not None and cache.old_keys is not None:
             concat = _drop_concat(cache, live)
@@ -142,11 +148,13 @@ def drop_shared_key_cache(gm: fx.GraphModule, caches: list[CacheWrite]) -> fx.Gr
         if cache.buffer is not None:
             done.append(_drop_buffer(gm.graph, cache.buffer, cache.writers, live, cache))
         done += [_drop_buffer(gm.graph, b, w, live, cache) for b, w in cache.buffers]
-        gm = eliminate_dead_code(gm)  # the state below may have been read by the writes just erased
+        remove_dead_code(gm.graph)  # the state below may have been read by the writes just erased
         live = set(gm.graph.nodes)
         done += [_drop_state(gm.graph, node, live, cache) for node in states]
         cache.dropped = bool(done) and all(done)
-    return eliminate_dead_code(gm)
+        ctx.counters["drop_shared_key_cache.dropped" if cache.dropped else "drop_shared_key_cache.kept"] += 1
+    remove_dead_code(gm.graph)
+    return gm
 
 
 def _drop_concat(cache: CacheWrite, live: set) -> bool | None:

@@ -5,10 +5,14 @@ buffer, `torch.full(...).triu_(1)` masks whose reader was removed."""
 from __future__ import annotations
 
 import operator
+from typing import TYPE_CHECKING
 
 from torch import fx
 
 from .graph_ops import LAYOUT_OPS, op_name, writes_in_place
+
+if TYPE_CHECKING:
+    from .manager import PassContext
 
 # ops that always return a new tensor (never an alias of an input): an in-place op on their result
 # writes memory only this graph can see
@@ -31,23 +35,34 @@ def is_impure(node: fx.Node) -> bool:
     return writes_in_place(node)
 
 
-def eliminate_dead_code(gm: fx.GraphModule) -> fx.GraphModule:
-    gm.graph.eliminate_dead_code(is_impure_node=is_impure)
-    while _erase_dead_temporaries(gm.graph):
-        gm.graph.eliminate_dead_code(is_impure_node=is_impure)
+def eliminate_dead_code(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """The pass (the runner counts the nodes it removes)."""
+    ctx.counters["eliminate_dead_code.dead_temporaries"] += remove_dead_code(gm.graph)
     return gm
 
 
-def _erase_dead_temporaries(graph: fx.Graph) -> bool:
+def remove_dead_code(graph: fx.Graph) -> int:
+    """Dead nodes out of `graph`, in-place writes kept unless into a dead temporary; returns how many
+    dead temporaries went (each with its views and the in-place ops on it)."""
+    total = 0
+    graph.eliminate_dead_code(is_impure_node=is_impure)
+    while erased := _erase_dead_temporaries(graph):  # their inputs may be dead now
+        total += erased
+        graph.eliminate_dead_code(is_impure_node=is_impure)
+    return total
+
+
+def _erase_dead_temporaries(graph: fx.Graph) -> int:
     """Erase every graph-allocated tensor that nothing reads, with its views and the in-place ops on
     it (e.g. a key buffer filled by copy_ whose attention was lowered to another form, or a causal
-    mask built with triu_ whose indexer was removed). Plain DCE keeps them: in-place ops are impure."""
-    erased = False
+    mask built with triu_ whose indexer was removed). Plain DCE keeps them: in-place ops are impure.
+    Returns how many such temporaries it erased."""
+    erased = 0
     for fresh in [n for n in graph.nodes if op_name(n) in FRESH]:
         group = _dead_alias_group(fresh)
         for node in reversed(group or ()):
             graph.erase_node(node)
-        erased |= bool(group)
+        erased += bool(group)
     return erased
 
 

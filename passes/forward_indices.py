@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import operator
+from typing import TYPE_CHECKING
 
 from torch import fx
 
-from .bind_plan import LayerBinding
 from .eliminate_dead_code import IN_PLACE_OPERATORS, VIEWS
 from .graph_ops import LAYOUT_OPS, module_path, op_name, tensor_args, writes_in_place
 
+if TYPE_CHECKING:
+    from .manager import PassContext
 
-def forward_indices(gm: fx.GraphModule, bindings: list[LayerBinding]) -> fx.GraphModule:
+
+def forward_indices(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """The pass: every S layer of ctx.shared reads its in-graph F source's top-k."""
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    for b in bindings:
-        if b.role == "F":
-            continue
+    for b in ctx.shared:
         own, source = b.match.topk, b.source.topk
         if order[source] > order[own]:
             raise RuntimeError(f"layer {b.match.layer}'s source topk comes after it in the graph")
         _forward_getitems(own, source, order)
         own.replace_all_uses_with(source)  # anything else that held the whole (values, indices) result
-    _merge_repeats(gm, {b.match.module for b in bindings if b.role != "F" and b.match.module})
+        ctx.counters["forward_indices.shared_topk"] += 1
+    merged = _merge_repeats(gm, {b.match.module for b in ctx.shared if b.match.module})
+    ctx.counters["forward_indices.merged_ops"] += merged
     return gm
 
 
@@ -57,12 +61,13 @@ PURE = (LAYOUT_OPS - {"clone"}) | {"add", "sub", "mul", "div", "floordiv", "rema
                                    "zeros_like", "ones_like", "arange", "new_full", "new_ones", "new_zeros"}
 
 
-def _merge_repeats(gm: fx.GraphModule, scopes: set[str]) -> None:
+def _merge_repeats(gm: fx.GraphModule, scopes: set[str]) -> int:
     """What an S indexer still does after its top-k, it does to F's top-k now, exactly as F did
     (HF: `.indices.to(torch.int32)`; DeepSeek-V4: the -1 for not-yet-compressed blocks): each such
     op reads the identical earlier op's result instead (common-subexpression elimination, limited to
     S indexer ops and to pure ops whose inputs were not written in between and whose results (or
-    views of them) are never written in place)."""
+    views of them) are never written in place). Returns how many ops it merged."""
+    merged = 0
     seen: dict[str, fx.Node] = {}
     same: dict[fx.Node, fx.Node] = {}  # node -> the first node computing the same value
     written: list[set] = [set()]  # memory roots written in place so far, one set per node position
@@ -82,6 +87,8 @@ def _merge_repeats(gm: fx.GraphModule, scopes: set[str]) -> None:
         if earlier is not node and _in_scopes(node, scopes) and not _written_between(earlier, node, written, position):
             node.replace_all_uses_with(earlier)
             gm.graph.erase_node(node)
+            merged += 1
+    return merged
 
 
 def _writes(node: fx.Node) -> bool:

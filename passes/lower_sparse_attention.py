@@ -17,22 +17,31 @@ form gathers H separate [dn+dr] and [dv] rows per key: ~1 FLOP/byte, memory-boun
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import fx
 
 from .graph_ops import LAYOUT_OPS, op_name
-from .lower_indexer import LoweringReport, scatter_safe_indices
+from .lower_indexer import scatter_safe_indices
 from .match_latent_kv import match_latent_kv
 
+if TYPE_CHECKING:
+    from .manager import PassContext
 
-def lower_sparse_attention(gm: fx.GraphModule, report: LoweringReport) -> fx.GraphModule:
+
+def lower_sparse_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """The pass: each SDPA masked by a lowered indexer's scattered top-k -> sparse attention
+    (counted in ctx.report)."""
     import ic_compile.kernels.ops  # noqa: F401  registers torch.ops.ic.*
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is torch.nn.functional.scaled_dot_product_attention:
             indices = _selected_indices(node)
             if indices is not None:
-                report.attention_absorbed += _replace(gm, node, indices)
-                report.attention_lowered += 1
+                absorbed = _replace(gm, node, indices)
+                ctx.report.attention_absorbed += absorbed
+                ctx.report.attention_lowered += 1
+                ctx.counters["lower_sparse_attention.absorbed_mla" if absorbed else "lower_sparse_attention.per_head"] += 1
     return gm
 
 

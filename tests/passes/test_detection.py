@@ -137,3 +137,28 @@ def test_bad_options_and_plans_are_clear_errors():
         torch._dynamo.reset()
         with pytest.raises(Exception, match=message):
             torch.compile(model, backend="indexcache", options=options)(x)
+
+
+def traced_indexer(q, k, w, router_logits):  # q [B,S,H,D], k [B,T,D], w [B,S,H]
+    scores = (torch.einsum("bshd,btd->bsht", q, k).relu() * w[..., None]).sum(dim=2)  # [B,S,T]
+    return scores.topk(2, dim=-1).indices, router_logits.sigmoid().topk(2, dim=-1).indices
+
+
+def router_only(x):
+    return x.sigmoid().topk(2, dim=-1).indices
+
+
+def test_detect_pass_fills_the_context_and_counts():
+    from torch import fx
+
+    from ic_compile.passes.detect_indexers import detect
+    from ic_compile.passes.manager import PassContext
+
+    ctx = PassContext()
+    detect(fx.symbolic_trace(traced_indexer), ctx)
+    assert len(ctx.detection.matches) == 1 and len(ctx.detection.other_topk) == 1 and not ctx.stopped
+    assert ctx.counters["detect.indexers"] == 1 and ctx.counters["detect.other_topk"] == 1
+
+    ctx = PassContext()
+    detect(fx.symbolic_trace(router_only), ctx)  # nothing to rewrite: the pipeline ends here
+    assert ctx.stopped.startswith("no lightning indexer found in a graph of 5 nodes (1 topk calls")

@@ -66,3 +66,54 @@ def test_a_cache_read_outside_the_indexer_keeps_its_writes(one_thread):
         got = torch.compile(net, backend="indexcache", dynamic=False,
                             options={"plan": "FSS", "lowering": "eager"})(prompt, 0)
     assert (got - want[0]).abs().max().item() < 1e-4
+
+
+def s_indexer_appends_keys(x, old_keys, wk):  # x [B,T,E], old_keys [B,T0,D], wk [E,D]
+    keys = torch.cat([old_keys, x @ wk], dim=1)  # the S indexer's key cache: [B,T0+T,D]
+    return x + 1, keys
+
+
+def dropped(old_keys_shape, keys_read_in_graph=False):
+    """drop_shared_key_cache on s_indexer_appends_keys, the cat recorded as layer 1's cache."""
+    from torch import fx
+
+    from ic_compile.passes.drop_shared_key_cache import CacheWrite, drop_shared_key_cache
+    from ic_compile.passes.manager import PassContext
+
+    gm = fx.symbolic_trace(s_indexer_appends_keys)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    nodes["old_keys"].meta["example_value"] = torch.empty(old_keys_shape)
+    nodes["cat"].meta["example_value"] = torch.empty(2, old_keys_shape[1] + 3, 4)
+    if keys_read_in_graph:
+        with gm.graph.inserting_after(nodes["cat"]):
+            gm.graph.call_method("sum", (nodes["cat"],))  # a reader inside the graph, kept by output
+        nodes["output"].args = ((nodes["add"], nodes["cat"], list(nodes["cat"].users)[-1]),)
+    ctx = PassContext()
+    ctx.caches = [CacheWrite(1, concat=nodes["cat"], old_keys=nodes["old_keys"])]
+    drop_shared_key_cache(gm, ctx)
+    gm.graph.lint()
+    return gm, ctx
+
+
+def test_an_empty_growing_cache_stays_empty_and_its_keys_are_not_computed():
+    gm, ctx = dropped((2, 0, 4))
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    assert [getattr(a, "name", a) for a in output.args[0]] == ["add", "old_keys"]
+    assert not [n for n in gm.graph.nodes if n.target in ("cat", torch.cat) or n.name == "matmul"]
+    assert ctx.caches[0].dropped and ctx.counters["drop_shared_key_cache.dropped"] == 1
+
+
+def test_a_cache_holding_keys_keeps_its_length_not_its_work():
+    """Keys already in the cache (a model that never saw an empty one): the output becomes an
+    uninitialised tensor of the same shape, so code reading the cache length behaves the same."""
+    gm, ctx = dropped((2, 5, 4))
+    empty = next(n for n in gm.graph.nodes if n.target is torch.empty)
+    assert empty.args == ((2, 8, 4),) and ctx.caches[0].dropped
+    assert not [n for n in gm.graph.nodes if n.target in ("cat", torch.cat)]
+
+
+def test_keys_read_inside_the_graph_are_kept_with_the_reason():
+    gm, ctx = dropped((2, 0, 4), keys_read_in_graph=True)
+    cache = ctx.caches[0]
+    assert not cache.dropped and cache.kept == ["cat: the appended keys are read outside the graph output"]
+    assert ctx.counters["drop_shared_key_cache.kept"] == 1

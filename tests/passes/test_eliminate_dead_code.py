@@ -5,10 +5,17 @@ from torch import fx
 
 from ic_compile.passes.eliminate_dead_code import eliminate_dead_code
 from ic_compile.passes.graph_ops import op_name
+from ic_compile.passes.manager import PassContext
+
+
+def dce(fn, ctx=None) -> fx.GraphModule:
+    gm = eliminate_dead_code(fx.symbolic_trace(fn), ctx or PassContext())
+    gm.recompile()
+    return gm
 
 
 def ops(fn) -> list[str]:
-    return [op_name(n) for n in eliminate_dead_code(fx.symbolic_trace(fn)).graph.nodes if op_name(n)]
+    return [op_name(n) for n in dce(fn).graph.nodes if op_name(n)]
 
 
 def unread_local_buffer(x, cache):
@@ -41,7 +48,7 @@ def test_a_read_local_buffer_keeps_its_writes():
 def test_writes_into_an_input_buffer_are_kept():
     assert "copy_" in ops(write_into_input)
     cache = torch.zeros(2, 4)
-    eliminate_dead_code(fx.symbolic_trace(write_into_input))(torch.ones(2, 2), cache)
+    dce(write_into_input)(torch.ones(2, 2), cache)
     assert cache[:, :2].eq(1).all()
 
 
@@ -73,5 +80,14 @@ def test_a_read_temporary_keeps_its_in_place_ops():
 def test_a_temporary_written_into_a_cache_keeps_its_writes():
     assert ops(fresh_buffer_copied_into_the_cache).count("fill_") == 1
     cache = torch.zeros(2, 4)
-    eliminate_dead_code(fx.symbolic_trace(fresh_buffer_copied_into_the_cache))(torch.ones(2, 2), cache)
+    dce(fresh_buffer_copied_into_the_cache)(torch.ones(2, 2), cache)
     assert cache[:, :2].eq(3).all()
+
+
+def test_counts_the_dead_temporaries_it_erases():
+    """One count per temporary (with its views and in-place ops), not per node; none when read."""
+    ctx = PassContext()
+    dce(dead_triu_mask, ctx)
+    dce(unread_local_buffer, ctx)
+    dce(read_triu_mask, ctx)
+    assert ctx.counters["eliminate_dead_code.dead_temporaries"] == 2
