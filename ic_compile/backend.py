@@ -53,9 +53,8 @@ class BackendOptions:
     strict: bool = False  # raise instead of warning when detection is unsure
     kernels: Any = "auto"  # lower F indexers to ic::indexer_topk: True | False | "auto" (= inputs on CUDA)
     sparse_attention: bool = True  # with kernels: mask-scatter + SDPA -> ic::sparse_mla / ic::sparse_attention
-    # with kernels: the mask reaches ic::indexer_topk as key ranges | "dense" | "auto" (ranges under
-    # Inductor, which fuses their reductions, but dense in decode graphs: the op's range check is a
-    # device sync; dense under eager, where the reductions would write int64 [B,S,T])
+    # with kernels: the mask reaches ic::indexer_topk as key ranges | "dense" | "auto" (decided per
+    # graph by passes.lower_indexer.decide_indexer_mask: ranges under Inductor except in decode graphs)
     indexer_mask: str = "auto"
     # with kernels: "fp8" runs F indexers as DeepSeek-V3.2's fp8 indexer (q, k quantised to e4m3 per
     # token, e4m3 dots, scores x key scale; what vLLM/SGLang run): faster, selects 96-99 % of the bf16
@@ -101,8 +100,8 @@ def indexcache_backend(gm: fx.GraphModule, example_inputs, options: dict | None 
     opts = BackendOptions.parse(options)
     use_kernels = opts.kernels if opts.kernels != "auto" else _on_cuda(example_inputs)
     result = rewrite(gm, opts.plan, strict=opts.strict, kernels=bool(use_kernels) and opts.lowering != "tensorrt",
-                     sparse_attention=opts.sparse_attention, indexer_mask=_indexer_mask(opts),
-                     indexer_precision=opts.indexer_precision, layout=frame_layout())
+                     sparse_attention=opts.sparse_attention, indexer_mask=opts.indexer_mask,
+                     indexer_precision=opts.indexer_precision, layout=frame_layout(), lowering=opts.lowering)
     last_results.append(result)
     _check_found(result, opts)
     _keep_frame_bound(result)
@@ -168,16 +167,6 @@ def _check_found(result: RewriteResult, opts: BackendOptions) -> None:
         _warned_no_plan = True
         warnings.warn(f"indexcache: no plan given, all {len(result.detection.matches)} indexer layers "
                       "stay full (nothing is shared). Pass options={'plan': 'FSSS...'}.", stacklevel=3)
-
-
-def _indexer_mask(opts: "BackendOptions") -> str:
-    """"auto": under Inductor, lower_indexer's "auto" (key ranges, whose three reductions fuse with
-    the mask's producers; the dense mask in decode graphs, skipping the op's range check and its
-    device sync); the dense mask otherwise (run eagerly, the reductions would write int64 [B,S,T]
-    temporaries: 8 bytes per mask element)."""
-    if opts.indexer_mask != "auto":
-        return opts.indexer_mask
-    return "auto" if opts.lowering == "inductor" else "dense"
 
 
 def _graphable(result: RewriteResult) -> bool:

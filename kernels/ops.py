@@ -56,6 +56,8 @@ def indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=N
     stay within them (e.g. a left-padded batch) run with the causal rule added (same answer).
     Decode-sized calls (decode_form) skip the dense mask's causal check: the causal path would skip
     no key tile there, and the check is a device sync (decode is host-bound without CUDA graphs).
+    (Not the choice between mask and key_range, which the caller made: this one follows the
+    kernel's form, from S and H at the call, and S is symbolic in a graph under dynamic shapes.)
     check=False (the lowering's choice under CUDA graphs), or a call while a CUDA graph is being
     captured: neither check runs (each is a device sync, which a graph cannot hold, and a path chosen
     from one call's data would be replayed for other data): the mask or ranges are read as given, on

@@ -10,14 +10,14 @@ it reaches the op as per-query key ranges, int32 [B,S,3] = (first, last, number 
 three reductions traced into the graph that Inductor fuses with the mask's producers, so the [S,T]
 mask need not be materialised for the indexer (kernels/key_range.py); the op raises if a row is not
 one contiguous range. `indexer_mask="dense"` hands the op the [B,S,T] bool mask itself (any mask).
-`indexer_mask="auto"` (the backend's default under Inductor): key ranges, except in graphs whose query
-length is a constant <= DENSE_MASK_MAX_QUERIES (decode): there the mask is at most [B, 8, T] and
-goes dense, since the op checks key ranges with a device sync that host-bound decode cannot afford.
+`indexer_mask="auto"` (the backend's default) is decided once per graph by `decide_indexer_mask`,
+and the lowered calls carry the decision ("ranges" | "dense").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import fx
@@ -27,6 +27,9 @@ from ic_compile.kernels.key_range import key_range_of
 from .detect_indexers import IndexerMatch
 from .graph_ops import LAYOUT_OPS, is_last_dim, op_name, shape_of
 
+if TYPE_CHECKING:
+    from .manager import PassContext
+
 
 @dataclass
 class LoweringReport:
@@ -34,6 +37,7 @@ class LoweringReport:
     skipped: dict[int, str] = field(default_factory=dict)  # layer -> why it was left alone
     attention_lowered: int = 0  # SDPA calls now running a sparse-attention op
     attention_absorbed: int = 0  # of those, in the absorbed MLA form (ic::sparse_mla)
+    indexer_mask: str | None = None  # how the lowered indexers get the mask: "ranges" | "dense"
 
 
 @dataclass
@@ -53,35 +57,60 @@ INDEXER_MASKS = ("auto", "ranges", "dense")  # how the model's mask reaches the 
 DENSE_MASK_MAX_QUERIES = 8  # "auto": graphs with at most this many (static) queries get the dense mask
 
 
-def lower_indexer(gm: fx.GraphModule, matches: list[IndexerMatch], report: LoweringReport,
-                  indexer_mask: str = "ranges", indexer_precision: str = "bf16") -> fx.GraphModule:
+def lower_indexer(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """The pass: each F indexer (ctx.full) whose form is recognised -> `lowered_indexer`; the others
+    stay, with the reason in ctx.report.skipped. All get the one mask decision of the graph."""
     import ic_compile.kernels.ops  # noqa: F401  registers torch.ops.ic.*
-    if indexer_mask not in INDEXER_MASKS:
-        raise ValueError(f"indexer_mask={indexer_mask!r} is not one of {INDEXER_MASKS}")
-    for match in matches:
+    plans = []
+    for match in ctx.full:
         plan = _analyse(match)
         if isinstance(plan, str):
-            report.skipped[match.layer] = plan
-            continue
-        _replace(gm, match, plan, indexer_mask, indexer_precision)
-        report.lowered.append(match.layer)
+            ctx.report.skipped[match.layer] = plan
+            ctx.counters["lower_indexer.skipped"] += 1
+        else:
+            plans.append((match, plan))
+    mask = decide_indexer_mask(ctx.indexer_mask, ctx.lowering, [shape_of(plan.q)[1] for _, plan in plans])
+    for match, plan in plans:
+        _replace(gm, match, plan, mask, ctx.indexer_precision)
+        ctx.report.lowered.append(match.layer)
+        ctx.counters["lower_indexer.lowered"] += 1
+        ctx.counters[f"lower_indexer.mask_{mask}"] += 1
+    if plans:
+        ctx.report.indexer_mask = mask
     return gm
+
+
+def decide_indexer_mask(requested: str, lowering: str, queries: list) -> str:
+    """The one place indexer_mask="auto" is resolved, per graph, at compile time -> "ranges" | "dense".
+    queries: each lowered indexer's query length S (an int, or a SymInt under dynamic shapes).
+    "auto" is key ranges under Inductor, which fuses their three reductions with the mask's
+    producers, except in decode graphs (every S a constant <= DENSE_MASK_MAX_QUERIES): there the mask
+    is at most [B, 8, T] and goes dense, since the op checks key ranges with a device sync that
+    host-bound decode cannot afford. Under any other lowering (eager) "auto" is dense: unfused, the
+    reductions would write int64 [B,S,T] temporaries, 8 bytes per mask element."""
+    if requested not in INDEXER_MASKS:
+        raise ValueError(f"indexer_mask={requested!r} is not one of {INDEXER_MASKS}")
+    if requested != "auto":
+        return requested
+    if lowering != "inductor" or all(_decode_sized(S) for S in queries):
+        return "dense"
+    return "ranges"
 
 
 def lowered_indexer(q, k, w, scale, mask, topk, w_layout, mask_kind, ordered=True, indexer_mask="ranges",
                     check=True, indexer_precision="bf16"):
     """Canonical layouts, then the fused op -> int32 [B,S,topk], -1 where fewer keys are allowed;
     rows descending by score when `ordered` (else any order, which lets CUDA use topk_select).
-    indexer_mask "ranges": the mask reaches the op as key ranges [B,S,3]; "dense": as itself; "auto":
-    dense when S is a constant <= DENSE_MASK_MAX_QUERIES (decode graphs), else ranges. check: the
-    op's host-side checks (False under CUDA graphs). indexer_precision: "bf16" (the model's) or "fp8"."""
+    indexer_mask (decided by `decide_indexer_mask`): "ranges", the mask reaches the op as key ranges
+    [B,S,3]; "dense", as itself. check: the op's host-side checks (False under CUDA graphs).
+    indexer_precision: "bf16" (the model's) or "fp8"."""
     # q [B,S,H,D], k [B,T,D] in the model's dtype: bf16 products are exact in the fp32 accumulator,
     # so skipping the model's .float() upcast changes only the summation order (and uses tensor cores)
     if q.dtype != k.dtype:
         q, k = q.float(), k.float()
     w = (w.squeeze(-2) if w_layout == "bs1h" else w.squeeze(-1)).float() * scale  # [B,S,H]
     allowed = _allowed(mask, mask_kind, q.shape[0], q.shape[1], k.shape[1])  # bool [B,S,T] | None
-    if allowed is None or indexer_mask == "dense" or (indexer_mask == "auto" and _decode_sized(q.shape[1])):
+    if allowed is None or indexer_mask == "dense":
         return torch.ops.ic.indexer_topk(q, k, w, topk, allowed, False, ordered, check=check,
                                          indexer_precision=indexer_precision)  # [B,S,topk] int32
     return torch.ops.ic.indexer_topk(q, k, w, topk, None, False, ordered, key_range=key_range_of(allowed), check=check,

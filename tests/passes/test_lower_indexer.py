@@ -492,15 +492,36 @@ def test_decode_graphs_hand_the_op_the_dense_mask(eight_heads, monkeypatch):
 
 
 def test_indexer_mask_auto_picks_ranges_under_inductor_only():
-    """"auto" (the default): under Inductor, which fuses the ranges' reductions, lower_indexer's
-    "auto" (key ranges, the dense mask in decode graphs); the dense mask when the graph runs
-    eagerly (unfused, the reductions would write int64 [B,S,T] temporaries)."""
-    from ic_compile.backend import BackendOptions, _indexer_mask
+    """"auto" (the default), decided once per graph: key ranges under Inductor, which fuses their
+    reductions, except in decode graphs (every query length a constant <= 8); the dense mask when
+    the graph runs eagerly (unfused, the reductions would write int64 [B,S,T] temporaries)."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    assert _indexer_mask(BackendOptions.parse({})) == "auto"  # lowering defaults to inductor: ranges, decode dense
-    assert _indexer_mask(BackendOptions.parse({"lowering": "eager"})) == "dense"
-    assert _indexer_mask(BackendOptions.parse({"lowering": "eager", "indexer_mask": "ranges"})) == "ranges"
-    assert _indexer_mask(BackendOptions.parse({"indexer_mask": "dense"})) == "dense"
+    from ic_compile.passes.lower_indexer import decide_indexer_mask
+
+    symbolic = ShapeEnv().create_unbacked_symint()  # a query length under dynamic shapes: prefill
+    assert decide_indexer_mask("auto", "inductor", [20, 20]) == "ranges"
+    assert decide_indexer_mask("auto", "inductor", [symbolic]) == "ranges"
+    assert decide_indexer_mask("auto", "inductor", [1, 1]) == "dense"
+    assert decide_indexer_mask("auto", "inductor", [8]) == "dense"
+    assert decide_indexer_mask("auto", "inductor", [9]) == "ranges"
+    assert decide_indexer_mask("auto", "eager", [20]) == "dense"
+    assert decide_indexer_mask("ranges", "eager", [1]) == "ranges"
+    assert decide_indexer_mask("dense", "inductor", [20]) == "dense"
+    with pytest.raises(ValueError, match="indexer_mask='tree' is not one of"):
+        decide_indexer_mask("tree", "inductor", [20])
+
+
+def test_the_graph_mask_decision_reaches_every_lowered_call(eight_heads):
+    """indexer_mask="auto" is decided once for the graph: the lowered calls carry "ranges" or "dense"
+    (never "auto"), and the report and counters say which."""
+    model = tiny_models.glm()
+    prefill = ic_compile.capture_graphs(model, {"input_ids": tiny_models.random_ids(seq=20), "use_cache": False})[0]
+    for lowering, want in (("inductor", "ranges"), ("eager", "dense")):
+        result = ic_compile.rewrite(prefill, "FSSF", kernels=True, indexer_mask="auto", lowering=lowering)
+        calls = result.gm.graph.find_nodes(op="call_function", target=lowered_indexer)
+        assert [n.args[9] for n in calls] == [want, want] and result.kernels.indexer_mask == want
+        assert result.counters[f"lower_indexer.mask_{want}"] == 2 == result.counters["lower_indexer.lowered"]
 
 
 def test_fp8_indexer_option_reaches_the_op(eight_heads):
