@@ -12,9 +12,20 @@ import re
 
 from torch import fx
 
-from ic_compile.passes.graph_ops import layer_number
+from ic_compile.passes.graph_ops import layer_number, module_path
 
 from ..rewrite import RewriteResult
+
+
+def frame_prefix(result: RewriteResult) -> str:
+    """Module path of the graph's frame in the model ('' for the model's own frame): a layer compiled on
+    its own after a graph break names its nodes' modules from the layer ('attn.indexer')."""
+    return result.layout.prefix if result.layout is not None else ""
+
+
+def full_module_path(node: fx.Node, prefix: str = "") -> str:
+    """The node's module path in the whole model ('layers.1' + 'attn.indexer')."""
+    return ".".join(p for p in (prefix, module_path(node)) if p)
 
 
 def key_cache_writes_removed(result: RewriteResult) -> dict[int, bool | None]:
@@ -50,19 +61,20 @@ def key_cache_notes(counted: dict[int, bool | None]) -> list[str]:
     return notes
 
 
-def node_layers(gm: fx.GraphModule) -> dict[str, int | None]:
+def node_layers(gm: fx.GraphModule, prefix: str = "") -> dict[str, int | None]:
     """Layer of every node (None: shared by several layers or outside them); see `attribute_layers`."""
-    return attribute_layers(gm)[0]
+    return attribute_layers(gm, prefix)[0]
 
 
-def attribute_layers(gm: fx.GraphModule) -> tuple[dict[str, int | None], dict[str, str]]:
-    """(layer, why) of every node. In order of trust:
+def attribute_layers(gm: fx.GraphModule, prefix: str = "") -> tuple[dict[str, int | None], dict[str, str]]:
+    """(layer, why) of every node; `prefix`: the graph's frame in the model (`frame_prefix`), whose
+    own nodes (no module of their own) belong to the layer it names. In order of trust:
     - the innermost entry of its nn_module_stack under a numbered layer (a helper function such as HF
       DeepSeek-V3.2's `apply_rotary_pos_emb` is the innermost entry; the layer is the one above it);
     - else the single layer all its users belong to (parameters, graph inputs, helper values);
     - else None, with the reason: read by several layers, the graph output, outside every layer."""
     nodes = list(gm.graph.nodes)
-    layers: dict[str, int | None] = {n.name: _stack_layer(n) for n in nodes}
+    layers: dict[str, int | None] = {n.name: _stack_layer(n, prefix) for n in nodes}
     why = {n.name: "module path" for n in nodes if layers[n.name] is not None}
     for node in reversed(nodes):  # users come later in the graph: their layer is known first
         if layers[node.name] is not None or node.op == "output":
@@ -81,12 +93,12 @@ def attribute_layers(gm: fx.GraphModule) -> tuple[dict[str, int | None], dict[st
     return layers, why
 
 
-def _stack_layer(node: fx.Node) -> int | None:
+def _stack_layer(node: fx.Node, prefix: str = "") -> int | None:
     if node.op in ("placeholder", "get_attr", "output"):
         return None
     stack = node.meta.get("nn_module_stack") or {}
-    for entry in reversed(list(stack.values())):
-        path = _clean_path(entry[0])
+    paths = [".".join(p for p in (prefix, _clean_path(entry[0])) if p) for entry in stack.values()]
+    for path in reversed([prefix, *paths] if prefix else paths):
         block = re.search(r"(?:^|\.)(?:layers|layer|blocks|block|h)\.(\d+)(?=\.|$)", path)
         layer = int(block.group(1)) if block else layer_number(path)  # not an expert's index
         if layer is not None:
@@ -110,4 +122,5 @@ def parameter_path(node: fx.Node) -> str:
     return re.sub(r"(?:^|_)(?:modules|parameters|buffers)_", ".", name).strip(".")
 
 
-__all__ = ["attribute_layers", "key_cache_notes", "key_cache_writes_removed", "node_layers", "parameter_path"]
+__all__ = ["attribute_layers", "frame_prefix", "full_module_path", "key_cache_notes", "key_cache_writes_removed",
+           "node_layers", "parameter_path"]

@@ -3,8 +3,10 @@
 Two evaluators, both exact (what the backend runs):
 
   "graph"   `GraphEvaluator`: the model is captured once by Dynamo (one compile per batch shape); every
-            candidate plan is applied to that graph with `ic_compile.rewrite.rewrite(gm, plan)` and the
-            rewritten graph is run as is — the code path of `options={"lowering": "eager"}`. Any model.
+            candidate plan is applied to its graph(s) with `ic_compile.rewrite.rewrite(gm, plan, layout=...)`
+            and the rewritten graphs are run as is — the code path of `options={"lowering": "eager"}`. Any
+            model, graph breaks included: each fragment is bound as the backend binds it, top-k crossing
+            fragments through an index store, and every indexer is checked to have run rewritten.
   "prefix"  `PrefixEvaluator`, reference model (ic_compile/dsa_model.py) only. Changing layer i from F to
             S cannot change layers 0..i-1, so the hidden state and top-k entering each layer under the
             current plan are cached per batch, and a candidate is run from layer i onwards only (S layers
@@ -23,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..capture import GraphRecorder, indexer_graph
+from ..capture import GraphRecorder, fragment_recompiles, indexer_results, runnable
+from ..index_store import IndexStore
 from ..plan import FULL, SHARED, LayerPlan, PlanError
-from ..rewrite import rewrite
+from ..rewrite import RewriteResult, rewrite
 from .calibration import as_batches, to_device
 from .models import vocab_size
 
@@ -53,10 +56,11 @@ def is_reference_model(model: nn.Module) -> bool:
 
 
 class GraphEvaluator:
-    """Runs the model's Dynamo graph(s), rewritten by `rewrite(gm, plan)`, for any plan.
+    """Runs the model's Dynamo graph(s), rewritten by `rewrite(gm, plan, layout=...)`, for any plan.
 
     One `torch.compile` with a recording backend; its compiled function dispatches to the rewritten
-    graph of the plan currently selected, so changing plans never recompiles."""
+    graph of the plan currently selected, so changing plans never recompiles. With graph breaks, S
+    layers read top-k written by other fragments from one index store per plan, as the backend's."""
 
     name = "graph"
 
@@ -64,26 +68,53 @@ class GraphEvaluator:
         self.model = model
         self.pattern: str | None = None
         self._recorder = GraphRecorder(runner=self._forward_for)  # dispatches to the selected plan's graph
-        self._rewritten: dict[tuple[int, str], object] = {}
+        self._rewritten: dict[tuple[int, str], tuple[RewriteResult, object]] = {}
+        self._stores: dict[str | None, IndexStore] = {}
+        self._ran: list[int] = []  # slots run in the current model call
+        self._layers: int | None = None  # the model's indexer layers, once num_layers has counted them
         self._compiled = torch.compile(model, backend=self._recorder, dynamic=False)
 
     def _forward_for(self, slot: int):
-        gm = self._recorder.graphs[slot]
-        key = (slot, self.pattern)
+        self._ran.append(slot)
+        return self._rewrite(slot, self.pattern)[1]
+
+    def _rewrite(self, slot: int, pattern: str | None) -> tuple[RewriteResult, object]:
+        key = (slot, pattern)
         if key not in self._rewritten:
-            self._rewritten[key] = rewrite(gm, self.pattern, strict=True).gm.forward
+            result = rewrite(self._recorder.graphs[slot], pattern, strict=True, layout=self._recorder.layouts[slot])
+            store = self._stores.setdefault(pattern, IndexStore(str(result.plan)))
+            self._rewritten[key] = result, runnable(result, store)
         return self._rewritten[key]
 
     def num_layers(self, example: torch.Tensor) -> int:
         if not self._recorder.graphs:
             self.logits(example, None)
-        results = [rewrite(gm, None, strict=True) for gm in self._recorder.graphs]
-        return len(indexer_graph(results, "search", "nothing to search").detection.matches)
+        found = indexer_results([self._rewrite(slot, None)[0] for slot in range(len(self._recorder.graphs))],
+                                "search", "nothing to search")
+        self._layers = sum(len(r.detection.matches) for r in found)
+        return self._layers
 
     @torch.no_grad()
     def logits(self, ids: torch.Tensor, pattern: str | None, batch_index: int | None = None) -> torch.Tensor:
-        self.pattern = pattern
-        return forward_logits(self._compiled, ids)
+        self.pattern, self._ran = pattern, []
+        with fragment_recompiles():
+            logits = forward_logits(self._compiled, ids)
+        self._check_all_rewritten()
+        return logits
+
+    def _check_all_rewritten(self) -> None:
+        """Exactness: the call ran every indexer in a rewritten graph, once (a frame Dynamo ran
+        uncompiled would run its S layers' indexers in full), and no top-k was left unread."""
+        if self._layers is None:
+            return  # the first, capturing call: nothing counted yet
+        results = [self._rewrite(slot, self.pattern)[0] for slot in self._ran]
+        ran = sorted(p for r in results if r.detection.matches
+                     for p in (r.fragment.layers if r.fragment is not None else range(len(r.detection.matches))))
+        pending = self._stores[self.pattern].pending() if self.pattern in self._stores else {}
+        if ran != list(range(self._layers)) or pending:
+            raise PlanError(f"search: the model call ran indexer layers {ran} rewritten (of {self._layers}), leaving "
+                            f"top-k unread {pending}: a graph Dynamo ran uncompiled, or the model skipped a layer; "
+                            "its loss would not be the plan's")
 
     def accept(self, pattern: str) -> None:  # no per-plan state to refresh
         pass

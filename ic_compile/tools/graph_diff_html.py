@@ -1,6 +1,7 @@
 """The HTML view of a graph diff (`GraphDiff.to_html`, `ic diff --html`): one self-contained page with
 the per-layer table, each layer's graph (before ∪ after, as SVG, laid out by networkx generations) with
-removed / rewired / added nodes marked, and a layer filter. Also the number formats of the text table."""
+removed / rewired / added nodes marked, and a layer filter. Also the number formats of the text table.
+A model with graph breaks draws each layer from the fragment (graph) holding it, named in its title."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from typing import TYPE_CHECKING
 
 from torch import fx
 
-from ic_compile.passes.graph_ops import is_parameter, layer_number, module_path, op_name, shape_of, tensor_args
+from ic_compile.passes.graph_ops import is_parameter, op_name, shape_of, tensor_args
 
-from .attribution import node_layers, parameter_path
+from .attribution import frame_prefix, full_module_path, node_layers, parameter_path
 
 if TYPE_CHECKING:
     from .graph_diff import GraphDiff, LayerDiff
@@ -68,22 +69,24 @@ def _layout(graph) -> dict:
     return pos
 
 
-def _layer_graph(diff: GraphDiff, layer, layer_of, status) -> "object":
-    """networkx DiGraph of one layer's nodes (before ∪ after) plus ghost nodes for inputs from elsewhere."""
+def _layer_graph(part: GraphDiff, layer, layer_of, status) -> "object":
+    """networkx DiGraph of one layer's nodes (before ∪ after) in the graph of `part` (the diff of one
+    graph), plus ghost nodes for inputs from elsewhere. layer_of: every node's layer, added ones too."""
     import networkx as nx
-    result = diff.result
+    result = part.result
+    prefix = frame_prefix(result)
     before = {n.name: n for n in result.original.graph.nodes}
     after = {n.name: n for n in result.gm.graph.nodes}
     order = {name: i for i, name in enumerate(list(before) + [n for n in after if n not in before])}
     dead = {n for n in before if n not in after and n not in status}  # dead before the rewrite
     members = [name for name in order
-               if name not in dead and _layer_key(layer_of.get(name, _added_layer(after, name))) == layer
+               if name not in dead and _layer_key(layer_of.get(name)) == layer
                and (before.get(name) or after.get(name)).op not in ("output",)]
     graph = nx.DiGraph()
     for name in members:
         node = before.get(name) or after[name]
         graph.add_node(name, order=order[name], op=_label_op(node), status=status.get(name, "kept"),
-                       module=module_path(node), ghost=False, shape=str(list(shape_of(node) or [])))
+                       module=full_module_path(node, prefix), ghost=False, shape=str(list(shape_of(node) or [])))
     for name in members:
         old = [a.name for a in tensor_args(before[name])] if name in before else []
         new = [a.name for a in tensor_args(after[name])] if name in after else []
@@ -91,18 +94,13 @@ def _layer_graph(diff: GraphDiff, layer, layer_of, status) -> "object":
             if src not in graph:
                 node = before.get(src) or after[src]  # from another layer, or a graph input: a ghost
                 graph.add_node(src, order=order.get(src, 0), op=_label_op(node), status="ghost",
-                               module=module_path(node), ghost=True, shape=str(list(shape_of(node) or [])),
+                               module=full_module_path(node, prefix), ghost=True, shape=str(list(shape_of(node) or [])),
                                ghost_layer=layer_of.get(src))
             kind = ("kept" if src in old and src in new else "removed" if src in old else "added")
             if status.get(name) == "removed":
                 kind = "removed"
             graph.add_edge(src, name, kind=kind)
     return graph
-
-
-def _added_layer(after, name):
-    node = after.get(name)
-    return layer_number(module_path(node)) if node is not None else None
 
 
 def _layer_key(layer) -> str:
@@ -119,22 +117,26 @@ def _label_op(node: fx.Node) -> str:
 
 def render_html(diff: GraphDiff) -> str:
     """The page of `diff` (needs its rewrite result: a diff read back from JSON cannot be drawn)."""
-    if diff.result is None:
+    if any(part.result is None for part in diff.parts):
         raise ValueError("this GraphDiff has no rewrite result attached (built from JSON?); cannot draw it")
-    layer_of = node_layers(diff.result.original)
-    status = {c.name: c.change for c in diff.nodes}
-    for layer in diff.layers:
-        for p in layer.freed_parameters:
-            status[p] = "freed"
     roles = {str(l.layer): l for l in diff.layers}
-    keys = sorted({_layer_key(v) for v in layer_of.values()} | set(roles),
-                  key=lambda k: (k == "other", int(k) if k.isdigit() else 0))
-    sections = []
-    for key in keys:
-        graph = _layer_graph(diff, key, layer_of, status)
-        if graph.number_of_nodes() == 0:
-            continue
-        sections.append(_svg_section(key, graph, roles.get(key)))
+    drawn, keys = [], set(roles)
+    for part in diff.parts:
+        layer_of = {**node_layers(part.result.original, frame_prefix(part.result)),
+                    **{c.name: c.layer for c in part.nodes if c.change == "added"}}
+        status = {c.name: c.change for c in part.nodes}
+        for layer in part.layers:
+            for p in layer.freed_parameters:
+                status[p] = "freed"
+        where = f"graph {part.graph}" if diff.fragments else ""
+        for key in {_layer_key(v) for v in layer_of.values()} | {str(l.layer) for l in part.layers}:
+            graph = _layer_graph(part, key, layer_of, status)
+            if graph.number_of_nodes():
+                held = next((l for l in part.layers if str(l.layer) == key), None)  # its indexer is in this graph
+                drawn.append((_key_order(key), part.graph or 0, _svg_section(key, graph, held, where)))
+        keys |= {_layer_key(v) for v in layer_of.values()}
+    keys = sorted(keys, key=_key_order)
+    sections = [section for *_, section in sorted(drawn, key=lambda d: d[:2])]
     t = diff.totals
     first_s = next((str(l.layer) for l in diff.layers if l.role == "S"), keys[0])
     data = html.escape(json.dumps({k: v for k, v in diff.to_dict().items() if k != "nodes"}))
@@ -146,6 +148,10 @@ def render_html(diff: GraphDiff) -> str:
                         rows=_layer_rows(diff), changes=_change_rows(diff),
                         options="".join(_option(k, roles.get(k)) for k in keys), sections="".join(sections),
                         first=first_s, data=data, css=_CSS, js=_JS)
+
+
+def _key_order(key: str) -> tuple:
+    return key == "other", int(key) if key.isdigit() else 0
 
 
 def _layer_rows(diff: GraphDiff) -> str:
@@ -170,7 +176,8 @@ def _option(key: str, layer: LayerDiff | None) -> str:
     return f"<option value='{key}'>{'layer ' + key if key != 'other' else 'outside layers'}{role}</option>"
 
 
-def _svg_section(key: str, graph, layer: LayerDiff | None) -> str:
+def _svg_section(key: str, graph, layer: LayerDiff | None, where: str = "") -> str:
+    """One layer's drawing; `where`: the graph it is drawn from, for a model with graph breaks."""
     pos = _layout(graph)
     width = (max(x for x, _ in pos.values()) + 1) * (BOX_W + GAP_X) + 2 * MARGIN
     height = (max(y for _, y in pos.values()) + 1) * (BOX_H + GAP_Y) + 2 * MARGIN
@@ -196,7 +203,7 @@ def _svg_section(key: str, graph, layer: LayerDiff | None) -> str:
                                               ", runs its indexer") if layer else
              (f"Layer {key} — no indexer" if key != "other" else "Outside the layers (embedding, head, ...)"))
     stats = (f" · {layer.removed_nodes} nodes removed, {layer.rewired_nodes} rewired, "
-             f"{format_si(layer.flops_removed)} FLOPs removed" if layer else "")
+             f"{format_si(layer.flops_removed)} FLOPs removed" if layer else "") + (f" · {where}" if where else "")
     return (f"<section class='layer' data-layer='{key}'><h2>{html.escape(title)}<small>{stats} · "
             f"{graph.number_of_nodes()} nodes</small></h2><div class='scroll'><svg width='{width}' height='{height}' "
             f"viewBox='0 0 {width} {height}' xmlns='http://www.w3.org/2000/svg'>{''.join(parts)}</svg></div></section>")

@@ -1,12 +1,14 @@
-"""Graph capture (ic_compile.capture): the graphs torch.compile hands a backend, and the check that one
-of them holds every indexer, on the tiny reference model (one graph) and on a copy broken in two."""
+"""Graph capture (ic_compile.capture): the graphs torch.compile hands a backend with their frames'
+layouts, their rewrite as the backend binds them, and the check that they hold every indexer once, on
+the tiny reference model (one graph) and on a copy broken in two (two fragments)."""
 
 import pytest
 import torch
 
 import ic_compile
 from ic_compile import dsa_model
-from ic_compile.capture import GraphRecorder, capture_graphs, indexer_graph, record_graphs, split_inputs
+from ic_compile.capture import (GraphRecorder, capture, capture_graphs, indexer_results, record_graphs, rewrite_graphs,
+                                source_layers, split_inputs)
 from ic_compile.plan import PlanError
 from ic_compile.rewrite import NoIndexerFoundError, rewrite
 from tiny_models import random_ids
@@ -46,7 +48,7 @@ def test_one_graph_holds_every_indexer(one_thread):
     model = tiny()
     graphs = capture_graphs(model, {"idx": ids()})
     assert len(graphs) == 1 and ic_compile.capture_graphs is capture_graphs
-    result = indexer_graph([rewrite(gm, "FSSF") for gm in graphs], "test", "hint")
+    [result] = indexer_results([rewrite(gm, "FSSF") for gm in graphs], "test", "hint")
     assert len(result.detection.matches) == model.args.n_layers == 4
     assert str(result.plan) == "FSSF"
 
@@ -67,18 +69,34 @@ def test_recorder_keeps_inputs_and_runs_the_runner(one_thread):
     assert calls == [0, 0] and torch.allclose(want, got)
 
 
-def test_graph_break_between_indexers_is_a_plan_error(one_thread):
+def test_graph_break_between_indexers_gives_fragments(one_thread):
+    """Dynamo (torch 2.13) compiles each layer's frame on its own around the break: each is bound as a
+    fragment by its module path, S layers 1 and 2 read layer 0's top-k from the index store, and
+    explain reports what it reports for the unbroken model."""
     model = tiny(BrokenInTwo)
-    graphs = capture_graphs(model, {"idx": ids()})
-    results = [rewrite(gm) for gm in graphs]
-    holding = sum(bool(r.detection.matches) for r in results)
-    assert len(graphs) >= 2 and holding >= 2
-    message = (rf"search: the model was split into {len(graphs)} graphs with indexers in {holding} of them "
-               r"\(graph breaks\); search needs every indexer layer in one graph")
-    with pytest.raises(PlanError, match=message):
-        indexer_graph(results, "search", "nothing to search")
-    with pytest.raises(PlanError, match="explain: the model was split into"):  # the tools call the same check
-        ic_compile.explain(model, {"idx": ids()})
+    recorder = capture(model, {"idx": ids()})
+    found = indexer_results(rewrite_graphs(recorder, "FSSF"), "search", "nothing to search")
+    assert len(recorder.graphs) > len(found) > 1 and len(recorder.layouts) == len(recorder.graphs)
+    assert sorted(p for r in found for p in r.fragment.layers) == [0, 1, 2, 3]
+    assert sorted((r.layer, r.source) for f in found for r in f.fragment.reads) == [(1, 0), (2, 0)]
+    assert source_layers(found) == {0: 0, 1: 0, 2: 0, 3: 3}
+    broken = ic_compile.explain(model, {"idx": ids()}, plan="FSSF")
+    torch._dynamo.reset()
+    whole = ic_compile.explain(tiny(), {"idx": ids()}, plan="FSSF")
+    # (node counts differ by a cast or two: a fragment receives as an input what the whole graph computes)
+    roles = lambda report: [(l["layer"], l["role"], l["source"], l["module"]) for l in report.layers]  # noqa: E731
+    assert roles(broken) == roles(whole) and all(l["removed_nodes"] > 0 for l in broken.layers if l["role"] == "S")
+    assert broken.removed_nodes == sum(f["removed_nodes"] for f in broken.fragments) > 0
+    assert len(broken.fragments) == len(found) and not whole.fragments
+
+
+def test_fragments_missing_an_indexer_are_a_plan_error(one_thread):
+    """A fragment Dynamo did not compile (its indexers absent from every captured graph) is named."""
+    recorder = capture(tiny(BrokenInTwo), {"idx": ids()})
+    results = [r for r in rewrite_graphs(recorder, "FSSF") if not (r.fragment and r.fragment.layers == [2])]
+    with pytest.raises(PlanError, match=r"explain: the model's 4 indexer modules are not each in one captured "
+                                        r"graph \(missing plan positions \[2\], in several graphs \[\]\)"):
+        indexer_results(results, "explain", "nothing to share")
 
 
 def test_no_indexer_names_the_tool_and_the_hint(one_thread):
@@ -86,4 +104,4 @@ def test_no_indexer_names_the_tool_and_the_hint(one_thread):
     graphs = capture_graphs(model, torch.randint(0, 10, (1, 6)))
     with pytest.raises(NoIndexerFoundError, match=r"^graph diff: no lightning indexer found in the model's 1 "
                                                   r"graph\(s\); is this a DSA model\?$"):
-        indexer_graph([rewrite(gm) for gm in graphs], "graph diff", "is this a DSA model?")
+        indexer_results([rewrite(gm) for gm in graphs], "graph diff", "is this a DSA model?")
