@@ -110,6 +110,22 @@ def build():  # the form models.py documents: (model, example_inputs)
 
 def not_a_model():
     return "a string"
+
+
+class BrokenInTwo(dsa_model.Transformer):  # a graph break inside the layer stack (MoE dispatch, a print)
+    def forward(self, idx, input_pos=None):
+        positions = torch.arange(idx.shape[1])
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        x, topk = self.tok_embeddings(idx), None
+        for i, layer in enumerate(self.layers):
+            if i == 2:
+                torch._dynamo.graph_break()
+            x, topk = layer(x, cos, sin, positions, topk, False)
+        return self.output(self.norm(x))
+
+
+def broken():
+    return dsa_model.init_weights(BrokenInTwo(dsa_model.ModelArgs.tiny()), 0)
 '''
 
 
@@ -133,10 +149,26 @@ def test_factory_in_working_directory_returning_model_and_inputs(capsys, factory
         str(Path(torch.__file__).parent.parent))
 
 
+def test_explain_and_diff_on_a_graph_broken_factory_model(capsys, factory_in_cwd, tmp_path):
+    """Graph breaks are reported, not refused: per fragment, then summed over the model."""
+    code, out, err = run_cli(capsys, "explain", "--model", f"{factory_in_cwd}:broken", "--plan", "FSSF", "--seq", "16")
+    assert code == 0, err
+    assert out.startswith("indexcache plan FSSF: 2 of 4 indexer layers kept") and "graph breaks: the model" in out
+    html = tmp_path / "diff.html"
+    code, out, err = run_cli(capsys, "diff", "--model", f"{factory_in_cwd}:broken", "--plan", "FSSF", "--seq", "16",
+                             "--json", "--html", str(html))
+    assert code == 0, err
+    data = json.loads(out)
+    assert [(l["layer"], l["role"], l["source"]) for l in data["layers"]] == [(0, "F", 0), (1, "S", 0), (2, "S", 0),
+                                                                             (3, "F", 3)]
+    assert sorted(l for f in data["fragments"] for l in f["layers"]) == [0, 1, 2, 3]
+    assert data["totals"]["flops_removed"] > 0 and "data-layer='2'" in html.read_text()
+
+
 def test_factory_errors_name_the_fix(capsys, factory_in_cwd):
     code, _, err = run_cli(capsys, "explain", "--model", f"{factory_in_cwd}:missing")
-    assert code == 2 and (f"module '{factory_in_cwd}' has no function 'missing'; it defines ['build', "
-                          "'not_a_model']") in one_error_line(err, "explain")
+    assert code == 2 and (f"module '{factory_in_cwd}' has no function 'missing'; it defines "
+                          "['BrokenInTwo', 'broken', 'build', 'not_a_model']") in one_error_line(err, "explain")
     code, _, err = run_cli(capsys, "explain", "--model", f"{factory_in_cwd}:not_a_model")
     assert code == 2 and ("the factory returned str, not a torch.nn.Module; return the model or "
                           "(model, example_inputs)") in one_error_line(err, "explain")
