@@ -20,14 +20,15 @@ The premise, IndexCache's: an S layer's indexer state is read by that indexer on
 
 from __future__ import annotations
 
-import torch
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import torch
 from torch import fx
 
 from .eliminate_dead_code import remove_dead_code
 from .graph_ops import LAYOUT_OPS, example_value, is_parameter, module_path, op_name, tensor_args, writes_in_place
+from .symbolic_sizes import size_nodes
 
 if TYPE_CHECKING:
     from .bind_plan import LayerBinding
@@ -166,8 +167,10 @@ def _drop_concat(cache: CacheWrite, live: set) -> bool | None:
     if not _is_empty(cache.old_keys):
         return None  # a length the model may read (self.k_cache.shape[1]): handled as state, length kept
     cache.concat.replace_all_uses_with(cache.old_keys)
-    if cache.old_keys.op != "placeholder":  # HF's torch.tensor([]).to(...) made inside the S indexer
-        _hand_out_empty(cache.old_keys.graph, cache.old_keys)
+    if cache.old_keys.op != "placeholder" and not _hand_out_empty(cache.old_keys.graph, cache.old_keys):
+        # HF's torch.tensor([]).to(...) made inside the S indexer, of a shape we cannot rebuild
+        cache.kept.append(f"{cache.old_keys.name}: the empty cache's symbolic shape is not rebuilt")
+        return False
     return True
 
 
@@ -198,20 +201,24 @@ def _drop_state(graph: fx.Graph, node: fx.Node, live: set, cache: CacheWrite) ->
     if set(node.users) != {output} or not isinstance(value, torch.Tensor):
         cache.kept.append(f"{node.name}: read inside the graph too")
         return False
-    if not all(isinstance(size, int) for size in value.shape):
-        cache.kept.append(f"{node.name}: symbolic shape {tuple(value.shape)} (dynamic shapes)")
+    if not _hand_out_empty(graph, node):
+        cache.kept.append(f"{node.name}: symbolic shape {tuple(value.shape)} not a sum or product of the "
+                          "graph's size symbols (dynamic shapes)")
         return False
-    _hand_out_empty(graph, node)
     return True
 
 
-def _hand_out_empty(graph: fx.Graph, node: fx.Node) -> None:
-    """The graph output `node` (static shape) becomes torch.empty of its shape, dtype and device,
-    made outside any module: the S indexer's ops that computed it die."""
+def _hand_out_empty(graph: fx.Graph, node: fx.Node) -> bool:
+    """The graph output `node` becomes torch.empty of its shape, dtype and device, made outside any
+    module: the S indexer's ops that computed it die. A symbolic shape (dynamic shapes: an attribute
+    cache one token longer each step) is rebuilt from the graph's inputs; False when it cannot be."""
     value = example_value(node)
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     with graph.inserting_before(output):
-        empty = graph.call_function(torch.empty, (tuple(value.shape),),
-                                    {"dtype": value.dtype, "device": value.device})
+        sizes = size_nodes(graph, value.shape)
+        if sizes is None:
+            return False
+        empty = graph.call_function(torch.empty, (tuple(sizes),), {"dtype": value.dtype, "device": value.device})
     empty.meta["example_value"] = value
     output.replace_input_with(node, empty)
+    return True
