@@ -168,7 +168,8 @@ class GraphDiff:
             lines.append(f"graph breaks: {len(self.fragments)} graphs hold indexers, each diffed as the backend "
                          "binds it (S layers whose F source is in another graph read its top-k from the index store):")
             lines += [f"  graph {f.graph} (frame {frame_prefix(f.result) or '<model>'}): layers "
-                      f"{[l.layer for l in f.layers]}, {f.nodes_before} -> {f.nodes_after} nodes" for f in self.fragments]
+                      f"{[l.layer for l in f.layers]}, {f.nodes_before} -> {f.nodes_after} nodes"
+                      for f in self.fragments]
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
