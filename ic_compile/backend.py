@@ -30,7 +30,26 @@ from .frames import (RecompileLimitError, RecompileLimitWarning, allow_fragment_
 from .index_store import IndexStoreError, store_for, with_store  # noqa: F401 (IndexStoreError re-exported)
 from .rewrite import NoIndexerFoundError, RewriteResult, rewrite
 
-LOWERINGS = ("inductor", "eager", "tensorrt")
+# Lowerings beyond Inductor and eager register themselves here (ic_compile.export.tensorrt adds
+# "tensorrt" when ic_compile is imported), so the core never imports an exporter.
+# name -> (compile(gm, example_inputs) -> callable, whether it runs our ic:: custom ops)
+_REGISTERED: dict[str, tuple[Callable, bool]] = {}
+
+
+def register_lowering(name: str, compile_fn: Callable, *, custom_ops: bool) -> None:
+    """Make options={"lowering": name} compile the rewritten graph with compile_fn(gm, example_inputs).
+    custom_ops=False: the lowering cannot run ic::indexer_topk & co, so F indexers stay unlowered."""
+    _REGISTERED[name] = (compile_fn, custom_ops)
+
+
+def lowerings() -> tuple[str, ...]:
+    return ("inductor", "eager", *_REGISTERED)
+
+
+def _runs_custom_ops(lowering: str) -> bool:
+    return lowering not in _REGISTERED or _REGISTERED[lowering][1]
+
+
 _warned_no_plan = False
 # What the backend did to the graphs it compiled most recently, newest last. Bounded: each entry holds a
 # compiled GraphModule, and a long-running server must not keep every graph it ever compiled.
@@ -80,13 +99,13 @@ class BackendOptions:
             raise OptionsError(f"unknown indexcache option(s) {unknown}; valid options are "
                             f"{sorted(cls.__dataclass_fields__)}")
         parsed = cls(**options)
-        if parsed.lowering not in LOWERINGS:
-            raise OptionsError(f"lowering={parsed.lowering!r} is not one of {LOWERINGS}")
+        if parsed.lowering not in lowerings():
+            raise OptionsError(f"lowering={parsed.lowering!r} is not one of {lowerings()}")
         if parsed.indexer_mask not in INDEXER_MASKS:
             raise OptionsError(f"indexer_mask={parsed.indexer_mask!r} is not one of {INDEXER_MASKS}")
         if parsed.indexer_precision not in INDEXER_PRECISIONS:
             raise OptionsError(f"indexer_precision={parsed.indexer_precision!r} is not one of {INDEXER_PRECISIONS}")
-        if parsed.indexer_precision != "bf16" and (parsed.kernels is False or parsed.lowering == "tensorrt"):
+        if parsed.indexer_precision != "bf16" and (parsed.kernels is False or not _runs_custom_ops(parsed.lowering)):
             raise OptionsError(f"indexer_precision={parsed.indexer_precision!r} runs in our fused indexer op: it "
                             "needs kernels=True or 'auto' (and lowering 'inductor' or 'eager'), got "
                             f"kernels={parsed.kernels!r}, lowering={parsed.lowering!r}")
@@ -99,7 +118,7 @@ class BackendOptions:
 def indexcache_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **_ignored):
     opts = BackendOptions.parse(options)
     use_kernels = opts.kernels if opts.kernels != "auto" else _on_cuda(example_inputs)
-    result = rewrite(gm, opts.plan, strict=opts.strict, kernels=bool(use_kernels) and opts.lowering != "tensorrt",
+    result = rewrite(gm, opts.plan, strict=opts.strict, kernels=bool(use_kernels) and _runs_custom_ops(opts.lowering),
                      sparse_attention=opts.sparse_attention, indexer_mask=opts.indexer_mask,
                      indexer_precision=opts.indexer_precision, layout=frame_layout(), lowering=opts.lowering)
     last_results.append(result)
@@ -188,8 +207,8 @@ def lower(gm: fx.GraphModule, example_inputs, lowering: str, cudagraphs: bool = 
     if lowering == "inductor":
         from torch._inductor.compile_fx import compile_fx
         return compile_fx(gm, example_inputs, config_patches=CUDAGRAPH_PATCHES if cudagraphs else None)
-    from .export.tensorrt import compile_tensorrt  # raises a clear error when TensorRT is absent
-    return compile_tensorrt(gm, example_inputs)
+    compile_fn, _ = _REGISTERED[lowering]
+    return compile_fn(gm, example_inputs)
 
 
 class _PlanReference(fx.Interpreter):

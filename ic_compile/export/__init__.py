@@ -6,5 +6,6 @@ rewrite, wrap, torch.export) <- `onnx`, `tensorrt`. The exporters import the cor
 """
 
 from .onnx import ExportError, export_onnx
+from .tensorrt import compile_tensorrt  # registers lowering="tensorrt" with the backend
 
-__all__ = ["ExportError", "export_onnx"]
+__all__ = ["ExportError", "compile_tensorrt", "export_onnx"]

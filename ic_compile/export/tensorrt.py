@@ -27,6 +27,7 @@ from torch import fx
 from ic_compile.passes.detect_indexers import detect_indexers
 from ic_compile.passes.graph_ops import is_parameter, module_path, layer_number, op_name, shape_of
 
+from ..backend import register_lowering
 from ..errors import IndexCacheError
 from ..plan import PlanError
 from ..rewrite import NoIndexerFoundError
@@ -240,3 +241,6 @@ def export_tensorrt(model, example_inputs, path, plan=None, *, dynamic_seq: bool
 
 __all__ = ["MAX_VOLUME", "TOPK_MAX_K", "TensorRTLimitError", "TensorRTReport", "TensorRTUnavailableError",
            "check_tensorrt_limits", "compile_tensorrt", "configured_topk", "export_tensorrt", "require_tensorrt"]
+
+
+register_lowering("tensorrt", compile_tensorrt, custom_ops=False)  # options={"lowering": "tensorrt"}
