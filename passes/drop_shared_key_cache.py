@@ -58,7 +58,8 @@ def find_shared_key_caches(bindings: list[LayerBinding]) -> list[CacheWrite]:
 
 def _find_all(match) -> CacheWrite | None:
     cache = (_find(match.key, match.layer) if match.key is not None else None) or CacheWrite(match.layer)
-    scope, graph = match.module, match.topk.graph
+    # the topk's own module path: relative to the frame (match.module has the frame's prefix in front)
+    scope, graph = module_path(match.topk), match.topk.graph
     written = [(b, w) for b, w in _buffers_written_in(graph, scope) if b is not cache.buffer]
     cache.buffers = written
     cache.states = [n for n in _outputs_from(graph, scope) if n is not cache.concat]

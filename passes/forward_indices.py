@@ -24,7 +24,7 @@ def forward_indices(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         _forward_getitems(own, source, order)
         own.replace_all_uses_with(source)  # anything else that held the whole (values, indices) result
         ctx.counters["forward_indices.shared_topk"] += 1
-    merged = _merge_repeats(gm, {b.match.module for b in ctx.shared if b.match.module})
+    merged = _merge_repeats(gm, {module_path(b.match.topk) for b in ctx.shared if module_path(b.match.topk)})  # frame-relative
     ctx.counters["forward_indices.merged_ops"] += merged
     return gm
 

@@ -29,8 +29,8 @@ def full_module_path(node: fx.Node, prefix: str = "") -> str:
 
 
 def key_cache_writes_removed(result: RewriteResult) -> dict[int, bool | None]:
-    """S layer -> True if every write of its indexer key cache (the cache append, or the in-place writes
-    into a static buffer) found in the original graph is absent from the rewritten one, False if any is
+    """S layer -> True if every write of its indexer caches (the key-cache append or in-place writes, scale
+    caches, attribute state) found in the original graph is absent from the rewritten one, False if any is
     still there, None if the original graph writes no such cache (e.g. captured without a cache).
     Counted from the graphs, not from what the pass believes it did."""
     after = {n.name for n in result.gm.graph.nodes}
@@ -40,10 +40,16 @@ def key_cache_writes_removed(result: RewriteResult) -> dict[int, bool | None]:
         if b.role != "S":
             continue
         cache = caches.get(b.match.layer)
-        writes = ([] if cache is None else [cache.concat.name] if cache.concat is not None
-                  else [w.name for w in cache.writers])
+        writes = [] if cache is None else _cache_writes(cache)
         counted[b.match.layer] = None if not writes else not any(w in after for w in writes)
     return counted
+
+
+def _cache_writes(cache) -> list[str]:
+    """Every node through which an S indexer stores state across calls: the key-cache append or its
+    in-place writes, writes into other buffers (per-key scale caches), state handed out of the graph."""
+    return ([cache.concat.name] if cache.concat is not None else []) + [w.name for w in cache.writers] \
+        + [w.name for _, writers in cache.buffers for w in writers] + [s.name for s in cache.states]
 
 
 def key_cache_notes(counted: dict[int, bool | None]) -> list[str]:

@@ -43,12 +43,8 @@ class MoE(nn.Module):
         return out.view_as(x)
 
 
-def moe_model(host_dispatch: bool) -> ds.Transformer:
-    """The "scores" style: its S indexers' key-cache writes are dropped in fragments as in one graph.
-    (Not yet so for "official" / "community": drop_shared_key_cache matches the indexer's scale-cache
-    and attribute-state writes by module path without the fragment's frame prefix, so a fragment keeps
-    them, and those counts differ from the one-graph model's; the tools report what the rewrite did.)"""
-    net = ds.model("scores")
+def moe_model(host_dispatch: bool, style: str = "scores") -> ds.Transformer:
+    net = ds.model(style)
     torch.manual_seed(1)
     for block in net.layers:
         block.ffn = MoE(net.embed.embedding_dim, host_dispatch)
@@ -59,14 +55,16 @@ def inputs():
     return ds.tokens(), 0
 
 
-@pytest.fixture(scope="module")
-def reports():
-    """explain of the broken and the one-graph model (each capture ~3 s on one thread)."""
+@pytest.fixture(scope="module", params=["scores", "official", "community"])
+def reports(request):
+    """explain of the broken and the one-graph model (each capture ~3 s on one thread). The official
+    and community styles also keep per-key scale caches and attribute state, which a fragment must
+    drop as one graph does (their module paths are relative to the fragment's frame)."""
     torch.set_num_threads(1)
     torch._dynamo.reset()
-    broken = explain(moe_model(True), inputs(), plan=PLAN)
+    broken = explain(moe_model(True, request.param), inputs(), plan=PLAN)
     torch._dynamo.reset()
-    return broken, explain(moe_model(False), inputs(), plan=PLAN)
+    return broken, explain(moe_model(False, request.param), inputs(), plan=PLAN), request.param
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +77,7 @@ def diffs():
 
 
 def test_explain_lists_fragments_and_sums_as_one_graph(reports):
-    broken, whole = reports
+    broken, whole, _ = reports
     assert whole.graphs == 1 and not whole.fragments
     assert broken.graphs > 4 and [f["positions"] for f in broken.fragments] == [[0], [1], [2], [3]]
     assert [(f["roles"], f["reads"], f["writes"]) for f in broken.fragments] == [
@@ -101,7 +99,7 @@ def test_explain_removed_nodes_are_the_s_indexers_ops(reports):
     (tests/dsa_styles.indexer_ops over the original fragment), and explain reports that many."""
     from ic_compile.capture import capture, rewrite_graphs
     torch._dynamo.reset()
-    results = rewrite_graphs(capture(moe_model(True), inputs()), PLAN)
+    results = rewrite_graphs(capture(moe_model(True, reports[2]), inputs()), PLAN)
     readers = [r for r in results if r.fragment is not None and r.fragment.reads]
     assert [r.layout.prefix for r in readers] == ["layers.1", "layers.2"]
     for r, layer in zip(readers, (1, 2)):
