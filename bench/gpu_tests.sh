@@ -3,7 +3,7 @@
 # (autotuning compiles every launch config) cannot hide the others' results.
 #
 #   bash bench/gpu_tests.sh [-t SECONDS_PER_FILE] FILE...      (repository root; logs to $OUT or /tmp)
-#   bash bench/gpu_tests.sh -t 200 tests/test_lower_indexer.py tests/test_kernels_topk_select.py
+#   bash bench/gpu_tests.sh -t 200 tests/passes/test_lower_indexer.py tests/kernels/test_topk_select.py
 #
 # Wheels carried in .whl/ (newer transformers, pytest) are installed to /tmp/site first.
 # Prints one summary line per file; the full log of each file is in $OUT/gpu_<name>.log.
