@@ -144,7 +144,9 @@ def _scores_body(
     HEAD_MAJOR: tl.constexpr, KEY_ROWS: tl.constexpr, HAS_RANGE: tl.constexpr,
     KSCALE: tl.constexpr,
 ):
-    """The score kernels' body (one program's tiles); KSCALE: scores times ks[b, t] (fp8 keys' scales)."""
+    """The score kernels' body (one program's tiles); KSCALE: scores times ks[b, t] (fp8 keys' scales).
+    Longer than our ~80-line functions: Triton inlines helpers, but each dot layout (KEY_ROWS,
+    HEAD_MAJOR) keeps its loads, dot and head reduction together so the layouts read side by side."""
     pid_s = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)

@@ -62,7 +62,9 @@ def _sparse_attention_kernel(
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,  # interpreter only: fp32 dot operands (see upcast_dots)
 ):
-    """o[b,s,h,split,:] = softmax-weighted values over this split's valid indices (normalised)."""
+    """o[b,s,h,split,:] = softmax-weighted values over this split's valid indices (normalised).
+    (Over our ~80-line function size: the online-softmax loop and the split-combine epilogue share
+    the running max/sum registers, which a helper call would have to pass back and forth.)"""
     # program -> (b, s, kv head, head block); head blocks of one query are neighbours (L2 reuse)
     pid = tl.program_id(0)
     HB = tl.cdiv(G, BLOCK_H)  # head blocks per kv head
