@@ -149,6 +149,8 @@ def drop_shared_key_cache(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModul
                 done.append(concat)
         if cache.buffer is not None:
             done.append(_drop_buffer(gm.graph, cache.buffer, cache.writers, live, cache))
+            remove_dead_code(gm.graph)  # the key writes' positions may have been a length counter's last reader
+            live = set(gm.graph.nodes)
         done += [_drop_buffer(gm.graph, b, w, live, cache) for b, w in cache.buffers]
         remove_dead_code(gm.graph)  # the state below may have been read by the writes just erased
         live = set(gm.graph.nodes)

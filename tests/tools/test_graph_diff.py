@@ -100,7 +100,7 @@ def test_reference_model_static_cache_writes_counted(tmp_path):
 
 def test_hf_static_cache_writes_counted_from_the_graph():
     """HF StaticCache: the S layers' key-cache index_copy_ nodes disappear from the rewritten graph;
-    the diff and explain count that (the pass's own `dropped` flag stays False for this layout)."""
+    the diff and explain count that, and the S indexers' length counters (indexer_cumulative_length) go too."""
     import ic_compile
     model = glm()
     inputs = {"input_ids": random_ids(batch=1), "use_cache": True,
@@ -111,6 +111,8 @@ def test_hf_static_cache_writes_counted_from_the_graph():
     assert set(written) == {1, 2} and all(w and not set(w) & after for w in written.values())
     assert [l.key_cache_write_removed for l in diff.layers] == [None, True, True, None]
     assert [l.key_cache_bytes_per_token_freed for l in diff.layers] == [0, 64, 64, 0]
+    assert [c.dropped for c in diff.result.caches] == [True, True]
+    assert not [n for n in diff.result.gm.graph.nodes if "layers_1_indexer_cumulative_length" in n.name and n.users]
     torch._dynamo.reset()
     inputs["past_key_values"] = ic_compile.static_cache(model, 1, 32)
     report = ic_compile.explain(model, inputs, plan="FSSF")
@@ -155,6 +157,8 @@ def test_key_cache_write_removed_with_a_cache():
     assert diff.seq_len == 16  # default: the example's key length
     assert [l.key_cache_write_removed for l in diff.layers] == [None, True, True, None]
     assert [l.key_cache_bytes_per_token_freed for l in diff.layers] == [0, 64, 64, 0]
+    assert [c.dropped for c in diff.result.caches] == [True, True]
+    assert not [n for n in diff.result.gm.graph.nodes if "layers_1_indexer_cumulative_length" in n.name and n.users]
     assert "reads keys_1 (layer 1)" not in str(diff)  # only changed inputs are listed
     output = next(n for n in diff.nodes if n.name == "output")
     assert output.change == "rewired"  # the S layers' cache state is handed back unchanged
