@@ -43,7 +43,7 @@ import torch
 import ic_compile
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from kernels import indexer_inputs, measure_peaks, strided_causal_indices  # noqa: E402  (bench/kernels.py)
+from kernel_speed import indexer_inputs, measure_peaks, strided_causal_indices  # noqa: E402  (bench/kernel_speed.py)
 from prefill import CONFIG, build_model, save_result, time_ms, variant  # noqa: E402  (bench/prefill.py)
 
 RESULT = str(pathlib.Path(__file__).resolve().parent / "results" / "decode.json")  # overwritten by each run

@@ -15,7 +15,6 @@ The bf16 limit of a prefill = its counted FLOPs (bench/prefill.py's work_flops) 
 """
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import sys
@@ -23,14 +22,8 @@ import time
 
 import torch
 
-BENCH = pathlib.Path(__file__).resolve().parent
-# bench/kernels.py would shadow PyPI's `kernels`, which transformers imports: bench/ leaves sys.path
-sys.path = [p for p in sys.path if pathlib.Path(p or ".").resolve() != BENCH]
-_spec = importlib.util.spec_from_file_location("prefill", BENCH / "prefill.py")
-prefill = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(prefill)
-CONFIG, bf16_peak_tflops, save_result, time_ms, work_flops = (
-    prefill.CONFIG, prefill.bf16_peak_tflops, prefill.save_result, prefill.time_ms, prefill.work_flops)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from prefill import CONFIG, bf16_peak_tflops, save_result, time_ms, work_flops  # noqa: E402
 
 import ic_compile  # noqa: E402
 

@@ -4,7 +4,7 @@
 exactly like ic::sparse_mla does (same [BLOCK_K, 512] + [BLOCK_K, 64] row tiles, one program
 per query) and only sums them (no attention maths). Its time is a floor for sparse MLA at that
 access pattern: at 16K the 19 MB kv table sits in L2, so this measures L2 gather bandwidth, not
-HBM's. bench/kernels.py reports sparse MLA's time against it.
+HBM's. bench/kernel_speed.py reports sparse MLA's time against it.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from ic_compile.kernels.indexer_topk import _SELECT_TUNING, chunked_scores
 from ic_compile.kernels.topk_select import topk_select
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from kernels import indexer_inputs  # noqa: E402  (bench/kernels.py)
+from kernel_speed import indexer_inputs  # noqa: E402  (bench/kernel_speed.py)
 
 
 def main(L: int) -> None:

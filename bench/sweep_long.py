@@ -28,7 +28,7 @@ from ic_compile.kernels.reference import topk_indices_from_scores
 from ic_compile.kernels.topk_select import _topk_select_with_path, _Tuning, row_lengths, topk_select
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from kernels import bench_ms, indexer_inputs, measure_peaks  # noqa: E402  (bench/kernels.py)
+from kernel_speed import bench_ms, indexer_inputs, measure_peaks  # noqa: E402  (bench/kernel_speed.py)
 
 H, D, TOPK = 32, 128, 2048
 REPORT: dict = {}

@@ -32,7 +32,7 @@ import dataclasses
 from ic_compile.kernels.topk_select import _topk_select_with_path, _Tuning, row_lengths
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from kernels import bench_ms, indexer_inputs, measure_peaks  # noqa: E402  (bench/kernels.py)
+from kernel_speed import bench_ms, indexer_inputs, measure_peaks  # noqa: E402  (bench/kernel_speed.py)
 
 TOPK = 2048
 # launch configs (unordered; topk_select's private _Tuning fields): filter (num_warps, block, stages, maxnreg),

@@ -20,7 +20,7 @@ import torch
 from ic_compile.kernels.indexer_topk import chunked_scores, indexer_topk_triton
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from kernels import bench_ms, indexer_inputs  # noqa: E402  (bench/kernels.py)
+from kernel_speed import bench_ms, indexer_inputs  # noqa: E402  (bench/kernel_speed.py)
 
 CHUNKS = {16384: (512, 1024, 2048, 4096, 16384), 131072: (1024, 2048)}
 

@@ -13,9 +13,9 @@ Measures, in one run:
     (kernels/mask_within_causal.py, Triton vs its chunked torch reference): bytes = the upper
     triangle read once, as % of copy BW.
 
-    python bench/kernels.py                                    # full run (GPU) -> bench/results/kernels.json
-    python bench/kernels.py --quick --lengths 4096,16384       # faster subset
-    python bench/kernels.py --smoke                            # tiny sizes, runs on CPU too
+    python bench/kernel_speed.py                                    # full run (GPU) -> bench/results/kernels.json
+    python bench/kernel_speed.py --quick --lengths 4096,16384       # faster subset
+    python bench/kernel_speed.py --smoke                            # tiny sizes, runs on CPU too
 """
 from __future__ import annotations
 
