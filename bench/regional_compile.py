@@ -1,7 +1,8 @@
 """Whole-model vs regional compilation (torch.compile on each decoder layer) with a plan: compile time
 and exactness, on CPU (compile time is host work), HF GlmMoeDsa with N layers.
 
-    python bench/regional_compile.py --layers 16 --plan-every 4      # prints JSON
+    for v in whole regional; do TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python bench/regional_compile.py \
+        --layers 16 --variants $v; done                                  # prints JSON per variant
 
 Regional: `layer.compile(backend="indexcache", options=...)` on every decoder layer; each layer's frame
 holds one indexer, so the backend binds it as a graph fragment and S layers read their F layer's
@@ -40,6 +41,9 @@ def main():
     parser.add_argument("--plan-every", type=int, default=4)
     parser.add_argument("--seq", type=int, default=48)
     parser.add_argument("--lowering", default="inductor", choices=["inductor", "eager"])
+    parser.add_argument("--variants", nargs="+", default=["whole", "regional"], choices=["whole", "regional"],
+                        help="one per process with a fresh TORCHINDUCTOR_CACHE_DIR for compile times "
+                             "that no earlier compile's cache helps")
     args = parser.parse_args()
     torch.set_num_threads(1)
     plan = "".join("F" if i % args.plan_every == 0 else "S" for i in range(args.layers))
@@ -51,14 +55,15 @@ def main():
     with torch.no_grad():
         want = native(ids).logits
     rows = {}
-    torch._dynamo.reset()
-    whole = model(args.layers)
-    rows["whole"] = first_call_s(torch.compile(whole, backend="indexcache", options=options), ids)
-    torch._dynamo.reset()
-    regional = model(args.layers)
-    for layer in regional.model.layers:
-        layer.compile(backend="indexcache", options=options)
-    rows["regional"] = first_call_s(regional, ids)
+    for variant in args.variants:
+        torch._dynamo.reset()
+        net = model(args.layers)
+        if variant == "whole":
+            net = torch.compile(net, backend="indexcache", options=options)
+        else:
+            for layer in net.model.layers:
+                layer.compile(backend="indexcache", options=options)
+        rows[variant] = first_call_s(net, ids)
     print(json.dumps({"layers": args.layers, "plan": plan, "lowering": args.lowering, "seq": args.seq,
                       **{f"{k}_first_call_s": round(v[0], 2) for k, v in rows.items()},
                       **{f"{k}_max_abs_diff_vs_native": float((v[1] - want).abs().max()) for k, v in rows.items()}}))
