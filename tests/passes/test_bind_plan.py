@@ -13,18 +13,10 @@ from ic_compile.passes.detect_indexers import IndexerMatch, detect_indexers
 from ic_compile.passes.manager import PassContext
 from ic_compile.plan import LayerPlan, PlanError
 
-
-def indexer(q, k, w):  # q [B,S,H,D], k [B,T,D], w [B,S,H] -> topk over [B,S,T]
-    scores = (torch.einsum("bshd,btd->bsht", q, k).relu() * w[..., None]).sum(dim=2)
-    return scores.topk(2, dim=-1)
+from traced import layers  # tests/passes/traced.py
 
 
-def four_layers(q, k, w, v):  # v [B,T,E]
-    out = v
-    for i in range(4):
-        idx = indexer(q * (i + 1), k, w).indices  # [B,S,2]
-        out = out + torch.gather(v, 1, idx[..., :1].expand(-1, -1, v.shape[-1]))
-    return out
+four_layers = layers(4)
 
 
 def bound(plan, layout=None, modules=None) -> PassContext:

@@ -10,18 +10,10 @@ from torch import fx
 from ic_compile.passes.manager import PassContext, pipeline, run_passes
 from ic_compile.rewrite import rewrite
 
-
-def indexer(q, k, w):  # q [B,S,H,D], k [B,T,D], w [B,S,H] -> topk over [B,S,T]
-    scores = (torch.einsum("bshd,btd->bsht", q, k).relu() * w[..., None]).sum(dim=2)
-    return scores.topk(2, dim=-1)
+from traced import layers  # tests/passes/traced.py
 
 
-def three_layers(q, k, w, v):  # v [B,T,E]
-    out = v
-    for i in range(3):
-        idx = indexer(q * (i + 1), k, w).indices  # [B,S,2]
-        out = out + torch.gather(v, 1, idx[..., :1].expand(-1, -1, v.shape[-1]))
-    return out
+three_layers = layers(3)
 
 
 def names(passes) -> list[str]:
