@@ -23,29 +23,20 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from prefill import CONFIG, bf16_peak_tflops, save_result, time_ms, work_flops  # noqa: E402
+from decode import rewind  # noqa: E402
+from prefill import CONFIG, bf16_peak_tflops, build_model, save_result, time_ms, work_flops  # noqa: E402
 
 import ic_compile  # noqa: E402
+from ic_compile.plan import LayerPlan  # noqa: E402
 
 LAYERS = 47  # GLM-4.7-Flash: 47 decoder layers, the first dense, then 64-expert MoE
 RESULT = pathlib.Path(__file__).resolve().parent / "results" / "e2e.json"
 
 
 def pattern(plan: str, layers: int = LAYERS) -> str:
-    """"F" -> all F; "1/n" -> F every n-th layer from layer 0."""
+    """"F" -> all F; "1/n" -> F every n-th layer from layer 0 (HF index_topk_freq n, offset 1)."""
     every = 1 if plan == "F" else int(plan.split("/")[1])
-    return "".join("F" if i % every == 0 else "S" for i in range(layers))
-
-
-def build_model(layers: int):
-    """Built on the GPU in bf16 directly: a float32 copy of 30B parameters would not fit."""
-    from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = GlmMoeDsaForCausalLM(GlmMoeDsaConfig(**{**CONFIG, "num_hidden_layers": layers})).eval()
-    torch.set_default_dtype(torch.float32)
-    return model
+    return LayerPlan.from_freq(layers, every, offset=1).pattern
 
 
 def compiled(model, plan: str, layers: int, graphs: bool = False):
@@ -79,14 +70,6 @@ def random_static_cache(model, L: int):
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 value.normal_()
     return cache
-
-
-def rewind(cache, length: int) -> None:
-    """Set every layer's running length (where transformers 5 writes the next token) to `length`."""
-    for layer in cache.layers:
-        layer.cumulative_length.fill_(length)
-        if getattr(layer, "indexer_cumulative_length", None) is not None:
-            layer.indexer_cumulative_length.fill_(length)
 
 
 def decode_row(model, cache, plan: str, L: int, layers: int, reps: int) -> dict:

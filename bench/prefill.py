@@ -64,12 +64,17 @@ def work_flops(L, plan):
     return total + 2 * h * c["vocab_size"]  # last-token logits
 
 
-def build_model():
+def build_model(layers: int = CONFIG["num_hidden_layers"]):
+    """Built on the GPU in bf16 directly (a float32 copy of the 47-layer model's 30B parameters would
+    not fit), random weights."""
     from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = GlmMoeDsaForCausalLM(GlmMoeDsaConfig(**CONFIG)).to(torch.bfloat16).eval()
-    return model
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            return GlmMoeDsaForCausalLM(GlmMoeDsaConfig(**{**CONFIG, "num_hidden_layers": layers})).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
 
 
 def variant(model, name):
