@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
-from ic_compile.passes.graph_ops import module_path
+from ic_compile.passes.graph_ops import full_module_path
 
 from .frames import FRAGMENT_RECOMPILE_LIMIT, FrameLayout, frame_layout, pin_frame_to_module
 from .index_store import IndexStore, with_store
@@ -64,8 +64,7 @@ def _layer_frame_with_indexer(gm: fx.GraphModule, layout: FrameLayout | None) ->
     """Is this the frame of a submodule (a layer compiled on its own after a break) holding indexer code?"""
     if layout is None or not layout.prefix:
         return False
-    return layout.holds_indexer_code({".".join(p for p in (layout.prefix, module_path(n)) if p)
-                                      for n in gm.graph.nodes})
+    return layout.holds_indexer_code({full_module_path(n, layout.prefix) for n in gm.graph.nodes})
 
 
 @contextlib.contextmanager

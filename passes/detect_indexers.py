@@ -20,8 +20,8 @@ from torch import fx
 
 from ic_compile.plan import PlanError
 
-from .graph_ops import (LAYOUT_OPS, MASK_SCALE_OPS, PRODUCT_OPS, REDUCE_OPS, is_last_dim, is_parameter, is_relu,
-                        layer_number, module_path, op_name, shape_of, tensor_args)
+from .graph_ops import (LAYOUT_OPS, MASK_SCALE_OPS, PRODUCT_OPS, REDUCE_OPS, full_module_path, is_last_dim,
+                        is_parameter, is_relu, layer_number, module_path, op_name, shape_of, tensor_args)
 
 if TYPE_CHECKING:
     from .manager import PassContext
@@ -75,8 +75,7 @@ def _check_no_indexer_code(gm: fx.GraphModule, ctx: PassContext) -> None:
     layout = ctx.layout
     if layout is None or not layout.indexers:
         return
-    paths = {".".join(p for p in (layout.prefix, module_path(n)) if p) for n in gm.graph.nodes
-             if op_name(n) == "topk"}
+    paths = {full_module_path(n, layout.prefix) for n in gm.graph.nodes if op_name(n) == "topk"}
     if layout.holds_indexer_code(paths):
         raise PlanError(f"{ctx.stopped}, yet the graph has a topk inside the model's indexer module(s) "
                         f"{sorted(p for p in paths if layout.position(p) is not None)}: an indexer variant "
@@ -121,7 +120,7 @@ def _classify_topk(topk: fx.Node, prefix: str = "") -> IndexerMatch | str | None
     if product is None:
         return f"{where}: ReLU found but no q·k product of two activations beneath it"
     query, key = _operands(product)
-    path = ".".join(p for p in (prefix, module_path(topk)) if p)
+    path = full_module_path(topk, prefix)
     layer = layer_number(path)
     return IndexerMatch(topk, relus[0], product, query, key, path, -1 if layer is None else layer,
                         score_nodes)

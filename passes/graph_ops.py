@@ -115,6 +115,12 @@ def module_path(node: fx.Node) -> str:
     return path.strip(".")
 
 
+def full_module_path(node: fx.Node, prefix: str = "") -> str:
+    """The node's module path in the whole model: a graph-break fragment's nodes name their modules
+    from the frame's module (`prefix`), e.g. 'layers.1' + 'attn.indexer'."""
+    return ".".join(p for p in (prefix, module_path(node)) if p)
+
+
 def layer_number(path: str) -> int | None:
     """The last integer component of a module path ('model.layers.3.self_attn.indexer' -> 3)."""
     numbers = re.findall(r"(?:^|\.)(\d+)(?=\.|$)", path)

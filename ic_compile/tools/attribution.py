@@ -12,7 +12,7 @@ import re
 
 from torch import fx
 
-from ic_compile.passes.graph_ops import layer_number, module_path
+from ic_compile.passes.graph_ops import layer_number
 
 from ..rewrite import RewriteResult
 
@@ -21,11 +21,6 @@ def frame_prefix(result: RewriteResult) -> str:
     """Module path of the graph's frame in the model ('' for the model's own frame): a layer compiled on
     its own after a graph break names its nodes' modules from the layer ('attn.indexer')."""
     return result.layout.prefix if result.layout is not None else ""
-
-
-def full_module_path(node: fx.Node, prefix: str = "") -> str:
-    """The node's module path in the whole model ('layers.1' + 'attn.indexer')."""
-    return ".".join(p for p in (prefix, module_path(node)) if p)
 
 
 def key_cache_writes_removed(result: RewriteResult) -> dict[int, bool | None]:
@@ -128,5 +123,5 @@ def parameter_path(node: fx.Node) -> str:
     return re.sub(r"(?:^|_)(?:modules|parameters|buffers)_", ".", name).strip(".")
 
 
-__all__ = ["attribute_layers", "frame_prefix", "full_module_path", "key_cache_notes", "key_cache_writes_removed",
+__all__ = ["attribute_layers", "frame_prefix", "key_cache_notes", "key_cache_writes_removed",
            "node_layers", "parameter_path"]

@@ -51,12 +51,13 @@ from pathlib import Path
 import torch
 from torch import fx
 
-from ic_compile.passes.graph_ops import LAYOUT_OPS, example_value, is_parameter, op_name, shape_of, tensor_args
+from ic_compile.passes.graph_ops import (LAYOUT_OPS, example_value, full_module_path, is_parameter, op_name, shape_of,
+                                         tensor_args)
 
 from ..capture import capture, indexer_results, rewrite_graphs, source_layers
 from ..plan import PlanError
 from ..rewrite import RewriteResult
-from .attribution import (attribute_layers, frame_prefix, full_module_path, key_cache_notes,  # noqa: F401 (re-exported)
+from .attribution import (attribute_layers, frame_prefix, key_cache_notes,  # noqa: F401 (re-exported)
                           key_cache_writes_removed, node_layers, parameter_path)
 from .graph_diff_html import format_bytes, format_si, render_html
 

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 
 from torch import fx
 
-from ic_compile.passes.graph_ops import is_parameter, op_name, shape_of, tensor_args
+from ic_compile.passes.graph_ops import full_module_path, is_parameter, op_name, shape_of, tensor_args
 
-from .attribution import frame_prefix, full_module_path, node_layers, parameter_path
+from .attribution import frame_prefix, node_layers, parameter_path
 
 if TYPE_CHECKING:
     from .graph_diff import GraphDiff, LayerDiff
