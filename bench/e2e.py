@@ -2,9 +2,12 @@
 
     python bench/e2e.py --part prefill --length 200000 --plans F 1/4 1/8   # -> bench/results/e2e.json
     python bench/e2e.py --part decode --length 200000 --plans F 1/4
+    python bench/e2e.py --part prefill --length 200000 --plans F:fp8 1/4:fp8   # the fp8 indexer
 
 Plans: "F" (every layer keeps its indexer), "1/4" and "1/8" (uniform: layer i keeps it when i % 4 == 0,
-resp. i % 8 == 0 — 12 and 6 of 47 layers). Every variant is ours with Inductor lowering.
+resp. i % 8 == 0 — 12 and 6 of 47 layers); a ":fp8" suffix runs the F layers' indexer in fp8
+(options={"indexer_precision": "fp8"}: what the paper's SGLang stack runs). Every variant is ours with
+Inductor lowering.
   * prefill: last-token logits of one L-token sequence, no cache. The first call's wall time (Dynamo
     trace + rewrite + Inductor compile + one run) is reported as compile_s; then `--reps` timed runs.
   * decode: one new token at position L of a StaticCache (ic_compile.static_cache) whose tensors
@@ -34,14 +37,22 @@ RESULT = pathlib.Path(__file__).resolve().parent / "results" / "e2e.json"
 
 
 def pattern(plan: str, layers: int = LAYERS) -> str:
-    """"F" -> all F; "1/n" -> F every n-th layer from layer 0 (HF index_topk_freq n, offset 1)."""
-    every = 1 if plan == "F" else int(plan.split("/")[1])
+    """"F" -> all F; "1/n" -> F every n-th layer from layer 0 (HF index_topk_freq n, offset 1);
+    a ":precision" suffix is ignored here."""
+    spec = plan.split(":")[0]
+    every = 1 if spec == "F" else int(spec.split("/")[1])
     return LayerPlan.from_freq(layers, every, offset=1).pattern
+
+
+def precision(plan: str) -> str:
+    """"1/4:fp8" -> "fp8"; no suffix -> "bf16"."""
+    return plan.split(":")[1] if ":" in plan else "bf16"
 
 
 def compiled(model, plan: str, layers: int, graphs: bool = False):
     torch._dynamo.reset()
-    options = {"plan": pattern(plan, layers), "lowering": "inductor", "cudagraphs": graphs}
+    options = {"plan": pattern(plan, layers), "lowering": "inductor", "cudagraphs": graphs,
+               "indexer_precision": precision(plan)}
     return torch.compile(model, backend="indexcache", options=options)
 
 
