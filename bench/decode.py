@@ -84,14 +84,23 @@ def step_times(step, reps: int) -> tuple[float, float, list]:
         for _ in range(2):  # compile, autotune (time_ms warms once more)
             step()
         wall = time_ms(step, reps)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(reps):
-                step()
-            torch.cuda.synchronize()
-    kernels = [(e.key, e.self_device_time_total / reps) for e in prof.key_averages() if e.self_device_time_total > 0]
-    kernels.sort(key=lambda kv: -kv[1])
-    gpu_ms = sum(us for _, us in kernels) / 1e3
-    return wall, gpu_ms, [(name[:90], round(us, 1)) for name, us in kernels[:8]]
+    kernels = kernel_profile(step, reps)
+    return wall, kernels["gpu_ms"], kernels["top_kernels"]
+
+
+def kernel_profile(step, reps: int, top: int = 8) -> dict:
+    """The GPU kernels of one call of step() (torch.profiler over `reps` calls; kernels replayed from a
+    CUDA graph are listed too): summed kernel time (gpu_ms; wall time minus it = launch gaps and host
+    time), kernel launches per call, and the `top` kernels by time [(name, us per call, launches per call)]."""
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+    kernels = [(e.key, e.self_device_time_total / reps, e.count / reps) for e in prof.key_averages()
+               if e.self_device_time_total > 0]
+    kernels.sort(key=lambda row: -row[1])
+    return {"gpu_ms": sum(us for _, us, _ in kernels) / 1e3, "launches": sum(n for _, _, n in kernels),
+            "top_kernels": [(name[:90], round(us, 1), round(n, 1)) for name, us, n in kernels[:top]]}
 
 
 def recorded_row(part: str, L: int, name: str, measure) -> dict:

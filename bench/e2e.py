@@ -12,7 +12,9 @@ Inductor lowering.
     trace + rewrite + Inductor compile + one run) is reported as compile_s; then `--reps` timed runs.
   * decode: one new token at position L of a StaticCache (ic_compile.static_cache) whose tensors
     (latent KV, indexer keys) are filled with random values, rewound to L before every step, with
-    options={"cudagraphs": True}: what a serving engine replays. tokens/s = 1000 / step ms.
+    options={"cudagraphs": True}: what a serving engine replays. tokens/s = 1000 / step ms. Each row
+    also holds the step's kernel profile (bench/decode.py kernel_profile: summed GPU time, launches,
+    top kernels), so the time that is not the indexer can be read by kernel.
 Rows are merged into the results file by (part, L, plan), so the parts can run in separate calls.
 The bf16 limit of a prefill = its counted FLOPs (bench/prefill.py's work_flops) / the in-run matmul peak.
 """
@@ -26,7 +28,7 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from decode import rewind  # noqa: E402
+from decode import kernel_profile, rewind  # noqa: E402
 from prefill import CONFIG, bf16_peak_tflops, build_model, save_result, time_ms, work_flops  # noqa: E402
 
 import ic_compile  # noqa: E402
@@ -101,7 +103,8 @@ def decode_row(model, cache, plan: str, L: int, layers: int, reps: int) -> dict:
         compile_s = time.perf_counter() - start
         ms = time_ms(step, reps)
     return {"part": "decode", "L": L, "plan": plan, "layers": layers, "ms": ms, "tokens_per_s": 1000 / ms,
-            "compile_s": compile_s, "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30}
+            "compile_s": compile_s, "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
+            **kernel_profile(step, reps, top=25)}
 
 
 def merged(out: pathlib.Path, rows: list[dict]) -> list[dict]:
