@@ -155,11 +155,14 @@ def graphs_options(name: str) -> dict:
 
 
 def rewind(cache, length: int) -> None:
-    """Set every layer's running length (where transformers 5 writes the next token) to `length`."""
-    for layer in cache.layers:
-        layer.cumulative_length.fill_(length)
-        if getattr(layer, "indexer_cumulative_length", None) is not None:
-            layer.indexer_cumulative_length.fill_(length)
+    """Set every layer's running length (where transformers 5 writes the next token) to `length`.
+    Two multi-tensor launches for all layers: a fill_ per layer cost ~5 us of host time each, ~0.5 ms of
+    a 47-layer model's timed decode step."""
+    lengths = [tensor for layer in cache.layers
+               for tensor in (layer.cumulative_length, getattr(layer, "indexer_cumulative_length", None))
+               if tensor is not None]
+    torch._foreach_zero_(lengths)
+    torch._foreach_add_(lengths, length)
 
 
 def static_decode(model, L: int, variants: list[str], reps: int) -> list[dict]:
