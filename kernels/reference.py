@@ -216,10 +216,14 @@ def sparse_mla_ref(
     scale: float,
     dv: int,
     causal: bool = True,
+    rope: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MLA absorbed-form sparse attention (FlashMLA sparse mode). Returns [B,S,H,dv].
 
     q [B,S,H,Dl+Dr], kv [B,T,Dl+Dr] (one latent row per token, shared by all heads),
     key = kv row, value = kv[..., :dv] (gathered once, with the key).
+    rope [B,T,Dr]: kv is the latent [B,T,Dl] alone and the key row is [kv | rope].
     """
+    if rope is not None:
+        kv = torch.cat((kv, rope), dim=-1)  # [B,T,Dl+Dr] (the reference: a copy is fine)
     return _sparse_attention_chunked(q, kv[:, :, None, :], None, dv, indices, scale, causal)

@@ -6,13 +6,16 @@ Two layouts, one Triton kernel (`_sparse_attention_kernel`):
   * MLA absorbed `sparse_mla` (FlashMLA sparse mode): q [B,S,H,Dl+Dr], kv [B,T,Dl+Dr]
     -> treated as Hk = 1, k = kv, v = kv[..., :dv]; when dv is the leading power-of-two
     part of the key (512 of 576) the gathered key tile is reused as the value tile (V_FROM_K),
-    so each selected latent row is read once.
+    so each selected latent row is read once. Or kv [B,T,Dl] (latent) + rope [B,T,Dr], a KV
+    cache's two buffers: the key row is [kv | rope], read from both (never concatenated: at
+    decode a cat would copy the whole cache per layer and step to read K of its T rows).
 indices [B,S,K] (int32/int64): -1 = none; with causal=True an index > (T - S) + s is ignored.
 
 Design: a program owns one query x BLOCK_H heads of one kv head (the heads are the M rows
 of the tensor-core dots). It walks its index list in BLOCK_K blocks: gathers the selected
 rows (masked loads, invalid rows never touch memory), logits = q . k^T with the key split
-into a power-of-two part D_A and a padded tail D_B (576 = 512 + 64), online softmax in fp32
+into a power-of-two part D_A and a padded tail D_B (576 = 512 + 64), each with its own base
+pointer and strides (the tail: a view of the same rows, or MLA's rope buffer), online softmax in fp32
 (exp2 domain), acc += p . v. A query with no valid key outputs zeros.
 Decode / few programs: the index list is split over `num_splits` programs (flash-decoding);
 each writes its normalised partial output and log-sum-exp, then takes a ticket from a per-(query,
@@ -46,10 +49,11 @@ LOG2E = 1.4426950408889634
 
 
 def _sparse_attention_kernel(
-    q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, out_ptr, ticket_ptr,
+    q_ptr, k_ptr, kb_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, out_ptr, ticket_ptr,
     S, T, Hk, G, K, D_B, DV, scale_log2,  # G = Hq // Hk query heads per kv head
     sq_b, sq_s, sq_h, sq_d,
-    sk_b, sk_t, sk_h, sk_d,
+    sk_b, sk_t, sk_h, sk_d,  # k: the key's leading D_A columns
+    skb_b, skb_t, skb_h, skb_d,  # kb: the key's D_B tail columns (a view of k, or another tensor: MLA rope)
     sv_b, sv_t, sv_h, sv_d,
     si_b, si_s, si_k,
     so_b, so_s, so_h, so_split, so_d,
@@ -85,9 +89,9 @@ def _sparse_attention_kernel(
     if UPCAST_DOT:
         q_a = q_a.to(tl.float32)
     if D_B_PAD > 0:  # padded tail of the key dim (e.g. the 64 rope dims of 576)
-        db = D_A + tl.arange(0, D_B_PAD)
-        db_ok = db < D_A + D_B
-        q_b = tl.load(q_row[:, None] + db[None, :] * sq_d, mask=h_ok[:, None] & db_ok[None, :], other=0.0)
+        db = tl.arange(0, D_B_PAD)  # column within the tail (q: column D_A + db)
+        db_ok = db < D_B
+        q_b = tl.load(q_row[:, None] + (D_A + db)[None, :] * sq_d, mask=h_ok[:, None] & db_ok[None, :], other=0.0)
         if UPCAST_DOT:
             q_b = q_b.to(tl.float32)
     dv = tl.arange(0, DV_PAD)
@@ -115,7 +119,8 @@ def _sparse_attention_kernel(
             k_a = k_a.to(tl.float32)
         logits = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_K]
         if D_B_PAD > 0:
-            k_b = tl.load(k_row[:, None] + db[None, :] * sk_d, mask=valid[:, None] & db_ok[None, :], other=0.0)
+            kb_row = kb_ptr + b * skb_b + ids.to(tl.int64) * skb_t + hk * skb_h  # [BLOCK_K]
+            k_b = tl.load(kb_row[:, None] + db[None, :] * skb_d, mask=valid[:, None] & db_ok[None, :], other=0.0)
             if UPCAST_DOT:
                 k_b = k_b.to(tl.float32)
             logits += tl.dot(q_b, tl.trans(k_b), input_precision=DOT_PRECISION)
@@ -239,8 +244,12 @@ def _interpreter_meta(G: int) -> dict:
 def _key_split(dqk: int) -> tuple[int, int, int]:
     """Key dim -> (D_A power of two <= dqk, tail D_B, tail padded D_B_PAD (0 or >= 16))."""
     d_a = 1 << (dqk.bit_length() - 1)
-    d_b = dqk - d_a
-    return d_a, d_b, (max(16, next_pow2(d_b)) if d_b else 0)
+    return d_a, dqk - d_a, _tail_pad(dqk - d_a)
+
+
+def _tail_pad(d_b: int) -> int:
+    """The key tail's padded width D_B_PAD: 0 (no tail) or a power of two >= 16 (tl.dot's minimum)."""
+    return max(16, next_pow2(d_b)) if d_b else 0
 
 
 def _default_splits(programs: int, K: int, device: torch.device) -> int:
@@ -255,14 +264,28 @@ def sparse_attention_triton(
     """Triton path for both layouts (CPU tensors run in the Triton interpreter). -> [B,S,Hq,Dv].
 
     config: a triton.Config to launch instead of autotuning (bench/sweep_sparse_mla.py)."""
+    d_a = _key_split(q.shape[3])[0]  # _launch checks that k's columns fit q's
+    return _launch(q, k[..., :d_a], k[..., d_a:], v, indices, scale, causal, num_splits, config)
+
+
+def _launch(
+    q: torch.Tensor, k: torch.Tensor, k_tail: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
+    scale: float, causal: bool, num_splits: int | None, config,
+) -> torch.Tensor:
+    """The kernel on key rows [k | k_tail]: k [B,T,Hk,D_A] (D_A a power of two), k_tail [B,T,Hk,D_B]
+    (any tensor: a view of the same rows, or MLA's separate rope cache), q [B,S,Hq,D_A+D_B]."""
     B, S, Hq, Dqk = q.shape
-    T, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    T, Hk, d_a, Dv = k.shape[1], k.shape[2], k.shape[3], v.shape[3]
     G = Hq // Hk
     K = indices.shape[-1]
-    assert Hq % Hk == 0 and k.shape == (B, T, Hk, Dqk) and v.shape[:3] == (B, T, Hk), (q.shape, k.shape, v.shape)
+    d_b = Dqk - d_a
+    d_b_pad = _tail_pad(d_b)
+    assert Hq % Hk == 0 and k.shape == (B, T, Hk, d_a) and k_tail.shape == (B, T, Hk, d_b) \
+        and v.shape[:3] == (B, T, Hk) and d_a == next_pow2(d_a), (q.shape, k.shape, k_tail.shape, v.shape)
     assert indices.shape[:2] == (B, S), (indices.shape, q.shape)
-    k, v = k.to(q.dtype), v.to(q.dtype)
-    d_a, d_b, d_b_pad = _key_split(Dqk)
+    k, k_tail, v = k.to(q.dtype), k_tail.to(q.dtype), v.to(q.dtype)
+    if d_b == 0:
+        k_tail = k  # never read (D_B_PAD = 0): any valid pointer, not an empty view
     v_from_k = Dv == d_a and v.data_ptr() == k.data_ptr() and v.stride() == k.stride()
     programs_per_block_h = B * S * Hk  # x head blocks (BLOCK_H is tuned)
     splits = num_splits or _default_splits(programs_per_block_h * cdiv(G, 64), K, q.device)
@@ -279,9 +302,10 @@ def sparse_attention_triton(
         o_strides = (*out.stride()[:3], 0, out.stride(3))
         lse_strides = (0, 0, 0, 0)
     args = (
-        q, k, v, indices, o, lse, out, tickets,
+        q, k, k_tail, v, indices, o, lse, out, tickets,
         S, T, Hk, G, K, d_b, Dv, float(scale) * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *o_strides, *lse_strides, *out.stride(),
+        *q.stride(), *k.stride(), *k_tail.stride(), *v.stride(), *indices.stride(), *o_strides, *lse_strides,
+        *out.stride(),
     )
     consts = {"D_A": d_a, "D_B_PAD": d_b_pad, "DV_PAD": max(16, next_pow2(Dv)),
               "CAUSAL": bool(causal), "V_FROM_K": v_from_k, "WRITE_LSE": splits > 1, "SPLIT_PAD": next_pow2(splits),
@@ -301,12 +325,27 @@ def sparse_attention_triton(
 
 def sparse_mla_triton(
     q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float, dv: int,
-    causal: bool = True, num_splits: int | None = None, config=None,
+    causal: bool = True, num_splits: int | None = None, config=None, rope: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """MLA absorbed form: kv [B,T,Dl+Dr] is one shared key row per token, value = kv[..., :dv]."""
-    k = kv[:, :, None, :]  # [B,T,1,Dqk]
+    """MLA absorbed form: one shared key row per token, value = the row's first dv columns. -> [B,S,H,dv].
+
+    kv [B,T,Dl+Dr] holds the whole row; or kv [B,T,Dl] the latent and rope [B,T,Dr] its rope part
+    (a cache's two buffers, any strides): the row [kv | rope] is then read from both, never
+    concatenated, when Dl is the key's power-of-two part (Dr < Dl, e.g. 576 = 512 + 64) and
+    dv <= Dl. Otherwise (the kernel's key split can't sit at Dl) they are concatenated first:
+    correct, but a copy of the whole cache per call."""
+    if rope is not None and not _rope_apart(kv.shape[-1], rope.shape[-1], dv):
+        kv, rope = torch.cat((kv, rope), dim=-1), None
+    k = kv[:, :, None, :]  # [B,T,1,Dl(+Dr)]
     v = kv[:, :, None, :dv]  # [B,T,1,dv] (same storage: V_FROM_K when dv = power-of-two part)
-    return sparse_attention_triton(q, k, v, indices, scale, causal, num_splits, config)
+    if rope is None:
+        return sparse_attention_triton(q, k, v, indices, scale, causal, num_splits, config)
+    return _launch(q, k, rope[:, :, None, :], v, indices, scale, causal, num_splits, config)
+
+
+def _rope_apart(dl: int, dr: int, dv: int) -> bool:
+    """Can the kernel read the latent [.., Dl] and rope [.., Dr] as its key's D_A and D_B parts?"""
+    return _key_split(dl + dr)[0] == dl and dv <= dl
 
 
 def sparse_attention(
@@ -322,12 +361,13 @@ def sparse_attention(
 
 def sparse_mla(
     q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float, dv: int,
-    causal: bool = True, use_triton: bool | None = None,
+    causal: bool = True, use_triton: bool | None = None, rope: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """MLA absorbed sparse attention. q [B,S,H,Dl+Dr], kv [B,T,Dl+Dr], indices [B,S,K] -> [B,S,H,dv]."""
+    """MLA absorbed sparse attention. q [B,S,H,Dl+Dr], kv [B,T,Dl+Dr], indices [B,S,K] -> [B,S,H,dv].
+    rope [B,T,Dr]: kv is then the latent [B,T,Dl] alone, key row = [kv | rope] (see sparse_mla_triton)."""
     if use_triton_for(q, use_triton):
-        return sparse_mla_triton(q, kv, indices, scale, dv, causal)
-    return sparse_mla_ref(q, kv, indices, scale, dv, causal)
+        return sparse_mla_triton(q, kv, indices, scale, dv, causal, rope=rope)
+    return sparse_mla_ref(q, kv, indices, scale, dv, causal, rope)
 
 
 __all__ = ["sparse_attention", "sparse_mla", "sparse_attention_triton", "sparse_mla_triton", "HAS_TRITON"]

@@ -159,7 +159,9 @@ def test_indexer_all_configs_compile_for_sm90():
 
 # ----------------------------------------------------------------------------- sparse attention
 
-def _compile_sparse(block_h, block_k, warps, stages, H=64, dqk=576, dv=512, v_from_k=True, lse=False, arch=90):
+def _compile_sparse(block_h, block_k, warps, stages, H=64, dqk=576, dv=512, v_from_k=True, lse=False, arch=90,
+                    rope_apart=False):
+    """rope_apart: the key's tail in its own [B,T,D_B] buffer (an MLA cache's rope), else a view of k."""
     from ic_compile.kernels.sparse_attention import _key_split, _sparse_attention_kernel
 
     d_a, d_b, d_b_pad = _key_split(dqk)
@@ -170,10 +172,12 @@ def _compile_sparse(block_h, block_k, warps, stages, H=64, dqk=576, dv=512, v_fr
                 sv_b=T * dqk, sv_t=dqk, sv_h=dqk, sv_d=1, si_b=S * K, si_s=K, si_k=1,
                 so_b=S * H * dv, so_s=H * dv, so_h=dv, so_split=0, so_d=1, sl_b=0, sl_s=0, sl_h=0, sl_split=0,
                 sf_b=S * H * dv, sf_s=H * dv, sf_h=dv, sf_d=1)
+    tail_row = d_b if rope_apart else dqk  # the tail's row stride: its own buffer's, or k's
+    ints.update(skb_b=T * tail_row, skb_t=tail_row, skb_h=tail_row, skb_d=1)
     if lse:  # split-K partials [B,S,H,P,dv] fp32 + lse [B,S,H,P], combined by the last split into out
         ints.update(so_b=H * 16 * dv, so_s=H * 16 * dv, so_h=16 * dv, so_split=dv,
                     sl_b=H * 16, sl_s=H * 16, sl_h=16, sl_split=1)
-    ptrs = dict(q_ptr="bf16", k_ptr="bf16", v_ptr="bf16", idx_ptr="i32",
+    ptrs = dict(q_ptr="bf16", k_ptr="bf16", kb_ptr="bf16", v_ptr="bf16", idx_ptr="i32",
                 o_ptr="fp32" if lse else "bf16", lse_ptr="fp32", out_ptr="bf16", ticket_ptr="i32")
     consts = dict(D_A=d_a, D_B_PAD=d_b_pad, DV_PAD=dv, BLOCK_H=block_h, BLOCK_K=block_k, CAUSAL=True,
                   V_FROM_K=v_from_k, WRITE_LSE=lse, SPLIT_PAD=16 if lse else 1, DOT_PRECISION="tf32",
@@ -184,13 +188,14 @@ def _compile_sparse(block_h, block_k, warps, stages, H=64, dqk=576, dv=512, v_fr
 @pytest.mark.parametrize("cfg", [dict(block_h=64, block_k=32, warps=8, stages=2),
                                  dict(block_h=32, block_k=32, warps=8, stages=2, H=20),
                                  dict(block_h=64, block_k=32, warps=8, stages=2, lse=True),
+                                 dict(block_h=32, block_k=32, warps=8, stages=2, H=20, lse=True, rope_apart=True),
                                  dict(block_h=16, block_k=64, warps=4, stages=2, H=16, dqk=192, dv=128,
                                       v_from_k=False)],
-                         ids=["mla_h64", "mla_h20", "mla_decode_split", "gqa_192_128"])
+                         ids=["mla_h64", "mla_h20", "mla_decode_split", "mla_decode_rope_apart", "gqa_192_128"])
 def test_sparse_attention_compiles_for_sm90(cfg):
     res = _compile_sparse(**cfg)
     assert res["shared"] <= MAX_SMEM, res["shared"]
-    if cfg.get("dqk", 576) <= 256:
+    if cfg.get("dqk", 576) <= 256 or cfg.get("rope_apart"):  # rope apart: the 8-warp H=20 decode config
         assert res["stack"] == 0, f"register spills: {res['stack']} bytes"
     if cfg["block_h"] >= 64:
         assert "wgmma" in res["ptx"]

@@ -133,6 +133,69 @@ def test_sparse_mla_triton(case, dtype, request):
     _assert_close(got, sparse_mla_ref(q, kv, idx, scale, dv, True), dtype, seed)
 
 
+def _latent_and_rope(kv: torch.Tensor, dl: int, t_max: int | None = None):
+    """kv [B,T,Dl+Dr] -> latent [B,T,Dl], rope [B,T,Dr] in two buffers like a KV cache's; t_max:
+    buffers of t_max >= T positions with T filled (views [:, 0, :T] of [B,1,t_max,D]: strided)."""
+    B, T, _ = kv.shape
+    t_max = t_max or T
+    latent_buf = torch.full((B, 1, t_max, dl), float("nan"), dtype=kv.dtype)  # unfilled rows: never read
+    rope_buf = torch.full((B, 1, t_max, kv.shape[-1] - dl), float("nan"), dtype=kv.dtype)
+    latent_buf[:, 0, :T], rope_buf[:, 0, :T] = kv[..., :dl], kv[..., dl:]
+    return latent_buf[:, 0, :T], rope_buf[:, 0, :T]
+
+
+# name: (B, S, T, H, Dl, Dr, dv, K, num_splits, t_max)   rope apart: kv = latent [B,T,Dl], rope [B,T,Dr]
+ROPE_CASES = {
+    "prefill": (2, 5, 48, 8, 32, 16, 32, 32, 1, None),  # V_FROM_K: value = the latent tile
+    "decode_split": (2, 1, 64, 20, 32, 16, 32, 48, 4, None),
+    "decode_default_split": (1, 1, 90, 16, 64, 16, 64, 80, None, None),
+    "cache_views": (2, 1, 40, 8, 32, 16, 32, 30, 2, 56),  # strided views of longer cache buffers
+    "dv_lt_latent": (1, 4, 40, 4, 32, 16, 16, 24, 1, 50),  # separate value load
+    "cat_fallback": (2, 3, 40, 4, 24, 8, 24, 24, 2, 50),  # Dl = 24 not the power-of-two part of 32
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(ROPE_CASES))
+def test_sparse_mla_triton_rope_apart_equals_concatenated(case, dtype, request):
+    """Latent and rope in two (cache) buffers give the same output as their concatenation,
+    bit for bit: the kernel reads the same key split (D_A = Dl, D_B = Dr) from two pointers."""
+    seed = seed_everything(request.node.name)
+    B, S, T, H, Dl, Dr, dv, K, splits, t_max = ROPE_CASES[case]
+    q = torch.randn(B, S, H, Dl + Dr).to(dtype)
+    kv = torch.randn(B, T, Dl + Dr).to(dtype)
+    latent, rope = _latent_and_rope(kv, Dl, t_max)
+    idx = random_indices(B, S, T, K)
+    scale = (Dl + Dr) ** -0.5
+    got = sparse_mla_triton(q, latent, idx, scale, dv, True, num_splits=splits, rope=rope)
+    assert torch.equal(got, sparse_mla_triton(q, kv, idx, scale, dv, True, num_splits=splits)), repro(seed)
+    _assert_close(got, sparse_mla_ref(q, kv, idx, scale, dv, True), dtype, seed)
+
+
+@needs_triton
+def test_sparse_mla_rope_apart_reads_no_concatenation(monkeypatch, request):
+    """Dl the power-of-two part: no torch.cat (at decode it would copy the whole cache);
+    otherwise (the fallback) exactly one."""
+    seed_everything(request.node.name)
+    cats = []
+    real_cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *a, **kw: cats.append(1) or real_cat(*a, **kw))
+    q, idx = torch.randn(1, 1, 4, 48), random_indices(1, 1, 30, 16)
+    sparse_mla_triton(q, torch.randn(1, 30, 32), idx, 0.2, 32, rope=torch.randn(1, 30, 16))
+    assert cats == []
+    sparse_mla_triton(q, torch.randn(1, 30, 40), idx, 0.2, 32, rope=torch.randn(1, 30, 8))
+    assert cats == [1]
+
+
+def test_reference_rope_apart_equals_concatenated(request):
+    seed_everything(request.node.name)
+    kv = torch.randn(2, 30, 48)
+    latent, rope = _latent_and_rope(kv, 32, t_max=40)
+    q, idx = torch.randn(2, 3, 4, 48), random_indices(2, 3, 30, 20)
+    assert torch.equal(sparse_mla_ref(q, latent, idx, 0.2, 32, rope=rope), sparse_mla_ref(q, kv, idx, 0.2, 32))
+
+
 @needs_triton
 def test_dispatch(request):
     seed = seed_everything(request.node.name)
@@ -143,6 +206,9 @@ def test_dispatch(request):
     _assert_close(sparse_mla(q, kv, idx, 0.2, 32, use_triton=True), ref, torch.float32, seed)
     k, v = kv[:, :, None], kv[:, :, None, :32]
     _assert_close(sparse_attention(q, k, v, idx, 0.2, use_triton=True), ref, torch.float32, seed)
+    latent, rope = _latent_and_rope(kv, 32)
+    assert torch.equal(sparse_mla(q, latent, idx, 0.2, 32, rope=rope), ref)
+    _assert_close(sparse_mla(q, latent, idx, 0.2, 32, use_triton=True, rope=rope), ref, torch.float32, seed)
 
 
 # ----------------------------------------------------------------------------- real GPU
@@ -157,8 +223,14 @@ def test_sparse_mla_gpu(B, S, T, H, K, request):
     q = torch.randn(B, S, H, 576, device="cuda").bfloat16()
     kv = torch.randn(B, T, 576, device="cuda").bfloat16()
     idx = random_indices(B, S, T, min(K, T), device="cuda")
-    got = sparse_mla(q, kv, idx, 576**-0.5, 512)
-    _assert_close(got, sparse_mla_ref(q, kv, idx, 576**-0.5, 512), torch.bfloat16, seed)
+    want = sparse_mla_ref(q, kv, idx, 576**-0.5, 512)
+    _assert_close(sparse_mla(q, kv, idx, 576**-0.5, 512), want, torch.bfloat16, seed)
+    # the KV cache's layout: latent and rope in two buffers (here of T + 100 positions), read apart
+    latent = torch.empty(B, 1, T + 100, 512, device="cuda", dtype=torch.bfloat16)
+    rope = torch.empty(B, 1, T + 100, 64, device="cuda", dtype=torch.bfloat16)
+    latent[:, 0, :T], rope[:, 0, :T] = kv[..., :512], kv[..., 512:]
+    got = sparse_mla(q, latent[:, 0, :T], idx, 576**-0.5, 512, rope=rope[:, 0, :T])
+    _assert_close(got, want, torch.bfloat16, f"{seed} (rope apart)")
 
 
 @pytest.mark.gpu
@@ -205,18 +277,19 @@ def test_sparse_attention_gpu(B, S, T, Hq, Hk, D, K, dtype, request):
 # ----------------------------------------------------------------------------- GPU launch path, interpreted
 
 @needs_triton
-@pytest.mark.parametrize("layout", ["mla", "gqa"])
+@pytest.mark.parametrize("layout", ["mla", "mla_rope_apart", "gqa"])
 def test_gpu_configs_in_interpreter(layout, request, monkeypatch):
     """Drive the CUDA dispatch (autotuner, grid lambdas, key names, kwargs) once per sm_90
     config, with the kernel interpreted: each real block shape must give the right result."""
     from ic_compile.kernels import sparse_attention as mod
 
     seed = seed_everything(request.node.name)
-    if layout == "mla":  # real MLA dims: 576 = 512 + 64, dv 512, H = 20 (one padded head block)
+    if layout.startswith("mla"):  # real MLA dims: 576 = 512 + 64, dv 512, H = 20 (one padded head block)
         B, S, T, H, K = 1, 2, 100, 20, 70
         q, kv = torch.randn(B, S, H, 576).bfloat16(), torch.randn(B, T, 576).bfloat16()
         idx = random_indices(B, S, T, K)
-        run = lambda: sparse_mla_triton(q, kv, idx, 576**-0.5, 512)  # noqa: E731
+        latent, rope = _latent_and_rope(kv, 512, t_max=T + 20) if layout == "mla_rope_apart" else (kv, None)
+        run = lambda: sparse_mla_triton(q, latent, idx, 576**-0.5, 512, rope=rope)  # noqa: E731
         want = sparse_mla_ref(q, kv, idx, 576**-0.5, 512)
         dtotal, G = 576, H
     else:
