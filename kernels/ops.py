@@ -4,7 +4,10 @@
                      bool sorted=True, Tensor? key_range=None, bool check=True,
                      str indexer_precision="bf16") -> Tensor
     ic::sparse_attention(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, bool causal=True) -> Tensor
-    ic::sparse_mla(Tensor q, Tensor kv, Tensor indices, float scale, int dv, bool causal=True) -> Tensor
+    ic::sparse_mla(Tensor q, Tensor kv, Tensor indices, float scale, int dv, bool causal=True,
+                   Tensor? rope=None) -> Tensor
+        (rope given: kv is the latent [B,T,Dl] and rope [B,T,Dr] the rest of each key row, e.g. a
+        KV cache's two buffers, read apart by the kernel instead of concatenated per call)
 
 Registration: ``torch.library.custom_op`` + ``register_fake`` (not ``triton_op``).
 ``triton_op`` registers the op body itself as the fake kernel and inlines (decomposes) the
@@ -40,7 +43,8 @@ _INDEXER_TOPK_SCHEMA = ("(Tensor q, Tensor k, Tensor w, SymInt topk, Tensor? mas
                         "bool sorted=True, Tensor? key_range=None, bool check=True, "
                         "str indexer_precision=\"bf16\") -> Tensor")
 _SPARSE_ATTENTION_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, bool causal=True) -> Tensor"
-_SPARSE_MLA_SCHEMA = "(Tensor q, Tensor kv, Tensor indices, float scale, int dv, bool causal=True) -> Tensor"
+_SPARSE_MLA_SCHEMA = ("(Tensor q, Tensor kv, Tensor indices, float scale, int dv, bool causal=True, "
+                      "Tensor? rope=None) -> Tensor")
 
 
 @torch.library.custom_op(f"{NAMESPACE}::indexer_topk", mutates_args=(), schema=_INDEXER_TOPK_SCHEMA)
@@ -102,13 +106,14 @@ def _(q, k, v, indices, scale, causal=True):
 
 
 @torch.library.custom_op(f"{NAMESPACE}::sparse_mla", mutates_args=(), schema=_SPARSE_MLA_SCHEMA)
-def sparse_mla(q, kv, indices, scale, dv, causal=True):
-    """q [B,S,H,Dl+Dr], kv [B,T,Dl+Dr], indices [B,S,K] -> [B,S,H,dv]."""
-    return _sparse_mla(q, kv, indices, scale, dv, causal)
+def sparse_mla(q, kv, indices, scale, dv, causal=True, rope=None):
+    """q [B,S,H,Dl+Dr], kv [B,T,Dl+Dr], indices [B,S,K] -> [B,S,H,dv]. rope [B,T,Dr]: kv is then the
+    latent [B,T,Dl] alone, key row = [kv | rope] (no copy of either on the Triton path)."""
+    return _sparse_mla(q, kv, indices, scale, dv, causal, rope=rope)
 
 
 @sparse_mla.register_fake
-def _(q, kv, indices, scale, dv, causal=True):
+def _(q, kv, indices, scale, dv, causal=True, rope=None):
     B, S, H = q.shape[0], q.shape[1], q.shape[2]
     return q.new_empty((B, S, H, dv))
 

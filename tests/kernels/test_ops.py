@@ -20,7 +20,7 @@ SCHEMAS = {
     "sparse_attention": "ic::sparse_attention(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, "
                         "bool causal=True) -> Tensor",
     "sparse_mla": "ic::sparse_mla(Tensor q, Tensor kv, Tensor indices, float scale, int dv, "
-                  "bool causal=True) -> Tensor",
+                  "bool causal=True, Tensor? rope=None) -> Tensor",
 }
 
 
@@ -74,6 +74,14 @@ def test_opcheck_sparse_mla(request):
     seed_everything(request.node.name)
     q, kv, idx = _mla_args()
     torch.library.opcheck(torch.ops.ic.sparse_mla.default, (q, kv, idx, 0.2, 16))
+
+
+def test_opcheck_sparse_mla_rope_apart(request):
+    """kv = the latent [B,T,16], rope [B,T,8] a strided view (a cache buffer longer than T)."""
+    seed_everything(request.node.name)
+    q, kv, idx = _mla_args()
+    latent, rope = kv[..., :16].contiguous(), torch.randn(2, 30, 8)[:, :24]
+    torch.library.opcheck(torch.ops.ic.sparse_mla.default, (q, latent, idx, 0.2, 16), {"rope": rope})
 
 
 def _pipeline(q, k, w, qa, ka, va, q_mla, kv):
