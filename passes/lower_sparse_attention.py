@@ -12,7 +12,9 @@ padding part (the indexer used the same mask). Anything else is left alone.
 When k and v are MLA heads expanded from a shared latent (`match_latent_kv`), the attention runs in the
 absorbed form `ic::sparse_mla` instead: kv_b_proj's key half is folded into q and its value half applied
 to the latent output, so each selected key is one [Dl+dr] row read once for all heads (the per-head
-form gathers H separate [dn+dr] and [dv] rows per key: ~1 FLOP/byte, memory-bound).
+form gathers H separate [dn+dr] and [dv] rows per key: ~1 FLOP/byte, memory-bound). The latent and
+rope (a KV cache's two buffers) go to the op apart: a cat of them would copy the whole cache of every
+layer at each decode step, while the attention reads only the K selected rows.
 """
 
 from __future__ import annotations
@@ -59,8 +61,9 @@ def lowered_absorbed_mla(q, latent, rope, weight, indices, scale, nope_dim: int)
     weight = weight.view(heads, -1, latent_dim)  # [H, dn+dv, Dl]
     q_latent = torch.einsum("bhsd,hdc->bshc", q[..., :nope_dim], weight[:, :nope_dim])  # [B,S,H,Dl]
     q_absorbed = torch.cat((q_latent, q[..., nope_dim:].transpose(1, 2)), dim=-1)  # [B,S,H,Dl+dr]
-    kv = torch.cat((latent[:, 0], rope[:, 0]), dim=-1)  # [B,T,Dl+dr]
-    out_latent = torch.ops.ic.sparse_mla(q_absorbed, kv, indices, float(scale), latent_dim, True)  # [B,S,H,Dl]
+    # key row = [latent | rope], read by the op from both buffers ([B,T,Dl], [B,T,dr]): no cache copy
+    out_latent = torch.ops.ic.sparse_mla(q_absorbed, latent[:, 0], indices, float(scale), latent_dim, True,
+                                         rope[:, 0])  # [B,S,H,Dl]
     return torch.einsum("bshc,hvc->bhsv", out_latent, weight[:, nope_dim:])  # [B,H,S,dv]
 
 

@@ -132,3 +132,32 @@ def test_absorbed_equals_expanded_attention_over_selected_keys():
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=scale)
     got = lowered_absorbed_mla(q, latent, rope, weight, idx.to(torch.int32), scale, DN)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _sources(node, placeholders):
+    """The placeholders `node` is computed from (through any ops)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return {p.name for p in placeholders if p in seen}
+
+
+def test_absorbed_mla_hands_the_op_latent_and_rope_apart():
+    """The op reads the key row from the two cache buffers: a cat of latent and rope would copy the
+    whole cache of each layer at every decode step (the q side's cat is small and stays)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    q, latent, rope, weight = inputs()
+    idx = torch.zeros(B, T, 5, dtype=torch.int32)
+    gm = make_fx(lambda q, latent, rope, weight, idx: lowered_absorbed_mla(q, latent, rope, weight, idx, 0.3, DN))(
+        q, latent, rope, weight, idx)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    latent_ph, rope_ph = placeholders[1].name, placeholders[2].name
+    cats = [n for n in gm.graph.nodes if n.target is torch.ops.aten.cat.default]
+    assert not any({latent_ph, rope_ph} & _sources(n, placeholders) for n in cats)
+    (op,) = [n for n in gm.graph.nodes if n.target is torch.ops.ic.sparse_mla.default]
+    kv, rope_arg = op.args[1], op.kwargs.get("rope", op.args[6] if len(op.args) > 6 else None)
+    assert _sources(kv, placeholders) == {latent_ph} and _sources(rope_arg, placeholders) == {rope_ph}
