@@ -5,9 +5,10 @@
                      str indexer_precision="bf16") -> Tensor
     ic::sparse_attention(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, bool causal=True) -> Tensor
     ic::sparse_mla(Tensor q, Tensor kv, Tensor indices, float scale, int dv, bool causal=True,
-                   Tensor? rope=None) -> Tensor
+                   Tensor? rope=None, Tensor? q_rope=None) -> Tensor
         (rope given: kv is the latent [B,T,Dl] and rope [B,T,Dr] the rest of each key row, e.g. a
-        KV cache's two buffers, read apart by the kernel instead of concatenated per call)
+        KV cache's two buffers, read apart by the kernel instead of concatenated per call; q_rope
+        likewise for the query rows: q [B,S,H,Dl], q_rope [B,S,H,Dr])
 
 Registration: ``torch.library.custom_op`` + ``register_fake`` (not ``triton_op``).
 ``triton_op`` registers the op body itself as the fake kernel and inlines (decomposes) the
@@ -44,7 +45,7 @@ _INDEXER_TOPK_SCHEMA = ("(Tensor q, Tensor k, Tensor w, SymInt topk, Tensor? mas
                         "str indexer_precision=\"bf16\") -> Tensor")
 _SPARSE_ATTENTION_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, bool causal=True) -> Tensor"
 _SPARSE_MLA_SCHEMA = ("(Tensor q, Tensor kv, Tensor indices, float scale, int dv, bool causal=True, "
-                      "Tensor? rope=None) -> Tensor")
+                      "Tensor? rope=None, Tensor? q_rope=None) -> Tensor")
 
 
 @torch.library.custom_op(f"{NAMESPACE}::indexer_topk", mutates_args=(), schema=_INDEXER_TOPK_SCHEMA)
@@ -106,14 +107,15 @@ def _(q, k, v, indices, scale, causal=True):
 
 
 @torch.library.custom_op(f"{NAMESPACE}::sparse_mla", mutates_args=(), schema=_SPARSE_MLA_SCHEMA)
-def sparse_mla(q, kv, indices, scale, dv, causal=True, rope=None):
+def sparse_mla(q, kv, indices, scale, dv, causal=True, rope=None, q_rope=None):
     """q [B,S,H,Dl+Dr], kv [B,T,Dl+Dr], indices [B,S,K] -> [B,S,H,dv]. rope [B,T,Dr]: kv is then the
-    latent [B,T,Dl] alone, key row = [kv | rope] (no copy of either on the Triton path)."""
-    return _sparse_mla(q, kv, indices, scale, dv, causal, rope=rope)
+    latent [B,T,Dl] alone, key row = [kv | rope]; q_rope [B,S,H,Dr]: q is then [B,S,H,Dl] (no copy of
+    either on the Triton path)."""
+    return _sparse_mla(q, kv, indices, scale, dv, causal, rope=rope, q_rope=q_rope)
 
 
 @sparse_mla.register_fake
-def _(q, kv, indices, scale, dv, causal=True, rope=None):
+def _(q, kv, indices, scale, dv, causal=True, rope=None, q_rope=None):
     B, S, H = q.shape[0], q.shape[1], q.shape[2]
     return q.new_empty((B, S, H, dv))
 

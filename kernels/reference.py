@@ -217,13 +217,17 @@ def sparse_mla_ref(
     dv: int,
     causal: bool = True,
     rope: torch.Tensor | None = None,
+    q_rope: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MLA absorbed-form sparse attention (FlashMLA sparse mode). Returns [B,S,H,dv].
 
     q [B,S,H,Dl+Dr], kv [B,T,Dl+Dr] (one latent row per token, shared by all heads),
     key = kv row, value = kv[..., :dv] (gathered once, with the key).
-    rope [B,T,Dr]: kv is the latent [B,T,Dl] alone and the key row is [kv | rope].
+    rope [B,T,Dr]: kv is the latent [B,T,Dl] alone and the key row is [kv | rope]; likewise
+    q_rope [B,S,H,Dr]: q is [B,S,H,Dl] and the query row is [q | q_rope].
     """
     if rope is not None:
         kv = torch.cat((kv, rope), dim=-1)  # [B,T,Dl+Dr] (the reference: a copy is fine)
+    if q_rope is not None:
+        q = torch.cat((q, q_rope), dim=-1)  # [B,S,H,Dl+Dr]
     return _sparse_attention_chunked(q, kv[:, :, None, :], None, dv, indices, scale, causal)

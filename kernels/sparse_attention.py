@@ -49,9 +49,10 @@ LOG2E = 1.4426950408889634
 
 
 def _sparse_attention_kernel(
-    q_ptr, k_ptr, kb_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, out_ptr, ticket_ptr,
+    q_ptr, qb_ptr, k_ptr, kb_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, out_ptr, ticket_ptr,
     S, T, Hk, G, K, D_B, DV, scale_log2,  # G = Hq // Hk query heads per kv head
-    sq_b, sq_s, sq_h, sq_d,
+    sq_b, sq_s, sq_h, sq_d,  # q: the query's leading D_A columns
+    sqb_b, sqb_s, sqb_h, sqb_d,  # qb: the query's D_B tail columns (a view of q, or MLA's q rope part)
     sk_b, sk_t, sk_h, sk_d,  # k: the key's leading D_A columns
     skb_b, skb_t, skb_h, skb_d,  # kb: the key's D_B tail columns (a view of k, or another tensor: MLA rope)
     sv_b, sv_t, sv_h, sv_d,
@@ -89,9 +90,10 @@ def _sparse_attention_kernel(
     if UPCAST_DOT:
         q_a = q_a.to(tl.float32)
     if D_B_PAD > 0:  # padded tail of the key dim (e.g. the 64 rope dims of 576)
-        db = tl.arange(0, D_B_PAD)  # column within the tail (q: column D_A + db)
+        db = tl.arange(0, D_B_PAD)  # column within the tail
         db_ok = db < D_B
-        q_b = tl.load(q_row[:, None] + (D_A + db)[None, :] * sq_d, mask=h_ok[:, None] & db_ok[None, :], other=0.0)
+        qb_row = qb_ptr + b * sqb_b + s.to(tl.int64) * sqb_s + h * sqb_h  # [BLOCK_H]
+        q_b = tl.load(qb_row[:, None] + db[None, :] * sqb_d, mask=h_ok[:, None] & db_ok[None, :], other=0.0)
         if UPCAST_DOT:
             q_b = q_b.to(tl.float32)
     dv = tl.arange(0, DV_PAD)
@@ -265,27 +267,30 @@ def sparse_attention_triton(
 
     config: a triton.Config to launch instead of autotuning (bench/sweep_sparse_mla.py)."""
     d_a = _key_split(q.shape[3])[0]  # _launch checks that k's columns fit q's
-    return _launch(q, k[..., :d_a], k[..., d_a:], v, indices, scale, causal, num_splits, config)
+    return _launch(q[..., :d_a], q[..., d_a:], k[..., :d_a], k[..., d_a:], v, indices, scale, causal, num_splits,
+                   config)
 
 
 def _launch(
-    q: torch.Tensor, k: torch.Tensor, k_tail: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
-    scale: float, causal: bool, num_splits: int | None, config,
+    q: torch.Tensor, q_tail: torch.Tensor, k: torch.Tensor, k_tail: torch.Tensor, v: torch.Tensor,
+    indices: torch.Tensor, scale: float, causal: bool, num_splits: int | None, config,
 ) -> torch.Tensor:
-    """The kernel on key rows [k | k_tail]: k [B,T,Hk,D_A] (D_A a power of two), k_tail [B,T,Hk,D_B]
-    (any tensor: a view of the same rows, or MLA's separate rope cache), q [B,S,Hq,D_A+D_B]."""
-    B, S, Hq, Dqk = q.shape
-    T, Hk, d_a, Dv = k.shape[1], k.shape[2], k.shape[3], v.shape[3]
+    """The kernel on query rows [q | q_tail] and key rows [k | k_tail]: q [B,S,Hq,D_A], k [B,T,Hk,D_A]
+    (D_A a power of two), q_tail [B,S,Hq,D_B], k_tail [B,T,Hk,D_B] (any tensors: views of the same
+    rows, or MLA's separate rope parts)."""
+    B, S, Hq, d_a = q.shape
+    T, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hk
     K = indices.shape[-1]
-    d_b = Dqk - d_a
+    d_b = q_tail.shape[3]
     d_b_pad = _tail_pad(d_b)
     assert Hq % Hk == 0 and k.shape == (B, T, Hk, d_a) and k_tail.shape == (B, T, Hk, d_b) \
-        and v.shape[:3] == (B, T, Hk) and d_a == next_pow2(d_a), (q.shape, k.shape, k_tail.shape, v.shape)
+        and q_tail.shape == (B, S, Hq, d_b) and v.shape[:3] == (B, T, Hk) and d_a == next_pow2(d_a), \
+        (q.shape, q_tail.shape, k.shape, k_tail.shape, v.shape)
     assert indices.shape[:2] == (B, S), (indices.shape, q.shape)
-    k, k_tail, v = k.to(q.dtype), k_tail.to(q.dtype), v.to(q.dtype)
+    q_tail, k, k_tail, v = q_tail.to(q.dtype), k.to(q.dtype), k_tail.to(q.dtype), v.to(q.dtype)
     if d_b == 0:
-        k_tail = k  # never read (D_B_PAD = 0): any valid pointer, not an empty view
+        q_tail, k_tail = q, k  # never read (D_B_PAD = 0): any valid pointers, not empty views
     v_from_k = Dv == d_a and v.data_ptr() == k.data_ptr() and v.stride() == k.stride()
     programs_per_block_h = B * S * Hk  # x head blocks (BLOCK_H is tuned)
     splits = num_splits or _default_splits(programs_per_block_h * cdiv(G, 64), K, q.device)
@@ -302,10 +307,10 @@ def _launch(
         o_strides = (*out.stride()[:3], 0, out.stride(3))
         lse_strides = (0, 0, 0, 0)
     args = (
-        q, k, k_tail, v, indices, o, lse, out, tickets,
+        q, q_tail, k, k_tail, v, indices, o, lse, out, tickets,
         S, T, Hk, G, K, d_b, Dv, float(scale) * LOG2E,
-        *q.stride(), *k.stride(), *k_tail.stride(), *v.stride(), *indices.stride(), *o_strides, *lse_strides,
-        *out.stride(),
+        *q.stride(), *q_tail.stride(), *k.stride(), *k_tail.stride(), *v.stride(), *indices.stride(), *o_strides,
+        *lse_strides, *out.stride(),
     )
     consts = {"D_A": d_a, "D_B_PAD": d_b_pad, "DV_PAD": max(16, next_pow2(Dv)),
               "CAUSAL": bool(causal), "V_FROM_K": v_from_k, "WRITE_LSE": splits > 1, "SPLIT_PAD": next_pow2(splits),
@@ -319,13 +324,14 @@ def _launch(
     elif config is not None:
         launch_config(_jit_kernel(), grid, args, consts, config)
     else:
-        _tuned_kernel(Dqk, G)[grid](*args, **consts)
+        _tuned_kernel(d_a + d_b, G)[grid](*args, **consts)
     return out
 
 
 def sparse_mla_triton(
     q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float, dv: int,
     causal: bool = True, num_splits: int | None = None, config=None, rope: torch.Tensor | None = None,
+    q_rope: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MLA absorbed form: one shared key row per token, value = the row's first dv columns. -> [B,S,H,dv].
 
@@ -333,14 +339,21 @@ def sparse_mla_triton(
     (a cache's two buffers, any strides): the row [kv | rope] is then read from both, never
     concatenated, when Dl is the key's power-of-two part (Dr < Dl, e.g. 576 = 512 + 64) and
     dv <= Dl. Otherwise (the kernel's key split can't sit at Dl) they are concatenated first:
-    correct, but a copy of the whole cache per call."""
-    if rope is not None and not _rope_apart(kv.shape[-1], rope.shape[-1], dv):
-        kv, rope = torch.cat((kv, rope), dim=-1), None
-    k = kv[:, :, None, :]  # [B,T,1,Dl(+Dr)]
-    v = kv[:, :, None, :dv]  # [B,T,1,dv] (same storage: V_FROM_K when dv = power-of-two part)
-    if rope is None:
-        return sparse_attention_triton(q, k, v, indices, scale, causal, num_splits, config)
-    return _launch(q, k, rope[:, :, None, :], v, indices, scale, causal, num_splits, config)
+    correct, but a copy of the whole cache per call. Likewise q [B,S,H,Dl+Dr], or q [B,S,H,Dl] and
+    q_rope [B,S,H,Dr] (at a 200K prefill the concatenated q alone is 4.3 GiB)."""
+    dr = rope.shape[-1] if rope is not None else q_rope.shape[-1] if q_rope is not None else 0
+    dl = kv.shape[-1] if rope is not None else kv.shape[-1] - dr  # latent width
+    apart = dr > 0 and _rope_apart(dl, dr, dv)
+    if not apart:
+        kv = kv if rope is None else torch.cat((kv, rope), dim=-1)  # [B,T,Dl+Dr]
+        q = q if q_rope is None else torch.cat((q, q_rope), dim=-1)  # [B,S,H,Dl+Dr]
+        return sparse_attention_triton(q, kv[:, :, None, :], kv[:, :, None, :dv], indices, scale, causal, num_splits,
+                                       config)
+    q, q_rope = (q[..., :dl], q[..., dl:]) if q_rope is None else (q, q_rope)
+    k, k_rope = (kv[..., :dl], kv[..., dl:]) if rope is None else (kv, rope)
+    v = k[:, :, None, :dv]  # [B,T,1,dv] (same storage as the key: V_FROM_K when dv = Dl)
+    return _launch(q, q_rope, k[:, :, None, :], k_rope[:, :, None, :], v, indices, scale, causal, num_splits,
+                   config)
 
 
 def _rope_apart(dl: int, dr: int, dv: int) -> bool:
@@ -362,12 +375,14 @@ def sparse_attention(
 def sparse_mla(
     q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float, dv: int,
     causal: bool = True, use_triton: bool | None = None, rope: torch.Tensor | None = None,
+    q_rope: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MLA absorbed sparse attention. q [B,S,H,Dl+Dr], kv [B,T,Dl+Dr], indices [B,S,K] -> [B,S,H,dv].
-    rope [B,T,Dr]: kv is then the latent [B,T,Dl] alone, key row = [kv | rope] (see sparse_mla_triton)."""
+    rope [B,T,Dr]: kv is then the latent [B,T,Dl] alone, key row = [kv | rope]; q_rope [B,S,H,Dr]: q is
+    then [B,S,H,Dl], query row = [q | q_rope] (see sparse_mla_triton)."""
     if use_triton_for(q, use_triton):
-        return sparse_mla_triton(q, kv, indices, scale, dv, causal, rope=rope)
-    return sparse_mla_ref(q, kv, indices, scale, dv, causal, rope)
+        return sparse_mla_triton(q, kv, indices, scale, dv, causal, rope=rope, q_rope=q_rope)
+    return sparse_mla_ref(q, kv, indices, scale, dv, causal, rope, q_rope)
 
 
 __all__ = ["sparse_attention", "sparse_mla", "sparse_attention_triton", "sparse_mla_triton", "HAS_TRITON"]

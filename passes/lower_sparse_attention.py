@@ -60,10 +60,11 @@ def lowered_absorbed_mla(q, latent, rope, weight, indices, scale, nope_dim: int)
     heads, latent_dim = q.shape[1], latent.shape[-1]
     weight = weight.view(heads, -1, latent_dim)  # [H, dn+dv, Dl]
     q_latent = torch.einsum("bhsd,hdc->bshc", q[..., :nope_dim], weight[:, :nope_dim])  # [B,S,H,Dl]
-    q_absorbed = torch.cat((q_latent, q[..., nope_dim:].transpose(1, 2)), dim=-1)  # [B,S,H,Dl+dr]
-    # key row = [latent | rope], read by the op from both buffers ([B,T,Dl], [B,T,dr]): no cache copy
-    out_latent = torch.ops.ic.sparse_mla(q_absorbed, latent[:, 0], indices, float(scale), latent_dim, True,
-                                         rope[:, 0])  # [B,S,H,Dl]
+    q_rope = q[..., nope_dim:].transpose(1, 2)  # [B,S,H,dr]
+    # key row = [latent | rope], read by the op from both buffers ([B,T,Dl], [B,T,dr]): no cache copy;
+    # query row = [q_latent | q_rope] likewise (a cat would be a [B,S,H,Dl+dr] copy: 4.3 GiB at 200K)
+    out_latent = torch.ops.ic.sparse_mla(q_latent, latent[:, 0], indices, float(scale), latent_dim, True,
+                                         rope[:, 0], q_rope)  # [B,S,H,Dl]
     return torch.einsum("bshc,hvc->bhsv", out_latent, weight[:, nope_dim:])  # [B,H,S,dv]
 
 

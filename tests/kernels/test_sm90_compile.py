@@ -161,7 +161,8 @@ def test_indexer_all_configs_compile_for_sm90():
 
 def _compile_sparse(block_h, block_k, warps, stages, H=64, dqk=576, dv=512, v_from_k=True, lse=False, arch=90,
                     rope_apart=False):
-    """rope_apart: the key's tail in its own [B,T,D_B] buffer (an MLA cache's rope), else a view of k."""
+    """rope_apart: the key's tail in its own [B,T,D_B] buffer (an MLA cache's rope) and the query's in its
+    own [B,H,S,D_B] tensor (seen as [B,S,H,D_B]: the lowering's transposed view), else views of k and q."""
     from ic_compile.kernels.sparse_attention import _key_split, _sparse_attention_kernel
 
     d_a, d_b, d_b_pad = _key_split(dqk)
@@ -174,10 +175,14 @@ def _compile_sparse(block_h, block_k, warps, stages, H=64, dqk=576, dv=512, v_fr
                 sf_b=S * H * dv, sf_s=H * dv, sf_h=dv, sf_d=1)
     tail_row = d_b if rope_apart else dqk  # the tail's row stride: its own buffer's, or k's
     ints.update(skb_b=T * tail_row, skb_t=tail_row, skb_h=tail_row, skb_d=1)
+    if rope_apart:
+        ints.update(sqb_b=S * H * d_b, sqb_s=d_b, sqb_h=S * d_b, sqb_d=1)
+    else:
+        ints.update(sqb_b=S * H * dqk, sqb_s=H * dqk, sqb_h=dqk, sqb_d=1)
     if lse:  # split-K partials [B,S,H,P,dv] fp32 + lse [B,S,H,P], combined by the last split into out
         ints.update(so_b=H * 16 * dv, so_s=H * 16 * dv, so_h=16 * dv, so_split=dv,
                     sl_b=H * 16, sl_s=H * 16, sl_h=16, sl_split=1)
-    ptrs = dict(q_ptr="bf16", k_ptr="bf16", kb_ptr="bf16", v_ptr="bf16", idx_ptr="i32",
+    ptrs = dict(q_ptr="bf16", qb_ptr="bf16", k_ptr="bf16", kb_ptr="bf16", v_ptr="bf16", idx_ptr="i32",
                 o_ptr="fp32" if lse else "bf16", lse_ptr="fp32", out_ptr="bf16", ticket_ptr="i32")
     consts = dict(D_A=d_a, D_B_PAD=d_b_pad, DV_PAD=dv, BLOCK_H=block_h, BLOCK_K=block_k, CAUSAL=True,
                   V_FROM_K=v_from_k, WRITE_LSE=lse, SPLIT_PAD=16 if lse else 1, DOT_PRECISION="tf32",

@@ -155,20 +155,31 @@ ROPE_CASES = {
 }
 
 
+def _query_parts(q: torch.Tensor, dl: int):
+    """q [B,S,H,Dl+Dr] -> q [B,S,H,Dl], q_rope [B,S,H,Dr], as the absorbed lowering has them: an
+    einsum's output and a transposed view of the projected query (strided)."""
+    B, S, H, _ = q.shape
+    q_rope = q[..., dl:].transpose(1, 2).contiguous().transpose(1, 2)  # [B,S,H,Dr], strides of [B,H,S,Dr]
+    return q[..., :dl].contiguous(), q_rope
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("apart", ["kv", "q", "q_and_kv"])
 @pytest.mark.parametrize("case", list(ROPE_CASES))
-def test_sparse_mla_triton_rope_apart_equals_concatenated(case, dtype, request):
-    """Latent and rope in two (cache) buffers give the same output as their concatenation,
-    bit for bit: the kernel reads the same key split (D_A = Dl, D_B = Dr) from two pointers."""
+def test_sparse_mla_triton_rope_apart_equals_concatenated(case, apart, dtype, request):
+    """Latent and rope in two (cache) buffers, and/or the query's latent and rope parts in two
+    tensors, give the same output as their concatenations, bit for bit: the kernel reads the
+    same split (D_A = Dl, D_B = Dr) from two pointers."""
     seed = seed_everything(request.node.name)
     B, S, T, H, Dl, Dr, dv, K, splits, t_max = ROPE_CASES[case]
     q = torch.randn(B, S, H, Dl + Dr).to(dtype)
     kv = torch.randn(B, T, Dl + Dr).to(dtype)
-    latent, rope = _latent_and_rope(kv, Dl, t_max)
+    latent, rope = _latent_and_rope(kv, Dl, t_max) if "kv" in apart else (kv, None)
+    q_in, q_rope = _query_parts(q, Dl) if "q" in apart else (q, None)
     idx = random_indices(B, S, T, K)
     scale = (Dl + Dr) ** -0.5
-    got = sparse_mla_triton(q, latent, idx, scale, dv, True, num_splits=splits, rope=rope)
+    got = sparse_mla_triton(q_in, latent, idx, scale, dv, True, num_splits=splits, rope=rope, q_rope=q_rope)
     assert torch.equal(got, sparse_mla_triton(q, kv, idx, scale, dv, True, num_splits=splits)), repro(seed)
     _assert_close(got, sparse_mla_ref(q, kv, idx, scale, dv, True), dtype, seed)
 
@@ -194,6 +205,9 @@ def test_reference_rope_apart_equals_concatenated(request):
     latent, rope = _latent_and_rope(kv, 32, t_max=40)
     q, idx = torch.randn(2, 3, 4, 48), random_indices(2, 3, 30, 20)
     assert torch.equal(sparse_mla_ref(q, latent, idx, 0.2, 32, rope=rope), sparse_mla_ref(q, kv, idx, 0.2, 32))
+    q_latent, q_rope = _query_parts(q, 32)
+    assert torch.equal(sparse_mla_ref(q_latent, latent, idx, 0.2, 32, rope=rope, q_rope=q_rope),
+                       sparse_mla_ref(q, kv, idx, 0.2, 32))
 
 
 @needs_triton
@@ -231,6 +245,9 @@ def test_sparse_mla_gpu(B, S, T, H, K, request):
     latent[:, 0, :T], rope[:, 0, :T] = kv[..., :512], kv[..., 512:]
     got = sparse_mla(q, latent[:, 0, :T], idx, 576**-0.5, 512, rope=rope[:, 0, :T])
     _assert_close(got, want, torch.bfloat16, f"{seed} (rope apart)")
+    q_latent, q_rope = _query_parts(q, 512)
+    got = sparse_mla(q_latent, latent[:, 0, :T], idx, 576**-0.5, 512, rope=rope[:, 0, :T], q_rope=q_rope)
+    _assert_close(got, want, torch.bfloat16, f"{seed} (q and kv rope apart)")
 
 
 @pytest.mark.gpu
@@ -288,8 +305,10 @@ def test_gpu_configs_in_interpreter(layout, request, monkeypatch):
         B, S, T, H, K = 1, 2, 100, 20, 70
         q, kv = torch.randn(B, S, H, 576).bfloat16(), torch.randn(B, T, 576).bfloat16()
         idx = random_indices(B, S, T, K)
-        latent, rope = _latent_and_rope(kv, 512, t_max=T + 20) if layout == "mla_rope_apart" else (kv, None)
-        run = lambda: sparse_mla_triton(q, latent, idx, 576**-0.5, 512, rope=rope)  # noqa: E731
+        apart = layout == "mla_rope_apart"  # the lowering's layout: q and kv each in two parts
+        latent, rope = _latent_and_rope(kv, 512, t_max=T + 20) if apart else (kv, None)
+        q_in, q_rope = _query_parts(q, 512) if apart else (q, None)
+        run = lambda: sparse_mla_triton(q_in, latent, idx, 576**-0.5, 512, rope=rope, q_rope=q_rope)  # noqa: E731
         want = sparse_mla_ref(q, kv, idx, 576**-0.5, 512)
         dtotal, G = 576, H
     else:

@@ -147,7 +147,8 @@ def _sources(node, placeholders):
 
 def test_absorbed_mla_hands_the_op_latent_and_rope_apart():
     """The op reads the key row from the two cache buffers: a cat of latent and rope would copy the
-    whole cache of each layer at every decode step (the q side's cat is small and stays)."""
+    whole cache of each layer at every decode step; the query's latent and rope parts go apart too
+    (their cat is a [B,S,H,576] copy: 4.3 GiB at a 200K prefill). No cat is left at all."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     q, latent, rope, weight = inputs()
@@ -157,7 +158,7 @@ def test_absorbed_mla_hands_the_op_latent_and_rope_apart():
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     latent_ph, rope_ph = placeholders[1].name, placeholders[2].name
     cats = [n for n in gm.graph.nodes if n.target is torch.ops.aten.cat.default]
-    assert not any({latent_ph, rope_ph} & _sources(n, placeholders) for n in cats)
+    assert cats == []
     (op,) = [n for n in gm.graph.nodes if n.target is torch.ops.ic.sparse_mla.default]
     kv, rope_arg = op.args[1], op.kwargs.get("rope", op.args[6] if len(op.args) > 6 else None)
     assert _sources(kv, placeholders) == {latent_ph} and _sources(rope_arg, placeholders) == {rope_ph}
