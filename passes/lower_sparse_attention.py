@@ -54,9 +54,30 @@ def lowered_sparse_attention(q, k, v, indices, scale):
     return out.transpose(1, 2)
 
 
+# Queries per absorbed-attention chunk at long prefill: each chunk's [B,chunk,H,Dl] query and output
+# latents are alive only during that chunk (unchunked at 200K they are 2 x 4.1 GB at once).
+_QUERY_CHUNK = 16384
+
+
 def lowered_absorbed_mla(q, latent, rope, weight, indices, scale, nope_dim: int):
     """q [B,H,S,dn+dr], latent [B,1,T,Dl], rope [B,1,T,dr], weight [H*(dn+dv),Dl], indices [B,S,K]
-    -> [B,H,S,dv], equal to SDPA over the expanded heads restricted to the selected keys."""
+    -> [B,H,S,dv], equal to SDPA over the expanded heads restricted to the selected keys.
+    A static S above _QUERY_CHUNK runs in query chunks (rows are independent; a symbolic S, as in
+    dynamic decode, runs whole). Chunk [s0, s1) sees the keys up to its own last query, T - S + s1,
+    so the op's causal horizon (T' - S' + s) stays each query's own position."""
+    S, T = q.shape[2], latent.shape[2]
+    if not isinstance(S, int) or S <= _QUERY_CHUNK:
+        return _absorbed_mla(q, latent, rope, weight, indices, scale, nope_dim)
+    chunks = []
+    for s0 in range(0, S, _QUERY_CHUNK):
+        s1 = min(S, s0 + _QUERY_CHUNK)
+        visible = T - S + s1  # keys the chunk's queries may see (views: no copy)
+        chunks.append(_absorbed_mla(q[:, :, s0:s1], latent[:, :, :visible], rope[:, :, :visible], weight,
+                                    indices[:, s0:s1], scale, nope_dim))
+    return torch.cat(chunks, dim=2)  # [B,H,S,dv]
+
+
+def _absorbed_mla(q, latent, rope, weight, indices, scale, nope_dim: int):
     heads, latent_dim = q.shape[1], latent.shape[-1]
     weight = weight.view(heads, -1, latent_dim)  # [H, dn+dv, Dl]
     q_latent = torch.einsum("bhsd,hdc->bshc", q[..., :nope_dim], weight[:, :nope_dim])  # [B,S,H,Dl]

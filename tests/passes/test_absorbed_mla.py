@@ -114,14 +114,17 @@ def test_matcher_accepts_latent_written_before_the_expansion():
     assert match_latent_kv(*sdpa_args(gm), reader=_sdpa(gm)) is not None
 
 
-def test_absorbed_equals_expanded_attention_over_selected_keys():
+def _selected_attention_case(S: int):
+    """The last S of T queries, K causal picks each (the first rows have fewer: -1 slots) -> the
+    lowering's inputs and SDPA over the expanded heads restricted to the picks."""
     q, latent, rope, weight = inputs(seed=3)
-    S, K = T, 5
+    q = q[:, :, T - S:]
+    K = 5
     g = torch.Generator().manual_seed(4)
-    idx = torch.full((B, S, K), -1)  # causal picks; the first rows have fewer than K keys (-1 slots)
+    idx = torch.full((B, S, K), -1)
     for b in range(B):
         for s in range(S):
-            picks = torch.randperm(s + 1, generator=g)[:K]
+            picks = torch.randperm(T - S + s + 1, generator=g)[:K]
             idx[b, s, : len(picks)] = picks
     allowed = torch.zeros(B, S, T, dtype=torch.bool)
     allowed.scatter_(-1, torch.where(idx >= 0, idx, idx[..., :1]).long(), True)  # slot 0 is always a pick
@@ -130,8 +133,25 @@ def test_absorbed_equals_expanded_attention_over_selected_keys():
     k_nope, v = torch.split(kv, [DN, DV], dim=-1)
     k = torch.cat((k_nope, rope.expand(-1, H, -1, -1)), dim=-1)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=scale)
-    got = lowered_absorbed_mla(q, latent, rope, weight, idx.to(torch.int32), scale, DN)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    return (q, latent, rope, weight, idx.to(torch.int32), scale, DN), want
+
+
+def test_absorbed_equals_expanded_attention_over_selected_keys():
+    args, want = _selected_attention_case(S=T)
+    torch.testing.assert_close(lowered_absorbed_mla(*args), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("S", [T, 6], ids=["all_queries", "last_queries"])
+def test_absorbed_in_query_chunks_equals_whole(S, monkeypatch):
+    """Long prefill runs in query chunks (each sees the keys up to its own last query): same rows."""
+    import ic_compile.passes.lower_sparse_attention as lowering
+
+    args, want = _selected_attention_case(S)
+    whole = lowered_absorbed_mla(*args)
+    monkeypatch.setattr(lowering, "_QUERY_CHUNK", 4)  # S = 9 -> chunks [0,4) [4,8) [8,9); S = 6 -> two
+    chunked = lowered_absorbed_mla(*args)
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(chunked, want, rtol=1e-5, atol=1e-5)
 
 
 def _sources(node, placeholders):
