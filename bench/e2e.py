@@ -140,9 +140,10 @@ def main():
         row["command"] = " ".join(sys.argv)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    out = pathlib.Path(args.out)
-    save_result(str(out), merged(out, rows), bf16_peak_tflops=peak,
-                versions={"torch": torch.__version__, "transformers": __import__("transformers").__version__})
+        # saved after every row: a run cut at a time limit (each plan compiles for minutes) keeps its rows
+        out = pathlib.Path(args.out)
+        save_result(str(out), merged(out, rows), bf16_peak_tflops=peak,
+                    versions={"torch": torch.__version__, "transformers": __import__("transformers").__version__})
 
 
 if __name__ == "__main__":
