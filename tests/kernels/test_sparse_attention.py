@@ -158,7 +158,6 @@ ROPE_CASES = {
 def _query_parts(q: torch.Tensor, dl: int):
     """q [B,S,H,Dl+Dr] -> q [B,S,H,Dl], q_rope [B,S,H,Dr], as the absorbed lowering has them: an
     einsum's output and a transposed view of the projected query (strided)."""
-    B, S, H, _ = q.shape
     q_rope = q[..., dl:].transpose(1, 2).contiguous().transpose(1, 2)  # [B,S,H,Dr], strides of [B,H,S,Dr]
     return q[..., :dl].contiguous(), q_rope
 
