@@ -15,7 +15,13 @@ Inductor lowering.
     options={"cudagraphs": True}: what a serving engine replays. tokens/s = 1000 / step ms. Each row
     also holds the step's kernel profile (bench/decode.py kernel_profile: summed GPU time, launches,
     top kernels), so the time that is not the indexer can be read by kernel.
-Rows are merged into the results file by (part, L, plan), so the parts can run in separate calls.
+  * --regional (prefill): `layer.compile(...)` on each decoder layer instead of the whole model (the
+    backend binds each layer's frame as a fragment; S layers read their F layer's top-k from the index
+    store). Dynamo traces 47 small frames instead of one large one and Inductor's cache serves the
+    identical ones: a shorter first call (2.1× on CPU at 32 layers, bench/regional_compile.py), at the
+    price of Python between layers. Rows say which ("regional": true).
+Rows are merged into the results file by (part, L, plan, layers, regional), so the parts can run in
+separate calls.
 The bf16 limit of a prefill = its counted FLOPs (bench/prefill.py's work_flops) / the in-run matmul peak.
 """
 
@@ -51,16 +57,20 @@ def precision(plan: str) -> str:
     return plan.split(":")[1] if ":" in plan else "bf16"
 
 
-def compiled(model, plan: str, layers: int, graphs: bool = False):
+def compiled(model, plan: str, layers: int, graphs: bool = False, regional: bool = False):
     torch._dynamo.reset()
     options = {"plan": pattern(plan, layers), "lowering": "inductor", "cudagraphs": graphs,
                "indexer_precision": precision(plan)}
-    return torch.compile(model, backend="indexcache", options=options)
+    for layer in model.model.layers:
+        layer.__dict__.pop("_compiled_call_impl", None)  # undo an earlier variant's regional compile
+        if regional:
+            layer.compile(backend="indexcache", options=options)
+    return model if regional else torch.compile(model, backend="indexcache", options=options)
 
 
-def prefill_row(model, plan: str, L: int, layers: int, reps: int, peak: float) -> dict:
+def prefill_row(model, plan: str, L: int, layers: int, reps: int, peak: float, regional: bool) -> dict:
     ids = torch.randint(0, CONFIG["vocab_size"], (1, L), device="cuda")
-    fn = compiled(model, plan, layers)
+    fn = compiled(model, plan, layers, regional=regional)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
@@ -70,7 +80,8 @@ def prefill_row(model, plan: str, L: int, layers: int, reps: int, peak: float) -
         compile_s = time.perf_counter() - start
         ms = time_ms(lambda: fn(ids, use_cache=False, logits_to_keep=1), reps)
     limit_ms = work_flops(L, pattern(plan, layers)) / (peak * 1e12) * 1e3
-    return {"part": "prefill", "L": L, "plan": plan, "layers": layers, "ms": ms, "compile_s": compile_s,
+    return {"part": "prefill", "L": L, "plan": plan, "layers": layers, "regional": regional, "ms": ms,
+            "compile_s": compile_s,
             "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30, "limit_ms": limit_ms,
             "pct_of_limit": 100 * limit_ms / ms}
 
@@ -109,7 +120,7 @@ def decode_row(model, cache, plan: str, L: int, layers: int, reps: int) -> dict:
 
 def merged(out: pathlib.Path, rows: list[dict]) -> list[dict]:
     """Earlier rows of the results file, those with the same (part, L, plan, layers) replaced."""
-    key = lambda row: (row["part"], row["L"], row["plan"], row["layers"])  # noqa: E731
+    key = lambda row: (row["part"], row["L"], row["plan"], row["layers"], row.get("regional", False))  # noqa: E731
     old = json.loads(out.read_text())["rows"] if out.exists() else []
     new = {key(row) for row in rows}
     return [row for row in old if key(row) not in new] + rows
@@ -122,6 +133,7 @@ def main():
     parser.add_argument("--plans", nargs="+", default=["F", "1/4"])
     parser.add_argument("--layers", type=int, default=LAYERS, help="fewer for a quick check")
     parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--regional", action="store_true", help="prefill: compile each decoder layer")
     parser.add_argument("--out", default=str(RESULT), help="JSON results file, rows merged (default: %(default)s)")
     args = parser.parse_args()
     peak = bf16_peak_tflops()
@@ -131,12 +143,12 @@ def main():
     for plan in args.plans:
         try:
             if args.part == "prefill":
-                row = prefill_row(model, plan, args.length, args.layers, args.reps, peak)
+                row = prefill_row(model, plan, args.length, args.layers, args.reps, peak, args.regional)
             else:
                 row = decode_row(model, cache, plan, args.length, args.layers, args.reps)
         except torch.OutOfMemoryError as exc:
             row = {"part": args.part, "L": args.length, "plan": plan, "layers": args.layers,
-                   "oom": str(exc)[:200]}
+                   "regional": args.regional, "oom": str(exc)[:200]}
         row["command"] = " ".join(sys.argv)
         rows.append(row)
         print(json.dumps(row), flush=True)
