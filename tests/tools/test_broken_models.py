@@ -152,3 +152,34 @@ def test_search_refuses_a_call_that_ran_an_indexer_unrewritten(one_thread):
     net.layers[3].forward = torch._dynamo.disable(net.layers[3].forward)
     with pytest.raises(PlanError, match=r"ran indexer layers \[0, 1, 2\] rewritten \(of 4\)"):
         evaluator.logits(data, PLAN)
+
+
+def broken_scores_model() -> nn.Module:
+    """`ic --model test_broken_models:broken_scores_model`: the graph-broken MoE model as a CLI factory."""
+    return moe_model(True)
+
+
+def test_cli_search_on_broken_model_equals_the_api(one_thread, tmp_path, monkeypatch, capsys):
+    """`ic search` (a MODULE:FUNCTION model, graph evaluator) on a model with graph breaks writes the
+    plan and losses that search_plan gives on the same calibration data."""
+    import json
+    import pathlib
+
+    from ic_compile.cli import main
+    from ic_compile.tools.calibration import calibration_from_files
+    from ic_compile.tools.search import search_plan
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(pathlib.Path(ds.__file__).read_text())  # any text: bytes % vocab
+    monkeypatch.chdir(pathlib.Path(__file__).parent)  # the factory's module, as a user's working directory
+    out = tmp_path / "search"
+    argv = ["search", "--model", "test_broken_models:broken_scores_model", "--data", str(corpus), "--num-full", "2",
+            "--seq", "12", "--batch", "2", "--max-sequences", "4", "--evaluator", "graph", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    got = json.loads((out / "search.json").read_text())
+    data = calibration_from_files([str(corpus)], 12, vocab_size=128, max_sequences=4)
+    want = search_plan(broken_scores_model(), data, num_full=2, batch_size=2, evaluator="graph")
+    assert json.loads((out / "plan.json").read_text()) == json.loads(want.plan.to_json())
+    got.pop("seconds")
+    assert got == {key: value for key, value in json.loads(want.to_json()).items() if key != "seconds"}
+    assert got["num_full"] == 2 and len(got["history"]) >= 2  # the search ran down from all-F
