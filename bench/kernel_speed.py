@@ -121,14 +121,18 @@ def bench_indexer_prefill(L, H, D, topk, device, peaks, quick) -> dict:
     flops = L * L / 2 * H * D * 2
     ms_scores, ms_total = time_indexer(q, k, w, topk, device, quick)
     ms_unordered = bench_ms(lambda: indexer_topk(q, k, w, topk, use_triton=True, sorted=False), device, quick)
-    peak = peaks["bf16_matmul_tflops"]
-    return {
-        "ms_scores": ms_scores, "ms_total": ms_total, "ms_total_unordered": ms_unordered,
-        "tflops_scores": flops / ms_scores / 1e9, "tflops_total": flops / ms_total / 1e9,
-        "pct_peak_scores": 100 * flops / ms_scores / 1e9 / peak,
-        "pct_peak_total": 100 * flops / ms_total / 1e9 / peak,
-        "pct_peak_total_unordered": 100 * flops / ms_unordered / 1e9 / peak,
-    }
+    times = {"scores": ms_scores, "total": ms_total, "total_unordered": ms_unordered}
+    return {**{f"ms_{part}": ms for part, ms in times.items()},
+            **rates(flops, times, 1e9, peaks["bf16_matmul_tflops"], "tflops", "pct_peak")}
+
+
+def rates(work: float, times: dict, per_ms: float, ceiling: float, rate: str, pct: str) -> dict:
+    """{rate_part: work / ms / per_ms, pct_part: that as % of ceiling} for each part's ms in `times`."""
+    out = {}
+    for part, ms in times.items():
+        out[f"{rate}_{part}"] = work / ms / per_ms
+        out[f"{pct}_{part}"] = 100 * out[f"{rate}_{part}"] / ceiling
+    return out
 
 
 def bench_mask_check(L, device, peaks, quick) -> dict:
@@ -147,13 +151,9 @@ def bench_indexer_decode(B, T, H, D, topk, device, peaks, quick) -> dict:
     q, k, w = indexer_inputs(B, 1, T, H, D, device)
     nbytes = k.numel() * k.element_size()  # K read once
     ms_scores, ms_total = time_indexer(q, k, w, topk, device, quick)
-    bw = peaks["copy_gbps"]
-    return {
-        "bytes": nbytes, "ms_scores": ms_scores, "ms_total": ms_total,
-        "gbps_scores": nbytes / ms_scores / 1e6, "gbps_total": nbytes / ms_total / 1e6,
-        "pct_copy_bw_scores": 100 * nbytes / ms_scores / 1e6 / bw,
-        "pct_copy_bw_total": 100 * nbytes / ms_total / 1e6 / bw,
-    }
+    times = {"scores": ms_scores, "total": ms_total}
+    return {"bytes": nbytes, **{f"ms_{part}": ms for part, ms in times.items()},
+            **rates(nbytes, times, 1e6, peaks["copy_gbps"], "gbps", "pct_copy_bw")}
 
 
 def bench_sparse_mla_prefill(L, H, K, dqk, dv, device, peaks, quick) -> dict:
