@@ -32,6 +32,7 @@ from .indexer_topk import decode_form
 from .indexer_topk import indexer_topk as _indexer_topk
 from .key_range import assert_key_range_async, check_key_range
 from .mask_within_causal import mask_within_causal
+from .moe_experts import moe_experts as _moe_experts
 from .sparse_attention import sparse_attention as _sparse_attention
 from .sparse_attention import sparse_mla as _sparse_mla
 
@@ -46,6 +47,7 @@ _INDEXER_TOPK_SCHEMA = ("(Tensor q, Tensor k, Tensor w, SymInt topk, Tensor? mas
 _SPARSE_ATTENTION_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, bool causal=True) -> Tensor"
 _SPARSE_MLA_SCHEMA = ("(Tensor q, Tensor kv, Tensor indices, float scale, int dv, bool causal=True, "
                       "Tensor? rope=None, Tensor? q_rope=None) -> Tensor")
+_MOE_EXPERTS_SCHEMA = "(Tensor hidden, Tensor topk_index, Tensor topk_weights, Tensor gate_up, Tensor down) -> Tensor"
 
 
 @torch.library.custom_op(f"{NAMESPACE}::indexer_topk", mutates_args=(), schema=_INDEXER_TOPK_SCHEMA)
@@ -120,4 +122,17 @@ def _(q, kv, indices, scale, dv, causal=True, rope=None, q_rope=None):
     return q.new_empty((B, S, H, dv))
 
 
-__all__ = ["indexer_topk", "sparse_attention", "sparse_mla", "NAMESPACE"]
+@torch.library.custom_op(f"{NAMESPACE}::moe_experts", mutates_args=(), schema=_MOE_EXPERTS_SCHEMA)
+def moe_experts(hidden, topk_index, topk_weights, gate_up, down):
+    """hidden [T,H], topk_index [T,k] (int; outside [0, E): no expert), topk_weights [T,k],
+    gate_up [E,2I,H], down [E,H,I] -> [T,H]: sum_j w[t,j] * down[e] @ (silu(g) * u), (g, u) =
+    (gate_up[e] @ hidden[t]).chunk(2). For decode-sized T (each token reads its experts' weights)."""
+    return _moe_experts(hidden, topk_index, topk_weights, gate_up, down)
+
+
+@moe_experts.register_fake
+def _(hidden, topk_index, topk_weights, gate_up, down):
+    return hidden.new_empty(hidden.shape)
+
+
+__all__ = ["indexer_topk", "sparse_attention", "sparse_mla", "moe_experts", "NAMESPACE"]

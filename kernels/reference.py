@@ -231,3 +231,33 @@ def sparse_mla_ref(
     if q_rope is not None:
         q = torch.cat((q, q_rope), dim=-1)  # [B,S,H,Dl+Dr]
     return _sparse_attention_chunked(q, kv[:, :, None, :], None, dv, indices, scale, causal)
+
+
+def moe_experts_ref(
+    hidden: torch.Tensor,
+    topk_index: torch.Tensor,
+    topk_weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+) -> torch.Tensor:
+    """Routed MoE experts (HF's GlmMoeDsaExperts.forward). Returns [T,H] in hidden's dtype.
+
+    hidden [T,H], topk_index [T,k] (int; an index outside [0, E) -- HF's sentinel E, expert
+    parallelism's -1 -- contributes nothing), topk_weights [T,k], gate_up [E,2I,H] (gate rows
+    first, then up rows), down [E,H,I]:
+        out[t] = sum_j w[t,j] * down[e] @ (silu(g) * u),  (g, u) = (gate_up[e] @ hidden[t]).chunk(2).
+    Rounding: fp32 maths; silu(g) * u is rounded to hidden's dtype (as HF's, whose g and u are
+    rounded too), then the down projection, weighting and sum over j in fp32, rounded once at the
+    end (HF's grouped_mm path also rounds each expert's down output before weighting it).
+    One expert at a time over the tokens routed to it, like HF's eager loop.
+    """
+    E, H = gate_up.shape[0], hidden.shape[1]
+    valid = (topk_index >= 0) & (topk_index < E)
+    out = torch.zeros(hidden.shape[0], H, dtype=torch.float32, device=hidden.device)
+    for e in torch.unique(topk_index[valid]).tolist():
+        tok, slot = torch.where(topk_index == e)
+        g, u = (hidden[tok].float() @ gate_up[e].float().T).chunk(2, dim=-1)  # [n, I] each
+        act = (torch.nn.functional.silu(g) * u).to(hidden.dtype).float()
+        y = act @ down[e].float().T  # [n, H]
+        out.index_add_(0, tok, y * topk_weights[tok, slot, None].float())
+    return out.to(hidden.dtype)

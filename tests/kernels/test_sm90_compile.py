@@ -328,3 +328,69 @@ def test_topk_select_sorted_compiles_for_sm90():
     *_, res = _compile_topk_select(2048, 8, 2048, 1, sorted_out=True)
     assert res["shared"] <= MAX_SMEM, res["shared"]
     print({k: v for k, v in res.items() if k not in ("ptx", "cubin")})
+
+
+# ----------------------------------------------------------------------------- routed MoE experts
+
+GLM_MOE = dict(E=64, H=2048, I=1536, k=4)  # GLM-4.7-Flash's routed experts
+
+
+def _compile_moe(which: str, tile, arch=90):
+    """Kernel `which` ("gate_up" / "down") of kernels/moe_experts.py at the GLM shape, bf16, int64
+    indices, fp32 router weights, contiguous tensors."""
+    from ic_compile.kernels.moe_experts import _down_kernel, _gate_up_kernel
+
+    E, H, I, k = GLM_MOE["E"], GLM_MOE["H"], GLM_MOE["I"], GLM_MOE["k"]
+    consts = dict(BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, STAGES=tile.num_stages)
+    if which == "gate_up":
+        ptrs = dict(x_ptr="bf16", idx_ptr="i64", gu_ptr="bf16", inter_ptr="bf16")
+        ints = dict(H=H, I=I, E=E, TOPK=k, sx_t=H, sx_h=1, si_t=k, si_j=1, sg_e=2 * I * H, sg_n=H, sg_h=1,
+                    sm_p=I, sm_i=1)
+        return compile_sm90(_gate_up_kernel, ptrs, ints, {}, consts, tile.num_warps, 1, arch=arch)
+    ptrs = dict(inter_ptr="bf16", idx_ptr="i64", w_ptr="fp32", down_ptr="bf16", out_ptr="bf16")
+    ints = dict(H=H, I=I, E=E, TOPK=k, sm_p=I, sm_i=1, si_t=k, si_j=1, sw_t=k, sw_j=1, sd_e=H * I, sd_n=I, sd_i=1,
+                so_t=H, so_h=1)
+    return compile_sm90(_down_kernel, ptrs, ints, {}, consts, tile.num_warps, 1, arch=arch)
+
+
+def _programs_per_sm(res, num_warps) -> int:
+    """Resident programs per H100 SM by registers (allocated per thread in 8s) and shared memory."""
+    regs = -(-res["regs"] // 8) * 8 * 32 * num_warps
+    return min(65536 // regs, MAX_SMEM // max(1, res["shared"]), 32)
+
+
+@pytest.mark.parametrize("T", [1, 8])
+def test_moe_experts_default_tiles_compile_for_sm90(T, monkeypatch):
+    """The default tiles at GLM-4.7-Flash's shape on an H100 (132 SMs): fit, no spills, the loops
+    stream with cp.async, and at T = 1 every program of both launches is resident at once (what
+    the module's tile comments claim)."""
+    import torch
+
+    from ic_compile.kernels import moe_experts as mod
+
+    monkeypatch.setattr(mod, "num_sms", lambda device: 132)
+    tiles = dict(zip(("gate_up", "down"), mod.default_tiles(T, GLM_MOE["k"], GLM_MOE["H"], GLM_MOE["I"],
+                                                            torch.device("cpu"))))
+    programs = {"gate_up": T * GLM_MOE["k"] * -(-GLM_MOE["I"] // tiles["gate_up"].block_n),
+                "down": T * -(-GLM_MOE["H"] // tiles["down"].block_n)}
+    for which, tile in tiles.items():
+        res = _compile_moe(which, tile)
+        assert res["shared"] <= MAX_SMEM, res["shared"]
+        assert res["stack"] == 0, f"{which}: register spills: {res['stack']} bytes"
+        assert "cp.async" in res["ptx"], f"{which}: loop not pipelined"
+        if T == 1:
+            assert programs[which] <= 132 * _programs_per_sm(res, tile.num_warps), (which, res["regs"], res["shared"])
+        print(which, tile, {k: v for k, v in res.items() if k in ("regs", "shared", "stack")})
+
+
+@slow[0]
+@slow[1]
+def test_moe_experts_sweep_tiles_compile_for_sm90():
+    """Every tile bench/moe_experts.py sweeps compiles for both kernels and fits shared memory."""
+    from ic_compile.kernels.moe_experts import sweep_tiles
+
+    for tile in sweep_tiles():
+        for which in ("gate_up", "down"):
+            res = _compile_moe(which, tile)
+            assert res["shared"] <= MAX_SMEM, (which, tile, res["shared"])
+            print(which, tile, {k: v for k, v in res.items() if k in ("regs", "shared", "stack")})

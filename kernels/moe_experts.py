@@ -1,0 +1,233 @@
+"""Routed MoE experts for a few tokens (batch-1 decode): read only the active experts' weights.
+
+Semantics (HF's GlmMoeDsaExperts.forward): hidden [T,H], topk_index [T,k] (int32/int64),
+topk_weights [T,k] (fp32 or hidden's dtype), gate_up [E,2I,H], down [E,H,I] (hidden's dtype):
+
+    out[t] = sum_j w[t,j] * down[e] @ (silu(g) * u),   (g, u) = (gate_up[e] @ hidden[t]).chunk(2),
+    e = topk_index[t,j]; an index outside [0, E) (HF's sentinel E, expert-parallel engines' -1)
+    contributes nothing.
+
+HF's grouped_mm path sorts the T*k (token, expert) pairs, histograms them and runs two grouped
+GEMMs: at T = 1 that is ~61 us per layer on an H100 for ~25 us of weight reads (4 experts of
+GLM-4.7-Flash, 75 MB). Here two memory-bound GEMV kernels, no sort, no host sync:
+  1. `_gate_up_kernel`, grid (T*k, cdiv(I, BLOCK_N)): program (pair p = t*k + j, row block) streams
+     the BLOCK_N gate rows and the matching BLOCK_N up rows of expert e over H in [BLOCK_N, BLOCK_K]
+     tiles, multiplies them by hidden[t] elementwise into fp32 [BLOCK_N, BLOCK_K] accumulators
+     (one reduction at the end, not one per step), and writes silu(g) * u rounded to hidden's dtype
+     (HF rounds there too) into inter [T*k, I]. An invalid expert: no weight read, zeros written.
+  2. `_down_kernel`, grid (T, cdiv(H, BLOCK_N)): program (token, row block) streams the BLOCK_N down
+     rows of each of the token's k experts over I, acc += w[t,j] * tile * inter[p] (fp32), and
+     stores the row block once: deterministic, no atomics; invalid experts' tiles are masked (no
+     memory access). The k experts run as one flat loop, so loads stay pipelined across experts.
+The pair / token is the grid's fast axis: the programs reading the same row block of different
+pairs run side by side, so an expert shared by several tokens (T > 1) is mostly read from L2.
+Each (token, expert) pair still reads its expert once: the work grows with T*k, so this is for
+decode-sized T; a prefill wants the grouped GEMM (the caller chooses, this op does not switch).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ._triton_utils import (
+    HAS_TRITON,
+    cdiv,
+    interpreting,
+    launch_interpreted,
+    new_output,
+    next_pow2,
+    num_sms,
+    tl,
+    triton,
+    use_triton_for,
+)
+from .reference import moe_experts_ref
+
+
+def _gate_up_kernel(
+    x_ptr, idx_ptr, gu_ptr, inter_ptr,
+    H, I, E, TOPK,
+    sx_t, sx_h,  # hidden [T, H]
+    si_t, si_j,  # topk_index [T, k]
+    sg_e, sg_n, sg_h,  # gate_up [E, 2I, H]
+    sm_p, sm_i,  # inter [T*k, I]
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+):
+    """inter[p, n] = silu(gate_up[e, n] . x[t]) * (gate_up[e, I + n] . x[t]) for this row block."""
+    pair = tl.program_id(0)  # t * k + j
+    t = pair // TOPK
+    e = tl.load(idx_ptr + t * si_t + (pair % TOPK) * si_j)
+    valid = (e >= 0) & (e < E)
+    h_end = tl.where(valid, H, 0)  # invalid expert: no step, zeros out
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] rows of the gate half
+    n_ok = n < I
+    gate_rows = gu_ptr + tl.where(valid, e, 0).to(tl.int64) * sg_e + n * sg_n  # [BLOCK_N]
+    up_rows = gate_rows + I * sg_n
+    x_row = x_ptr + t.to(tl.int64) * sx_t
+    acc_g = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    for h0 in tl.range(0, h_end, BLOCK_K, num_stages=STAGES):
+        h = h0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+        h_ok = h < H
+        x = tl.load(x_row + h * sx_h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+        ok = n_ok[:, None] & h_ok[None, :]
+        acc_g += tl.load(gate_rows[:, None] + h[None, :] * sg_h, mask=ok, other=0.0).to(tl.float32) * x
+        acc_u += tl.load(up_rows[:, None] + h[None, :] * sg_h, mask=ok, other=0.0).to(tl.float32) * x
+    g = tl.sum(acc_g, axis=1)  # [BLOCK_N]
+    u = tl.sum(acc_u, axis=1)
+    act = g * tl.sigmoid(g) * u  # silu(g) * u in fp32
+    tl.store(inter_ptr + pair.to(tl.int64) * sm_p + n * sm_i, act.to(inter_ptr.dtype.element_ty), mask=n_ok)
+
+
+def _down_kernel(
+    inter_ptr, idx_ptr, w_ptr, down_ptr, out_ptr,
+    H, I, E, TOPK,
+    sm_p, sm_i,  # inter [T*k, I]
+    si_t, si_j,  # topk_index [T, k]
+    sw_t, sw_j,  # topk_weights [T, k]
+    sd_e, sd_n, sd_i,  # down [E, H, I]
+    so_t, so_h,  # out [T, H]
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+):
+    """out[t, n] = sum_j w[t, j] * down[e_j, n] . inter[t*k + j] for this row block (fp32 sum)."""
+    t = tl.program_id(0)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output columns
+    n_ok = n < H
+    steps = tl.cdiv(I, BLOCK_K)  # per expert
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    for s in tl.range(0, TOPK * steps, num_stages=STAGES):  # (expert slot j, step) flattened: one pipelined loop
+        j = s // steps
+        i = (s - j * steps) * BLOCK_K + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+        e = tl.load(idx_ptr + t * si_t + j * si_j)
+        valid = (e >= 0) & (e < E)
+        # where, not a multiply: a sentinel slot's weight may be anything (NaN included)
+        wt = tl.where(valid, tl.load(w_ptr + t * sw_t + j * sw_j).to(tl.float32), 0.0)
+        i_ok = i < tl.where(valid, I, 0)  # (not `& valid`: the interpreter makes that mask int32)
+        a = tl.load(inter_ptr + (t * TOPK + j).to(tl.int64) * sm_p + i * sm_i, mask=i_ok, other=0.0)
+        rows = down_ptr + tl.where(valid, e, 0).to(tl.int64) * sd_e + n * sd_n  # [BLOCK_N]
+        tile = tl.load(rows[:, None] + i[None, :] * sd_i, mask=n_ok[:, None] & i_ok[None, :], other=0.0)
+        acc += tile.to(tl.float32) * (a.to(tl.float32) * wt)[None, :]
+    y = tl.sum(acc, axis=1)  # [BLOCK_N]
+    tl.store(out_ptr + t.to(tl.int64) * so_t + n * so_h, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+# --------------------------------------------------------------------------- launch configs
+
+class Tile(NamedTuple):
+    """One kernel's launch: weight tile [block_n rows, block_k columns], warps, pipeline stages."""
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3  # the kernels' loop pipelining depth (tl.range), 1 = none
+
+
+# A GEMV is bound by the weight bytes in flight, not by maths. Per step a program loads a
+# [BLOCK_N, BLOCK_K] tile of TILE_ELEMS elements: at 4 warps that is 32 per thread, four 16-byte
+# loads in bf16 (kernel 1 loads two tiles: gate and up). The loops are software-pipelined
+# (tl.range num_stages: cp.async into shared memory; without it triton pipelines nothing here, as
+# no dot consumes the loads), so STAGES - 1 further steps are in flight: kernel 1 holds 16 KB of
+# tiles per step (34 KB of shared memory at 3 stages), kernel 2 8 KB (20 KB).
+TILE_ELEMS = 4096
+STAGES = 3
+# BLOCK_N: the largest of these that still gives >= PROGRAMS_PER_SM programs per SM, so the few
+# experts of a decode step are spread over every SM of an H100 (132 SMs): GLM-4.7-Flash at T = 1
+# (k = 4, I = 1536, H = 2048) gets BLOCK_N 16 -> 384 gate/up programs and 4 -> 512 down programs.
+# All are resident at once (AOT sm_90, triton 3.9: kernel 1 126 registers -> 4 programs per SM,
+# kernel 2 65 -> 7), so row blocks smaller than a wave's share only even out the SMs' loads. They
+# cost nothing extra: each program reads its own rows once; only the small x / inter row is read
+# again (from L2). Not measured on a GPU yet: bench/moe_experts.py sweeps tiles and stages.
+ROW_BLOCKS = (32, 16, 8, 4)
+PROGRAMS_PER_SM = 2
+
+
+def _tile(programs_per_row_block: int, rows: int, width: int, device: torch.device) -> Tile:
+    """Tile for a weight of `rows` x `width` (the reduced dim) read by that many programs per row block."""
+    target = PROGRAMS_PER_SM * num_sms(device)
+    block_n = next((bn for bn in ROW_BLOCKS if programs_per_row_block * cdiv(rows, bn) >= target), ROW_BLOCKS[-1])
+    block_n = min(block_n, max(ROW_BLOCKS[-1], next_pow2(rows)))
+    return Tile(block_n, min(TILE_ELEMS // block_n, max(16, next_pow2(width))), 4, STAGES)
+
+
+def default_tiles(T: int, k: int, H: int, I: int, device: torch.device) -> tuple[Tile, Tile]:
+    """(gate_up tile, down tile) for T tokens of top-k routing."""
+    return _tile(T * k, I, H, device), _tile(T, H, I, device)
+
+
+def sweep_tiles() -> list[Tile]:
+    """Candidates for either kernel (bench/moe_experts.py; each checked on a GPU by the tests):
+    every row block, the default tile size and twice it (at 8 warps: the same per thread), with
+    and without loop pipelining, and 2 / 4 stages at the default size."""
+    tiles = []
+    for bn in ROW_BLOCKS:
+        tiles += [Tile(bn, TILE_ELEMS // bn, 4, stages) for stages in (1, 2, 3, 4)]
+        tiles += [Tile(bn, 2 * TILE_ELEMS // bn, 8, stages) for stages in (1, 3)]
+    return tiles
+
+
+# --------------------------------------------------------------------------- host side
+
+_JIT: dict = {}
+
+
+def _launch(fn, grid, args: tuple, tile: Tile, like: torch.Tensor) -> None:
+    meta = {"BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "STAGES": tile.num_stages}
+    if interpreting(like):
+        launch_interpreted(fn, grid, *args, **meta)
+        return
+    if fn not in _JIT:
+        _JIT[fn] = triton.jit(fn)
+    _JIT[fn][grid](*args, **meta, num_warps=tile.num_warps)
+
+
+def _check(hidden, topk_index, topk_weights, gate_up, down) -> tuple[int, int, int, int, int]:
+    """-> (T, H, k, E, I); raises ValueError on shapes / dtypes the kernels do not take."""
+    T, H = hidden.shape
+    k = topk_index.shape[1]
+    E, two_i, h_gu = gate_up.shape
+    I = two_i // 2
+    if topk_index.shape != (T, k) or topk_weights.shape != (T, k) or h_gu != H or two_i != 2 * I \
+            or down.shape != (E, H, I):
+        raise ValueError(f"moe_experts: shapes hidden {tuple(hidden.shape)}, topk_index {tuple(topk_index.shape)}, "
+                         f"topk_weights {tuple(topk_weights.shape)}, gate_up {tuple(gate_up.shape)}, "
+                         f"down {tuple(down.shape)} (want [T,H], [T,k], [T,k], [E,2I,H], [E,H,I])")
+    if gate_up.dtype != hidden.dtype or down.dtype != hidden.dtype or topk_index.dtype.is_floating_point:
+        raise ValueError(f"moe_experts: gate_up / down must be in hidden's dtype {hidden.dtype} (got {gate_up.dtype}, "
+                         f"{down.dtype}), topk_index an integer tensor (got {topk_index.dtype})")
+    return T, H, k, E, I
+
+
+def moe_experts_triton(
+    hidden: torch.Tensor, topk_index: torch.Tensor, topk_weights: torch.Tensor, gate_up: torch.Tensor,
+    down: torch.Tensor, tiles: tuple[Tile, Tile] | None = None,
+) -> torch.Tensor:
+    """Triton path (CPU tensors run in the Triton interpreter) -> [T, H] in hidden's dtype.
+
+    tiles: (gate_up tile, down tile) to launch instead of default_tiles (bench/moe_experts.py)."""
+    T, H, k, E, I = _check(hidden, topk_index, topk_weights, gate_up, down)
+    out = new_output((T, H), hidden.dtype, hidden.device)
+    if T == 0 or k == 0 or I == 0 or H == 0:
+        return out.zero_()
+    inter = new_output((T * k, I), hidden.dtype, hidden.device)  # silu(g) * u, rounded like HF's
+    up_tile, down_tile = tiles or default_tiles(T, k, H, I, hidden.device)
+    _launch(_gate_up_kernel, (T * k, cdiv(I, up_tile.block_n)),
+            (hidden, topk_index, gate_up, inter, H, I, E, k,
+             *hidden.stride(), *topk_index.stride(), *gate_up.stride(), *inter.stride()), up_tile, hidden)
+    _launch(_down_kernel, (T, cdiv(H, down_tile.block_n)),
+            (inter, topk_index, topk_weights, down, out, H, I, E, k, *inter.stride(), *topk_index.stride(),
+             *topk_weights.stride(), *down.stride(), *out.stride()), down_tile, hidden)
+    return out
+
+
+def moe_experts(
+    hidden: torch.Tensor, topk_index: torch.Tensor, topk_weights: torch.Tensor, gate_up: torch.Tensor,
+    down: torch.Tensor, use_triton: bool | None = None,
+) -> torch.Tensor:
+    """Routed experts: hidden [T,H], topk_index [T,k] (outside [0, E): none), topk_weights [T,k],
+    gate_up [E,2I,H], down [E,H,I] -> [T,H] (see the module docstring). use_triton: see indexer_topk."""
+    if use_triton_for(hidden, use_triton):
+        return moe_experts_triton(hidden, topk_index, topk_weights, gate_up, down)
+    return moe_experts_ref(hidden, topk_index, topk_weights, gate_up, down)
+
+
+__all__ = ["moe_experts", "moe_experts_triton", "default_tiles", "Tile", "HAS_TRITON"]
