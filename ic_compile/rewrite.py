@@ -81,7 +81,7 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 def rewrite(gm: fx.GraphModule, plan=None, *, strict: bool = False, kernels: bool = False,
             sparse_attention: bool = True, indexer_mask: str = "ranges", indexer_precision: str = "bf16",
-            layout: FrameLayout | None = None, lowering: str = "inductor") -> RewriteResult:
+            layout: FrameLayout | None = None, lowering: str = "inductor", example_inputs=None) -> RewriteResult:
     """kernels=True also lowers each F indexer to the fused `ic::indexer_topk` op and the
     scatter-to-mask + dense SDPA it feeds to `ic::sparse_attention` (unless sparse_attention=False).
     indexer_mask: how the model's mask reaches that op, "ranges" (per-query key ranges), "dense",
@@ -91,9 +91,13 @@ def rewrite(gm: fx.GraphModule, plan=None, *, strict: bool = False, kernels: boo
     layout (the backend's): where this graph's frame sits in the whole model. When the graph holds
     only some of the model's indexers (graph breaks), it is bound as a fragment: S layers whose F
     source is elsewhere read its top-k from the index store, F layers that later fragments read
-    write it there (`result.fragment`; the caller wraps the compiled graph with `with_store`)."""
+    write it there (`result.fragment`; the caller wraps the compiled graph with `with_store`).
+    example_inputs (the backend's, one per placeholder): with kernels=True, a few-token MoE experts
+    module is replaced by `ic::moe_experts` only after both ran on the same random routings with these
+    weights (`passes.lower_moe_experts`); without them it is left alone."""
     ctx = PassContext(plan_spec=plan, layout=layout, kernels=kernels, sparse_attention=sparse_attention,
-                      indexer_mask=indexer_mask, lowering=lowering, indexer_precision=indexer_precision)
+                      indexer_mask=indexer_mask, lowering=lowering, indexer_precision=indexer_precision,
+                      input_values=_by_placeholder(gm, example_inputs))
     work = run_passes(copy_graph_module(gm), ctx, pipeline(ctx))
     result = RewriteResult(gm, gm, ctx.detection, ctx.plan, layout=layout, counters=ctx.counters)
     if ctx.stopped:
@@ -108,6 +112,13 @@ def rewrite(gm: fx.GraphModule, plan=None, *, strict: bool = False, kernels: boo
                                                                        ctx.report)
     result.removed = _removed_nodes(gm, ctx, work)
     return result
+
+
+def _by_placeholder(gm: fx.GraphModule, example_inputs) -> dict | None:
+    if example_inputs is None:
+        return None
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    return dict(zip(placeholders, example_inputs))
 
 
 def _removed_nodes(before: fx.GraphModule, ctx: PassContext, after: fx.GraphModule) -> list[RemovedNode]:

@@ -106,9 +106,11 @@ def is_parameter(node: fx.Node) -> bool:
 def module_path(node: fx.Node) -> str:
     """Innermost module path from Dynamo's nn_module_stack, e.g. 'model.layers.3.self_attn.indexer'."""
     stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
+    return stack_path(list(stack.values())[-1][0]) if stack else ""
+
+
+def stack_path(path) -> str:
+    """An nn_module_stack entry's path as a module path: "L['self'].layers[3]" -> 'layers.3'."""
     path = re.sub(r"^L\['self'\]\.?", "", str(path))
     path = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", path)  # layers[3] -> layers.3
     path = re.sub(r"\._modules\.", ".", path)

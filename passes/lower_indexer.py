@@ -38,6 +38,8 @@ class LoweringReport:
     attention_lowered: int = 0  # SDPA calls now running a sparse-attention op
     attention_absorbed: int = 0  # of those, in the absorbed MLA form (ic::sparse_mla)
     indexer_mask: str | None = None  # how the lowered indexers get the mask: "ranges" | "dense"
+    moe_lowered: list[str] = field(default_factory=list)  # experts modules now calling ic::moe_experts
+    moe_skipped: dict[str, str] = field(default_factory=dict)  # experts-like module -> why it was left alone
 
 
 @dataclass

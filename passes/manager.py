@@ -54,11 +54,12 @@ class PassContext:
     """What the passes share. The first block is the caller's request; passes fill the rest."""
     plan_spec: Any = None  # the plan as given ("FSSF", LayerPlan, dict, path; None: all F); bind_plan coerces it
     layout: FrameLayout | None = None  # where the graph's frame sits in the model (backend only)
-    kernels: bool = False  # include lower_indexer (+ lower_sparse_attention) in the pipeline
+    kernels: bool = False  # include lower_indexer (+ lower_sparse_attention, lower_moe_experts) in the pipeline
     sparse_attention: bool = True
     indexer_mask: str = "ranges"  # as asked: "auto" | "ranges" | "dense"; lower_indexer decides "auto"
     lowering: str = "inductor"  # what compiles the graph afterwards (indexer_mask="auto" depends on it)
     indexer_precision: str = "bf16"
+    input_values: dict[str, Any] | None = None  # placeholder name -> the graph's example input (backend only)
 
     detection: Detection | None = None  # detect
     stopped: str = ""  # set by a pass that leaves the graph unchanged: why; the pipeline ends there
@@ -98,12 +99,14 @@ def pipeline(ctx: PassContext) -> list[Pass]:
     from .eliminate_dead_code import eliminate_dead_code
     from .forward_indices import forward_indices
     from .lower_indexer import lower_indexer
+    from .lower_moe_experts import lower_moe_experts
     from .lower_sparse_attention import lower_sparse_attention
 
     passes = [eliminate_dead_code, detect, bind_plan, connect_index_store, forward_indices, eliminate_dead_code,
               drop_shared_key_cache]
     if ctx.kernels:
-        passes += [lower_indexer, *([lower_sparse_attention] if ctx.sparse_attention else []), eliminate_dead_code]
+        passes += [lower_indexer, *([lower_sparse_attention] if ctx.sparse_attention else []), lower_moe_experts,
+                   eliminate_dead_code]
     return passes
 
 
