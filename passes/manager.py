@@ -54,7 +54,7 @@ class PassContext:
     """What the passes share. The first block is the caller's request; passes fill the rest."""
     plan_spec: Any = None  # the plan as given ("FSSF", LayerPlan, dict, path; None: all F); bind_plan coerces it
     layout: FrameLayout | None = None  # where the graph's frame sits in the model (backend only)
-    kernels: bool = False  # include lower_indexer (+ lower_sparse_attention, lower_moe_experts) in the pipeline
+    kernels: bool = False  # include lower_indexer (+ lower_sparse_attention, lower_moe_experts, drop_trivial_topk)
     sparse_attention: bool = True
     indexer_mask: str = "ranges"  # as asked: "auto" | "ranges" | "dense"; lower_indexer decides "auto"
     lowering: str = "inductor"  # what compiles the graph afterwards (indexer_mask="auto" depends on it)
@@ -96,6 +96,7 @@ def pipeline(ctx: PassContext) -> list[Pass]:
     from .connect_index_store import connect_index_store
     from .detect_indexers import detect
     from .drop_shared_key_cache import drop_shared_key_cache
+    from .drop_trivial_topk import drop_trivial_topk
     from .eliminate_dead_code import eliminate_dead_code
     from .forward_indices import forward_indices
     from .lower_indexer import lower_indexer
@@ -106,7 +107,7 @@ def pipeline(ctx: PassContext) -> list[Pass]:
               drop_shared_key_cache]
     if ctx.kernels:
         passes += [lower_indexer, *([lower_sparse_attention] if ctx.sparse_attention else []), lower_moe_experts,
-                   eliminate_dead_code]
+                   drop_trivial_topk, eliminate_dead_code]
     return passes
 
 

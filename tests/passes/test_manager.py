@@ -25,9 +25,9 @@ def test_pipeline_order_and_the_kernel_passes_only_when_asked():
                     "eliminate_dead_code", "drop_shared_key_cache"]
     assert names(pipeline(PassContext())) == rewrite_only
     assert names(pipeline(PassContext(kernels=True))) == rewrite_only + [
-        "lower_indexer", "lower_sparse_attention", "lower_moe_experts", "eliminate_dead_code"]
+        "lower_indexer", "lower_sparse_attention", "lower_moe_experts", "drop_trivial_topk", "eliminate_dead_code"]
     assert names(pipeline(PassContext(kernels=True, sparse_attention=False))) == rewrite_only + [
-        "lower_indexer", "lower_moe_experts", "eliminate_dead_code"]
+        "lower_indexer", "lower_moe_experts", "drop_trivial_topk", "eliminate_dead_code"]
 
 
 def test_one_info_line_per_pass_and_the_graph_at_debug(caplog):
