@@ -19,7 +19,9 @@ Inductor lowering.
     backend binds each layer's frame as a fragment; S layers read their F layer's top-k from the index
     store). Dynamo traces 47 small frames instead of one large one and Inductor's cache serves the
     identical ones: a shorter first call (2.1× on CPU at 32 layers, bench/regional_compile.py), at the
-    price of Python between layers. Rows say which ("regional": true).
+    price of Python between layers. Rows say which ("regional": true). Not at 200K: HF builds the
+    causal mask eagerly outside the layers, a [L, L] bool (37.25 GiB at 200K, out of memory on an
+    H100), which the whole-model graph never materialises.
 Rows are merged into the results file by (part, L, plan, layers, regional), so the parts can run in
 separate calls.
 The bf16 limit of a prefill = its counted FLOPs (bench/prefill.py's work_flops) / the in-run matmul peak.
