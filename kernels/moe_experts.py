@@ -133,11 +133,11 @@ STAGES = 3
 # BLOCK_N: the largest of these that still gives >= PROGRAMS_PER_SM programs per SM, so the few
 # experts of a decode step are spread over every SM of an H100 (132 SMs): GLM-4.7-Flash at T = 1
 # (k = 4, I = 1536, H = 2048) gets BLOCK_N 16 -> 384 gate/up programs and 4 -> 512 down programs.
-# All are resident at once (AOT sm_90, triton 3.9: kernel 1 126 registers -> 4 programs per SM,
-# kernel 2 65 -> 7), so row blocks smaller than a wave's share only even out the SMs' loads. They
-# cost nothing extra: each program reads its own rows once; only the small x / inter row is read
-# again (from L2). Not measured on a GPU yet: bench/moe_experts.py sweeps tiles and stages.
-ROW_BLOCKS = (32, 16, 8, 4)
+# All are resident at once (AOT sm_90: kernel 1 126 registers -> 4 programs per SM, kernel 2 65 -> 7).
+# Measured (bench/moe_experts.py --sweep, H100): at T = 1 these tiles are within 0.1 us of the
+# fastest (30.5 us for the op); 32-row tiles were the slowest of every sweep (T = 4 gate/up: 98 vs
+# 93 us at 16 rows and fewer), so 16 rows is the most: a taller tile only shortens each row's run.
+ROW_BLOCKS = (16, 8, 4)
 PROGRAMS_PER_SM = 2
 
 

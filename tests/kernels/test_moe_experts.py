@@ -184,7 +184,7 @@ def test_default_tiles_for_hopper(monkeypatch):
     monkeypatch.setattr(moe_mod, "num_sms", lambda device: 132)
     cpu = torch.device("cpu")
     assert default_tiles(1, 4, 2048, 1536, cpu) == (Tile(16, 256), Tile(4, 1024))
-    assert default_tiles(8, 4, 2048, 1536, cpu) == (Tile(32, 128), Tile(32, 128))
+    assert default_tiles(8, 4, 2048, 1536, cpu) == (Tile(16, 256), Tile(16, 256))
     assert default_tiles(1, 4, 96, 80, cpu) == (Tile(4, 128), Tile(4, 128))  # tiny: rows stay >= 4
 
 
