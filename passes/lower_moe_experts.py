@@ -11,7 +11,8 @@ traced under one module (nn_module_stack) that read two 3-D parameters gate_up [
 [T,k] -- and give one [T,H] tensor back. Before it is replaced, the region runs on random tokens and
 routings with the module's real weights next to the op: only a region that computes
     out[t] = sum_j w[t,j] * down[e] @ (silu(g) * u),   (g, u) = (gate_up[e] @ x[t]).chunk(2),  e = ids[t,j]
-is replaced. A region that does not (another activation, interleaved gate/up rows, a transposed
+is replaced. The tokens are drawn at an ordinary and at a large scale, so that a cap on the gate or up
+values shows. A region that does not (another activation, interleaved gate/up rows, a transposed
 layout, a cap or a bias), a symbolic token count, or more than _MAX_TOKENS tokens is left as it is, with
 the reason in ctx.report.moe_skipped: the answer is the model's either way.
 """
@@ -36,6 +37,9 @@ log = logging.getLogger("ic_compile.passes")
 # the grouped GEMM reads each once: the op wins only where tokens are few (decode).
 _MAX_TOKENS = 4
 _CHECK_SEED = 0
+# Token scales of the check: ordinary activations, and large ones, at which a cap on the gate or up
+# values (DeepSeek-V4's swiglu_limit, gpt-oss's clamp) takes effect and tells the region from the op.
+_CHECK_SCALES = (1.0, 1000.0)
 
 
 @dataclass
@@ -152,39 +156,47 @@ def _unsupported(region: ExpertsRegion) -> str:
 
 
 def _differs(region: ExpertsRegion, input_values: dict[str, Any] | None) -> str:
-    """Run the region and the op on the same random tokens and routings, with the real weights:
-    '' when they agree, else why not."""
+    """Run the region and the op on the same random tokens and routings, with the real weights, at
+    each of _CHECK_SCALES: '' when they agree, else why not."""
     values = input_values or {}
     gate_up, down = values.get(region.gate_up.name), values.get(region.down.name)
     if not _real(gate_up) or not _real(down):
         return "the expert weights' values are not known at compile time: the region cannot be checked"
     generator = torch.Generator(device=gate_up.device).manual_seed(_CHECK_SEED)
-    hidden, ids, weights = _random_inputs(region, gate_up, generator)
-    try:
-        with torch.no_grad():
-            expected = _region_module(region)(hidden, ids, weights, gate_up, down)
-            actual = lowered_moe_experts(hidden, ids, weights, gate_up, down)
-    except Exception as error:  # the region ran fine in the model; here it met other data
-        return f"the region could not be checked ({type(error).__name__}: {error})"
-    expected = expected.reshape(actual.shape).float()
-    tolerance = 1e-4 if expected.dtype == torch.float32 and hidden.dtype == torch.float32 else 2e-2
-    error = (actual.float() - expected).abs().max().item()
-    scale = expected.abs().max().item()
-    if not error <= tolerance * max(scale, 1e-6):
-        return f"computes another function (max |difference| {error:.3g} vs output scale {scale:.3g})"
+    module = _region_module(region)
+    for scale in _CHECK_SCALES:
+        hidden, ids, weights = _random_inputs(region, gate_up, generator, scale)
+        try:
+            with torch.no_grad():
+                expected = module(hidden, ids, weights, gate_up, down)
+                actual = lowered_moe_experts(hidden, ids, weights, gate_up, down)
+        except Exception as error:  # the region ran fine in the model; here it met other data
+            return f"the region could not be checked ({type(error).__name__}: {error})"
+        why = _mismatch(expected.reshape(actual.shape), actual, hidden.dtype)
+        if why:
+            return f"computes another function ({why} with tokens of scale {scale:g})"
     return ""
+
+
+def _mismatch(expected: torch.Tensor, actual: torch.Tensor, dtype: torch.dtype) -> str:
+    tolerance = 1e-4 if dtype == torch.float32 and expected.dtype == torch.float32 else 2e-2
+    error = (actual.float() - expected.float()).abs().max().item()
+    scale = expected.float().abs().max().item()
+    if error <= tolerance * max(scale, 1e-6):
+        return ""
+    return f"max |difference| {error:.3g} vs output scale {scale:.3g}"
 
 
 def _real(value) -> bool:
     return isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor)
 
 
-def _random_inputs(region: ExpertsRegion, gate_up: torch.Tensor, generator: torch.Generator):
-    """Tokens ~ N(0,1), each routed to k distinct experts with positive weights, shaped as traced."""
+def _random_inputs(region: ExpertsRegion, gate_up: torch.Tensor, generator: torch.Generator, scale: float):
+    """Tokens ~ N(0, scale²), each routed to k distinct experts with positive weights, shaped as traced."""
     hidden, ids, weights = (example_value(n) for n in (region.hidden, region.ids, region.weights))
     device, experts, k = gate_up.device, gate_up.shape[0], ids.shape[-1]
     tokens = hidden.numel() // hidden.shape[-1]
-    x = torch.randn(hidden.shape, generator=generator, device=device).to(hidden.dtype)
+    x = (scale * torch.randn(hidden.shape, generator=generator, device=device)).to(hidden.dtype)
     order = torch.rand((tokens, experts), generator=generator, device=device).argsort(-1)[:, :k]
     w = torch.rand((tokens, k), generator=generator, device=device) + 0.1
     return x, order.to(ids.dtype).reshape(ids.shape), w.to(weights.dtype).reshape(weights.shape)
