@@ -5,7 +5,8 @@ topk_weights [T,k] (fp32 or hidden's dtype), gate_up [E,2I,H], down [E,H,I] (hid
 
     out[t] = sum_j w[t,j] * down[e] @ (silu(g) * u),   (g, u) = (gate_up[e] @ hidden[t]).chunk(2),
     e = topk_index[t,j]; an index outside [0, E) (HF's sentinel E, expert-parallel engines' -1)
-    contributes nothing.
+    contributes nothing. swiglu_limit L (DeepSeek-V4's experts): g capped at L and u clamped to
+    [-L, L] before silu(g) * u.
 
 HF's grouped_mm path sorts the T*k (token, expert) pairs, histograms them and runs two grouped
 GEMMs: at T = 1 that is ~61 us per layer on an H100 for ~25 us of weight reads (4 experts of
@@ -47,14 +48,15 @@ from .reference import moe_experts_ref
 
 def _gate_up_kernel(
     x_ptr, idx_ptr, gu_ptr, inter_ptr,
-    H, I, E, TOPK,
+    H, I, E, TOPK, LIMIT,
     sx_t, sx_h,  # hidden [T, H]
     si_t, si_j,  # topk_index [T, k]
     sg_e, sg_n, sg_h,  # gate_up [E, 2I, H]
     sm_p, sm_i,  # inter [T*k, I]
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, CLAMP: tl.constexpr,
 ):
-    """inter[p, n] = silu(gate_up[e, n] . x[t]) * (gate_up[e, I + n] . x[t]) for this row block."""
+    """inter[p, n] = silu(gate_up[e, n] . x[t]) * (gate_up[e, I + n] . x[t]) for this row block
+    (CLAMP: the gate capped at LIMIT, the up value clamped to [-LIMIT, LIMIT] first)."""
     pair = tl.program_id(0)  # t * k + j
     t = pair // TOPK
     e = tl.load(idx_ptr + t * si_t + (pair % TOPK) * si_j)
@@ -76,6 +78,9 @@ def _gate_up_kernel(
         acc_u += tl.load(up_rows[:, None] + h[None, :] * sg_h, mask=ok, other=0.0).to(tl.float32) * x
     g = tl.sum(acc_g, axis=1)  # [BLOCK_N]
     u = tl.sum(acc_u, axis=1)
+    if CLAMP:
+        g = tl.minimum(g, LIMIT)
+        u = tl.minimum(tl.maximum(u, -LIMIT), LIMIT)
     act = g * tl.sigmoid(g) * u  # silu(g) * u in fp32
     tl.store(inter_ptr + pair.to(tl.int64) * sm_p + n * sm_i, act.to(inter_ptr.dtype.element_ty), mask=n_ok)
 
@@ -170,8 +175,8 @@ def sweep_tiles() -> list[Tile]:
 _JIT: dict = {}
 
 
-def _launch(fn, grid, args: tuple, tile: Tile, like: torch.Tensor) -> None:
-    meta = {"BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "STAGES": tile.num_stages}
+def _launch(fn, grid, args: tuple, tile: Tile, like: torch.Tensor, **constexprs) -> None:
+    meta = {"BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "STAGES": tile.num_stages, **constexprs}
     if interpreting(like):
         launch_interpreted(fn, grid, *args, **meta)
         return
@@ -199,7 +204,7 @@ def _check(hidden, topk_index, topk_weights, gate_up, down) -> tuple[int, int, i
 
 def moe_experts_triton(
     hidden: torch.Tensor, topk_index: torch.Tensor, topk_weights: torch.Tensor, gate_up: torch.Tensor,
-    down: torch.Tensor, tiles: tuple[Tile, Tile] | None = None,
+    down: torch.Tensor, tiles: tuple[Tile, Tile] | None = None, swiglu_limit: float | None = None,
 ) -> torch.Tensor:
     """Triton path (CPU tensors run in the Triton interpreter) -> [T, H] in hidden's dtype.
 
@@ -211,8 +216,9 @@ def moe_experts_triton(
     inter = new_output((T * k, I), hidden.dtype, hidden.device)  # silu(g) * u, rounded like HF's
     up_tile, down_tile = tiles or default_tiles(T, k, H, I, hidden.device)
     _launch(_gate_up_kernel, (T * k, cdiv(I, up_tile.block_n)),
-            (hidden, topk_index, gate_up, inter, H, I, E, k,
-             *hidden.stride(), *topk_index.stride(), *gate_up.stride(), *inter.stride()), up_tile, hidden)
+            (hidden, topk_index, gate_up, inter, H, I, E, k, float(swiglu_limit or 0.0),
+             *hidden.stride(), *topk_index.stride(), *gate_up.stride(), *inter.stride()), up_tile, hidden,
+            CLAMP=swiglu_limit is not None)
     _launch(_down_kernel, (T, cdiv(H, down_tile.block_n)),
             (inter, topk_index, topk_weights, down, out, H, I, E, k, *inter.stride(), *topk_index.stride(),
              *topk_weights.stride(), *down.stride(), *out.stride()), down_tile, hidden)
@@ -221,13 +227,14 @@ def moe_experts_triton(
 
 def moe_experts(
     hidden: torch.Tensor, topk_index: torch.Tensor, topk_weights: torch.Tensor, gate_up: torch.Tensor,
-    down: torch.Tensor, use_triton: bool | None = None,
+    down: torch.Tensor, use_triton: bool | None = None, swiglu_limit: float | None = None,
 ) -> torch.Tensor:
     """Routed experts: hidden [T,H], topk_index [T,k] (outside [0, E): none), topk_weights [T,k],
-    gate_up [E,2I,H], down [E,H,I] -> [T,H] (see the module docstring). use_triton: see indexer_topk."""
+    gate_up [E,2I,H], down [E,H,I] -> [T,H] (see the module docstring); swiglu_limit L: gate capped
+    at L, up clamped to [-L, L] before silu(gate) * up (DeepSeek-V4). use_triton: see indexer_topk."""
     if use_triton_for(hidden, use_triton):
-        return moe_experts_triton(hidden, topk_index, topk_weights, gate_up, down)
-    return moe_experts_ref(hidden, topk_index, topk_weights, gate_up, down)
+        return moe_experts_triton(hidden, topk_index, topk_weights, gate_up, down, swiglu_limit=swiglu_limit)
+    return moe_experts_ref(hidden, topk_index, topk_weights, gate_up, down, swiglu_limit)
 
 
 __all__ = ["moe_experts", "moe_experts_triton", "default_tiles", "Tile", "HAS_TRITON"]

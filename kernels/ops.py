@@ -47,7 +47,8 @@ _INDEXER_TOPK_SCHEMA = ("(Tensor q, Tensor k, Tensor w, SymInt topk, Tensor? mas
 _SPARSE_ATTENTION_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, bool causal=True) -> Tensor"
 _SPARSE_MLA_SCHEMA = ("(Tensor q, Tensor kv, Tensor indices, float scale, int dv, bool causal=True, "
                       "Tensor? rope=None, Tensor? q_rope=None) -> Tensor")
-_MOE_EXPERTS_SCHEMA = "(Tensor hidden, Tensor topk_index, Tensor topk_weights, Tensor gate_up, Tensor down) -> Tensor"
+_MOE_EXPERTS_SCHEMA = ("(Tensor hidden, Tensor topk_index, Tensor topk_weights, Tensor gate_up, Tensor down, "
+                       "float? swiglu_limit=None) -> Tensor")
 
 
 @torch.library.custom_op(f"{NAMESPACE}::indexer_topk", mutates_args=(), schema=_INDEXER_TOPK_SCHEMA)
@@ -123,15 +124,16 @@ def _(q, kv, indices, scale, dv, causal=True, rope=None, q_rope=None):
 
 
 @torch.library.custom_op(f"{NAMESPACE}::moe_experts", mutates_args=(), schema=_MOE_EXPERTS_SCHEMA)
-def moe_experts(hidden, topk_index, topk_weights, gate_up, down):
+def moe_experts(hidden, topk_index, topk_weights, gate_up, down, swiglu_limit=None):
     """hidden [T,H], topk_index [T,k] (int; outside [0, E): no expert), topk_weights [T,k],
     gate_up [E,2I,H], down [E,H,I] -> [T,H]: sum_j w[t,j] * down[e] @ (silu(g) * u), (g, u) =
-    (gate_up[e] @ hidden[t]).chunk(2). For decode-sized T (each token reads its experts' weights)."""
-    return _moe_experts(hidden, topk_index, topk_weights, gate_up, down)
+    (gate_up[e] @ hidden[t]).chunk(2); swiglu_limit L: g capped at L, u clamped to [-L, L] first
+    (DeepSeek-V4). For decode-sized T (each token reads its experts' weights)."""
+    return _moe_experts(hidden, topk_index, topk_weights, gate_up, down, swiglu_limit=swiglu_limit)
 
 
 @moe_experts.register_fake
-def _(hidden, topk_index, topk_weights, gate_up, down):
+def _(hidden, topk_index, topk_weights, gate_up, down, swiglu_limit=None):
     return hidden.new_empty(hidden.shape)
 
 

@@ -239,6 +239,7 @@ def moe_experts_ref(
     topk_weights: torch.Tensor,
     gate_up: torch.Tensor,
     down: torch.Tensor,
+    swiglu_limit: float | None = None,
 ) -> torch.Tensor:
     """Routed MoE experts (HF's GlmMoeDsaExperts.forward). Returns [T,H] in hidden's dtype.
 
@@ -246,6 +247,7 @@ def moe_experts_ref(
     parallelism's -1 -- contributes nothing), topk_weights [T,k], gate_up [E,2I,H] (gate rows
     first, then up rows), down [E,H,I]:
         out[t] = sum_j w[t,j] * down[e] @ (silu(g) * u),  (g, u) = (gate_up[e] @ hidden[t]).chunk(2).
+    swiglu_limit L (DeepSeek-V4's experts): g capped at L and u clamped to [-L, L] first.
     Rounding: fp32 maths; silu(g) * u is rounded to hidden's dtype (as HF's, whose g and u are
     rounded too), then the down projection, weighting and sum over j in fp32, rounded once at the
     end (HF's grouped_mm path also rounds each expert's down output before weighting it).
@@ -257,6 +259,8 @@ def moe_experts_ref(
     for e in torch.unique(topk_index[valid]).tolist():
         tok, slot = torch.where(topk_index == e)
         g, u = (hidden[tok].float() @ gate_up[e].float().T).chunk(2, dim=-1)  # [n, I] each
+        if swiglu_limit is not None:
+            g, u = g.clamp(max=swiglu_limit), u.clamp(min=-swiglu_limit, max=swiglu_limit)
         act = (torch.nn.functional.silu(g) * u).to(hidden.dtype).float()
         y = act @ down[e].float().T  # [n, H]
         out.index_add_(0, tok, y * topk_weights[tok, slot, None].float())

@@ -11,9 +11,10 @@ traced under one module (nn_module_stack) that read two 3-D parameters gate_up [
 [T,k] -- and give one [T,H] tensor back. Before it is replaced, the region runs on random tokens and
 routings with the module's real weights next to the op: only a region that computes
     out[t] = sum_j w[t,j] * down[e] @ (silu(g) * u),   (g, u) = (gate_up[e] @ x[t]).chunk(2),  e = ids[t,j]
-is replaced. The tokens are drawn at an ordinary and at a large scale, so that a cap on the gate or up
+(with g capped at L and u clamped to [-L, L] first when the module's clamps all use one bound L:
+DeepSeek-V4's swiglu_limit) is replaced. The tokens are drawn at an ordinary and at a large scale, so that a cap on the gate or up
 values shows. A region that does not (another activation, interleaved gate/up rows, a transposed
-layout, a cap or a bias), a symbolic token count, or more than _MAX_TOKENS tokens is left as it is, with
+layout, another cap, a bias), a symbolic token count, or more than _MAX_TOKENS tokens is left as it is, with
 the reason in ctx.report.moe_skipped: the answer is the model's either way.
 """
 
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import fx
 
-from .graph_ops import example_value, is_parameter, shape_of, stack_path, tensor_args, writes_in_place
+from .graph_ops import example_value, is_parameter, op_name, shape_of, stack_path, tensor_args, writes_in_place
 
 if TYPE_CHECKING:
     from .manager import PassContext
@@ -40,6 +41,7 @@ _CHECK_SEED = 0
 # Token scales of the check: ordinary activations, and large ones, at which a cap on the gate or up
 # values (DeepSeek-V4's swiglu_limit, gpt-oss's clamp) takes effect and tells the region from the op.
 _CHECK_SCALES = (1.0, 1000.0)
+_CLAMPS = {"clamp", "clamp_min", "clamp_max"}
 
 
 @dataclass
@@ -52,6 +54,7 @@ class ExpertsRegion:
     gate_up: fx.Node  # [E,2I,H] parameter
     down: fx.Node  # [E,H,I] parameter
     output: fx.Node  # the one node read outside the module, T*H elements
+    swiglu_limit: float | None = None  # the one constant the module clamps with (DeepSeek-V4), if any
 
 
 def lower_moe_experts(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -73,10 +76,11 @@ def lower_moe_experts(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     return gm
 
 
-def lowered_moe_experts(hidden, ids, weights, gate_up, down):
+def lowered_moe_experts(hidden, ids, weights, gate_up, down, swiglu_limit=None):
     """hidden [.., H] with T*H elements, ids / weights [.., k] with T*k -> [T,H] in hidden's dtype."""
     H, k = hidden.shape[-1], ids.shape[-1]
-    return torch.ops.ic.moe_experts(hidden.reshape(-1, H), ids.reshape(-1, k), weights.reshape(-1, k), gate_up, down)
+    return torch.ops.ic.moe_experts(hidden.reshape(-1, H), ids.reshape(-1, k), weights.reshape(-1, k), gate_up, down,
+                                    swiglu_limit)
 
 
 def _modules_with_expert_weights(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
@@ -119,7 +123,16 @@ def _region(key: str, nodes: list[fx.Node]) -> ExpertsRegion | str:
     roles = _roles(params, activations)
     if isinstance(roles, str):
         return roles
-    return ExpertsRegion(_path(key, nodes), nodes, *roles, output=outputs[0])
+    return ExpertsRegion(_path(key, nodes), nodes, *roles, output=outputs[0], swiglu_limit=_clamp_bound(nodes))
+
+
+def _clamp_bound(nodes: list[fx.Node]) -> float | None:
+    """The one bound the module's clamps use, up to sign (DeepSeek-V4: gate.clamp(max=L), up.clamp(-L, L)),
+    as the op's swiglu_limit; None without clamps or with several bounds (the check then decides)."""
+    bounds = {abs(float(value)) for node in nodes if op_name(node) in _CLAMPS
+              for value in (*node.args[1:], *node.kwargs.values())
+              if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    return bounds.pop() if len(bounds) == 1 else None
 
 
 def _roles(params: list[fx.Node], activations: list[fx.Node]) -> tuple | str:
@@ -169,7 +182,7 @@ def _differs(region: ExpertsRegion, input_values: dict[str, Any] | None) -> str:
         try:
             with torch.no_grad():
                 expected = module(hidden, ids, weights, gate_up, down)
-                actual = lowered_moe_experts(hidden, ids, weights, gate_up, down)
+                actual = lowered_moe_experts(hidden, ids, weights, gate_up, down, region.swiglu_limit)
         except Exception as error:  # the region ran fine in the model; here it met other data
             return f"the region could not be checked ({type(error).__name__}: {error})"
         why = _mismatch(expected.reshape(actual.shape), actual, hidden.dtype)
@@ -217,7 +230,7 @@ def _replace(gm: fx.GraphModule, region: ExpertsRegion) -> None:
     out = region.output
     with gm.graph.inserting_before(out):
         fused = gm.graph.call_function(lowered_moe_experts, (region.hidden, region.ids, region.weights,
-                                                              region.gate_up, region.down))
+                                                              region.gate_up, region.down, region.swiglu_limit))
         shaped = gm.graph.call_method("view", (fused, tuple(example_value(out).shape)))
         typed = gm.graph.call_method("to", (shaped, example_value(out).dtype))
     for new in (fused, shaped, typed):

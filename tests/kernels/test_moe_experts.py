@@ -18,7 +18,7 @@ from marks import needs_cuda, needs_triton
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 E, H, I = 6, 96, 80  # non-powers of two: row and column tails in both kernels
 SCHEMA = ("ic::moe_experts(Tensor hidden, Tensor topk_index, Tensor topk_weights, Tensor gate_up, "
-          "Tensor down) -> Tensor")
+          "Tensor down, float? swiglu_limit=None) -> Tensor")
 
 
 @pytest.fixture(autouse=True)
@@ -101,6 +101,34 @@ def test_reference_matches_hf(impl, dtype, request):
         want = module(x, idx, w)
     got = moe_experts_ref(x, idx, w, module.gate_up_proj.detach(), module.down_proj.detach())
     _assert_close(got, want, dtype, seed, impl)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_reference_matches_hf_deepseek_v4(dtype, request):
+    """swiglu_limit: HF's DeepseekV4Experts (gate capped, up clamped) at activations large enough
+    for the cap to bite (without the limit the reference then differs)."""
+    from transformers import DeepseekV4Config
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Experts
+
+    seed = seed_everything(request.node.name)
+    T, k, limit = 5, 4, 0.5
+    config = DeepseekV4Config(hidden_size=H, intermediate_size=I, n_routed_experts=E, num_experts_per_tok=k,
+                              swiglu_limit=limit)
+    config._experts_implementation = "eager"
+    module = DeepseekV4Experts(config)
+    gate_up, down = _weights(E, H, I, torch.float32)
+    with torch.no_grad():
+        module.gate_up_proj.copy_(gate_up)
+        module.down_proj.copy_(down)
+    module = module.to(dtype)
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    w = _topk_weights(idx, E, torch.float32)
+    x = (4 * torch.randn(T, H)).to(dtype)
+    with torch.no_grad():
+        want = module(x, idx, w)
+    weights = (module.gate_up_proj.detach(), module.down_proj.detach())
+    _assert_close(moe_experts_ref(x, idx, w, *weights, swiglu_limit=limit), want, dtype, seed)
+    assert not torch.allclose(moe_experts_ref(x, idx, w, *weights).float(), want.float(), **TOL[dtype])
 
 
 def test_reference_ignores_out_of_range_experts():
@@ -188,6 +216,19 @@ def test_default_tiles_for_hopper(monkeypatch):
     assert default_tiles(1, 4, 96, 80, cpu) == (Tile(4, 128), Tile(4, 128))  # tiny: rows stay >= 4
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_swiglu_limit(dtype, request):
+    """The cap inside the gate/up kernel, at activations where it bites."""
+    seed = seed_everything(request.node.name)
+    gate_up, down = _weights(E, H, I, dtype)
+    idx = _routing(3, 4, E)
+    w = _topk_weights(idx, E, torch.float32)
+    x = (4 * torch.randn(3, H)).to(dtype)
+    want = moe_experts_ref(x, idx, w, gate_up, down, swiglu_limit=0.5)
+    _assert_close(moe_experts(x, idx, w, gate_up, down, use_triton=True, swiglu_limit=0.5), want, dtype, seed)
+
+
 # ----------------------------------------------------------------------------- the custom op
 
 def test_schema():
@@ -199,8 +240,9 @@ def test_opcheck(idx_dtype, request):
     seed_everything(request.node.name)
     gate_up, down = _weights(E, H, I, torch.float32)
     idx = _routing(3, 4, E, idx_dtype)
-    torch.library.opcheck(torch.ops.ic.moe_experts.default,
-                          (torch.randn(3, H), idx, _topk_weights(idx, E, torch.float32), gate_up, down))
+    args = (torch.randn(3, H), idx, _topk_weights(idx, E, torch.float32), gate_up, down)
+    torch.library.opcheck(torch.ops.ic.moe_experts.default, args)
+    torch.library.opcheck(torch.ops.ic.moe_experts.default, args, {"swiglu_limit": 0.5})
 
 
 @needs_triton

@@ -335,9 +335,9 @@ def test_topk_select_sorted_compiles_for_sm90():
 GLM_MOE = dict(E=64, H=2048, I=1536, k=4)  # GLM-4.7-Flash's routed experts
 
 
-def _compile_moe(which: str, tile, arch=90):
+def _compile_moe(which: str, tile, arch=90, clamp=False):
     """Kernel `which` ("gate_up" / "down") of kernels/moe_experts.py at the GLM shape, bf16, int64
-    indices, fp32 router weights, contiguous tensors."""
+    indices, fp32 router weights, contiguous tensors (clamp: gate_up with DeepSeek-V4's swiglu_limit)."""
     from ic_compile.kernels.moe_experts import _down_kernel, _gate_up_kernel
 
     E, H, I, k = GLM_MOE["E"], GLM_MOE["H"], GLM_MOE["I"], GLM_MOE["k"]
@@ -346,7 +346,8 @@ def _compile_moe(which: str, tile, arch=90):
         ptrs = dict(x_ptr="bf16", idx_ptr="i64", gu_ptr="bf16", inter_ptr="bf16")
         ints = dict(H=H, I=I, E=E, TOPK=k, sx_t=H, sx_h=1, si_t=k, si_j=1, sg_e=2 * I * H, sg_n=H, sg_h=1,
                     sm_p=I, sm_i=1)
-        return compile_sm90(_gate_up_kernel, ptrs, ints, {}, consts, tile.num_warps, 1, arch=arch)
+        return compile_sm90(_gate_up_kernel, ptrs, ints, {"LIMIT": 10.0}, {**consts, "CLAMP": clamp},
+                            tile.num_warps, 1, arch=arch)
     ptrs = dict(inter_ptr="bf16", idx_ptr="i64", w_ptr="fp32", down_ptr="bf16", out_ptr="bf16")
     ints = dict(H=H, I=I, E=E, TOPK=k, sm_p=I, sm_i=1, si_t=k, si_j=1, sw_t=k, sw_j=1, sd_e=H * I, sd_n=I, sd_i=1,
                 so_t=H, so_h=1)
@@ -381,6 +382,16 @@ def test_moe_experts_default_tiles_compile_for_sm90(T, monkeypatch):
         if T == 1:
             assert programs[which] <= 132 * _programs_per_sm(res, tile.num_warps), (which, res["regs"], res["shared"])
         print(which, tile, {k: v for k, v in res.items() if k in ("regs", "shared", "stack")})
+
+
+def test_moe_experts_clamped_gate_up_compiles_for_sm90():
+    """With DeepSeek-V4's swiglu_limit (CLAMP) the gate/up kernel's default T = 1 tile still fits
+    without spills and streams."""
+    from ic_compile.kernels.moe_experts import Tile
+
+    res = _compile_moe("gate_up", Tile(16, 256), clamp=True)
+    assert res["stack"] == 0 and res["shared"] <= MAX_SMEM and "cp.async" in res["ptx"]
+    assert "min.f32" in res["ptx"] or "min.NaN.f32" in res["ptx"]  # the cap is in the code
 
 
 @slow[0]

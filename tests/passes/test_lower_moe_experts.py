@@ -94,7 +94,8 @@ def test_hf_bf16_decode_with_static_cache():
 
 class GatheredExperts(nn.Module):
     """Research-code experts over HF's weights: each token's k experts gathered, einsums.
-    variant "interleaved": gate and up rows alternate (gpt-oss); "clamped": DeepSeek-V4's swiglu_limit."""
+    variant "interleaved": gate and up rows alternate (gpt-oss); "clamped": DeepSeek-V4's swiglu_limit;
+    "uneven": gate and up capped at different bounds."""
 
     def __init__(self, experts, variant="plain"):
         super().__init__()
@@ -107,8 +108,10 @@ class GatheredExperts(nn.Module):
             gate, up = gate_up[..., ::2], gate_up[..., 1::2]
         else:
             gate, up = gate_up.chunk(2, dim=-1)
-        if self.variant == "clamped":  # a cap the model's own activations never reach here
+        if self.variant == "clamped":  # caps the model's own activations never reach here
             gate, up = gate.clamp(max=10.0), up.clamp(min=-10.0, max=10.0)
+        if self.variant == "uneven":
+            gate, up = gate.clamp(max=10.0), up.clamp(min=-5.0, max=5.0)
         inner = nn.functional.silu(gate) * up  # [T,k,I]
         out = torch.einsum("tki,tkhi->tkh", inner, self.down_proj[ids])  # [T,k,H]
         return (out * weights.unsqueeze(-1).to(out.dtype)).sum(1)
@@ -120,11 +123,12 @@ def _with_experts(model, variant):
     return model
 
 
-@pytest.mark.parametrize("variant", ["plain", "interleaved", "clamped"])
+@pytest.mark.parametrize("variant", ["plain", "clamped", "interleaved", "uneven"])
 def test_hand_written_experts(variant):
-    """Matched by what the module computes: the same MoE written with gathers and einsums is lowered;
-    with interleaved gate/up rows or a cap on gate and up (other functions of the same weights; the
-    cap only at large activations) it is left alone, saying so, and the answer is the model's either way."""
+    """Matched by what the module computes: the same MoE written with gathers and einsums is lowered,
+    also with DeepSeek-V4's cap (one bound: the op's swiglu_limit); with interleaved gate/up rows or
+    caps of two bounds (other functions of the same weights; the caps only at large activations) it
+    is left alone, saying so, and the answer is the model's either way."""
     model = _with_experts(tiny_models.glm(), variant)
     oracle = _with_experts(tiny_models.glm_with_plan(model, "FSFS"), variant)
     for mine, theirs in zip(model.model.layers[1:], oracle.model.layers[1:]):
@@ -136,14 +140,16 @@ def test_hand_written_experts(variant):
     decode, _ = _decode_results()
     assert decode
     for result in decode:
-        if variant == "plain":
+        if variant in ("plain", "clamped"):
             assert result.kernels.moe_lowered == MOE_LAYERS
+            limits = {n.args[-1] for n in result.gm.graph.nodes if n.target is lowered_moe_experts}
+            assert limits == {None if variant == "plain" else 10.0}
             continue
         assert not result.kernels.moe_lowered
         assert sorted(result.kernels.moe_skipped) == MOE_LAYERS
         reasons = result.kernels.moe_skipped.values()
         assert all("computes another function" in why for why in reasons)
-        assert variant != "clamped" or all("scale 1000" in why for why in reasons), reasons
+        assert variant != "uneven" or all("scale 1000" in why for why in reasons), reasons
 
 
 def test_other_activation_left_alone():
