@@ -80,7 +80,8 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def rewrite(gm: fx.GraphModule, plan=None, *, strict: bool = False, kernels: bool = False,
-            sparse_attention: bool = True, indexer_mask: str = "ranges", indexer_precision: str = "bf16",
+            sparse_attention: bool = True, moe_experts: bool = True, indexer_mask: str = "ranges",
+            indexer_precision: str = "bf16",
             layout: FrameLayout | None = None, lowering: str = "inductor", example_inputs=None) -> RewriteResult:
     """kernels=True also lowers each F indexer to the fused `ic::indexer_topk` op and the
     scatter-to-mask + dense SDPA it feeds to `ic::sparse_attention` (unless sparse_attention=False).
@@ -92,11 +93,11 @@ def rewrite(gm: fx.GraphModule, plan=None, *, strict: bool = False, kernels: boo
     only some of the model's indexers (graph breaks), it is bound as a fragment: S layers whose F
     source is elsewhere read its top-k from the index store, F layers that later fragments read
     write it there (`result.fragment`; the caller wraps the compiled graph with `with_store`).
-    example_inputs (the backend's, one per placeholder): with kernels=True, a few-token MoE experts
-    module is replaced by `ic::moe_experts` only after both ran on the same random routings with these
-    weights (`passes.lower_moe_experts`); without them it is left alone."""
+    moe_experts (with kernels=True): a few-token MoE experts module -> `ic::moe_experts`, only after
+    both ran on the same random routings with the weights of example_inputs (the backend's, one per
+    placeholder; `passes.lower_moe_experts`); without them it is left alone."""
     ctx = PassContext(plan_spec=plan, layout=layout, kernels=kernels, sparse_attention=sparse_attention,
-                      indexer_mask=indexer_mask, lowering=lowering, indexer_precision=indexer_precision,
+                      moe_experts=moe_experts, indexer_mask=indexer_mask, lowering=lowering, indexer_precision=indexer_precision,
                       input_values=_by_placeholder(gm, example_inputs))
     work = run_passes(copy_graph_module(gm), ctx, pipeline(ctx))
     result = RewriteResult(gm, gm, ctx.detection, ctx.plan, layout=layout, counters=ctx.counters)

@@ -56,6 +56,7 @@ class PassContext:
     layout: FrameLayout | None = None  # where the graph's frame sits in the model (backend only)
     kernels: bool = False  # include lower_indexer (+ lower_sparse_attention, lower_moe_experts, drop_trivial_topk)
     sparse_attention: bool = True
+    moe_experts: bool = True
     indexer_mask: str = "ranges"  # as asked: "auto" | "ranges" | "dense"; lower_indexer decides "auto"
     lowering: str = "inductor"  # what compiles the graph afterwards (indexer_mask="auto" depends on it)
     indexer_precision: str = "bf16"
@@ -106,8 +107,8 @@ def pipeline(ctx: PassContext) -> list[Pass]:
     passes = [eliminate_dead_code, detect, bind_plan, connect_index_store, forward_indices, eliminate_dead_code,
               drop_shared_key_cache]
     if ctx.kernels:
-        passes += [lower_indexer, *([lower_sparse_attention] if ctx.sparse_attention else []), lower_moe_experts,
-                   drop_trivial_topk, eliminate_dead_code]
+        passes += [lower_indexer, *([lower_sparse_attention] if ctx.sparse_attention else []),
+                   *([lower_moe_experts] if ctx.moe_experts else []), drop_trivial_topk, eliminate_dead_code]
     return passes
 
 

@@ -166,6 +166,19 @@ def test_other_activation_left_alone():
     assert all("computes another function" in why for r in decode for why in r.kernels.moe_skipped.values())
 
 
+def test_option_off_keeps_hf_experts():
+    """options={"moe_experts": False}: the decode graph keeps HF's experts (the pass does not run)."""
+    model = tiny_models.glm()
+    torch._dynamo.reset()
+    last_results.clear()
+    options = {"plan": "FSFS", "lowering": "eager", "kernels": True, "moe_experts": False}
+    with torch.no_grad():
+        torch.compile(model, backend="indexcache", options=options)(tiny_models.random_ids(batch=1, seq=1), use_cache=False)
+    (result,) = last_results
+    assert not result.kernels.moe_lowered and not result.kernels.moe_skipped
+    assert not any(n.target is lowered_moe_experts for n in result.gm.graph.nodes)
+
+
 def test_unknown_weights_left_alone():
     """`rewrite` on a graph without its example inputs cannot check the region: it is left as it is."""
     model = tiny_models.glm()

@@ -28,6 +28,8 @@ def test_pipeline_order_and_the_kernel_passes_only_when_asked():
         "lower_indexer", "lower_sparse_attention", "lower_moe_experts", "drop_trivial_topk", "eliminate_dead_code"]
     assert names(pipeline(PassContext(kernels=True, sparse_attention=False))) == rewrite_only + [
         "lower_indexer", "lower_moe_experts", "drop_trivial_topk", "eliminate_dead_code"]
+    assert names(pipeline(PassContext(kernels=True, moe_experts=False))) == rewrite_only + [
+        "lower_indexer", "lower_sparse_attention", "drop_trivial_topk", "eliminate_dead_code"]
 
 
 def test_one_info_line_per_pass_and_the_graph_at_debug(caplog):
