@@ -3,6 +3,7 @@
     python bench/e2e.py --part prefill --length 200000 --plans F 1/4 1/8   # -> bench/results/e2e.json
     python bench/e2e.py --part decode --length 200000 --plans F 1/4
     python bench/e2e.py --part prefill --length 200000 --plans F:fp8 1/4:fp8   # the fp8 indexer
+    python bench/e2e.py --part decode --length 200000 --plans 1/4 --option moe_experts=false  # HF's experts
 
 Plans: "F" (every layer keeps its indexer), "1/4" and "1/8" (uniform: layer i keeps it when i % 4 == 0,
 resp. i % 8 == 0 — 12 and 6 of 47 layers); a ":fp8" suffix runs the F layers' indexer in fp8
@@ -22,8 +23,8 @@ Inductor lowering.
     price of Python between layers. Rows say which ("regional": true). Not at 200K: HF builds the
     causal mask eagerly outside the layers, a [L, L] bool (37.25 GiB at 200K, out of memory on an
     H100), which the whole-model graph never materialises.
-Rows are merged into the results file by (part, L, plan, layers, regional), so the parts can run in
-separate calls.
+Rows are merged into the results file by (part, L, plan, layers, regional, --option values), so the
+parts can run in separate calls.
 The bf16 limit of a prefill = its counted FLOPs (bench/prefill.py's work_flops) / the in-run matmul peak.
 """
 
@@ -59,10 +60,10 @@ def precision(plan: str) -> str:
     return plan.split(":")[1] if ":" in plan else "bf16"
 
 
-def compiled(model, plan: str, layers: int, graphs: bool = False, regional: bool = False):
+def compiled(model, plan: str, layers: int, graphs: bool = False, regional: bool = False, extra: dict | None = None):
     torch._dynamo.reset()
     options = {"plan": pattern(plan, layers), "lowering": "inductor", "cudagraphs": graphs,
-               "indexer_precision": precision(plan)}
+               "indexer_precision": precision(plan), **(extra or {})}
     for layer in model.model.layers:
         layer.__dict__.pop("_compiled_call_impl", None)  # undo an earlier variant's regional compile
         if regional:
@@ -70,9 +71,9 @@ def compiled(model, plan: str, layers: int, graphs: bool = False, regional: bool
     return model if regional else torch.compile(model, backend="indexcache", options=options)
 
 
-def prefill_row(model, plan: str, L: int, layers: int, reps: int, peak: float, regional: bool) -> dict:
+def prefill_row(model, plan: str, L: int, layers: int, reps: int, peak: float, regional: bool, extra: dict) -> dict:
     ids = torch.randint(0, CONFIG["vocab_size"], (1, L), device="cuda")
-    fn = compiled(model, plan, layers, regional=regional)
+    fn = compiled(model, plan, layers, regional=regional, extra=extra)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
@@ -98,8 +99,8 @@ def random_static_cache(model, L: int):
     return cache
 
 
-def decode_row(model, cache, plan: str, L: int, layers: int, reps: int) -> dict:
-    fn = compiled(model, plan, layers, graphs=True)
+def decode_row(model, cache, plan: str, L: int, layers: int, reps: int, extra: dict) -> dict:
+    fn = compiled(model, plan, layers, graphs=True, extra=extra)
     token = torch.randint(0, CONFIG["vocab_size"], (1, 1), device="cuda")
     position = torch.tensor([L], device="cuda")
 
@@ -122,7 +123,8 @@ def decode_row(model, cache, plan: str, L: int, layers: int, reps: int) -> dict:
 
 def merged(out: pathlib.Path, rows: list[dict]) -> list[dict]:
     """Earlier rows of the results file, those with the same (part, L, plan, layers) replaced."""
-    key = lambda row: (row["part"], row["L"], row["plan"], row["layers"], row.get("regional", False))  # noqa: E731
+    key = lambda row: (row["part"], row["L"], row["plan"], row["layers"], row.get("regional", False),  # noqa: E731
+                       json.dumps(row.get("options", {}), sort_keys=True))
     old = json.loads(out.read_text())["rows"] if out.exists() else []
     new = {key(row) for row in rows}
     return [row for row in old if key(row) not in new] + rows
@@ -137,7 +139,10 @@ def main():
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--regional", action="store_true", help="prefill: compile each decoder layer")
     parser.add_argument("--out", default=str(RESULT), help="JSON results file, rows merged (default: %(default)s)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=JSON",
+                        help="another backend option for every row, e.g. moe_experts=false (rows keyed by them)")
     args = parser.parse_args()
+    extra = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.option)}
     peak = bf16_peak_tflops()
     model = build_model(args.layers)
     cache = random_static_cache(model, args.length) if args.part == "decode" else None
@@ -145,13 +150,13 @@ def main():
     for plan in args.plans:
         try:
             if args.part == "prefill":
-                row = prefill_row(model, plan, args.length, args.layers, args.reps, peak, args.regional)
+                row = prefill_row(model, plan, args.length, args.layers, args.reps, peak, args.regional, extra)
             else:
-                row = decode_row(model, cache, plan, args.length, args.layers, args.reps)
+                row = decode_row(model, cache, plan, args.length, args.layers, args.reps, extra)
         except torch.OutOfMemoryError as exc:
             row = {"part": args.part, "L": args.length, "plan": plan, "layers": args.layers,
                    "regional": args.regional, "oom": str(exc)[:200]}
-        row["command"] = " ".join(sys.argv)
+        row["options"], row["command"] = extra, " ".join(sys.argv)
         rows.append(row)
         print(json.dumps(row), flush=True)
         # saved after every row: a run cut at a time limit (each plan compiles for minutes) keeps its rows
