@@ -120,9 +120,9 @@ def indexcache_backend(gm: fx.GraphModule, example_inputs, options: dict | None 
     opts = BackendOptions.parse(options)
     use_kernels = opts.kernels if opts.kernels != "auto" else _on_cuda(example_inputs)
     result = rewrite(gm, opts.plan, strict=opts.strict, kernels=bool(use_kernels) and _runs_custom_ops(opts.lowering),
-                     sparse_attention=opts.sparse_attention, moe_experts=opts.moe_experts, indexer_mask=opts.indexer_mask,
-                     indexer_precision=opts.indexer_precision, layout=frame_layout(), lowering=opts.lowering,
-                     example_inputs=example_inputs)
+                     sparse_attention=opts.sparse_attention, moe_experts=opts.moe_experts,
+                     indexer_mask=opts.indexer_mask, indexer_precision=opts.indexer_precision, layout=frame_layout(),
+                     lowering=opts.lowering, example_inputs=example_inputs)
     last_results.append(result)
     _check_found(result, opts)
     _keep_frame_bound(result)

@@ -97,8 +97,8 @@ def rewrite(gm: fx.GraphModule, plan=None, *, strict: bool = False, kernels: boo
     both ran on the same random routings with the weights of example_inputs (the backend's, one per
     placeholder; `passes.lower_moe_experts`); without them it is left alone."""
     ctx = PassContext(plan_spec=plan, layout=layout, kernels=kernels, sparse_attention=sparse_attention,
-                      moe_experts=moe_experts, indexer_mask=indexer_mask, lowering=lowering, indexer_precision=indexer_precision,
-                      input_values=_by_placeholder(gm, example_inputs))
+                      moe_experts=moe_experts, indexer_mask=indexer_mask, lowering=lowering,
+                      indexer_precision=indexer_precision, input_values=_by_placeholder(gm, example_inputs))
     work = run_passes(copy_graph_module(gm), ctx, pipeline(ctx))
     result = RewriteResult(gm, gm, ctx.detection, ctx.plan, layout=layout, counters=ctx.counters)
     if ctx.stopped:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx
 
-from .graph_ops import op_name, shape_of, topk_item_users
+from .graph_ops import op_name, shape_of, take_location, topk_item_users
 
 if TYPE_CHECKING:
     from .manager import PassContext
@@ -61,7 +61,7 @@ def _replace(gm: fx.GraphModule, topk: fx.Node) -> None:
         if users.get(1):
             replacements[1] = gm.graph.call_function(torch.zeros_like, (x,), {"dtype": torch.int64})
     for item, replacement in replacements.items():
-        replacement.meta.update({key: val for key, val in topk.meta.items() if key in ("nn_module_stack", "stack_trace")})
+        take_location(replacement, topk)
         for user in users[item]:
             user.replace_all_uses_with(replacement)
             gm.graph.erase_node(user)

@@ -117,6 +117,12 @@ def stack_path(path) -> str:
     return path.strip(".")
 
 
+def take_location(new: fx.Node, old: fx.Node) -> None:
+    """`new` stands in for `old`: it gets old's module stack and source line (how logs, graph diffs
+    and layer numbers place it)."""
+    new.meta.update({key: val for key, val in old.meta.items() if key in ("nn_module_stack", "stack_trace")})
+
+
 def full_module_path(node: fx.Node, prefix: str = "") -> str:
     """The node's module path in the whole model: a graph-break fragment's nodes name their modules
     from the frame's module (`prefix`), e.g. 'layers.1' + 'attn.indexer'."""

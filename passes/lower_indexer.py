@@ -25,7 +25,7 @@ from torch import fx
 from ic_compile.kernels.key_range import key_range_of
 
 from .detect_indexers import IndexerMatch
-from .graph_ops import LAYOUT_OPS, is_last_dim, op_name, shape_of
+from .graph_ops import LAYOUT_OPS, is_last_dim, op_name, shape_of, take_location
 
 if TYPE_CHECKING:
     from .manager import PassContext
@@ -385,6 +385,6 @@ def _replace(gm: fx.GraphModule, match: IndexerMatch, plan: _Plan, indexer_mask:
             {"indexer_precision": indexer_precision} if indexer_precision != "bf16" else {})
         safe = gm.graph.call_function(scatter_safe_indices, (node, plan.k))
     for new in (node, safe):
-        new.meta.update({k: v for k, v in match.topk.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        take_location(new, match.topk)
     for use in list(match.topk.users):
         use.replace_all_uses_with(safe)

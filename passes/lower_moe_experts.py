@@ -11,11 +11,12 @@ traced under one module (nn_module_stack) that read two 3-D parameters gate_up [
 [T,k] -- and give one [T,H] tensor back. Before it is replaced, the region runs on random tokens and
 routings with the module's real weights next to the op: only a region that computes
     out[t] = sum_j w[t,j] * down[e] @ (silu(g) * u),   (g, u) = (gate_up[e] @ x[t]).chunk(2),  e = ids[t,j]
-(with g capped at L and u clamped to [-L, L] first when the module's clamps all use one bound L:
-DeepSeek-V4's swiglu_limit) is replaced. The tokens are drawn at an ordinary and at a large scale, so that a cap on the gate or up
-values shows. A region that does not (another activation, interleaved gate/up rows, a transposed
-layout, another cap, a bias), a symbolic token count, or more than _MAX_TOKENS tokens is left as it is, with
-the reason in ctx.report.moe_skipped: the answer is the model's either way.
+(g capped at L and u clamped to [-L, L] first when the module's clamps all use one bound L:
+DeepSeek-V4's swiglu_limit) is replaced. The tokens are drawn at an ordinary and at a large scale, so
+that a cap on the gate or up values shows. A region that does not (another activation, interleaved
+gate/up rows, a transposed layout, another cap, a bias), a symbolic token count, or more than
+_MAX_TOKENS tokens is left as it is, with the reason in ctx.report.moe_skipped: the answer is the
+model's either way. Only graphs the rewrite runs on (those holding indexers) are searched.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import fx
 
-from .graph_ops import example_value, is_parameter, op_name, shape_of, stack_path, tensor_args, writes_in_place
+from .graph_ops import (example_value, is_parameter, op_name, shape_of, stack_path, take_location, tensor_args,
+                        writes_in_place)
 
 if TYPE_CHECKING:
     from .manager import PassContext
@@ -234,7 +236,7 @@ def _replace(gm: fx.GraphModule, region: ExpertsRegion) -> None:
         shaped = gm.graph.call_method("view", (fused, tuple(example_value(out).shape)))
         typed = gm.graph.call_method("to", (shaped, example_value(out).dtype))
     for new in (fused, shaped, typed):
-        new.meta.update({key: val for key, val in out.meta.items() if key in ("nn_module_stack", "stack_trace")})
+        take_location(new, out)
     out.replace_all_uses_with(typed)
     for node in reversed(region.nodes):  # in-place writes inside the region keep their nodes alive in DCE
         gm.graph.erase_node(node)

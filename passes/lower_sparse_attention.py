@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx
 
-from .graph_ops import LAYOUT_OPS, op_name
+from .graph_ops import LAYOUT_OPS, op_name, take_location
 from .lower_indexer import scatter_safe_indices
 from .match_latent_kv import match_latent_kv
 
@@ -138,6 +138,6 @@ def _replace(gm: fx.GraphModule, sdpa: fx.Node, indices: fx.Node) -> bool:
         args = (q, latent_kv.latent, latent_kv.rope, latent_kv.weight, indices, scale, latent_kv.nope_dim)
     with gm.graph.inserting_before(sdpa):
         new = gm.graph.call_function(target, args)
-    new.meta.update({key: val for key, val in sdpa.meta.items() if key in ("nn_module_stack", "stack_trace")})
+    take_location(new, sdpa)
     sdpa.replace_all_uses_with(new)
     return latent_kv is not None  # the expanded k/v (and the key buffer's writes) are left to DCE
