@@ -81,8 +81,8 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 def rewrite(gm: fx.GraphModule, plan=None, *, strict: bool = False, kernels: bool = False,
             sparse_attention: bool = True, moe_experts: bool = True, indexer_mask: str = "ranges",
-            indexer_precision: str = "bf16",
-            layout: FrameLayout | None = None, lowering: str = "inductor", example_inputs=None) -> RewriteResult:
+            indexer_precision: str = "bf16", layout: FrameLayout | None = None, lowering: str = "inductor",
+            example_inputs=None) -> RewriteResult:
     """kernels=True also lowers each F indexer to the fused `ic::indexer_topk` op and the
     scatter-to-mask + dense SDPA it feeds to `ic::sparse_attention` (unless sparse_attention=False).
     indexer_mask: how the model's mask reaches that op, "ranges" (per-query key ranges), "dense",
