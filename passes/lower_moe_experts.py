@@ -57,6 +57,7 @@ class ExpertsRegion:
     down: fx.Node  # [E,H,I] parameter
     output: fx.Node  # the one node read outside the module, T*H elements
     swiglu_limit: float | None = None  # the one constant the module clamps with (DeepSeek-V4), if any
+    shares_sizes: bool = False  # reads or gives sizes (SymInts) across its boundary: dynamic shapes
 
 
 def lower_moe_experts(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -115,17 +116,24 @@ def _region(key: str, nodes: list[fx.Node]) -> ExpertsRegion | str:
     inside = set(nodes)
     inputs = list(dict.fromkeys(a for n in nodes for a in tensor_args(n) if a not in inside))
     params = [a for a in inputs if is_parameter(a)]
-    activations = [a for a in inputs if not is_parameter(a)]
+    activations = [a for a in inputs if not is_parameter(a) and _is_tensor(a)]
     outputs = [n for n in nodes if any(user not in inside for user in n.users)]
-    if len(params) != 2 or len(activations) != 3 or len(outputs) != 1:
-        return (f"not an experts module: {len(params)} parameters, {len(activations)} inputs and "
-                f"{len(outputs)} outputs (want 2, 3 and 1)")
+    tensor_outputs = [n for n in outputs if _is_tensor(n)]
+    if len(params) != 2 or len(activations) != 3 or len(tensor_outputs) != 1:
+        return (f"not an experts module: {len(params)} parameters, {len(activations)} tensor inputs and "
+                f"{len(tensor_outputs)} tensor outputs (want 2, 3 and 1)")
     if any(writes_in_place(n) and n.args and n.args[0] not in inside for n in nodes):
         return "writes into a tensor from outside the module"
     roles = _roles(params, activations)
     if isinstance(roles, str):
         return roles
-    return ExpertsRegion(_path(key, nodes), nodes, *roles, output=outputs[0], swiglu_limit=_clamp_bound(nodes))
+    shares_sizes = len(inputs) > len(params) + len(activations) or len(outputs) > 1
+    return ExpertsRegion(_path(key, nodes), nodes, *roles, output=tensor_outputs[0],
+                         swiglu_limit=_clamp_bound(nodes), shares_sizes=shares_sizes)
+
+
+def _is_tensor(node: fx.Node) -> bool:
+    return isinstance(example_value(node), torch.Tensor)
 
 
 def _clamp_bound(nodes: list[fx.Node]) -> float | None:
@@ -167,6 +175,8 @@ def _unsupported(region: ExpertsRegion) -> str:
         return f"expert ids {tuple(ids.shape)} do not match {tokens} tokens"
     if example_value(region.output).numel() != hidden.numel():
         return f"output {shape_of(region.output)} is not one row per token"
+    if region.shares_sizes:
+        return "shares symbolic sizes with the rest of the graph (dynamic shapes)"
     return ""
 
 

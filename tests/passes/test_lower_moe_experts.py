@@ -179,6 +179,22 @@ def test_option_off_keeps_hf_experts():
     assert not any(n.target is lowered_moe_experts for n in result.gm.graph.nodes)
 
 
+def test_symbolic_tokens_left_alone():
+    """dynamic=True: the batch, hence the token count, is symbolic; the op is for static few-token
+    graphs, so HF's experts stay (saying why) and the answer is HF's plan's."""
+    model = tiny_models.glm()
+    ids, steps = tiny_models.random_ids(seq=20), tiny_models.random_ids(seq=2, seed=5)
+    want = _prefill_then_decode(tiny_models.glm_with_plan(model, "FSFS"), ids, steps)
+    torch._dynamo.reset()
+    last_results.clear()
+    options = {"plan": "FSFS", "lowering": "eager", "kernels": True}
+    got = _prefill_then_decode(torch.compile(model, backend="indexcache", dynamic=True, options=options), ids, steps)
+    _assert_logits_close(want, got, 1e-4)
+    results = [r for r in last_results if r.changed]
+    assert results and all(not r.kernels.moe_lowered for r in results)
+    assert all(why.startswith("symbolic token count") for r in results for why in r.kernels.moe_skipped.values())
+
+
 def test_unknown_weights_left_alone():
     """`rewrite` on a graph without its example inputs cannot check the region: it is left as it is."""
     model = tiny_models.glm()
