@@ -39,7 +39,8 @@ def _trivial(topk: fx.Node) -> bool:
         topk_item_users(topk)
     except ValueError:
         return False  # the result is used whole (a tuple passed on): left alone
-    return k == 1 and shape[dim] == 1  # an int 1: a symbolic size is never trivial here
+    size = shape[dim]  # a SymInt is never compared: no guard, no data-dependent error on an unbacked size
+    return k == 1 and isinstance(size, int) and size == 1
 
 
 def _topk_args(topk: fx.Node):
