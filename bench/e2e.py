@@ -122,7 +122,7 @@ def decode_row(model, cache, plan: str, L: int, layers: int, reps: int, extra: d
 
 
 def merged(out: pathlib.Path, rows: list[dict]) -> list[dict]:
-    """Earlier rows of the results file, those with the same (part, L, plan, layers) replaced."""
+    """Earlier rows of the results file, those with the same (part, L, plan, layers, regional, options) replaced."""
     key = lambda row: (row["part"], row["L"], row["plan"], row["layers"], row.get("regional", False),  # noqa: E731
                        json.dumps(row.get("options", {}), sort_keys=True))
     old = json.loads(out.read_text())["rows"] if out.exists() else []

@@ -86,10 +86,14 @@ def timed(fn, device: torch.device) -> dict:
     return out
 
 
-def bench_tokens(T: int, module, shape: dict, device: torch.device, copy_gbps: float) -> dict:
-    x = torch.randn(T, shape["H"], device=device).bfloat16()
+def inputs(T: int, module, shape: dict, device: torch.device) -> tuple:
+    """(hidden [T,H] bf16, expert ids, routing weights, gate_up, down): one decode step's op arguments."""
     idx, w = routing(T, shape, device)
-    gate_up, down = module.gate_up_proj, module.down_proj
+    return torch.randn(T, shape["H"], device=device).bfloat16(), idx, w, module.gate_up_proj, module.down_proj
+
+
+def bench_tokens(T: int, module, shape: dict, device: torch.device, copy_gbps: float) -> dict:
+    x, idx, w, gate_up, down = inputs(T, module, shape, device)
     ours = torch.ops.ic.moe_experts(x, idx, w, gate_up, down)
     with torch.no_grad():
         hf = module(x, idx, w)
@@ -110,9 +114,7 @@ def bench_tokens(T: int, module, shape: dict, device: torch.device, copy_gbps: f
 
 def sweep(T: int, module, shape: dict, device: torch.device) -> list[dict]:
     """Each sweep tile in one kernel, the other at its default: GPU ms (call ms on CPU), checked first."""
-    x = torch.randn(T, shape["H"], device=device).bfloat16()
-    idx, w = routing(T, shape, device)
-    gate_up, down = module.gate_up_proj, module.down_proj
+    x, idx, w, gate_up, down = inputs(T, module, shape, device)
     want = torch.ops.ic.moe_experts(x, idx, w, gate_up, down)
     up_default, down_default = default_tiles(T, shape["k"], shape["H"], shape["I"], device)
     rows = []

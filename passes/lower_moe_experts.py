@@ -65,8 +65,8 @@ def lower_moe_experts(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     -> `lowered_moe_experts` (counted in ctx.report.moe_lowered; the others in ctx.report.moe_skipped)."""
     import ic_compile.kernels.ops  # noqa: F401  registers torch.ops.ic.*
     for key, nodes in _modules_with_expert_weights(gm).items():
-        region = _region(key, nodes)
-        module = region.module if isinstance(region, ExpertsRegion) else _path(key, nodes)
+        module = stack_path(nodes[0].meta["nn_module_stack"][key][0])
+        region = _region(module, nodes)
         why = region if isinstance(region, str) else _unsupported(region) or _differs(region, ctx.input_values)
         if why:
             ctx.report.moe_skipped[module] = why
@@ -74,7 +74,7 @@ def lower_moe_experts(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             log.info("lower_moe_experts: %s left as it is: %s", module, why)
             continue
         _replace(gm, region)
-        ctx.report.moe_lowered.append(region.module)
+        ctx.report.moe_lowered.append(module)
         ctx.counters["lower_moe_experts.lowered"] += 1
     return gm
 
@@ -107,11 +107,7 @@ def _innermost_key(node: fx.Node) -> str | None:
     return list(stack)[-1] if stack else None
 
 
-def _path(key: str, nodes: list[fx.Node]) -> str:
-    return stack_path(nodes[0].meta["nn_module_stack"][key][0]) if nodes else key
-
-
-def _region(key: str, nodes: list[fx.Node]) -> ExpertsRegion | str:
+def _region(module: str, nodes: list[fx.Node]) -> ExpertsRegion | str:
     """The module's inputs and output, or why it is not an experts module of the form above."""
     inside = set(nodes)
     inputs = list(dict.fromkeys(a for n in nodes for a in tensor_args(n) if a not in inside))
@@ -128,7 +124,7 @@ def _region(key: str, nodes: list[fx.Node]) -> ExpertsRegion | str:
     if isinstance(roles, str):
         return roles
     shares_sizes = len(inputs) > len(params) + len(activations) or len(outputs) > 1
-    return ExpertsRegion(_path(key, nodes), nodes, *roles, output=tensor_outputs[0],
+    return ExpertsRegion(module, nodes, *roles, output=tensor_outputs[0],
                          swiglu_limit=_clamp_bound(nodes), shares_sizes=shares_sizes)
 
 
