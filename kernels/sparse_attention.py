@@ -18,10 +18,11 @@ into a power-of-two part D_A and a padded tail D_B (576 = 512 + 64), each with i
 pointer and strides (the tail: a view of the same rows, or MLA's rope buffer), online softmax in fp32
 (exp2 domain), acc += p . v. A query with no valid key outputs zeros.
 Decode / few programs: the index list is split over `num_splits` programs (flash-decoding);
-each writes its normalised partial output and log-sum-exp, then takes a ticket from a per-(query,
-head block) counter; the split that draws the last ticket combines all partials into the output
-(one launch in all: the combine as torch ops cost ~160 us of host time per decode call on the H200's
-host, more than the kernel's GPU time).
+each writes its normalised partial output and log-sum-exp, and `_combine_splits_kernel` (a second
+launch, one program per (query, head, value chunk)) merges them. At decode the split programs are
+bound by their own tensor-core work (~2.7 us per 64-key block at 20 heads on an H100), so many short
+splits win, and their combine must be spread over many programs: done by the last split alone (an
+earlier design, one launch) it cost about as much as the attention.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ LOG2E = 1.4426950408889634
 
 
 def _sparse_attention_kernel(
-    q_ptr, qb_ptr, k_ptr, kb_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, out_ptr, ticket_ptr,
+    q_ptr, qb_ptr, k_ptr, kb_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr,
     S, T, Hk, G, K, D_B, DV, scale_log2,  # G = Hq // Hk query heads per kv head
     sq_b, sq_s, sq_h, sq_d,  # q: the query's leading D_A columns
     sqb_b, sqb_s, sqb_h, sqb_d,  # qb: the query's D_B tail columns (a view of q, or MLA's q rope part)
@@ -59,17 +60,16 @@ def _sparse_attention_kernel(
     si_b, si_s, si_k,
     so_b, so_s, so_h, so_split, so_d,
     sl_b, sl_s, sl_h, sl_split,
-    sf_b, sf_s, sf_h, sf_d,  # out (the combined output, split programs only)
     D_A: tl.constexpr, D_B_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     CAUSAL: tl.constexpr, V_FROM_K: tl.constexpr, WRITE_LSE: tl.constexpr,
-    SPLIT_PAD: tl.constexpr,  # >= num_splits (WRITE_LSE: the last split combines)
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,  # interpreter only: fp32 dot operands (see upcast_dots)
 ):
-    """o[b,s,h,split,:] = softmax-weighted values over this split's valid indices (normalised).
-    (Over our ~80-line function size: the online-softmax loop and the split-combine epilogue share
-    the running max/sum registers, which a helper call would have to pass back and forth.)"""
+    """o[b,s,h,split,:] = softmax-weighted values over this split's valid indices (normalised), and
+    with WRITE_LSE the split's log-sum-exp (log2 domain) for _combine_splits_kernel.
+    (Over our ~80-line function size: the online-softmax loop carries the running max, sum and
+    accumulator, which helper calls would have to pass back and forth.)"""
     # program -> (b, s, kv head, head block); head blocks of one query are neighbours (L2 reuse)
     pid = tl.program_id(0)
     HB = tl.cdiv(G, BLOCK_H)  # head blocks per kv head
@@ -109,9 +109,16 @@ def _sparse_attention_kernel(
     m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)  # running max (log2 domain)
     l_i = tl.zeros((BLOCK_H,), tl.float32)  # running denominator
     acc = tl.zeros((BLOCK_H, DV_PAD), tl.float32)
+    kk = k_lo + tl.arange(0, BLOCK_K)
+    ids_next = tl.load(idx_row + kk * si_k, mask=kk < k_hi, other=-1)  # [BLOCK_K] the first block's
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        ids = tl.load(idx_row + kk * si_k, mask=kk < k_hi, other=-1)  # [BLOCK_K]
+        # the block's indices were loaded one iteration ahead: the gather's addresses then come from
+        # a loop-carried value, not a load of this iteration, so the software pipeliner gives the
+        # gathered tiles num_stages - 1 buffers and overlaps the next gather with this block's dots
+        # (an index load in the same iteration left the tiles one buffer: gather and dots in turn)
+        ids = ids_next
+        kk = k0 + BLOCK_K + tl.arange(0, BLOCK_K)
+        ids_next = tl.load(idx_row + kk * si_k, mask=kk < k_hi, other=-1)
         valid = (ids >= 0) & (ids < T)
         if CAUSAL:
             valid = valid & (ids <= last_key)
@@ -154,62 +161,56 @@ def _sparse_attention_kernel(
         lse = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
         lse_row = lse_ptr + b * sl_b + s.to(tl.int64) * sl_s + h * sl_h  # [BLOCK_H]
         tl.store(lse_row + split * sl_split, lse, mask=h_ok)
-        tl.debug_barrier()  # every thread's partial stores precede the ticket (released by it)
-        ticket = tl.atomic_add(ticket_ptr + pid, 1, sem="acq_rel", scope="gpu")
-        if ticket == num_splits - 1:  # the last split of this (query, head block): combine
-            o_rows = o_ptr + b * so_b + s.to(tl.int64) * so_s + h * so_h  # [BLOCK_H]
-            out_row = out_ptr + b * sf_b + s.to(tl.int64) * sf_s + h * sf_h
-            _combine_partials(o_rows, lse_row, out_row, h_ok, DV, num_splits,
-                              so_split, so_d, sl_split, sf_d, SPLIT_PAD, DV_PAD)
 
 
-@jit_helper
-def _combine_partials(o_rows, lse_row, out_row, h_ok, DV, num_splits, so_split, so_d, sl_split, sf_d,
-                      SPLIT_PAD: tl.constexpr, DV_PAD: tl.constexpr):
-    """out[h, :] = sum_p w_p o_p[h, :] / sum_p w_p, w_p = 2^(lse_p - max_p lse_p) (an empty split:
-    lse -inf, weight 0; no valid key anywhere: zeros), in DV chunks of 128 (few registers: the
-    main loop's are the kernel's budget). Loads bypass L1 (.cg): other SMs wrote them."""
+def _combine_splits_kernel(
+    o_ptr, lse_ptr, out_ptr, S, Hq, DV, num_splits,
+    so_b, so_s, so_h, so_split, so_d,
+    sl_b, sl_s, sl_h, sl_split,
+    sf_b, sf_s, sf_h, sf_d,
+    SPLIT_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[b,s,h,d] = sum_p w_p o[b,s,h,p,d] / sum_p w_p, w_p = 2^(lse_p - max_p lse_p), for one
+    (b, s, h) and BLOCK_D value columns (an empty split: lse -inf, weight 0; no valid key anywhere:
+    zeros)."""
+    row = tl.program_id(0)  # (b * S + s) * Hq + h
+    h = row % Hq
+    s = ((row // Hq) % S).to(tl.int64)
+    b = (row // (Hq * S)).to(tl.int64)
+    o_row = o_ptr + b * so_b + s * so_s + h * so_h
+    lse_row = lse_ptr + b * sl_b + s * sl_s + h * sl_h
+    out_row = out_ptr + b * sf_b + s * sf_s + h * sf_h
     sp = tl.arange(0, SPLIT_PAD)
-    lse_all = tl.load(lse_row[:, None] + sp[None, :] * sl_split, mask=h_ok[:, None] & (sp[None, :] < num_splits),
-                      other=float("-inf"), cache_modifier=".cg")  # [BLOCK_H, SPLIT_PAD]
-    lse_max = tl.max(lse_all, axis=1)
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # [BLOCK_H]
-    denom = tl.sum(tl.math.exp2(lse_all - lse_max[:, None]), axis=1)
+    sp_ok = sp < num_splits
+    lse = tl.load(lse_row + sp * sl_split, mask=sp_ok, other=float("-inf"))  # [SPLIT_PAD]
+    lse_max = tl.max(lse, axis=0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    weight = tl.math.exp2(lse - lse_max)  # [SPLIT_PAD]
+    denom = tl.sum(weight, axis=0)
     denom = tl.where(denom > 0.0, denom, 1.0)
-    CHUNK: tl.constexpr = 128 if DV_PAD > 128 else DV_PAD
-    for d0 in tl.static_range(0, DV_PAD, CHUNK):
-        dv = d0 + tl.arange(0, CHUNK)
-        tile_ok = h_ok[:, None] & (dv[None, :] < DV)
-        acc = tl.zeros((o_rows.shape[0], CHUNK), tl.float32)  # [BLOCK_H, CHUNK]
-        for p in range(0, num_splits):
-            weight = tl.math.exp2(tl.load(lse_row + p * sl_split, mask=h_ok, other=float("-inf"),
-                                          cache_modifier=".cg") - lse_max)  # [BLOCK_H]
-            part = tl.load(o_rows[:, None] + p * so_split + dv[None, :] * so_d, mask=tile_ok, other=0.0,
-                           cache_modifier=".cg")
-            acc += weight[:, None] * part
-        tl.store(out_row[:, None] + dv[None, :] * sf_d, (acc / denom[:, None]).to(out_row.dtype.element_ty),
-                 mask=tile_ok)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = d < DV
+    part = tl.load(o_row + sp[:, None] * so_split + d[None, :] * so_d, mask=sp_ok[:, None] & d_ok[None, :],
+                   other=0.0)  # [SPLIT_PAD, BLOCK_D]
+    acc = tl.sum(part * weight[:, None], axis=0)  # [BLOCK_D]
+    tl.store(out_row + d * sf_d, (acc / denom).to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 # --------------------------------------------------------------------------- launch configs
 
-def _configs(d_total: int, block_hs: tuple[int, ...]):
+def _configs(block_hs: tuple[int, ...]):
     """sm_90 candidates (checked by AOT compiles for sm_90: smem, registers, spills).
 
-    Wide keys (MLA 576): BLOCK_K 32/64, 2 stages (fits shared memory); 8 warps split the
-    [BLOCK_H, 512] fp32 accumulator over two warpgroups (needed at BLOCK_H = 64), 4 warps win
-    at BLOCK_H <= 32 (H = 20: 10.6 vs 15.9 ms at 16K, bench/sweep_sparse_mla.py on the H200).
-    No 1-stage configs: never fastest in the sweep, and a kernel of the same shape (gathered tile
-    reused as the value operand) gave wrong output on the H200 with 1 stage
-    (docs/benchmarks.md, "tried, measured slower, not adopted"); test_every_mla_config_on_gpu checks each config.
-    Narrow keys (<= 256): 4 or 8 warps, 2-3 stages.
+    BLOCK_K 32/64; 4 or 8 warps (8 split the [BLOCK_H, 512] fp32 accumulator of wide MLA keys over
+    two warpgroups, needed at BLOCK_H = 64; 4 won at BLOCK_H <= 32 with single-buffered tiles, H = 20:
+    10.6 vs 15.9 ms at 16K on the H200); 2 or 3 stages: with the indices loaded one block ahead,
+    3 stages double-buffer the gathered tiles (2 stages: one buffer). No 1-stage configs: never
+    fastest in the sweep, and a kernel of the same shape (gathered tile reused as the value operand)
+    gave wrong output on the H200 with 1 stage (docs/benchmarks.md, "tried, measured slower, not
+    adopted"); test_every_mla_config_on_gpu checks each config.
     """
-    if d_total > 256:
-        block_ks, warps, stages = (32, 64), (4, 8), (2,)
-    else:
-        block_ks, warps, stages = (32, 64), (4, 8), (2, 3)
     return [triton.Config({"BLOCK_H": bh, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-            for bh in block_hs for bk in block_ks for w in warps for st in stages]
+            for bh in block_hs for bk in (32, 64) for w in (4, 8) for st in (2, 3)]
 
 
 def _block_h_candidates(G: int) -> tuple[int, ...]:
@@ -226,13 +227,18 @@ def _jit_kernel():
     return _TUNED["jit"]
 
 
-def _tuned_kernel(d_total: int, G: int):
-    key = (d_total > 256, _block_h_candidates(G))
+def _jit_combine():
+    if "combine" not in _TUNED:
+        _TUNED["combine"] = triton.jit(_combine_splits_kernel)
+    return _TUNED["combine"]
+
+
+def _tuned_kernel(G: int):
+    key = _block_h_candidates(G)
     if key not in _TUNED:
         _TUNED[key] = triton.autotune(
-            _configs(d_total, key[1]),
+            _configs(key),
             key=["G", "D_A", "D_B_PAD", "DV_PAD", "CAUSAL", "V_FROM_K", "WRITE_LSE"],
-            reset_to_zero=["ticket_ptr"],  # benchmark runs draw tickets too: zeroed before each and the real launch
         )(_jit_kernel())
     return _TUNED[key]
 
@@ -255,8 +261,9 @@ def _tail_pad(d_b: int) -> int:
 
 
 def _default_splits(programs: int, K: int, device: torch.device) -> int:
-    """Split the index list when there are too few programs to fill the GPU (decode)."""
-    return max(1, min(cdiv(2 * num_sms(device), programs), cdiv(K, 128)))
+    """Split the index list when there are too few programs to fill the GPU (decode), down to
+    64 keys a split (one block of the main loop: a split's time is its blocks' tensor-core work)."""
+    return max(1, min(cdiv(2 * num_sms(device), programs), cdiv(K, 64)))
 
 
 def sparse_attention_triton(
@@ -295,25 +302,22 @@ def _launch(
     programs_per_block_h = B * S * Hk  # x head blocks (BLOCK_H is tuned)
     splits = num_splits or _default_splits(programs_per_block_h * cdiv(G, 64), K, q.device)
     out = new_output((B, S, Hq, Dv), q.dtype, q.device)
-    if splits > 1:  # fp32 partials + log-sum-exps; a ticket counter per program (BLOCK_H >= 16)
+    if splits > 1:  # fp32 partials + log-sum-exps, merged into `out` by _combine_splits
         o = new_output((B, S, Hq, splits, Dv), torch.float32, q.device)
         lse = new_output((B, S, Hq, splits), torch.float32, q.device)
-        tickets = torch.zeros(programs_per_block_h * cdiv(G, 16), dtype=torch.int32, device=q.device)
         o_strides, lse_strides = o.stride(), lse.stride()
-    else:  # the programs write `out` directly (o_ptr); lse unused; tickets unused (own buffer: the
-        # autotuner zeroes it before its runs, which must not touch `out`)
+    else:  # the programs write `out` directly (o_ptr); lse unused
         o = lse = out
-        tickets = torch.empty(1, dtype=torch.int32, device=q.device)
         o_strides = (*out.stride()[:3], 0, out.stride(3))
         lse_strides = (0, 0, 0, 0)
     args = (
-        q, q_tail, k, k_tail, v, indices, o, lse, out, tickets,
+        q, q_tail, k, k_tail, v, indices, o, lse,
         S, T, Hk, G, K, d_b, Dv, float(scale) * LOG2E,
         *q.stride(), *q_tail.stride(), *k.stride(), *k_tail.stride(), *v.stride(), *indices.stride(), *o_strides,
-        *lse_strides, *out.stride(),
+        *lse_strides,
     )
     consts = {"D_A": d_a, "D_B_PAD": d_b_pad, "DV_PAD": max(16, next_pow2(Dv)),
-              "CAUSAL": bool(causal), "V_FROM_K": v_from_k, "WRITE_LSE": splits > 1, "SPLIT_PAD": next_pow2(splits),
+              "CAUSAL": bool(causal), "V_FROM_K": v_from_k, "WRITE_LSE": splits > 1,
               "DOT_PRECISION": dot_precision(q.dtype), "UPCAST_DOT": upcast_dots(q)}
 
     def grid(meta):
@@ -324,8 +328,23 @@ def _launch(
     elif config is not None:
         launch_config(_jit_kernel(), grid, args, consts, config)
     else:
-        _tuned_kernel(d_a + d_b, G)[grid](*args, **consts)
+        _tuned_kernel(G)[grid](*args, **consts)
+    if splits > 1:
+        _combine_splits(o, lse, out)
     return out
+
+
+def _combine_splits(o: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> None:
+    """out [B,S,Hq,Dv] <- the split partials o [B,S,Hq,P,Dv] (fp32) weighted by their lse [B,S,Hq,P]."""
+    B, S, Hq, splits, Dv = o.shape
+    block_d = min(64, max(16, next_pow2(Dv)))
+    grid = (B * S * Hq, cdiv(Dv, block_d))
+    args = (o, lse, out, S, Hq, Dv, splits, *o.stride(), *lse.stride(), *out.stride())
+    consts = {"SPLIT_PAD": next_pow2(splits), "BLOCK_D": block_d}
+    if interpreting(o):
+        launch_interpreted(_combine_splits_kernel, grid, *args, **consts)
+    else:
+        _jit_combine()[grid](*args, **consts, num_warps=2)
 
 
 def sparse_mla_triton(

@@ -66,7 +66,7 @@ def compile_sm90(fn, ptrs: dict, ints: dict, floats: dict, consts: dict, num_war
                             target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages, "maxnreg": maxnreg})
     return {"shared": kernel.metadata.shared, "ptx": kernel.asm["ptx"], "cubin": kernel.asm["cubin"],
-            **_resource_usage(kernel.asm["cubin"])}
+            "ttgir": kernel.asm["ttgir"], **_resource_usage(kernel.asm["cubin"])}
 
 
 def _resource_usage(cubin: bytes) -> dict:
@@ -171,21 +171,20 @@ def _compile_sparse(block_h, block_k, warps, stages, H=64, dqk=576, dv=512, v_fr
     ints = dict(S=S, T=T, Hk=1, G=H, K=K, D_B=d_b, DV=dv,
                 sq_b=S * H * dqk, sq_s=H * dqk, sq_h=dqk, sq_d=1, sk_b=T * dqk, sk_t=dqk, sk_h=dqk, sk_d=1,
                 sv_b=T * dqk, sv_t=dqk, sv_h=dqk, sv_d=1, si_b=S * K, si_s=K, si_k=1,
-                so_b=S * H * dv, so_s=H * dv, so_h=dv, so_split=0, so_d=1, sl_b=0, sl_s=0, sl_h=0, sl_split=0,
-                sf_b=S * H * dv, sf_s=H * dv, sf_h=dv, sf_d=1)
+                so_b=S * H * dv, so_s=H * dv, so_h=dv, so_split=0, so_d=1, sl_b=0, sl_s=0, sl_h=0, sl_split=0)
     tail_row = d_b if rope_apart else dqk  # the tail's row stride: its own buffer's, or k's
     ints.update(skb_b=T * tail_row, skb_t=tail_row, skb_h=tail_row, skb_d=1)
     if rope_apart:
         ints.update(sqb_b=S * H * d_b, sqb_s=d_b, sqb_h=S * d_b, sqb_d=1)
     else:
         ints.update(sqb_b=S * H * dqk, sqb_s=H * dqk, sqb_h=dqk, sqb_d=1)
-    if lse:  # split-K partials [B,S,H,P,dv] fp32 + lse [B,S,H,P], combined by the last split into out
+    if lse:  # split-K partials [B,S,H,P,dv] fp32 + lse [B,S,H,P] (merged by _combine_splits_kernel)
         ints.update(so_b=H * 16 * dv, so_s=H * 16 * dv, so_h=16 * dv, so_split=dv,
                     sl_b=H * 16, sl_s=H * 16, sl_h=16, sl_split=1)
     ptrs = dict(q_ptr="bf16", qb_ptr="bf16", k_ptr="bf16", kb_ptr="bf16", v_ptr="bf16", idx_ptr="i32",
-                o_ptr="fp32" if lse else "bf16", lse_ptr="fp32", out_ptr="bf16", ticket_ptr="i32")
+                o_ptr="fp32" if lse else "bf16", lse_ptr="fp32")
     consts = dict(D_A=d_a, D_B_PAD=d_b_pad, DV_PAD=dv, BLOCK_H=block_h, BLOCK_K=block_k, CAUSAL=True,
-                  V_FROM_K=v_from_k, WRITE_LSE=lse, SPLIT_PAD=16 if lse else 1, DOT_PRECISION="tf32",
+                  V_FROM_K=v_from_k, WRITE_LSE=lse, DOT_PRECISION="tf32",
                   UPCAST_DOT=False)
     return compile_sm90(_sparse_attention_kernel, ptrs, ints, dict(scale_log2=1.0), consts, warps, stages, arch=arch)
 
@@ -204,11 +203,32 @@ def test_sparse_attention_compiles_for_sm90(cfg):
         assert res["stack"] == 0, f"register spills: {res['stack']} bytes"
     if cfg["block_h"] >= 64:
         assert "wgmma" in res["ptx"]
-    if cfg.get("lse"):  # the last split's combine: one acquire-release ticket per program
-        assert re.search(r"atom\.\S*acq_rel\S*\.add", res["ptx"]), "no acq_rel ticket atomic"
     # Known (MLA, 64 heads): the [64, 512] fp32 accumulator over 2 warpgroups + the gather
     # pointers exceed 255 regs -> ~150-250 B/thread of spills with triton 3.9; recorded, not failed.
     print(cfg, {k: v for k, v in res.items() if k not in ("ptx", "cubin")})
+
+
+@pytest.mark.parametrize("block_k,stages,buffers", [(32, 3, 2), (32, 4, 3), (64, 3, 2)])
+def test_sparse_mla_gathers_are_multi_buffered(block_k, stages, buffers):
+    """The software pipeliner gives the gathered key tiles num_stages - 1 shared-memory buffers, so the
+    next block's gather overlaps this block's dots. It does so only while the gather's addresses come
+    from a loop-carried value (the indices loaded one block ahead): an index load in the same
+    iteration left one buffer at any stage count, and gather and dots took turns."""
+    res = _compile_sparse(32, block_k, 8, stages, H=20, lse=False, rope_apart=True)
+    tiles = re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x%dx512xbf16" % block_k, res["ttgir"])
+    assert tiles == [str(buffers)], tiles
+
+
+def test_combine_splits_compiles_for_sm90():
+    """The decode combine as launched at 20 heads, 32 splits, 512 value columns: no spills."""
+    from ic_compile.kernels.sparse_attention import _combine_splits_kernel
+
+    H, P, dv = 20, 32, 512
+    ints = dict(S=1, Hq=H, DV=dv, num_splits=P, so_b=H * P * dv, so_s=H * P * dv, so_h=P * dv, so_split=dv, so_d=1,
+                sl_b=H * P, sl_s=H * P, sl_h=P, sl_split=1, sf_b=H * dv, sf_s=H * dv, sf_h=dv, sf_d=1)
+    res = compile_sm90(_combine_splits_kernel, dict(o_ptr="fp32", lse_ptr="fp32", out_ptr="bf16"), ints, {},
+                       dict(SPLIT_PAD=P, BLOCK_D=64), num_warps=2, num_stages=1)
+    assert res["stack"] == 0, f"register spills: {res['stack']} bytes"
 
 
 @slow[0]
@@ -217,7 +237,7 @@ def test_sparse_attention_all_configs_compile_for_sm90():
     from ic_compile.kernels.sparse_attention import _block_h_candidates, _configs
 
     for H, dqk, dv in ((64, 576, 512), (20, 576, 512), (16, 192, 128)):
-        for cfg in _configs(dqk, _block_h_candidates(H)):
+        for cfg in _configs(_block_h_candidates(H)):
             kw = cfg.kwargs
             res = _compile_sparse(kw["BLOCK_H"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages, H=H, dqk=dqk, dv=dv,
                                   v_from_k=dv == 512)
@@ -246,7 +266,7 @@ def test_autotune_lists_hold_a_config_that_fits_older_gpus(arch):
     assert listed(_decode_configs(), dict(BLOCK_T=64), 4, 3)
     compiled = [_compile_indexer(4, 32, 64, 4, 2, arch=arch), _compile_indexer(1, 32, 64, 4, 3, arch=arch)]
     for heads in (64, 20):  # the MLA configs: GLM-5 and the 30B shape
-        assert listed(_configs(576, _block_h_candidates(heads)), dict(BLOCK_H=32, BLOCK_K=32), 8, 2)
+        assert listed(_configs(_block_h_candidates(heads)), dict(BLOCK_H=32, BLOCK_K=32), 8, 2)
         compiled.append(_compile_sparse(32, 32, 8, 2, H=heads, arch=arch))
     for res in compiled:
         assert res["shared"] <= SMEM_OF_ARCH[arch], res["shared"]
