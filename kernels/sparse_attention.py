@@ -33,7 +33,6 @@ from ._triton_utils import (
     cdiv,
     dot_precision,
     interpreting,
-    jit_helper,
     launch_config,
     launch_interpreted,
     new_output,
