@@ -4,6 +4,7 @@
     python bench/e2e.py --part decode --length 200000 --plans F 1/4
     python bench/e2e.py --part prefill --length 200000 --plans F:fp8 1/4:fp8   # the fp8 indexer
     python bench/e2e.py --part decode --length 200000 --plans 1/4 --option moe_experts=false  # HF's experts
+    python bench/e2e.py --part prefill --length 200000 --plans 1/4 --layers 8 --profile  # time per kernel
 
 Plans: "F" (every layer keeps its indexer), "1/4" and "1/8" (uniform: layer i keeps it when i % 4 == 0,
 resp. i % 8 == 0 — 12 and 6 of 47 layers); a ":fp8" suffix runs the F layers' indexer in fp8
@@ -71,7 +72,8 @@ def compiled(model, plan: str, layers: int, graphs: bool = False, regional: bool
     return model if regional else torch.compile(model, backend="indexcache", options=options)
 
 
-def prefill_row(model, plan: str, L: int, layers: int, reps: int, peak: float, regional: bool, extra: dict) -> dict:
+def prefill_row(model, plan: str, L: int, layers: int, reps: int, peak: float, regional: bool, extra: dict,
+                profile: bool = False) -> dict:
     ids = torch.randint(0, CONFIG["vocab_size"], (1, L), device="cuda")
     fn = compiled(model, plan, layers, regional=regional, extra=extra)
     torch.cuda.empty_cache()
@@ -83,10 +85,13 @@ def prefill_row(model, plan: str, L: int, layers: int, reps: int, peak: float, r
         compile_s = time.perf_counter() - start
         ms = time_ms(lambda: fn(ids, use_cache=False, logits_to_keep=1), reps)
     limit_ms = work_flops(L, pattern(plan, layers)) / (peak * 1e12) * 1e3
-    return {"part": "prefill", "L": L, "plan": plan, "layers": layers, "regional": regional, "ms": ms,
-            "compile_s": compile_s,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30, "limit_ms": limit_ms,
-            "pct_of_limit": 100 * limit_ms / ms}
+    row = {"part": "prefill", "L": L, "plan": plan, "layers": layers, "regional": regional, "ms": ms,
+           "compile_s": compile_s,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30, "limit_ms": limit_ms,
+           "pct_of_limit": 100 * limit_ms / ms}
+    if profile:  # one more run under the profiler: GPU time per kernel, summed over the layers
+        row.update(kernel_profile(lambda: fn(ids, use_cache=False, logits_to_keep=1), 1, top=30))
+    return row
 
 
 def random_static_cache(model, L: int):
@@ -138,6 +143,8 @@ def main():
     parser.add_argument("--layers", type=int, default=LAYERS, help="fewer for a quick check")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--regional", action="store_true", help="prefill: compile each decoder layer")
+    parser.add_argument("--profile", action="store_true",
+                        help="prefill: one more run under torch.profiler; the row gets gpu_ms, launches, top_kernels")
     parser.add_argument("--out", default=str(RESULT), help="JSON results file, rows merged (default: %(default)s)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=JSON",
                         help="another backend option for every row, e.g. moe_experts=false (rows keyed by them)")
@@ -150,7 +157,8 @@ def main():
     for plan in args.plans:
         try:
             if args.part == "prefill":
-                row = prefill_row(model, plan, args.length, args.layers, args.reps, peak, args.regional, extra)
+                row = prefill_row(model, plan, args.length, args.layers, args.reps, peak, args.regional, extra,
+                                  args.profile)
             else:
                 row = decode_row(model, cache, plan, args.length, args.layers, args.reps, extra)
         except torch.OutOfMemoryError as exc:
