@@ -197,19 +197,23 @@ def _combine_splits_kernel(
 
 # --------------------------------------------------------------------------- launch configs
 
-def _configs(block_hs: tuple[int, ...]):
+def _configs(d_total: int, block_hs: tuple[int, ...]):
     """sm_90 candidates (checked by AOT compiles for sm_90: smem, registers, spills).
 
     BLOCK_K 32/64; 4 or 8 warps (8 split the [BLOCK_H, 512] fp32 accumulator of wide MLA keys over
-    two warpgroups, needed at BLOCK_H = 64; 4 won at BLOCK_H <= 32 with single-buffered tiles, H = 20:
-    10.6 vs 15.9 ms at 16K on the H200); 2 or 3 stages: with the indices loaded one block ahead,
-    3 stages double-buffer the gathered tiles (2 stages: one buffer). No 1-stage configs: never
-    fastest in the sweep, and a kernel of the same shape (gathered tile reused as the value operand)
-    gave wrong output on the H200 with 1 stage (docs/benchmarks.md, "tried, measured slower, not
-    adopted"); test_every_mla_config_on_gpu checks each config.
+    two warpgroups, needed at BLOCK_H = 64; 4 won at BLOCK_H <= 32, H = 20: 10.6 vs 15.9 ms at 16K on
+    the H200). Stages: narrow keys (<= 256) 2-3; wide keys 2 only for now. With the indices loaded
+    one block ahead, 3 stages double-buffer the gathered tiles (2 stages: one buffer), which should
+    let the next gather overlap this block's dots, but no 3-stage wide-key config has run on a GPU
+    yet: they join the candidates once test_every_mla_config_on_gpu has passed them and
+    bench/sweep_sparse_mla.py has timed them (`--stages 2 3`). A wrong result from an untried
+    config would be silent. No 1-stage configs: never fastest in the sweep, and a kernel of the
+    same shape (gathered tile reused as the value operand) gave wrong output on the H200 with 1
+    stage (docs/benchmarks.md, "tried, measured slower, not adopted").
     """
+    stages = (2,) if d_total > 256 else (2, 3)
     return [triton.Config({"BLOCK_H": bh, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-            for bh in block_hs for bk in (32, 64) for w in (4, 8) for st in (2, 3)]
+            for bh in block_hs for bk in (32, 64) for w in (4, 8) for st in stages]
 
 
 def _block_h_candidates(G: int) -> tuple[int, ...]:
@@ -232,11 +236,11 @@ def _jit_combine():
     return _TUNED["combine"]
 
 
-def _tuned_kernel(G: int):
-    key = _block_h_candidates(G)
+def _tuned_kernel(d_total: int, G: int):
+    key = (d_total > 256, _block_h_candidates(G))
     if key not in _TUNED:
         _TUNED[key] = triton.autotune(
-            _configs(key),
+            _configs(d_total, key[1]),
             key=["G", "D_A", "D_B_PAD", "DV_PAD", "CAUSAL", "V_FROM_K", "WRITE_LSE"],
         )(_jit_kernel())
     return _TUNED[key]
@@ -327,7 +331,7 @@ def _launch(
     elif config is not None:
         launch_config(_jit_kernel(), grid, args, consts, config)
     else:
-        _tuned_kernel(G)[grid](*args, **consts)
+        _tuned_kernel(d_a + d_b, G)[grid](*args, **consts)
     if splits > 1:
         _combine_splits(o, lse, out)
     return out

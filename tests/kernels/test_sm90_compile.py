@@ -237,7 +237,7 @@ def test_sparse_attention_all_configs_compile_for_sm90():
     from ic_compile.kernels.sparse_attention import _block_h_candidates, _configs
 
     for H, dqk, dv in ((64, 576, 512), (20, 576, 512), (16, 192, 128)):
-        for cfg in _configs(_block_h_candidates(H)):
+        for cfg in _configs(dqk, _block_h_candidates(H)):
             kw = cfg.kwargs
             res = _compile_sparse(kw["BLOCK_H"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages, H=H, dqk=dqk, dv=dv,
                                   v_from_k=dv == 512)
@@ -266,7 +266,7 @@ def test_autotune_lists_hold_a_config_that_fits_older_gpus(arch):
     assert listed(_decode_configs(), dict(BLOCK_T=64), 4, 3)
     compiled = [_compile_indexer(4, 32, 64, 4, 2, arch=arch), _compile_indexer(1, 32, 64, 4, 3, arch=arch)]
     for heads in (64, 20):  # the MLA configs: GLM-5 and the 30B shape
-        assert listed(_configs(_block_h_candidates(heads)), dict(BLOCK_H=32, BLOCK_K=32), 8, 2)
+        assert listed(_configs(576, _block_h_candidates(heads)), dict(BLOCK_H=32, BLOCK_K=32), 8, 2)
         compiled.append(_compile_sparse(32, 32, 8, 2, H=heads, arch=arch))
     for res in compiled:
         assert res["shared"] <= SMEM_OF_ARCH[arch], res["shared"]

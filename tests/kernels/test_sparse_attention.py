@@ -116,7 +116,7 @@ MLA_CASES = {
     "dv_lt_latent": (1, 4, 40, 4, 32, 16, 16, 24, None),  # separate value load
     "decode": (2, 1, 64, 20, 32, 16, 32, 48, 4),  # H=20: padded head block
     "decode_default_split": (1, 1, 90, 16, 64, 16, 64, 80, None),
-    # 16 heads x 8 padded splits x 128 value columns: the combine reads the partials in 2 column chunks
+    # 16 heads x 5 splits x 128 value columns: the split merge runs 2 programs of 64 columns per head
     "decode_combine_chunks": (1, 1, 300, 16, 128, 16, 128, 256, 5),
 }
 
@@ -268,7 +268,7 @@ def test_every_mla_config_on_gpu(H, splits, request):
     idx = random_indices(2, S, 3000, 2048, device="cuda")
     want = sparse_mla_ref(q, kv, idx, 576**-0.5, 512)
     launched = 0
-    for cfg in _configs(_block_h_candidates(H)):
+    for cfg in _configs(576, _block_h_candidates(H)):
         try:
             got = sparse_mla_triton(q, kv, idx, 576**-0.5, 512, num_splits=splits, config=cfg)
         except OutOfResources:
@@ -311,19 +311,19 @@ def test_gpu_configs_in_interpreter(layout, request, monkeypatch):
         q_in, q_rope = _query_parts(q, 512) if apart else (q, None)
         run = lambda: sparse_mla_triton(q_in, latent, idx, 576**-0.5, 512, rope=rope, q_rope=q_rope)  # noqa: E731
         want = sparse_mla_ref(q, kv, idx, 576**-0.5, 512)
-        G = H
+        dtotal, G = 576, H
     else:
         B, S, T, Hq, Hk, D, K = 1, 2, 60, 8, 2, 192, 40
         q, k, v = torch.randn(B, S, Hq, D), torch.randn(B, T, Hk, D), torch.randn(B, T, Hk, 128)
         idx = random_indices(B, S, T, K)
         run = lambda: sparse_attention_triton(q, k, v, idx, D**-0.5, num_splits=2)  # noqa: E731
         want = sparse_attention_ref(q, k, v, idx, D**-0.5)
-        G = Hq // Hk
+        dtotal, G = D, Hq // Hk
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # triton.jit -> interpreter while _TUNED is rebuilt
     monkeypatch.setattr(mod, "interpreting", lambda x: False)  # take the GPU branch
-    for cfg in mod._configs(mod._block_h_candidates(G)):
+    for cfg in mod._configs(dtotal, mod._block_h_candidates(G)):
         monkeypatch.setattr(mod, "_TUNED", {})
         monkeypatch.setattr(mod, "_configs", lambda *a, cfg=cfg: [cfg])
         with _triton_utils._jit_helpers_interpreted():
             _assert_close(run(), want, q.dtype, seed)
-        assert mod._block_h_candidates(G) in mod._TUNED, "the autotuned (GPU) launcher was not used"
+        assert (dtotal > 256, mod._block_h_candidates(G)) in mod._TUNED, "the autotuned (GPU) launcher was not used"
