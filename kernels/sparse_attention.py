@@ -205,7 +205,7 @@ def _configs(d_total: int, block_hs: tuple[int, ...]):
     the H200). Stages: narrow keys (<= 256) 2-3; wide keys 2 only for now. With the indices loaded
     one block ahead, 3 stages double-buffer the gathered tiles (2 stages: one buffer), which should
     let the next gather overlap this block's dots, but no 3-stage wide-key config has run on a GPU
-    yet: they join the candidates once test_every_mla_config_on_gpu has passed them and
+    yet: they join the candidates once test_three_stage_mla_configs_on_gpu has passed them and
     bench/sweep_sparse_mla.py has timed them (`--stages 2 3`). A wrong result from an untried
     config would be silent. No 1-stage configs: never fastest in the sweep, and a kernel of the
     same shape (gathered tile reused as the value operand) gave wrong output on the H200 with 1

@@ -257,9 +257,29 @@ def test_sparse_mla_gpu(B, S, T, H, K, request):
 @pytest.mark.parametrize("H,splits", [(20, 1), (64, 1), (20, 4)], ids=["h20", "h64", "h20_decode_split"])
 def test_every_mla_config_on_gpu(H, splits, request):
     """Each autotune candidate launched on its own: the autotuner may pick any of them."""
-    from triton.runtime.errors import OutOfResources
+    from ic_compile.kernels.sparse_attention import _block_h_candidates, _configs
+
+    _check_mla_configs_on_gpu(_configs(576, _block_h_candidates(H)), H, splits, request)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("H,splits", [(20, 1), (64, 1), (20, 4)], ids=["h20", "h64", "h20_decode_split"])
+def test_three_stage_mla_configs_on_gpu(H, splits, request):
+    """The 3-stage wide-key configs (double-buffered gathers), not autotune candidates until they
+    pass here and win in bench/sweep_sparse_mla.py (kernels/sparse_attention._configs)."""
+    import triton
 
     from ic_compile.kernels.sparse_attention import _block_h_candidates, _configs
+
+    configs = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=3)
+               for c in _configs(576, _block_h_candidates(H))]
+    _check_mla_configs_on_gpu(configs, H, splits, request)
+
+
+def _check_mla_configs_on_gpu(configs, H: int, splits: int, request) -> None:
+    from triton.runtime.errors import OutOfResources
 
     seed = seed_everything(request.node.name)
     S = 1 if splits > 1 else 64
@@ -268,7 +288,7 @@ def test_every_mla_config_on_gpu(H, splits, request):
     idx = random_indices(2, S, 3000, 2048, device="cuda")
     want = sparse_mla_ref(q, kv, idx, 576**-0.5, 512)
     launched = 0
-    for cfg in _configs(576, _block_h_candidates(H)):
+    for cfg in configs:
         try:
             got = sparse_mla_triton(q, kv, idx, 576**-0.5, 512, num_splits=splits, config=cfg)
         except OutOfResources:
