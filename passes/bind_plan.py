@@ -13,7 +13,7 @@ from ic_compile.plan import FULL, LayerPlan, PlanError, check_plan_length
 
 from .detect_indexers import Detection, IndexerMatch
 from .drop_shared_key_cache import find_shared_key_caches
-from .graph_ops import example_value, shape_of
+from .graph_ops import example_value, shape_of, topk_args
 
 if TYPE_CHECKING:
     from ic_compile.frames import FrameLayout
@@ -129,7 +129,7 @@ def show(value) -> str:
 
 def _k_value(topk):
     """k as an int or SymInt: a node's example value (e.g. `min(index_topk, T)` traced as sym_min)."""
-    k = topk.args[1] if len(topk.args) > 1 else topk.kwargs.get("k")
+    k = topk_args(topk)[1]
     if isinstance(k, torch.fx.Node):
         value = example_value(k)
         return value if value is not None else k.name

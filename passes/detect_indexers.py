@@ -21,7 +21,7 @@ from torch import fx
 from ic_compile.plan import PlanError
 
 from .graph_ops import (LAYOUT_OPS, MASK_SCALE_OPS, PRODUCT_OPS, REDUCE_OPS, full_module_path, is_last_dim,
-                        is_parameter, is_relu, layer_number, module_path, op_name, shape_of, tensor_args)
+                        is_parameter, is_relu, layer_number, module_path, op_name, shape_of, tensor_args, topk_args)
 
 if TYPE_CHECKING:
     from .manager import PassContext
@@ -202,8 +202,8 @@ def _is_weight(node: fx.Node, depth: int = 6) -> bool:
 
 
 def _over_last_axis(topk: fx.Node) -> bool:
-    dim = topk.args[2] if len(topk.args) > 2 else topk.kwargs.get("dim", -1)
-    return is_last_dim(dim, topk.args[0])
+    x, _, dim = topk_args(topk)
+    return is_last_dim(dim, x)
 
 
 def _assign_layers(matches: list[IndexerMatch]) -> list[str]:

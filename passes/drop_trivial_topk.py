@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx
 
-from .graph_ops import op_name, shape_of, take_location, topk_item_users
+from .graph_ops import op_name, shape_of, take_location, topk_args, topk_item_users
 
 if TYPE_CHECKING:
     from .manager import PassContext
@@ -31,7 +31,7 @@ def drop_trivial_topk(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
 
 
 def _trivial(topk: fx.Node) -> bool:
-    x, k, dim = _topk_args(topk)
+    x, k, dim = topk_args(topk)
     shape = shape_of(x) if isinstance(x, fx.Node) else None
     if shape is None or not isinstance(k, int) or not isinstance(dim, int) or not -len(shape) <= dim < len(shape):
         return False
@@ -43,17 +43,8 @@ def _trivial(topk: fx.Node) -> bool:
     return k == 1 and isinstance(size, int) and size == 1
 
 
-def _topk_args(topk: fx.Node):
-    """(input, k, dim) of torch.topk(x, k, dim=-1, ...) / x.topk(k, dim=-1, ...)."""
-    args, kwargs = list(topk.args), dict(topk.kwargs)
-    x = args[0] if args else kwargs.get("input")
-    k = args[1] if len(args) > 1 else kwargs.get("k")
-    dim = args[2] if len(args) > 2 else kwargs.get("dim", -1)
-    return x, k, dim
-
-
 def _replace(gm: fx.GraphModule, topk: fx.Node) -> None:
-    x = _topk_args(topk)[0]
+    x = topk_args(topk)[0]
     users = topk_item_users(topk)
     replacements = {}
     with gm.graph.inserting_before(topk):

@@ -138,6 +138,15 @@ def layer_number(path: str) -> int | None:
 TOPK_ITEMS = {"values": 0, "indices": 1}
 
 
+def topk_args(topk: fx.Node) -> tuple:
+    """(input, k, dim) of a traced torch.topk(x, k, dim=-1, ...) / x.topk(k, dim=-1, ...)."""
+    args, kwargs = topk.args, topk.kwargs
+    x = args[0] if args else kwargs.get("input")
+    k = args[1] if len(args) > 1 else kwargs.get("k")
+    dim = args[2] if len(args) > 2 else kwargs.get("dim", -1)
+    return x, k, dim
+
+
 def topk_item_users(topk: fx.Node) -> dict[int, list[fx.Node]]:
     """The users of a topk node by which output they take (0 values, 1 indices): `topk[i]` or
     `topk.values` / `topk.indices`. Any other use of the whole result is an error."""
