@@ -23,11 +23,11 @@ Parts (--parts):
     forward itself, Inductor with its default compile_config) and ours "-graphs" (forward compiled
     with options={"cudagraphs": True}, generate(disable_compile=True)).
   * ops (B in {1, 16}, T = L): the decode indexer (scores + top-k 2048) with torch.topk or
-    kernels/topk_select.py, and sparse MLA over 2048 selected rows, each timed per call
-    (triton.testing.do_bench: host launches included when they are slower than the GPU) and
-    replayed from a CUDA graph (do_bench_cudagraph: GPU time only, as serving engines run
-    decode); with the bytes each must read (K once / the selected rows once) over the
-    measured copy bandwidth.
+    kernels/topk_select.py, in fp8 (every key quantised per call, or an fp8 key cache), and sparse
+    MLA over 2048 selected rows, each timed per call (triton.testing.do_bench: host launches
+    included when they are slower than the GPU) and replayed from a CUDA graph
+    (do_bench_cudagraph: GPU time only, as serving engines run decode); with the bytes each must
+    read (K once / the selected rows once) over the measured copy bandwidth.
   * host: microseconds of host time per call of each custom op and its pieces (perf_counter), and
     which of them synchronise with the GPU (torch.cuda.set_sync_debug_mode).
 """
@@ -256,6 +256,7 @@ def op_decode(T: int, B: int, copy_gbps: float) -> list[dict]:
         call, graph = call_and_graph_ms(lambda: indexer_topk_triton(q, k, w, TOPK, sorted=sort, selection=selection))
         rows.append({"part": "ops", "op": f"indexer decode, selection={selection}", "B": B, "T": T,
                      "call_ms": call, "graph_ms": graph, "floor_ms": k_bytes / copy_gbps / 1e6})
+    rows += fp8_indexer_decode(q, k, w, copy_gbps)
     qm, kv, idx = mla_decode_inputs(B, T)
     row_bytes = int((idx >= 0).sum()) * kv.shape[-1] * kv.element_size()
     call, graph = call_and_graph_ms(lambda: sparse_mla(qm, kv, idx, 576 ** -0.5, 512, use_triton=True))
@@ -263,6 +264,31 @@ def op_decode(T: int, B: int, copy_gbps: float) -> list[dict]:
                  "graph_ms": graph, "floor_ms": row_bytes / copy_gbps / 1e6})
     for row in rows:
         print(json.dumps(row), flush=True)
+    return rows
+
+
+def fp8_indexer_decode(q, k, w, copy_gbps: float) -> list[dict]:
+    """indexer_precision="fp8" at decode: every key quantised per call, and an fp8 key cache
+    (kernels/fp8_key_cache.py: this step's one new key quantised into the copy, which the scores read)."""
+    from ic_compile.kernels.fp8_key_cache import fp8_key_mirror
+    from ic_compile.kernels.indexer_topk import indexer_topk_triton
+
+    B, T, D = k.shape
+    new, position = k[:, -1:].clone(), torch.tensor([T - 1], device=k.device)
+    fp8_key_mirror(k[:, :T - 1], k[:, :T - 1], torch.arange(T - 1, device=k.device))  # the cache's past keys
+
+    def cached():
+        k8, scales = fp8_key_mirror(k, new, position)
+        return indexer_topk_triton(q, k8, w, TOPK, sorted=False, indexer_precision="fp8", k_scale=scales)
+
+    variants = {"per-call quantisation": (lambda: indexer_topk_triton(q, k, w, TOPK, sorted=False,
+                                                                      indexer_precision="fp8"), B * T * D * 2),
+                "key cache": (cached, B * T * (D + 4))}
+    rows = []
+    for name, (fn, floor_bytes) in variants.items():
+        call, graph = call_and_graph_ms(fn)
+        rows.append({"part": "ops", "op": f"indexer decode fp8, {name}, selection=triton", "B": B, "T": T,
+                     "call_ms": call, "graph_ms": graph, "floor_ms": floor_bytes / copy_gbps / 1e6})
     return rows
 
 

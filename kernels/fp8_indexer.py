@@ -11,7 +11,8 @@ dequantised q and k. Here:
   * `quantize_rows(x)`: e4m3 values and fp32 scales, scale = max(amax, 1e-4) / 448 per row of the
     last dim (DeepSeek's `act_quant` with block = the whole head vector: D = 128 in every DSA model);
   * `quantize_indexer(q, k, w)`: q8 [B,S,H,D], k8 [B,T,D], w' = w * q_scale [B,S,H] (fp32: q's
-    scales folded into the head weights, as DeepSeek does), k_scale [B,T];
+    scales folded into the head weights, as DeepSeek does), k_scale [B,T] (or the keys as given,
+    already e4m3, with their scales: an fp8 key cache, kernels/fp8_key_cache.py);
   * `fp8_indexer_scores_ref`: the fp32 reference of the maths above on the same quantised values
     (what the Triton kernel, `indexer_topk._indexer_scores_fp8_kernel`, computes with e4m3 tensor-core
     dots: each product of two e4m3 values is exact in fp32, only the accumulation order differs).
@@ -39,11 +40,16 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out.view(x.shape), scale.view(x.shape[:-1])
 
 
-def quantize_indexer(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor):
-    """(q8 [B,S,H,D], k8 [B,T,D], w * q_scale fp32 [B,S,H], k_scale fp32 [B,T]) for the fp8 indexer."""
+def quantize_indexer(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, k_scale: torch.Tensor | None = None):
+    """(q8 [B,S,H,D], k8 [B,T,D], w * q_scale fp32 [B,S,H], k_scale fp32 [B,T]) for the fp8 indexer.
+    k_scale given: k is already e4m3 with those scales (an fp8 key cache, kernels/fp8_key_cache.py)."""
     q8, q_scale = quantize_rows(q)
-    k8, k_scale = quantize_rows(k)
-    return q8, k8, w.float() * q_scale, k_scale
+    if k_scale is None:
+        k, k_scale = quantize_rows(k)
+    elif k.dtype != FP8_DTYPE or k_scale.shape != k.shape[:-1]:
+        raise ValueError(f"pre-quantised keys must be {FP8_DTYPE} [B,T,D] with fp32 scales [B,T]; got "
+                         f"{k.dtype} {tuple(k.shape)} and scales {tuple(k_scale.shape)}")
+    return q8, k, w.float() * q_scale, k_scale
 
 
 def fp8_indexer_scores_ref(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -471,20 +471,22 @@ def _chunk_rows(B: int, T: int, block: int, causal: bool, budget: int = SCORE_BU
 def chunked_scores(
     q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, mask: torch.Tensor | None = None,
     causal: bool = True, chunk_rows: int | None = None, num_splits: int | None = None,
-    key_range: torch.Tensor | None = None, indexer_precision: str = "bf16",
+    key_range: torch.Tensor | None = None, indexer_precision: str = "bf16", k_scale: torch.Tensor | None = None,
 ):
     """Yield (s0, s1, scores [B, s1-s0, width]) per query chunk; `scores` is reused between chunks.
 
     width = the chunk's causal horizon (T when not causal). Small S (S x heads fits one dot
     tile) uses the decode form: a single chunk, all queries in one program row, keys split.
-    indexer_precision "fp8": q and k quantised to e4m3 first (kernels/fp8_indexer.py), fp8 dots.
+    indexer_precision "fp8": q and k quantised to e4m3 first (kernels/fp8_indexer.py), fp8 dots;
+    k_scale fp32 [B,T] given: k is e4m3 already (an fp8 key cache), only q is quantised.
     """
     B, S, H, D = q.shape
     T = k.shape[1]
     assert k.shape[0] == B and k.shape[1:] == (T, D) and w.shape == (B, S, H), (q.shape, k.shape, w.shape)
-    k_scale = None
     if check_indexer_precision(indexer_precision) == "fp8":
-        q, k, w, k_scale = quantize_indexer(q, k, w)
+        q, k, w, k_scale = quantize_indexer(q, k, w, k_scale)
+    elif k_scale is not None:
+        raise ValueError("k_scale (pre-quantised keys) needs indexer_precision='fp8'")
     else:
         k = k.to(q.dtype)
     decode_block_s = next_pow2(S) if decode_form(S, H) else None
@@ -529,6 +531,7 @@ def indexer_topk_triton(
     mask: torch.Tensor | None = None, causal: bool = True,
     chunk_rows: int | None = None, num_splits: int | None = None, sorted: bool = True,
     selection: str = "auto", key_range: torch.Tensor | None = None, indexer_precision: str = "bf16",
+    k_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton path of indexer_topk (CPU tensors run in the Triton interpreter).
 
@@ -538,7 +541,7 @@ def indexer_topk_triton(
     B, S, T = q.shape[0], q.shape[1], k.shape[1]
     out = new_output((B, S, topk), torch.int32, q.device)
     for s0, s1, scores in chunked_scores(q, k, w, mask, causal, chunk_rows, num_splits, key_range=key_range,
-                                         indexer_precision=indexer_precision):
+                                         indexer_precision=indexer_precision, k_scale=k_scale):
         if scores.shape[-1] == 0:  # no key visible to this chunk (causal with S > T)
             out[:, s0:s1] = -1
         else:
@@ -555,6 +558,7 @@ def indexer_topk(
     q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, topk: int,
     mask: torch.Tensor | None = None, causal: bool = True, use_triton: bool | None = None,
     sorted: bool = True, key_range: torch.Tensor | None = None, indexer_precision: str = "bf16",
+    k_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Indexer top-k. q [B,S,H,D], k [B,T,D], w [B,S,H] -> int32 [B,S,topk] (-1 padded).
 
@@ -565,13 +569,15 @@ def indexer_topk(
     False = reference. See _triton_utils for the IC_KERNELS_TRITON override.
     indexer_precision: "bf16" (default: q, k as given, in their dtype) or "fp8" (DeepSeek-V3.2's
     fp8 indexer: q, k quantised to e4m3 with a scale per token and head, e4m3 tensor-core dots;
-    kernels/fp8_indexer.py).
+    kernels/fp8_indexer.py); with k_scale fp32 [B,T], k is e4m3 already (an fp8 key cache,
+    kernels/fp8_key_cache.py) and only q is quantised.
     """
     check_indexer_precision(indexer_precision)
     if use_triton_for(q, use_triton):
         return indexer_topk_triton(q, k, w, topk, mask, causal, sorted=sorted, key_range=key_range,
-                                   indexer_precision=indexer_precision)
-    return indexer_topk_ref(q, k, w, topk, mask, causal, key_range=key_range, indexer_precision=indexer_precision)
+                                   indexer_precision=indexer_precision, k_scale=k_scale)
+    return indexer_topk_ref(q, k, w, topk, mask, causal, key_range=key_range, indexer_precision=indexer_precision,
+                            k_scale=k_scale)
 
 
 __all__ = ["indexer_topk", "indexer_topk_triton", "indexer_scores", "chunked_scores", "decode_form", "HAS_TRITON"]

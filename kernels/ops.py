@@ -2,7 +2,10 @@
 
     ic::indexer_topk(Tensor q, Tensor k, Tensor w, SymInt topk, Tensor? mask=None, bool causal=True,
                      bool sorted=True, Tensor? key_range=None, bool check=True,
-                     str indexer_precision="bf16") -> Tensor
+                     str indexer_precision="bf16", Tensor? new_keys=None, Tensor? new_key_pos=None) -> Tensor
+        (new_keys / new_key_pos: k is the model's key cache, into which it has just written new_keys at
+        new_key_pos along dim 1; with indexer_precision="fp8" the op keeps an fp8 copy of that cache,
+        quantising only those rows: kernels/fp8_key_cache.py)
     ic::sparse_attention(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, bool causal=True) -> Tensor
     ic::sparse_mla(Tensor q, Tensor kv, Tensor indices, float scale, int dv, bool causal=True,
                    Tensor? rope=None, Tensor? q_rope=None) -> Tensor
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from .fp8_key_cache import fp8_key_mirror
 from .indexer_topk import decode_form
 from .indexer_topk import indexer_topk as _indexer_topk
 from .key_range import assert_key_range_async, check_key_range
@@ -43,7 +47,7 @@ NAMESPACE = "ic"
 # exported graph then padded short prompts' rows with -1 instead of selecting fewer keys).
 _INDEXER_TOPK_SCHEMA = ("(Tensor q, Tensor k, Tensor w, SymInt topk, Tensor? mask=None, bool causal=True, "
                         "bool sorted=True, Tensor? key_range=None, bool check=True, "
-                        "str indexer_precision=\"bf16\") -> Tensor")
+                        "str indexer_precision=\"bf16\", Tensor? new_keys=None, Tensor? new_key_pos=None) -> Tensor")
 _SPARSE_ATTENTION_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, bool causal=True) -> Tensor"
 _SPARSE_MLA_SCHEMA = ("(Tensor q, Tensor kv, Tensor indices, float scale, int dv, bool causal=True, "
                       "Tensor? rope=None, Tensor? q_rope=None) -> Tensor")
@@ -53,7 +57,7 @@ _MOE_EXPERTS_SCHEMA = ("(Tensor hidden, Tensor topk_index, Tensor topk_weights, 
 
 @torch.library.custom_op(f"{NAMESPACE}::indexer_topk", mutates_args=(), schema=_INDEXER_TOPK_SCHEMA)
 def indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=None, check=True,
-                 indexer_precision="bf16"):
+                 indexer_precision="bf16", new_keys=None, new_key_pos=None):
     """q [B,S,H,D], k [B,T,D], w [B,S,H] -> int32 [B,S,topk] (-1 padded). sorted=False: rows
     may come in any order (the lowering asks for that when every consumer ignores order).
 
@@ -72,9 +76,18 @@ def indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=N
     the general path -- the same answer, without the causal skips -- and the ranges' contiguity is
     asserted on the device (torch._assert_async: a device-side assert, not a silent wrong answer).
     indexer_precision="fp8": DeepSeek-V3.2's fp8 indexer (q, k quantised to e4m3 per token and head,
-    kernels/fp8_indexer.py); "bf16" (default): the scores of q and k as given."""
+    kernels/fp8_indexer.py); "bf16" (default): the scores of q and k as given.
+    new_keys [b,n,D] / new_key_pos [n] (fp8 only): the rows of the key cache k the model has just
+    written; the scores then read the op's fp8 copy of k, into which only those rows are quantised
+    (kernels/fp8_key_cache.py), not k itself."""
     S, T = q.shape[1], k.shape[1]
     precision = {} if indexer_precision == "bf16" else {"indexer_precision": indexer_precision}  # bf16: as before
+    if new_keys is not None:
+        if indexer_precision != "fp8" or new_key_pos is None:
+            raise ValueError("ic::indexer_topk: new_keys needs new_key_pos and indexer_precision='fp8' (the fp8 key "
+                             f"cache), got new_key_pos={'a tensor' if new_key_pos is not None else None}, "
+                             f"indexer_precision={indexer_precision!r}")
+        k, precision["k_scale"] = fp8_key_mirror(k, new_keys, new_key_pos)
     if mask is not None and key_range is not None:
         raise ValueError("ic::indexer_topk: pass either mask or key_range, not both")
     if not check or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
@@ -92,7 +105,8 @@ def indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=N
 
 
 @indexer_topk.register_fake
-def _(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=None, check=True, indexer_precision="bf16"):
+def _(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=None, check=True, indexer_precision="bf16",
+      new_keys=None, new_key_pos=None):
     B, S = q.shape[0], q.shape[1]
     return q.new_empty((B, S, topk), dtype=torch.int32)
 

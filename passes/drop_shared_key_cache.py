@@ -27,15 +27,13 @@ import torch
 from torch import fx
 
 from .eliminate_dead_code import remove_dead_code
-from .graph_ops import LAYOUT_OPS, example_value, is_parameter, module_path, op_name, tensor_args, writes_in_place
+from .graph_ops import (CONSTRUCTORS, LAYOUT_OPS, example_value, is_parameter, module_path, op_name, tensor_args, views_of,
+                        writes_in_place, writers_of)
 from .symbolic_sizes import size_nodes
 
 if TYPE_CHECKING:
     from .bind_plan import LayerBinding
     from .manager import PassContext
-
-CONSTRUCTORS = {"tensor", "empty", "zeros", "new_empty", "new_zeros", "empty_like", "zeros_like"}
-
 
 @dataclass
 class CacheWrite:
@@ -76,7 +74,7 @@ def _find(key: fx.Node, layer: int) -> CacheWrite | None:
         if name == "cat":
             return _from_concat(node, layer)
         if node.op in ("placeholder", "get_attr"):
-            return CacheWrite(layer, buffer=node, writers=_writers_of(node))
+            return CacheWrite(layer, buffer=node, writers=writers_of(node))
         if name in LAYOUT_OPS and tensor_args(node):
             node = tensor_args(node)[0]
             continue
@@ -107,7 +105,7 @@ def _buffers_written_in(graph: fx.Graph, scope: str) -> list[tuple[fx.Node, list
     for node in graph.nodes:
         if node.op not in ("placeholder", "get_attr") or is_parameter(node):
             continue
-        writers = _writers_of(node)
+        writers = writers_of(node)
         if writers and all(_in_scope(w, scope) for w in writers):
             found.append((node, writers))
     return found
@@ -119,20 +117,6 @@ def _outputs_from(graph: fx.Graph, scope: str) -> list[fx.Node]:
     values = dict.fromkeys(n for n in tensor_args(output)
                            if n.op in ("call_function", "call_method") and _in_scope(n, scope))
     return list(values)
-
-
-def _views_of(buffer: fx.Node) -> list[fx.Node]:
-    """The buffer and every view of it (cache[:B], .view(...)) through layout ops."""
-    views, frontier = [buffer], [buffer]
-    while frontier:
-        frontier = [u for n in frontier for u in n.users if op_name(u) in LAYOUT_OPS and u.args[0] is n]
-        views += frontier
-    return views
-
-
-def _writers_of(buffer: fx.Node) -> list[fx.Node]:
-    return [u for view in _views_of(buffer) for u in view.users
-            if writes_in_place(u) and u.args and u.args[0] is view]
 
 
 def drop_shared_key_cache(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -185,7 +169,7 @@ def _is_empty(node: fx.Node) -> bool:
 
 def _drop_buffer(graph: fx.Graph, buffer: fx.Node, writers: list, live: set, cache: CacheWrite) -> bool:
     writers = [w for w in writers if w in live]
-    views = _views_of(buffer)
+    views = views_of(buffer)
     readers = {u for v in views for u in v.users} - set(views) - set(writers)
     if readers or any(w.users for w in writers):
         cache.kept.append(f"{buffer.name}: still read by {sorted(n.name for n in readers)[:3]}")

@@ -29,6 +29,7 @@ LAYOUT_OPS = {"view", "reshape", "squeeze", "unsqueeze", "transpose", "permute",
 MASK_SCALE_OPS = {"add", "sub", "mul", "div", "masked_fill", "where", "neg"}
 PRODUCT_OPS = {"matmul", "bmm", "einsum", "mm"}
 REDUCE_OPS = {"sum"}
+CONSTRUCTORS = {"tensor", "empty", "zeros", "new_empty", "new_zeros", "empty_like", "zeros_like"}  # fresh tensors
 IN_PLACE_WRITES = {"index_copy_", "index_put_", "copy_", "setitem", "scatter_", "masked_scatter_",
                    "index_add_", "fill_", "zero_"}
 
@@ -50,19 +51,35 @@ def writes_in_place(node: fx.Node) -> bool:
     return name in IN_PLACE_WRITES or (name.endswith("_") and not name.startswith("_"))
 
 
+def views_of(buffer: fx.Node) -> list[fx.Node]:
+    """The buffer and every view of it (cache[:B], .view(...)) through layout ops."""
+    views, frontier = [buffer], [buffer]
+    while frontier:
+        frontier = [u for n in frontier for u in n.users if op_name(u) in LAYOUT_OPS and u.args[0] is n]
+        views += frontier
+    return views
+
+
+def writers_of(buffer: fx.Node) -> list[fx.Node]:
+    """The in-place writes (index_copy_, cache[i] = x, ...) into the buffer or any view of it."""
+    return [u for view in views_of(buffer) for u in view.users
+            if writes_in_place(u) and u.args and u.args[0] is view]
+
+
 def is_relu(node: fx.Node) -> bool:
     """relu(x), clamp_min(x, 0), clamp(x, min=0), clamp(x, 0)."""
     name = op_name(node)
     if name == "relu":
         return True
     if name == "clamp_min":
-        return _arg(node, 1, "min") == 0
+        return arg_of(node, 1, "min") == 0
     if name == "clamp":
-        return _arg(node, 1, "min") == 0 and _arg(node, 2, "max") is None
+        return arg_of(node, 1, "min") == 0 and arg_of(node, 2, "max") is None
     return False
 
 
-def _arg(node: fx.Node, pos: int, name: str):
+def arg_of(node: fx.Node, pos: int, name: str):
+    """The call's argument at position `pos`, or given by keyword `name`."""
     if len(node.args) > pos:
         return node.args[pos]
     return node.kwargs.get(name)

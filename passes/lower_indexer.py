@@ -16,6 +16,7 @@ and the lowered calls carry the decision ("ranges" | "dense").
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,10 @@ if TYPE_CHECKING:
     from .manager import PassContext
 
 
+class IndexerPrecisionWarning(UserWarning):
+    """indexer_precision="fp8" asked for, and some indexer does not get it (or not at full speed)."""
+
+
 @dataclass
 class LoweringReport:
     lowered: list[int] = field(default_factory=list)  # layers now calling ic::indexer_topk
@@ -40,6 +45,8 @@ class LoweringReport:
     indexer_mask: str | None = None  # how the lowered indexers get the mask: "ranges" | "dense"
     moe_lowered: list[str] = field(default_factory=list)  # experts modules now calling ic::moe_experts
     moe_skipped: dict[str, str] = field(default_factory=dict)  # experts-like module -> why it was left alone
+    fp8_key_cache: list[int] = field(default_factory=list)  # fp8 indexers reading an fp8 copy of their key cache
+    fp8_key_cache_skipped: dict[int, str] = field(default_factory=dict)  # fp8 indexer -> why it quantises per call
 
 
 @dataclass
@@ -71,6 +78,11 @@ def lower_indexer(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             ctx.counters["lower_indexer.skipped"] += 1
         else:
             plans.append((match, plan))
+    if ctx.indexer_precision != "bf16" and ctx.report.skipped:
+        warnings.warn(f"indexer_precision={ctx.indexer_precision!r} is not applied to the F indexers of layers "
+                      f"{sorted(ctx.report.skipped)}: they run as the model wrote them, in its precision, since our op "
+                      f"does not take their form ({next(iter(ctx.report.skipped.values()))})", IndexerPrecisionWarning,
+                      stacklevel=2)
     mask = decide_indexer_mask(ctx.indexer_mask, ctx.lowering, [shape_of(plan.q)[1] for _, plan in plans])
     for match, plan in plans:
         _replace(gm, match, plan, mask, ctx.indexer_precision)
@@ -94,36 +106,38 @@ def decide_indexer_mask(requested: str, lowering: str, queries: list) -> str:
         raise ValueError(f"indexer_mask={requested!r} is not one of {INDEXER_MASKS}")
     if requested != "auto":
         return requested
-    if lowering != "inductor" or all(_decode_sized(S) for S in queries):
+    if lowering != "inductor" or all(decode_sized(S) for S in queries):
         return "dense"
     return "ranges"
 
 
 def lowered_indexer(q, k, w, scale, mask, topk, w_layout, mask_kind, ordered=True, indexer_mask="ranges",
-                    check=True, indexer_precision="bf16"):
+                    check=True, indexer_precision="bf16", new_keys=None, new_key_pos=None):
     """Canonical layouts, then the fused op -> int32 [B,S,topk], -1 where fewer keys are allowed;
     rows descending by score when `ordered` (else any order, which lets CUDA use topk_select).
     indexer_mask (decided by `decide_indexer_mask`): "ranges", the mask reaches the op as key ranges
     [B,S,3]; "dense", as itself. check: the op's host-side checks (False under CUDA graphs).
-    indexer_precision: "bf16" (the model's) or "fp8"."""
+    indexer_precision: "bf16" (the model's) or "fp8"; new_keys / new_key_pos (fp8): k is a key cache
+    the model has just written those keys into (passes/fp8_key_cache.py)."""
     # q [B,S,H,D], k [B,T,D] in the model's dtype: bf16 products are exact in the fp32 accumulator,
     # so skipping the model's .float() upcast changes only the summation order (and uses tensor cores)
-    if q.dtype != k.dtype:
+    cache = {} if new_keys is None else {"new_keys": new_keys, "new_key_pos": new_key_pos}
+    if q.dtype != k.dtype and not cache:  # with a key cache the op reads its fp8 copy, not k: k stays the buffer
         q, k = q.float(), k.float()
     w = (w.squeeze(-2) if w_layout == "bs1h" else w.squeeze(-1)).float() * scale  # [B,S,H]
     allowed = _allowed(mask, mask_kind, q.shape[0], q.shape[1], k.shape[1])  # bool [B,S,T] | None
     if allowed is None or indexer_mask == "dense":
         return torch.ops.ic.indexer_topk(q, k, w, topk, allowed, False, ordered, check=check,
-                                         indexer_precision=indexer_precision)  # [B,S,topk] int32
+                                         indexer_precision=indexer_precision, **cache)  # [B,S,topk] int32
     return torch.ops.ic.indexer_topk(q, k, w, topk, None, False, ordered, key_range=key_range_of(allowed), check=check,
-                                     indexer_precision=indexer_precision)
+                                     indexer_precision=indexer_precision, **cache)
 
 
 def prefill_indexers(gm: fx.GraphModule) -> list[fx.Node]:
     """The graph's lowered indexers whose query count is not a constant <= DENSE_MASK_MAX_QUERIES
     (or is unknown)."""
     calls = gm.graph.find_nodes(op="call_function", target=lowered_indexer)
-    return [n for n in calls if not ((q_shape := shape_of(n.args[0])) and _decode_sized(q_shape[1]))]
+    return [n for n in calls if not ((q_shape := shape_of(n.args[0])) and decode_sized(q_shape[1]))]
 
 
 def skip_host_checks(gm: fx.GraphModule) -> None:
@@ -136,7 +150,7 @@ def skip_host_checks(gm: fx.GraphModule) -> None:
         gm.recompile()
 
 
-def _decode_sized(S) -> bool:
+def decode_sized(S) -> bool:
     """A query length fixed at trace time and small (decode; symbolic under dynamic shapes: prefill)."""
     return isinstance(S, int) and S <= DENSE_MASK_MAX_QUERIES
 
@@ -386,5 +400,6 @@ def _replace(gm: fx.GraphModule, match: IndexerMatch, plan: _Plan, indexer_mask:
         safe = gm.graph.call_function(scatter_safe_indices, (node, plan.k))
     for new in (node, safe):
         take_location(new, match.topk)
+    node.meta["indexcache_layer"] = match.layer
     for use in list(match.topk.users):
         use.replace_all_uses_with(safe)

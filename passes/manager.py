@@ -100,6 +100,7 @@ def pipeline(ctx: PassContext) -> list[Pass]:
     from .drop_trivial_topk import drop_trivial_topk
     from .eliminate_dead_code import eliminate_dead_code
     from .forward_indices import forward_indices
+    from .fp8_key_cache import fp8_key_cache
     from .lower_indexer import lower_indexer
     from .lower_moe_experts import lower_moe_experts
     from .lower_sparse_attention import lower_sparse_attention
@@ -107,7 +108,8 @@ def pipeline(ctx: PassContext) -> list[Pass]:
     passes = [eliminate_dead_code, detect, bind_plan, connect_index_store, forward_indices, eliminate_dead_code,
               drop_shared_key_cache]
     if ctx.kernels:
-        passes += [lower_indexer, *([lower_sparse_attention] if ctx.sparse_attention else []),
+        passes += [lower_indexer, *([fp8_key_cache] if ctx.indexer_precision == "fp8" else []),
+                   *([lower_sparse_attention] if ctx.sparse_attention else []),
                    *([lower_moe_experts] if ctx.moe_experts else []), drop_trivial_topk, eliminate_dead_code]
     return passes
 
