@@ -41,7 +41,8 @@ def fp8_key_cache(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if node.kwargs.get("indexer_precision") != "fp8":
             continue
         layer = node.meta.get("indexcache_layer")
-        write = key_cache_write(node.args[1])
+        write = key_cache_write(node.args[1]) if "key_scale" not in node.kwargs else \
+            "its keys carry a per-key scale of the model's own (a scale cache beside the key cache)"
         if isinstance(write, str):
             ctx.report.fp8_key_cache_skipped[layer] = write
             ctx.counters["fp8_key_cache.skipped"] += 1

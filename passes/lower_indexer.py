@@ -26,7 +26,7 @@ from torch import fx
 from ic_compile.kernels.key_range import key_range_of
 
 from .detect_indexers import IndexerMatch
-from .graph_ops import LAYOUT_OPS, is_last_dim, op_name, shape_of, take_location
+from .graph_ops import LAYOUT_OPS, example_value, is_last_dim, op_name, shape_of, take_location
 
 if TYPE_CHECKING:
     from .manager import PassContext
@@ -60,6 +60,7 @@ class _Plan:
     mask_kind: str  # "none" | "fill" (True = drop) | "additive" | "allowed"
     topk: int | fx.Node
     ordered: bool  # some consumer may depend on the descending order of the indices
+    key_scale: fx.Node | None = None  # a per-key factor [B|1, (1,) 1, T] on the scores (DeepSeek's k_scale)
 
 
 INDEXER_MASKS = ("auto", "ranges", "dense")  # how the model's mask reaches the op (backend option indexer_mask)
@@ -112,16 +113,23 @@ def decide_indexer_mask(requested: str, lowering: str, queries: list) -> str:
 
 
 def lowered_indexer(q, k, w, scale, mask, topk, w_layout, mask_kind, ordered=True, indexer_mask="ranges",
-                    check=True, indexer_precision="bf16", new_keys=None, new_key_pos=None):
+                    check=True, indexer_precision="bf16", new_keys=None, new_key_pos=None, key_scale=None):
     """Canonical layouts, then the fused op -> int32 [B,S,topk], -1 where fewer keys are allowed;
     rows descending by score when `ordered` (else any order, which lets CUDA use topk_select).
     indexer_mask (decided by `decide_indexer_mask`): "ranges", the mask reaches the op as key ranges
     [B,S,3]; "dense", as itself. check: the op's host-side checks (False under CUDA graphs).
     indexer_precision: "bf16" (the model's) or "fp8"; new_keys / new_key_pos (fp8): k is a key cache
-    the model has just written those keys into (passes/fp8_key_cache.py)."""
+    the model has just written those keys into (passes/fp8_key_cache.py). key_scale [B|1,1..,T]: the
+    model's per-key factor on the scores, folded into the keys (ReLU(q.(c k)) = c ReLU(q.k) for c >= 0,
+    asserted on the device)."""
     # q [B,S,H,D], k [B,T,D] in the model's dtype: bf16 products are exact in the fp32 accumulator,
     # so skipping the model's .float() upcast changes only the summation order (and uses tensor cores)
     cache = {} if new_keys is None else {"new_keys": new_keys, "new_key_pos": new_key_pos}
+    if key_scale is not None:
+        key_scale = key_scale.reshape(key_scale.shape[0], key_scale.shape[-1])  # [B|1, T]
+        torch._assert_async((key_scale >= 0).all(), "a per-key score scale is negative: it cannot be folded into "
+                            "the keys through the ReLU; compile with kernels=False")
+        k = k.float() * key_scale[..., None]  # [B,T,D]
     if q.dtype != k.dtype and not cache:  # with a key cache the op reads its fp8 copy, not k: k stays the buffer
         q, k = q.float(), k.float()
     w = (w.squeeze(-2) if w_layout == "bs1h" else w.squeeze(-1)).float() * scale  # [B,S,H]
@@ -183,7 +191,7 @@ def _analyse(match: IndexerMatch) -> _Plan | str:
     chain = _chain(match)
     if isinstance(chain, str):
         return chain
-    scale, w, w_layout, mask, mask_kind = 1.0, None, "", None, "none"
+    scale, w, w_layout, mask, mask_kind, key_scale = 1.0, None, "", None, "none", None
     for node, via in chain:
         name = op_name(node)
         if name in ("mul", "div") and _scalar_of(node, via) is not None and (name == "mul" or node.args[0] is via):
@@ -197,6 +205,8 @@ def _analyse(match: IndexerMatch) -> _Plan | str:
             mask, mask_kind = [a for a in node.args if a is not via][0], "additive"
         elif name == "where" and mask is None and node.args[1] is via:
             mask, mask_kind = node.args[0], "allowed"
+        elif name == "mul" and key_scale is None and _per_key(node, via) is not None:
+            key_scale = _per_key(node, via)
         elif name == "sum" and w_layout == "bsh1" and _sum_dim(node) not in (2, -2):
             return "the head reduction sums over a dim other than the heads"
         elif name in LAYOUT_OPS or name in ("sum", "relu", "clamp_min", "clamp") or node is match.relu:
@@ -212,7 +222,21 @@ def _analyse(match: IndexerMatch) -> _Plan | str:
     if key is None:
         return f"no [B,T,D] key tensor behind the product's key operand {shape_of(match.key)}"
     return _Plan(_uncast(match.query), key, w, w_layout, float(scale), mask, mask_kind, topk,
-                 ordered=not order_free(match.topk))
+                 ordered=not order_free(match.topk), key_scale=key_scale)
+
+
+def _per_key(node: fx.Node, via: fx.Node) -> fx.Node | None:
+    """The other factor of `node` when it is one number per (batch, key): the scores' shape with 1 at
+    every dim but the batch (or 1) and the last (DeepSeek's `* k_scale[:, None, :]`)."""
+    others = [a for a in node.args if a is not via]
+    if len(others) != 1 or not isinstance(others[0], fx.Node):
+        return None
+    shape, scores = shape_of(others[0]), shape_of(via)
+    if shape is None or scores is None or len(shape) != len(scores) or len(shape) < 3:
+        return None
+    if shape[-1] != scores[-1] or shape[0] not in (1, scores[0]) or any(d != 1 for d in shape[1:-1]):
+        return None
+    return others[0]
 
 
 # a masked_fill mask is bool, so these are all "logical not"
@@ -269,11 +293,22 @@ CASTS = {"float", "to", "type", "half", "bfloat16", "double"}
 
 
 def _uncast(node: fx.Node) -> fx.Node:
-    """q before the model's dtype casts (same shape), so bf16 models feed bf16 to the kernel."""
+    """q before the model's widening casts (same shape), so bf16 models feed bf16 to the kernel. Not
+    before a narrowing one (DeepSeek's fp8 q: x.to(float8)): the values after it are the model's."""
     while op_name(node) in CASTS and isinstance(node.args[0], fx.Node) \
-            and shape_of(node.args[0]) == shape_of(node):
+            and shape_of(node.args[0]) == shape_of(node) and _widening(node):
         node = node.args[0]
     return node
+
+
+def _widening(cast: fx.Node) -> bool:
+    """The cast keeps every value: floats to a dtype of more bits, or of the same dtype."""
+    source, out = example_value(cast.args[0]), example_value(cast)
+    if not (isinstance(source, torch.Tensor) and isinstance(out, torch.Tensor)):
+        return False
+    if source.dtype == out.dtype:
+        return True
+    return source.is_floating_point() and out.is_floating_point() and out.element_size() > source.element_size()
 
 
 def _key_source(match: IndexerMatch) -> fx.Node | None:
@@ -284,6 +319,8 @@ def _key_source(match: IndexerMatch) -> fx.Node | None:
     node = match.key
     dims = ("B", "1", "D", "T") if op_name(match.product) == "matmul" else ("B", "T", "D")
     for _ in range(8):
+        if op_name(node) in CASTS and not _widening(node):  # the model's values are the cast's (fp8 keys)
+            return node if dims == ("B", "T", "D") else None
         if dims == ("B", "T", "D") and op_name(node) not in CASTS:
             return node
         source = node.args[0] if node.args else None
@@ -393,10 +430,12 @@ def _head_weights(node: fx.Node, via: fx.Node):
 def _replace(gm: fx.GraphModule, match: IndexerMatch, plan: _Plan, indexer_mask: str,
              indexer_precision: str = "bf16") -> None:
     with gm.graph.inserting_before(match.topk):
+        options = {"indexer_precision": indexer_precision} if indexer_precision != "bf16" else {}
+        if plan.key_scale is not None:
+            options["key_scale"] = plan.key_scale
         node = gm.graph.call_function(
             lowered_indexer, (plan.q, plan.k, plan.w, plan.scale, plan.mask, plan.topk, plan.w_layout,
-                              plan.mask_kind, plan.ordered, indexer_mask),
-            {"indexer_precision": indexer_precision} if indexer_precision != "bf16" else {})
+                              plan.mask_kind, plan.ordered, indexer_mask), options)
         safe = gm.graph.call_function(scatter_safe_indices, (node, plan.k))
     for new in (node, safe):
         take_location(new, match.topk)

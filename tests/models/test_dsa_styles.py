@@ -68,6 +68,21 @@ def test_plan_matches_hooks_prefill_and_decode(static_decode, style, lowering):
         assert s_layer_leftovers(net, result) == {1: [], 2: []}
 
 
+@pytest.mark.parametrize("style,lowering", [("official", "eager"), ("fp8", "eager"), ("fp8", "inductor")])
+def test_deepseek_indexer_runs_in_our_op(static_decode, style, lowering):
+    """DeepSeek's own indexer (fp8_index: scores times a per-key scale from the scale cache; with fp8,
+    q and the key cache already e4m3) lowered to ic::indexer_topk, the scale folded into the keys and
+    the model's e4m3 values kept (not the values before its narrowing casts): the hooks' answer."""
+    net, prompt, steps = dsa_styles.model(style, n_layers=len(PLAN)), dsa_styles.tokens(), dsa_styles.tokens(
+        seq=DECODE_STEPS, seed=3)
+    want = dsa_styles.hooked_prefill_and_decode(net, PLAN, prompt, steps)
+    ic_compile.backend.last_results.clear()
+    run = torch.compile(net, backend="indexcache", options={"plan": PLAN, "lowering": lowering, "kernels": True})
+    got = dsa_styles.prefill_and_decode(run, net, prompt, steps)
+    assert_close(want, got)
+    assert all(r.kernels.lowered == [0] for r in ic_compile.backend.last_results)
+
+
 @pytest.mark.parametrize("style", dsa_styles.STYLES)
 def test_sharing_changes_the_answer(style):
     """Guards the oracle: with top-6 of 12 keys, S layers reusing F's top-k changes the logits."""

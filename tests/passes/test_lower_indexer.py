@@ -553,3 +553,16 @@ def test_fp8_indexer_option_reaches_the_op(eight_heads):
 def test_indexer_precision_option_errors(options, message):
     with pytest.raises(ic_compile.OptionsError, match=message):
         ic_compile.backend.BackendOptions.parse(options)
+
+
+def test_negative_per_key_scale_is_an_error():
+    """A per-key factor on the scores is folded into the keys only if no factor is negative (the
+    ReLU): checked on the device, an error rather than other keys."""
+    import ic_compile.kernels.ops  # noqa: F401  registers torch.ops.ic
+
+    q, k, w = torch.randn(1, 3, 4, 8), torch.randn(1, 6, 8), torch.rand(1, 3, 4, 1)
+    scales = torch.rand(1, 1, 6)
+    args = (q, k, w, 1.0, None, 2, "bsh1", "none")
+    assert lowered_indexer(*args, key_scale=scales).shape == (1, 3, 2)
+    with pytest.raises(RuntimeError, match="a per-key score scale is negative"):
+        lowered_indexer(*args, key_scale=-scales)
