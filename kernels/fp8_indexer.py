@@ -42,14 +42,19 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_indexer(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, k_scale: torch.Tensor | None = None):
     """(q8 [B,S,H,D], k8 [B,T,D], w * q_scale fp32 [B,S,H], k_scale fp32 [B,T]) for the fp8 indexer.
-    k_scale given: k is already e4m3 with those scales (an fp8 key cache, kernels/fp8_key_cache.py)."""
-    q8, q_scale = quantize_rows(q)
+    k_scale given: k is already e4m3 with those scales (an fp8 key cache, kernels/fp8_key_cache.py,
+    or the model's own); an e4m3 q likewise, its scales already in w."""
+    if q.dtype == FP8_DTYPE:
+        q8, w = q, w.float()
+    else:
+        q8, q_scale = quantize_rows(q)
+        w = w.float() * q_scale
     if k_scale is None:
         k, k_scale = quantize_rows(k)
     elif k.dtype != FP8_DTYPE or k_scale.shape != k.shape[:-1]:
         raise ValueError(f"pre-quantised keys must be {FP8_DTYPE} [B,T,D] with fp32 scales [B,T]; got "
                          f"{k.dtype} {tuple(k.shape)} and scales {tuple(k_scale.shape)}")
-    return q8, k, w.float() * q_scale, k_scale
+    return q8, k, w, k_scale
 
 
 def fp8_indexer_scores_ref(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -2,10 +2,12 @@
 
     ic::indexer_topk(Tensor q, Tensor k, Tensor w, SymInt topk, Tensor? mask=None, bool causal=True,
                      bool sorted=True, Tensor? key_range=None, bool check=True,
-                     str indexer_precision="bf16", Tensor? new_keys=None, Tensor? new_key_pos=None) -> Tensor
+                     str indexer_precision="bf16", Tensor? new_keys=None, Tensor? new_key_pos=None,
+                     Tensor? k_scale=None) -> Tensor
         (new_keys / new_key_pos: k is the model's key cache, into which it has just written new_keys at
         new_key_pos along dim 1; with indexer_precision="fp8" the op keeps an fp8 copy of that cache,
-        quantising only those rows: kernels/fp8_key_cache.py)
+        quantising only those rows: kernels/fp8_key_cache.py. k_scale [B,T] with "fp8": k is e4m3
+        already, with those scales, as is an e4m3 q (its scales in w): a model's own fp8 indexer)
     ic::sparse_attention(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, bool causal=True) -> Tensor
     ic::sparse_mla(Tensor q, Tensor kv, Tensor indices, float scale, int dv, bool causal=True,
                    Tensor? rope=None, Tensor? q_rope=None) -> Tensor
@@ -47,7 +49,8 @@ NAMESPACE = "ic"
 # exported graph then padded short prompts' rows with -1 instead of selecting fewer keys).
 _INDEXER_TOPK_SCHEMA = ("(Tensor q, Tensor k, Tensor w, SymInt topk, Tensor? mask=None, bool causal=True, "
                         "bool sorted=True, Tensor? key_range=None, bool check=True, "
-                        "str indexer_precision=\"bf16\", Tensor? new_keys=None, Tensor? new_key_pos=None) -> Tensor")
+                        "str indexer_precision=\"bf16\", Tensor? new_keys=None, Tensor? new_key_pos=None, "
+                        "Tensor? k_scale=None) -> Tensor")
 _SPARSE_ATTENTION_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, bool causal=True) -> Tensor"
 _SPARSE_MLA_SCHEMA = ("(Tensor q, Tensor kv, Tensor indices, float scale, int dv, bool causal=True, "
                       "Tensor? rope=None, Tensor? q_rope=None) -> Tensor")
@@ -57,7 +60,7 @@ _MOE_EXPERTS_SCHEMA = ("(Tensor hidden, Tensor topk_index, Tensor topk_weights, 
 
 @torch.library.custom_op(f"{NAMESPACE}::indexer_topk", mutates_args=(), schema=_INDEXER_TOPK_SCHEMA)
 def indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=None, check=True,
-                 indexer_precision="bf16", new_keys=None, new_key_pos=None):
+                 indexer_precision="bf16", new_keys=None, new_key_pos=None, k_scale=None):
     """q [B,S,H,D], k [B,T,D], w [B,S,H] -> int32 [B,S,topk] (-1 padded). sorted=False: rows
     may come in any order (the lowering asks for that when every consumer ignores order).
 
@@ -79,15 +82,21 @@ def indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=N
     kernels/fp8_indexer.py); "bf16" (default): the scores of q and k as given.
     new_keys [b,n,D] / new_key_pos [n] (fp8 only): the rows of the key cache k the model has just
     written; the scores then read the op's fp8 copy of k, into which only those rows are quantised
-    (kernels/fp8_key_cache.py), not k itself."""
+    (kernels/fp8_key_cache.py), not k itself.
+    k_scale fp32 [B,T] (fp8 only): k is e4m3 already with these scales, and so is q if e4m3 (its
+    scales folded into w): the model quantised them itself (DeepSeek's fp8_index)."""
     S, T = q.shape[1], k.shape[1]
     precision = {} if indexer_precision == "bf16" else {"indexer_precision": indexer_precision}  # bf16: as before
+    if (new_keys is not None or k_scale is not None) and indexer_precision != "fp8":
+        raise ValueError("ic::indexer_topk: new_keys and k_scale need indexer_precision='fp8' (fp8 keys), got "
+                         f"indexer_precision={indexer_precision!r}")
     if new_keys is not None:
-        if indexer_precision != "fp8" or new_key_pos is None:
-            raise ValueError("ic::indexer_topk: new_keys needs new_key_pos and indexer_precision='fp8' (the fp8 key "
-                             f"cache), got new_key_pos={'a tensor' if new_key_pos is not None else None}, "
-                             f"indexer_precision={indexer_precision!r}")
-        k, precision["k_scale"] = fp8_key_mirror(k, new_keys, new_key_pos)
+        if new_key_pos is None or k_scale is not None:
+            raise ValueError("ic::indexer_topk: new_keys needs new_key_pos, and the op's own fp8 copy of the keys "
+                             "(not k_scale)")
+        k, k_scale = fp8_key_mirror(k, new_keys, new_key_pos)
+    if k_scale is not None:
+        precision["k_scale"] = k_scale
     if mask is not None and key_range is not None:
         raise ValueError("ic::indexer_topk: pass either mask or key_range, not both")
     if not check or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
@@ -106,7 +115,7 @@ def indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=N
 
 @indexer_topk.register_fake
 def _(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=None, check=True, indexer_precision="bf16",
-      new_keys=None, new_key_pos=None):
+      new_keys=None, new_key_pos=None, k_scale=None):
     B, S = q.shape[0], q.shape[1]
     return q.new_empty((B, S, topk), dtype=torch.int32)
 

@@ -27,8 +27,8 @@ import torch
 from torch import fx
 
 from .eliminate_dead_code import remove_dead_code
-from .graph_ops import (CONSTRUCTORS, LAYOUT_OPS, example_value, is_parameter, module_path, op_name, tensor_args, views_of,
-                        writes_in_place, writers_of)
+from .graph_ops import (CONSTRUCTORS, LAYOUT_OPS, example_value, is_parameter, module_path, op_name, tensor_args,
+                        views_of, writers_of, writes_in_place)
 from .symbolic_sizes import size_nodes
 
 if TYPE_CHECKING:

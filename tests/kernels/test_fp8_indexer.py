@@ -129,3 +129,16 @@ def test_fp8_indexer_gpu(B, S, T, topk, request):
         fin = torch.isfinite(want)
         assert torch.equal(torch.isfinite(out), fin)
         assert float((out[fin] - want[fin]).norm() / want[fin].norm()) < 1e-3
+
+
+def test_prequantised_inputs_are_taken_as_they_are(request):
+    """e4m3 q and k with key scales (a model that quantised them itself, DeepSeek's fp8_index) are not
+    quantised again: the op's fp8 scores are Σ_h w·ReLU(q8·k8) · k_scale on those very values."""
+    seed_everything(request.node.name)
+    q, k, w = indexer_inputs(1, 4, 24, 4, 32, torch.float32)
+    q8, k8, k_scale = q.to(FP8_DTYPE), k.to(FP8_DTYPE), torch.rand(1, 24) + 0.5
+    got_q, got_k, got_w, got_scale = quantize_indexer(q8, k8, w, k_scale)
+    assert got_q is q8 and got_k is k8 and got_scale is k_scale and torch.equal(got_w, w.float())
+    want = indexer_scores_ref(q8.float(), k8.float(), w) * k_scale[:, None, :]
+    ids = indexer_topk_ref(q8, k8, w, 6, causal=False, indexer_precision="fp8", k_scale=k_scale)
+    torch.testing.assert_close(ids, want.topk(6, dim=-1).indices.int())

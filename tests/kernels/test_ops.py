@@ -16,7 +16,8 @@ from marks import needs_cuda, needs_triton
 SCHEMAS = {
     "indexer_topk": "ic::indexer_topk(Tensor q, Tensor k, Tensor w, SymInt topk, Tensor? mask=None, "
                     "bool causal=True, bool sorted=True, Tensor? key_range=None, bool check=True, "
-                    "str indexer_precision=\"bf16\", Tensor? new_keys=None, Tensor? new_key_pos=None) -> Tensor",
+                    "str indexer_precision=\"bf16\", Tensor? new_keys=None, Tensor? new_key_pos=None, "
+                    "Tensor? k_scale=None) -> Tensor",
     "sparse_attention": "ic::sparse_attention(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, "
                         "bool causal=True) -> Tensor",
     "sparse_mla": "ic::sparse_mla(Tensor q, Tensor kv, Tensor indices, float scale, int dv, "

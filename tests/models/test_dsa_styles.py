@@ -68,11 +68,15 @@ def test_plan_matches_hooks_prefill_and_decode(static_decode, style, lowering):
         assert s_layer_leftovers(net, result) == {1: [], 2: []}
 
 
-@pytest.mark.parametrize("style,lowering", [("official", "eager"), ("fp8", "eager"), ("fp8", "inductor")])
-def test_deepseek_indexer_runs_in_our_op(static_decode, style, lowering):
-    """DeepSeek's own indexer (fp8_index: scores times a per-key scale from the scale cache; with fp8,
-    q and the key cache already e4m3) lowered to ic::indexer_topk, the scale folded into the keys and
-    the model's e4m3 values kept (not the values before its narrowing casts): the hooks' answer."""
+@pytest.mark.parametrize("style,lowering,triton", [("official", "eager", False), ("fp8", "eager", False),
+                                                    ("fp8", "eager", True), ("fp8", "inductor", False)])
+def test_deepseek_indexer_runs_in_our_op(static_decode, monkeypatch, style, lowering, triton):
+    """DeepSeek's own indexer (fp8_index: scores times a per-key scale from the scale cache) lowered to
+    ic::indexer_topk: in bf16 the scale folded into the keys; in fp8 (q and key cache already e4m3,
+    q's scales in the head weights) the fp8 op on the model's own e4m3 values and key scales (not the
+    values before its narrowing casts, not quantised again): the hooks' answer. triton: the op's
+    Triton kernels in the interpreter (IC_KERNELS_TRITON=1), else the reference."""
+    monkeypatch.setenv("IC_KERNELS_TRITON", "1" if triton else "0")
     net, prompt, steps = dsa_styles.model(style, n_layers=len(PLAN)), dsa_styles.tokens(), dsa_styles.tokens(
         seq=DECODE_STEPS, seed=3)
     want = dsa_styles.hooked_prefill_and_decode(net, PLAN, prompt, steps)

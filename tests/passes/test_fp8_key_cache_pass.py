@@ -88,7 +88,8 @@ class _SliceWritten(dsa_styles.OfficialIndexer):
     def forward(self, x, qr, start_pos, cos, sin, mask):
         bsz, seqlen, _ = x.shape
         end_pos = start_pos + seqlen
-        q = dsa_styles.rope_part(self.wq_b(qr).unflatten(-1, (self.args.index_n_heads, -1)), self.args.rope_dim, cos, sin)
+        q = self.wq_b(qr).unflatten(-1, (self.args.index_n_heads, -1))
+        q = dsa_styles.rope_part(q, self.args.rope_dim, cos, sin)
         k = dsa_styles.rope_part(self.k_norm(self.wk(x)), self.args.rope_dim, cos, sin)
         if self.write == "slice":
             self.k_cache[:bsz, start_pos:end_pos] = k
@@ -137,10 +138,11 @@ def test_lowered_call_gets_the_write(eight_heads):
 
     model = tiny_models.glm()
     ids = tiny_models.random_ids(batch=1, seq=6)
-    graph = ic_compile.capture_graphs(model, {"input_ids": ids, "cache": StaticCache(config=model.config, max_cache_len=8),
-                                              "use_cache": True})[0]
+    cache = StaticCache(config=model.config, max_cache_len=8)
+    graph = ic_compile.capture_graphs(model, {"input_ids": ids, "cache": cache, "use_cache": True})[0]
     gm = ic_compile.rewrite(graph, "FSFS", kernels=True, indexer_precision="fp8").gm
     calls = gm.graph.find_nodes(op="call_function", target=lowered_indexer)
-    writes = [n for n in gm.graph.nodes if n.target == "index_copy_" and "indexer" in str(n.meta.get("nn_module_stack"))]
+    writes = [n for n in gm.graph.nodes
+              if n.target == "index_copy_" and "indexer" in str(n.meta.get("nn_module_stack"))]
     written = {(w.args[3], w.args[2]) for w in writes}
     assert len(calls) == 2 and len({(c.kwargs["new_keys"], c.kwargs["new_key_pos"]) for c in calls} & written) == 2
