@@ -11,7 +11,8 @@ Recognised writes (one per buffer, into the buffer or a batch prefix `buf[:b]` o
     buf.index_copy_(1, positions, new_keys)
     buf[:b, positions] = new_keys          (positions: an int tensor)
     buf[:b, start:stop] = new_keys         (positions = arange(start, stop))
-and the indexer reading the buffer or a `[:B, :T]` view of it. Anything else keeps per-call
+and the indexer reading the buffer or a `[:B, :T]` view of it; neither the written keys nor their
+positions may change in place after the write (the op reads them later). Anything else keeps per-call
 quantisation (the same answer), with the reason in `LoweringReport.fp8_key_cache_skipped`; a decode
 graph left so warns once (its steps then cost more than bf16 ones at long context).
 """
@@ -95,7 +96,18 @@ def key_cache_write(keys: fx.Node):
     if not isinstance(new_value, torch.Tensor) or new_value.dim() != 3 or not new_value.is_floating_point() \
             or new_value.element_size() == 1:
         return f"{writers[0].name}: the written keys are not [b,n,D] in a float dtype wider than 8 bits"
+    changed = [n.name for n in write if isinstance(n, fx.Node) and _written_after(n, writers[0])]
+    if changed:  # the op, after the write, would read other keys or positions than were written
+        return f"{writers[0].name}: {changed[0]} is changed in place after the write"
     return write
+
+
+def _written_after(node: fx.Node, write: fx.Node) -> bool:
+    """Is the tensor `node` (or the one it is a view of) written in place after `write`?"""
+    while op_name(node) in VIEW_OPS and tensor_args(node):
+        node = tensor_args(node)[0]
+    order = {n: i for i, n in enumerate(write.graph.nodes)}
+    return any(order[w] > order[write] for w in writers_of(node))
 
 
 def _buffer_behind(keys: fx.Node):

@@ -91,16 +91,19 @@ class _SliceWritten(dsa_styles.OfficialIndexer):
         q = self.wq_b(qr).unflatten(-1, (self.args.index_n_heads, -1))
         q = dsa_styles.rope_part(q, self.args.rope_dim, cos, sin)
         k = dsa_styles.rope_part(self.k_norm(self.wk(x)), self.args.rope_dim, cos, sin)
-        if self.write == "slice":
-            self.k_cache[:bsz, start_pos:end_pos] = k
-        else:
-            self.k_cache[:bsz].index_copy_(1, torch.arange(start_pos, end_pos), k)
+        self.write_keys(k, start_pos, end_pos)
         weights = self.weights_proj(x) * self.args.index_n_heads ** -0.5
         scores = torch.einsum("bshd,btd->bsht", q, self.k_cache[:bsz, :end_pos]).clamp_min(0) * self.softmax_scale
         scores = (scores * weights.unsqueeze(-1)).sum(2)
         if mask is not None:
             scores = scores + mask
         return scores.topk(min(self.args.index_topk, end_pos), dim=-1)[1]
+
+    def write_keys(self, k, start_pos, end_pos):
+        if self.write == "slice":
+            self.k_cache[:k.shape[0], start_pos:end_pos] = k
+        else:
+            self.k_cache[:k.shape[0]].index_copy_(1, torch.arange(start_pos, end_pos), k)
 
 
 @pytest.mark.parametrize("write", ["slice", "index_copy"])
@@ -146,3 +149,24 @@ def test_lowered_call_gets_the_write(eight_heads):
               if n.target == "index_copy_" and "indexer" in str(n.meta.get("nn_module_stack"))]
     written = {(w.args[3], w.args[2]) for w in writes}
     assert len(calls) == 2 and len({(c.kwargs["new_keys"], c.kwargs["new_key_pos"]) for c in calls} & written) == 2
+
+
+class _CounterWritten(_SliceWritten):
+    """Writes at `self.next_pos[:n]`, then advances that counter in place (after the write, before
+    the scores): the op, reading the positions after the advance, must not follow this write."""
+
+    def write_keys(self, k, start_pos, end_pos):
+        if not hasattr(self, "next_pos"):
+            self.register_buffer("next_pos", torch.arange(self.args.max_seq_len), persistent=False)
+        self.k_cache[:k.shape[0]].index_copy_(1, self.next_pos[:k.shape[1]], k)
+        self.next_pos.add_(k.shape[1])
+
+
+def test_positions_changed_after_the_write_are_not_followed():
+    net = dsa_styles.model("official", n_layers=3)
+    for block in net.layers:
+        block.attn.indexer.__class__ = _SliceWritten
+    net.layers[0].attn.indexer.__class__ = _CounterWritten
+    graph = ic_compile.capture_graphs(net, (dsa_styles.tokens(), 0))[0]
+    report = ic_compile.rewrite(graph, "FSS", kernels=True, indexer_precision="fp8").kernels
+    assert report.fp8_key_cache == [] and "changed in place after the write" in report.fp8_key_cache_skipped[0]
