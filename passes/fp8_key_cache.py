@@ -160,6 +160,8 @@ def _parse_write(writer: fx.Node, buffer: fx.Node):
         index, new = writer.args[1], writer.args[2]
         if not (isinstance(index, tuple) and len(index) == 2 and _from_start(index[0])):
             return f"writes buf[{index}], not buf[:b, positions]"
+        if _broadcast_over_batch(new, index[0], buffer):
+            return "writes one row of keys to every sequence of the batch"
         rows = index[1]
         if isinstance(rows, fx.Node) and (v := example_value(rows)) is not None and v.dim() == 1 \
                 and not v.is_floating_point() and v.dtype != torch.bool:
@@ -168,6 +170,15 @@ def _parse_write(writer: fx.Node, buffer: fx.Node):
             return new, _arange(rows.start or 0, rows.stop, example_value(new).device)
         return f"writes buf[:, {rows}], not positions or a start:stop range"
     return f"{name} is not a write this pass follows"
+
+
+def _broadcast_over_batch(new: fx.Node, rows: slice, buffer: fx.Node) -> bool:
+    """new [1,n,D] assigned to buf[:b] with b possibly > 1 (the copy would get row 0 only)."""
+    value = example_value(new)
+    if not isinstance(value, torch.Tensor) or value.dim() != 3 or value.shape[0] != 1:
+        return False
+    batch = rows.stop if rows.stop is not None else (shape_of(buffer) or (None,))[0]
+    return batch != 1
 
 
 def _batch_prefix(view: fx.Node, buffer: fx.Node) -> bool:

@@ -170,3 +170,21 @@ def test_positions_changed_after_the_write_are_not_followed():
     graph = ic_compile.capture_graphs(net, (dsa_styles.tokens(), 0))[0]
     report = ic_compile.rewrite(graph, "FSS", kernels=True, indexer_precision="fp8").kernels
     assert report.fp8_key_cache == [] and "changed in place after the write" in report.fp8_key_cache_skipped[0]
+
+
+class _BroadcastWritten(_SliceWritten):
+    """Writes the first sequence's keys to every sequence (a [1,n,D] value into buf[:b]): the copy,
+    written from the value, would hold row 0 only."""
+
+    def write_keys(self, k, start_pos, end_pos):
+        self.k_cache[:k.shape[0], start_pos:end_pos] = k[:1]
+
+
+def test_keys_broadcast_over_the_batch_are_not_followed():
+    net = dsa_styles.model("official", n_layers=3)
+    for block in net.layers:
+        block.attn.indexer.__class__ = _SliceWritten
+    net.layers[0].attn.indexer.__class__ = _BroadcastWritten
+    graph = ic_compile.capture_graphs(net, (dsa_styles.tokens(), 0))[0]
+    report = ic_compile.rewrite(graph, "FSS", kernels=True, indexer_precision="fp8").kernels
+    assert report.fp8_key_cache == [] and "one row of keys to every sequence" in report.fp8_key_cache_skipped[0]
