@@ -162,13 +162,18 @@ class _CounterWritten(_SliceWritten):
         self.next_pos.add_(k.shape[1])
 
 
-def test_positions_changed_after_the_write_are_not_followed():
+def _prefill_report(first_indexer: type):
+    """The fp8 rewrite's report for a prefill whose F indexer (layer 0) is `first_indexer`."""
     net = dsa_styles.model("official", n_layers=3)
     for block in net.layers:
         block.attn.indexer.__class__ = _SliceWritten
-    net.layers[0].attn.indexer.__class__ = _CounterWritten
+    net.layers[0].attn.indexer.__class__ = first_indexer
     graph = ic_compile.capture_graphs(net, (dsa_styles.tokens(), 0))[0]
-    report = ic_compile.rewrite(graph, "FSS", kernels=True, indexer_precision="fp8").kernels
+    return ic_compile.rewrite(graph, "FSS", kernels=True, indexer_precision="fp8").kernels
+
+
+def test_positions_changed_after_the_write_are_not_followed():
+    report = _prefill_report(_CounterWritten)
     assert report.fp8_key_cache == [] and "changed in place after the write" in report.fp8_key_cache_skipped[0]
 
 
@@ -181,10 +186,5 @@ class _BroadcastWritten(_SliceWritten):
 
 
 def test_keys_broadcast_over_the_batch_are_not_followed():
-    net = dsa_styles.model("official", n_layers=3)
-    for block in net.layers:
-        block.attn.indexer.__class__ = _SliceWritten
-    net.layers[0].attn.indexer.__class__ = _BroadcastWritten
-    graph = ic_compile.capture_graphs(net, (dsa_styles.tokens(), 0))[0]
-    report = ic_compile.rewrite(graph, "FSS", kernels=True, indexer_precision="fp8").kernels
+    report = _prefill_report(_BroadcastWritten)
     assert report.fp8_key_cache == [] and "one row of keys to every sequence" in report.fp8_key_cache_skipped[0]
