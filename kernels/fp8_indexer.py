@@ -14,7 +14,7 @@ dequantised q and k. Here:
     scales folded into the head weights, as DeepSeek does), k_scale [B,T] (or the keys as given,
     already e4m3, with their scales: an fp8 key cache, kernels/fp8_key_cache.py);
   * `fp8_indexer_scores_ref`: the fp32 reference of the maths above on the same quantised values
-    (what the Triton kernel, `indexer_topk._indexer_scores_fp8_kernel`, computes with e4m3 tensor-core
+    (what the Triton kernel, `indexer_topk._indexer_scores_scaled_kernel`, computes with e4m3 tensor-core
     dots: each product of two e4m3 values is exact in fp32, only the accumulation order differs).
 The Triton path is `indexer_topk(..., indexer_precision="fp8")`.
 """
@@ -42,18 +42,19 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_indexer(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, k_scale: torch.Tensor | None = None):
     """(q8 [B,S,H,D], k8 [B,T,D], w * q_scale fp32 [B,S,H], k_scale fp32 [B,T]) for the fp8 indexer.
-    k_scale given: k is already e4m3 with those scales (an fp8 key cache, kernels/fp8_key_cache.py,
-    or the model's own); an e4m3 q likewise, its scales already in w."""
+    e4m3 k with k_scale: already quantised with those scales (an fp8 key cache, kernels/fp8_key_cache.py,
+    or the model's own), kept; an e4m3 q likewise, its scales already in w. k_scale with other keys:
+    a per-key factor on the scores, multiplied into the scales of k's quantisation."""
     if q.dtype == FP8_DTYPE:
         q8, w = q, w.float()
     else:
         q8, q_scale = quantize_rows(q)
         w = w.float() * q_scale
-    if k_scale is None:
-        k, k_scale = quantize_rows(k)
-    elif k.dtype != FP8_DTYPE or k_scale.shape != k.shape[:-1]:
-        raise ValueError(f"pre-quantised keys must be {FP8_DTYPE} [B,T,D] with fp32 scales [B,T]; got "
-                         f"{k.dtype} {tuple(k.shape)} and scales {tuple(k_scale.shape)}")
+    if k_scale is not None and k_scale.shape != k.shape[:-1]:
+        raise ValueError(f"key scales must be [B,T] for keys [B,T,D]; got {tuple(k_scale.shape)} for {tuple(k.shape)}")
+    if k.dtype != FP8_DTYPE:  # a given k_scale is then a per-key factor on the scores, on top of k's own scales
+        k, own_scale = quantize_rows(k)
+        k_scale = own_scale if k_scale is None else own_scale * k_scale.float()
     return q8, k, w, k_scale
 
 

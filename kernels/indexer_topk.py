@@ -26,7 +26,7 @@ Design (prefill, one Triton kernel `_indexer_scores_kernel`):
     the columns no query of the chunk may attend to; causal chunks are at most
     CAUSAL_CHUNK_ROWS tall so that width follows the diagonal. The buffer is contiguous per
     chunk (no copy in topk).
-  * indexer_precision="fp8" (`_indexer_scores_fp8_kernel`, same body): e4m3 q and k, e4m3 dots,
+  * indexer_precision="fp8" (`_indexer_scores_scaled_kernel`, same body): e4m3 q and k, e4m3 dots,
     scores times the keys' scales (DeepSeek-V3.2's fp8_index; kernels/fp8_indexer.py).
   * decode / small S: all S queries share one program row (K streamed once) and the key
     axis is split over `num_splits` programs so the GPU is filled even for B=1.
@@ -53,7 +53,7 @@ from ._triton_utils import (
     upcast_dots,
     use_triton_for,
 )
-from .fp8_indexer import quantize_indexer
+from .fp8_indexer import FP8_DTYPE, quantize_indexer
 from .reference import check_indexer_precision, indexer_topk_ref, topk_indices_from_scores
 from .topk_select import LONG_ROW, _Tuning, topk_select
 
@@ -108,9 +108,9 @@ def _indexer_scores_kernel(
                  HAS_RANGE, False)
 
 
-def _indexer_scores_fp8_kernel(
+def _indexer_scores_scaled_kernel(
     q_ptr, k_ptr, w_ptr, ks_ptr, mask_ptr, range_ptr, out_ptr,
-    S, T, H, D,  # q [B,S,H,D] fp8 e4m3, k [B,T,D] fp8 e4m3, w [B,S,H] (q's scales folded in), ks [B,T] fp32
+    S, T, H, D,  # q [B,S,H,D], k [B,T,D] (fp8 e4m3, or bf16/fp32), w [B,S,H] (q's scales folded in), ks [B,T] fp32
     row_start, n_rows, width, tune_bucket,
     sq_b, sq_s, sq_h, sq_d,
     sk_b, sk_t, sk_d,
@@ -124,9 +124,10 @@ def _indexer_scores_fp8_kernel(
     UPCAST_DOT: tl.constexpr, HEAD_MAJOR: tl.constexpr, KEY_ROWS: tl.constexpr = False,
     HAS_RANGE: tl.constexpr = False,
 ):
-    """The fp8 indexer (DeepSeek-V3.2's fp8_index): e4m3 x e4m3 tensor-core dots (fp32
-    accumulate), and each key's score times its scale ks[t] after the head sum:
-    out[b, s, t] = ks[b, t] * sum_h w[b, s, h] * relu(q8[b, s, h] . k8[b, t]) (masked as the bf16 kernel)."""
+    """Scores times a per-key scale after the head sum: out[b, s, t] = ks[b, t] * sum_h w[b, s, h] *
+    relu(q[b, s, h] . k[b, t]) (masked as the plain kernel). With e4m3 q and k, the fp8 indexer
+    (DeepSeek-V3.2's fp8_index: e4m3 tensor-core dots, fp32 accumulate, ks the keys' scales); with
+    bf16 / fp32 ones, a model's own per-key factor on the scores (its fp8_index on unquantised keys)."""
     _scores_body(q_ptr, k_ptr, w_ptr, ks_ptr, mask_ptr, range_ptr, out_ptr, S, T, H, D,
                  row_start, n_rows, width, sq_b, sq_s, sq_h, sq_d, sk_b, sk_t, sk_d, sw_b, sw_s, sw_h, sks_b, sks_t,
                  sm_b, sm_s, sm_t, sr_b, sr_s, sr_c, so_b, so_s, so_t,
@@ -318,16 +319,17 @@ def _decode_configs(exact_fp32: bool = False):
 _TUNED: dict = {}
 
 
-def _jit_kernel(fp8: bool = False):
-    key = "jit_fp8" if fp8 else "jit"
+def _jit_kernel(scaled: bool = False):
+    key = "jit_scaled" if scaled else "jit"
     if key not in _TUNED:
-        _TUNED[key] = triton.jit(_indexer_scores_fp8_kernel if fp8 else _indexer_scores_kernel)
+        _TUNED[key] = triton.jit(_indexer_scores_scaled_kernel if scaled else _indexer_scores_kernel)
     return _TUNED[key]
 
 
-def _tuned_kernel(mode: str, h_pad: int, exact_fp32: bool, fp8: bool = False):
-    """Autotuned GPU kernel for mode 'prefill' (BLOCK_S tuned) or 'decode' (BLOCK_S given)."""
-    key = (mode, h_pad, exact_fp32, fp8)
+def _tuned_kernel(mode: str, h_pad: int, exact_fp32: bool, scaled: bool = False, fp8: bool = False):
+    """Autotuned GPU kernel for mode 'prefill' (BLOCK_S tuned) or 'decode' (BLOCK_S given); scaled:
+    the per-key scale kernel; fp8: e4m3 inputs (their own prefill tiles)."""
+    key = (mode, h_pad, exact_fp32, scaled, fp8)
     if key not in _TUNED:
         if mode == "prefill":
             configs = _prefill_fp8_configs(h_pad) if fp8 else _prefill_configs(h_pad)
@@ -335,7 +337,7 @@ def _tuned_kernel(mode: str, h_pad: int, exact_fp32: bool, fp8: bool = False):
             configs = _decode_configs(exact_fp32)
         _TUNED[key] = triton.autotune(configs, key=["H_PAD", "D_PAD", "CAUSAL", "HAS_MASK", "HAS_RANGE",
                                                                    "tune_bucket"])(
-            _jit_kernel(fp8))
+            _jit_kernel(scaled))
     return _TUNED[key]
 
 
@@ -395,12 +397,12 @@ def indexer_scores(
     decode_block_s: put that many queries (>= n_rows) in one program row (decode form).
     num_splits: programs along the key axis (default: enough to fill the GPU).
     key_range: int32 [B,S,3] (lo, hi, count) per query (kernels/key_range.py), with or instead of `mask`.
-    k_scale: fp32 [B,T], with fp8 (e4m3) q and k: the fp8 kernel (scores times k_scale[t]; q's scales
-    folded into w, see kernels/fp8_indexer.py).
+    k_scale: fp32 [B,T]: the scaled kernel, scores times k_scale[b, t] (with e4m3 q and k, the fp8
+    indexer's key scales, q's folded into w, see kernels/fp8_indexer.py; else a per-key factor).
     num_splits None: decode form, enough splits for 2 programs per SM; prefill, prefill_splits.
     """
     B, S, H, D = q.shape
-    fp8 = k_scale is not None
+    scaled, fp8 = k_scale is not None, q.dtype == FP8_DTYPE
     T = k.shape[1]
     h_pad = _head_padding(H, decode_block_s or 1)
     d_pad = max(16, next_pow2(D))
@@ -414,7 +416,7 @@ def indexer_scores(
     if num_splits is None and decode_block_s is not None:
         programs = B * cdiv(n_rows, decode_block_s)
         num_splits = max(1, min(cdiv(2 * sms, programs), cdiv(width, 512)))
-    if fp8:
+    if scaled:
         ks = k_scale.to(torch.float32).expand(B, T)
         args = (q, k, w, ks, mask_u8, ranges, out, S, T, H, D, row_start, n_rows, width, min(width.bit_length(), 17),
                 *q.stride(), *k.stride(), *w.stride(), *ks.stride(), *mask_u8.stride(), *ranges.stride(),
@@ -438,15 +440,15 @@ def indexer_scores(
         splits = num_splits or prefill_splits(B * prog_rows, width, meta["BLOCK_T"], sms)
         return (prog_rows, B, splits)
 
-    kernel_fn = _indexer_scores_fp8_kernel if fp8 else _indexer_scores_kernel
+    kernel_fn = _indexer_scores_scaled_kernel if scaled else _indexer_scores_kernel
     if interpreting(q):
         consts.update(config.kwargs if config is not None else _interpreter_meta(decode_block_s, h_pad))
         launch_interpreted(kernel_fn, grid, *args, **consts)
     elif config is not None:  # bench/sweep_indexer.py: one launch config, no autotune
-        launch_config(_jit_kernel(fp8), grid, args, consts, config)
+        launch_config(_jit_kernel(scaled), grid, args, consts, config)
     else:
         mode = "prefill" if decode_block_s is None else "decode"
-        _tuned_kernel(mode, h_pad, consts["DOT_PRECISION"] == "ieee", fp8)[grid](*args, **consts)
+        _tuned_kernel(mode, h_pad, consts["DOT_PRECISION"] == "ieee", scaled, fp8)[grid](*args, **consts)
     return out
 
 
@@ -477,16 +479,15 @@ def chunked_scores(
 
     width = the chunk's causal horizon (T when not causal). Small S (S x heads fits one dot
     tile) uses the decode form: a single chunk, all queries in one program row, keys split.
-    indexer_precision "fp8": q and k quantised to e4m3 first (kernels/fp8_indexer.py), fp8 dots;
-    k_scale fp32 [B,T] given: k is e4m3 already (an fp8 key cache), only q is quantised.
+    indexer_precision "fp8": q and k quantised to e4m3 first (kernels/fp8_indexer.py), fp8 dots.
+    k_scale fp32 [B,T]: scores times k_scale[b, t] (with "fp8" and e4m3 k: its scales, k not
+    quantised again).
     """
     B, S, H, D = q.shape
     T = k.shape[1]
     assert k.shape[0] == B and k.shape[1:] == (T, D) and w.shape == (B, S, H), (q.shape, k.shape, w.shape)
     if check_indexer_precision(indexer_precision) == "fp8":
         q, k, w, k_scale = quantize_indexer(q, k, w, k_scale)
-    elif k_scale is not None:
-        raise ValueError("k_scale (pre-quantised keys) needs indexer_precision='fp8'")
     else:
         k = k.to(q.dtype)
     decode_block_s = next_pow2(S) if decode_form(S, H) else None
@@ -569,8 +570,8 @@ def indexer_topk(
     False = reference. See _triton_utils for the IC_KERNELS_TRITON override.
     indexer_precision: "bf16" (default: q, k as given, in their dtype) or "fp8" (DeepSeek-V3.2's
     fp8 indexer: q, k quantised to e4m3 with a scale per token and head, e4m3 tensor-core dots;
-    kernels/fp8_indexer.py); with k_scale fp32 [B,T], k is e4m3 already (an fp8 key cache,
-    kernels/fp8_key_cache.py) and only q is quantised.
+    kernels/fp8_indexer.py). k_scale fp32 [B,T]: scores times k_scale[b, t], a per-key factor (with
+    "fp8" and e4m3 k: the keys' scales, an fp8 key cache or the model's own, not quantised again).
     """
     check_indexer_precision(indexer_precision)
     if use_triton_for(q, use_triton):

@@ -6,8 +6,8 @@
                      Tensor? k_scale=None) -> Tensor
         (new_keys / new_key_pos: k is the model's key cache, into which it has just written new_keys at
         new_key_pos along dim 1; with indexer_precision="fp8" the op keeps an fp8 copy of that cache,
-        quantising only those rows: kernels/fp8_key_cache.py. k_scale [B,T] with "fp8": k is e4m3
-        already, with those scales, as is an e4m3 q (its scales in w): a model's own fp8 indexer)
+        quantising only those rows: kernels/fp8_key_cache.py. k_scale [B,T]: scores times k_scale[b,t];
+        with "fp8" and e4m3 k, its scales, as an e4m3 q's are in w: a model's own fp8 indexer)
     ic::sparse_attention(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, bool causal=True) -> Tensor
     ic::sparse_mla(Tensor q, Tensor kv, Tensor indices, float scale, int dv, bool causal=True,
                    Tensor? rope=None, Tensor? q_rope=None) -> Tensor
@@ -83,13 +83,13 @@ def indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=N
     new_keys [b,n,D] / new_key_pos [n] (fp8 only): the rows of the key cache k the model has just
     written; the scores then read the op's fp8 copy of k, into which only those rows are quantised
     (kernels/fp8_key_cache.py), not k itself.
-    k_scale fp32 [B,T] (fp8 only): k is e4m3 already with these scales, and so is q if e4m3 (its
-    scales folded into w): the model quantised them itself (DeepSeek's fp8_index)."""
+    k_scale fp32 [B,T]: scores times k_scale[b, t] (DeepSeek's fp8_index times its key-scale cache);
+    with "fp8" and e4m3 k (and q, its scales folded into w), the scales the model quantised them with."""
     S, T = q.shape[1], k.shape[1]
     precision = {} if indexer_precision == "bf16" else {"indexer_precision": indexer_precision}  # bf16: as before
-    if (new_keys is not None or k_scale is not None) and indexer_precision != "fp8":
-        raise ValueError("ic::indexer_topk: new_keys and k_scale need indexer_precision='fp8' (fp8 keys), got "
-                         f"indexer_precision={indexer_precision!r}")
+    if new_keys is not None and indexer_precision != "fp8":
+        raise ValueError("ic::indexer_topk: new_keys (the op's fp8 copy of a key cache) needs "
+                         f"indexer_precision='fp8', got {indexer_precision!r}")
     if new_keys is not None:
         if new_key_pos is None or k_scale is not None:
             raise ValueError("ic::indexer_topk: new_keys needs new_key_pos, and the op's own fp8 copy of the keys "

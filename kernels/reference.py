@@ -82,8 +82,8 @@ def indexer_topk_ref(
     """Lightning-indexer top-k. q [B,S,H,D], k [B,T,D], w [B,S,H] -> int32 [B,S,topk].
 
     indexer_precision "fp8": the scores of DeepSeek-V3.2's fp8 indexer (q, k quantised to e4m3 with
-    a scale per token and head, kernels/fp8_indexer.py; k_scale fp32 [B,T] given: k is e4m3 already);
-    "bf16" (default): of q, k as given (fp32 math).
+    a scale per token and head, kernels/fp8_indexer.py); "bf16" (default): of q, k as given (fp32
+    math). k_scale fp32 [B,T]: scores times k_scale[b, t] (with "fp8" and e4m3 k: k's scales).
 
     mask: optional bool broadcastable to [B,S,T], True = allowed; key_range: optional int32
     [B,S,3] (lo, hi, count), see the module docstring. Slots beyond the number of allowed keys
@@ -95,8 +95,6 @@ def indexer_topk_ref(
         from .fp8_indexer import quantize_indexer
 
         q, k, w, k_scale = quantize_indexer(q, k, w, k_scale)
-    elif k_scale is not None:
-        raise ValueError("k_scale (pre-quantised keys) needs indexer_precision='fp8'")
     out = torch.empty(B, S, topk, dtype=torch.int32, device=q.device)
     chunk = _query_chunk(B * H * T * 4, S)
     for s0 in range(0, S, chunk):

@@ -121,29 +121,25 @@ def lowered_indexer(q, k, w, scale, mask, topk, w_layout, mask_kind, ordered=Tru
     [B,S,3]; "dense", as itself. check: the op's host-side checks (False under CUDA graphs).
     indexer_precision: "bf16" (the model's) or "fp8"; new_keys / new_key_pos (fp8): k is a key cache
     the model has just written those keys into (passes/fp8_key_cache.py). key_scale [B|1,1..,T]: the
-    model's per-key factor on the scores; with e4m3 q and k (the model's own fp8 indexer) the fp8
-    op's key scales, else folded into the keys (ReLU(q.(c k)) = c ReLU(q.k) for c >= 0, asserted on
-    the device)."""
+    model's per-key factor on the scores, the op's k_scale (with e4m3 q and k, the model's own fp8
+    indexer, run as the fp8 op on its values)."""
     # q [B,S,H,D], k [B,T,D] in the model's dtype: bf16 products are exact in the fp32 accumulator,
     # so skipping the model's .float() upcast changes only the summation order (and uses tensor cores)
-    fp8_keys = {} if new_keys is None else {"new_keys": new_keys, "new_key_pos": new_key_pos}  # the op's fp8 copy
-    if key_scale is not None:
-        key_scale = key_scale.reshape(key_scale.shape[0], key_scale.shape[-1])  # [B|1, T]
-        if q.dtype == k.dtype == FP8_DTYPE and not fp8_keys:  # the model's own fp8 indexer: its e4m3 q and keys
-            fp8_keys, indexer_precision = {"k_scale": key_scale.float().expand(k.shape[0], k.shape[1])}, "fp8"
-        else:
-            torch._assert_async((key_scale >= 0).all(), "a per-key score scale is negative: it cannot be folded "
-                                "into the keys through the ReLU; compile with kernels=False")
-            k = k.float() * key_scale[..., None]  # [B,T,D]
-    if q.dtype != k.dtype and not fp8_keys:  # fp8 keys: the op reads them as they are (or its copy, not k)
+    extra = {} if new_keys is None else {"new_keys": new_keys, "new_key_pos": new_key_pos}  # the op's fp8 copy
+    if key_scale is not None:  # [B|1, (1,) 1, T] -> [B, T], applied by the op after the head sum
+        extra["k_scale"] = key_scale.reshape(key_scale.shape[0], key_scale.shape[-1]).float().expand(
+            k.shape[0], k.shape[1])
+        if q.dtype == k.dtype == FP8_DTYPE:  # the model's own fp8 indexer: its e4m3 q and keys, as they are
+            indexer_precision = "fp8"
+    if q.dtype != k.dtype and new_keys is None:  # with a key copy the op reads that, not k: k stays the buffer
         q, k = q.float(), k.float()
     w = (w.squeeze(-2) if w_layout == "bs1h" else w.squeeze(-1)).float() * scale  # [B,S,H]
     allowed = _allowed(mask, mask_kind, q.shape[0], q.shape[1], k.shape[1])  # bool [B,S,T] | None
     if allowed is None or indexer_mask == "dense":
         return torch.ops.ic.indexer_topk(q, k, w, topk, allowed, False, ordered, check=check,
-                                         indexer_precision=indexer_precision, **fp8_keys)  # [B,S,topk] int32
+                                         indexer_precision=indexer_precision, **extra)  # [B,S,topk] int32
     return torch.ops.ic.indexer_topk(q, k, w, topk, None, False, ordered, key_range=key_range_of(allowed), check=check,
-                                     indexer_precision=indexer_precision, **fp8_keys)
+                                     indexer_precision=indexer_precision, **extra)
 
 
 def prefill_indexers(gm: fx.GraphModule) -> list[fx.Node]:

@@ -35,13 +35,19 @@ class ExportError(IndexCacheError, ValueError):
     the exporters' lowest module, so that every exporter module can raise it.)"""
 
 
-def _indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=None, check=True):
+def _indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=None, check=True,
+                  indexer_precision="bf16", new_keys=None, new_key_pos=None, k_scale=None):
     """ic::indexer_topk in standard ops (no loops, symbolic S/T): q [B,S,H,D], k [B,T,D], w [B,S,H]
     -> int32 [B,S,topk], -1 where fewer than topk keys are allowed (kernels/reference.py's scores).
     key_range is read as ranges without the op's contiguity check (the export lowers with
-    indexer_mask="dense", so exported models hand this the mask)."""
+    indexer_mask="dense", so exported models hand this the mask). k_scale [B,T]: scores times it."""
+    if indexer_precision != "bf16" or new_keys is not None:
+        raise ExportError(f"indexer_precision={indexer_precision!r} (and its fp8 key cache) is not exported: "
+                          "export with the model's precision (indexer_precision='bf16')")
     logits = torch.einsum("bshd,btd->bsht", q.float(), k.float())  # indexer_scores_ref, relu out of place
     scores = torch.einsum("bsht,bsh->bst", logits.relu(), w.float())
+    if k_scale is not None:
+        scores = scores * k_scale.float()[:, None, :]
     scores = mask_indexer_scores(scores, q.shape[1], mask, causal, key_range)  # [B, S, T]
     # pad with topk -inf columns so that topk(k) is valid for any T (the pads come back as -1)
     scores = torch.nn.functional.pad(scores, (0, topk), value=float("-inf"))

@@ -142,3 +142,15 @@ def test_prequantised_inputs_are_taken_as_they_are(request):
     want = indexer_scores_ref(q8.float(), k8.float(), w) * k_scale[:, None, :]
     ids = indexer_topk_ref(q8, k8, w, 6, causal=False, indexer_precision="fp8", k_scale=k_scale)
     torch.testing.assert_close(ids, want.topk(6, dim=-1).indices.int())
+
+
+def test_per_key_factor_on_unquantised_keys(request):
+    """fp8 with a k_scale on bf16 keys (a model's per-key factor on the scores): k is quantised as
+    usual and the factor multiplies its scales, so the scores are the factor times the fp8 scores."""
+    seed_everything(request.node.name)
+    q, k, w = indexer_inputs(1, 4, 24, 4, 32, torch.bfloat16)
+    factor = torch.randn(1, 24)
+    _, k8, _, scales = quantize_indexer(q, k, w, factor)
+    _, k8_plain, _, scales_plain = quantize_indexer(q, k, w)
+    assert torch.equal(k8.view(torch.uint8), k8_plain.view(torch.uint8))
+    torch.testing.assert_close(scales, scales_plain * factor)

@@ -110,5 +110,5 @@ def test_bad_layouts_are_errors(make_keys, new_shape, message):
 
 def test_new_keys_need_fp8():
     q, cache, w = torch.randn(1, 1, H, D), torch.zeros(1, 8, D), torch.rand(1, 1, H)
-    with pytest.raises(ValueError, match="new_keys and k_scale need indexer_precision='fp8'"):
+    with pytest.raises(ValueError, match=r"new_keys \(the op's fp8 copy of a key cache\) needs indexer_precision"):
         torch.ops.ic.indexer_topk(q, cache, w, 4, new_keys=torch.randn(1, 1, D), new_key_pos=torch.tensor([0]))

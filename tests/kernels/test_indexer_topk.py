@@ -264,3 +264,21 @@ def test_causal_chunk_rows():
     assert _chunk_rows(1, 262144, 256, True) == 2048
     assert _chunk_rows(1, 524288, 256, True) == 1024
     assert _chunk_rows(1, 200000, 256, False) == 1280
+
+
+@needs_triton
+@pytest.mark.parametrize("case", ["prefill_chunked", "decode", "decode_multi_query"])
+def test_per_key_scale_in_the_kernel(case, request):
+    """k_scale [B,T] (a model's per-key factor, DeepSeek's `fp8_index(...) * k_scale`) in the scaled
+    kernel with bf16 inputs (interpreter): a valid top-k of the reference's scaled scores, any sign."""
+    seed = seed_everything(request.node.name)
+    B, S, T, H, D, topk, kw = CASES[case]
+    q, k, w = indexer_inputs(B, S, T, H, D, torch.bfloat16)
+    k_scale = torch.randn(B, T)
+    scores = masked_scores(q.float(), k.float(), w.float(), None, True)  # [B,S,T], -inf = not allowed
+    scores = torch.where(scores.isinf(), scores, scores * k_scale[:, None, :])
+    want = scores.topk(min(topk, T), dim=-1).values  # the best scores, negatives included
+    for ordered in (True, False):  # torch.topk / topk_select (signed keys)
+        got = indexer_topk_triton(q, k, w, topk, k_scale=k_scale, sorted=ordered, **kw)
+        picked = scores.gather(-1, got[..., :want.shape[-1]].long()).sort(-1, descending=True).values
+        torch.testing.assert_close(picked, want, rtol=1e-4, atol=1e-4, msg=f"sorted={ordered} {repro(seed)}")

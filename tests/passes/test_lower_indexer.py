@@ -555,14 +555,15 @@ def test_indexer_precision_option_errors(options, message):
         ic_compile.backend.BackendOptions.parse(options)
 
 
-def test_negative_per_key_scale_is_an_error():
-    """A per-key factor on the scores is folded into the keys only if no factor is negative (the
-    ReLU): checked on the device, an error rather than other keys."""
+def test_per_key_scale_applies_after_the_head_sum():
+    """A per-key factor on the scores (DeepSeek's `fp8_index(...) * k_scale`) reaches the op as k_scale,
+    applied after the ReLU and head sum: any sign, the reference's answer."""
     import ic_compile.kernels.ops  # noqa: F401  registers torch.ops.ic
+    from ic_compile.kernels.reference import indexer_scores_ref
 
+    torch.manual_seed(0)
     q, k, w = torch.randn(1, 3, 4, 8), torch.randn(1, 6, 8), torch.rand(1, 3, 4, 1)
-    scales = torch.rand(1, 1, 6)
-    args = (q, k, w, 1.0, None, 2, "bsh1", "none")
-    assert lowered_indexer(*args, key_scale=scales).shape == (1, 3, 2)
-    with pytest.raises(RuntimeError, match="a per-key score scale is negative"):
-        lowered_indexer(*args, key_scale=-scales)
+    scales = torch.randn(1, 1, 6)  # negative factors too
+    got = lowered_indexer(q, k, w, 1.0, None, 2, "bsh1", "none", key_scale=scales)  # no mask: all keys
+    want = (indexer_scores_ref(q, k, w[..., 0]) * scales).topk(2, dim=-1).indices
+    assert torch.equal(got, want.int())
