@@ -44,11 +44,14 @@ def fp8_key_cache(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if node.kwargs.get("indexer_precision") != "fp8":
             continue
         layer = node.meta.get("indexcache_layer")
-        if _quantised_by_the_model(node):  # nothing to quantise: the op reads them as they are
-            ctx.report.fp8_key_cache_skipped[layer] = "the model keeps its keys in fp8 itself"
-            continue
-        write = key_cache_write(node.args[1]) if "key_scale" not in node.kwargs else \
-            "its keys carry a per-key scale of the model's own (a scale cache beside the key cache)"
+        if "key_scale" in node.kwargs:  # the model's own scale cache beside the key cache
+            keys = example_value(node.args[1])
+            if isinstance(keys, torch.Tensor) and keys.dtype == FP8_DTYPE:  # the op reads them as they are
+                ctx.report.fp8_key_cache_skipped[layer] = "the model keeps its keys in fp8 itself"
+                continue
+            write = "its keys carry a per-key scale of the model's own (a scale cache beside the key cache)"
+        else:
+            write = key_cache_write(node.args[1])
         if isinstance(write, str):
             ctx.report.fp8_key_cache_skipped[layer] = write
             ctx.counters["fp8_key_cache.skipped"] += 1
@@ -69,12 +72,6 @@ def fp8_key_cache(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             "StaticCache (ic_compile.static_cache) to keep an fp8 key cache instead.", IndexerPrecisionWarning,
             stacklevel=2)
     return gm
-
-
-def _quantised_by_the_model(call: fx.Node) -> bool:
-    """e4m3 keys with the model's own per-key scales (DeepSeek's fp8_index)."""
-    keys = example_value(call.args[1])
-    return "key_scale" in call.kwargs and isinstance(keys, torch.Tensor) and keys.dtype == FP8_DTYPE
 
 
 def key_cache_write(keys: fx.Node):

@@ -27,7 +27,7 @@ from ic_compile.kernels.fp8_indexer import FP8_DTYPE
 from ic_compile.kernels.key_range import key_range_of
 
 from .detect_indexers import IndexerMatch
-from .graph_ops import LAYOUT_OPS, example_value, is_last_dim, op_name, shape_of, take_location
+from .graph_ops import LAYOUT_OPS, example_value, is_last_dim, op_name, shape_of, take_location, topk_args
 
 if TYPE_CHECKING:
     from .manager import PassContext
@@ -206,8 +206,8 @@ def _analyse(match: IndexerMatch) -> _Plan | str:
             mask, mask_kind = [a for a in node.args if a is not via][0], "additive"
         elif name == "where" and mask is None and node.args[1] is via:
             mask, mask_kind = node.args[0], "allowed"
-        elif name == "mul" and key_scale is None and _per_key(node, via) is not None:
-            key_scale = _per_key(node, via)
+        elif name == "mul" and key_scale is None and (factor := _per_key(node, via)) is not None:
+            key_scale = factor
         elif name == "sum" and w_layout == "bsh1" and _sum_dim(node) not in (2, -2):
             return "the head reduction sums over a dim other than the heads"
         elif name in LAYOUT_OPS or name in ("sum", "relu", "clamp_min", "clamp") or node is match.relu:
@@ -218,7 +218,7 @@ def _analyse(match: IndexerMatch) -> _Plan | str:
         return "no head weights found, or a non-positive scale (cannot fold it through the ReLU)"
     if mask_kind == "fill" and op_name(mask) in _NOT_OPS:  # masked_fill(~allowed): use `allowed`
         mask, mask_kind = mask.args[0], "allowed"  # (no [B,S,T] inversion, twice, per F layer)
-    topk = match.topk.args[1] if len(match.topk.args) > 1 else match.topk.kwargs["k"]
+    topk = topk_args(match.topk)[1]
     key = _key_source(match)
     if key is None:
         return f"no [B,T,D] key tensor behind the product's key operand {shape_of(match.key)}"

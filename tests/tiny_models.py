@@ -45,3 +45,18 @@ def prefill_and_decode(model, ids, steps):
         for t in range(steps.shape[1]):
             logits.append(model(steps[:, t:t + 1], cache=cache, use_cache=True).logits)
     return logits, cache
+
+
+def static_cache_steps(run, model, ids, steps, max_len, cache=None):
+    """Last-token logits of a prefill and single-token steps with a StaticCache (fixed shapes).
+    (transformers 5 writes each step at the cache's running length; cache_position agrees with it.)"""
+    from transformers import StaticCache
+
+    cache = cache or StaticCache(config=model.config, max_cache_len=max_len)
+    n, out = ids.shape[1], []
+    with torch.no_grad():
+        for t, tokens in enumerate([ids] + [steps[:, i:i + 1] for i in range(steps.shape[1])]):
+            position = torch.arange(n, device=ids.device) if t == 0 else torch.tensor([n + t - 1], device=ids.device)
+            # a copy: under CUDA graphs the output lives in the graph's pool, rewritten by the next replay
+            out.append(run(tokens, cache=cache, use_cache=True, cache_position=position).logits[:, -1].clone())
+    return out

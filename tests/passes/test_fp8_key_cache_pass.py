@@ -37,8 +37,7 @@ def _reports():
 def _hf_static_steps(model, lowering, cache_of):
     ids, steps = tiny_models.random_ids(seq=20), tiny_models.random_ids(seq=DECODE_STEPS, seed=5)
     run = _fp8(model, "FSFS", lowering)
-    from test_lower_indexer import _static_cache_steps
-    return _static_cache_steps(run, model, ids, steps, 32, cache=cache_of(run)), _reports()
+    return tiny_models.static_cache_steps(run, model, ids, steps, 32, cache=cache_of(run)), _reports()
 
 
 @pytest.mark.parametrize("lowering,allocated", [("eager", False), ("inductor", True)])

@@ -297,21 +297,6 @@ def test_hf_left_padded_prefill_on_gpu_reads_key_ranges(long_context, monkeypatc
     assert (got[:, 37:] - want[:, 37:]).abs().max().item() < 1e-3
 
 
-def _static_cache_steps(run, model, ids, steps, max_len, cache=None):
-    """Last-token logits of a prefill and single-token steps with a StaticCache (fixed shapes).
-    (transformers 5 writes each step at the cache's running length; cache_position agrees with it.)"""
-    from transformers import StaticCache
-
-    cache = cache or StaticCache(config=model.config, max_cache_len=max_len)
-    n, out = ids.shape[1], []
-    with torch.no_grad():
-        for t, tokens in enumerate([ids] + [steps[:, i:i + 1] for i in range(steps.shape[1])]):
-            position = torch.arange(n, device=ids.device) if t == 0 else torch.tensor([n + t - 1], device=ids.device)
-            # a copy: under CUDA graphs the output lives in the graph's pool, rewritten by the next replay
-            out.append(run(tokens, cache=cache, use_cache=True, cache_position=position).logits[:, -1].clone())
-    return out
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_static_cache_prefill_and_decode_on_gpu(long_context):
@@ -320,8 +305,8 @@ def test_static_cache_prefill_and_decode_on_gpu(long_context):
     (The same with the Triton interpreter on CPU, IC_KERNELS_TRITON=1: max |diff| 2.4e-4.)"""
     model = tiny_models.glm().cuda()
     ids, steps = tiny_models.random_ids(batch=2, seq=300).cuda(), tiny_models.random_ids(batch=2, seq=3, seed=5).cuda()
-    want = _static_cache_steps(tiny_models.glm_with_plan(model, "FSFS").cuda(), model, ids, steps, 320)
-    got = _static_cache_steps(compiled(model, "FSFS", "inductor"), model, ids, steps, 320)
+    want = tiny_models.static_cache_steps(tiny_models.glm_with_plan(model, "FSFS").cuda(), model, ids, steps, 320)
+    got = tiny_models.static_cache_steps(compiled(model, "FSFS", "inductor"), model, ids, steps, 320)
     for w, g in zip(want, got):
         assert (w - g).abs().max().item() < 1e-3
 
@@ -339,7 +324,7 @@ def test_cudagraphs_static_cache_decode_on_gpu(long_context, monkeypatch):
 
     model = tiny_models.glm().cuda()
     ids, steps = tiny_models.random_ids(batch=2, seq=300).cuda(), tiny_models.random_ids(batch=2, seq=5, seed=5).cuda()
-    want = _static_cache_steps(tiny_models.glm_with_plan(model, "FSFS").cuda(), model, ids, steps, 320)
+    want = tiny_models.static_cache_steps(tiny_models.glm_with_plan(model, "FSFS").cuda(), model, ids, steps, 320)
     model.config._experts_implementation = "batched_mm"
     torch._dynamo.reset()
     counters.clear()
@@ -347,7 +332,7 @@ def test_cudagraphs_static_cache_decode_on_gpu(long_context, monkeypatch):
     for name in ("_indexer_topk", "_sparse_mla"):
         monkeypatch.setattr(ops, name, lambda *a, _fn=getattr(ops, name), **kw: op_calls.append(len(calls)) or _fn(*a, **kw))
     graphs = torch.compile(model, backend="indexcache", options={"plan": "FSFS", "cudagraphs": True})
-    got = _static_cache_steps(lambda *a, **kw: calls.append(1) or graphs(*a, **kw), model, ids, steps, 320,
+    got = tiny_models.static_cache_steps(lambda *a, **kw: calls.append(1) or graphs(*a, **kw), model, ids, steps, 320,
                               cache=ic_compile.static_cache(graphs, 2, 320))
     for w, g in zip(want, got):
         assert (w - g).abs().max().item() < 1e-3
@@ -394,7 +379,7 @@ def test_rewritten_graph_keeps_dynamo_static_inputs(eight_heads):
     cache = ic_compile.static_cache(model, 1, 32)
     last_results.clear()
     torch._dynamo.reset()
-    _static_cache_steps(compiled(model, "FSFS", "inductor"), model, ids, ids[:, :2], 32, cache=cache)
+    tiny_models.static_cache_steps(compiled(model, "FSFS", "inductor"), model, ids, ids[:, :2], 32, cache=cache)
     rewritten = [r for r in last_results if r.changed]
     assert rewritten
     for result in rewritten:
@@ -456,8 +441,8 @@ def test_static_cache_prefill_and_decode(eight_heads):
     """The same on CPU (references): the prefill's key ranges end before T = max_cache_len."""
     model = tiny_models.glm()
     ids, steps = tiny_models.random_ids(batch=2, seq=40), tiny_models.random_ids(batch=2, seq=3, seed=5)
-    want = _static_cache_steps(tiny_models.glm_with_plan(model, "FSFS"), model, ids, steps, 64)
-    got = _static_cache_steps(compiled(model, "FSFS", "inductor"), model, ids, steps, 64)
+    want = tiny_models.static_cache_steps(tiny_models.glm_with_plan(model, "FSFS"), model, ids, steps, 64)
+    got = tiny_models.static_cache_steps(compiled(model, "FSFS", "inductor"), model, ids, steps, 64)
     for w, g in zip(want, got):
         assert (w - g).abs().max().item() < 1e-4
 
