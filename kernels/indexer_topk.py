@@ -54,7 +54,7 @@ from ._triton_utils import (
     use_triton_for,
 )
 from .fp8_indexer import FP8_DTYPE, quantize_indexer
-from .reference import check_indexer_precision, indexer_topk_ref, topk_indices_from_scores
+from .reference import check_indexer_precision, indexer_topk_ref, picked_scores, topk_indices_from_scores
 from .topk_select import LONG_ROW, _Tuning, topk_select
 
 SCORE_BUFFER_BYTES = 1 << 30  # fp32 [B, chunk, width] score buffer budget per query chunk
@@ -532,12 +532,12 @@ def indexer_topk_triton(
     mask: torch.Tensor | None = None, causal: bool = True,
     chunk_rows: int | None = None, num_splits: int | None = None, sorted: bool = True,
     selection: str = "auto", key_range: torch.Tensor | None = None, indexer_precision: str = "bf16",
-    k_scale: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None, scores_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton path of indexer_topk (CPU tensors run in the Triton interpreter).
 
     chunk_rows / num_splits override the heuristics (tests use them to hit every code path);
-    sorted / selection: see select_topk.
+    sorted / selection: see select_topk; scores_out: see indexer_topk.
     """
     B, S, T = q.shape[0], q.shape[1], k.shape[1]
     out = new_output((B, S, topk), torch.int32, q.device)
@@ -545,6 +545,8 @@ def indexer_topk_triton(
                                          indexer_precision=indexer_precision, k_scale=k_scale):
         if scores.shape[-1] == 0:  # no key visible to this chunk (causal with S > T)
             out[:, s0:s1] = -1
+            if scores_out is not None:
+                scores_out[:, s0:s1] = float("-inf")
         else:
             diag_base = (T - S + s0) if causal else None
             triton_select = selection == "triton" or (selection == "auto" and not sorted and topk <= MAX_SELECT_TOPK)
@@ -552,6 +554,8 @@ def indexer_topk_triton(
                 select_topk(scores, topk, diag_base, sorted, selection, out=out[0, s0:s1])
             else:
                 out[:, s0:s1] = select_topk(scores, topk, diag_base, sorted, selection)
+            if scores_out is not None:  # read from the buffer the selection read, before the next chunk reuses it
+                scores_out[:, s0:s1] = picked_scores(scores, out[:, s0:s1])
     return out
 
 
@@ -559,9 +563,11 @@ def indexer_topk(
     q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, topk: int,
     mask: torch.Tensor | None = None, causal: bool = True, use_triton: bool | None = None,
     sorted: bool = True, key_range: torch.Tensor | None = None, indexer_precision: str = "bf16",
-    k_scale: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None, scores_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Indexer top-k. q [B,S,H,D], k [B,T,D], w [B,S,H] -> int32 [B,S,topk] (-1 padded).
+    scores_out: fp32 [B,S,topk] to receive the picked keys' scores, the values the selection
+    compared (-inf in -1 slots): a model's topk values, for models that use them.
 
     mask: bool broadcastable to [B,S,T]; key_range: int32 [B,S,3] (lo, hi, count), key t allowed
     iff count > 0 and lo <= t <= hi (kernels/key_range.py); both optional, on top of `causal`.
@@ -576,9 +582,9 @@ def indexer_topk(
     check_indexer_precision(indexer_precision)
     if use_triton_for(q, use_triton):
         return indexer_topk_triton(q, k, w, topk, mask, causal, sorted=sorted, key_range=key_range,
-                                   indexer_precision=indexer_precision, k_scale=k_scale)
+                                   indexer_precision=indexer_precision, k_scale=k_scale, scores_out=scores_out)
     return indexer_topk_ref(q, k, w, topk, mask, causal, key_range=key_range, indexer_precision=indexer_precision,
-                            k_scale=k_scale)
+                            k_scale=k_scale, scores_out=scores_out)
 
 
 __all__ = ["indexer_topk", "indexer_topk_triton", "indexer_scores", "chunked_scores", "decode_form", "HAS_TRITON"]

@@ -4,6 +4,8 @@
                      bool sorted=True, Tensor? key_range=None, bool check=True,
                      str indexer_precision="bf16", Tensor? new_keys=None, Tensor? new_key_pos=None,
                      Tensor? k_scale=None) -> Tensor
+    ic::indexer_topk_scored(<the same>) -> (Tensor, Tensor)
+        (also the picked keys' scores, fp32 [B,S,topk], -inf in -1 slots: for models using topk values)
         (new_keys / new_key_pos: k is the model's key cache, into which it has just written new_keys at
         new_key_pos along dim 1; with indexer_precision="fp8" the op keeps an fp8 copy of that cache,
         quantising only those rows: kernels/fp8_key_cache.py. k_scale [B,T]: scores times k_scale[b,t];
@@ -51,6 +53,7 @@ _INDEXER_TOPK_SCHEMA = ("(Tensor q, Tensor k, Tensor w, SymInt topk, Tensor? mas
                         "bool sorted=True, Tensor? key_range=None, bool check=True, "
                         "str indexer_precision=\"bf16\", Tensor? new_keys=None, Tensor? new_key_pos=None, "
                         "Tensor? k_scale=None) -> Tensor")
+_INDEXER_TOPK_SCORED_SCHEMA = _INDEXER_TOPK_SCHEMA.replace("-> Tensor", "-> (Tensor, Tensor)")
 _SPARSE_ATTENTION_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, bool causal=True) -> Tensor"
 _SPARSE_MLA_SCHEMA = ("(Tensor q, Tensor kv, Tensor indices, float scale, int dv, bool causal=True, "
                       "Tensor? rope=None, Tensor? q_rope=None) -> Tensor")
@@ -85,8 +88,17 @@ def indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=N
     (kernels/fp8_key_cache.py), not k itself.
     k_scale fp32 [B,T]: scores times k_scale[b, t] (DeepSeek's fp8_index times its key-scale cache);
     with "fp8" and e4m3 k (and q, its scales folded into w), the scales the model quantised them with."""
+    return _indexer_topk_call(q, k, w, topk, mask, causal, sorted, key_range, check, indexer_precision, new_keys,
+                              new_key_pos, k_scale)
+
+
+def _indexer_topk_call(q, k, w, topk, mask, causal, sorted, key_range, check, indexer_precision, new_keys,
+                       new_key_pos, k_scale, scores_out=None):
+    """ic::indexer_topk's body; scores_out fp32 [B,S,topk]: also the picked keys' scores (the scored op)."""
     S, T = q.shape[1], k.shape[1]
     precision = {} if indexer_precision == "bf16" else {"indexer_precision": indexer_precision}  # bf16: as before
+    if scores_out is not None:
+        precision["scores_out"] = scores_out
     if new_keys is not None and indexer_precision != "fp8":
         raise ValueError("ic::indexer_topk: new_keys (the op's fp8 copy of a key cache) needs "
                          f"indexer_precision='fp8', got {indexer_precision!r}")
@@ -118,6 +130,25 @@ def _(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=None, check=
       new_keys=None, new_key_pos=None, k_scale=None):
     B, S = q.shape[0], q.shape[1]
     return q.new_empty((B, S, topk), dtype=torch.int32)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::indexer_topk_scored", mutates_args=(), schema=_INDEXER_TOPK_SCORED_SCHEMA)
+def indexer_topk_scored(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=None, check=True,
+                        indexer_precision="bf16", new_keys=None, new_key_pos=None, k_scale=None):
+    """ic::indexer_topk, and the picked keys' scores: (int32 [B,S,topk], fp32 [B,S,topk]), -inf in -1
+    slots. The scores are the ones the selection compared (read back from its score buffer), for
+    models that use their top-k's values."""
+    scores_out = q.new_empty((q.shape[0], q.shape[1], topk), dtype=torch.float32)
+    indices = _indexer_topk_call(q, k, w, topk, mask, causal, sorted, key_range, check, indexer_precision,
+                                 new_keys, new_key_pos, k_scale, scores_out)
+    return indices, scores_out
+
+
+@indexer_topk_scored.register_fake
+def _(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=None, check=True, indexer_precision="bf16",
+      new_keys=None, new_key_pos=None, k_scale=None):
+    B, S = q.shape[0], q.shape[1]
+    return q.new_empty((B, S, topk), dtype=torch.int32), q.new_empty((B, S, topk), dtype=torch.float32)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::sparse_attention", mutates_args=(), schema=_SPARSE_ATTENTION_SCHEMA)
@@ -160,4 +191,4 @@ def _(hidden, topk_index, topk_weights, gate_up, down, swiglu_limit=None):
     return hidden.new_empty(hidden.shape)
 
 
-__all__ = ["indexer_topk", "sparse_attention", "sparse_mla", "moe_experts", "NAMESPACE"]
+__all__ = ["indexer_topk", "indexer_topk_scored", "sparse_attention", "sparse_mla", "moe_experts", "NAMESPACE"]

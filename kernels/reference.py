@@ -68,6 +68,12 @@ def topk_indices_from_scores(scores: torch.Tensor, topk: int) -> torch.Tensor:
     return idx
 
 
+def picked_scores(scores: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The scores [..., T] at the picked keys idx [..., topk] (-1 = none: -inf) -> fp32 [..., topk]."""
+    picked = scores.float().gather(-1, idx.clamp(min=0).long())
+    return picked.masked_fill(idx < 0, float("-inf"))
+
+
 def indexer_topk_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -78,8 +84,10 @@ def indexer_topk_ref(
     key_range: torch.Tensor | None = None,
     indexer_precision: str = "bf16",
     k_scale: torch.Tensor | None = None,
+    scores_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Lightning-indexer top-k. q [B,S,H,D], k [B,T,D], w [B,S,H] -> int32 [B,S,topk].
+    """Lightning-indexer top-k. q [B,S,H,D], k [B,T,D], w [B,S,H] -> int32 [B,S,topk]; scores_out
+    (fp32 [B,S,topk], optional) gets the picked keys' scores (-inf in -1 slots).
 
     indexer_precision "fp8": the scores of DeepSeek-V3.2's fp8 indexer (q, k quantised to e4m3 with
     a scale per token and head, kernels/fp8_indexer.py); "bf16" (default): of q, k as given (fp32
@@ -102,7 +110,10 @@ def indexer_topk_ref(
         scores = indexer_scores_ref(q[:, s0:s1], k, w[:, s0:s1])  # [B,c,T]
         if k_scale is not None:
             scores.mul_(k_scale[:, None, :])
-        out[:, s0:s1] = topk_indices_from_scores(mask_indexer_scores(scores, S, mask, causal, key_range, s0), topk)
+        scores = mask_indexer_scores(scores, S, mask, causal, key_range, s0)
+        out[:, s0:s1] = topk_indices_from_scores(scores, topk)
+        if scores_out is not None:
+            scores_out[:, s0:s1] = picked_scores(scores, out[:, s0:s1])
     return out
 
 

@@ -3,7 +3,9 @@
 Recognised layouts (others are left as they are, with the reason in `LoweringReport.skipped`):
   matmul form (HF):  relu(matmul(q[B,S,H,D], kT[B,1,D,T]) * c) -> matmul(w[B,S,1,H], .) -> squeeze
   einsum form (ours): einsum("bshd,btd->bsht", q, k).clamp_min(0) * c -> (. * w[B,S,H,1]).sum(2)
-then scalar scales, a mask (masked_fill / additive / where) and topk(k, dim=-1) whose values are unused.
+  head-major (attention-style code): matmul(q.transpose(1, 2), kT[B,1,D,T]) -> [B,H,S,T], * w[B,H,S,1], .sum(1)
+then scalar scales, a mask (masked_fill / additive / where) and topk(k, dim=-1). When its values are used
+too, the call is ic::indexer_topk_scored, whose picked scores stand in for them (`topk_values`).
 Positive scalar scales are folded into w (ReLU(c·x) = c·ReLU(x) for c > 0). The model's own mask
 keeps its exact meaning (causal=False; static caches, padding): by default (`indexer_mask="ranges"`)
 it reaches the op as per-query key ranges, int32 [B,S,3] = (first, last, number of) allowed keys,
@@ -16,6 +18,7 @@ and the lowered calls carry the decision ("ranges" | "dense").
 
 from __future__ import annotations
 
+import operator
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -55,13 +58,18 @@ class _Plan:
     q: fx.Node
     k: fx.Node  # the [B,T,D] key behind the product's key operand
     w: fx.Node
-    w_layout: str  # "bs1h" | "bsh1"
+    w_layout: str  # "bs1h" | "bsh1" | "bhs1" (see _head_weights)
     scale: float
     mask: fx.Node | None
     mask_kind: str  # "none" | "fill" (True = drop) | "additive" | "allowed"
     topk: int | fx.Node
     ordered: bool  # some consumer may depend on the descending order of the indices
     key_scale: fx.Node | None = None  # a per-key factor [B|1, (1,) 1, T] on the scores (DeepSeek's k_scale)
+    scored: bool = False  # the topk's values are used too: the op also returns the picked scores
+    pad: float | str = float("-inf")  # the model's value in an empty slot (a row with fewer allowed keys than
+    # topk): its masked score, the fill of a masked_fill / where, or "mask_min" for an additive mask (its
+    # most negative value: finfo.min + a score rounds to finfo.min)
+    values_dtype: torch.dtype = torch.float32  # the dtype of the model's topk values
 
 
 INDEXER_MASKS = ("auto", "ranges", "dense")  # how the model's mask reaches the op (backend option indexer_mask)
@@ -114,9 +122,11 @@ def decide_indexer_mask(requested: str, lowering: str, queries: list) -> str:
 
 
 def lowered_indexer(q, k, w, scale, mask, topk, w_layout, mask_kind, ordered=True, indexer_mask="ranges",
-                    check=True, indexer_precision="bf16", new_keys=None, new_key_pos=None, key_scale=None):
+                    check=True, indexer_precision="bf16", new_keys=None, new_key_pos=None, key_scale=None,
+                    scored=False):
     """Canonical layouts, then the fused op -> int32 [B,S,topk], -1 where fewer keys are allowed;
     rows descending by score when `ordered` (else any order, which lets CUDA use topk_select).
+    scored: (those indices, the picked scores fp32 [B,S,topk]), ic::indexer_topk_scored.
     indexer_mask (decided by `decide_indexer_mask`): "ranges", the mask reaches the op as key ranges
     [B,S,3]; "dense", as itself. check: the op's host-side checks (False under CUDA graphs).
     indexer_precision: "bf16" (the model's) or "fp8"; new_keys / new_key_pos (fp8): k is a key cache
@@ -133,13 +143,33 @@ def lowered_indexer(q, k, w, scale, mask, topk, w_layout, mask_kind, ordered=Tru
             indexer_precision = "fp8"
     if q.dtype != k.dtype and new_keys is None:  # with a key copy the op reads that, not k: k stays the buffer
         q, k = q.float(), k.float()
-    w = (w.squeeze(-2) if w_layout == "bs1h" else w.squeeze(-1)).float() * scale  # [B,S,H]
+    w = _weights_bsh(w, w_layout).float() * scale  # [B,S,H]
     allowed = _allowed(mask, mask_kind, q.shape[0], q.shape[1], k.shape[1])  # bool [B,S,T] | None
+    op = torch.ops.ic.indexer_topk_scored if scored else torch.ops.ic.indexer_topk
     if allowed is None or indexer_mask == "dense":
-        return torch.ops.ic.indexer_topk(q, k, w, topk, allowed, False, ordered, check=check,
-                                         indexer_precision=indexer_precision, **extra)  # [B,S,topk] int32
-    return torch.ops.ic.indexer_topk(q, k, w, topk, None, False, ordered, key_range=key_range_of(allowed), check=check,
-                                     indexer_precision=indexer_precision, **extra)
+        return op(q, k, w, topk, allowed, False, ordered, check=check, indexer_precision=indexer_precision,
+                  **extra)  # [B,S,topk] int32 (, fp32 scores)
+    return op(q, k, w, topk, None, False, ordered, key_range=key_range_of(allowed), check=check,
+              indexer_precision=indexer_precision, **extra)
+
+
+def _weights_bsh(w, w_layout: str):
+    """The head weights as [B,S,H] from their layout in the model (see _head_weights)."""
+    if w_layout == "bs1h":
+        return w.squeeze(-2)
+    return w.squeeze(-1).transpose(1, 2) if w_layout == "bhs1" else w.squeeze(-1)
+
+
+def topk_values(picked, ids, pad, mask, dtype):
+    """The model's topk values from the op's picked scores fp32 [B,S,topk]: in its dtype (that of the
+    scores it ranked), and in empty slots (ids -1) its masked value: `pad`, or for "mask_min" the
+    additive mask's most negative value per row."""
+    if pad == "mask_min":
+        pad = mask.amin(-1)
+        while pad.dim() > 2:
+            pad = pad.squeeze(1) if pad.shape[1] == 1 else pad[:, 0]
+        pad = pad.to(picked.dtype).expand(ids.shape[0], ids.shape[1])[..., None]  # [B,S,1]
+    return torch.where(ids < 0, pad, picked).to(dtype)
 
 
 def prefill_indexers(gm: fx.GraphModule) -> list[fx.Node]:
@@ -185,31 +215,35 @@ def _allowed(mask, kind, batch, seq, keys):
 
 
 def _analyse(match: IndexerMatch) -> _Plan | str:
-    if any(op_name(u) != "getitem" or u.args[1] != 1 for u in match.topk.users):
-        return "topk values are used (only indices can be produced by the fused op)"
+    if any(op_name(u) != "getitem" or u.args[1] not in (0, 1) for u in match.topk.users):
+        return "the topk result is used other than through [0] (values) and [1] (indices)"
+    scored = any(u.args[1] == 0 for u in match.topk.users)
     if not _known_product(match):
         return f"q·k product layout not recognised ({op_name(match.product)} {shape_of(match.query)} x {shape_of(match.key)})"
     chain = _chain(match)
     if isinstance(chain, str):
         return chain
-    scale, w, w_layout, mask, mask_kind, key_scale = 1.0, None, "", None, "none", None
+    query, heads_first = _query_of(match.query)
+    scale, w, w_layout, mask, mask_kind, key_scale, fill = 1.0, None, "", None, "none", None, float("-inf")
     for node, via in chain:
         name = op_name(node)
         if name in ("mul", "div") and _scalar_of(node, via) is not None and (name == "mul" or node.args[0] is via):
             c = _scalar_of(node, via)
             scale = scale * c if name == "mul" else scale / c
-        elif name in ("matmul", "mul") and w is None and _head_weights(node, via) is not None:
-            w, w_layout = _head_weights(node, via)
+        elif name in ("matmul", "mul") and w is None and _head_weights(node, via, heads_first) is not None:
+            w, w_layout = _head_weights(node, via, heads_first)
         elif name == "masked_fill" and mask is None and node.args[2] == float("-inf"):
             mask, mask_kind = node.args[1], "fill"
         elif name == "add" and mask is None:
-            mask, mask_kind = [a for a in node.args if a is not via][0], "additive"
+            mask, mask_kind, fill = [a for a in node.args if a is not via][0], "additive", "mask_min"
         elif name == "where" and mask is None and node.args[1] is via:
-            mask, mask_kind = node.args[0], "allowed"
+            mask, mask_kind, fill = node.args[0], "allowed", node.args[2]
         elif name == "mul" and key_scale is None and (factor := _per_key(node, via)) is not None:
             key_scale = factor
         elif name == "sum" and w_layout == "bsh1" and _sum_dim(node) not in (2, -2):
             return "the head reduction sums over a dim other than the heads"
+        elif name == "sum" and w_layout == "bhs1" and _sum_dim(node) not in (1, -3):
+            return "the head reduction sums over a dim other than the heads (dim 1 of [B,H,S,T])"
         elif name in LAYOUT_OPS or name in ("sum", "relu", "clamp_min", "clamp") or node is match.relu:
             continue
         else:
@@ -222,8 +256,14 @@ def _analyse(match: IndexerMatch) -> _Plan | str:
     key = _key_source(match)
     if key is None:
         return f"no [B,T,D] key tensor behind the product's key operand {shape_of(match.key)}"
-    return _Plan(_uncast(match.query), key, w, w_layout, float(scale), mask, mask_kind, topk,
-                 ordered=not order_free(match.topk), key_scale=key_scale)
+    if scored and not isinstance(fill, (int, float, str)):
+        return "topk values are used and the mask's fill is a tensor (its value in empty slots is unknown)"
+    ranked = example_value(match.topk.args[0])
+    if scored and not isinstance(ranked, torch.Tensor):
+        return "topk values are used and the dtype of the ranked scores is unknown"
+    return _Plan(_uncast(query), key, w, w_layout, float(scale), mask, mask_kind, topk,
+                 ordered=scored or not order_free(match.topk), key_scale=key_scale, scored=scored, pad=fill,
+                 values_dtype=ranked.dtype if scored else torch.float32)
 
 
 def _per_key(node: fx.Node, via: fx.Node) -> fx.Node | None:
@@ -414,18 +454,36 @@ def _scalar_of(node: fx.Node, via: fx.Node):
     return others[0] if len(others) == 1 and isinstance(others[0], (int, float)) else None
 
 
-def _head_weights(node: fx.Node, via: fx.Node):
+def _head_weights(node: fx.Node, via: fx.Node, heads_first: bool = False):
+    """(w, layout) when `node` applies the head weights: "bs1h" matmul(w [B,S,1,H], scores [B,S,H,T]),
+    "bsh1" scores [B,S,H,T] * w [B,S,H,1], or with head-major scores [B,H,S,T] "bhs1" (* w [B,H,S,1])."""
     others = [a for a in node.args if a is not via and isinstance(a, fx.Node)]
     if len(others) != 1:
         return None
     shape = shape_of(others[0])
     if shape is None or len(shape) != 4:
         return None
-    if op_name(node) == "matmul" and shape[2] == 1 and node.args[1] is via:
+    if op_name(node) == "matmul" and shape[2] == 1 and node.args[1] is via and not heads_first:
         return others[0], "bs1h"
     if op_name(node) == "mul" and shape[3] == 1:
-        return others[0], "bsh1"
+        return others[0], "bhs1" if heads_first else "bsh1"
     return None
+
+
+_HEAD_SWAPS = {"transpose", "swapaxes", "permute"}
+
+
+def _query_of(operand: fx.Node) -> tuple[fx.Node, bool]:
+    """(q [B,S,H,D], heads_first): the product's query operand, or, when that is q with dims 1 and 2
+    swapped (q.transpose(1, 2): head-major scores [B,H,S,T], attention-style code), q itself."""
+    node = operand
+    while op_name(node) in CASTS and isinstance(node.args[0], fx.Node) and _widening(node):
+        node = node.args[0]
+    source = node.args[0] if op_name(node) in _HEAD_SWAPS and node.args else None
+    if isinstance(source, fx.Node) and len(shape_of(source) or ()) == 4 \
+            and _input_dims(node, ("B", "H", "S", "D"), shape_of(source)) == ("B", "S", "H", "D"):
+        return source, True
+    return operand, False
 
 
 def _replace(gm: fx.GraphModule, match: IndexerMatch, plan: _Plan, indexer_mask: str,
@@ -434,12 +492,20 @@ def _replace(gm: fx.GraphModule, match: IndexerMatch, plan: _Plan, indexer_mask:
         options = {"indexer_precision": indexer_precision} if indexer_precision != "bf16" else {}
         if plan.key_scale is not None:
             options["key_scale"] = plan.key_scale
+        if plan.scored:
+            options["scored"] = True
         node = gm.graph.call_function(
             lowered_indexer, (plan.q, plan.k, plan.w, plan.scale, plan.mask, plan.topk, plan.w_layout,
                               plan.mask_kind, plan.ordered, indexer_mask), options)
-        safe = gm.graph.call_function(scatter_safe_indices, (node, plan.k))
-    for new in (node, safe):
+        ids = gm.graph.call_function(operator.getitem, (node, 0)) if plan.scored else node
+        safe = gm.graph.call_function(scatter_safe_indices, (ids, plan.k))
+        new_nodes = [node, safe]
+        if plan.scored:
+            picked = gm.graph.call_function(operator.getitem, (node, 1))
+            values = gm.graph.call_function(topk_values, (picked, ids, plan.pad, plan.mask, plan.values_dtype))
+            new_nodes += [ids, picked, values]
+    for new in new_nodes:
         take_location(new, match.topk)
     node.meta["indexcache_layer"] = match.layer
     for use in list(match.topk.users):
-        use.replace_all_uses_with(safe)
+        use.replace_all_uses_with(values if use.args[1] == 0 else safe)

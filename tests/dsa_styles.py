@@ -10,7 +10,8 @@ convention): prefill at start_pos=0, then one token per call. The attention keep
   no fp8 cast (scales only);
 - "fp8": the same with q/k really cast to torch.float8_e4m3fn and back, as `fp8_index` reads them;
 - "scores": the indexer returns `(indices, scores)` (topk values and indices); the attention
-  drops selected keys whose score is -inf; gpt-fast-style `index_copy_` key buffer;
+  drops selected keys whose score is -inf; head-major scores (`q.transpose(1, 2)` @ keys:
+  [B,H,S,T], summed over dim 1); gpt-fast-style `index_copy_` key buffer;
 - "community": the indexer key cache is a plain module attribute, allocated on the first call
   and grown by `self.k_cache = torch.cat(...)`; the causal mask is built in the indexer with an
   in-place `triu_`, and a second such mask is built and never used.

@@ -1,6 +1,7 @@
 """Tiny DSA model configs shared by the tests (random weights, CPU-fast)."""
 
 import torch
+from torch import nn
 
 from ic_compile.tools.models import HF_TINY  # the `hf-tiny:` CLI model; tests monkeypatch it (restored)
 
@@ -60,3 +61,56 @@ def static_cache_steps(run, model, ids, steps, max_len, cache=None):
             # a copy: under CUDA graphs the output lives in the graph's pool, rewritten by the next replay
             out.append(run(tokens, cache=cache, use_cache=True, cache_position=position).logits[:, -1].clone())
     return out
+
+
+# --- a model whose indexers' top-k values are used (tests/passes/test_topk_values.py, ONNX export)
+
+TOPK = 8  # ValuesModel's top-k, > the first rows' allowed keys (causal, 12 tokens): empty slots in those rows
+
+
+class ValuesIndexer(nn.Module):
+    """einsum indexer over a causal prefix; `mask_style` says how the mask is applied."""
+
+    def __init__(self, mask_style: str, dim=16, heads=4, head_dim=8):
+        super().__init__()
+        self.mask_style = mask_style
+        self.q = nn.Linear(dim, heads * head_dim, bias=False)
+        self.k = nn.Linear(dim, head_dim, bias=False)
+        self.w = nn.Linear(dim, heads, bias=False)
+        self.heads = heads
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.heads, -1)
+        scores = torch.einsum("bshd,btd->bsht", q, self.k(x)).clamp_min(0) * 0.5
+        scores = (scores * self.w(x).sigmoid()[..., None]).sum(2)  # [B, T, T]
+        allowed = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        if self.mask_style == "fill":
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        elif self.mask_style == "additive":
+            scores = scores + torch.zeros(T, T).masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        elif self.mask_style == "where":  # a scalar fill
+            scores = torch.where(allowed, scores, -1e4)
+        else:  # "tensor": a fill that depends on the input (not lowered: its values in empty slots are unknown)
+            scores = torch.where(allowed, scores, x[..., :1] - 100)
+        top = scores.topk(TOPK, dim=-1)
+        return top.values, top.indices
+
+
+class ValuesModel(nn.Module):
+    """Two indexer layers; each weights the picked tokens by a softmax over their scores."""
+
+    def __init__(self, mask_style):
+        super().__init__()
+        self.layers = nn.ModuleList(ValuesIndexer(mask_style) for _ in range(2))
+
+    def forward(self, x):
+        outs = []
+        for layer in self.layers:
+            values, idx = layer(x)
+            weight = values.float().softmax(-1).nan_to_num()  # -inf rows' empty slots: weight 0
+            picked = torch.gather(x[:, None].expand(-1, x.shape[1], -1, -1), 2,
+                                  idx[..., None].expand(-1, -1, -1, x.shape[-1]))  # [B,T,k,dim]
+            x = x + (weight[..., None] * picked).sum(2)
+            outs.append(values)
+        return x, *outs

@@ -1,5 +1,5 @@
 """Custom ops in standard torch ops, for the exporters (ONNX, TensorRT): `DECOMPOSITIONS` maps each
-op's qualified name (`ic::indexer_topk`, `ic::sparse_attention`, `ic::sparse_mla`, HF's
+op's qualified name (`ic::indexer_topk`, `ic::indexer_topk_scored`, `ic::sparse_attention`, `ic::sparse_mla`, HF's
 `transformers::grouped_mm_fallback`) to a function of the same arguments that uses standard ops only.
 
     decompose_custom_ops(gm)                      # calls in an FX graph, in place
@@ -41,6 +41,14 @@ def _indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=
     -> int32 [B,S,topk], -1 where fewer than topk keys are allowed (kernels/reference.py's scores).
     key_range is read as ranges without the op's contiguity check (the export lowers with
     indexer_mask="dense", so exported models hand this the mask). k_scale [B,T]: scores times it."""
+    return _indexer_topk_scored(q, k, w, topk, mask, causal, sorted, key_range, check, indexer_precision,
+                                new_keys, new_key_pos, k_scale)[0]
+
+
+def _indexer_topk_scored(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=None, check=True,
+                         indexer_precision="bf16", new_keys=None, new_key_pos=None, k_scale=None):
+    """ic::indexer_topk_scored in standard ops: (the indices of _indexer_topk, their fp32 scores,
+    -inf in -1 slots)."""
     if indexer_precision != "bf16" or new_keys is not None:
         raise ExportError(f"indexer_precision={indexer_precision!r} (and its fp8 key cache) is not exported: "
                           "export with the model's precision (indexer_precision='bf16')")
@@ -52,7 +60,7 @@ def _indexer_topk(q, k, w, topk, mask=None, causal=True, sorted=True, key_range=
     # pad with topk -inf columns so that topk(k) is valid for any T (the pads come back as -1)
     scores = torch.nn.functional.pad(scores, (0, topk), value=float("-inf"))
     values, index = scores.topk(topk, dim=-1)
-    return torch.where(values == float("-inf"), torch.full_like(index, -1), index).to(torch.int32)
+    return torch.where(values == float("-inf"), torch.full_like(index, -1), index).to(torch.int32), values
 
 
 def _sparse_attention(q, k, v, indices, scale, causal=True):
@@ -84,6 +92,7 @@ def _grouped_mm(input, weight, offs):
 
 DECOMPOSITIONS: dict[str, Callable] = {
     "ic::indexer_topk": _indexer_topk,
+    "ic::indexer_topk_scored": _indexer_topk_scored,
     "ic::sparse_attention": _sparse_attention,
     "ic::sparse_mla": _sparse_mla,
     "transformers::grouped_mm_fallback": _grouped_mm,

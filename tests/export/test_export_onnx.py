@@ -267,3 +267,22 @@ def test_quiet_third_party_keeps_our_warnings_and_other_messages():
     assert records == ["something else onnx_ir says"]
     assert [str(w.message) for w in caught] == ["ours"]
     assert not logger.filters  # removed after the export
+
+
+def test_indexer_whose_values_are_used_exports_in_standard_ops(tmp_path):
+    """kernels=True on a model using its top-k values: ic::indexer_topk_scored's standard-op form gives
+    ONNX the values too (-inf in the empty slots of the first, short rows), at other lengths too."""
+    from tiny_models import ValuesModel
+
+    torch.manual_seed(0)
+    model = ValuesModel("fill").eval()
+    result = export_onnx(model, {"x": torch.randn(1, 12, 16)}, tmp_path / "v.onnx", plan="FF", kernels=True)
+    assert "ic::indexer_topk_scored" in result.decomposed_ops
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    for seq in (9, 20):
+        x = torch.randn(1, seq, 16)
+        with torch.no_grad():
+            want = model(x)
+        got = session.run(None, {"x": x.numpy()})
+        for w, g in zip(want, got):
+            np.testing.assert_allclose(g, w.numpy(), rtol=1e-4, atol=1e-4)

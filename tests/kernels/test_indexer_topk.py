@@ -282,3 +282,22 @@ def test_per_key_scale_in_the_kernel(case, request):
         got = indexer_topk_triton(q, k, w, topk, k_scale=k_scale, sorted=ordered, **kw)
         picked = scores.gather(-1, got[..., :want.shape[-1]].long()).sort(-1, descending=True).values
         torch.testing.assert_close(picked, want, rtol=1e-4, atol=1e-4, msg=f"sorted={ordered} {repro(seed)}")
+
+
+@needs_triton
+@pytest.mark.parametrize("case", ["prefill_chunked", "more_queries_than_keys", "T_lt_topk", "decode"])
+def test_picked_scores_are_the_ranked_scores(case, request):
+    """scores_out (ic::indexer_topk_scored's values): each picked key's score, read back from the
+    chunk's buffer before the next chunk reuses it, -inf in empty slots; equal to the reference's."""
+    seed = seed_everything(request.node.name)
+    B, S, T, H, D, topk, kw = CASES[case]
+    q, k, w = indexer_inputs(B, S, T, H, D, torch.bfloat16)
+    scores = masked_scores(q.float(), k.float(), w.float(), None, True)
+    for ordered in (True, False):
+        picked = torch.full((B, S, topk), 7.0)  # overwritten everywhere
+        got = indexer_topk_triton(q, k, w, topk, sorted=ordered, scores_out=picked, **kw)
+        want = scores.gather(-1, got.clamp(min=0).long()).masked_fill(got < 0, float("-inf"))
+        torch.testing.assert_close(picked, want, rtol=1e-5, atol=1e-5, msg=f"sorted={ordered} {repro(seed)}")
+    ref_picked = torch.empty(B, S, topk)
+    ref = indexer_topk_ref(q, k, w, topk, scores_out=ref_picked)
+    torch.testing.assert_close(ref_picked, scores.gather(-1, ref.clamp(min=0).long()).masked_fill(ref < 0, float("-inf")))

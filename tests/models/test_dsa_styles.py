@@ -69,13 +69,16 @@ def test_plan_matches_hooks_prefill_and_decode(static_decode, style, lowering):
 
 
 @pytest.mark.parametrize("style,lowering,triton", [("official", "eager", False), ("fp8", "eager", False),
-                                                    ("fp8", "eager", True), ("fp8", "inductor", False)])
-def test_deepseek_indexer_runs_in_our_op(static_decode, monkeypatch, style, lowering, triton):
-    """DeepSeek's own indexer (fp8_index: scores times a per-key scale from the scale cache) lowered to
-    ic::indexer_topk: in bf16 the scale folded into the keys; in fp8 (q and key cache already e4m3,
-    q's scales in the head weights) the fp8 op on the model's own e4m3 values and key scales (not the
-    values before its narrowing casts, not quantised again): the hooks' answer. triton: the op's
-    Triton kernels in the interpreter (IC_KERNELS_TRITON=1), else the reference."""
+                                                    ("fp8", "eager", True), ("fp8", "inductor", False),
+                                                    ("scores", "eager", True), ("scores", "inductor", False)])
+def test_indexer_runs_in_our_op(static_decode, monkeypatch, style, lowering, triton):
+    """The F indexer runs in our op, with the hooks' answer over prefill + 8 decode steps.
+    DeepSeek's own (fp8_index: scores times a per-key scale from the scale cache): ic::indexer_topk with
+    the scale as k_scale; in fp8 (q and key cache already e4m3, q's scales in the head weights) the fp8
+    op on the model's own e4m3 values and key scales (not the values before its narrowing casts, not
+    quantised again). "scores" (head-major, its top-k values used: the attention drops -inf picks):
+    ic::indexer_topk_scored, whose picked scores stand in for the values of F and the S layers.
+    triton: the op's Triton kernels in the interpreter (IC_KERNELS_TRITON=1), else the reference."""
     monkeypatch.setenv("IC_KERNELS_TRITON", "1" if triton else "0")
     net, prompt, steps = dsa_styles.model(style, n_layers=len(PLAN)), dsa_styles.tokens(), dsa_styles.tokens(
         seq=DECODE_STEPS, seed=3)
