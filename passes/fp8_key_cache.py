@@ -29,7 +29,7 @@ from ic_compile.kernels.fp8_indexer import FP8_DTYPE
 
 from .graph_ops import (CONSTRUCTORS, LAYOUT_OPS, arg_of, example_value, is_parameter, op_name, shape_of,
                         tensor_args, writers_of, writes_in_place)
-from .lower_indexer import IndexerPrecisionWarning, decode_sized, lowered_indexer
+from .lower_indexer import IndexerPrecisionWarning, decode_sized, lowered_indexer, query_count
 
 if TYPE_CHECKING:
     from .manager import PassContext
@@ -44,7 +44,9 @@ def fp8_key_cache(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if node.kwargs.get("indexer_precision") != "fp8":
             continue
         layer = node.meta.get("indexcache_layer")
-        if "key_scale" in node.kwargs:  # the model's own scale cache beside the key cache
+        if "k_layout" in node.kwargs:  # the copy is kept per [B,T,D] cache row
+            write = f"its keys are laid out '{node.kwargs['k_layout']}', not [B,T,D]"
+        elif "key_scale" in node.kwargs:  # the model's own scale cache beside the key cache
             keys = example_value(node.args[1])
             if isinstance(keys, torch.Tensor) and keys.dtype == FP8_DTYPE:  # the op reads them as they are
                 ctx.report.fp8_key_cache_skipped[layer] = "the model keeps its keys in fp8 itself"
@@ -55,7 +57,7 @@ def fp8_key_cache(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if isinstance(write, str):
             ctx.report.fp8_key_cache_skipped[layer] = write
             ctx.counters["fp8_key_cache.skipped"] += 1
-            if (q_shape := shape_of(node.args[0])) and decode_sized(q_shape[1]):
+            if decode_sized(query_count(node)):
                 requantised.append((layer, write))
             continue
         new_keys, positions = write
