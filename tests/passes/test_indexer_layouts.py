@@ -103,3 +103,22 @@ def test_relabel_is_views_in_the_wanted_order():
     y = relabel(torch.randn(3, 5), "hs", "bsh")
     assert y.shape == (1, 5, 3)
     assert relabel(torch.randn(1, 5, 6), "bst", "st").shape == (5, 6)  # a size-1 batch dropped
+
+
+@pytest.mark.parametrize("form", ["no_batch", "head_major_matmul", "einsum_weights"])
+def test_form_under_inductor_with_symbolic_lengths(form, one_thread):
+    """One compile (dynamic=True) serves every length: the layouts' views take symbolic sizes."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Model(form).eval()
+    ic_compile.backend.last_results.clear()
+    run = torch.compile(model, backend="indexcache", dynamic=True,
+                        options={"plan": "FF", "lowering": "inductor", "kernels": True})
+    for seq in (9, 13):
+        x = torch.randn(1, seq, DIM)
+        with torch.no_grad():
+            want, got = model(x), run(x)
+        allowed = torch.arange(want[1].shape[-1]) <= torch.arange(seq)[:, None]
+        for w, g in zip(want[1:], got[1:]):
+            assert torch.equal(g[..., allowed], w[..., allowed])
+    assert len(ic_compile.backend.last_results) == 1 and ic_compile.backend.last_results[0].kernels.lowered == [0, 1]
