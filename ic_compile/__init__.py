@@ -18,15 +18,16 @@ from .backend import BackendOptions, OptionsError, VerificationError, indexcache
 from .static_cache import static_cache
 from .capture import capture_graphs
 from .kernels.key_range import NotAKeyRangeError
-from .passes.lower_indexer import IndexerPrecisionWarning
+from .passes.lower_indexer import IndexerPrecisionWarning, UnloweredIndexerWarning
 # tools and exporters
 from .tools.explain import ExplainReport, explain
 from .tools.search import SearchResult, search_plan
 from .tools.graph_diff import graph_diff
 from .export.onnx import export_onnx
 
-__all__ = ["BackendOptions", "DetectionUncertainWarning", "ExplainReport", "IndexCacheError", "IndexerPrecisionWarning",
-           "LayerPlan", "NoIndexerFoundError", "NotAKeyRangeError", "OptionsError", "PlanError", "RewriteResult", "SearchResult",
-           "VerificationError", "capture_graphs", "explain", "export_onnx", "graph_diff", "indexcache_backend",
-           "rewrite", "search_plan", "static_cache"]
+__all__ = ["BackendOptions", "capture_graphs", "DetectionUncertainWarning", "explain", "ExplainReport",
+           "export_onnx", "graph_diff", "indexcache_backend", "IndexCacheError", "IndexerPrecisionWarning",
+           "LayerPlan", "NoIndexerFoundError", "NotAKeyRangeError", "OptionsError", "PlanError", "rewrite",
+           "RewriteResult", "search_plan", "SearchResult", "static_cache", "UnloweredIndexerWarning",
+           "VerificationError"]
 __version__ = "0.1.0"

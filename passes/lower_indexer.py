@@ -40,7 +40,11 @@ if TYPE_CHECKING:
     from .manager import PassContext
 
 
-class IndexerPrecisionWarning(UserWarning):
+class UnloweredIndexerWarning(UserWarning):
+    """Kernels asked for, and some F indexer's form is not one the fused op takes: it runs as written."""
+
+
+class IndexerPrecisionWarning(UnloweredIndexerWarning):
     """indexer_precision="fp8" asked for, and some indexer does not get it (or not at full speed)."""
 
 
@@ -93,11 +97,8 @@ def lower_indexer(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             ctx.counters["lower_indexer.skipped"] += 1
         else:
             plans.append((match, plan))
-    if ctx.indexer_precision != "bf16" and ctx.report.skipped:
-        warnings.warn(f"indexer_precision={ctx.indexer_precision!r} is not applied to the F indexers of layers "
-                      f"{sorted(ctx.report.skipped)}: they run as the model wrote them, in its precision, since our op "
-                      f"does not take their form ({next(iter(ctx.report.skipped.values()))})", IndexerPrecisionWarning,
-                      stacklevel=2)
+    if ctx.report.skipped:
+        _warn_unlowered(ctx.report.skipped, ctx.indexer_precision)
     mask = decide_indexer_mask(ctx.indexer_mask, ctx.lowering, [_query_count(plan.q, plan.layouts) for _, plan in plans])
     for match, plan in plans:
         _replace(gm, match, plan, mask, ctx.indexer_precision)
@@ -107,6 +108,19 @@ def lower_indexer(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     if plans:
         ctx.report.indexer_mask = mask
     return gm
+
+
+def _warn_unlowered(skipped: dict, precision: str) -> None:
+    """Once per graph: which F indexers run as the model wrote them, and the first reason."""
+    layers, reason = sorted(skipped), next(iter(skipped.values()))
+    if precision != "bf16":
+        warnings.warn(f"indexer_precision={precision!r} is not applied to the F indexers of layers {layers}: they "
+                      f"run as the model wrote them, in its precision, since our op does not take their form "
+                      f"({reason})", IndexerPrecisionWarning, stacklevel=3)
+    else:
+        warnings.warn(f"indexcache: the F indexers of layers {layers} run as the model wrote them, not in the fused "
+                      f"op ({reason}): at long context they build the [S,H,T] score tensor. The plan still holds "
+                      "(S layers share). kernels=False silences this.", UnloweredIndexerWarning, stacklevel=3)
 
 
 def decide_indexer_mask(requested: str, lowering: str, queries: list) -> str:
