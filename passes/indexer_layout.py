@@ -8,7 +8,7 @@ einsum with them -- since code writes both [B,S,H,T] and head-major [B,H,S,T] sc
 producers tell nothing (DeepSeek-V4's q is transposed twice around its rope) nor do shapes (S == H
 and T == D happen: a 32-token prompt, 32 heads).
 
-    product_labels(product, q, k) -> (q operand, k operand, scores) labels, or why not
+    product_labels(product, q, k) -> (the query tensor, its labels, the k operand's, the scores'), or why not
     key_source(k_operand, labels) -> (the key tensor behind it, its labels) or None
     input_labels / output_labels  -> a layout op's labels, one side from the other
     relabel(x, layout, want)      -> (runtime) x with its dims as `want`: squeeze, permute, unsqueeze
@@ -26,14 +26,41 @@ CASTS = {"float", "to", "type", "half", "bfloat16", "double"}
 _SAME_LABELS = CASTS | {"contiguous", "clone", "type_as"}  # ops whose output dims are their input's
 
 
-def product_labels(product: fx.Node, query: fx.Node, key: fx.Node) -> tuple[str, str, str] | str:
-    """Labels of the product's query operand, key operand and output (x, y: the query's own dims)."""
+def product_labels(product: fx.Node, query: fx.Node, key: fx.Node) -> tuple[fx.Node, str, str, str] | str:
+    """(the query tensor, its labels, the key operand's, the product's; x, y: the query's own dims).
+    The query tensor is the product's query operand, or for a product of queries and heads merged
+    into one dim (q.reshape(B, S*H, D) @ kT, labelled m), the tensor before that reshape."""
     name = op_name(product)
     if name == "einsum":
-        return _einsum_labels(product.args[0])
-    if name in ("matmul", "bmm"):
-        return _matmul_labels(query, key)
+        labels = _einsum_labels(product.args[0])
+        return labels if isinstance(labels, str) else (query, *labels)
+    if name in ("matmul", "bmm", "mm"):
+        merged = _merged_query(query)
+        if merged is not None:
+            return _merged_labels(merged, query, key)
+        labels = _matmul_labels(query, key)
+        return labels if isinstance(labels, str) else (query, *labels)
     return f"q·k product '{name}' not recognised"
+
+
+def _merged_query(query: fx.Node) -> fx.Node | None:
+    """q when the query operand is q [B,X,Y,D] (or [X,Y,D]) reshaped to [B,X*Y,D] ([X*Y,D])."""
+    if op_name(query) not in ("view", "reshape", "flatten") or not isinstance(query.args[0], fx.Node):
+        return None
+    source, shape = shape_of(query.args[0]), shape_of(query)
+    if source is None or shape is None or len(source) != len(shape) + 1 or len(shape) not in (2, 3):
+        return None
+    lead = len(shape) - 2  # a batch dim, or none
+    same = tuple(source[:lead]) == tuple(shape[:lead]) and source[-1] == shape[-1]
+    return query.args[0] if same and source[lead] * source[lead + 1] == shape[lead] else None
+
+
+def _merged_labels(q: fx.Node, operand: fx.Node, key: fx.Node) -> tuple[fx.Node, str, str, str] | str:
+    lead = "b" if len(shape_of(operand)) == 3 else ""
+    found = key_source(key, lead + "dt")
+    if found is None or len(shape_of(key) or ()) != len(shape_of(operand)):
+        return f"no [B,T,D] key tensor behind the product's key operand {shape_of(key)}"
+    return q, lead + "xyd", lead + "dt", lead + "mt"
 
 
 def _einsum_labels(spec) -> tuple[str, str, str] | str:
@@ -170,6 +197,8 @@ def _permutation(node: fx.Node, rank: int) -> list[int] | None:
         dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
         dims = [d % rank for d in dims] if all(isinstance(d, int) for d in dims) else None
         return dims if dims is not None and sorted(dims) == order else None
+    if name == "t" and rank == 2:
+        return [1, 0]
     if name == "getattr" and args and args[0] in ("mT", "T") and rank >= 2:
         return order[:-2] + [rank - 1, rank - 2] if args[0] == "mT" else order[::-1]
     if name == "movedim" and len(args) == 2 and all(isinstance(a, int) for a in args):
@@ -202,7 +231,14 @@ def _full_index(index, rank: int) -> list | None:
 
 
 def _reshaped(labels: str, in_shape, out_shape) -> str | None:
-    """A view that only adds or drops size-1 dims: labels carried over in order, "1" for new dims."""
+    """A view that only adds or drops size-1 dims: labels carried over in order, "1" for new dims; or
+    that splits the merged query dim m into its two (x, y, in the query's order)."""
+    if "m" in labels:
+        d = labels.index("m")
+        if len(out_shape) != len(in_shape) + 1 or tuple(out_shape[:d]) != tuple(in_shape[:d]) \
+                or tuple(out_shape[d + 2:]) != tuple(in_shape[d + 1:]) or out_shape[d] * out_shape[d + 1] != in_shape[d]:
+            return None
+        return labels[:d] + "xy" + labels[d + 1:]
     out, i = [], 0
     for size in out_shape:
         while i < len(labels) and in_shape[i] == 1 and size != 1:

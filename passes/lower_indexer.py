@@ -249,7 +249,7 @@ def _analyse(match: IndexerMatch) -> _Plan | str:
     labels = product_labels(match.product, match.query, match.key)
     if isinstance(labels, str):
         return labels
-    q_labels, k_labels, score_labels = labels
+    query, q_labels, k_labels, score_labels = labels
     key = key_source(match.key, k_labels)
     if key is None:
         return f"no [B,T,D] key tensor behind the product's key operand {shape_of(match.key)}"
@@ -274,7 +274,7 @@ def _analyse(match: IndexerMatch) -> _Plan | str:
     if scored and not isinstance(ranked, torch.Tensor):
         return "topk values are used and the dtype of the ranked scores is unknown"
     layouts = {"q_layout": named["q"], "k_layout": key[1], "out_layout": named["out"]}
-    return _Plan(_uncast(match.query), key[0], path.w, named["w"], float(path.scale), mask, mask_kind,
+    return _Plan(_uncast(query), key[0], path.w, named["w"], float(path.scale), mask, mask_kind,
                  topk_args(match.topk)[1], ordered=scored or not order_free(match.topk), key_scale=path.key_scale,
                  scored=scored, pad=path.fill, values_dtype=ranked.dtype if scored else torch.float32,
                  layouts={k: v for k, v in layouts.items() if v != _DEFAULT_LAYOUTS[k]})
