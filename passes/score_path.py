@@ -43,6 +43,7 @@ class ScorePath:
     mask_kind: str = "none"
     fill: object = float("-inf")
     key_scale: fx.Node | None = None
+    after_relu: bool = False
 
 
 def _step(path: ScorePath, node: fx.Node, via: fx.Node, match: IndexerMatch) -> str | None:
@@ -52,6 +53,8 @@ def _step(path: ScorePath, node: fx.Node, via: fx.Node, match: IndexerMatch) -> 
         c = _scalar_of(node, via)
         path.scale = path.scale * c if name == "mul" else path.scale / c
     elif path.w is None and (weights := _head_weights(node, via, path.labels)) is not None:
+        if not path.after_relu:  # relu(w·x) = w·relu(x) only for w >= 0, which a graph cannot tell
+            return "head weights applied before the ReLU"
         path.w, path.w_labels, path.labels, head = weights
         path.head = head or path.head
     elif name == "masked_fill" and path.mask is None and node.args[2] == float("-inf"):
@@ -65,7 +68,7 @@ def _step(path: ScorePath, node: fx.Node, via: fx.Node, match: IndexerMatch) -> 
     elif name == "sum":
         return _head_sum(path, node)
     elif name in ("relu", "clamp_min", "clamp") or node is match.relu:
-        return None
+        path.after_relu = path.after_relu or node is match.relu
     elif name in LAYOUT_OPS or name == "getattr":
         labels = output_labels(node, path.labels, shape_of(via))
         if labels is None:

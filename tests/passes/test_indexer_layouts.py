@@ -39,6 +39,8 @@ def scores_of(form, q, k, w):
     if form == "merged_heads_no_batch":  # [S*H, D] @ [D, T], the weights summed by a matmul
         scores = torch.mm(q[0].reshape(-1, D), k[0].t()).view(q.shape[1], H, -1).relu()
         return torch.matmul(w[0].unsqueeze(-2), scores).squeeze(-2)[None]
+    if form == "weights_before_relu":  # relu(w·x) is w·relu(x) only for w >= 0: not lowered
+        return (torch.einsum("bshd,btd->bsht", q, k) * w[..., None]).relu().sum(2)
     if form == "shifted":  # a scalar subtracted after the head sum: an op the lowering does not take
         return (torch.einsum("bshd,btd->bsht", q, k).relu() * w[..., None]).sum(2) - 1.0
     raise ValueError(form)
@@ -95,12 +97,13 @@ def test_form_lowers_and_picks_the_models_keys(form, seq):
     torch.testing.assert_close(got[0], want[0])
 
 
-def test_unknown_op_on_the_score_path_is_not_lowered_and_said():
-    model, x = Model("shifted"), torch.randn(2, 10, DIM)
+@pytest.mark.parametrize("form,reason", [("shifted", "op 'sub'"), ("weights_before_relu", "before the ReLU")])
+def test_form_not_taken_stays_and_is_said(form, reason):
+    model, x = Model(form), torch.randn(2, 10, DIM)
     with pytest.warns(ic_compile.UnloweredIndexerWarning, match=r"layers \[0, 1\] run as the model wrote them"):
         result = ic_compile.rewrite(ic_compile.capture_graphs(model, (x,))[0], "FF", kernels=True)
     assert result.kernels.lowered == [] and result.changed
-    assert all("'sub'" in why for why in result.kernels.skipped.values())
+    assert all(reason in why for why in result.kernels.skipped.values())
 
 
 def test_relabel_is_views_in_the_wanted_order():
