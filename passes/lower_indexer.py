@@ -263,6 +263,8 @@ def _analyse(match: IndexerMatch) -> _Plan | str:
              (("q", q_labels), ("w", path.w_labels), ("out", path.labels))}
     if named["out"].replace("1", "") not in ("bst", "st"):
         return f"the ranked scores' dims are '{named['out']}' (b batch, s query, h head, t key), not [B,S,T]"
+    if scored and path.shifted:
+        return "topk values are used and a constant is added to the scores (the op's values would lack it)"
     if scored and named["out"] != "bst":
         return f"topk values are used and the ranked scores' dims are '{named['out']}', not [B,S,T]"
     mask, mask_kind = path.mask, path.mask_kind

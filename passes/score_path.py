@@ -44,6 +44,7 @@ class ScorePath:
     fill: object = float("-inf")
     key_scale: fx.Node | None = None
     after_relu: bool = False
+    shifted: bool = False  # a constant was added after the ReLU (the ranking is the same, the values not)
 
 
 def _step(path: ScorePath, node: fx.Node, via: fx.Node, match: IndexerMatch) -> str | None:
@@ -52,6 +53,10 @@ def _step(path: ScorePath, node: fx.Node, via: fx.Node, match: IndexerMatch) -> 
     if name in ("mul", "div") and _scalar_of(node, via) is not None and (name == "mul" or node.args[0] is via):
         c = _scalar_of(node, via)
         path.scale = path.scale * c if name == "mul" else path.scale / c
+    elif name in ("add", "sub") and _scalar_of(node, via) is not None and (name == "add" or node.args[0] is via):
+        if not path.after_relu:
+            return "a constant added to the scores before the ReLU"
+        path.shifted = True  # after the ReLU it adds c, or c·Σ_h w, to a whole row: the same keys rank first
     elif path.w is None and (weights := _head_weights(node, via, path.labels)) is not None:
         if not path.after_relu:  # relu(w·x) = w·relu(x) only for w >= 0, which a graph cannot tell
             return "head weights applied before the ReLU"

@@ -89,6 +89,8 @@ class ValuesIndexer(nn.Module):
             scores = scores.masked_fill(~allowed, float("-inf"))
         elif self.mask_style == "additive":
             scores = scores + torch.zeros(T, T).masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        elif self.mask_style == "shifted":  # -inf masked, then a constant added (not lowered: values lack it)
+            scores = scores.masked_fill(~allowed, float("-inf")) + 1.0
         elif self.mask_style == "where":  # a scalar fill
             scores = torch.where(allowed, scores, -1e4)
         else:  # "tensor": a fill that depends on the input (not lowered: its values in empty slots are unknown)

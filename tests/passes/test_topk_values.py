@@ -46,10 +46,12 @@ def test_values_of_a_shared_layer_are_its_f_sources():
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
-def test_tensor_fill_is_not_lowered():
-    """where(allowed, scores, <a tensor>): the values in empty slots cannot be told: left alone, said why."""
-    model, x = ValuesModel("tensor"), torch.randn(1, 12, 16)
-    with pytest.warns(ic_compile.UnloweredIndexerWarning, match="fill is a tensor"):
+@pytest.mark.parametrize("mask_style,reason", [("tensor", "fill is a tensor"), ("shifted", "constant is added")])
+def test_values_the_op_cannot_give_are_not_lowered(mask_style, reason):
+    """where(allowed, scores, <a tensor>): the values in empty slots cannot be told; a constant added to
+    the scores: the op's values would lack it. Left alone, with the reason."""
+    model, x = ValuesModel(mask_style), torch.randn(1, 12, 16)
+    with pytest.warns(ic_compile.UnloweredIndexerWarning, match=reason):
         result = ic_compile.rewrite(ic_compile.capture_graphs(model, (x,))[0], "FF", kernels=True)
     assert result.kernels.lowered == []
-    assert all("fill is a tensor" in why for why in result.kernels.skipped.values())
+    assert all(reason in why for why in result.kernels.skipped.values())
