@@ -7,11 +7,12 @@ is taken from the rewritten graphs."""
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..capture import capture, capture_graphs, indexer_results, rewrite_graphs, source_layers
-from ..rewrite import RewriteResult
+from ..capture import GraphRecorder, capture, capture_graphs, indexer_results, rewrite_graphs, source_layers
+from ..rewrite import RewriteResult, rewrite
 from .attribution import attribute_layers, frame_prefix, key_cache_notes, key_cache_writes_removed
 
 
@@ -31,6 +32,9 @@ class ExplainReport:
     # its module path, "positions": plan positions over the model, "layers", "roles", "reads", "writes":
     # index-store traffic by layer, "removed_nodes", "nodes_before", "nodes_after"}); empty for one graph
     fragments: list[dict] = field(default_factory=list)
+    # F layer -> "" when the fused op (ic::indexer_topk, what the backend's kernels run) takes its
+    # indexer, else why it would run as the model wrote it
+    fused_op: dict[int, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -42,10 +46,13 @@ class ExplainReport:
                  f"{graph_nodes} removed; {self.other_topk} other topk (e.g. MoE routers) untouched"]
         if self.fragments:
             lines += _fragment_lines(self)
-        lines.append(f"{'layer':>5}  {'role':4}  {'source':>6}  {'removed':>7}  module")
+        lines.append(f"{'layer':>5}  {'role':4}  {'source':>6}  {'removed':>7}  {'fused':5}  module")
         for l in self.layers:
-            lines.append(f"{l['layer']:>5}  {l['role']:4}  {l['source']:>6}  {l['removed_nodes']:>7}  "
+            fused = "-" if l["layer"] not in self.fused_op else ("no" if self.fused_op[l["layer"]] else "yes")
+            lines.append(f"{l['layer']:>5}  {l['role']:4}  {l['source']:>6}  {l['removed_nodes']:>7}  {fused:5}  "
                          f"{l['module']}")
+        lines += [f"F layer {layer} runs as the model wrote it, not in the fused op: {why}"
+                  for layer, why in sorted(self.fused_op.items()) if why]
         if self.key_cache_dropped:
             lines.append(f"indexer key-cache writes removed for S layers {self.key_cache_dropped}")
         if self.key_cache_kept:
@@ -73,10 +80,25 @@ def explain(model, example_inputs, plan=None, **kwargs) -> ExplainReport:
     found = indexer_results(results, "explain", "nothing to share")
     report = _report(found, source_layers(found))
     report.graphs = len(recorder.graphs)
+    report.fused_op = _fused_op(recorder, results, found, plan)
     if found[0].fragment is not None:
         layer_at = {p: b.match.layer for r in found for p, b in zip(r.fragment.layers, r.fragment.bindings)}
         report.fragments = [_fragment(results.index(r), r, layer_at) for r in found]
     return report
+
+
+def _fused_op(recorder: GraphRecorder, results: list[RewriteResult], found: list[RewriteResult], plan) -> dict:
+    """Per F layer, "" or why the fused op would not take its indexer: the graphs rewritten again
+    with kernels (as the backend does on CUDA), the lowering's own verdicts."""
+    verdicts = {}
+    for result in found:
+        i = results.index(result)
+        with warnings.catch_warnings():  # the verdicts are the report; no UnloweredIndexerWarning as well
+            warnings.simplefilter("ignore")
+            kernels = rewrite(recorder.graphs[i], plan, layout=recorder.layouts[i], kernels=True).kernels
+        verdicts.update({layer: "" for layer in kernels.lowered})
+        verdicts.update(kernels.skipped)
+    return verdicts
 
 
 def _report(found: list[RewriteResult], sources: dict[int, int]) -> ExplainReport:

@@ -131,3 +131,13 @@ def test_form_under_inductor_with_symbolic_lengths(form, one_thread):
         for w, g in zip(want[1:], got[1:]):
             assert torch.equal(g[..., allowed], w[..., allowed])
     assert len(ic_compile.backend.last_results) == 1 and ic_compile.backend.last_results[0].kernels.lowered == [0, 1]
+
+
+def test_explain_says_which_f_layers_the_fused_op_takes():
+    """ic explain (CPU, before deploying): per F layer, whether the fused op takes its indexer, and why not."""
+    x = torch.randn(1, 10, DIM)
+    taken = ic_compile.explain(Model("head_major_matmul"), (x,), plan="FS")
+    assert taken.fused_op == {0: ""} and "fused op" not in str(taken)
+    left = ic_compile.explain(Model("weights_before_relu"), (x,), plan="FF")
+    assert set(left.fused_op) == {0, 1} and all("before the ReLU" in why for why in left.fused_op.values())
+    assert "F layer 1 runs as the model wrote it, not in the fused op: head weights applied before the ReLU" in str(left)
