@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from .graph_ops import op_name, shape_of
+from .graph_ops import example_value, op_name, shape_of
 
 KEY_LAYOUTS = ("btd", "td")  # how the op wants keys: [B,T,D], or [T,D] for models without a batch dim
 CASTS = {"float", "to", "type", "half", "bfloat16", "double"}
@@ -129,7 +129,7 @@ def _is_key(labels: str) -> bool:
 
 def widening(cast: fx.Node) -> bool:
     """The cast keeps every value: floats to a dtype of more bits, or of the same dtype."""
-    source, out = cast.args[0].meta.get("example_value"), cast.meta.get("example_value")
+    source, out = example_value(cast.args[0]), example_value(cast)
     if not (isinstance(source, torch.Tensor) and isinstance(out, torch.Tensor)):
         return False
     if source.dtype == out.dtype:

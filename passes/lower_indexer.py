@@ -1,13 +1,15 @@
 """F-layer indexers -> one `ic::indexer_topk` call (fused scores + top-k, no [S,H,T] tensor).
 
-Recognised forms (others are left as they are, with the reason in `LoweringReport.skipped`):
-  the product:      einsum of q and k, or matmul(q, kT) of 4-d operands (HF: q[B,S,H,D] @ kT[B,1,D,T])
-  the head weights: scores * w, then a sum over the heads; matmul(w[B,S,1,H], scores) (HF); an einsum
-                    of the scores and w over the heads
+Recognised forms (others are left as they are, with the reason in `LoweringReport.skipped` and one
+UnloweredIndexerWarning per graph):
+  the product:      einsum of q and k; matmul(q, kT) of 4-d operands (HF: q[B,S,H,D] @ kT[B,1,D,T]);
+                    bmm / mm of q with queries and heads merged (q.reshape(B, S*H, D)), split back later
+  the head weights: scores * w after the ReLU, then a sum over the heads; matmul(w[B,S,1,H], scores)
+                    (HF); an einsum of the scores and w over the heads
 in any layout of their dims (passes/indexer_layout.py labels them: [B,S,H,T] or head-major [B,H,S,T]
-scores, no batch dim, ...), then scalar scales, a mask (masked_fill / additive / where), a per-key
-factor, and topk(k, dim=-1). When its values are used
-too, the call is ic::indexer_topk_scored, whose picked scores stand in for them (`topk_values`).
+scores, no batch dim, ...), then scalar scales and shifts, a mask (masked_fill / additive / where), a
+per-key factor, and topk(k, dim=-1). When its values are used too, the call is
+ic::indexer_topk_scored, whose picked scores stand in for them (`topk_values`).
 Positive scalar scales are folded into w (ReLU(c·x) = c·ReLU(x) for c > 0). The model's own mask
 keeps its exact meaning (causal=False; static caches, padding): by default (`indexer_mask="ranges"`)
 it reaches the op as per-query key ranges, int32 [B,S,3] = (first, last, number of) allowed keys,
