@@ -8,8 +8,8 @@ einsum with them -- since code writes both [B,S,H,T] and head-major [B,H,S,T] sc
 producers tell nothing (DeepSeek-V4's q is transposed twice around its rope) nor do shapes (S == H
 and T == D happen: a 32-token prompt, 32 heads).
 
-    product_labels(product, q, k) -> (the query tensor, its labels, the k operand's, the scores'), or why not
-    key_source(k_operand, labels) -> (the key tensor behind it, its labels) or None
+    product_labels(product, q, k) -> (the query tensor, its labels, the key tensor behind the key operand,
+                                      its labels, the scores' labels), or why not
     input_labels / output_labels  -> a layout op's labels, one side from the other
     relabel(x, layout, want)      -> (runtime) x with its dims as `want`: squeeze, permute, unsqueeze
 """
@@ -26,21 +26,30 @@ CASTS = {"float", "to", "type", "half", "bfloat16", "double"}
 _SAME_LABELS = CASTS | {"contiguous", "clone", "type_as"}  # ops whose output dims are their input's
 
 
-def product_labels(product: fx.Node, query: fx.Node, key: fx.Node) -> tuple[fx.Node, str, str, str] | str:
-    """(the query tensor, its labels, the key operand's, the product's; x, y: the query's own dims).
-    The query tensor is the product's query operand, or for a product of queries and heads merged
-    into one dim (q.reshape(B, S*H, D) @ kT, labelled m), the tensor before that reshape."""
+def product_labels(product: fx.Node, query: fx.Node, key: fx.Node) -> tuple[fx.Node, str, fx.Node, str, str] | str:
+    """(the query tensor, its labels, the key tensor, its labels, the product's labels; x, y: the
+    query's own dims). The query tensor is the product's query operand, or for a product of queries
+    and heads merged into one dim (q.reshape(B, S*H, D) @ kT, labelled m), the tensor before that
+    reshape; the key tensor is the one behind the key operand (key_source)."""
     name = op_name(product)
     if name == "einsum":
         labels = _einsum_labels(product.args[0])
-        return labels if isinstance(labels, str) else (query, *labels)
-    if name in ("matmul", "bmm", "mm"):
+        if isinstance(labels, str):
+            return labels
+        q_labels, k_labels, out = labels
+        found = key_source(key, k_labels)
+    elif name in ("matmul", "bmm", "mm"):
         merged = _merged_query(query)
-        if merged is not None:
-            return _merged_labels(merged, query, key)
-        labels = _matmul_labels(query, key)
-        return labels if isinstance(labels, str) else (query, *labels)
-    return f"q·k product '{name}' not recognised"
+        labels = _matmul_labels(query, key) if merged is None else _merged_labels(query, key)
+        if isinstance(labels, str):
+            return labels
+        q_labels, found, out = labels
+        query = query if merged is None else merged
+    else:
+        return f"q·k product '{name}' not recognised"
+    if found is None:
+        return f"no [B,T,D] key tensor behind the product's key operand {shape_of(key)}"
+    return query, q_labels, *found, out
 
 
 def _merged_query(query: fx.Node) -> fx.Node | None:
@@ -55,12 +64,12 @@ def _merged_query(query: fx.Node) -> fx.Node | None:
     return query.args[0] if same and source[lead] * source[lead + 1] == shape[lead] else None
 
 
-def _merged_labels(q: fx.Node, operand: fx.Node, key: fx.Node) -> tuple[fx.Node, str, str, str] | str:
+def _merged_labels(operand: fx.Node, key: fx.Node) -> tuple[str, tuple | None, str] | str:
+    """(the unmerged query's labels, key_source, the product's labels) for [B,X*Y,D] @ [B,D,T]."""
     lead = "b" if len(shape_of(operand)) == 3 else ""
-    found = key_source(key, lead + "dt")
-    if found is None or len(shape_of(key) or ()) != len(shape_of(operand)):
-        return f"no [B,T,D] key tensor behind the product's key operand {shape_of(key)}"
-    return q, lead + "xyd", lead + "dt", lead + "mt"
+    if len(shape_of(key) or ()) != len(shape_of(operand)):
+        return f"the merged query {shape_of(operand)} and the key operand {shape_of(key)} differ in rank"
+    return lead + "xyd", key_source(key, lead + "dt"), lead + "mt"
 
 
 def _einsum_labels(spec) -> tuple[str, str, str] | str:
@@ -87,16 +96,17 @@ def _einsum_labels(spec) -> tuple[str, str, str] | str:
     return tuple("".join(role[c] for c in sub) for sub in (q_sub, k_sub, out))
 
 
-def _matmul_labels(query: fx.Node, key: fx.Node) -> tuple[str, str, str] | str:
-    """q [.., M, D] @ kT [.., D, T], both 4-d: one leading dim of the keys is their batch, the other
-    is 1 (broadcast over the query's own dim there); the key's walk back to [B,T,D] says which."""
+def _matmul_labels(query: fx.Node, key: fx.Node) -> tuple[str, tuple | None, str] | str:
+    """(q's labels, key_source, the product's labels) for q [.., M, D] @ kT [.., D, T], both 4-d: one
+    leading dim of the keys is their batch, the other is 1 (broadcast over the query's own dim there);
+    the key's walk back to [B,T,D] says which."""
     q_shape, k_shape = shape_of(query), shape_of(key)
     if q_shape is None or k_shape is None or len(q_shape) != 4 or len(k_shape) != 4:
         return "matmul of other than two 4-d operands (queries [B,S,H,D] @ keys [B,1,D,T])"
     for lead in ("b1", "1b"):
-        if key_source(key, lead + "dt") is not None:
+        if (found := key_source(key, lead + "dt")) is not None:
             q_lead = "".join("b" if c == "b" else "x" for c in lead)
-            return q_lead + "yd", lead + "dt", q_lead + "yt"
+            return q_lead + "yd", found, q_lead + "yt"
     return f"no [B,T,D] key tensor behind the product's key operand {tuple(k_shape)}"
 
 
@@ -104,7 +114,7 @@ def key_source(node: fx.Node, labels: str) -> tuple[fx.Node, str] | None:
     """The key tensor behind a product's key operand (labels as the product reads it), walking back
     through layout ops and widening casts (HF: k.transpose(-1, -2).float().unsqueeze(1)): the first
     one labelled btd / td (a cache read as buf[:B, :T] stays that slice, not the buffer), else the
-    last with those labels in another order. A narrowing cast ends the walk (DeepSeek's fp8 keys:
+    first with those labels in another order. A narrowing cast ends the walk (DeepSeek's fp8 keys:
     the model's values are the cast's)."""
     found = None
     for _ in range(8):

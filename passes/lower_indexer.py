@@ -35,7 +35,7 @@ from ic_compile.kernels.key_range import key_range_of
 
 from .detect_indexers import IndexerMatch
 from .graph_ops import example_value, is_last_dim, op_name, shape_of, take_location, topk_args
-from .indexer_layout import CASTS, key_source, product_labels, relabel, widening
+from .indexer_layout import CASTS, product_labels, relabel, widening
 from .score_path import walk_score_path
 
 if TYPE_CHECKING:
@@ -184,10 +184,7 @@ def topk_values(picked, ids, pad, mask, dtype):
     scores it ranked), and in empty slots (ids -1) its masked value: `pad`, or for "mask_min" the
     additive mask's most negative value per row."""
     if pad == "mask_min":
-        pad = mask.amin(-1)
-        while pad.dim() > 2:
-            pad = pad.squeeze(1) if pad.shape[1] == 1 else pad[:, 0]
-        pad = pad.to(picked.dtype).expand(ids.shape[0], ids.shape[1])[..., None]  # [B,S,1]
+        pad = _to_rank(mask.amin(-1), 2).to(picked.dtype).expand(ids.shape[0], ids.shape[1])[..., None]  # [B,S,1]
     return torch.where(ids < 0, pad, picked).to(dtype)
 
 
@@ -205,7 +202,7 @@ def query_count(call: fx.Node):
 
 def _query_count(q: fx.Node, layouts: dict):
     shape = shape_of(q)
-    return None if shape is None else shape[layouts.get("q_layout", "bshd").index("s")]
+    return None if shape is None else shape[layouts.get("q_layout", _DEFAULT_LAYOUTS["q_layout"]).index("s")]
 
 
 def skip_host_checks(gm: fx.GraphModule) -> None:
@@ -239,9 +236,14 @@ def _allowed(mask, kind, batch, seq, keys):
         mask = ~mask
     elif kind == "additive":
         mask = mask > torch.finfo(mask.dtype).min / 2 if mask.is_floating_point() else mask == 0
-    while mask.dim() > 3:
+    return _to_rank(mask, 3).expand(batch, seq, keys)
+
+
+def _to_rank(mask, rank: int):
+    """A mask [B, 1|H, ...] as `rank` dims: dim 1 squeezed (or its first entry taken) until it fits."""
+    while mask.dim() > rank:
         mask = mask.squeeze(1) if mask.shape[1] == 1 else mask[:, 0]
-    return mask.expand(batch, seq, keys)
+    return mask
 
 
 def _analyse(match: IndexerMatch) -> _Plan | str:
@@ -251,10 +253,7 @@ def _analyse(match: IndexerMatch) -> _Plan | str:
     labels = product_labels(match.product, match.query, match.key)
     if isinstance(labels, str):
         return labels
-    query, q_labels, k_labels, score_labels = labels
-    key = key_source(match.key, k_labels)
-    if key is None:
-        return f"no [B,T,D] key tensor behind the product's key operand {shape_of(match.key)}"
+    query, q_labels, key, k_labels, score_labels = labels
     path = walk_score_path(match, score_labels)
     if isinstance(path, str):
         return path
@@ -277,8 +276,8 @@ def _analyse(match: IndexerMatch) -> _Plan | str:
     ranked = example_value(match.topk.args[0])
     if scored and not isinstance(ranked, torch.Tensor):
         return "topk values are used and the dtype of the ranked scores is unknown"
-    layouts = {"q_layout": named["q"], "k_layout": key[1], "out_layout": named["out"]}
-    return _Plan(_uncast(query), key[0], path.w, named["w"], float(path.scale), mask, mask_kind,
+    layouts = {"q_layout": named["q"], "k_layout": k_labels, "out_layout": named["out"]}
+    return _Plan(_uncast(query), key, path.w, named["w"], float(path.scale), mask, mask_kind,
                  topk_args(match.topk)[1], ordered=scored or not order_free(match.topk), key_scale=path.key_scale,
                  scored=scored, pad=path.fill, values_dtype=ranked.dtype if scored else torch.float32,
                  layouts={k: v for k, v in layouts.items() if v != _DEFAULT_LAYOUTS[k]})
@@ -346,7 +345,7 @@ def _replace(gm: fx.GraphModule, match: IndexerMatch, plan: _Plan, indexer_mask:
             lowered_indexer, (plan.q, plan.k, plan.w, plan.scale, plan.mask, plan.topk, plan.w_layout,
                               plan.mask_kind, plan.ordered, indexer_mask), options)
         ids = gm.graph.call_function(operator.getitem, (node, 0)) if plan.scored else node
-        t_dim = plan.layouts.get("k_layout", "btd").index("t")
+        t_dim = plan.layouts.get("k_layout", _DEFAULT_LAYOUTS["k_layout"]).index("t")
         safe = gm.graph.call_function(scatter_safe_indices, (ids, plan.k) + ((t_dim,) if t_dim != 1 else ()))
         new_nodes = [node, safe]
         if plan.scored:

@@ -105,9 +105,9 @@ def _head_weights(node: fx.Node, via: fx.Node, labels: str):
     weights: scores * w (w over the query's dims only, e.g. [B,S,H,1]; the sum comes later), HF's
     matmul(w [B,S,1,H], scores [B,S,H,T]), or an einsum of the scores and w that sums over a query dim."""
     name = op_name(node)
-    others = [a for a in node.args if a is not via and isinstance(a, fx.Node)]
     if name == "einsum":
         return _einsum_weights(node, via, labels)
+    others = [a for a in node.args if a is not via and isinstance(a, fx.Node)]
     if len(others) != 1:
         return None
     w = others[0]
