@@ -54,6 +54,7 @@ from ._triton_utils import (
     use_triton_for,
 )
 from .fp8_indexer import FP8_DTYPE, quantize_indexer
+from .indexer_scores_wgmma import launch_wgmma_scores, wgmma_scores_supported
 from .reference import check_indexer_precision, indexer_topk_ref, picked_scores, topk_indices_from_scores
 from .topk_select import LONG_ROW, _Tuning, topk_select
 
@@ -85,6 +86,10 @@ _SELECT_TUNING_LONG = _Tuning(num_warps=8, block=2048, stages=3, maxnreg=72, res
 # +2 GiB). Off until measured on a GPU (bench/sweep_long.py --overlap-ab); the filter programs can
 # sit beside a score program only at 4 warps (rows up to LONG_ROW), the 8-warp ones cannot.
 _OVERLAP_SELECTION = False
+# Prefill scores on Hopper through kernels/indexer_scores_wgmma.py (async wgmma, the epilogue of
+# one key tile beside the next tile's MMA). Off until measured on a GPU (bench/sweep_long.py
+# --wgmma-ab): sm_90 code generation is checked on the CPU, the results only on a GPU.
+_WGMMA_SCORES = False
 
 
 def _indexer_scores_kernel(
@@ -185,7 +190,8 @@ def _scores_body(
         row_count = tl.load(range_row_ptr + 2 * sr_c, mask=s_ok, other=0)
         row_hi = tl.where(row_count > 0, tl.load(range_row_ptr + sr_c, mask=s_ok, other=-1), -1)
 
-    # This program's key range [t_lo, t_hi): a split of [0, width) in whole BLOCK_T tiles.
+    # This program's key range [t_lo, t_hi): a split of [0, width) in whole BLOCK_T tiles (the tile rules
+    # below are repeated in kernels/indexer_scores_wgmma.py: keep in step).
     blocks_per_split = tl.cdiv(tl.cdiv(width, BLOCK_T), num_splits)
     t_lo = split * blocks_per_split * BLOCK_T
     t_hi = tl.minimum(width, t_lo + blocks_per_split * BLOCK_T)
@@ -445,7 +451,11 @@ def indexer_scores(
         return (prog_rows, B, splits)
 
     kernel_fn = _indexer_scores_scaled_kernel if scaled else _indexer_scores_kernel
-    if interpreting(q):
+    if _WGMMA_SCORES and config is None and wgmma_scores_supported(q, k, decode_block_s is not None):
+        launch_wgmma_scores(q, k, w, ks if scaled else None, mask_u8, ranges, out, row_start, n_rows, width, h_pad,
+                            bool(causal), mask is not None, key_range is not None, num_splits,
+                            lambda programs, block_t: prefill_splits(programs, width, block_t, sms))
+    elif interpreting(q):
         consts.update(config.kwargs if config is not None else _interpreter_meta(decode_block_s, h_pad))
         launch_interpreted(kernel_fn, grid, *args, **consts)
     elif config is not None:  # bench/sweep_indexer.py: one launch config, no autotune
