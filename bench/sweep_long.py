@@ -10,8 +10,6 @@ Per L (prefill, S = T = L, 30B indexer shape 32 x 128, top-k 2048, B = 1):
   * --wgmma-ab L: also with the Gluon async-wgmma score kernel (indexer_topk._WGMMA_SCORES), bf16
     and fp8 (and fp8 through the Triton kernel, the ratio's other side), and how many rows' picks
     differ from the Triton kernel's;
-  * --overlap-ab L: also with each chunk's selection on a side stream beside the next chunk's scores
-    (indexer_topk._OVERLAP_SELECTION), and whether its picks equal the serial ones;
   * --fp8 L: indexer_precision="fp8" timings, and its top-k recall against the bf16 selection
     (|fp8 set & bf16 set| / topk, rows sampled) on random and on structured inputs.
 
@@ -81,19 +79,6 @@ def wgmma_ab(q, k, w, peak, out) -> None:
     finally:
         mod._WGMMA_SCORES = False
     emit({"L": q.shape[1], "wgmma_rows_picking_other_keys": int((picks != triton_picks).any(-1).sum())}, out)
-
-
-def overlap_ab(q, k, w, peak, out) -> None:
-    from ic_compile.kernels import indexer_topk as mod
-
-    serial = indexer_topk_triton(q, k, w, TOPK, sorted=False)
-    mod._OVERLAP_SELECTION = True
-    try:
-        time_indexer(q, k, w, peak, {"variant": "bf16, selection overlapped"}, out)
-        overlapped = indexer_topk_triton(q, k, w, TOPK, sorted=False)
-    finally:
-        mod._OVERLAP_SELECTION = False
-    emit({"L": q.shape[1], "overlap_rows_differing": int((overlapped != serial).any(-1).sum())}, out)
 
 
 def set_mismatches(a, b) -> int:
@@ -189,7 +174,6 @@ def main(argv=None) -> None:
     ap.add_argument("--exact", default="", help="lengths: unordered sets vs torch.topk's (all rows)")
     ap.add_argument("--fp8", default="", help="lengths: fp8 timings and recall vs bf16")
     ap.add_argument("--wgmma-ab", default="", help="lengths: also the Gluon async-wgmma score kernel")
-    ap.add_argument("--overlap-ab", default="", help="lengths: also selection overlapped with scoring")
     ap.add_argument("--recall-rows", type=int, default=2048)
     ap.add_argument("--select-shapes", default="", help="ROWSxWIDTH,...: topk_select on random full rows")
     ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results" / "sweep_long.json"),
@@ -220,8 +204,6 @@ def main(argv=None) -> None:
                 time_indexer(q, k, w, peak, {"variant": f"bf16, {r}-row chunks"}, args.out, chunk_rows=r)
         if L in ints(args.wgmma_ab):
             wgmma_ab(q, k, w, peak, args.out)
-        if L in ints(args.overlap_ab):
-            overlap_ab(q, k, w, peak, args.out)
         if L in ints(args.fp8):
             time_indexer(q, k, w, peak, {"variant": "fp8"}, args.out, indexer_precision="fp8")
             emit({"L": L, "inputs": "random", **fp8_recall(q, k, w, args.recall_rows)}, args.out)

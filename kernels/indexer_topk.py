@@ -82,10 +82,6 @@ _SELECT_TUNING = _Tuning(num_warps=4, block=1024, stages=3, maxnreg=72, resolve_
 # Chunks wider than topk_select.LONG_ROW (its filter then samples 4096 scores: at 4 warps / 72
 # registers that spills inside the streaming loop, at 8 warps it does not; AOT sm_90).
 _SELECT_TUNING_LONG = _Tuning(num_warps=8, block=2048, stages=3, maxnreg=72, resolve_warps=8)
-# Select each causal chunk on a side stream while the next is scored (two score buffers: up to
-# +2 GiB). Off until measured on a GPU (bench/sweep_long.py --overlap-ab); the filter programs can
-# sit beside a score program only at 4 warps (rows up to LONG_ROW), the 8-warp ones cannot.
-_OVERLAP_SELECTION = False
 # Prefill scores on Hopper through kernels/indexer_scores_wgmma.py (async wgmma, the epilogue of
 # one key tile beside the next tile's MMA). Off until measured on a GPU (bench/sweep_long.py
 # --wgmma-ab): sm_90 code generation is checked on the CPU, the results only on a GPU.
@@ -488,10 +484,8 @@ def chunked_scores(
     q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, mask: torch.Tensor | None = None,
     causal: bool = True, chunk_rows: int | None = None, num_splits: int | None = None,
     key_range: torch.Tensor | None = None, indexer_precision: str = "bf16", k_scale: torch.Tensor | None = None,
-    buffers: int = 1,
 ):
-    """Yield (s0, s1, scores [B, s1-s0, width]) per query chunk; chunk i writes buffer i % `buffers`
-    (reused: with 2, a chunk's scores stay intact while the next chunk is scored).
+    """Yield (s0, s1, scores [B, s1-s0, width]) per query chunk; `scores` is reused between chunks.
 
     width = the chunk's causal horizon (T when not causal). Small S (S x heads fits one dot
     tile) uses the decode form: a single chunk, all queries in one program row, keys split.
@@ -508,11 +502,10 @@ def chunked_scores(
         k = k.to(q.dtype)
     decode_block_s = next_pow2(S) if decode_form(S, H) else None
     chunk = S if decode_block_s is not None else (chunk_rows or _chunk_rows(B, T, 256, causal))
-    storages = [new_output((B * min(chunk, S) * T,), torch.float32, q.device) for _ in range(buffers if S > chunk else 1)]
-    for i, s0 in enumerate(range(0, S, chunk)):
+    storage = new_output((B * min(chunk, S) * T,), torch.float32, q.device)
+    for s0 in range(0, S, chunk):
         s1 = min(S, s0 + chunk)
         width = max(0, min(T, T - S + s1)) if causal else T
-        storage = storages[i % len(storages)]
         scores = storage[: B * (s1 - s0) * width].view(B, s1 - s0, width)  # contiguous for torch.topk
         if width > 0:
             indexer_scores(q, k, w, mask, causal, s0, s1 - s0, width, scores,
@@ -558,62 +551,22 @@ def indexer_topk_triton(
     """
     B, S, T = q.shape[0], q.shape[1], k.shape[1]
     out = new_output((B, S, topk), torch.int32, q.device)
-    triton_select = selection == "triton" or (selection == "auto" and not sorted and topk <= MAX_SELECT_TOPK)
-    overlap = _overlaps_selection(q, triton_select)
-    side = _selection_stream(q.device) if overlap else None
-    selected = [None, None]  # per score buffer: event after its last selection (overlap)
-    for i, (s0, s1, scores) in enumerate(chunked_scores(
-            q, k, w, mask, causal, chunk_rows, num_splits, key_range=key_range,
-            indexer_precision=indexer_precision, k_scale=k_scale, buffers=2 if overlap else 1)):
-        if side is None:
-            _select_chunk(scores, out, s0, s1, topk, causal, S, T, sorted, selection, triton_select, scores_out)
-            continue
-        side.wait_stream(torch.cuda.current_stream(q.device))  # this chunk's scores
-        with torch.cuda.stream(side):
-            _select_chunk(scores, out, s0, s1, topk, causal, S, T, sorted, selection, triton_select, scores_out)
-        selected[i % 2] = side.record_event()
-        if selected[(i + 1) % 2] is not None:  # the next chunk overwrites the buffer chunk i-1 was selected from
-            torch.cuda.current_stream(q.device).wait_event(selected[(i + 1) % 2])
-    if side is not None:
-        torch.cuda.current_stream(q.device).wait_stream(side)
+    for s0, s1, scores in chunked_scores(q, k, w, mask, causal, chunk_rows, num_splits, key_range=key_range,
+                                         indexer_precision=indexer_precision, k_scale=k_scale):
+        if scores.shape[-1] == 0:  # no key visible to this chunk (causal with S > T)
+            out[:, s0:s1] = -1
+            if scores_out is not None:
+                scores_out[:, s0:s1] = float("-inf")
+        else:
+            diag_base = (T - S + s0) if causal else None
+            triton_select = selection == "triton" or (selection == "auto" and not sorted and topk <= MAX_SELECT_TOPK)
+            if B == 1 and triton_select:  # topk_select writes into out's rows (no copy)
+                select_topk(scores, topk, diag_base, sorted, selection, out=out[0, s0:s1])
+            else:
+                out[:, s0:s1] = select_topk(scores, topk, diag_base, sorted, selection)
+            if scores_out is not None:  # read from the buffer the selection read, before the next chunk reuses it
+                scores_out[:, s0:s1] = picked_scores(scores, out[:, s0:s1])
     return out
-
-
-def _overlaps_selection(q: torch.Tensor, triton_select: bool) -> bool:
-    """Select chunk i on a side stream while chunk i+1 is scored (two score buffers)? Only for the
-    Triton selection on CUDA outside graph capture, and only with _OVERLAP_SELECTION on: the score
-    kernel (208 registers x 256 threads, sm_90 cubin) leaves room for one 4-warp filter program
-    per SM, so the memory-bound filter can run beside the MMA-bound scores."""
-    return (_OVERLAP_SELECTION and triton_select and q.is_cuda
-            and not torch.cuda.is_current_stream_capturing())
-
-
-_SIDE_STREAMS: dict = {}
-
-
-def _selection_stream(device: torch.device):
-    """One side stream per device (normal priority: a high-priority resolve program, 8 warps, would
-    take freed SMs from the score kernel rather than share them)."""
-    device = torch.device(device.type, torch.cuda.current_device() if device.index is None else device.index)
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
-
-
-def _select_chunk(scores, out, s0, s1, topk, causal, S, T, sorted, selection, triton_select, scores_out) -> None:
-    """Rows s0:s1 of out (and scores_out) from one chunk's masked scores [B, s1-s0, width]."""
-    if scores.shape[-1] == 0:  # no key visible to this chunk (causal with S > T)
-        out[:, s0:s1] = -1
-        if scores_out is not None:
-            scores_out[:, s0:s1] = float("-inf")
-        return
-    diag_base = (T - S + s0) if causal else None
-    if scores.shape[0] == 1 and triton_select:  # topk_select writes into out's rows (no copy)
-        select_topk(scores, topk, diag_base, sorted, selection, out=out[0, s0:s1])
-    else:
-        out[:, s0:s1] = select_topk(scores, topk, diag_base, sorted, selection)
-    if scores_out is not None:  # read from the buffer the selection read, before a later chunk reuses it
-        scores_out[:, s0:s1] = picked_scores(scores, out[:, s0:s1])
 
 
 def indexer_topk(

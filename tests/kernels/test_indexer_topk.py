@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ic_compile.kernels import _triton_utils
-from ic_compile.kernels.indexer_topk import chunked_scores, indexer_scores, indexer_topk, indexer_topk_triton
+from ic_compile.kernels.indexer_topk import indexer_scores, indexer_topk, indexer_topk_triton
 from ic_compile.kernels.reference import indexer_topk_ref
 from ic_compile.kernels.testing import (
     check_topk,
@@ -211,27 +211,6 @@ def test_indexer_topk_gpu(B, S, T, H, topk, dtype, request):
         raise AssertionError(f"{e} {repro(seed)}") from None
 
 
-@pytest.mark.gpu
-@needs_cuda
-@needs_triton
-@pytest.mark.parametrize("B", [1, 2])
-def test_overlapped_selection_picks_what_serial_does(B, request, monkeypatch):
-    """Each chunk selected on a side stream while the next is scored (_OVERLAP_SELECTION): the same
-    picks and values as the serial loop, over many chunks (so both buffers are reused)."""
-    from ic_compile.kernels import indexer_topk as mod
-
-    seed = seed_everything(request.node.name)
-    q, k, w = indexer_inputs(B, 8192, 8192, 32, 128, torch.bfloat16, device="cuda")
-    picked = {}
-    for overlap in (False, True):
-        monkeypatch.setattr(mod, "_OVERLAP_SELECTION", overlap)
-        values = torch.empty(B, 8192, 2048, device="cuda")
-        picked[overlap] = (indexer_topk_triton(q, k, w, 2048, sorted=False, chunk_rows=512, scores_out=values),
-                           values)
-    assert torch.equal(picked[True][0], picked[False][0]), repro(seed)
-    assert torch.equal(picked[True][1], picked[False][1]), repro(seed)
-
-
 # ----------------------------------------------------------------------------- GPU launch path, interpreted
 
 @needs_triton
@@ -322,19 +301,3 @@ def test_picked_scores_are_the_ranked_scores(case, request):
     ref_picked = torch.empty(B, S, topk)
     ref = indexer_topk_ref(q, k, w, topk, scores_out=ref_picked)
     torch.testing.assert_close(ref_picked, scores.gather(-1, ref.clamp(min=0).long()).masked_fill(ref < 0, float("-inf")))
-
-
-@needs_triton
-def test_two_score_buffers_alternate(request):
-    """chunked_scores(buffers=2): chunk i's scores survive chunk i+1's launch (what lets the selection
-    of chunk i run beside the scoring of chunk i+1)."""
-    seed_everything(request.node.name)
-    q, k, w = indexer_inputs(1, 96, 96, 4, 16, torch.float32)  # not the decode form: chunks of 32
-    want = masked_scores(q, k, w, None, True)
-    held = []
-    for s0, s1, scores in chunked_scores(q, k, w, chunk_rows=32, buffers=2):
-        held.append((s0, s1, scores))
-        if len(held) >= 2:  # the previous chunk, after this one was scored
-            p0, p1, prev = held[-2]
-            torch.testing.assert_close(prev, want[:, p0:p1, : prev.shape[-1]])
-    assert held[0][2].data_ptr() != held[1][2].data_ptr() and held[0][2].data_ptr() == held[2][2].data_ptr()
