@@ -16,7 +16,7 @@ from ic_compile.passes.detect_indexers import Detection
 from ic_compile.passes.drop_shared_key_cache import CacheWrite
 from ic_compile.passes.graph_ops import layer_number, module_path, op_name
 from ic_compile.passes.lower_indexer import LoweringReport
-from ic_compile.passes.manager import PassContext, pipeline, run_passes
+from ic_compile.passes.manager import PassContext, indexer_free_pipeline, pipeline, run_passes
 
 from .frames import FrameLayout
 from .plan import LayerPlan, PlanError
@@ -56,7 +56,8 @@ class RewriteResult:
 
     @property
     def passes_through(self) -> bool:
-        """A graph fragment of a DSA model that holds none of its indexers: left untouched."""
+        """A graph fragment of a DSA model that holds none of its indexers: the plan leaves it alone
+        (with kernels its MoE experts may still be lowered: `_lower_indexer_free`)."""
         return (not self.detection.matches and self.detection.confident and self.layout is not None
                 and bool(self.layout.indexers))
 
@@ -107,12 +108,28 @@ def rewrite(gm: fx.GraphModule, plan=None, *, strict: bool = False, kernels: boo
             if strict:
                 raise PlanError(result.message)
             warnings.warn(result.message, DetectionUncertainWarning, stacklevel=2)
+        elif result.passes_through:
+            _lower_indexer_free(gm, ctx, result)
         return result
     result.gm, result.changed = work, True
     result.bindings, result.fragment, result.caches, result.kernels = (ctx.bindings, ctx.fragment, ctx.caches,
                                                                        ctx.report)
     result.removed = _removed_nodes(gm, ctx, work)
     return result
+
+
+def _lower_indexer_free(gm: fx.GraphModule, ctx: PassContext, result: RewriteResult) -> None:
+    """A DSA model's fragment without indexers: the plan leaves it alone (result.changed stays False),
+    but with kernels its MoE experts and trivial router top-k are lowered as in any other graph
+    (result.gm the lowered copy, result.kernels / counters what was done)."""
+    passes = indexer_free_pipeline(ctx)
+    if not passes:
+        return
+    message, ctx.stopped = ctx.stopped, ""
+    work = run_passes(copy_graph_module(gm), ctx, passes)
+    ctx.stopped = message
+    if ctx.report.moe_lowered or ctx.counters["drop_trivial_topk.replaced"]:
+        result.gm, result.kernels, result.counters = work, ctx.report, ctx.counters
 
 
 def _by_placeholder(gm: fx.GraphModule, example_inputs) -> dict | None:

@@ -114,6 +114,19 @@ def pipeline(ctx: PassContext) -> list[Pass]:
     return passes
 
 
+def indexer_free_pipeline(ctx: PassContext) -> list[Pass]:
+    """With kernels, for a fragment of a DSA model that holds none of its indexers (a graph break
+    between attention and MoE): the lowerings that do not involve the plan, so its MoE experts run
+    in the same ops as in a fragment with indexers."""
+    from .drop_trivial_topk import drop_trivial_topk
+    from .eliminate_dead_code import eliminate_dead_code
+    from .lower_moe_experts import lower_moe_experts
+
+    if not ctx.kernels:
+        return []
+    return [*([lower_moe_experts] if ctx.moe_experts else []), drop_trivial_topk, eliminate_dead_code]
+
+
 def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: list[Pass]) -> fx.GraphModule:
     """Run `passes` in order on `gm` (edited in place), until one sets `ctx.stopped`."""
     for pass_ in passes:

@@ -92,6 +92,34 @@ def test_hf_bf16_decode_with_static_cache():
     assert decode and all(r.kernels.moe_lowered == MOE_LAYERS for r in decode)
 
 
+def test_experts_lowered_in_a_fragment_without_indexers(monkeypatch):
+    """A graph break at the top of each MoE block (host-side dispatch counts, as expert dispatch code
+    does): the MoE runs in frames of its own, which hold no indexer and which the plan leaves alone.
+    With kernels their decode graphs still get the experts op (before, only graphs holding an
+    indexer did); prefill and 8 decode steps equal HF's own plan."""
+    from transformers.models.glm_moe_dsa import modeling_glm_moe_dsa as hf
+    forward = hf.GlmMoeDsaMoE.forward
+
+    def dispatch_with_break(self, hidden_states):
+        torch.bincount(hidden_states.new_zeros(3, dtype=torch.long)).tolist()
+        torch._dynamo.graph_break()
+        return forward(self, hidden_states)
+
+    monkeypatch.setattr(hf.GlmMoeDsaMoE, "forward", dispatch_with_break)
+    model = tiny_models.glm()
+    ids, steps = tiny_models.random_ids(seq=20), tiny_models.random_ids(seq=8, seed=5)
+    want = _prefill_then_decode(tiny_models.glm_with_plan(model, "FSFS"), ids, steps)
+    with torch._dynamo.config.patch(recompile_limit=64):
+        got = _prefill_then_decode(compiled(model, "FSFS"), ids, steps)
+    _assert_logits_close(want, got, 1e-4)
+    moe_only = [r for r in last_results if r.passes_through and r.kernels.moe_lowered]
+    assert moe_only, "no indexer-free fragment had its experts lowered"
+    for result in moe_only:
+        assert not result.changed and result.gm is not result.original  # the plan's flag, not the lowering's
+        assert sum(n.target is lowered_moe_experts for n in result.gm.graph.nodes) == len(result.kernels.moe_lowered)
+        assert not _left_of_experts(result.gm)
+
+
 class GatheredExperts(nn.Module):
     """Research-code experts over HF's weights: each token's k experts gathered, einsums.
     variant "interleaved": gate and up rows alternate (gpt-oss); "clamped": DeepSeek-V4's swiglu_limit;
