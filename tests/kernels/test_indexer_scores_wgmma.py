@@ -25,41 +25,71 @@ needs_gluon_compiler = [
     pytest.mark.skipif(HAS_NVIDIA_BACKEND and not COMPILER_MODE,
                        reason="triton was imported with TRITON_INTERPRET=1: cannot compile in this process"),
 ]
-_INT_ARGS = ("S T H D row_start n_rows width sq_b sq_s sq_h sk_b sk_t sw_b sw_s sw_h sks_b sks_t sm_b sm_s sm_t "
-             "sr_b sr_s sr_c so_b so_s so_t").split()
+_TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.uint8: "u8",
+                 torch.int32: "i32", torch.float8_e4m3fn: "fp8e4nv"}
 
 
-def compile_wgmma_sm90(dtype="bf16", causal=True, mask=False, key_range=False, kscale=False, warps=8, stages=4,
-                       rows=256, h_pad=32, block_t=64, L=4096) -> dict:
-    """AOT-compile the kernel for sm_90 with JIT-like specialisation (unit strides constexpr, multiples
-    of 16 divisible, pointers 16-byte aligned) for q [1,L,32,128], k [1,L,128], out [1,L,L]."""
+class _Recorder:
+    """Stands in for the Gluon kernel's launcher only (no GPU here): keeps the grid and the arguments
+    indexer_scores passes, which compile_recorded_launch then compiles for sm_90."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel  # the real one, compiled afterwards
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.grid, self.args, self.kwargs = grid, args, kwargs
+        return launch
+
+
+def record_launch(monkeypatch, L=1024, H=32, dtype=torch.bfloat16, causal=True, mask=False, key_range=False,
+                  kscale=False, config=None) -> _Recorder:
+    """indexer_topk.indexer_scores on CPU tensors [1, L] with the Gluon kernel chosen: what it launches."""
+    from ic_compile.kernels import indexer_scores_wgmma as wgmma
+
+    recorder = _Recorder(wgmma._indexer_scores_wgmma_kernel)
+    monkeypatch.setattr(wgmma, "_indexer_scores_wgmma_kernel", recorder)
+    monkeypatch.setattr(indexer_mod, "wgmma_scores_supported", lambda q, k, decode: True)
+    monkeypatch.setattr(indexer_mod, "_WGMMA_SCORES", True)
+    if config:
+        monkeypatch.setattr(wgmma, "_CONFIG", {**wgmma._CONFIG, **config})
+    q, k, w = indexer_inputs(1, L, L, H, 128, torch.bfloat16)
+    q, k = q.to(dtype), k.to(dtype)
+    allowed = torch.ones(1, L, L, dtype=torch.bool).tril()
+    out = torch.empty(1, L, L)
+    indexer_mod.indexer_scores(q, k, w.float(), allowed if mask else None, causal, 0, L, L, out,
+                               key_range=key_range_of(allowed) if key_range else None,
+                               k_scale=torch.rand(1, L) if kscale else None)
+    return recorder
+
+
+def compile_recorded_launch(recorder: _Recorder) -> dict:
+    """AOT-compile the recorded launch for sm_90 with the JIT's specialisation (ints equal to 1 become
+    constants, multiples of 16 and 16-byte-aligned pointers are marked divisible)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import compile as triton_compile
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from ic_compile.kernels.indexer_scores_wgmma import _indexer_scores_wgmma_kernel as fn
-
-    D = 128
-    values = dict(S=L, T=L, H=32, D=D, row_start=0, n_rows=L, width=L, sq_b=L * 32 * D, sq_s=32 * D, sq_h=D,
-                  sk_b=L * D, sk_t=D, sw_b=L * 32, sw_s=32, sw_h=1, sks_b=L, sks_t=1,
-                  sm_b=L * L if mask else 0, sm_s=L if mask else 0, sm_t=1, sr_b=L * 3, sr_s=3, sr_c=1,
-                  so_b=L * L, so_s=L, so_t=1)
-    pointers = dict(q_ptr=dtype, k_ptr=dtype, w_ptr="fp32", ks_ptr="fp32", mask_ptr="u8", range_ptr="i32",
-                    out_ptr="fp32")
-    constants = dict(BLOCK_S=rows // h_pad, H_PAD=h_pad, D_PAD=D, BLOCK_T=block_t, STAGES=stages, SWIZZLE=128,
-                     CAUSAL=causal, HAS_MASK=mask, HAS_RANGE=key_range, KSCALE=kscale, num_warps=warps)
-    signature, attrs = {}, {}
+    fn = recorder.kernel
+    constants, signature, attrs = dict(recorder.kwargs), {}, {}
+    values = iter(recorder.args)
     for i, name in enumerate(fn.arg_names):
         if name in constants:
             signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name], attrs[(i,)] = "*" + pointers[name], [["tt.divisibility", 16]]
-        elif values[name] == 1:
+            continue
+        value = next(values)
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TRITON_TYPES[value.dtype]
+            if value.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif value == 1:
             signature[name], constants[name] = "constexpr", 1
         else:
             signature[name] = "i32"
-            if values[name] % 16 == 0:
+            if value % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
+    assert next(values, None) is None, "more arguments than the kernel has parameters"
+    warps = constants["num_warps"]
     kernel = triton_compile(GluonASTSource(fn, signature, constexprs=constants, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
     return {"shared": kernel.metadata.shared, "ptx": kernel.asm["ptx"], **_resource_usage(kernel.asm["cubin"])}
@@ -68,18 +98,23 @@ def compile_wgmma_sm90(dtype="bf16", causal=True, mask=False, key_range=False, k
 @needs_gluon_compiler[0]
 @needs_gluon_compiler[1]
 @pytest.mark.parametrize("form", [dict(), dict(key_range=True), dict(mask=True), dict(kscale=True),
-                                  dict(dtype="fp8e4nv", kscale=True), dict(causal=False, key_range=True),
-                                  dict(warps=4, rows=128), dict(h_pad=64)],
+                                  dict(dtype=torch.float8_e4m3fn, kscale=True), dict(causal=False, key_range=True),
+                                  dict(config={"rows": 128, "num_warps": 4}), dict(H=64), dict(config={"STAGES": 3})],
                          ids=["causal", "key_range", "bool_mask", "key_scale", "fp8", "range_not_causal",
-                              "4_warps", "64_heads"])
-def test_compiles_with_the_mma_in_flight_during_the_epilogue(form):
-    res = compile_wgmma_sm90(**form)
+                              "4_warps", "64_heads", "3_stages"])
+def test_launch_compiles_with_the_mma_in_flight_during_the_epilogue(form, monkeypatch):
+    """What indexer_scores launches (its real arguments, recorded) compiles for sm_90, keeps each key
+    tile's wgmma in flight while the previous tile's epilogue runs, and fits without spills."""
+    recorder = record_launch(monkeypatch, **form)
+    res = compile_recorded_launch(recorder)
     waits = re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", res["ptx"])
     assert "1" in waits, f"every wgmma is waited for at once (waits {waits}): no MMA / epilogue overlap"
     assert res["stack"] == 0, f"register spills: {res['stack']} bytes"
     assert 0 < res["regs"] <= 255 and res["shared"] <= MAX_SMEM, res
-    k_steps = 128 // (32 if form.get("dtype") == "fp8e4nv" else 16)
+    k_steps = 128 // (32 if form.get("dtype") == torch.float8_e4m3fn else 16)
     assert res["ptx"].count("wgmma.mma_async") == 2 * k_steps, "two dot sites (prologue, loop) of D / k steps each"
+    rows = recorder.kwargs["BLOCK_S"] * recorder.kwargs["H_PAD"]
+    assert recorder.grid[0] == -(-1024 // recorder.kwargs["BLOCK_S"]) and rows == form.get("config", {}).get("rows", 256)
 
 
 def test_not_taken_where_it_cannot_run():
