@@ -43,8 +43,9 @@ class _Recorder:
 
 
 def record_launch(monkeypatch, L=1024, H=32, dtype=torch.bfloat16, causal=True, mask=False, key_range=False,
-                  kscale=False, config=None) -> _Recorder:
-    """indexer_topk.indexer_scores on CPU tensors [1, L] with the Gluon kernel chosen: what it launches."""
+                  kscale=False, config=None, w_dtype=torch.float32, chunk=(0, 1024, 1024)) -> _Recorder:
+    """indexer_topk.indexer_scores on CPU tensors [1, L] with the Gluon kernel chosen: what it launches.
+    chunk: (row_start, n_rows, width) of the launch, as chunked_scores passes them."""
     from ic_compile.kernels import indexer_scores_wgmma as wgmma
 
     recorder = _Recorder(wgmma._indexer_scores_wgmma_kernel)
@@ -56,8 +57,9 @@ def record_launch(monkeypatch, L=1024, H=32, dtype=torch.bfloat16, causal=True, 
     q, k, w = indexer_inputs(1, L, L, H, 128, torch.bfloat16)
     q, k = q.to(dtype), k.to(dtype)
     allowed = torch.ones(1, L, L, dtype=torch.bool).tril()
-    out = torch.empty(1, L, L)
-    indexer_mod.indexer_scores(q, k, w.float(), allowed if mask else None, causal, 0, L, L, out,
+    row_start, n_rows, width = chunk
+    out = torch.empty(1, n_rows, width)
+    indexer_mod.indexer_scores(q, k, w.to(w_dtype), allowed if mask else None, causal, row_start, n_rows, width, out,
                                key_range=key_range_of(allowed) if key_range else None,
                                k_scale=torch.rand(1, L) if kscale else None)
     return recorder
@@ -99,9 +101,10 @@ def compile_recorded_launch(recorder: _Recorder) -> dict:
 @needs_gluon_compiler[1]
 @pytest.mark.parametrize("form", [dict(), dict(key_range=True), dict(mask=True), dict(kscale=True),
                                   dict(dtype=torch.float8_e4m3fn, kscale=True), dict(causal=False, key_range=True),
-                                  dict(config={"rows": 128, "num_warps": 4}), dict(H=64), dict(config={"STAGES": 3})],
+                                  dict(config={"rows": 128, "num_warps": 4}), dict(H=64), dict(config={"STAGES": 3}),
+                                  dict(w_dtype=torch.bfloat16), dict(chunk=(512, 256, 768))],
                          ids=["causal", "key_range", "bool_mask", "key_scale", "fp8", "range_not_causal",
-                              "4_warps", "64_heads", "3_stages"])
+                              "4_warps", "64_heads", "3_stages", "bf16_weights", "a_later_chunk"])
 def test_launch_compiles_with_the_mma_in_flight_during_the_epilogue(form, monkeypatch):
     """What indexer_scores launches (its real arguments, recorded) compiles for sm_90, keeps each key
     tile's wgmma in flight while the previous tile's epilogue runs, and fits without spills."""
@@ -114,7 +117,8 @@ def test_launch_compiles_with_the_mma_in_flight_during_the_epilogue(form, monkey
     k_steps = 128 // (32 if form.get("dtype") == torch.float8_e4m3fn else 16)
     assert res["ptx"].count("wgmma.mma_async") == 2 * k_steps, "two dot sites (prologue, loop) of D / k steps each"
     rows = recorder.kwargs["BLOCK_S"] * recorder.kwargs["H_PAD"]
-    assert recorder.grid[0] == -(-1024 // recorder.kwargs["BLOCK_S"]) and rows == form.get("config", {}).get("rows", 256)
+    n_rows = form.get("chunk", (0, 1024, 1024))[1]
+    assert recorder.grid[0] == -(-n_rows // recorder.kwargs["BLOCK_S"]) and rows == form.get("config", {}).get("rows", 256)
 
 
 def test_not_taken_where_it_cannot_run():
