@@ -38,11 +38,11 @@ try:  # Gluon (Triton's explicit-layout dialect) ships with triton >= 3.4
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-    HAS_GLUON = HAS_TRITON
     # renamed after triton 3.6 (the GPU box's version); the newest pip resolves (CI) has the new names
     _cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
     _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
-except ImportError:  # pragma: no cover - older triton
+    HAS_GLUON = HAS_TRITON
+except (ImportError, AttributeError):  # pragma: no cover - a triton without (this) Gluon: the Triton kernel runs
     HAS_GLUON = False
 
 WGMMA_DTYPES = (torch.bfloat16, torch.float16, torch.float8_e4m3fn)
