@@ -8,8 +8,8 @@ Per L (prefill, S = T = L, 30B indexer shape 32 x 128, top-k 2048, B = 1):
   * --select L: topk_select alone on the last (widest) chunk's buffer: ms, paths, % of its read floor;
   * --exact L: the unordered selection's sets vs torch.topk's over the same scores (all rows);
   * --wgmma-ab L: also with the Gluon async-wgmma score kernel (indexer_topk._WGMMA_SCORES), bf16
-    and fp8 (and fp8 through the Triton kernel, the ratio's other side), and how many rows' picks
-    differ from the Triton kernel's;
+    (also with its overlap off) and fp8 (and fp8 through the Triton kernel, the ratio's other side),
+    and how many rows' picks differ from the Triton kernel's;
   * --fp8 L: indexer_precision="fp8" timings, and its top-k recall against the bf16 selection
     (|fp8 set & bf16 set| / topk, rows sampled) on random and on structured inputs.
 
@@ -71,13 +71,18 @@ def wgmma_ab(q, k, w, peak, out) -> None:
 
     time_indexer(q, k, w, peak, {"variant": "fp8"}, out, indexer_precision="fp8")
     triton_picks = indexer_topk_triton(q, k, w, TOPK, sorted=False).sort(-1).values
+    from ic_compile.kernels import indexer_scores_wgmma as wgmma
+
     mod._WGMMA_SCORES = True
     try:
+        wgmma._CONFIG["OVERLAP"] = False  # the same Gluon kernel waiting for each wgmma: what the overlap buys
+        time_indexer(q, k, w, peak, {"variant": "bf16, Gluon, no overlap"}, out)
+        wgmma._CONFIG["OVERLAP"] = True
         time_indexer(q, k, w, peak, {"variant": "bf16, async wgmma"}, out)
         time_indexer(q, k, w, peak, {"variant": "fp8, async wgmma"}, out, indexer_precision="fp8")
         picks = indexer_topk_triton(q, k, w, TOPK, sorted=False).sort(-1).values
     finally:
-        mod._WGMMA_SCORES = False
+        mod._WGMMA_SCORES, wgmma._CONFIG["OVERLAP"] = False, True
     emit({"L": q.shape[1], "wgmma_rows_picking_other_keys": int((picks != triton_picks).any(-1).sum())}, out)
 
 

@@ -46,7 +46,7 @@ except (ImportError, AttributeError):  # pragma: no cover - a triton without (th
     HAS_GLUON = False
 
 WGMMA_DTYPES = (torch.bfloat16, torch.float16, torch.float8_e4m3fn)
-_CONFIG = {"rows": 256, "BLOCK_T": 64, "num_warps": 8, "STAGES": 4}  # rows = BLOCK_S * H_PAD
+_CONFIG = {"rows": 256, "BLOCK_T": 64, "num_warps": 8, "STAGES": 4, "OVERLAP": True}  # rows = BLOCK_S * H_PAD
 
 
 def _epilogue(acc, w_cols, ks_ptr, b, t, t_ok, s_loc, s_ok, last_key, row_lo, row_hi, mask_ptr, s_glob,
@@ -94,10 +94,12 @@ def _indexer_scores_wgmma_kernel(
     so_b, so_s, so_t,
     BLOCK_S: gl.constexpr, H_PAD: gl.constexpr, D_PAD: gl.constexpr, BLOCK_T: gl.constexpr,
     STAGES: gl.constexpr, SWIZZLE: gl.constexpr,
+    OVERLAP: gl.constexpr,  # False: wait for each wgmma at once (the Triton kernel's order; A/Bs, bisecting)
     CAUSAL: gl.constexpr, HAS_MASK: gl.constexpr, HAS_RANGE: gl.constexpr, KSCALE: gl.constexpr,
     num_warps: gl.constexpr,
 ):
     R: gl.constexpr = BLOCK_S * H_PAD
+    IN_FLIGHT: gl.constexpr = 1 if OVERLAP else 0  # wgmmas left running during an epilogue
     WARPS_N: gl.constexpr = num_warps // 4
     BITS: gl.constexpr = q_ptr.dtype.element_ty.primitive_bitwidth
     VEC: gl.constexpr = 128 // BITS  # 16-byte cp.async / load vectors
@@ -191,7 +193,7 @@ def _indexer_scores_wgmma_kernel(
             _load_keys(ring.index((j + STAGES - 2) % STAGES), k_ptr, b, sk_b, sk_t, t_lo, i + STAGES - 2, T,
                        t_rows, d, D, n_computed, BLOCK_T)
             acc_next = warpgroup_mma(ring.index(j % STAGES), q_t, zero, use_acc=False, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            acc = warpgroup_mma_wait(num_outstanding=IN_FLIGHT, deps=(acc,))
             t = t_lo + (i - 1) * BLOCK_T + t_store
             _epilogue(acc, w_cols, ks_ptr, b, t, t < T, s_loc, s_ok, last_key, row_lo, row_hi, mask_ptr, s_glob,
                       out_ptr, so_b, so_s, so_t, sks_b, sks_t, sm_b, sm_s, sm_t, t_hi,
@@ -255,7 +257,7 @@ def launch_wgmma_scores(q, k, w, ks, mask_u8, ranges, out, row_start, n_rows, wi
         q, k, w, ks_arg, mask_u8, ranges, out, S, T, H, D, row_start, n_rows, width,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), *w.stride(), *ks_strides,
         *mask_u8.stride(), *ranges.stride(), *out.stride(),
-        BLOCK_S=block_s, H_PAD=h_pad, D_PAD=_d_pad(D), BLOCK_T=_CONFIG["BLOCK_T"], STAGES=_CONFIG["STAGES"],
+        BLOCK_S=block_s, H_PAD=h_pad, D_PAD=_d_pad(D), BLOCK_T=_CONFIG["BLOCK_T"], STAGES=_CONFIG["STAGES"], OVERLAP=_CONFIG["OVERLAP"],
         SWIZZLE=swizzle, CAUSAL=causal, HAS_MASK=has_mask, HAS_RANGE=has_range, KSCALE=ks is not None,
         num_warps=_CONFIG["num_warps"])
 
