@@ -81,7 +81,8 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def rewrite(gm: fx.GraphModule, plan=None, *, strict: bool = False, kernels: bool = False,
-            sparse_attention: bool = True, moe_experts: bool = True, indexer_mask: str = "ranges",
+            sparse_attention: bool = True, moe_experts: bool = True, moe_router: bool = True,
+            indexer_mask: str = "ranges",
             indexer_precision: str = "bf16", layout: FrameLayout | None = None, lowering: str = "inductor",
             example_inputs=None) -> RewriteResult:
     """kernels=True also lowers each F indexer to the fused `ic::indexer_topk` op and the
@@ -96,9 +97,11 @@ def rewrite(gm: fx.GraphModule, plan=None, *, strict: bool = False, kernels: boo
     write it there (`result.fragment`; the caller wraps the compiled graph with `with_store`).
     moe_experts (with kernels=True): a few-token MoE experts module -> `ic::moe_experts`, only after
     both ran on the same random routings with the weights of example_inputs (the backend's, one per
-    placeholder; `passes.lower_moe_experts`); without them it is left alone."""
+    placeholder; `passes.lower_moe_experts`); without them it is left alone. moe_router (with kernels):
+    a DeepSeek-V3-style router's tail (sigmoid, bias, groups, top-k, normalise) -> `ic::moe_route`, also
+    checked on random logits first (`passes.lower_moe_router`)."""
     ctx = PassContext(plan_spec=plan, layout=layout, kernels=kernels, sparse_attention=sparse_attention,
-                      moe_experts=moe_experts, indexer_mask=indexer_mask, lowering=lowering,
+                      moe_experts=moe_experts, moe_router=moe_router, indexer_mask=indexer_mask, lowering=lowering,
                       indexer_precision=indexer_precision, input_values=_by_placeholder(gm, example_inputs))
     work = run_passes(copy_graph_module(gm), ctx, pipeline(ctx))
     result = RewriteResult(gm, gm, ctx.detection, ctx.plan, layout=layout, counters=ctx.counters)
@@ -128,7 +131,7 @@ def _lower_indexer_free(gm: fx.GraphModule, ctx: PassContext, result: RewriteRes
     message, ctx.stopped = ctx.stopped, ""
     work = run_passes(copy_graph_module(gm), ctx, passes)
     ctx.stopped = message
-    if ctx.report.moe_lowered or ctx.counters["drop_trivial_topk.replaced"]:
+    if ctx.report.moe_lowered or ctx.report.moe_router_lowered or ctx.counters["drop_trivial_topk.replaced"]:
         result.gm, result.kernels, result.counters = work, ctx.report, ctx.counters
 
 

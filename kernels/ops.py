@@ -41,6 +41,7 @@ from .indexer_topk import indexer_topk as _indexer_topk
 from .key_range import assert_key_range_async, check_key_range
 from .mask_within_causal import mask_within_causal
 from .moe_experts import moe_experts as _moe_experts
+from .moe_router import moe_route as _moe_route
 from .sparse_attention import sparse_attention as _sparse_attention
 from .sparse_attention import sparse_mla as _sparse_mla
 
@@ -59,6 +60,8 @@ _SPARSE_MLA_SCHEMA = ("(Tensor q, Tensor kv, Tensor indices, float scale, int dv
                       "Tensor? rope=None, Tensor? q_rope=None) -> Tensor")
 _MOE_EXPERTS_SCHEMA = ("(Tensor hidden, Tensor topk_index, Tensor topk_weights, Tensor gate_up, Tensor down, "
                        "float? swiglu_limit=None) -> Tensor")
+_MOE_ROUTE_SCHEMA = ("(Tensor logits, Tensor? bias, int top_k, int n_group, int topk_group, bool renormalize, "
+                     "float scale) -> (Tensor, Tensor)")
 
 
 @torch.library.custom_op(f"{NAMESPACE}::indexer_topk", mutates_args=(), schema=_INDEXER_TOPK_SCHEMA)
@@ -191,4 +194,18 @@ def _(hidden, topk_index, topk_weights, gate_up, down, swiglu_limit=None):
     return hidden.new_empty(hidden.shape)
 
 
-__all__ = ["indexer_topk", "indexer_topk_scored", "sparse_attention", "sparse_mla", "moe_experts", "NAMESPACE"]
+@torch.library.custom_op(f"{NAMESPACE}::moe_route", mutates_args=(), schema=_MOE_ROUTE_SCHEMA)
+def moe_route(logits, bias, top_k, n_group, topk_group, renormalize, scale):
+    """logits [T,E] -> (weights fp32 [T,top_k], ids int64 [T,top_k]): group-limited sigmoid routing,
+    DeepSeek-V3's (kernels/moe_router.py)."""
+    return _moe_route(logits, bias, top_k, n_group, topk_group, renormalize, scale)
+
+
+@moe_route.register_fake
+def _(logits, bias, top_k, n_group, topk_group, renormalize, scale):
+    T = logits.shape[0]
+    return logits.new_empty((T, top_k), dtype=torch.float32), logits.new_empty((T, top_k), dtype=torch.int64)
+
+
+__all__ = ["indexer_topk", "indexer_topk_scored", "sparse_attention", "sparse_mla", "moe_experts", "moe_route",
+           "NAMESPACE"]

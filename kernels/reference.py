@@ -277,3 +277,21 @@ def moe_experts_ref(
         y = act @ down[e].float().T  # [n, H]
         out.index_add_(0, tok, y * topk_weights[tok, slot, None].float())
     return out.to(hidden.dtype)
+
+
+def moe_route_ref(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int = 1,
+                  topk_group: int = 1, renormalize: bool = True, scale: float = 1.0):
+    """Group-limited sigmoid routing (HF's DeepseekV3TopkRouter / GlmMoeDsaTopkRouter after the logits):
+    logits [T,E] -> (weights fp32 [T,top_k], ids int64 [T,top_k]), ids by descending choice score."""
+    scores = logits.float().sigmoid()
+    choice = scores + bias.float() if bias is not None else scores
+    T, E = choice.shape
+    if n_group > 1:
+        group_scores = choice.view(T, n_group, E // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+        keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(topk_group, dim=-1)[1], 1).bool()
+        choice = choice.masked_fill(~keep.repeat_interleave(E // n_group, dim=1), float("-inf"))
+    ids = choice.topk(top_k, dim=-1)[1]
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scale, ids

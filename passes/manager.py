@@ -57,6 +57,7 @@ class PassContext:
     kernels: bool = False  # include lower_indexer (+ lower_sparse_attention, lower_moe_experts, drop_trivial_topk)
     sparse_attention: bool = True
     moe_experts: bool = True
+    moe_router: bool = True
     indexer_mask: str = "ranges"  # as asked: "auto" | "ranges" | "dense"; lower_indexer decides "auto"
     lowering: str = "inductor"  # what compiles the graph afterwards (indexer_mask="auto" depends on it)
     indexer_precision: str = "bf16"
@@ -102,7 +103,6 @@ def pipeline(ctx: PassContext) -> list[Pass]:
     from .forward_indices import forward_indices
     from .fp8_key_cache import fp8_key_cache
     from .lower_indexer import lower_indexer
-    from .lower_moe_experts import lower_moe_experts
     from .lower_sparse_attention import lower_sparse_attention
 
     passes = [eliminate_dead_code, detect, bind_plan, connect_index_store, forward_indices, eliminate_dead_code,
@@ -110,7 +110,7 @@ def pipeline(ctx: PassContext) -> list[Pass]:
     if ctx.kernels:
         passes += [lower_indexer, *([fp8_key_cache] if ctx.indexer_precision == "fp8" else []),
                    *([lower_sparse_attention] if ctx.sparse_attention else []),
-                   *([lower_moe_experts] if ctx.moe_experts else []), drop_trivial_topk, eliminate_dead_code]
+                   *_moe_passes(ctx), drop_trivial_topk, eliminate_dead_code]
     return passes
 
 
@@ -120,11 +120,17 @@ def indexer_free_pipeline(ctx: PassContext) -> list[Pass]:
     in the same ops as in a fragment with indexers."""
     from .drop_trivial_topk import drop_trivial_topk
     from .eliminate_dead_code import eliminate_dead_code
-    from .lower_moe_experts import lower_moe_experts
 
     if not ctx.kernels:
         return []
-    return [*([lower_moe_experts] if ctx.moe_experts else []), drop_trivial_topk, eliminate_dead_code]
+    return [*_moe_passes(ctx), drop_trivial_topk, eliminate_dead_code]
+
+
+def _moe_passes(ctx: PassContext) -> list[Pass]:
+    from .lower_moe_experts import lower_moe_experts
+    from .lower_moe_router import lower_moe_router
+
+    return [*([lower_moe_experts] if ctx.moe_experts else []), *([lower_moe_router] if ctx.moe_router else [])]
 
 
 def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: list[Pass]) -> fx.GraphModule:

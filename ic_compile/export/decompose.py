@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torch import fx
 
-from ic_compile.kernels.reference import mask_indexer_scores, sparse_attention_rows
+from ic_compile.kernels.reference import mask_indexer_scores, moe_route_ref, sparse_attention_rows
 
 from ..errors import IndexCacheError
 
@@ -90,11 +90,17 @@ def _grouped_mm(input, weight, offs):
     return every.gather(1, index).squeeze(1)
 
 
+def _moe_route(logits, bias, top_k, n_group, topk_group, renormalize, scale):
+    """ic::moe_route in standard ops: the reference (HF's own routing code)."""
+    return moe_route_ref(logits, bias, top_k, n_group, topk_group, renormalize, scale)
+
+
 DECOMPOSITIONS: dict[str, Callable] = {
     "ic::indexer_topk": _indexer_topk,
     "ic::indexer_topk_scored": _indexer_topk_scored,
     "ic::sparse_attention": _sparse_attention,
     "ic::sparse_mla": _sparse_mla,
+    "ic::moe_route": _moe_route,
     "transformers::grouped_mm_fallback": _grouped_mm,
 }
 

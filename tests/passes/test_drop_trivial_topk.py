@@ -61,20 +61,23 @@ def test_other_topk_kept():
 
 
 def test_hf_router_keeps_one_topk():
-    """HF GLM-DSA with kernels=True: in each MoE router (n_group = topk_group = 1) the group top-1 is
-    replaced, and Inductor's code keeps only the top-k of experts (the top-2 per group fed only the
-    group scores); prefill and 8 decode steps equal HF's own plan."""
+    """HF GLM-DSA with kernels=True and the router op off (moe_router=False; with it the whole tail is
+    ic::moe_route, tests/passes/test_lower_moe_router.py): in each MoE router (n_group = topk_group =
+    1) the group top-1 is replaced, and Inductor's code keeps only the top-k of experts (the top-2 per
+    group fed only the group scores); prefill and 8 decode steps equal HF's own plan."""
     from torch._inductor.utils import run_and_get_code
     model = tiny_models.glm()
     ids, steps = tiny_models.random_ids(seq=20), tiny_models.random_ids(seq=8, seed=5)
     want, _ = tiny_models.prefill_and_decode(tiny_models.glm_with_plan(model, "FSFS"), ids, steps)
     torch._dynamo.reset()
     last_results.clear()
-    run = torch.compile(model, backend="indexcache", options={"plan": "FSFS", "lowering": "inductor", "kernels": True})
+    run = torch.compile(model, backend="indexcache", options={"plan": "FSFS", "lowering": "inductor", "kernels": True,
+                                                                 "moe_router": False})
     (got, _), codes = run_and_get_code(tiny_models.prefill_and_decode, run, ids, steps)
     for w, g in zip(want, got):
         assert (w - g).abs().max().item() < 1e-4
     results = [r for r in last_results if r.changed]
     assert results and all(r.counters["drop_trivial_topk.replaced"] == 3 for r in results)
+    assert not any(r.kernels.moe_router_lowered for r in results)  # moe_router=False: HF's router stays
     assert len(codes) == len(results)  # prefill, decode
     assert all(code.count("torch.ops.aten.topk.default(") == 3 for code in codes)  # one per MoE layer (was 9)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import fx
 
-from ic_compile.passes.manager import PassContext, pipeline, run_passes
+from ic_compile.passes.manager import PassContext, indexer_free_pipeline, pipeline, run_passes
 from ic_compile.rewrite import rewrite
 
 from traced import layers  # tests/passes/traced.py
@@ -24,12 +24,16 @@ def test_pipeline_order_and_the_kernel_passes_only_when_asked():
     rewrite_only = ["eliminate_dead_code", "detect", "bind_plan", "connect_index_store", "forward_indices",
                     "eliminate_dead_code", "drop_shared_key_cache"]
     assert names(pipeline(PassContext())) == rewrite_only
+    moe = ["lower_moe_experts", "lower_moe_router"]
     assert names(pipeline(PassContext(kernels=True))) == rewrite_only + [
-        "lower_indexer", "lower_sparse_attention", "lower_moe_experts", "drop_trivial_topk", "eliminate_dead_code"]
+        "lower_indexer", "lower_sparse_attention", *moe, "drop_trivial_topk", "eliminate_dead_code"]
     assert names(pipeline(PassContext(kernels=True, sparse_attention=False))) == rewrite_only + [
-        "lower_indexer", "lower_moe_experts", "drop_trivial_topk", "eliminate_dead_code"]
-    assert names(pipeline(PassContext(kernels=True, moe_experts=False))) == rewrite_only + [
+        "lower_indexer", *moe, "drop_trivial_topk", "eliminate_dead_code"]
+    assert names(pipeline(PassContext(kernels=True, moe_experts=False, moe_router=False))) == rewrite_only + [
         "lower_indexer", "lower_sparse_attention", "drop_trivial_topk", "eliminate_dead_code"]
+    assert names(indexer_free_pipeline(PassContext(kernels=True))) == [*moe, "drop_trivial_topk",
+                                                                       "eliminate_dead_code"]
+    assert indexer_free_pipeline(PassContext()) == []
 
 
 def test_one_info_line_per_pass_and_the_graph_at_debug(caplog):
