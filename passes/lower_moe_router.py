@@ -160,7 +160,10 @@ def _settings(tail: RouterTail, input_values: dict[str, Any] | None) -> tuple | 
         bias = (input_values or {}).get(tail.bias.name)
         if not isinstance(bias, torch.Tensor) or isinstance(bias, torch._subclasses.FakeTensor):
             return "the bias's value is not known at compile time: the tail cannot be checked"
-    module = _tail_module(tail)
+    try:
+        module = _tail_module(tail)
+    except KeyError:  # a node argument from outside that is not a tensor: a symbolic size, an attribute
+        return "the tail reads sizes or values from the rest of the graph (dynamic shapes): not checked"
     generator = torch.Generator(device=bias.device if bias is not None else "cpu").manual_seed(_CHECK_SEED)
     device = bias.device if bias is not None else torch.device("cpu")
     T = 3
