@@ -110,6 +110,8 @@ def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_gro
         return moe_route_ref(logits, bias, top_k, n_group, topk_group, renormalize, scale)
     weights = new_output((T, top_k), torch.float32, logits.device)
     ids = new_output((T, top_k), torch.int64, logits.device)
+    if T == 0:
+        return weights, ids
     e_pad = max(next_pow2(E), n_group)
     args = (logits, bias if bias is not None else logits, weights, ids, E, float(scale),
             *logits.stride(), weights.stride(0), ids.stride(0))
