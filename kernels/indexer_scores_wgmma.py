@@ -19,8 +19,9 @@ tile i-1's epilogue runs while it computes (`warpgroup_mma_wait(1)`: two accumul
                wait until only wgmma(i) is outstanding; epilogue(tile i-1)
     after      wait for the last wgmma; epilogue(last tile)
 
-Tiles are the Triton kernel's: computed tiles [first_computed, n_computed) of this program's key
-split, "open" ones stored without masks, the rest of the split filled with -inf.
+Tiles are the Triton kernel's (the shared `_indexer_tiles.tile_plan`): computed tiles
+[first_computed, n_computed) of this program's key split, "open" ones stored without masks, the rest of
+the split filled with -inf.
 Not covered here (the Triton kernel runs them): decode (few queries), fp32 inputs, head-major
 rows, keys or queries whose last dim is not contiguous or whose strides are not multiples of 16
 elements, non-Hopper GPUs, and the CPU interpreter (Gluon has none): `wgmma_scores_supported`.
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from ._indexer_tiles import tile_plan
 from ._triton_utils import HAS_TRITON, cdiv, interpreting, next_pow2
 
 try:  # Gluon (Triton's explicit-layout dialect) ships with triton >= 3.4
@@ -144,34 +146,9 @@ def _indexer_scores_wgmma_kernel(
         row_count = gl.load(range_rows + 2 * sr_c, mask=s_ok, other=0)
         row_hi = gl.where(row_count > 0, gl.load(range_rows + sr_c, mask=s_ok, other=-1), -1)
 
-    # This program's key split and which of its tiles are computed / open: the Triton kernel's rules
-    # (indexer_topk._scores_body), repeated because Gluon kernels cannot call tl helpers; keep in step.
-    blocks_per_split = gl.cdiv(gl.cdiv(width, BLOCK_T), num_splits)
-    t_lo = split * blocks_per_split * BLOCK_T
-    t_hi = gl.minimum(width, t_lo + blocks_per_split * BLOCK_T)
-    n_tiles = gl.cdiv(gl.maximum(t_hi - t_lo, 0), BLOCK_T)
-    n_computed = n_tiles
-    if CAUSAL:
-        last_row = gl.minimum(row_start + pid_s * BLOCK_S + BLOCK_S, row_start + n_rows) - 1
-        n_computed = gl.cdiv(gl.maximum(gl.minimum(t_hi, (T - S) + last_row + 1) - t_lo, 0), BLOCK_T)
-    first_computed = 0
-    if HAS_RANGE:
-        block_lo = gl.min(gl.where(s_ok, row_lo, T), axis=0)
-        block_hi = gl.max(gl.where(s_ok, row_hi, -1), axis=0)
-        n_computed = gl.minimum(n_computed, gl.cdiv(gl.maximum(block_hi + 1 - t_lo, 0), BLOCK_T))
-        first_computed = gl.minimum(gl.maximum(block_lo - t_lo, 0) // BLOCK_T, n_computed)
-    open_lo = first_computed
-    open_hi = first_computed
-    if not HAS_MASK:
-        open_end = t_hi
-        if CAUSAL:
-            open_end = gl.minimum(open_end, (T - S) + row_start + pid_s * BLOCK_S + 1)
-        if HAS_RANGE:
-            open_end = gl.minimum(open_end, gl.min(gl.where(s_ok, row_hi, -1), axis=0) + 1)
-            first_key = gl.max(gl.where(s_ok, row_lo, T), axis=0)
-            open_lo = gl.maximum(open_lo, gl.cdiv(gl.maximum(first_key - t_lo, 0), BLOCK_T))
-        open_hi = gl.where(pid_s * BLOCK_S + BLOCK_S <= n_rows, gl.maximum(open_lo, (open_end - t_lo) // BLOCK_T),
-                           open_lo)
+    t_lo, t_hi, n_tiles, first_computed, n_computed, open_lo, open_hi = tile_plan(
+        T, S, row_start, n_rows, width, pid_s, split, num_splits, s_ok, row_lo, row_hi,
+        BLOCK_S, BLOCK_T, CAUSAL, HAS_MASK, HAS_RANGE)
 
     t_rows = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, load_l))
     t_store = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, store_l))

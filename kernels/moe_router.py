@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_utils import HAS_TRITON, interpreting, launch_interpreted, new_output, next_pow2, tl, triton, use_triton_for
+from ._triton_utils import (HAS_TRITON, interpreting, jit_helper, launch_interpreted, new_output, next_pow2, tl,
+                            triton, use_triton_for)
 from .reference import moe_route_ref
 
 MAX_EXPERTS = 1024  # a row of choice scores lives in one program's registers
@@ -63,6 +64,7 @@ def _route_kernel(
     tl.store(ids_ptr + t * si_t + k, ids, mask=k < TOPK)
 
 
+@jit_helper
 def _keep_best_groups(c, E_PAD: tl.constexpr, GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr):
     """c [E_PAD] with every expert outside the TOPK_GROUP best groups (score: sum of its top 2) at -inf."""
     SIZE: tl.constexpr = E_PAD // GROUPS
@@ -82,9 +84,6 @@ def _keep_best_groups(c, E_PAD: tl.constexpr, GROUPS: tl.constexpr, TOPK_GROUP: 
 
 
 if HAS_TRITON:
-    from ._triton_utils import jit_helper
-
-    _keep_best_groups = jit_helper(_keep_best_groups)
     _route_kernel_jit = triton.jit(_route_kernel)
 
 

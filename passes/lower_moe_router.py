@@ -164,17 +164,17 @@ def _settings(tail: RouterTail, input_values: dict[str, Any] | None) -> tuple | 
         module = _tail_module(tail)
     except KeyError:  # a node argument from outside that is not a tensor: a symbolic size, an attribute
         return "the tail reads sizes or values from the rest of the graph (dynamic shapes): not checked"
-    generator = torch.Generator(device=bias.device if bias is not None else "cpu").manual_seed(_CHECK_SEED)
     device = bias.device if bias is not None else torch.device("cpu")
-    T = 3
+    generator = torch.Generator(device=device).manual_seed(_CHECK_SEED)
     for renormalize, scale in itertools.product((True, False), tail.scales):
-        if all(_agrees(module, tail, bias, renormalize, scale, T, E, k, s, generator, device) for s in _CHECK_SCALES):
+        if all(_agrees(module, tail, bias, renormalize, scale, E, k, s, generator, device) for s in _CHECK_SCALES):
             return renormalize, scale
     return "computes another routing (no renormalisation / scale of the op gives its (id, weight) pairs)"
 
 
-def _agrees(module, tail, bias, renormalize, scale, T, E, k, logit_scale, generator, device) -> bool:
-    logits = (logit_scale * torch.randn((T, E), generator=generator, device=device)).to(example_value(tail.logits).dtype)
+def _agrees(module, tail, bias, renormalize, scale, E, k, logit_scale, generator, device) -> bool:
+    """On 3 tokens of random logits at logit_scale: the same (id, weight) pairs per token?"""
+    logits = (logit_scale * torch.randn((3, E), generator=generator, device=device)).to(example_value(tail.logits).dtype)
     try:
         with torch.no_grad():
             want_w, want_ids = module(logits, *([bias] if bias is not None else []))

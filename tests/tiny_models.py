@@ -33,6 +33,18 @@ def deepseek_v32(seed=0, dtype=torch.float32):
     return DeepseekV32ForCausalLM(DeepseekV32Config(**HF_TINY, n_group=1, topk_group=1)).to(dtype).eval()
 
 
+def break_graph_in_moe(monkeypatch, moe_class):
+    """moe_class.forward first counts host-side (as expert dispatch code does) and breaks the graph."""
+    forward = moe_class.forward
+
+    def dispatch_with_break(self, hidden_states):
+        torch.bincount(hidden_states.new_zeros(3, dtype=torch.long)).tolist()
+        torch._dynamo.graph_break()
+        return forward(self, hidden_states)
+
+    monkeypatch.setattr(moe_class, "forward", dispatch_with_break)
+
+
 def random_ids(batch=2, seq=16, seed=1, vocab=128):
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 

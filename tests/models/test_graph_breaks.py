@@ -168,14 +168,8 @@ def test_index_store_each_reader_reads_a_write_once():
 def hf_moe_break(monkeypatch):
     """HF DeepseekV32 whose MoE breaks the graph (host-side counts, as expert dispatch code does)."""
     from transformers.models.deepseek_v32 import modeling_deepseek_v32 as hf
-    forward = hf.DeepseekV32MoE.forward
-
-    def dispatch_with_break(self, hidden_states):
-        torch.bincount(hidden_states.new_zeros(3, dtype=torch.long)).tolist()
-        torch._dynamo.graph_break()
-        return forward(self, hidden_states)
-
-    monkeypatch.setattr(hf.DeepseekV32MoE, "forward", dispatch_with_break)
+    from tiny_models import break_graph_in_moe
+    break_graph_in_moe(monkeypatch, hf.DeepseekV32MoE)
 
 
 def test_hf_deepseek_v32_with_moe_break_matches_hooks(hf_moe_break, one_thread):

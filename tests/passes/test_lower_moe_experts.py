@@ -98,14 +98,7 @@ def test_experts_lowered_in_a_fragment_without_indexers(monkeypatch):
     With kernels their decode graphs still get the experts op (before, only graphs holding an
     indexer did); prefill and 8 decode steps equal HF's own plan."""
     from transformers.models.glm_moe_dsa import modeling_glm_moe_dsa as hf
-    forward = hf.GlmMoeDsaMoE.forward
-
-    def dispatch_with_break(self, hidden_states):
-        torch.bincount(hidden_states.new_zeros(3, dtype=torch.long)).tolist()
-        torch._dynamo.graph_break()
-        return forward(self, hidden_states)
-
-    monkeypatch.setattr(hf.GlmMoeDsaMoE, "forward", dispatch_with_break)
+    tiny_models.break_graph_in_moe(monkeypatch, hf.GlmMoeDsaMoE)
     model = tiny_models.glm()
     ids, steps = tiny_models.random_ids(seq=20), tiny_models.random_ids(seq=8, seed=5)
     want = _prefill_then_decode(tiny_models.glm_with_plan(model, "FSFS"), ids, steps)

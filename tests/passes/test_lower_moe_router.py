@@ -145,8 +145,9 @@ def _dynamo_graph(module):
     torch._dynamo.reset()
     torch.compile(Holder(), backend=backend)(torch.randn(3, 16))
     gm, example_inputs = graphs[0]
-    names = _placeholders(gm)
-    return gm, {name: value for name, value in zip(names, example_inputs) if value.dim() == 2 and value.shape[0] != 3}
+    params = list(module.parameters())
+    return gm, {name: value for name, value in zip(_placeholders(gm), example_inputs)
+                if any(value is p for p in params)}
 
 
 def _placeholders(gm):
