@@ -39,7 +39,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ic_compile.passes")
 _CHECK_SEED = 0
-_CHECK_SCALES = (1.0, 6.0)  # logit scales: ordinary, and saturating sigmoids (ties of the bias show)
+# logit scales: ordinary, and sigmoids near 1 where the bias decides; not so large that fp32 sigmoids
+# reach exactly 1.0, whose ties the model's topk and the op may break differently
+_CHECK_SCALES = (1.0, 3.0)
 _CASTS = {"to", "type", "float", "contiguous"}
 
 

@@ -25,7 +25,7 @@ CASES = {  # T, E, top_k, n_group, topk_group, bias, renormalize, scale
 def test_kernel_equals_reference(case, request):
     seed = seed_everything(request.node.name)
     T, E, k, groups, kept, has_bias, renormalize, scale = CASES[case]
-    for logit_scale in (1.0, 8.0):  # 8: saturated sigmoids, where the bias decides
+    for logit_scale in (1.0, 4.0):  # 4: sigmoids near 1, where the bias decides (not at exactly 1.0: ties)
         logits = logit_scale * torch.randn(T, E)
         bias = 0.2 * torch.randn(E) if has_bias else None
         got_w, got_ids = moe_route(logits, bias, k, groups, kept, renormalize, scale, use_triton=True)
