@@ -14,6 +14,10 @@ router gives them), T tokens of distinct random experts per token. Per T:
     once: the floor; ours reads an expert once per token that picked it, duplicates mostly from L2),
     as GB/s and % of the copy bandwidth measured in the same run (bench/kernel_speed.py's
     measure_peaks: read + write bytes / s of a 2 GiB copy);
+  * with GLM's shared expert (a SwiGLU MLP of width I, HF's GlmMoeDsaMLP): the op with the shared
+    expert folded in (`ours_shared`, what passes/fold_shared_expert.py makes of a decode graph) vs the
+    op plus HF's MLP as its three linears (`ours_plus_mlp`: what the graph ran before the fold),
+    bytes + the shared weights;
   * --sweep: each tile of sweep_tiles() in one kernel with the other kernel's default tile,
     graph-timed, and the fastest per kernel (choose the module's defaults from these).
 """
@@ -51,6 +55,16 @@ def hf_experts(shape: dict, device: torch.device):
     module.gate_up_proj.normal_(0, shape["H"] ** -0.5)
     module.down_proj.normal_(0, shape["I"] ** -0.5)
     return module
+
+
+def hf_shared_expert(shape: dict, device: torch.device):
+    """HF's GlmMoeDsaMLP as GLM's shared expert (width I), bf16, random weights."""
+    from transformers import GlmMoeDsaConfig
+    from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import GlmMoeDsaMLP
+
+    config = GlmMoeDsaConfig(hidden_size=shape["H"], moe_intermediate_size=shape["I"])
+    with torch.device(device):
+        return GlmMoeDsaMLP(config, intermediate_size=shape["I"]).to(torch.bfloat16).requires_grad_(False)
 
 
 def routing(T: int, shape: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,6 +123,25 @@ def bench_tokens(T: int, module, shape: dict, device: torch.device, copy_gbps: f
                      "gbps", "pct_copy"))
     if times["ours"]["graph_ms"] and times["hf_grouped_mm"]["graph_ms"]:
         row["speedup_graph"] = times["hf_grouped_mm"]["graph_ms"] / times["ours"]["graph_ms"]
+    row.update(bench_shared(x, idx, w, gate_up, down, shape, device, row["bytes"], copy_gbps))
+    return row
+
+
+def bench_shared(x, idx, w, gate_up, down, shape: dict, device: torch.device, routed_bytes: int,
+                 copy_gbps: float) -> dict:
+    """The op with the shared expert folded in vs the op + HF's shared MLP (three linears)."""
+    mlp = hf_shared_expert(shape, device)
+    shared = (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+    folded = lambda: torch.ops.ic.moe_experts(x, idx, w, gate_up, down, None, *shared)  # noqa: E731
+    separate = lambda: torch.ops.ic.moe_experts(x, idx, w, gate_up, down) + mlp(x)  # noqa: E731
+    row = {"max_abs_diff_shared": float((folded().float() - separate().float()).abs().max()),
+           "bytes_with_shared": routed_bytes + sum(t.numel() * t.element_size() for t in shared)}
+    times = {"ours_shared": timed(folded, device), "ours_plus_mlp": timed(separate, device)}
+    for name, t in times.items():
+        row.update({f"{name}_{key}": value for key, value in t.items()})
+    graphed = {name: t["graph_ms"] for name, t in times.items() if t["graph_ms"]}
+    row.update(rates(row["bytes_with_shared"], graphed or {n: t["call_ms"] for n, t in times.items()}, 1e6,
+                     copy_gbps, "gbps", "pct_copy"))
     return row
 
 

@@ -72,7 +72,7 @@ class BackendOptions:
     strict: bool = False  # raise instead of warning when detection is unsure
     kernels: Any = "auto"  # lower F indexers to ic::indexer_topk: True | False | "auto" (= inputs on CUDA)
     sparse_attention: bool = True  # with kernels: mask-scatter + SDPA -> ic::sparse_mla / ic::sparse_attention
-    moe_experts: bool = True  # with kernels: a decode graph's MoE experts -> ic::moe_experts (passes/lower_moe_experts)
+    moe_experts: bool = True  # with kernels: a decode graph's MoE experts (+ shared expert) -> ic::moe_experts
     moe_router: bool = True  # with kernels: a sigmoid group-limited router's tail -> ic::moe_route (passes/lower_moe_router)
     # with kernels: the mask reaches ic::indexer_topk as key ranges | "dense" | "auto" (decided per
     # graph by passes.lower_indexer.decide_indexer_mask: ranges under Inductor except in decode graphs)

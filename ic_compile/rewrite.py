@@ -97,7 +97,8 @@ def rewrite(gm: fx.GraphModule, plan=None, *, strict: bool = False, kernels: boo
     write it there (`result.fragment`; the caller wraps the compiled graph with `with_store`).
     moe_experts (with kernels=True): a few-token MoE experts module -> `ic::moe_experts`, only after
     both ran on the same random routings with the weights of example_inputs (the backend's, one per
-    placeholder; `passes.lower_moe_experts`); without them it is left alone. moe_router (with kernels):
+    placeholder; `passes.lower_moe_experts`), a shared expert added to its output folded into the same
+    call, checked alike (`passes.fold_shared_expert`); without them it is left alone. moe_router (with kernels):
     a DeepSeek-V3-style router's tail (sigmoid, bias, groups, top-k, normalise) -> `ic::moe_route`, also
     checked on random logits first (`passes.lower_moe_router`)."""
     ctx = PassContext(plan_spec=plan, layout=layout, kernels=kernels, sparse_attention=sparse_attention,

@@ -6,7 +6,8 @@ topk_weights [T,k] (fp32 or hidden's dtype), gate_up [E,2I,H], down [E,H,I] (hid
     out[t] = sum_j w[t,j] * down[e] @ (silu(g) * u),   (g, u) = (gate_up[e] @ hidden[t]).chunk(2),
     e = topk_index[t,j]; an index outside [0, E) (HF's sentinel E, expert-parallel engines' -1)
     contributes nothing. swiglu_limit L (DeepSeek-V4's experts): g capped at L and u clamped to
-    [-L, L] before silu(g) * u.
+    [-L, L] before silu(g) * u. A shared expert (gate [IS,H], up [IS,H], down [H,IS]: HF's
+    `shared_experts` MLP, capped by L too) adds down @ (silu(gate @ x[t]) * (up @ x[t])) to every token.
 
 HF's grouped_mm path sorts the T*k (token, expert) pairs, histograms them and runs two grouped
 GEMMs: at T = 1 that is ~61 us per layer on an H100 for ~25 us of weight reads (4 experts of
@@ -20,6 +21,10 @@ GLM-4.7-Flash, 75 MB). Here two memory-bound GEMV kernels, no sort, no host sync
      rows of each of the token's k experts over I, acc += w[t,j] * tile * inter[p] (fp32), and
      stores the row block once: deterministic, no atomics; invalid experts' tiles are masked (no
      memory access). The k experts run as one flat loop, so loads stay pipelined across experts.
+With a shared expert, kernel 1 has T more programs per row block (program T*k + t: token t's shared
+gate/up rows, into its own [T, IS] buffer) and kernel 2 runs a second loop over the shared down rows
+(weight 1) into the same accumulator: its ~19 MB (GLM-4.7-Flash) are read in the op's two launches
+instead of HF's five (three GEMVs, silu * mul, the add).
 The pair / token is the grid's fast axis: the programs reading the same row block of different
 pairs run side by side, so an expert shared by several tokens (T > 1) is mostly read from L2.
 Each (token, expert) pair still reads its expert once: the work grows with T*k, so this is for
@@ -35,6 +40,7 @@ from ._triton_utils import (
     HAS_TRITON,
     cdiv,
     interpreting,
+    jit_helper,
     launch_interpreted,
     new_output,
     next_pow2,
@@ -46,27 +52,14 @@ from ._triton_utils import (
 from .reference import moe_experts_ref
 
 
-def _gate_up_kernel(
-    x_ptr, idx_ptr, gu_ptr, inter_ptr,
-    H, I, E, TOPK, LIMIT,
-    sx_t, sx_h,  # hidden [T, H]
-    si_t, si_j,  # topk_index [T, k]
-    sg_e, sg_n, sg_h,  # gate_up [E, 2I, H]
-    sm_p, sm_i,  # inter [T*k, I]
+@jit_helper
+def _swiglu_rows(
+    x_row, sx_h, gate_rows, up_rows, sg_h, su_h, n_ok, out_ptrs, H, h_end, LIMIT,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, CLAMP: tl.constexpr,
 ):
-    """inter[p, n] = silu(gate_up[e, n] . x[t]) * (gate_up[e, I + n] . x[t]) for this row block
-    (CLAMP: the gate capped at LIMIT, the up value clamped to [-LIMIT, LIMIT] first)."""
-    pair = tl.program_id(0)  # t * k + j
-    t = pair // TOPK
-    e = tl.load(idx_ptr + t * si_t + (pair % TOPK) * si_j)
-    valid = (e >= 0) & (e < E)
-    h_end = tl.where(valid, H, 0)  # invalid expert: no step, zeros out
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] rows of the gate half
-    n_ok = n < I
-    gate_rows = gu_ptr + tl.where(valid, e, 0).to(tl.int64) * sg_e + n * sg_n  # [BLOCK_N]
-    up_rows = gate_rows + I * sg_n
-    x_row = x_ptr + t.to(tl.int64) * sx_t
+    """out_ptrs[n] = silu(gate_rows[n] . x) * (up_rows[n] . x) over H columns (h_end = 0: no weight
+    read, zeros); gate_rows / up_rows / out_ptrs [BLOCK_N] pointers. CLAMP: the gate capped at LIMIT,
+    the up value clamped to [-LIMIT, LIMIT] first."""
     acc_g = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     for h0 in tl.range(0, h_end, BLOCK_K, num_stages=STAGES):
@@ -75,27 +68,66 @@ def _gate_up_kernel(
         x = tl.load(x_row + h * sx_h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
         ok = n_ok[:, None] & h_ok[None, :]
         acc_g += tl.load(gate_rows[:, None] + h[None, :] * sg_h, mask=ok, other=0.0).to(tl.float32) * x
-        acc_u += tl.load(up_rows[:, None] + h[None, :] * sg_h, mask=ok, other=0.0).to(tl.float32) * x
+        acc_u += tl.load(up_rows[:, None] + h[None, :] * su_h, mask=ok, other=0.0).to(tl.float32) * x
     g = tl.sum(acc_g, axis=1)  # [BLOCK_N]
     u = tl.sum(acc_u, axis=1)
     if CLAMP:
         g = tl.minimum(g, LIMIT)
         u = tl.minimum(tl.maximum(u, -LIMIT), LIMIT)
     act = g * tl.sigmoid(g) * u  # silu(g) * u in fp32
-    tl.store(inter_ptr + pair.to(tl.int64) * sm_p + n * sm_i, act.to(inter_ptr.dtype.element_ty), mask=n_ok)
+    tl.store(out_ptrs, act.to(out_ptrs.dtype.element_ty), mask=n_ok)
+
+
+def _gate_up_kernel(
+    x_ptr, idx_ptr, gu_ptr, inter_ptr, sgate_ptr, sup_ptr, sinter_ptr,
+    H, I, E, TOPK, ROUTED, IS, LIMIT,
+    sx_t, sx_h,  # hidden [T, H]
+    si_t, si_j,  # topk_index [T, k]
+    sg_e, sg_n, sg_h,  # gate_up [E, 2I, H]
+    sm_p, sm_i,  # inter [T*k, I]
+    ssg_n, ssg_h, ssu_n, ssu_h,  # shared gate [IS, H], shared up [IS, H]
+    ssm_t, ssm_i,  # shared inter [T, IS]
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, CLAMP: tl.constexpr,
+    SHARED: tl.constexpr,
+):
+    """Program (pair, row block): a routed pair p = t*k + j < ROUTED writes inter[p, rows] =
+    silu(gate_up[e, rows] . x[t]) * (gate_up[e, I + rows] . x[t]); with SHARED, program ROUTED + t
+    writes token t's shared expert, shared_inter[t, rows] = silu(gate[rows] . x[t]) * (up[rows] . x[t])."""
+    pair = tl.program_id(0)
+    row0 = tl.program_id(1) * BLOCK_N
+    n = row0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] rows of the gate half
+    if pair < ROUTED:
+        t = pair // TOPK
+        e = tl.load(idx_ptr + t * si_t + (pair % TOPK) * si_j)
+        valid = (e >= 0) & (e < E)
+        h_end = tl.where(valid & (row0 < I), H, 0)  # invalid expert / rows past I: no step, zeros out
+        gate_rows = gu_ptr + tl.where(valid, e, 0).to(tl.int64) * sg_e + n * sg_n  # [BLOCK_N]
+        _swiglu_rows(x_ptr + t.to(tl.int64) * sx_t, sx_h, gate_rows, gate_rows + I * sg_n, sg_h, sg_h, n < I,
+                     inter_ptr + pair.to(tl.int64) * sm_p + n * sm_i, H, h_end, LIMIT,
+                     BLOCK_N, BLOCK_K, STAGES, CLAMP)
+    if SHARED:
+        if pair >= ROUTED:
+            t = pair - ROUTED
+            h_end = tl.where(row0 < IS, H, 0)
+            _swiglu_rows(x_ptr + t.to(tl.int64) * sx_t, sx_h, sgate_ptr + n * ssg_n, sup_ptr + n * ssu_n, ssg_h,
+                         ssu_h, n < IS, sinter_ptr + t.to(tl.int64) * ssm_t + n * ssm_i, H, h_end, LIMIT,
+                         BLOCK_N, BLOCK_K, STAGES, CLAMP)
 
 
 def _down_kernel(
-    inter_ptr, idx_ptr, w_ptr, down_ptr, out_ptr,
-    H, I, E, TOPK,
+    inter_ptr, idx_ptr, w_ptr, down_ptr, out_ptr, sinter_ptr, sdown_ptr,
+    H, I, E, TOPK, IS,
     sm_p, sm_i,  # inter [T*k, I]
     si_t, si_j,  # topk_index [T, k]
     sw_t, sw_j,  # topk_weights [T, k]
     sd_e, sd_n, sd_i,  # down [E, H, I]
     so_t, so_h,  # out [T, H]
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+    ssm_t, ssm_i,  # shared inter [T, IS]
+    ssd_n, ssd_i,  # shared down [H, IS]
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, SHARED: tl.constexpr,
 ):
-    """out[t, n] = sum_j w[t, j] * down[e_j, n] . inter[t*k + j] for this row block (fp32 sum)."""
+    """out[t, n] = sum_j w[t, j] * down[e_j, n] . inter[t*k + j] (+ shared_down[n] . shared_inter[t]
+    with SHARED) for this row block, summed in fp32 and rounded once."""
     t = tl.program_id(0)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output columns
     n_ok = n < H
@@ -113,6 +145,14 @@ def _down_kernel(
         rows = down_ptr + tl.where(valid, e, 0).to(tl.int64) * sd_e + n * sd_n  # [BLOCK_N]
         tile = tl.load(rows[:, None] + i[None, :] * sd_i, mask=n_ok[:, None] & i_ok[None, :], other=0.0)
         acc += tile.to(tl.float32) * (a.to(tl.float32) * wt)[None, :]
+    if SHARED:  # weight 1
+        for i0 in tl.range(0, IS, BLOCK_K, num_stages=STAGES):
+            i = i0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+            i_ok = i < IS
+            a = tl.load(sinter_ptr + t.to(tl.int64) * ssm_t + i * ssm_i, mask=i_ok, other=0.0)
+            tile = tl.load(sdown_ptr + n[:, None] * ssd_n + i[None, :] * ssd_i, mask=n_ok[:, None] & i_ok[None, :],
+                           other=0.0)
+            acc += tile.to(tl.float32) * a.to(tl.float32)[None, :]
     y = tl.sum(acc, axis=1)  # [BLOCK_N]
     tl.store(out_ptr + t.to(tl.int64) * so_t + n * so_h, y.to(out_ptr.dtype.element_ty), mask=n_ok)
 
@@ -154,9 +194,9 @@ def _tile(programs_per_row_block: int, rows: int, width: int, device: torch.devi
     return Tile(block_n, min(TILE_ELEMS // block_n, max(16, next_pow2(width))), 4, STAGES)
 
 
-def default_tiles(T: int, k: int, H: int, I: int, device: torch.device) -> tuple[Tile, Tile]:
-    """(gate_up tile, down tile) for T tokens of top-k routing."""
-    return _tile(T * k, I, H, device), _tile(T, H, I, device)
+def default_tiles(T: int, k: int, H: int, I: int, device: torch.device, IS: int = 0) -> tuple[Tile, Tile]:
+    """(gate_up tile, down tile) for T tokens of top-k routing (and a shared expert of width IS)."""
+    return _tile(T * k + (T if IS else 0), max(I, IS), H, device), _tile(T, H, I, device)
 
 
 def sweep_tiles() -> list[Tile]:
@@ -202,39 +242,71 @@ def _check(hidden, topk_index, topk_weights, gate_up, down) -> tuple[int, int, i
     return T, H, k, E, I
 
 
+def _check_shared(hidden, shared: tuple | None) -> int:
+    """-> the shared expert's width IS (0 without one); raises ValueError on shapes / dtypes the kernels do not take."""
+    if shared is None:
+        return 0
+    if any(w is None for w in shared):
+        raise ValueError("moe_experts: give all of shared_gate, shared_up and shared_down, or none")
+    gate, up, down = shared
+    H = hidden.shape[1]
+    IS = gate.shape[0]
+    if gate.shape != (IS, H) or up.shape != (IS, H) or down.shape != (H, IS):
+        raise ValueError(f"moe_experts: shared expert shapes gate {tuple(gate.shape)}, up {tuple(up.shape)}, "
+                         f"down {tuple(down.shape)} (want [IS,{H}], [IS,{H}], [{H},IS]: nn.Linear weights)")
+    if any(w.dtype != hidden.dtype for w in shared):
+        raise ValueError(f"moe_experts: the shared expert's weights must be in hidden's dtype {hidden.dtype} "
+                         f"(got {[w.dtype for w in shared]})")
+    return IS
+
+
 def moe_experts_triton(
     hidden: torch.Tensor, topk_index: torch.Tensor, topk_weights: torch.Tensor, gate_up: torch.Tensor,
     down: torch.Tensor, tiles: tuple[Tile, Tile] | None = None, swiglu_limit: float | None = None,
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Triton path (CPU tensors run in the Triton interpreter) -> [T, H] in hidden's dtype.
 
+    shared: (gate [IS,H], up [IS,H], down [H,IS]) of a shared expert added to every token (weight 1).
     tiles: (gate_up tile, down tile) to launch instead of default_tiles (bench/moe_experts.py)."""
     T, H, k, E, I = _check(hidden, topk_index, topk_weights, gate_up, down)
+    IS = _check_shared(hidden, shared)
     out = new_output((T, H), hidden.dtype, hidden.device)
-    if T == 0 or k == 0 or I == 0 or H == 0:
+    if T == 0 or H == 0 or (IS == 0 and (k == 0 or I == 0)):
         return out.zero_()
     inter = new_output((T * k, I), hidden.dtype, hidden.device)  # silu(g) * u, rounded like HF's
-    up_tile, down_tile = tiles or default_tiles(T, k, H, I, hidden.device)
-    _launch(_gate_up_kernel, (T * k, cdiv(I, up_tile.block_n)),
-            (hidden, topk_index, gate_up, inter, H, I, E, k, float(swiglu_limit or 0.0),
-             *hidden.stride(), *topk_index.stride(), *gate_up.stride(), *inter.stride()), up_tile, hidden,
-            CLAMP=swiglu_limit is not None)
+    s_inter = new_output((T, IS), hidden.dtype, hidden.device)  # the shared expert's
+    s_gate, s_up, s_down = shared if shared is not None else (hidden, hidden, hidden)  # not read without SHARED
+    s_strides = (*s_gate.stride(), *s_up.stride()) if shared is not None else (0, 0, 0, 0)
+    up_tile, down_tile = tiles or default_tiles(T, k, H, I, hidden.device, IS)
+    _launch(_gate_up_kernel, (T * k + (T if IS else 0), cdiv(max(I, IS), up_tile.block_n)),
+            (hidden, topk_index, gate_up, inter, s_gate, s_up, s_inter, H, I, E, k, T * k, IS,
+             float(swiglu_limit or 0.0), *hidden.stride(), *topk_index.stride(), *gate_up.stride(), *inter.stride(),
+             *s_strides, *s_inter.stride()), up_tile, hidden,
+            CLAMP=swiglu_limit is not None, SHARED=IS > 0)
     _launch(_down_kernel, (T, cdiv(H, down_tile.block_n)),
-            (inter, topk_index, topk_weights, down, out, H, I, E, k, *inter.stride(), *topk_index.stride(),
-             *topk_weights.stride(), *down.stride(), *out.stride()), down_tile, hidden)
+            (inter, topk_index, topk_weights, down, out, s_inter, s_down, H, I, E, k, IS, *inter.stride(),
+             *topk_index.stride(), *topk_weights.stride(), *down.stride(), *out.stride(), *s_inter.stride(),
+             *(s_down.stride() if shared is not None else (0, 0))), down_tile, hidden, SHARED=IS > 0)
     return out
 
 
 def moe_experts(
     hidden: torch.Tensor, topk_index: torch.Tensor, topk_weights: torch.Tensor, gate_up: torch.Tensor,
     down: torch.Tensor, use_triton: bool | None = None, swiglu_limit: float | None = None,
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Routed experts: hidden [T,H], topk_index [T,k] (outside [0, E): none), topk_weights [T,k],
     gate_up [E,2I,H], down [E,H,I] -> [T,H] (see the module docstring); swiglu_limit L: gate capped
-    at L, up clamped to [-L, L] before silu(gate) * up (DeepSeek-V4). use_triton: see indexer_topk."""
+    at L, up clamped to [-L, L] before silu(gate) * up (DeepSeek-V4; the shared expert's too); shared:
+    (gate [IS,H], up [IS,H], down [H,IS]), a shared expert's SwiGLU MLP added to every token, in the
+    same two launches.
+    use_triton: see indexer_topk."""
     if use_triton_for(hidden, use_triton):
-        return moe_experts_triton(hidden, topk_index, topk_weights, gate_up, down, swiglu_limit=swiglu_limit)
-    return moe_experts_ref(hidden, topk_index, topk_weights, gate_up, down, swiglu_limit)
+        return moe_experts_triton(hidden, topk_index, topk_weights, gate_up, down, swiglu_limit=swiglu_limit,
+                                  shared=shared)
+    _check_shared(hidden, shared)
+    return moe_experts_ref(hidden, topk_index, topk_weights, gate_up, down, swiglu_limit, shared)
 
 
 __all__ = ["moe_experts", "moe_experts_triton", "default_tiles", "Tile", "HAS_TRITON"]

@@ -59,7 +59,8 @@ _SPARSE_ATTENTION_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor indices, float
 _SPARSE_MLA_SCHEMA = ("(Tensor q, Tensor kv, Tensor indices, float scale, int dv, bool causal=True, "
                       "Tensor? rope=None, Tensor? q_rope=None) -> Tensor")
 _MOE_EXPERTS_SCHEMA = ("(Tensor hidden, Tensor topk_index, Tensor topk_weights, Tensor gate_up, Tensor down, "
-                       "float? swiglu_limit=None) -> Tensor")
+                       "float? swiglu_limit=None, Tensor? shared_gate=None, Tensor? shared_up=None, "
+                       "Tensor? shared_down=None) -> Tensor")
 _MOE_ROUTE_SCHEMA = ("(Tensor logits, Tensor? bias, int top_k, int n_group, int topk_group, bool renormalize, "
                      "float scale) -> (Tensor, Tensor)")
 
@@ -181,16 +182,22 @@ def _(q, kv, indices, scale, dv, causal=True, rope=None, q_rope=None):
 
 
 @torch.library.custom_op(f"{NAMESPACE}::moe_experts", mutates_args=(), schema=_MOE_EXPERTS_SCHEMA)
-def moe_experts(hidden, topk_index, topk_weights, gate_up, down, swiglu_limit=None):
+def moe_experts(hidden, topk_index, topk_weights, gate_up, down, swiglu_limit=None, shared_gate=None,
+                shared_up=None, shared_down=None):
     """hidden [T,H], topk_index [T,k] (int; outside [0, E): no expert), topk_weights [T,k],
     gate_up [E,2I,H], down [E,H,I] -> [T,H]: sum_j w[t,j] * down[e] @ (silu(g) * u), (g, u) =
     (gate_up[e] @ hidden[t]).chunk(2); swiglu_limit L: g capped at L, u clamped to [-L, L] first
-    (DeepSeek-V4). For decode-sized T (each token reads its experts' weights)."""
-    return _moe_experts(hidden, topk_index, topk_weights, gate_up, down, swiglu_limit=swiglu_limit)
+    (DeepSeek-V4). shared_gate / shared_up [IS,H], shared_down [H,IS]: a shared expert, + shared_down @
+    (silu(shared_gate @ x) * (shared_up @ x)) per token (capped by swiglu_limit too). For decode-sized
+    T (each token reads its experts' weights)."""
+    shared = None if shared_gate is None and shared_up is None and shared_down is None \
+        else (shared_gate, shared_up, shared_down)
+    return _moe_experts(hidden, topk_index, topk_weights, gate_up, down, swiglu_limit=swiglu_limit, shared=shared)
 
 
 @moe_experts.register_fake
-def _(hidden, topk_index, topk_weights, gate_up, down, swiglu_limit=None):
+def _(hidden, topk_index, topk_weights, gate_up, down, swiglu_limit=None, shared_gate=None, shared_up=None,
+      shared_down=None):
     return hidden.new_empty(hidden.shape)
 
 

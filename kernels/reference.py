@@ -252,8 +252,10 @@ def moe_experts_ref(
     gate_up: torch.Tensor,
     down: torch.Tensor,
     swiglu_limit: float | None = None,
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Routed MoE experts (HF's GlmMoeDsaExperts.forward). Returns [T,H] in hidden's dtype.
+    """Routed MoE experts (HF's GlmMoeDsaExperts.forward), plus an optional shared expert. Returns [T,H]
+    in hidden's dtype.
 
     hidden [T,H], topk_index [T,k] (int; an index outside [0, E) -- HF's sentinel E, expert
     parallelism's -1 -- contributes nothing), topk_weights [T,k], gate_up [E,2I,H] (gate rows
@@ -264,6 +266,10 @@ def moe_experts_ref(
     rounded too), then the down projection, weighting and sum over j in fp32, rounded once at the
     end (HF's grouped_mm path also rounds each expert's down output before weighting it).
     One expert at a time over the tokens routed to it, like HF's eager loop.
+    shared = (gate [IS,H], up [IS,H], down [H,IS]), nn.Linear weights of a shared expert (HF's
+    `shared_experts` MLP; swiglu_limit caps it too, as DeepSeek-V4's): out[t] += down @ (silu(g) * u),
+    (g, u) = (gate @ x[t], up @ x[t]), its silu(g) * u rounded the same way, added in fp32 before the
+    one rounding (HF rounds both sums).
     """
     E, H = gate_up.shape[0], hidden.shape[1]
     valid = (topk_index >= 0) & (topk_index < E)
@@ -276,6 +282,12 @@ def moe_experts_ref(
         act = (torch.nn.functional.silu(g) * u).to(hidden.dtype).float()
         y = act @ down[e].float().T  # [n, H]
         out.index_add_(0, tok, y * topk_weights[tok, slot, None].float())
+    if shared is not None:
+        gate, up, shared_down = (w.float() for w in shared)
+        g, u = hidden.float() @ gate.T, hidden.float() @ up.T  # [T, IS] each
+        if swiglu_limit is not None:
+            g, u = g.clamp(max=swiglu_limit), u.clamp(min=-swiglu_limit, max=swiglu_limit)
+        out += (torch.nn.functional.silu(g) * u).to(hidden.dtype).float() @ shared_down.T
     return out.to(hidden.dtype)
 
 

@@ -59,6 +59,8 @@ class LoweringReport:
     indexer_mask: str | None = None  # how the lowered indexers get the mask: "ranges" | "dense"
     moe_lowered: list[str] = field(default_factory=list)  # experts modules now calling ic::moe_experts
     moe_skipped: dict[str, str] = field(default_factory=dict)  # experts-like module -> why it was left alone
+    moe_shared_folded: list[str] = field(default_factory=list)  # experts modules whose op also runs the shared expert
+    moe_shared_skipped: dict[str, str] = field(default_factory=dict)  # experts module -> why its shared expert was not
     moe_router_lowered: list[str] = field(default_factory=list)  # router modules whose tail is ic::moe_route
     moe_router_skipped: dict[str, str] = field(default_factory=dict)  # router-like module -> why it was left alone
     fp8_key_cache: list[int] = field(default_factory=list)  # fp8 indexers reading an fp8 copy of their key cache

@@ -79,11 +79,13 @@ def lower_moe_experts(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     return gm
 
 
-def lowered_moe_experts(hidden, ids, weights, gate_up, down, swiglu_limit=None):
-    """hidden [.., H] with T*H elements, ids / weights [.., k] with T*k -> [T,H] in hidden's dtype."""
+def lowered_moe_experts(hidden, ids, weights, gate_up, down, swiglu_limit=None, shared_gate=None, shared_up=None,
+                        shared_down=None):
+    """hidden [.., H] with T*H elements, ids / weights [.., k] with T*k -> [T,H] in hidden's dtype
+    (shared_*: a shared expert folded in by passes/fold_shared_expert.py)."""
     H, k = hidden.shape[-1], ids.shape[-1]
     return torch.ops.ic.moe_experts(hidden.reshape(-1, H), ids.reshape(-1, k), weights.reshape(-1, k), gate_up, down,
-                                    swiglu_limit)
+                                    swiglu_limit, shared_gate, shared_up, shared_down)
 
 
 def _modules_with_expert_weights(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
@@ -243,6 +245,7 @@ def _replace(gm: fx.GraphModule, region: ExpertsRegion) -> None:
         typed = gm.graph.call_method("to", (shaped, example_value(out).dtype))
     for new in (fused, shaped, typed):
         take_location(new, out)
+    typed.meta.update({key: val for key, val in out.meta.items() if key in ("example_value", "val")})
     out.replace_all_uses_with(typed)
     for node in reversed(region.nodes):  # in-place writes inside the region keep their nodes alive in DCE
         gm.graph.erase_node(node)

@@ -127,10 +127,12 @@ def indexer_free_pipeline(ctx: PassContext) -> list[Pass]:
 
 
 def _moe_passes(ctx: PassContext) -> list[Pass]:
+    from .fold_shared_expert import fold_shared_expert
     from .lower_moe_experts import lower_moe_experts
     from .lower_moe_router import lower_moe_router
 
-    return [*([lower_moe_experts] if ctx.moe_experts else []), *([lower_moe_router] if ctx.moe_router else [])]
+    return [*([lower_moe_experts, fold_shared_expert] if ctx.moe_experts else []),
+            *([lower_moe_router] if ctx.moe_router else [])]
 
 
 def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: list[Pass]) -> fx.GraphModule:

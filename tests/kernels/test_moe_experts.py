@@ -18,7 +18,8 @@ from marks import needs_cuda, needs_triton
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 E, H, I = 6, 96, 80  # non-powers of two: row and column tails in both kernels
 SCHEMA = ("ic::moe_experts(Tensor hidden, Tensor topk_index, Tensor topk_weights, Tensor gate_up, "
-          "Tensor down, float? swiglu_limit=None) -> Tensor")
+          "Tensor down, float? swiglu_limit=None, Tensor? shared_gate=None, Tensor? shared_up=None, "
+          "Tensor? shared_down=None) -> Tensor")
 
 
 @pytest.fixture(autouse=True)
@@ -131,6 +132,41 @@ def test_reference_matches_hf_deepseek_v4(dtype, request):
     assert not torch.allclose(moe_experts_ref(x, idx, w, *weights).float(), want.float(), **TOL[dtype])
 
 
+def _shared(H, IS, dtype, device="cpu"):
+    """A shared expert's nn.Linear weights: gate [IS,H], up [IS,H], down [H,IS]."""
+    return tuple((torch.randn(rows, cols, device=device) * cols**-0.5).to(dtype)
+                 for rows, cols in ((IS, H), (IS, H), (H, IS)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_reference_with_shared_matches_hf_moe(dtype, request):
+    """shared: HF's GlmMoeDsaMoE sum, experts(x) + shared_experts(x), with its routing given."""
+    from transformers import GlmMoeDsaConfig
+    from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import GlmMoeDsaMoE
+
+    seed = seed_everything(request.node.name)
+    T, k, n_shared = 5, 4, 2  # shared width 2I: not the routed experts' I
+    config = GlmMoeDsaConfig(hidden_size=H, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=k,
+                             n_shared_experts=n_shared)
+    config._experts_implementation = "eager"
+    moe = GlmMoeDsaMoE(config)
+    gate_up, down = _weights(E, H, I, torch.float32)
+    with torch.no_grad():
+        moe.experts.gate_up_proj.copy_(gate_up)
+        moe.experts.down_proj.copy_(down)
+    moe = moe.to(dtype)
+    idx = _hf_routing(T, k, E, "eager")
+    w = _topk_weights(idx, E, torch.float32, sentinel_value=0.0)
+    x = torch.randn(T, H).to(dtype)
+    with torch.no_grad():
+        want = moe.experts(x, idx, w) + moe.shared_experts(x)
+    mlp = moe.shared_experts
+    shared = tuple(m.weight.detach() for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    assert shared[0].shape == (n_shared * I, H)
+    got = moe_experts_ref(x, idx, w, moe.experts.gate_up_proj.detach(), moe.experts.down_proj.detach(), shared=shared)
+    _assert_close(got, want, dtype, seed)
+
+
 def test_reference_ignores_out_of_range_experts():
     gate_up, down = _weights(E, H, I, torch.float32)
     x = torch.randn(2, H)
@@ -229,6 +265,61 @@ def test_triton_swiglu_limit(dtype, request):
     _assert_close(moe_experts(x, idx, w, gate_up, down, use_triton=True, swiglu_limit=0.5), want, dtype, seed)
 
 
+@needs_triton
+@pytest.mark.parametrize("IS", [I, 2 * I, 40], ids=["IS=I", "IS=2I", "IS<I"])
+@pytest.mark.parametrize("T,k", [(1, 4), (3, 2), (2, 0)], ids=["T1k4", "T3k2", "T2k0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_with_shared_expert(dtype, T, k, IS, request):
+    """The shared expert rides in both launches: widths equal to, above and below the routed I (row
+    blocks past one width and not the other), sentinels, and k = 0 (the shared expert alone)."""
+    seed = seed_everything(request.node.name)
+    gate_up, down = _weights(E, H, I, dtype)
+    shared = _shared(H, IS, dtype)
+    idx = _routing(T, k, E) if k else torch.zeros(T, 0, dtype=torch.long)
+    w = _topk_weights(idx, E, torch.float32)
+    x = torch.randn(T, H).to(dtype)
+    want = moe_experts_ref(x, idx, w, gate_up, down, shared=shared)
+    assert not torch.allclose(want, moe_experts_ref(x, idx, w, gate_up, down))  # the shared part counts
+    _assert_close(moe_experts(x, idx, w, gate_up, down, use_triton=True, shared=shared), want, dtype, seed)
+
+
+@needs_triton
+def test_triton_shared_expert_as_row_slices_and_small_tiles(request):
+    """A stacked [2IS,H] gate_up passed as its two row slices (views with an offset), a strided down
+    view, several steps per row and no pipelining; with a swiglu_limit, which caps the shared expert
+    too."""
+    seed = seed_everything(request.node.name)
+    T, k, IS = 3, 4, 48
+    gate_up, down = _weights(E, H, I, torch.bfloat16)
+    gate, up, s_down = _shared(H, IS, torch.bfloat16)
+    stacked = torch.cat((gate, up))
+    s_down = torch.cat((s_down, s_down[:, :3]), 1)[:, :IS]  # row stride IS + 3
+    shared = (stacked[:IS], stacked[IS:], s_down)
+    idx = _routing(T, k, E)
+    w = _topk_weights(idx, E, torch.float32)
+    x = torch.randn(T, H).bfloat16()
+    want = moe_experts_ref(x, idx, w, gate_up, down, 0.5, shared)
+    k0 = torch.zeros(T, 0, dtype=torch.long)  # the shared expert alone: its cap bites as well
+    assert not torch.allclose(moe_experts_ref(x, k0, k0.float(), gate_up, down, 0.5, shared),
+                              moe_experts_ref(x, k0, k0.float(), gate_up, down, shared=shared))
+    for tiles in [(Tile(16, 32), Tile(16, 32)), (Tile(32, 64, num_stages=1), Tile(8, 32, num_stages=1))]:
+        got = moe_experts_triton(x, idx, w, gate_up, down, tiles=tiles, swiglu_limit=0.5, shared=shared)
+        _assert_close(got, want, torch.bfloat16, seed, str(tiles))
+
+
+def test_rejects_bad_shared_expert():
+    gate_up, down = _weights(E, H, I, torch.float32)
+    x, idx, w = torch.randn(2, H), torch.zeros(2, 4, dtype=torch.long), torch.rand(2, 4)
+    gate, up, s_down = _shared(H, 32, torch.float32)
+    for use_triton in (False, True):
+        with pytest.raises(ValueError, match="shared expert shapes"):
+            moe_experts(x, idx, w, gate_up, down, use_triton=use_triton, shared=(gate, up, s_down.T))
+        with pytest.raises(ValueError, match="or none"):
+            moe_experts(x, idx, w, gate_up, down, use_triton=use_triton, shared=(gate, up, None))
+        with pytest.raises(ValueError, match="dtype"):
+            moe_experts(x, idx, w, gate_up, down, use_triton=use_triton, shared=(gate, up.bfloat16(), s_down))
+
+
 # ----------------------------------------------------------------------------- the custom op
 
 def test_schema():
@@ -243,6 +334,9 @@ def test_opcheck(idx_dtype, request):
     args = (torch.randn(3, H), idx, _topk_weights(idx, E, torch.float32), gate_up, down)
     torch.library.opcheck(torch.ops.ic.moe_experts.default, args)
     torch.library.opcheck(torch.ops.ic.moe_experts.default, args, {"swiglu_limit": 0.5})
+    gate, up, s_down = _shared(H, 48, torch.float32)
+    torch.library.opcheck(torch.ops.ic.moe_experts.default, args,
+                          {"shared_gate": gate, "shared_up": up, "shared_down": s_down})
 
 
 @needs_triton
@@ -305,6 +399,26 @@ def test_glm_shape_gpu(T, request):
     w_sentinel = _topk_weights(sentinel, GLM["E"], torch.bfloat16)
     _assert_close(torch.ops.ic.moe_experts(x, sentinel, w_sentinel, gate_up, down),
                   moe_experts_ref(x, sentinel, w_sentinel, gate_up, down), torch.bfloat16, seed, "sentinels")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("T", [1, 4])
+def test_glm_shape_with_shared_expert_gpu(T, request):
+    """GLM-4.7-Flash's MoE at decode (routed + its shared expert of width I) vs the reference, the
+    default tiles and every swept tile."""
+    seed = seed_everything(request.node.name)
+    gate_up, down = _weights(GLM["E"], GLM["H"], GLM["I"], torch.bfloat16, "cuda")
+    shared = _shared(GLM["H"], GLM["I"], torch.bfloat16, "cuda")
+    x = torch.randn(T, GLM["H"], device="cuda").bfloat16()
+    idx = _routing(T, GLM["k"], GLM["E"], device="cuda")
+    w = _topk_weights(idx, GLM["E"], torch.float32)
+    want = moe_experts_ref(x, idx, w, gate_up, down, shared=shared)
+    _assert_close(torch.ops.ic.moe_experts(x, idx, w, gate_up, down, None, *shared), want, torch.bfloat16, seed)
+    for tile in moe_mod.sweep_tiles():
+        _assert_close(moe_experts_triton(x, idx, w, gate_up, down, tiles=(tile, tile), shared=shared), want,
+                      torch.bfloat16, seed, str(tile))
 
 
 @pytest.mark.gpu

@@ -355,22 +355,26 @@ def test_topk_select_sorted_compiles_for_sm90():
 GLM_MOE = dict(E=64, H=2048, I=1536, k=4)  # GLM-4.7-Flash's routed experts
 
 
-def _compile_moe(which: str, tile, arch=90, clamp=False):
+def _compile_moe(which: str, tile, arch=90, clamp=False, shared=False):
     """Kernel `which` ("gate_up" / "down") of kernels/moe_experts.py at the GLM shape, bf16, int64
-    indices, fp32 router weights, contiguous tensors (clamp: gate_up with DeepSeek-V4's swiglu_limit)."""
+    indices, fp32 router weights, contiguous tensors (clamp: gate_up with DeepSeek-V4's swiglu_limit;
+    shared: with GLM-4.7-Flash's shared expert, IS = I)."""
     from ic_compile.kernels.moe_experts import _down_kernel, _gate_up_kernel
 
     E, H, I, k = GLM_MOE["E"], GLM_MOE["H"], GLM_MOE["I"], GLM_MOE["k"]
-    consts = dict(BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, STAGES=tile.num_stages)
+    IS = I if shared else 0
+    consts = dict(BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, STAGES=tile.num_stages, SHARED=shared)
     if which == "gate_up":
-        ptrs = dict(x_ptr="bf16", idx_ptr="i64", gu_ptr="bf16", inter_ptr="bf16")
-        ints = dict(H=H, I=I, E=E, TOPK=k, sx_t=H, sx_h=1, si_t=k, si_j=1, sg_e=2 * I * H, sg_n=H, sg_h=1,
-                    sm_p=I, sm_i=1)
+        ptrs = dict(x_ptr="bf16", idx_ptr="i64", gu_ptr="bf16", inter_ptr="bf16", sgate_ptr="bf16", sup_ptr="bf16",
+                    sinter_ptr="bf16")
+        ints = dict(H=H, I=I, E=E, TOPK=k, ROUTED=k, IS=IS, sx_t=H, sx_h=1, si_t=k, si_j=1, sg_e=2 * I * H, sg_n=H,
+                    sg_h=1, sm_p=I, sm_i=1, ssg_n=H, ssg_h=1, ssu_n=H, ssu_h=1, ssm_t=IS, ssm_i=1)
         return compile_sm90(_gate_up_kernel, ptrs, ints, {"LIMIT": 10.0}, {**consts, "CLAMP": clamp},
                             tile.num_warps, 1, arch=arch)
-    ptrs = dict(inter_ptr="bf16", idx_ptr="i64", w_ptr="fp32", down_ptr="bf16", out_ptr="bf16")
-    ints = dict(H=H, I=I, E=E, TOPK=k, sm_p=I, sm_i=1, si_t=k, si_j=1, sw_t=k, sw_j=1, sd_e=H * I, sd_n=I, sd_i=1,
-                so_t=H, so_h=1)
+    ptrs = dict(inter_ptr="bf16", idx_ptr="i64", w_ptr="fp32", down_ptr="bf16", out_ptr="bf16", sinter_ptr="bf16",
+                sdown_ptr="bf16")
+    ints = dict(H=H, I=I, E=E, TOPK=k, IS=IS, sm_p=I, sm_i=1, si_t=k, si_j=1, sw_t=k, sw_j=1, sd_e=H * I, sd_n=I,
+                sd_i=1, so_t=H, so_h=1, ssm_t=IS, ssm_i=1, ssd_n=IS, ssd_i=1)
     return compile_sm90(_down_kernel, ptrs, ints, {}, consts, tile.num_warps, 1, arch=arch)
 
 
@@ -380,25 +384,28 @@ def _programs_per_sm(res, num_warps) -> int:
     return min(65536 // regs, MAX_SMEM // max(1, res["shared"]), 32)
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["routed", "with_shared"])
 @pytest.mark.parametrize("T", [1, 8])
-def test_moe_experts_default_tiles_compile_for_sm90(T, monkeypatch):
-    """The default tiles at GLM-4.7-Flash's shape on an H100 (132 SMs): fit, no spills, the loops
-    stream with cp.async, and at T = 1 every program of both launches is resident at once (what
-    the module's tile comments claim)."""
+def test_moe_experts_default_tiles_compile_for_sm90(T, shared, monkeypatch):
+    """The default tiles at GLM-4.7-Flash's shape on an H100 (132 SMs): fit, no spills, every loop
+    (the shared expert's too) streams with cp.async, and at T = 1 every program of both launches is
+    resident at once (what the module's tile comments claim)."""
     import torch
 
     from ic_compile.kernels import moe_experts as mod
 
     monkeypatch.setattr(mod, "num_sms", lambda device: 132)
-    tiles = dict(zip(("gate_up", "down"), mod.default_tiles(T, GLM_MOE["k"], GLM_MOE["H"], GLM_MOE["I"],
-                                                            torch.device("cpu"))))
-    programs = {"gate_up": T * GLM_MOE["k"] * -(-GLM_MOE["I"] // tiles["gate_up"].block_n),
+    I, IS = GLM_MOE["I"], GLM_MOE["I"] if shared else 0
+    tiles = dict(zip(("gate_up", "down"), mod.default_tiles(T, GLM_MOE["k"], GLM_MOE["H"], I, torch.device("cpu"),
+                                                            IS)))
+    programs = {"gate_up": T * (GLM_MOE["k"] + shared) * -(-I // tiles["gate_up"].block_n),
                 "down": T * -(-GLM_MOE["H"] // tiles["down"].block_n)}
     for which, tile in tiles.items():
-        res = _compile_moe(which, tile)
+        res = _compile_moe(which, tile, shared=shared)
         assert res["shared"] <= MAX_SMEM, res["shared"]
         assert res["stack"] == 0, f"{which}: register spills: {res['stack']} bytes"
-        assert "cp.async" in res["ptx"], f"{which}: loop not pipelined"
+        loops = 2 if shared else 1  # routed (+ shared) loop, each with its own cp.async pipeline
+        assert res["ptx"].count("cp.async.commit_group") >= loops, f"{which}: a loop not pipelined"
         if T == 1:
             assert programs[which] <= 132 * _programs_per_sm(res, tile.num_warps), (which, res["regs"], res["shared"])
         print(which, tile, {k: v for k, v in res.items() if k in ("regs", "shared", "stack")})

@@ -86,7 +86,8 @@ def test_static_decode_matches_hooks_and_keeps_no_s_indexer_op(one_thread):
 def test_decode_experts_with_swiglu_limit_lower_to_the_moe_op(one_thread):
     """kernels=True: V4's experts (gate capped, up clamped at swiglu_limit; batched_mm, as on a GPU
     they are grouped_mm) become ic::moe_experts with that limit in the decode graphs (2 tokens), not
-    in the prefill; prefill + 2 decode steps (the second closes a CSA window) equal the hooks."""
+    in the prefill, each with V4's shared expert (capped alike) folded in; prefill + 2 decode steps
+    (the second closes a CSA window) equal the hooks."""
     from ic_compile.passes.lower_moe_experts import lowered_moe_experts
     model, prompt, steps = deepseek_v4(), ids(), ids(2, seed=2)
     model.config._experts_implementation = "batched_mm"
@@ -102,7 +103,8 @@ def test_decode_experts_with_swiglu_limit_lower_to_the_moe_op(one_thread):
     assert not prefill.kernels.moe_lowered and len(decode) == 2
     for result in decode:
         assert result.kernels.moe_lowered == experts
-        limits = [n.args[-1] for n in result.gm.graph.nodes if n.target is lowered_moe_experts]
+        assert result.kernels.moe_shared_folded == experts, result.kernels.moe_shared_skipped
+        limits = [n.args[5] for n in result.gm.graph.nodes if n.target is lowered_moe_experts]
         assert limits == [model.config.swiglu_limit] * 4
 
 

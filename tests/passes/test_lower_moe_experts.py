@@ -48,6 +48,12 @@ def _left_of_experts(gm):
             and ".mlp.experts" in str(n.meta.get("nn_module_stack", ""))]
 
 
+def _left_of_shared(gm):
+    """Ops traced under a shared expert (only its weights should be left, read by the op)."""
+    return [n.name for n in gm.graph.nodes if n.op in ("call_function", "call_method")
+            and ".mlp.shared_experts" in str(n.meta.get("nn_module_stack", ""))]
+
+
 @pytest.mark.parametrize("implementation,lowering", [("grouped_mm", "eager"), ("batched_mm", "inductor")])
 def test_hf_decode_experts_lowered(implementation, lowering):
     """HF's experts (grouped_mm: sort, histc, grouped GEMMs; batched_mm: gathered weights, bmm) in
@@ -63,7 +69,8 @@ def test_hf_decode_experts_lowered(implementation, lowering):
     assert decode and prefill
     for result in decode:
         assert result.kernels.moe_lowered == MOE_LAYERS and not result.kernels.moe_skipped
-        left = _left_of_experts(result.gm)
+        assert result.kernels.moe_shared_folded == MOE_LAYERS and not result.kernels.moe_shared_skipped
+        left = _left_of_experts(result.gm) + _left_of_shared(result.gm)
         assert not left, left
         assert sum(n.target is lowered_moe_experts for n in result.gm.graph.nodes) == 3
     for result in prefill:
@@ -89,7 +96,7 @@ def test_hf_bf16_decode_with_static_cache():
         logits.append(out)
     _assert_logits_close(*logits, 5e-2)
     decode, _ = _decode_results()
-    assert decode and all(r.kernels.moe_lowered == MOE_LAYERS for r in decode)
+    assert decode and all(r.kernels.moe_lowered == MOE_LAYERS == r.kernels.moe_shared_folded for r in decode)
 
 
 def test_experts_lowered_in_a_fragment_without_indexers(monkeypatch):
@@ -163,8 +170,11 @@ def test_hand_written_experts(variant):
     for result in decode:
         if variant in ("plain", "clamped"):
             assert result.kernels.moe_lowered == MOE_LAYERS
-            limits = {n.args[-1] for n in result.gm.graph.nodes if n.target is lowered_moe_experts}
+            limits = {n.args[5] for n in result.gm.graph.nodes if n.target is lowered_moe_experts}
             assert limits == {None if variant == "plain" else 10.0}
+            # the op's limit is the shared expert's too: HF's unclamped shared MLP stays as written
+            folded = MOE_LAYERS if variant == "plain" else []
+            assert result.kernels.moe_shared_folded == folded, result.kernels.moe_shared_skipped
             continue
         assert not result.kernels.moe_lowered
         assert sorted(result.kernels.moe_skipped) == MOE_LAYERS
