@@ -129,7 +129,7 @@ def decode_row(model, cache, plan: str, L: int, layers: int, reps: int, extra: d
 def merged(out: pathlib.Path, rows: list[dict]) -> list[dict]:
     """Earlier rows of the results file, those with the same (part, L, plan, layers, regional, options) replaced."""
     key = lambda row: (row["part"], row["L"], row["plan"], row["layers"], row.get("regional", False),  # noqa: E731
-                       json.dumps(row.get("options", {}), sort_keys=True), row.get("wgmma_scores", False))
+                       json.dumps(row.get("options", {}), sort_keys=True))
     old = json.loads(out.read_text())["rows"] if out.exists() else []
     new = {key(row) for row in rows}
     return [row for row in old if key(row) not in new] + rows
@@ -148,12 +148,7 @@ def main():
     parser.add_argument("--out", default=str(RESULT), help="JSON results file, rows merged (default: %(default)s)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=JSON",
                         help="another backend option for every row, e.g. moe_experts=false (rows keyed by them)")
-    parser.add_argument("--wgmma-scores", action="store_true",
-                        help="prefill: the Gluon async-wgmma indexer score kernel (indexer_topk._WGMMA_SCORES)")
     args = parser.parse_args()
-    if args.wgmma_scores:
-        from ic_compile.kernels import indexer_topk
-        indexer_topk._WGMMA_SCORES = True  # a private knob: off by default until measured
     extra = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.option)}
     peak = bf16_peak_tflops()
     model = build_model(args.layers)
@@ -170,8 +165,6 @@ def main():
             row = {"part": args.part, "L": args.length, "plan": plan, "layers": args.layers,
                    "regional": args.regional, "oom": str(exc)[:200]}
         row["options"], row["command"] = extra, " ".join(sys.argv)
-        if args.wgmma_scores:
-            row["wgmma_scores"] = True
         rows.append(row)
         print(json.dumps(row), flush=True)
         # saved after every row: a run cut at a time limit (each plan compiles for minutes) keeps its rows

@@ -7,9 +7,6 @@ Per L (prefill, S = T = L, 30B indexer shape 32 x 128, top-k 2048, B = 1):
     prefill_splits) and, with --chunk-rows, taller query chunks;
   * --select L: topk_select alone on the last (widest) chunk's buffer: ms, paths, % of its read floor;
   * --exact L: the unordered selection's sets vs torch.topk's over the same scores (all rows);
-  * --wgmma-ab L: also with the Gluon async-wgmma score kernel (indexer_topk._WGMMA_SCORES), bf16
-    (also with its overlap off) and fp8 (and fp8 through the Triton kernel, the ratio's other side),
-    and how many rows' picks differ from the Triton kernel's;
   * --fp8 L: indexer_precision="fp8" timings, and its top-k recall against the bf16 selection
     (|fp8 set & bf16 set| / topk, rows sampled) on random and on structured inputs.
 
@@ -64,26 +61,6 @@ def time_indexer(q, k, w, peak, label: dict, out, **kw) -> dict:
              "pct_peak_total_unordered": 100 * flops(L) / ms_t / 1e9 / peak, "wall_s": time.time() - t0}
     emit(entry, out)
     return entry
-
-
-def wgmma_ab(q, k, w, peak, out) -> None:
-    from ic_compile.kernels import indexer_topk as mod
-
-    time_indexer(q, k, w, peak, {"variant": "fp8"}, out, indexer_precision="fp8")
-    triton_picks = indexer_topk_triton(q, k, w, TOPK, sorted=False).sort(-1).values
-    from ic_compile.kernels import indexer_scores_wgmma as wgmma
-
-    mod._WGMMA_SCORES = True
-    try:
-        wgmma._CONFIG["OVERLAP"] = False  # the same Gluon kernel waiting for each wgmma: what the overlap buys
-        time_indexer(q, k, w, peak, {"variant": "bf16, Gluon, no overlap"}, out)
-        wgmma._CONFIG["OVERLAP"] = True
-        time_indexer(q, k, w, peak, {"variant": "bf16, async wgmma"}, out)
-        time_indexer(q, k, w, peak, {"variant": "fp8, async wgmma"}, out, indexer_precision="fp8")
-        picks = indexer_topk_triton(q, k, w, TOPK, sorted=False).sort(-1).values
-    finally:
-        mod._WGMMA_SCORES, wgmma._CONFIG["OVERLAP"] = False, True
-    emit({"L": q.shape[1], "wgmma_rows_picking_other_keys": int((picks != triton_picks).any(-1).sum())}, out)
 
 
 def set_mismatches(a, b) -> int:
@@ -178,7 +155,6 @@ def main(argv=None) -> None:
     ap.add_argument("--select", default="", help="lengths: topk_select alone on the last chunk")
     ap.add_argument("--exact", default="", help="lengths: unordered sets vs torch.topk's (all rows)")
     ap.add_argument("--fp8", default="", help="lengths: fp8 timings and recall vs bf16")
-    ap.add_argument("--wgmma-ab", default="", help="lengths: also the Gluon async-wgmma score kernel")
     ap.add_argument("--recall-rows", type=int, default=2048)
     ap.add_argument("--select-shapes", default="", help="ROWSxWIDTH,...: topk_select on random full rows")
     ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results" / "sweep_long.json"),
@@ -207,8 +183,6 @@ def main(argv=None) -> None:
                     mod._SELECT_TUNING_LONG = default
             for r in args.chunk_rows:
                 time_indexer(q, k, w, peak, {"variant": f"bf16, {r}-row chunks"}, args.out, chunk_rows=r)
-        if L in ints(args.wgmma_ab):
-            wgmma_ab(q, k, w, peak, args.out)
         if L in ints(args.fp8):
             time_indexer(q, k, w, peak, {"variant": "fp8"}, args.out, indexer_precision="fp8")
             emit({"L": L, "inputs": "random", **fp8_recall(q, k, w, args.recall_rows)}, args.out)

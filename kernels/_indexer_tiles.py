@@ -1,6 +1,5 @@
-"""Which key tiles a prefill score program computes, shared by the Triton score kernel
-(indexer_topk._scores_body) and the Gluon one (indexer_scores_wgmma): a Triton helper, which Gluon
-kernels call as well (its tensor arguments keep their Gluon layouts)."""
+"""Which key tiles a prefill score program computes (indexer_topk._scores_body): causal rule, key
+splits, key ranges and open tiles, as one Triton helper."""
 from __future__ import annotations
 
 from ._triton_utils import jit_helper, tl

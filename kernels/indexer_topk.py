@@ -55,7 +55,6 @@ from ._triton_utils import (
 )
 from ._indexer_tiles import tile_plan
 from .fp8_indexer import FP8_DTYPE, quantize_indexer
-from .indexer_scores_wgmma import launch_wgmma_scores, wgmma_scores_supported
 from .reference import check_indexer_precision, indexer_topk_ref, picked_scores, topk_indices_from_scores
 from .topk_select import LONG_ROW, _Tuning, topk_select
 
@@ -83,10 +82,6 @@ _SELECT_TUNING = _Tuning(num_warps=4, block=1024, stages=3, maxnreg=72, resolve_
 # Chunks wider than topk_select.LONG_ROW (its filter then samples 4096 scores: at 4 warps / 72
 # registers that spills inside the streaming loop, at 8 warps it does not; AOT sm_90).
 _SELECT_TUNING_LONG = _Tuning(num_warps=8, block=2048, stages=3, maxnreg=72, resolve_warps=8)
-# Prefill scores on Hopper through kernels/indexer_scores_wgmma.py (async wgmma, the epilogue of
-# one key tile beside the next tile's MMA). Off until measured on a GPU (bench/sweep_long.py
-# --wgmma-ab): sm_90 code generation is checked on the CPU, the results only on a GPU.
-_WGMMA_SCORES = False
 
 
 def _indexer_scores_kernel(
@@ -420,11 +415,7 @@ def indexer_scores(
         return (prog_rows, B, splits)
 
     kernel_fn = _indexer_scores_scaled_kernel if scaled else _indexer_scores_kernel
-    if _WGMMA_SCORES and config is None and wgmma_scores_supported(q, k, decode_block_s is not None):
-        launch_wgmma_scores(q, k, w, ks if scaled else None, mask_u8, ranges, out, row_start, n_rows, width, h_pad,
-                            bool(causal), mask is not None, key_range is not None, num_splits,
-                            lambda programs, block_t: prefill_splits(programs, width, block_t, sms))
-    elif interpreting(q):
+    if interpreting(q):
         consts.update(config.kwargs if config is not None else _interpreter_meta(decode_block_s, h_pad))
         launch_interpreted(kernel_fn, grid, *args, **consts)
     elif config is not None:  # bench/sweep_indexer.py: one launch config, no autotune

@@ -202,12 +202,11 @@ def _configs(d_total: int, block_hs: tuple[int, ...]):
 
     BLOCK_K 32/64; 4 or 8 warps (8 split the [BLOCK_H, 512] fp32 accumulator of wide MLA keys over
     two warpgroups, needed at BLOCK_H = 64; 4 won at BLOCK_H <= 32, H = 20: 10.6 vs 15.9 ms at 16K on
-    the H200). Stages: narrow keys (<= 256) 2-3; wide keys 2 only for now. With the indices loaded
-    one block ahead, 3 stages double-buffer the gathered tiles (2 stages: one buffer), which should
-    let the next gather overlap this block's dots, but no 3-stage wide-key config has run on a GPU
-    yet: they join the candidates once test_three_stage_mla_configs_on_gpu has passed them and
-    bench/sweep_sparse_mla.py has timed them (`--stages 2 3`). A wrong result from an untried
-    config would be silent. No 1-stage configs: never fastest in the sweep, and a kernel of the
+    the H200). Stages: narrow keys (<= 256) 2-3; wide keys 2. With the indices loaded one block
+    ahead, 3 stages double-buffer the gathered tiles (2 stages: one buffer); those wide-key configs
+    are right (test_three_stage_mla_configs_on_gpu) but were no faster on an H100 at 16K, 20 heads
+    (BLOCK_K 32: 12.8 vs 13.0 ms; BLOCK_K 64: 15.4 vs 11.8; bench/sweep_sparse_mla.py --stages 2 3),
+    so they are not candidates. No 1-stage configs: never fastest in the sweep, and a kernel of the
     same shape (gathered tile reused as the value operand) gave wrong output on the H200 with 1
     stage (docs/benchmarks.md, "tried, measured slower, not adopted").
     """

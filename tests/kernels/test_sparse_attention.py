@@ -267,8 +267,8 @@ def test_every_mla_config_on_gpu(H, splits, request):
 @needs_triton
 @pytest.mark.parametrize("H,splits", [(20, 1), (64, 1), (20, 4)], ids=["h20", "h64", "h20_decode_split"])
 def test_three_stage_mla_configs_on_gpu(H, splits, request):
-    """The 3-stage wide-key configs (double-buffered gathers), not autotune candidates until they
-    pass here and win in bench/sweep_sparse_mla.py (kernels/sparse_attention._configs)."""
+    """The 3-stage wide-key configs (double-buffered gathers): right, but not autotune candidates,
+    since they did not win in bench/sweep_sparse_mla.py (kernels/sparse_attention._configs)."""
     import triton
 
     from ic_compile.kernels.sparse_attention import _block_h_candidates, _configs
