@@ -90,6 +90,18 @@ def graph_ms(fn, device: torch.device) -> float | None:
     return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
 
 
+def bench_device(parser: argparse.ArgumentParser, smoke: bool) -> torch.device:
+    """CUDA; with --smoke the CPU, where the ops run their kernels in the Triton interpreter."""
+    device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
+    if device.type == "cpu" and not smoke:
+        parser.error("needs CUDA (or --smoke)")
+    if smoke:
+        import os
+
+        os.environ["IC_KERNELS_TRITON"] = "1"
+    return device
+
+
 def timed(fn, device: torch.device) -> dict:
     """{call_ms, graph_ms}; a failure (e.g. a capture HF's path does not allow) is recorded, not raised."""
     out = {"call_ms": bench_ms(fn, device, quick=True)}
@@ -181,13 +193,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=None,
                         help=f"JSON report, overwritten (default: {RESULT}; '' = print only; --smoke: print only)")
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    if device.type == "cpu" and not args.smoke:
-        parser.error("needs CUDA (or --smoke)")
-    if args.smoke:
-        import os
-
-        os.environ["IC_KERNELS_TRITON"] = "1"  # the op runs the kernels (interpreted) on CPU too
+    device = bench_device(parser, args.smoke)
     shape = SMOKE if args.smoke else GLM
     torch.manual_seed(0)
     peaks = measure_peaks(device, smoke=args.smoke, quick=True)

@@ -74,6 +74,7 @@ class BackendOptions:
     sparse_attention: bool = True  # with kernels: mask-scatter + SDPA -> ic::sparse_mla / ic::sparse_attention
     moe_experts: bool = True  # with kernels: a decode graph's MoE experts (+ shared expert) -> ic::moe_experts
     moe_router: bool = True  # with kernels: a sigmoid group-limited router's tail -> ic::moe_route (passes/lower_moe_router)
+    merge_linears: bool = True  # with kernels: a decode graph's linears of one input -> one ic::multi_linear
     # with kernels: the mask reaches ic::indexer_topk as key ranges | "dense" | "auto" (decided per
     # graph by passes.lower_indexer.decide_indexer_mask: ranges under Inductor except in decode graphs)
     indexer_mask: str = "auto"
@@ -122,7 +123,7 @@ def indexcache_backend(gm: fx.GraphModule, example_inputs, options: dict | None 
     use_kernels = opts.kernels if opts.kernels != "auto" else _on_cuda(example_inputs)
     result = rewrite(gm, opts.plan, strict=opts.strict, kernels=bool(use_kernels) and _runs_custom_ops(opts.lowering),
                      sparse_attention=opts.sparse_attention, moe_experts=opts.moe_experts,
-                     moe_router=opts.moe_router,
+                     moe_router=opts.moe_router, merge_linears=opts.merge_linears,
                      indexer_mask=opts.indexer_mask, indexer_precision=opts.indexer_precision, layout=frame_layout(),
                      lowering=opts.lowering, example_inputs=example_inputs)
     last_results.append(result)

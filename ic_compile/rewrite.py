@@ -82,7 +82,7 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 def rewrite(gm: fx.GraphModule, plan=None, *, strict: bool = False, kernels: bool = False,
             sparse_attention: bool = True, moe_experts: bool = True, moe_router: bool = True,
-            indexer_mask: str = "ranges",
+            merge_linears: bool = True, indexer_mask: str = "ranges",
             indexer_precision: str = "bf16", layout: FrameLayout | None = None, lowering: str = "inductor",
             example_inputs=None) -> RewriteResult:
     """kernels=True also lowers each F indexer to the fused `ic::indexer_topk` op and the
@@ -100,9 +100,11 @@ def rewrite(gm: fx.GraphModule, plan=None, *, strict: bool = False, kernels: boo
     placeholder; `passes.lower_moe_experts`), a shared expert added to its output folded into the same
     call, checked alike (`passes.fold_shared_expert`); without them it is left alone. moe_router (with kernels):
     a DeepSeek-V3-style router's tail (sigmoid, bias, groups, top-k, normalise) -> `ic::moe_route`, also
-    checked on random logits first (`passes.lower_moe_router`)."""
+    checked on random logits first (`passes.lower_moe_router`). merge_linears (with kernels): bias-free
+    linears of one few-token input (decode) -> one `ic::multi_linear` (`passes.merge_sibling_linears`)."""
     ctx = PassContext(plan_spec=plan, layout=layout, kernels=kernels, sparse_attention=sparse_attention,
-                      moe_experts=moe_experts, moe_router=moe_router, indexer_mask=indexer_mask, lowering=lowering,
+                      moe_experts=moe_experts, moe_router=moe_router, merge_linears=merge_linears,
+                      indexer_mask=indexer_mask, lowering=lowering,
                       indexer_precision=indexer_precision, input_values=_by_placeholder(gm, example_inputs))
     work = run_passes(copy_graph_module(gm), ctx, pipeline(ctx))
     result = RewriteResult(gm, gm, ctx.detection, ctx.plan, layout=layout, counters=ctx.counters)
@@ -132,7 +134,8 @@ def _lower_indexer_free(gm: fx.GraphModule, ctx: PassContext, result: RewriteRes
     message, ctx.stopped = ctx.stopped, ""
     work = run_passes(copy_graph_module(gm), ctx, passes)
     ctx.stopped = message
-    if ctx.report.moe_lowered or ctx.report.moe_router_lowered or ctx.counters["drop_trivial_topk.replaced"]:
+    if (ctx.report.moe_lowered or ctx.report.moe_router_lowered or ctx.report.linears_merged
+            or ctx.counters["drop_trivial_topk.replaced"]):
         result.gm, result.kernels, result.counters = work, ctx.report, ctx.counters
 
 

@@ -42,6 +42,7 @@ from .key_range import assert_key_range_async, check_key_range
 from .mask_within_causal import mask_within_causal
 from .moe_experts import moe_experts as _moe_experts
 from .moe_router import moe_route as _moe_route
+from .multi_linear import multi_linear as _multi_linear
 from .sparse_attention import sparse_attention as _sparse_attention
 from .sparse_attention import sparse_mla as _sparse_mla
 
@@ -61,6 +62,7 @@ _SPARSE_MLA_SCHEMA = ("(Tensor q, Tensor kv, Tensor indices, float scale, int dv
 _MOE_EXPERTS_SCHEMA = ("(Tensor hidden, Tensor topk_index, Tensor topk_weights, Tensor gate_up, Tensor down, "
                        "float? swiglu_limit=None, Tensor? shared_gate=None, Tensor? shared_up=None, "
                        "Tensor? shared_down=None) -> Tensor")
+_MULTI_LINEAR_SCHEMA = "(Tensor x, Tensor[] weights) -> Tensor[]"
 _MOE_ROUTE_SCHEMA = ("(Tensor logits, Tensor? bias, int top_k, int n_group, int topk_group, bool renormalize, "
                      "float scale) -> (Tensor, Tensor)")
 
@@ -214,5 +216,17 @@ def _(logits, bias, top_k, n_group, topk_group, renormalize, scale):
     return logits.new_empty((T, top_k), dtype=torch.float32), logits.new_empty((T, top_k), dtype=torch.int64)
 
 
+@torch.library.custom_op(f"{NAMESPACE}::multi_linear", mutates_args=(), schema=_MULTI_LINEAR_SCHEMA)
+def multi_linear(x, weights):
+    """x [T,K], weights [N_i,K] (nn.Linear weights, no bias) -> [x @ W_i^T] ([T,N_i] each), in one launch
+    for decode-sized T (kernels/multi_linear.py)."""
+    return _multi_linear(x, list(weights))
+
+
+@multi_linear.register_fake
+def _(x, weights):
+    return [x.new_empty((x.shape[0], w.shape[0])) for w in weights]
+
+
 __all__ = ["indexer_topk", "indexer_topk_scored", "sparse_attention", "sparse_mla", "moe_experts", "moe_route",
-           "NAMESPACE"]
+           "multi_linear", "NAMESPACE"]

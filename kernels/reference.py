@@ -307,3 +307,9 @@ def moe_route_ref(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n
     if renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return weights * scale, ids
+
+
+def multi_linear_ref(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """x [T,K], weights [N_i,K] -> [x @ W_i^T] in x's dtype, fp32 sums rounded once (what a linear
+    per weight gives, up to its summation order)."""
+    return [(x.float() @ w.float().T).to(x.dtype) for w in weights]

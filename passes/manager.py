@@ -58,6 +58,7 @@ class PassContext:
     sparse_attention: bool = True
     moe_experts: bool = True
     moe_router: bool = True
+    merge_linears: bool = True
     indexer_mask: str = "ranges"  # as asked: "auto" | "ranges" | "dense"; lower_indexer decides "auto"
     lowering: str = "inductor"  # what compiles the graph afterwards (indexer_mask="auto" depends on it)
     indexer_precision: str = "bf16"
@@ -131,8 +132,10 @@ def _moe_passes(ctx: PassContext) -> list[Pass]:
     from .lower_moe_experts import lower_moe_experts
     from .lower_moe_router import lower_moe_router
 
+    from .merge_sibling_linears import merge_sibling_linears
+
     return [*([lower_moe_experts, fold_shared_expert] if ctx.moe_experts else []),
-            *([lower_moe_router] if ctx.moe_router else [])]
+            *([lower_moe_router] if ctx.moe_router else []), *([merge_sibling_linears] if ctx.merge_linears else [])]
 
 
 def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: list[Pass]) -> fx.GraphModule:

@@ -432,3 +432,29 @@ def test_moe_experts_sweep_tiles_compile_for_sm90():
             res = _compile_moe(which, tile)
             assert res["shared"] <= MAX_SMEM, (which, tile, res["shared"])
             print(which, tile, {k: v for k, v in res.items() if k in ("regs", "shared", "stack")})
+
+
+# ----------------------------------------------------------------------------- multi_linear
+
+@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("width,rows", [(2048, (768, 576, 128, 32)), (2048, (768, 576)), (768, (5120, 4096))],
+                         ids=["hidden_f", "hidden_s", "q_resid"])
+def test_multi_linear_default_tiles_compile_for_sm90(width, rows, T, monkeypatch):
+    """GLM-4.7-Flash's sibling projections at the default tiles on an H100: no spills, shared memory
+    fits, and the weight loop streams with 16-byte cp.async (the weights' unit K stride reaches the
+    vectoriser through the per-weight pointer select)."""
+    import torch
+
+    from ic_compile.kernels import multi_linear as mod
+
+    monkeypatch.setattr(mod, "num_sms", lambda device: 132)
+    block_n, block_k = mod.default_tile(T, sum(rows), width, torch.device("cpu"))
+    padded = [*rows, *[0] * (4 - len(rows))]
+    ints = dict(T=T, K=width, N0=padded[0], N1=padded[1], N2=padded[2], N3=padded[3], S1=100, S2=200, S3=300,
+                sw0=width, sw1=width, sw2=width, sw3=width, sx_t=width)
+    ptrs = {name: "bf16" for name in ("x_ptr", "w0_ptr", "w1_ptr", "w2_ptr", "w3_ptr", "y0_ptr", "y1_ptr", "y2_ptr",
+                                      "y3_ptr")}
+    res = compile_sm90(mod._multi_linear_kernel, ptrs, ints, {},
+                       dict(T_PAD=T, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=mod.STAGES), 4, 1)
+    assert res["stack"] == 0 and res["shared"] <= MAX_SMEM, res
+    assert re.search(r"cp\.async\.cg\.shared\.global \[[^]]+\], \[[^]]+\], 0x10", res["ptx"]), "no 16-byte cp.async"

@@ -1,0 +1,76 @@
+"""Sibling projections at decode: ic::multi_linear (one launch) vs a cuBLAS GEMV per linear, on CUDA.
+
+    python bench/multi_linear.py                 # -> bench/results/multi_linear.json
+    python bench/multi_linear.py --smoke         # tiny shapes on CPU (Triton interpreter), nothing saved
+
+GLM-4.7-Flash's groups (bf16): of the normed hidden state (K = 2048) q_a 768, kv_a 576, the indexer's
+wk 128 (F layers) or q_a + kv_a alone (S layers); of the normed q_a (K = 768) q_b 5120 and the
+indexer's wq_b 4096. Per group and T: the answers agree, then graph_ms (do_bench_cudagraph: GPU time
+only, as decode runs under CUDA graphs; the gaps between a graph's kernels are not in it) of the op
+and of F.linear per weight, and the weights' bytes as GB/s and % of the copy bandwidth measured in
+the same run (bench/kernel_speed.py's measure_peaks).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import torch
+from torch.nn import functional as F
+
+import ic_compile.kernels.ops  # noqa: F401  (registers torch.ops.ic)
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from kernel_speed import measure_peaks, rates  # noqa: E402  (bench/kernel_speed.py)
+from moe_experts import bench_device, timed  # noqa: E402  (bench/moe_experts.py)
+from prefill import save_result  # noqa: E402  (bench/prefill.py)
+
+RESULT = str(pathlib.Path(__file__).resolve().parent / "results" / "multi_linear.json")  # overwritten by each run
+GROUPS = {"hidden_f_layer": (2048, (768, 576, 128)), "hidden_s_layer": (2048, (768, 576)),
+          "q_resid_f_layer": (768, (5120, 4096))}
+SMOKE = {"small": (96, (40, 24, 8))}
+
+
+def bench_group(name: str, width: int, rows: tuple, T: int, device: torch.device, copy_gbps: float) -> dict:
+    weights = [(torch.randn(n, width, device=device) * width**-0.5).bfloat16() for n in rows]
+    x = torch.randn(T, width, device=device).bfloat16()
+    ours = torch.ops.ic.multi_linear(x, weights)
+    row = {"group": name, "T": T, "K": width, "rows": list(rows),
+           "max_abs_diff": max(float((o.float() - F.linear(x, w).float()).abs().max()) for o, w in zip(ours, weights)),
+           "bytes": sum(w.numel() * w.element_size() for w in weights)}
+    times = {"ours": timed(lambda: torch.ops.ic.multi_linear(x, weights), device),
+             "cublas_per_linear": timed(lambda: [F.linear(x, w) for w in weights], device)}
+    for part, t in times.items():
+        row.update({f"{part}_{key}": value for key, value in t.items()})
+    graphed = {part: t["graph_ms"] for part, t in times.items() if t["graph_ms"]}
+    row.update(rates(row["bytes"], graphed or {p: t["call_ms"] for p, t in times.items()}, 1e6, copy_gbps, "gbps",
+                     "pct_copy"))
+    if len(graphed) == 2:
+        row["speedup_graph"] = graphed["cublas_per_linear"] / graphed["ours"]
+    return row
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4], help="T values (default: %(default)s)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU (Triton interpreter)")
+    parser.add_argument("--out", default=None,
+                        help=f"JSON report, overwritten (default: {RESULT}; '' = print only; --smoke: print only)")
+    args = parser.parse_args(argv)
+    device = bench_device(parser, args.smoke)
+    torch.manual_seed(0)
+    peaks = measure_peaks(device, smoke=args.smoke, quick=True)
+    rows = []
+    for name, (width, group_rows) in (SMOKE if args.smoke else GROUPS).items():
+        for T in args.tokens:
+            rows.append(bench_group(name, width, group_rows, T, device, peaks["copy_gbps"]))
+            print(json.dumps(rows[-1]), flush=True)
+    save_result("" if args.smoke else (RESULT if args.out is None else args.out), rows, copy_gbps=peaks["copy_gbps"])
+    return {"rows": rows, "copy_gbps": peaks["copy_gbps"]}
+
+
+if __name__ == "__main__":
+    main()

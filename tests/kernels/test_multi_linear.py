@@ -1,0 +1,105 @@
+"""kernels/multi_linear.py (the Triton kernel in the interpreter) == reference.multi_linear_ref == a
+linear per weight: one to six weights (more than one launch group), row tails, 1-4 tokens, a strided
+x; inputs the kernel does not take are refused with the reason; the custom op's schema and fake."""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import ic_compile.kernels.ops  # noqa: F401  (registers torch.ops.ic.*)
+from ic_compile.kernels import _triton_utils
+from ic_compile.kernels.multi_linear import MAX_TOKENS, multi_linear, multi_linear_triton
+from ic_compile.kernels.reference import multi_linear_ref
+from ic_compile.kernels.testing import repro, seed_everything
+
+from marks import needs_cuda, needs_triton
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
+K = 96
+ROWS = (40, 7, 64, 33, 20, 5)  # six weights: two launch groups; no row count a multiple of a block
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Outputs start as NaN: a row the kernel misses fails the test."""
+    monkeypatch.setattr(_triton_utils, "POISON_OUTPUTS", True)
+
+
+def _weights(rows, dtype, device="cpu"):
+    return [(torch.randn(n, K, device=device) * K**-0.5).to(dtype) for n in rows]
+
+
+def _assert_close(got, want, dtype, seed, what=""):
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape and g.dtype == w.dtype and g.is_contiguous(), (i, g.shape, w.shape)
+        torch.testing.assert_close(g.float(), w.float(), **TOL[dtype], msg=lambda m: f"{m} weight {i} {what} {repro(seed)}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_reference_is_a_linear_per_weight(dtype, request):
+    seed = seed_everything(request.node.name)
+    weights, x = _weights(ROWS[:3], dtype), torch.randn(2, K).to(dtype)
+    _assert_close(multi_linear_ref(x, weights), [F.linear(x, w) for w in weights], dtype, seed)
+
+
+@needs_triton
+@pytest.mark.parametrize("count", [1, 2, 4, 6])
+@pytest.mark.parametrize("T", [1, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_matches_reference(dtype, T, count, request):
+    seed = seed_everything(request.node.name)
+    weights, x = _weights(ROWS[:count], dtype), torch.randn(T, K).to(dtype)
+    _assert_close(multi_linear(x, weights, use_triton=True), multi_linear_ref(x, weights), dtype, seed)
+
+
+@needs_triton
+def test_triton_small_tiles_strided_rows(request):
+    """Several K steps per row, 16-row blocks, weights and x as row-strided views of larger buffers."""
+    seed = seed_everything(request.node.name)
+    weights = [torch.cat((w, w[:, :8]), 1)[:, :K] for w in _weights(ROWS[:4], torch.bfloat16)]  # row stride K + 8
+    x = torch.randn(3, 2 * K).bfloat16()[:, :K]  # row stride 2K
+    want = multi_linear_ref(x, weights)
+    for tile in [(16, 32), (4, 128)]:
+        _assert_close(multi_linear_triton(x, weights, tile=tile), want, torch.bfloat16, seed, str(tile))
+
+
+def test_rejects_what_the_kernel_does_not_take():
+    weights, x = _weights(ROWS[:2], torch.float32), torch.randn(2, K)
+    with pytest.raises(ValueError, match="not \\[N,96\\]"):
+        multi_linear(x, [weights[0], weights[1][:, :-1]], use_triton=False)
+    with pytest.raises(ValueError, match="dtype"):
+        multi_linear(x, [weights[0], weights[1].bfloat16()], use_triton=False)
+    with pytest.raises(ValueError, match="at least one weight"):
+        multi_linear(x, [], use_triton=False)
+    with pytest.raises(ValueError, match="unit stride"):
+        multi_linear_triton(x, [weights[0].T.contiguous().T])
+    with pytest.raises(ValueError, match=f"at most {MAX_TOKENS}"):
+        multi_linear_triton(torch.randn(MAX_TOKENS + 1, K), weights)
+
+
+def test_more_rows_than_the_kernel_takes_use_the_reference():
+    """multi_linear itself falls back to the reference above MAX_TOKENS rows (the pass never asks)."""
+    weights, x = _weights(ROWS[:2], torch.float32), torch.randn(MAX_TOKENS + 3, K)
+    _assert_close(multi_linear(x, weights, use_triton=True), multi_linear_ref(x, weights), torch.float32, 0)
+
+
+def test_schema_and_opcheck(request):
+    seed_everything(request.node.name)
+    assert str(torch.ops.ic.multi_linear.default._schema) == "ic::multi_linear(Tensor x, Tensor[] weights) -> Tensor[]"
+    torch.library.opcheck(torch.ops.ic.multi_linear.default, (torch.randn(2, K), _weights(ROWS[:3], torch.float32)))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("T", [1, 4])
+def test_glm_shapes_gpu(T, request):
+    """GLM-4.7-Flash's sibling projections: q_a, kv_a, indexer wk and weights_proj of the normed hidden
+    (K = 2048), and q_b, indexer wq_b of the normed q_a (K = 768), vs F.linear (cuBLAS)."""
+    seed = seed_everything(request.node.name)
+    for width, rows in ((2048, (768, 576, 128, 32)), (768, (5120, 4096))):
+        weights = [(torch.randn(n, width, device="cuda") * width**-0.5).bfloat16() for n in rows]
+        x = torch.randn(T, width, device="cuda").bfloat16()
+        _assert_close(torch.ops.ic.multi_linear(x, weights), [F.linear(x, w) for w in weights], torch.bfloat16,
+                      seed, f"K={width}")
