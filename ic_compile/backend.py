@@ -121,6 +121,9 @@ class BackendOptions:
 def indexcache_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **_ignored):
     opts = BackendOptions.parse(options)
     use_kernels = opts.kernels if opts.kernels != "auto" else _on_cuda(example_inputs)
+    if use_kernels and _needs_gradients(example_inputs):
+        _warn_kernels_need_no_grad(opts.kernels)
+        use_kernels = False
     result = rewrite(gm, opts.plan, strict=opts.strict, kernels=bool(use_kernels) and _runs_custom_ops(opts.lowering),
                      sparse_attention=opts.sparse_attention, moe_experts=opts.moe_experts,
                      moe_router=opts.moe_router, merge_linears=opts.merge_linears,
@@ -172,6 +175,24 @@ def _store_inputs(result: RewriteResult) -> list:
     """Example values (fake tensors with the graph's symbolic sizes) for the inputs the store fills."""
     return [n.meta["example_value"] for n in result.gm.graph.nodes
             if n.op == "placeholder" and n.name.startswith("ic_index_store_")] if _uses_store(result) else []
+
+
+def _needs_gradients(example_inputs) -> bool:
+    """Is this graph compiled for autograd (grad mode on, an input requiring grad)? Dynamo guards on
+    grad mode, so an inference call (no_grad / inference_mode) gets its own graph."""
+    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
+
+
+_warned_kernels_grad = False
+
+
+def _warn_kernels_need_no_grad(asked) -> None:
+    global _warned_kernels_grad
+    if not _warned_kernels_grad:
+        _warned_kernels_grad = True
+        warnings.warn(f"indexcache: kernels={asked!r}, but this graph is compiled with gradients on; our "
+                      "kernels (ic::*) have no backward, so it runs the plan with the model's own ops. Run "
+                      "inference under torch.no_grad() or torch.inference_mode() to get the kernels.", stacklevel=3)
 
 
 def _on_cuda(example_inputs) -> bool:

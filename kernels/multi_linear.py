@@ -7,8 +7,9 @@ rounded once.
 Why: at one decode token a projection is a GEMV, and a small one costs a launch more than its weight
 reads: GLM-4.7-Flash's q_a (768 x 2048, 3.1 MB) takes ~4.8 us in cuBLAS where its bytes take ~1 us,
 and the graph adds ~1.5 us of gap per kernel. A DSA layer has siblings that read the same input:
-q_a, kv_a and (F layers) the indexer's wk and weights_proj all read the normed hidden state; q_b and
-the indexer's wq_b read the normed q_a. One launch reads them all (passes/merge_sibling_linears.py).
+q_a, kv_a and (F layers) the indexer's wk read the normed hidden state (HF keeps the indexer's
+weights_proj in fp32, on an fp32 copy: not a sibling); q_b and the indexer's wq_b read the normed
+q_a. One launch reads them all (passes/merge_sibling_linears.py).
 
 The kernel is the experts op's GEMV (kernels/moe_experts.py): program (row block) of one weight
 streams its [BLOCK_N, BLOCK_K] tiles over K into a fp32 [T_PAD, BLOCK_N, BLOCK_K] accumulator per

@@ -145,3 +145,28 @@ def test_explain_with_cache_reports_dropped_key_cache():
     report = ic_compile.explain(model, {"input_ids": ids, "use_cache": True,
                                         "cache": DynamicCache(config=model.config)}, plan="FSSF")
     assert report.key_cache_dropped == [1, 2] and report.key_cache_kept == []
+
+
+def test_kernels_with_gradients_fall_back_loudly(monkeypatch):
+    """kernels=True in a graph compiled with gradients on (training): our ops have no backward, so the
+    graph keeps the model's own ops (the plan still applies), with one warning saying why; the
+    gradients equal those of HF's own plan."""
+    monkeypatch.setattr(ic_compile.backend, "_warned_kernels_grad", False)
+    model = glm()
+    oracle = glm_with_plan(model, "FSFS")
+    torch._dynamo.reset()
+    ic_compile.backend.last_results.clear()
+    run = torch.compile(model, backend="indexcache", options={"plan": "FSFS", "lowering": "eager", "kernels": True})
+    ids = random_ids(batch=1, seq=3)  # few enough rows that the decode-only ops would be used
+    with pytest.warns(UserWarning, match="compiled with gradients on"):
+        run(ids, use_cache=False).logits.sum().backward()
+    oracle(ids, use_cache=False).logits.sum().backward()
+    (result,) = ic_compile.backend.last_results
+    assert result.changed and not result.kernels.lowered and not result.kernels.linears_merged
+    theirs = dict(oracle.named_parameters())  # HF's plan has no S-layer indexer weights
+    compared = 0
+    for name, mine in model.named_parameters():
+        if name in theirs and theirs[name].grad is not None:
+            torch.testing.assert_close(mine.grad, theirs[name].grad, msg=name)
+            compared += 1
+    assert compared > 20

@@ -130,7 +130,8 @@ def test_unlowered_indexer_warns_fp8_is_not_applied(one_thread):
     """fp8 asked for, but the indexer's form is not one our op runs (its top-k values are used, with a
     mask fill that is a tensor): it runs in the model's precision, and the user is told which layers."""
     net = tiny_models.ValuesModel("tensor")
-    with pytest.warns(ic_compile.IndexerPrecisionWarning, match=r"not applied to the F indexers of layers \[0\]"):
+    with torch.no_grad(), pytest.warns(ic_compile.IndexerPrecisionWarning,
+                                       match=r"not applied to the F indexers of layers \[0\]"):
         _fp8(net, "FS")(torch.randn(1, 12, 16))
 
 
