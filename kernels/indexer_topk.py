@@ -53,7 +53,6 @@ from ._triton_utils import (
     upcast_dots,
     use_triton_for,
 )
-from ._indexer_tiles import tile_plan
 from .fp8_indexer import FP8_DTYPE, quantize_indexer
 from .reference import check_indexer_precision, indexer_topk_ref, picked_scores, topk_indices_from_scores
 from .topk_select import LONG_ROW, _Tuning, topk_select
@@ -176,17 +175,44 @@ def _scores_body(
     s_ok = s_loc < n_rows
     s_glob = (row_start + s_loc).to(tl.int64)
     last_key = (T - S) + s_glob  # causal: key t allowed iff t <= last_key
-    row_lo = s_loc  # placeholders unless HAS_RANGE
-    row_hi = s_loc
     if HAS_RANGE:  # [BLOCK_S] first / last allowed key per query (an empty row: lo > hi)
         range_row_ptr = range_ptr + b * sr_b + s_glob * sr_s
         row_lo = tl.load(range_row_ptr, mask=s_ok, other=T)
         row_count = tl.load(range_row_ptr + 2 * sr_c, mask=s_ok, other=0)
         row_hi = tl.where(row_count > 0, tl.load(range_row_ptr + sr_c, mask=s_ok, other=-1), -1)
 
-    t_lo, t_hi, n_tiles, first_computed, n_computed, open_lo, open_hi = tile_plan(
-        T, S, row_start, n_rows, width, pid_s, split, num_splits, s_ok, row_lo, row_hi,
-        BLOCK_S, BLOCK_T, CAUSAL, HAS_MASK, HAS_RANGE)
+    # This program's key range [t_lo, t_hi): a split of [0, width) in whole BLOCK_T tiles.
+    blocks_per_split = tl.cdiv(tl.cdiv(width, BLOCK_T), num_splits)
+    t_lo = split * blocks_per_split * BLOCK_T
+    t_hi = tl.minimum(width, t_lo + blocks_per_split * BLOCK_T)
+    n_tiles = tl.cdiv(tl.maximum(t_hi - t_lo, 0), BLOCK_T)
+    n_computed = n_tiles
+    if CAUSAL:  # tiles wholly above the diagonal of the block's last query are only -inf filled
+        last_row = tl.minimum(row_start + pid_s * BLOCK_S + BLOCK_S, row_start + n_rows) - 1
+        horizon = tl.minimum(t_hi, (T - S) + last_row + 1)
+        n_computed = tl.cdiv(tl.maximum(horizon - t_lo, 0), BLOCK_T)
+    first_computed = 0
+    if HAS_RANGE:  # tiles outside every query's range are only -inf filled
+        block_lo = tl.min(tl.where(s_ok, row_lo, T), axis=0)
+        block_hi = tl.max(tl.where(s_ok, row_hi, -1), axis=0)
+        n_computed = tl.minimum(n_computed, tl.cdiv(tl.maximum(block_hi + 1 - t_lo, 0), BLOCK_T))
+        first_computed = tl.minimum(tl.maximum(block_lo - t_lo, 0) // BLOCK_T, n_computed)
+
+    # Open tiles [open_lo, open_hi): every key allowed for every query of the block (all rows real,
+    # below the first row's diagonal, inside every row's range, no bool mask): stored without the
+    # per-element allowed / where / store mask (most tiles of a long causal prefill).
+    open_lo = first_computed
+    open_hi = first_computed
+    if not HAS_MASK:
+        block_full = pid_s * BLOCK_S + BLOCK_S <= n_rows
+        open_end = t_hi  # keys [.., open_end) allowed for all rows
+        if CAUSAL:
+            open_end = tl.minimum(open_end, (T - S) + row_start + pid_s * BLOCK_S + 1)
+        if HAS_RANGE:
+            open_end = tl.minimum(open_end, tl.min(tl.where(s_ok, row_hi, -1), axis=0) + 1)
+            first_key = tl.max(tl.where(s_ok, row_lo, T), axis=0)
+            open_lo = tl.maximum(open_lo, tl.cdiv(tl.maximum(first_key - t_lo, 0), BLOCK_T))
+        open_hi = tl.where(block_full, tl.maximum(open_lo, (open_end - t_lo) // BLOCK_T), open_lo)
 
     t_ar = tl.arange(0, BLOCK_T)
     out_row_ptr = out_ptr + b * so_b + s_loc.to(tl.int64) * so_s  # [BLOCK_S]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_utils import (cdiv, interpreting, jit_helper, launch_interpreted, new_output, next_pow2, num_sms, tl,
+from ._triton_utils import (HAS_TRITON, cdiv, interpreting, jit_helper, launch_interpreted, new_output, next_pow2, num_sms, tl,
                             triton, use_triton_for)
 from .reference import multi_linear_ref
 
@@ -74,6 +74,10 @@ def _multi_linear_kernel(
     y = tl.sum(acc, axis=2)  # [T_PAD, BLOCK_N]
     y_ptr = _pick(i, y0_ptr, y1_ptr, y2_ptr, y3_ptr)
     tl.store(y_ptr + t[:, None] * rows + n[None, :], y.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & n_ok[None, :])
+
+
+if HAS_TRITON:
+    _multi_linear_kernel_jit = triton.jit(_multi_linear_kernel)
 
 
 def default_tile(T: int, rows: int, K: int, device: torch.device) -> tuple[int, int]:
@@ -129,16 +133,7 @@ def _launch_group(x: torch.Tensor, group: list[torch.Tensor], outs: list[torch.T
     if interpreting(x):
         launch_interpreted(_multi_linear_kernel, grid, *args, **meta)
     else:
-        _jitted()[grid](*args, **meta, num_warps=4)
-
-
-_JIT: list = []
-
-
-def _jitted():
-    if not _JIT:
-        _JIT.append(triton.jit(_multi_linear_kernel))
-    return _JIT[0]
+        _multi_linear_kernel_jit[grid](*args, **meta, num_warps=4)
 
 
 def multi_linear(x: torch.Tensor, weights: list[torch.Tensor], use_triton: bool | None = None) -> list[torch.Tensor]:

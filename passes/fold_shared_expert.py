@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import fx
 
-from .graph_ops import example_value, is_parameter, module_path, op_name, shape_of
-from .lower_moe_experts import _CHECK_SCALES, _CHECK_SEED, _mismatch, _real, lowered_moe_experts
+from .graph_ops import example_value, is_parameter, is_real_tensor, module_path, op_name, shape_of, subgraph_module
+from .lower_moe_experts import _CHECK_SCALES, _CHECK_SEED, _mismatch, lowered_moe_experts
 
 if TYPE_CHECKING:
     from .manager import PassContext
@@ -153,7 +153,7 @@ def _weight_roles(params: list[fx.Node], fused: fx.Node, input_values) -> list[t
     """Candidate (gate, up, down) tensors, by shape, from the parameters' real values: three nn.Linear
     weights [IS,H], [IS,H], [H,IS], or a stacked gate_up [2IS,H] (either half first) and down [H,IS]."""
     values = [(input_values or {}).get(p.name) for p in params]
-    if not all(_real(v) for v in values):
+    if not all(is_real_tensor(v) for v in values):
         return "the shared expert's weights are not known at compile time: it cannot be checked"
     H, dtype = shape_of(fused.args[0])[-1], _dtype(fused.args[0])
     if any(v.dim() != 2 or v.dtype != dtype for v in values):
@@ -185,7 +185,7 @@ def _differs(nodes, output, tokens, params, roles, fused, input_values) -> str:
     """'' when the subgraph equals the op with only this shared expert (no routed slot) on random tokens."""
     values = [input_values[p.name] for p in params]
     gate, up, down = (_tensor(values, r) for r in roles)
-    module = _subgraph(nodes, output, tokens, params)
+    module = subgraph_module([tokens, *params], nodes, output)
     x_like = example_value(tokens)
     generator = torch.Generator(device=down.device).manual_seed(_CHECK_SEED)
     H = down.shape[0]
@@ -205,16 +205,6 @@ def _differs(nodes, output, tokens, params, roles, fused, input_values) -> str:
         if why:
             return why
     return ""
-
-
-def _subgraph(nodes: list[fx.Node], output: fx.Node, tokens: fx.Node, params: list[fx.Node]) -> fx.GraphModule:
-    graph = fx.Graph()
-    env = {tokens: graph.placeholder("tokens")}
-    env.update({p: graph.placeholder(f"param_{i}") for i, p in enumerate(params)})
-    for node in nodes:
-        env[node] = graph.node_copy(node, lambda arg: env[arg])
-    graph.output(env[output])
-    return fx.GraphModule(torch.nn.Module(), graph)
 
 
 def _rewrite(gm: fx.GraphModule, fused: fx.Node, add: fx.Node, routed: fx.Node, nodes: list[fx.Node],

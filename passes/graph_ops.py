@@ -96,6 +96,23 @@ def example_value(node: fx.Node):
     return node.meta.get("example_value", node.meta.get("val"))
 
 
+def is_real_tensor(value) -> bool:
+    """A tensor with data (an example input's real value), not a FakeTensor."""
+    return isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor)
+
+
+def subgraph_module(inputs: list[fx.Node], nodes: list[fx.Node], outputs) -> fx.GraphModule:
+    """`nodes` (graph order) alone as a module: one placeholder per node of `inputs`, returning
+    `outputs` (a node or a tuple of nodes). Raises KeyError when a node reads a node from outside
+    that is not one of `inputs`."""
+    graph = fx.Graph()
+    env = {node: graph.placeholder(f"in_{i}") for i, node in enumerate(inputs)}
+    for node in nodes:
+        env[node] = graph.node_copy(node, lambda arg: env[arg])
+    graph.output(fx.node.map_arg(outputs, lambda node: env[node]))
+    return fx.GraphModule(torch.nn.Module(), graph)
+
+
 def shape_of(node: fx.Node) -> tuple | None:
     value = example_value(node)
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import fx
 
-from .graph_ops import (example_value, is_parameter, op_name, shape_of, stack_path, take_location, tensor_args,
-                        writes_in_place)
+from .graph_ops import (example_value, is_parameter, is_real_tensor, op_name, shape_of, stack_path, subgraph_module,
+                        take_location, tensor_args, writes_in_place)
 
 if TYPE_CHECKING:
     from .manager import PassContext
@@ -183,10 +183,11 @@ def _differs(region: ExpertsRegion, input_values: dict[str, Any] | None) -> str:
     each of _CHECK_SCALES: '' when they agree, else why not."""
     values = input_values or {}
     gate_up, down = values.get(region.gate_up.name), values.get(region.down.name)
-    if not _real(gate_up) or not _real(down):
+    if not is_real_tensor(gate_up) or not is_real_tensor(down):
         return "the expert weights' values are not known at compile time: the region cannot be checked"
     generator = torch.Generator(device=gate_up.device).manual_seed(_CHECK_SEED)
-    module = _region_module(region)
+    module = subgraph_module([region.hidden, region.ids, region.weights, region.gate_up, region.down],
+                             region.nodes, region.output)
     for scale in _CHECK_SCALES:
         hidden, ids, weights = _random_inputs(region, gate_up, generator, scale)
         try:
@@ -210,10 +211,6 @@ def _mismatch(expected: torch.Tensor, actual: torch.Tensor, dtype: torch.dtype) 
     return f"max |difference| {error:.3g} vs output scale {scale:.3g}"
 
 
-def _real(value) -> bool:
-    return isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor)
-
-
 def _random_inputs(region: ExpertsRegion, gate_up: torch.Tensor, generator: torch.Generator, scale: float):
     """Tokens ~ N(0, scale²), each routed to k distinct experts with positive weights, shaped as traced."""
     hidden, ids, weights = (example_value(n) for n in (region.hidden, region.ids, region.weights))
@@ -223,17 +220,6 @@ def _random_inputs(region: ExpertsRegion, gate_up: torch.Tensor, generator: torc
     order = torch.rand((tokens, experts), generator=generator, device=device).argsort(-1)[:, :k]
     w = torch.rand((tokens, k), generator=generator, device=device) + 0.1
     return x, order.to(ids.dtype).reshape(ids.shape), w.to(weights.dtype).reshape(weights.shape)
-
-
-def _region_module(region: ExpertsRegion) -> fx.GraphModule:
-    """The region alone: (hidden, ids, weights, gate_up, down) -> its output."""
-    graph = fx.Graph()
-    env = {n: graph.placeholder(f"in_{i}")
-           for i, n in enumerate((region.hidden, region.ids, region.weights, region.gate_up, region.down))}
-    for node in region.nodes:
-        env[node] = graph.node_copy(node, lambda arg: env[arg])
-    graph.output(env[region.output])
-    return fx.GraphModule(torch.nn.Module(), graph)
 
 
 def _replace(gm: fx.GraphModule, region: ExpertsRegion) -> None:

@@ -31,8 +31,8 @@ from torch import fx
 
 from ic_compile.kernels.moe_router import check_route_config
 
-from .graph_ops import (example_value, is_parameter, op_name, shape_of, stack_path, take_location, tensor_args,
-                        writes_in_place)
+from .graph_ops import (example_value, is_parameter, is_real_tensor, op_name, shape_of, stack_path, subgraph_module,
+                        take_location, tensor_args, writes_in_place)
 
 if TYPE_CHECKING:
     from .manager import PassContext
@@ -160,10 +160,11 @@ def _settings(tail: RouterTail, input_values: dict[str, Any] | None) -> tuple | 
     bias = None
     if tail.bias is not None:
         bias = (input_values or {}).get(tail.bias.name)
-        if not isinstance(bias, torch.Tensor) or isinstance(bias, torch._subclasses.FakeTensor):
+        if not is_real_tensor(bias):
             return "the bias's value is not known at compile time: the tail cannot be checked"
     try:
-        module = _tail_module(tail)
+        module = subgraph_module([tail.logits, *([tail.bias] if tail.bias is not None else [])], tail.nodes,
+                                 (tail.weights, tail.ids))
     except KeyError:  # a node argument from outside that is not a tensor: a symbolic size, an attribute
         return "the tail reads sizes or values from the rest of the graph (dynamic shapes): not checked"
     device = bias.device if bias is not None else torch.device("cpu")
@@ -189,18 +190,6 @@ def _agrees(module, tail, bias, renormalize, scale, E, k, logit_scale, generator
         return False
     want_w, got_w = want_w.float().gather(-1, order), got_w.gather(-1, got_order)
     return torch.allclose(want_w, got_w.to(example_value(tail.weights).dtype).float(), rtol=1e-5, atol=1e-6)
-
-
-def _tail_module(tail: RouterTail) -> fx.GraphModule:
-    """The tail alone: (logits[, bias]) -> (weights, ids)."""
-    graph = fx.Graph()
-    env = {tail.logits: graph.placeholder("logits")}
-    if tail.bias is not None:
-        env[tail.bias] = graph.placeholder("bias")
-    for node in tail.nodes:
-        env[node] = graph.node_copy(node, lambda arg: env[arg])
-    graph.output((env[tail.weights], env[tail.ids]))
-    return fx.GraphModule(torch.nn.Module(), graph)
 
 
 def _replace(gm: fx.GraphModule, tail: RouterTail, renormalize: bool, scale: float) -> None:

@@ -111,7 +111,7 @@ def pipeline(ctx: PassContext) -> list[Pass]:
     if ctx.kernels:
         passes += [lower_indexer, *([fp8_key_cache] if ctx.indexer_precision == "fp8" else []),
                    *([lower_sparse_attention] if ctx.sparse_attention else []),
-                   *_moe_passes(ctx), drop_trivial_topk, eliminate_dead_code]
+                   *_decode_op_passes(ctx), drop_trivial_topk, eliminate_dead_code]
     return passes
 
 
@@ -124,14 +124,14 @@ def indexer_free_pipeline(ctx: PassContext) -> list[Pass]:
 
     if not ctx.kernels:
         return []
-    return [*_moe_passes(ctx), drop_trivial_topk, eliminate_dead_code]
+    return [*_decode_op_passes(ctx), drop_trivial_topk, eliminate_dead_code]
 
 
-def _moe_passes(ctx: PassContext) -> list[Pass]:
+def _decode_op_passes(ctx: PassContext) -> list[Pass]:
+    """The lowerings to our MoE and GEMV ops, which do not involve the plan."""
     from .fold_shared_expert import fold_shared_expert
     from .lower_moe_experts import lower_moe_experts
     from .lower_moe_router import lower_moe_router
-
     from .merge_sibling_linears import merge_sibling_linears
 
     return [*([lower_moe_experts, fold_shared_expert] if ctx.moe_experts else []),
