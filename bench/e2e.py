@@ -4,6 +4,7 @@
     python bench/e2e.py --part decode --length 200000 --plans F 1/4
     python bench/e2e.py --part prefill --length 200000 --plans F:fp8 1/4:fp8   # the fp8 indexer
     python bench/e2e.py --part decode --length 200000 --plans 1/4 --option moe_experts=false  # HF's experts
+    python bench/e2e.py --part decode --length 200000 --plans F 1/4 --without-lone-linears 1/4  # A/B
     python bench/e2e.py --part prefill --length 200000 --plans 1/4 --layers 8 --profile  # time per kernel
 
 Plans: "F" (every layer keeps its indexer), "1/4" and "1/8" (uniform: layer i keeps it when i % 4 == 0,
@@ -14,8 +15,13 @@ Inductor lowering.
     trace + rewrite + Inductor compile + one run) is reported as compile_s; then `--reps` timed runs.
   * decode: one new token at position L of a StaticCache (ic_compile.static_cache) whose tensors
     (latent KV, indexer keys) are filled with random values, rewound to L before every step, with
-    options={"cudagraphs": True}: what a serving engine replays. tokens/s = 1000 / step ms. Each row
-    also holds the step's kernel profile (bench/decode.py kernel_profile: summed GPU time, launches,
+    options={"cudagraphs": True}: what a serving engine replays. tokens/s = 1000 / step ms, two ways:
+    `ms` times each step alone (CUDA events, synchronised after it: one token's latency, the host's
+    work before the graph launch included — Dynamo's guards, the CUDA-graph tree's checks, the
+    rewind); `ms_pipelined` issues `--reps` steps back to back and synchronises once (what an engine
+    whose host schedules the next step while the GPU runs this one sees: SGLang's overlap scheduler,
+    vLLM's async scheduling; the host's time per step is `host_ms`, hidden while below the GPU's).
+    Each row also holds the step's kernel profile (bench/decode.py kernel_profile: summed GPU time, launches,
     top kernels), so the time that is not the indexer can be read by kernel.
   * --regional (prefill): `layer.compile(...)` on each decoder layer instead of the whole model (the
     backend binds each layer's frame as a fragment; S layers read their F layer's top-k from the index
@@ -42,10 +48,12 @@ from decode import kernel_profile, rewind  # noqa: E402
 from prefill import CONFIG, bf16_peak_tflops, build_model, save_result, time_ms, work_flops  # noqa: E402
 
 import ic_compile  # noqa: E402
+from ic_compile.passes import lower_decode_linears  # noqa: E402
 from ic_compile.plan import LayerPlan  # noqa: E402
 
 LAYERS = 47  # GLM-4.7-Flash: 47 decoder layers, the first dense, then 64-expert MoE
 RESULT = pathlib.Path(__file__).resolve().parent / "results" / "e2e.json"
+LONE_MAX_BYTES = lower_decode_linears._LONE_MAX_BYTES
 
 
 def pattern(plan: str, layers: int = LAYERS) -> str:
@@ -121,15 +129,39 @@ def decode_row(model, cache, plan: str, L: int, layers: int, reps: int, extra: d
         torch.cuda.synchronize()
         compile_s = time.perf_counter() - start
         ms = time_ms(step, reps)
+        pipelined, host_ms = pipelined_ms(step, reps)
     return {"part": "decode", "L": L, "plan": plan, "layers": layers, "ms": ms, "tokens_per_s": 1000 / ms,
+            "ms_pipelined": pipelined, "tokens_per_s_pipelined": 1000 / pipelined, "host_ms": host_ms,
             "compile_s": compile_s, "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
             **kernel_profile(step, reps, top=25)}
+
+
+def lone_gemvs(on: bool) -> None:
+    """Whether the decode graphs' lone one-token linears run in ic::multi_linear (the pass's private
+    size limit: 0 leaves them all to cuBLAS)."""
+    lower_decode_linears._LONE_MAX_BYTES = LONE_MAX_BYTES if on else 0
+
+
+def pipelined_ms(step, steps: int) -> tuple[float, float]:
+    """(GPU ms per step, host ms per step) of `steps` steps issued back to back, one synchronisation at
+    the end: the host's work for a step overlaps the GPU's for the one before."""
+    step()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    host_start = time.perf_counter()
+    start.record()
+    for _ in range(steps):
+        step()
+    end.record()
+    host_ms = (time.perf_counter() - host_start) * 1e3 / steps
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps, host_ms
 
 
 def merged(out: pathlib.Path, rows: list[dict]) -> list[dict]:
     """Earlier rows of the results file, those with the same (part, L, plan, layers, regional, options) replaced."""
     key = lambda row: (row["part"], row["L"], row["plan"], row["layers"], row.get("regional", False),  # noqa: E731
-                       json.dumps(row.get("options", {}), sort_keys=True))
+                       json.dumps(row.get("options", {}), sort_keys=True), row.get("lone_linears", True))
     old = json.loads(out.read_text())["rows"] if out.exists() else []
     new = {key(row) for row in rows}
     return [row for row in old if key(row) not in new] + rows
@@ -146,6 +178,9 @@ def main():
     parser.add_argument("--profile", action="store_true",
                         help="prefill: one more run under torch.profiler; the row gets gpu_ms, launches, top_kernels")
     parser.add_argument("--out", default=str(RESULT), help="JSON results file, rows merged (default: %(default)s)")
+    parser.add_argument("--without-lone-linears", nargs="*", default=[], metavar="PLAN",
+                        help="decode A/B: these plans again with passes/lower_decode_linears's lone one-token "
+                             "GEMVs left to cuBLAS (sibling groups still merged; rows say lone_linears: false)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=JSON",
                         help="another backend option for every row, e.g. moe_experts=false (rows keyed by them)")
     args = parser.parse_args()
@@ -154,7 +189,9 @@ def main():
     model = build_model(args.layers)
     cache = random_static_cache(model, args.length) if args.part == "decode" else None
     rows = []
-    for plan in args.plans:
+    variants = [(plan, True) for plan in args.plans] + [(plan, False) for plan in args.without_lone_linears]
+    for plan, lone in variants:
+        lone_gemvs(lone)
         try:
             if args.part == "prefill":
                 row = prefill_row(model, plan, args.length, args.layers, args.reps, peak, args.regional, extra,
@@ -165,6 +202,8 @@ def main():
             row = {"part": args.part, "L": args.length, "plan": plan, "layers": args.layers,
                    "regional": args.regional, "oom": str(exc)[:200]}
         row["options"], row["command"] = extra, " ".join(sys.argv)
+        if not lone:
+            row["lone_linears"] = False
         rows.append(row)
         print(json.dumps(row), flush=True)
         # saved after every row: a run cut at a time limit (each plan compiles for minutes) keeps its rows

@@ -5,7 +5,9 @@
 
 GLM-4.7-Flash's groups (bf16): of the normed hidden state (K = 2048) q_a 768, kv_a 576, the indexer's
 wk 128 (F layers) or q_a + kv_a alone (S layers); of the normed q_a (K = 768) q_b 5120 and the
-indexer's wq_b 4096. Per group and T: the answers agree, then graph_ms (do_bench_cudagraph: GPU time
+indexer's wq_b 4096. Lone linears: q_b (S layers), o_proj (K = 5120), the dense layer's down
+(K = 10240), the router's fp32 logits of its bf16 [64, 2048] weight (cuBLAS: the model's
+linear(x, W.float()), the cast included). Per group and T: the answers agree, then graph_ms (do_bench_cudagraph: GPU time
 only, as decode runs under CUDA graphs; the gaps between a graph's kernels are not in it) of the op
 and of F.linear per weight, and the weights' bytes as GB/s and % of the copy bandwidth measured in
 the same run (bench/kernel_speed.py's measure_peaks).
@@ -29,19 +31,25 @@ from prefill import save_result  # noqa: E402  (bench/prefill.py)
 
 RESULT = str(pathlib.Path(__file__).resolve().parent / "results" / "multi_linear.json")  # overwritten by each run
 GROUPS = {"hidden_f_layer": (2048, (768, 576, 128)), "hidden_s_layer": (2048, (768, 576)),
-          "q_resid_f_layer": (768, (5120, 4096))}
-SMOKE = {"small": (96, (40, 24, 8))}
+          "q_resid_f_layer": (768, (5120, 4096)),
+          # lone linears (passes/lower_decode_linears takes them at one token, up to its size limit)
+          "q_b_s_layer": (768, (5120,)), "o_proj": (5120, (2048,)), "dense_down": (10240, (2048,)),
+          "router_fp32_logits": (2048, (64,), torch.float32)}
+SMOKE = {"small": (96, (40, 24, 8)), "small_fp32_x": (96, (8,), torch.float32)}
 
 
-def bench_group(name: str, width: int, rows: tuple, T: int, device: torch.device, copy_gbps: float) -> dict:
+def bench_group(name: str, width: int, rows: tuple, T: int, device: torch.device, copy_gbps: float,
+                x_dtype: torch.dtype = torch.bfloat16) -> dict:
+    """bf16 weights; an fp32 x is HF's router logits: cuBLAS gets the model's linear(x, W.float())."""
     weights = [(torch.randn(n, width, device=device) * width**-0.5).bfloat16() for n in rows]
-    x = torch.randn(T, width, device=device).bfloat16()
+    x = torch.randn(T, width, device=device).to(x_dtype)
     ours = torch.ops.ic.multi_linear(x, weights)
-    row = {"group": name, "T": T, "K": width, "rows": list(rows),
-           "max_abs_diff": max(float((o.float() - F.linear(x, w).float()).abs().max()) for o, w in zip(ours, weights)),
+    row = {"group": name, "T": T, "K": width, "rows": list(rows), "x_dtype": str(x_dtype).split(".")[-1],
+           "max_abs_diff": max(float((o.float() - F.linear(x, w.to(x_dtype)).float()).abs().max())
+                               for o, w in zip(ours, weights)),
            "bytes": sum(w.numel() * w.element_size() for w in weights)}
     times = {"ours": timed(lambda: torch.ops.ic.multi_linear(x, weights), device),
-             "cublas_per_linear": timed(lambda: [F.linear(x, w) for w in weights], device)}
+             "cublas_per_linear": timed(lambda: [F.linear(x, w.to(x_dtype)) for w in weights], device)}
     for part, t in times.items():
         row.update({f"{part}_{key}": value for key, value in t.items()})
     graphed = {part: t["graph_ms"] for part, t in times.items() if t["graph_ms"]}
@@ -64,9 +72,9 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     peaks = measure_peaks(device, smoke=args.smoke, quick=True)
     rows = []
-    for name, (width, group_rows) in (SMOKE if args.smoke else GROUPS).items():
+    for name, (width, group_rows, *x_dtype) in (SMOKE if args.smoke else GROUPS).items():
         for T in args.tokens:
-            rows.append(bench_group(name, width, group_rows, T, device, peaks["copy_gbps"]))
+            rows.append(bench_group(name, width, group_rows, T, device, peaks["copy_gbps"], *x_dtype))
             print(json.dumps(rows[-1]), flush=True)
     save_result("" if args.smoke else (RESULT if args.out is None else args.out), rows, copy_gbps=peaks["copy_gbps"])
     return {"rows": rows, "copy_gbps": peaks["copy_gbps"]}

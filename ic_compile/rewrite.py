@@ -101,7 +101,8 @@ def rewrite(gm: fx.GraphModule, plan=None, *, strict: bool = False, kernels: boo
     call, checked alike (`passes.fold_shared_expert`); without them it is left alone. moe_router (with kernels):
     a DeepSeek-V3-style router's tail (sigmoid, bias, groups, top-k, normalise) -> `ic::moe_route`, also
     checked on random logits first (`passes.lower_moe_router`). merge_linears (with kernels): bias-free
-    linears of one few-token input (decode) -> one `ic::multi_linear` (`passes.merge_sibling_linears`)."""
+    linears of one few-token input (decode), and lone one-token GEMVs, -> one `ic::multi_linear` each
+    (`passes.lower_decode_linears`)."""
     ctx = PassContext(plan_spec=plan, layout=layout, kernels=kernels, sparse_attention=sparse_attention,
                       moe_experts=moe_experts, moe_router=moe_router, merge_linears=merge_linears,
                       indexer_mask=indexer_mask, lowering=lowering,
@@ -134,7 +135,7 @@ def _lower_indexer_free(gm: fx.GraphModule, ctx: PassContext, result: RewriteRes
     message, ctx.stopped = ctx.stopped, ""
     work = run_passes(copy_graph_module(gm), ctx, passes)
     ctx.stopped = message
-    if (ctx.report.moe_lowered or ctx.report.moe_router_lowered or ctx.report.linears_merged
+    if (ctx.report.moe_lowered or ctx.report.moe_router_lowered or ctx.report.decode_linears
             or ctx.counters["drop_trivial_topk.replaced"]):
         result.gm, result.kernels, result.counters = work, ctx.report, ctx.counters
 

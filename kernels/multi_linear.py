@@ -1,15 +1,17 @@
 """Several linears of one few-token input in one launch (decode): y = x @ [W_0; W_1; ...]^T.
 
-Semantics: x [T,K], weights W_i [N_i,K] (nn.Linear weights, no bias, x's dtype) -> [y_i], y_i =
-x @ W_i^T [T,N_i] in x's dtype (fresh contiguous tensors), each dot product summed in fp32 and
-rounded once.
+Semantics: x [T,K], weights W_i [N_i,K] (nn.Linear weights, no bias, x's dtype; with an fp32 x also
+bf16/fp16 weights, read and upcast: a linear on W.float(), as HF's routers compute their logits) ->
+[y_i], y_i = x @ W_i^T [T,N_i] in x's dtype (fresh contiguous tensors), each dot product summed in
+fp32 and rounded once.
 
 Why: at one decode token a projection is a GEMV, and a small one costs a launch more than its weight
 reads: GLM-4.7-Flash's q_a (768 x 2048, 3.1 MB) takes ~4.8 us in cuBLAS where its bytes take ~1 us,
 and the graph adds ~1.5 us of gap per kernel. A DSA layer has siblings that read the same input:
 q_a, kv_a and (F layers) the indexer's wk read the normed hidden state (HF keeps the indexer's
 weights_proj in fp32, on an fp32 copy: not a sibling); q_b and the indexer's wq_b read the normed
-q_a. One launch reads them all (passes/merge_sibling_linears.py).
+q_a. One launch reads them all (passes/lower_decode_linears.py, which also gives a lone one-token
+GEMV to this op: one launch where cuBLAS takes one or two).
 
 The kernel is the experts op's GEMV (kernels/moe_experts.py): program (row block) of one weight
 streams its [BLOCK_N, BLOCK_K] tiles over K into a fp32 [T_PAD, BLOCK_N, BLOCK_K] accumulator per
@@ -96,8 +98,10 @@ def _check(x: torch.Tensor, weights: list[torch.Tensor]) -> None:
     bad = [tuple(w.shape) for w in weights if w.dim() != 2 or w.shape[1] != K]
     if bad:
         raise ValueError(f"multi_linear: weights {bad} are not [N,{K}] (nn.Linear weights of x's width {K})")
-    if any(w.dtype != x.dtype for w in weights):
-        raise ValueError(f"multi_linear: weights must be in x's dtype {x.dtype} (got {[w.dtype for w in weights]})")
+    upcast = x.dtype == torch.float32 and all(w.dtype in (torch.bfloat16, torch.float16) for w in weights)
+    if any(w.dtype != x.dtype for w in weights) and not upcast:
+        raise ValueError(f"multi_linear: weights must be in x's dtype {x.dtype}, or bf16/fp16 with an fp32 x "
+                         f"(read and upcast), got {[w.dtype for w in weights]}")
 
 
 def multi_linear_triton(x: torch.Tensor, weights: list[torch.Tensor],

@@ -132,10 +132,10 @@ def _decode_op_passes(ctx: PassContext) -> list[Pass]:
     from .fold_shared_expert import fold_shared_expert
     from .lower_moe_experts import lower_moe_experts
     from .lower_moe_router import lower_moe_router
-    from .merge_sibling_linears import merge_sibling_linears
+    from .lower_decode_linears import lower_decode_linears
 
     return [*([lower_moe_experts, fold_shared_expert] if ctx.moe_experts else []),
-            *([lower_moe_router] if ctx.moe_router else []), *([merge_sibling_linears] if ctx.merge_linears else [])]
+            *([lower_moe_router] if ctx.moe_router else []), *([lower_decode_linears] if ctx.merge_linears else [])]
 
 
 def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: list[Pass]) -> fx.GraphModule:

@@ -1,6 +1,6 @@
 """kernels/multi_linear.py (the Triton kernel in the interpreter) == reference.multi_linear_ref == a
 linear per weight: one to six weights (more than one launch group), row tails, 1-4 tokens, a strided
-x; inputs the kernel does not take are refused with the reason; the custom op's schema and fake."""
+x, half weights upcast for an fp32 x; inputs the kernel does not take are refused with the reason; the custom op's schema and fake."""
 
 import pytest
 import torch
@@ -54,6 +54,16 @@ def test_triton_matches_reference(dtype, T, count, request):
 
 
 @needs_triton
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fp32_x_reads_and_upcasts_half_weights(weight_dtype, request):
+    """An fp32 x with bf16/fp16 weights: a linear on the upcast weights (HF's routers), to fp32 sums."""
+    seed = seed_everything(request.node.name)
+    weights, x = _weights(ROWS[:2], weight_dtype), torch.randn(1, K)
+    want = [F.linear(x, w.float()) for w in weights]
+    _assert_close(multi_linear(x, weights, use_triton=True), want, torch.float32, seed)
+
+
+@needs_triton
 def test_triton_small_tiles_strided_rows(request):
     """Several K steps per row, 16-row blocks, weights and x as row-strided views of larger buffers."""
     seed = seed_everything(request.node.name)
@@ -69,7 +79,7 @@ def test_rejects_what_the_kernel_does_not_take():
     with pytest.raises(ValueError, match="not \\[N,96\\]"):
         multi_linear(x, [weights[0], weights[1][:, :-1]], use_triton=False)
     with pytest.raises(ValueError, match="dtype"):
-        multi_linear(x, [weights[0], weights[1].bfloat16()], use_triton=False)
+        multi_linear(x.bfloat16(), [weights[0].bfloat16(), weights[1]], use_triton=False)  # no linear is that
     with pytest.raises(ValueError, match="at least one weight"):
         multi_linear(x, [], use_triton=False)
     with pytest.raises(ValueError, match="unit stride"):
@@ -96,10 +106,12 @@ def test_schema_and_opcheck(request):
 @pytest.mark.parametrize("T", [1, 4])
 def test_glm_shapes_gpu(T, request):
     """GLM-4.7-Flash's sibling projections: q_a, kv_a, indexer wk and weights_proj of the normed hidden
-    (K = 2048), and q_b, indexer wq_b of the normed q_a (K = 768), vs F.linear (cuBLAS)."""
+    (K = 2048), and q_b, indexer wq_b of the normed q_a (K = 768); lone: o_proj (K = 5120) and the
+    router's fp32 logits of its bf16 weight; vs F.linear (cuBLAS)."""
     seed = seed_everything(request.node.name)
-    for width, rows in ((2048, (768, 576, 128, 32)), (768, (5120, 4096))):
+    for width, rows, x_dtype in ((2048, (768, 576, 128, 32), torch.bfloat16), (768, (5120, 4096), torch.bfloat16),
+                                 (5120, (2048,), torch.bfloat16), (2048, (64,), torch.float32)):
         weights = [(torch.randn(n, width, device="cuda") * width**-0.5).bfloat16() for n in rows]
-        x = torch.randn(T, width, device="cuda").bfloat16()
-        _assert_close(torch.ops.ic.multi_linear(x, weights), [F.linear(x, w) for w in weights], torch.bfloat16,
+        x = torch.randn(T, width, device="cuda").to(x_dtype)
+        _assert_close(torch.ops.ic.multi_linear(x, weights), [F.linear(x, w.to(x_dtype)) for w in weights], x_dtype,
                       seed, f"K={width}")
