@@ -36,7 +36,6 @@ from __future__ import annotations
 import torch
 
 from .fp8_key_cache import fp8_key_mirror
-from .head_gemv import head_gemv as _head_gemv
 from .indexer_topk import decode_form
 from .indexer_topk import indexer_topk as _indexer_topk
 from .key_range import assert_key_range_async, check_key_range
@@ -64,7 +63,6 @@ _MOE_EXPERTS_SCHEMA = ("(Tensor hidden, Tensor topk_index, Tensor topk_weights, 
                        "float? swiglu_limit=None, Tensor? shared_gate=None, Tensor? shared_up=None, "
                        "Tensor? shared_down=None) -> Tensor")
 _MULTI_LINEAR_SCHEMA = "(Tensor x, Tensor[] weights) -> Tensor[]"
-_HEAD_GEMV_SCHEMA = "(Tensor x, Tensor w, bool transposed) -> Tensor"
 _MOE_ROUTE_SCHEMA = ("(Tensor logits, Tensor? bias, int top_k, int n_group, int topk_group, bool renormalize, "
                      "float scale) -> (Tensor, Tensor)")
 
@@ -230,17 +228,5 @@ def _(x, weights):
     return [x.new_empty((x.shape[0], w.shape[0])) for w in weights]
 
 
-@torch.library.custom_op(f"{NAMESPACE}::head_gemv", mutates_args=(), schema=_HEAD_GEMV_SCHEMA)
-def head_gemv(x, w, transposed):
-    """x [T,H,K], w [H,N,K] ([H,K,N] transposed) -> [T,H,N]: a GEMV per head, all heads in one launch
-    for decode-sized T (kernels/head_gemv.py)."""
-    return _head_gemv(x, w, transposed)
-
-
-@head_gemv.register_fake
-def _(x, w, transposed):
-    return x.new_empty((x.shape[0], x.shape[1], w.shape[2] if transposed else w.shape[1]))
-
-
 __all__ = ["indexer_topk", "indexer_topk_scored", "sparse_attention", "sparse_mla", "moe_experts", "moe_route",
-           "multi_linear", "head_gemv", "NAMESPACE"]
+           "multi_linear", "NAMESPACE"]

@@ -313,10 +313,3 @@ def multi_linear_ref(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch
     """x [T,K], weights [N_i,K] -> [x @ W_i^T] in x's dtype, fp32 sums rounded once (what a linear
     per weight gives, up to its summation order)."""
     return [(x.float() @ w.float().T).to(x.dtype) for w in weights]
-
-
-def head_gemv_ref(x: torch.Tensor, w: torch.Tensor, transposed: bool = False) -> torch.Tensor:
-    """x [T,H,K], w [H,N,K] (transposed: [H,K,N]) -> y [T,H,N], y[t,h] = W_h x[t,h] (transposed:
-    W_h^T x[t,h]) in x's dtype, fp32 sums rounded once."""
-    pattern = "thk,hkn->thn" if transposed else "thk,hnk->thn"
-    return torch.einsum(pattern, x.float(), w.float()).to(x.dtype).contiguous()

@@ -24,8 +24,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx
 
-from ic_compile.kernels.head_gemv import MAX_TOKENS as HEAD_GEMV_TOKENS
-
 from .graph_ops import LAYOUT_OPS, op_name, take_location
 from .lower_indexer import scatter_safe_indices
 from .match_latent_kv import match_latent_kv
@@ -80,29 +78,15 @@ def lowered_absorbed_mla(q, latent, rope, weight, indices, scale, nope_dim: int)
 
 
 def _absorbed_mla(q, latent, rope, weight, indices, scale, nope_dim: int):
-    B, heads, S = q.shape[:3]
-    latent_dim = latent.shape[-1]
+    heads, latent_dim = q.shape[1], latent.shape[-1]
     weight = weight.view(heads, -1, latent_dim)  # [H, dn+dv, Dl]
-    per_head_gemvs = _decode_rows(B, S) and weight.dtype == q.dtype
-    if per_head_gemvs:  # a few tokens: one GEMV launch per product (cuBLAS: a batched GEMM of M = 1)
-        q_nope = q[..., :nope_dim].transpose(1, 2).reshape(B * S, heads, nope_dim)  # [T,H,dn]
-        q_latent = torch.ops.ic.head_gemv(q_nope, weight[:, :nope_dim], True).view(B, S, heads, latent_dim)
-    else:
-        q_latent = torch.einsum("bhsd,hdc->bshc", q[..., :nope_dim], weight[:, :nope_dim])  # [B,S,H,Dl]
+    q_latent = torch.einsum("bhsd,hdc->bshc", q[..., :nope_dim], weight[:, :nope_dim])  # [B,S,H,Dl]
     q_rope = q[..., nope_dim:].transpose(1, 2)  # [B,S,H,dr]
     # key row = [latent | rope], read by the op from both buffers ([B,T,Dl], [B,T,dr]): no cache copy;
     # query row = [q_latent | q_rope] likewise (a cat would be a [B,S,H,Dl+dr] copy: 4.3 GiB at 200K)
     out_latent = torch.ops.ic.sparse_mla(q_latent, latent[:, 0], indices, float(scale), latent_dim, True,
                                          rope[:, 0], q_rope)  # [B,S,H,Dl]
-    if per_head_gemvs:
-        out = torch.ops.ic.head_gemv(out_latent.reshape(B * S, heads, latent_dim), weight[:, nope_dim:], False)
-        return out.view(B, S, heads, -1).transpose(1, 2)  # [B,H,S,dv]
     return torch.einsum("bshc,hvc->bhsv", out_latent, weight[:, nope_dim:])  # [B,H,S,dv]
-
-
-def _decode_rows(B, S) -> bool:
-    """Static B*S of at most head_gemv's MAX_TOKENS rows (a decode step)."""
-    return isinstance(B, int) and isinstance(S, int) and B * S <= HEAD_GEMV_TOKENS
 
 
 def _selected_indices(sdpa: fx.Node) -> fx.Node | None:

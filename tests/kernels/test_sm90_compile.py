@@ -458,26 +458,3 @@ def test_multi_linear_default_tiles_compile_for_sm90(width, rows, T, monkeypatch
                        dict(T_PAD=T, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=mod.STAGES), 4, 1)
     assert res["stack"] == 0 and res["shared"] <= MAX_SMEM, res
     assert re.search(r"cp\.async\.cg\.shared\.global \[[^]]+\], \[[^]]+\], 0x10", res["ptx"]), "no 16-byte cp.async"
-
-
-# ----------------------------------------------------------------------------- head_gemv
-
-@pytest.mark.parametrize("T", [1, 4])
-@pytest.mark.parametrize("transposed", [True, False], ids=["W_UK", "W_UV"])
-def test_head_gemv_default_tiles_compile_for_sm90(transposed, T, monkeypatch):
-    """GLM-4.7-Flash's absorbed products (20 heads; W_UK [dn 192, Dl 512] transposed, W_UV [dv 256,
-    Dl 512]) at the default tiles on an H100: no spills, shared memory fits, and the weight loop streams
-    with 16-byte cp.async along the weight's unit-stride axis."""
-    import torch
-
-    from ic_compile.kernels import head_gemv as mod
-
-    monkeypatch.setattr(mod, "num_sms", lambda device: 132)
-    heads, dn, dv, dl = 20, 192, 256, 512
-    N, K = (dl, dn) if transposed else (dv, dl)
-    block_n, block_k = mod.default_tile(T, heads, N, K, transposed, torch.device("cpu"))
-    ints = dict(T=T, H=heads, N=N, K=K, sx_t=heads * K, sx_h=K, sw_h=(dn + dv) * dl, sw_other=dl)
-    res = compile_sm90(mod._head_gemv_kernel, {"x_ptr": "bf16", "w_ptr": "bf16", "y_ptr": "bf16"}, ints, {},
-                       dict(T_PAD=T, BLOCK_N=block_n, BLOCK_K=block_k, TRANSPOSED=transposed, STAGES=mod.STAGES), 4, 1)
-    assert res["stack"] == 0 and res["shared"] <= MAX_SMEM, res
-    assert re.search(r"cp\.async\.cg\.shared\.global \[[^]]+\], \[[^]]+\], 0x10", res["ptx"]), "no 16-byte cp.async"

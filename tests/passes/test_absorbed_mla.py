@@ -182,19 +182,3 @@ def test_absorbed_mla_hands_the_op_latent_and_rope_apart():
     (op,) = [n for n in gm.graph.nodes if n.target is torch.ops.ic.sparse_mla.default]
     kv, rope_arg = op.args[1], op.kwargs.get("rope", op.args[6] if len(op.args) > 6 else None)
     assert _sources(kv, placeholders) == {latent_ph} and _sources(rope_arg, placeholders) == {rope_ph}
-
-
-@pytest.mark.parametrize("S,gemv_calls", [(1, 2), (T, 0)], ids=["decode", "prefill"])
-def test_decode_products_run_as_head_gemvs(S, gemv_calls, monkeypatch):
-    """B*S <= 4 rows: the query's and the output's products with kv_b's halves are one ic::head_gemv
-    launch each (run here in the Triton interpreter) and still give the expanded attention; more rows
-    keep the einsums (cuBLAS GEMMs)."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    args, want = _selected_attention_case(S)
-    monkeypatch.setenv("IC_KERNELS_TRITON", "1")  # our kernels on CPU tensors: the interpreter
-    torch.testing.assert_close(lowered_absorbed_mla(*args), want, rtol=1e-5, atol=1e-5)
-    gm = make_fx(lambda *tensors: lowered_absorbed_mla(*tensors, *args[5:]))(*args[:5])
-    calls = [n for n in gm.graph.nodes if n.target is torch.ops.ic.head_gemv.default]
-    assert len(calls) == gemv_calls
-    assert sorted(n.args[2] for n in calls) == [False, True][:gemv_calls]
