@@ -60,7 +60,9 @@ class PassContext:
     moe_router: bool = True
     merge_linears: bool = True
     indexer_mask: str = "ranges"  # as asked: "auto" | "ranges" | "dense"; lower_indexer decides "auto"
-    lowering: str = "inductor"  # what compiles the graph afterwards (indexer_mask="auto" depends on it)
+    # what compiles the graph afterwards ("export": torch.export / ONNX); indexer_mask="auto" and
+    # realize_rotary_table depend on it
+    lowering: str = "inductor"
     indexer_precision: str = "bf16"
     input_values: dict[str, Any] | None = None  # placeholder name -> the graph's example input (backend only)
 
@@ -105,13 +107,15 @@ def pipeline(ctx: PassContext) -> list[Pass]:
     from .fp8_key_cache import fp8_key_cache
     from .lower_indexer import lower_indexer
     from .lower_sparse_attention import lower_sparse_attention
+    from .realize_rotary_table import realize_rotary_table
 
     passes = [eliminate_dead_code, detect, bind_plan, connect_index_store, forward_indices, eliminate_dead_code,
               drop_shared_key_cache]
     if ctx.kernels:
         passes += [lower_indexer, *([fp8_key_cache] if ctx.indexer_precision == "fp8" else []),
                    *([lower_sparse_attention] if ctx.sparse_attention else []),
-                   *_decode_op_passes(ctx), drop_trivial_topk, eliminate_dead_code]
+                   *_decode_op_passes(ctx), drop_trivial_topk, eliminate_dead_code,
+                   *([realize_rotary_table] if ctx.lowering == "inductor" else [])]
     return passes
 
 

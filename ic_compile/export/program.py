@@ -134,11 +134,13 @@ def capture_rewritten(model, example_inputs, plan=None, *, dynamic_seq: bool = T
     kernels=True: F indexers are lowered to `ic::indexer_topk` first (as the backend does on CUDA), and
     that op is then exported through its standard-op decomposition, with the model's dense mask
     (indexer_mask="dense": exact for any mask; an ONNX graph could not raise on a non-range one). The
-    linears stay linears (merge_linears=False): ONNX and TensorRT have their own GEMMs."""
+    linears stay linears (merge_linears=False): ONNX and TensorRT have their own GEMMs; no Inductor-only
+    pass runs (lowering="export")."""
     captured = model if isinstance(model, CapturedModel) else capture_model(
         model, example_inputs, dynamic_seq=dynamic_seq, seq_dim=seq_dim)
     gm = captured.gm
-    result = rewrite(gm, plan, strict=True, kernels=kernels, indexer_mask="dense", merge_linears=False)
+    result = rewrite(gm, plan, strict=True, kernels=kernels, indexer_mask="dense", merge_linears=False,
+                     lowering="export")
     if require_indexer and not result.detection.matches:
         raise NoIndexerFoundError(f"cannot export with plan {plan!r}: {result.message}. Is this a DSA model? "
                                   "Without a lightning indexer there is nothing to share.")

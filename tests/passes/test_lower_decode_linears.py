@@ -96,7 +96,8 @@ def test_fp32_logits_of_a_bf16_weight_and_the_size_limit(monkeypatch):
     module, h = _RouterAndProjection(), torch.randn(1, 1, 64, dtype=torch.bfloat16)
     with torch.no_grad():
         want = module(h)
-        for limit, lowered in ((1 << 20, ["linear", "proj"]), (96 * 64 * 2 - 1, ["linear"])):  # the root module's linear: its node name
+        # the root module's own linear is named by its node ("linear"), the projection by its path
+        for limit, lowered in ((1 << 20, ["linear", "proj"]), (96 * 64 * 2 - 1, ["linear"])):
             monkeypatch.setattr(lower_decode_linears, "_LONE_MAX_BYTES", limit)
             graphs = []
 
