@@ -4,7 +4,7 @@
     python bench/e2e.py --part decode --length 200000 --plans F 1/4
     python bench/e2e.py --part prefill --length 200000 --plans F:fp8 1/4:fp8   # the fp8 indexer
     python bench/e2e.py --part decode --length 200000 --plans 1/4 --option moe_experts=false  # HF's experts
-    python bench/e2e.py --part decode --length 200000 --plans F 1/4 --without-lone-linears 1/4  # A/B
+    python bench/e2e.py --part decode --length 200000 --plans F 1/4 --without lone_linears 1/4  # A/B
     python bench/e2e.py --part prefill --length 200000 --plans 1/4 --layers 8 --profile  # time per kernel
 
 Plans: "F" (every layer keeps its indexer), "1/4" and "1/8" (uniform: layer i keeps it when i % 4 == 0,
@@ -48,12 +48,13 @@ from decode import kernel_profile, rewind  # noqa: E402
 from prefill import CONFIG, bf16_peak_tflops, build_model, save_result, time_ms, work_flops  # noqa: E402
 
 import ic_compile  # noqa: E402
-from ic_compile.passes import lower_decode_linears  # noqa: E402
+from ic_compile.passes import lower_decode_linears, realize_rotary_table  # noqa: E402
 from ic_compile.plan import LayerPlan  # noqa: E402
 
 LAYERS = 47  # GLM-4.7-Flash: 47 decoder layers, the first dense, then 64-expert MoE
 RESULT = pathlib.Path(__file__).resolve().parent / "results" / "e2e.json"
 LONE_MAX_BYTES = lower_decode_linears._LONE_MAX_BYTES
+REALIZE_OP = realize_rotary_table._realize_op
 
 
 def pattern(plan: str, layers: int = LAYERS) -> str:
@@ -136,10 +137,15 @@ def decode_row(model, cache, plan: str, L: int, layers: int, reps: int, extra: d
             **kernel_profile(step, reps, top=25)}
 
 
-def lone_gemvs(on: bool) -> None:
-    """Whether the decode graphs' lone one-token linears run in ic::multi_linear (the pass's private
-    size limit: 0 leaves them all to cuBLAS)."""
-    lower_decode_linears._LONE_MAX_BYTES = LONE_MAX_BYTES if on else 0
+def switch_off(feature: str | None) -> None:
+    """Turn one pass feature off for an A/B (through the passes' private knobs), the others on:
+    "lone_linears": the decode graphs' lone one-token linears stay cuBLAS's (the size limit 0);
+    "rotary_table": the rotary cos / sin stay fused into every layer's RoPE kernel (no realize op)."""
+    lower_decode_linears._LONE_MAX_BYTES = 0 if feature == "lone_linears" else LONE_MAX_BYTES
+    realize_rotary_table._realize_op = (lambda: None) if feature == "rotary_table" else REALIZE_OP
+
+
+FEATURES = ("lone_linears", "rotary_table")
 
 
 def pipelined_ms(step, steps: int) -> tuple[float, float]:
@@ -161,7 +167,7 @@ def pipelined_ms(step, steps: int) -> tuple[float, float]:
 def merged(out: pathlib.Path, rows: list[dict]) -> list[dict]:
     """Earlier rows of the results file, those with the same (part, L, plan, layers, regional, options) replaced."""
     key = lambda row: (row["part"], row["L"], row["plan"], row["layers"], row.get("regional", False),  # noqa: E731
-                       json.dumps(row.get("options", {}), sort_keys=True), row.get("lone_linears", True))
+                       json.dumps(row.get("options", {}), sort_keys=True), row.get("without"))
     old = json.loads(out.read_text())["rows"] if out.exists() else []
     new = {key(row) for row in rows}
     return [row for row in old if key(row) not in new] + rows
@@ -178,9 +184,9 @@ def main():
     parser.add_argument("--profile", action="store_true",
                         help="prefill: one more run under torch.profiler; the row gets gpu_ms, launches, top_kernels")
     parser.add_argument("--out", default=str(RESULT), help="JSON results file, rows merged (default: %(default)s)")
-    parser.add_argument("--without-lone-linears", nargs="*", default=[], metavar="PLAN",
-                        help="decode A/B: these plans again with passes/lower_decode_linears's lone one-token "
-                             "GEMVs left to cuBLAS (sibling groups still merged; rows say lone_linears: false)")
+    parser.add_argument("--without", nargs="+", action="append", default=[], metavar=("FEATURE", "PLAN"),
+                        help=f"A/B: the plans after FEATURE ({', '.join(FEATURES)}) again with that pass feature "
+                             "off (rows say without: FEATURE); repeatable")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=JSON",
                         help="another backend option for every row, e.g. moe_experts=false (rows keyed by them)")
     args = parser.parse_args()
@@ -189,9 +195,13 @@ def main():
     model = build_model(args.layers)
     cache = random_static_cache(model, args.length) if args.part == "decode" else None
     rows = []
-    variants = [(plan, True) for plan in args.plans] + [(plan, False) for plan in args.without_lone_linears]
-    for plan, lone in variants:
-        lone_gemvs(lone)
+    bad = [feature for feature, *_ in args.without if feature not in FEATURES]
+    if bad:
+        parser.error(f"--without {bad}: features are {FEATURES}")
+    variants = [(plan, None) for plan in args.plans] + [(plan, feature) for feature, *plans in args.without
+                                                        for plan in plans]
+    for plan, without in variants:
+        switch_off(without)
         try:
             if args.part == "prefill":
                 row = prefill_row(model, plan, args.length, args.layers, args.reps, peak, args.regional, extra,
@@ -202,8 +212,8 @@ def main():
             row = {"part": args.part, "L": args.length, "plan": plan, "layers": args.layers,
                    "regional": args.regional, "oom": str(exc)[:200]}
         row["options"], row["command"] = extra, " ".join(sys.argv)
-        if not lone:
-            row["lone_linears"] = False
+        if without:
+            row["without"] = without
         rows.append(row)
         print(json.dumps(row), flush=True)
         # saved after every row: a run cut at a time limit (each plan compiles for minutes) keeps its rows
