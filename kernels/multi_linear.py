@@ -1,7 +1,7 @@
 """Several linears of one few-token input in one launch (decode): y = x @ [W_0; W_1; ...]^T.
 
-Semantics: x [T,K], weights W_i [N_i,K] (nn.Linear weights, no bias, x's dtype; with an fp32 x also
-bf16/fp16 weights, read and upcast: a linear on W.float(), as HF's routers compute their logits) ->
+Semantics: x [T,K], weights W_i [N_i,K] (nn.Linear weights, no bias, all in x's dtype, or all bf16 /
+fp16 with an fp32 x, read and upcast: a linear on W.float(), as HF's routers compute their logits) ->
 [y_i], y_i = x @ W_i^T [T,N_i] in x's dtype (fresh contiguous tensors), each dot product summed in
 fp32 and rounded once.
 
@@ -98,10 +98,11 @@ def _check(x: torch.Tensor, weights: list[torch.Tensor]) -> None:
     bad = [tuple(w.shape) for w in weights if w.dim() != 2 or w.shape[1] != K]
     if bad:
         raise ValueError(f"multi_linear: weights {bad} are not [N,{K}] (nn.Linear weights of x's width {K})")
-    upcast = x.dtype == torch.float32 and all(w.dtype in (torch.bfloat16, torch.float16) for w in weights)
-    if any(w.dtype != x.dtype for w in weights) and not upcast:
-        raise ValueError(f"multi_linear: weights must be in x's dtype {x.dtype}, or bf16/fp16 with an fp32 x "
-                         f"(read and upcast), got {[w.dtype for w in weights]}")
+    dtypes = {w.dtype for w in weights}
+    (dtype,) = dtypes if len(dtypes) == 1 else (None,)
+    if dtype != x.dtype and not (x.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16)):
+        raise ValueError(f"multi_linear: the weights must share one dtype, x's ({x.dtype}) or, with an fp32 x, "
+                         f"bf16/fp16 (read and upcast); got {[w.dtype for w in weights]}")
 
 
 def multi_linear_triton(x: torch.Tensor, weights: list[torch.Tensor],

@@ -10,7 +10,8 @@ its output from the op's list (a fresh [T,N] tensor, viewed to the linear's shap
 What is taken: 2-D parameter weights of x's dtype (unit stride along K), or - x in fp32 - a bf16/fp16
 parameter upcast to fp32 in the graph (`linear(x.float(), W.float())`, how HF's MoE routers compute
 their logits; the op reads W and upcasts it itself, which is exact); x with at most
-kernels.multi_linear.MAX_TOKENS static rows. A linear with no sibling is taken alone when x has one
+kernels.multi_linear.MAX_TOKENS static rows. Linears are grouped by input and weight dtype (one
+launch reads one dtype). A linear with no sibling is taken alone when x has one
 row and its weight is at most _LONE_MAX_BYTES: there the op's one launch replaces cuBLAS's GEMV (and
 its split-K reduce: o_proj, K = 5120); a larger weight (the lm_head, 634 MB) is streamed by cuBLAS at
 copy speed and its launch is noise. A linear is a linear: no check run is needed beyond these
@@ -44,12 +45,12 @@ def lower_decode_linears(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
     """The pass: each group of mergeable linears of one input (>= 2, or a lone one-row GEMV up to
     _LONE_MAX_BYTES) -> `lowered_multi_linear` (ctx.report.decode_linears: each launch's module paths)."""
     import ic_compile.kernels.ops  # noqa: F401  registers torch.ops.ic.*
-    groups: dict[fx.Node, list[tuple[fx.Node, fx.Node]]] = {}
+    groups: dict[tuple[fx.Node, torch.dtype], list[tuple[fx.Node, fx.Node]]] = {}
     for node in gm.graph.nodes:
         weight = _mergeable_weight(node)
-        if weight is not None:
-            groups.setdefault(node.args[0], []).append((node, weight))
-    for x, linears in groups.items():
+        if weight is not None:  # one launch reads one weight dtype
+            groups.setdefault((node.args[0], example_value(weight).dtype), []).append((node, weight))
+    for (x, _), linears in groups.items():
         if len(linears) >= 2 or _lone_gemv(x, linears[0][1]):
             _replace(gm, x, linears)
             ctx.report.decode_linears.append([module_path(n) or n.name for n, _ in linears])

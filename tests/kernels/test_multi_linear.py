@@ -80,6 +80,8 @@ def test_rejects_what_the_kernel_does_not_take():
         multi_linear(x, [weights[0], weights[1][:, :-1]], use_triton=False)
     with pytest.raises(ValueError, match="dtype"):
         multi_linear(x.bfloat16(), [weights[0].bfloat16(), weights[1]], use_triton=False)  # no linear is that
+    with pytest.raises(ValueError, match="share one dtype"):
+        multi_linear(x, [weights[0].bfloat16(), weights[1]], use_triton=False)  # one launch reads one dtype
     with pytest.raises(ValueError, match="at least one weight"):
         multi_linear(x, [], use_triton=False)
     with pytest.raises(ValueError, match="unit stride"):

@@ -76,20 +76,24 @@ def test_one_token_takes_lone_linears():
 
 
 class _RouterAndProjection(nn.Module):
-    """A router's fp32 logits of a bf16 weight (HF: linear(h.float(), W.float())) and a bf16 projection."""
+    """A router's fp32 logits of a bf16 weight (HF: linear(h.float(), W.float())), an fp32 linear of the
+    same fp32 input (another weight dtype: its own launch) and a bf16 projection."""
 
     def __init__(self, width=64, experts=8, rows=96):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(experts, width, dtype=torch.bfloat16))
+        self.fp32_proj = nn.Linear(width, 16, bias=False)
         self.proj = nn.Linear(width, rows, bias=False, dtype=torch.bfloat16)
 
-    def forward(self, h):  # h [1,1,width] bf16 -> [1,experts] fp32, [1,1,rows] bf16
-        return F.linear(h.reshape(-1, h.shape[-1]).float(), self.weight.float()), self.proj(h)
+    def forward(self, h):  # h [1,1,width] bf16 -> [1,experts] fp32, [1,16] fp32, [1,1,rows] bf16
+        h32 = h.reshape(-1, h.shape[-1]).float()
+        return F.linear(h32, self.weight.float()), self.fp32_proj(h32), self.proj(h)
 
 
 def test_fp32_logits_of_a_bf16_weight_and_the_size_limit(monkeypatch):
     """The pass on Dynamo's graph of the module: the op reads the bf16 router weight and upcasts it
-    (the same fp32 sums as the module's); a lone weight above the size limit keeps cuBLAS."""
+    (the same fp32 sums as the module's), the fp32 weight of the same input goes to a launch of its own;
+    a lone weight above the size limit keeps cuBLAS."""
     from ic_compile.passes.lower_indexer import LoweringReport
     from ic_compile.passes.manager import PassContext
 
@@ -97,7 +101,7 @@ def test_fp32_logits_of_a_bf16_weight_and_the_size_limit(monkeypatch):
     with torch.no_grad():
         want = module(h)
         # the root module's own linear is named by its node ("linear"), the projection by its path
-        for limit, lowered in ((1 << 20, ["linear", "proj"]), (96 * 64 * 2 - 1, ["linear"])):
+        for limit, lowered in ((1 << 20, ["fp32_proj", "linear", "proj"]), (96 * 64 * 2 - 1, ["fp32_proj", "linear"])):
             monkeypatch.setattr(lower_decode_linears, "_LONE_MAX_BYTES", limit)
             graphs = []
 
@@ -116,4 +120,5 @@ def test_fp32_logits_of_a_bf16_weight_and_the_size_limit(monkeypatch):
                 torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
             ((gm, groups),) = graphs
             assert sorted(path.rsplit(".", 1)[-1] for group in groups for path in group) == lowered, groups
-            assert len(_linears_left(gm)) == 2 - len(lowered)
+            assert all(len(group) == 1 for group in groups)  # fp32 and bf16 weights of h32: two launches
+            assert len(_linears_left(gm)) == 3 - len(lowered)
