@@ -30,7 +30,7 @@ Inductor lowering.
     price of Python between layers. Rows say which ("regional": true). Not at 200K: HF builds the
     causal mask eagerly outside the layers, a [L, L] bool (37.25 GiB at 200K, out of memory on an
     H100), which the whole-model graph never materialises.
-Rows are merged into the results file by (part, L, plan, layers, regional, --option values), so the
+Rows are merged into the results file by (part, L, plan, layers, regional, --option values, --without feature), so the
 parts can run in separate calls.
 The bf16 limit of a prefill = its counted FLOPs (bench/prefill.py's work_flops) / the in-run matmul peak.
 """
@@ -165,7 +165,8 @@ def pipelined_ms(step, steps: int) -> tuple[float, float]:
 
 
 def merged(out: pathlib.Path, rows: list[dict]) -> list[dict]:
-    """Earlier rows of the results file, those with the same (part, L, plan, layers, regional, options) replaced."""
+    """Earlier rows of the results file, those with the same (part, L, plan, layers, regional, options,
+    without) replaced."""
     key = lambda row: (row["part"], row["L"], row["plan"], row["layers"], row.get("regional", False),  # noqa: E731
                        json.dumps(row.get("options", {}), sort_keys=True), row.get("without"))
     old = json.loads(out.read_text())["rows"] if out.exists() else []
@@ -190,14 +191,14 @@ def main():
     parser.add_argument("--option", action="append", default=[], metavar="KEY=JSON",
                         help="another backend option for every row, e.g. moe_experts=false (rows keyed by them)")
     args = parser.parse_args()
+    bad = [feature for feature, *_ in args.without if feature not in FEATURES]
+    if bad:
+        parser.error(f"--without {bad}: features are {FEATURES}")
     extra = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.option)}
     peak = bf16_peak_tflops()
     model = build_model(args.layers)
     cache = random_static_cache(model, args.length) if args.part == "decode" else None
     rows = []
-    bad = [feature for feature, *_ in args.without if feature not in FEATURES]
-    if bad:
-        parser.error(f"--without {bad}: features are {FEATURES}")
     variants = [(plan, None) for plan in args.plans] + [(plan, feature) for feature, *plans in args.without
                                                         for plan in plans]
     for plan, without in variants:
