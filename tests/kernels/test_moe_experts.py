@@ -70,12 +70,17 @@ def _hf_experts(E, H, I, k, dtype, impl):
 
     config = GlmMoeDsaConfig(hidden_size=H, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=k)
     config._experts_implementation = impl
-    module = GlmMoeDsaExperts(config)
-    gate_up, down = _weights(E, H, I, torch.float32)
+    return _with_random_weights(GlmMoeDsaExperts(config)).to(dtype)
+
+
+def _with_random_weights(experts):
+    """An HF experts module (fp32) with _weights' random gate_up [E,2I,H] and down [E,H,I] copied in."""
+    gate_up, down = _weights(experts.gate_up_proj.shape[0], experts.gate_up_proj.shape[2],
+                             experts.down_proj.shape[2], torch.float32)
     with torch.no_grad():
-        module.gate_up_proj.copy_(gate_up)
-        module.down_proj.copy_(down)
-    return module.to(dtype)
+        experts.gate_up_proj.copy_(gate_up)
+        experts.down_proj.copy_(down)
+    return experts
 
 
 def _hf_routing(T, k, E, impl):
@@ -116,12 +121,7 @@ def test_reference_matches_hf_deepseek_v4(dtype, request):
     config = DeepseekV4Config(hidden_size=H, intermediate_size=I, n_routed_experts=E, num_experts_per_tok=k,
                               swiglu_limit=limit)
     config._experts_implementation = "eager"
-    module = DeepseekV4Experts(config)
-    gate_up, down = _weights(E, H, I, torch.float32)
-    with torch.no_grad():
-        module.gate_up_proj.copy_(gate_up)
-        module.down_proj.copy_(down)
-    module = module.to(dtype)
+    module = _with_random_weights(DeepseekV4Experts(config)).to(dtype)
     idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
     w = _topk_weights(idx, E, torch.float32)
     x = (4 * torch.randn(T, H)).to(dtype)
@@ -150,10 +150,7 @@ def test_reference_with_shared_matches_hf_moe(dtype, request):
                              n_shared_experts=n_shared)
     config._experts_implementation = "eager"
     moe = GlmMoeDsaMoE(config)
-    gate_up, down = _weights(E, H, I, torch.float32)
-    with torch.no_grad():
-        moe.experts.gate_up_proj.copy_(gate_up)
-        moe.experts.down_proj.copy_(down)
+    _with_random_weights(moe.experts)
     moe = moe.to(dtype)
     idx = _hf_routing(T, k, E, "eager")
     w = _topk_weights(idx, E, torch.float32, sentinel_value=0.0)
