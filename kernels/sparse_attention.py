@@ -414,14 +414,16 @@ def _combine_project(o: torch.Tensor, lse: torch.Tensor, v_proj: torch.Tensor) -
 
 
 # Each program of the merge + projection re-merges its head's whole row (P x Dv fp32 partials, 128 KB
-# at 64 splits x 512) for BLOCK_V output columns: taller blocks re-read less, shorter ones spread
-# over more SMs; the tallest that still gives one program per SM.
+# at 64 splits x 512, from L2) for BLOCK_V output columns: shorter blocks spread over more SMs but
+# multiply those re-reads (GLM decode, 20 heads x 256 columns: 10 MB in all at BLOCK_V 128, 15 at 64,
+# 26 at 32). Modelled, not yet timed (bench/sweep_sparse_mla.py --value-projection): the tallest
+# block that still gives a program to every other SM.
 _PROJECT_BLOCK_VS = (128, 64, 32, 16)
 _PROJECT_BLOCK_C = 64
 
 
 def _project_block_v(rows: int, d_out: int, device: torch.device) -> int:
-    return next((bv for bv in _PROJECT_BLOCK_VS if rows * cdiv(d_out, bv) >= num_sms(device)),
+    return next((bv for bv in _PROJECT_BLOCK_VS if 2 * rows * cdiv(d_out, bv) >= num_sms(device)),
                 _PROJECT_BLOCK_VS[-1])
 
 
