@@ -360,8 +360,9 @@ def _launch(
     v_from_k = Dv == d_a and v.data_ptr() == k.data_ptr() and v.stride() == k.stride()
     programs_per_block_h = B * S * Hk  # x head blocks (BLOCK_H is tuned)
     splits = num_splits or _default_splits(programs_per_block_h * cdiv(G, 64), K, q.device)
-    out = new_output((B, S, Hq, Dv), q.dtype, q.device)
-    if splits > 1:  # fp32 partials + log-sum-exps, merged into `out` by _combine_splits
+    project_in_merge = splits > 1 and v_proj is not None and v_proj.dtype == q.dtype
+    out = None if project_in_merge else new_output((B, S, Hq, Dv), q.dtype, q.device)
+    if splits > 1:  # fp32 partials + log-sum-exps, merged into `out` by _combine_splits (or projected)
         o = new_output((B, S, Hq, splits, Dv), torch.float32, q.device)
         lse = new_output((B, S, Hq, splits), torch.float32, q.device)
         o_strides, lse_strides = o.stride(), lse.stride()
@@ -388,7 +389,7 @@ def _launch(
         launch_config(_jit_kernel(), grid, args, consts, config)
     else:
         _tuned_kernel(d_a + d_b, G)[grid](*args, **consts)
-    if splits > 1 and v_proj is not None and v_proj.dtype == out.dtype:
+    if project_in_merge:
         return _combine_project(o, lse, v_proj)
     if splits > 1:
         _combine_splits(o, lse, out)
@@ -500,4 +501,4 @@ def sparse_mla(
     return sparse_mla_ref(q, kv, indices, scale, dv, causal, rope, q_rope, v_proj)
 
 
-__all__ = ["sparse_attention", "sparse_mla", "sparse_attention_triton", "sparse_mla_triton", "project_values", "HAS_TRITON"]
+__all__ = ["sparse_attention", "sparse_mla", "sparse_attention_triton", "sparse_mla_triton", "HAS_TRITON"]
