@@ -122,7 +122,10 @@ def indexcache_backend(gm: fx.GraphModule, example_inputs, options: dict | None 
     opts = BackendOptions.parse(options)
     use_kernels = opts.kernels if opts.kernels != "auto" else _on_cuda(example_inputs)
     if use_kernels and _needs_gradients(example_inputs):
-        _warn_kernels_need_no_grad(opts.kernels)
+        _warn_kernels_off(opts.kernels, _WITH_GRADIENTS)
+        use_kernels = False
+    if use_kernels and _under_autocast(gm, example_inputs):
+        _warn_kernels_off(opts.kernels, _UNDER_AUTOCAST)
         use_kernels = False
     result = rewrite(gm, opts.plan, strict=opts.strict, kernels=bool(use_kernels) and _runs_custom_ops(opts.lowering),
                      sparse_attention=opts.sparse_attention, moe_experts=opts.moe_experts,
@@ -183,16 +186,30 @@ def _needs_gradients(example_inputs) -> bool:
     return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
 
 
-_warned_kernels_grad = False
+# The reasons a graph runs without our kernels, each warned once per process with what to do.
+_WITH_GRADIENTS = ("is compiled with gradients on; our kernels (ic::*) have no backward, so it runs the plan with "
+                   "the model's own ops. Run inference under torch.no_grad() or torch.inference_mode() to get the "
+                   "kernels.")
+_UNDER_AUTOCAST = ("runs under torch.autocast; our kernels (ic::*) compute in their inputs' dtypes and have no "
+                   "autocast rules, so it runs the plan with the model's own ops. Cast the model instead "
+                   "(model.to(torch.bfloat16)) to get the kernels.")
+_warned_kernels_off: set[str] = set()
 
 
-def _warn_kernels_need_no_grad(asked) -> None:
-    global _warned_kernels_grad
-    if not _warned_kernels_grad:
-        _warned_kernels_grad = True
-        warnings.warn(f"indexcache: kernels={asked!r}, but this graph is compiled with gradients on; our "
-                      "kernels (ic::*) have no backward, so it runs the plan with the model's own ops. Run "
-                      "inference under torch.no_grad() or torch.inference_mode() to get the kernels.", stacklevel=3)
+def _warn_kernels_off(asked, why: str) -> None:
+    if why not in _warned_kernels_off:
+        _warned_kernels_off.add(why)
+        warnings.warn(f"indexcache: kernels={asked!r}, but this graph {why}", stacklevel=3)
+
+
+def _under_autocast(gm: fx.GraphModule, example_inputs) -> bool:
+    """Does this graph run with autocast on: the caller's (Dynamo guards on it, so a call without
+    autocast gets its own graph) for an input's device, or one the model enters itself?"""
+    devices = {x.device.type for x in example_inputs if isinstance(x, torch.Tensor)} | {"cpu", "cuda"}
+    if any(torch.amp.is_autocast_available(d) and torch.is_autocast_enabled(d) for d in devices):
+        return True
+    return any(n.op == "call_function" and getattr(n.target, "__name__", "") == "_enter_autocast"
+               and len(n.args) > 2 and n.args[2] is True for n in gm.graph.nodes)
 
 
 def _on_cuda(example_inputs) -> bool:

@@ -88,7 +88,7 @@ def _absorbed_mla(q, latent, rope, weight, indices, scale, nope_dim: int):
     q_rope = q[..., nope_dim:].transpose(1, 2)  # [B,S,H,dr]
     # key row = [latent | rope], read by the op from both buffers ([B,T,Dl], [B,T,dr]): no cache copy;
     # query row = [q_latent | q_rope] likewise (a cat would be a [B,S,H,Dl+dr] copy: 4.3 GiB at 200K)
-    if not _PROJECT_IN_OP:
+    if not _PROJECT_IN_OP or weight.dtype != q_latent.dtype:  # a weight of another dtype: the einsum as before
         out_latent = torch.ops.ic.sparse_mla(q_latent, latent[:, 0], indices, float(scale), latent_dim, True,
                                              rope[:, 0], q_rope)  # [B,S,H,Dl]
         return torch.einsum("bshc,hvc->bhsv", out_latent, weight[:, nope_dim:])  # [B,H,S,dv]

@@ -147,16 +147,57 @@ def test_explain_with_cache_reports_dropped_key_cache():
     assert report.key_cache_dropped == [1, 2] and report.key_cache_kept == []
 
 
+def _kernels_asked(monkeypatch):
+    """(model, HF's FSFS plan of it, the model compiled with kernels=True), the backend's one-time
+    warnings re-armed."""
+    monkeypatch.setattr(ic_compile.backend, "_warned_kernels_off", set())
+    model = glm()
+    torch._dynamo.reset()
+    ic_compile.backend.last_results.clear()
+    run = torch.compile(model, backend="indexcache", options={"plan": "FSFS", "lowering": "eager", "kernels": True})
+    return model, glm_with_plan(model, "FSFS"), run
+
+
+def test_kernels_under_autocast_fall_back_loudly(monkeypatch):
+    """kernels=True called under torch.autocast: our ops have no autocast rules (the CPU references
+    raised on the bf16 logits autocast made), so the graph keeps the model's own ops with one warning
+    saying why; prefill and decode equal HF's own plan under the same autocast."""
+    model, oracle, run = _kernels_asked(monkeypatch)
+    ids, more = random_ids(batch=1, seq=12), random_ids(batch=1, seq=8, seed=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(UserWarning, match="under torch.autocast"):
+        got = prefill_and_decode(run, ids, more)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = prefill_and_decode(oracle, ids, more)[0]
+    results = [r for r in ic_compile.backend.last_results if r.changed]
+    assert results and not any(r.kernels.lowered or r.kernels.decode_linears for r in results)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g, w)
+
+
+def test_autocast_entered_in_the_graph_is_seen():
+    """A model that enters autocast itself (a node of the traced graph) counts too; one that turns it
+    off (HF's rotary embedding does) does not."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append((gm, example_inputs))
+        return gm.forward
+
+    def inner(x, enabled):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            return x @ x
+
+    for enabled in (True, False):
+        torch.compile(lambda x: inner(x, enabled), backend=capture)(torch.randn(4, 4))
+    assert [ic_compile.backend._under_autocast(gm, ex) for gm, ex in graphs] == [True, False]
+
+
 def test_kernels_with_gradients_fall_back_loudly(monkeypatch):
     """kernels=True in a graph compiled with gradients on (training): our ops have no backward, so the
     graph keeps the model's own ops (the plan still applies), with one warning saying why; the
     gradients equal those of HF's own plan."""
-    monkeypatch.setattr(ic_compile.backend, "_warned_kernels_grad", False)
-    model = glm()
-    oracle = glm_with_plan(model, "FSFS")
-    torch._dynamo.reset()
-    ic_compile.backend.last_results.clear()
-    run = torch.compile(model, backend="indexcache", options={"plan": "FSFS", "lowering": "eager", "kernels": True})
+    model, oracle, run = _kernels_asked(monkeypatch)
     ids = random_ids(batch=1, seq=3)  # few enough rows that the decode-only ops would be used
     with pytest.warns(UserWarning, match="compiled with gradients on"):
         run(ids, use_cache=False).logits.sum().backward()
