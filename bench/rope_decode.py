@@ -30,13 +30,12 @@ def cos_sin(position, inv_freq):
     return emb.cos().bfloat16(), emb.sin().bfloat16()
 
 
-def rope_in_layer(q, k, position, inv_freq):  # the trig fused into the layer's kernel
-    cos, sin = cos_sin(position, inv_freq)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-
-
 def rope_given(q, k, cos, sin):  # the trig computed once, outside
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def rope_in_layer(q, k, position, inv_freq):  # the trig fused into the layer's kernel
+    return rope_given(q, k, *cos_sin(position, inv_freq))
 
 
 def main():

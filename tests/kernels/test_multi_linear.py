@@ -1,6 +1,7 @@
 """kernels/multi_linear.py (the Triton kernel in the interpreter) == reference.multi_linear_ref == a
 linear per weight: one to six weights (more than one launch group), row tails, 1-4 tokens, a strided
-x, half weights upcast for an fp32 x; inputs the kernel does not take are refused with the reason; the custom op's schema and fake."""
+x, half weights upcast for an fp32 x; inputs the kernel does not take are refused with the reason;
+the custom op's schema and fake."""
 
 import pytest
 import torch
