@@ -48,14 +48,13 @@ from decode import kernel_profile, rewind  # noqa: E402
 from prefill import CONFIG, bf16_peak_tflops, build_model, save_result, time_ms, work_flops  # noqa: E402
 
 import ic_compile  # noqa: E402
-from ic_compile.passes import lower_decode_linears, lower_sparse_attention, realize_rotary_table  # noqa: E402
+from ic_compile.passes import lower_decode_linears, realize_rotary_table  # noqa: E402
 from ic_compile.plan import LayerPlan  # noqa: E402
 
 LAYERS = 47  # GLM-4.7-Flash: 47 decoder layers, the first dense, then 64-expert MoE
 RESULT = pathlib.Path(__file__).resolve().parent / "results" / "e2e.json"
 LONE_MAX_BYTES = lower_decode_linears._LONE_MAX_BYTES
 REALIZE_OP = realize_rotary_table._realize_op
-PROJECT_IN_OP = lower_sparse_attention._PROJECT_IN_OP
 
 
 def pattern(plan: str, layers: int = LAYERS) -> str:
@@ -141,14 +140,12 @@ def decode_row(model, cache, plan: str, L: int, layers: int, reps: int, extra: d
 def switch_off(feature: str | None) -> None:
     """Turn one pass feature off for an A/B (through the passes' private knobs), the others on:
     "lone_linears": the decode graphs' lone one-token linears stay cuBLAS's (the size limit 0);
-    "rotary_table": the rotary cos / sin stay fused into every layer's RoPE kernel (no realize op);
-    "value_projection": MLA's value up-projection is an einsum after ic::sparse_mla, not in its merge."""
+    "rotary_table": the rotary cos / sin stay fused into every layer's RoPE kernel (no realize op)."""
     lower_decode_linears._LONE_MAX_BYTES = 0 if feature == "lone_linears" else LONE_MAX_BYTES
     realize_rotary_table._realize_op = (lambda: None) if feature == "rotary_table" else REALIZE_OP
-    lower_sparse_attention._PROJECT_IN_OP = feature != "value_projection" and PROJECT_IN_OP
 
 
-FEATURES = ("lone_linears", "rotary_table", "value_projection")
+FEATURES = ("lone_linears", "rotary_table")
 
 
 def pipelined_ms(step, steps: int) -> tuple[float, float]:

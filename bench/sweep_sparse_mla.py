@@ -3,17 +3,12 @@
     python bench/sweep_sparse_mla.py --length 16384 --heads 20 64 --out sweep.json
     python bench/sweep_sparse_mla.py --heads 20 --block-h 32 --block-k 64 128 --warps 4 --stages 2 3
     python bench/sweep_sparse_mla.py --decode-splits 8 16 32 64 --length 200000 --heads 20 --out ''
-    python bench/sweep_sparse_mla.py --decode-splits 64 --block-h 32 --block-k 32 --warps 4 --stages 2 \
-        --heads 20 --length 200000 --value-projection 128 64 32 16 --out ''
 
 Indices: the indexer's own top-k of random bf16 q/k (as in a model), not a synthetic stride.
 Prints ms and TFLOP/s (FLOPs = L*k*H*(576+512)*2) per config, best first.
 --decode-splits: one query at position L (decode, B = 1) instead, latent and rope in two cache buffers
 as the lowering passes them, per config x split count, replayed from a CUDA graph (what a served
 decode step pays; no launch cost), against the time to read the selected rows once at copy bandwidth.
---value-projection BLOCK_V...: the decode rows also time the op with MLA's value up-projection (GLM's
-kv_b_proj value half, [H, 256, 512]) in its split merge at each merge block height, against the op
-followed by the einsum it replaces (us_project_in_op vs us_project_after).
 """
 import argparse
 import json
@@ -24,8 +19,7 @@ import triton
 import triton.testing
 
 from ic_compile.kernels.indexer_topk import indexer_topk
-from ic_compile.kernels import sparse_attention
-from ic_compile.kernels.reference import project_values, sparse_mla_ref
+from ic_compile.kernels.reference import sparse_mla_ref
 from ic_compile.kernels.sparse_attention import sparse_mla_triton
 
 DQK, DV, TOPK = 576, 512, 2048
@@ -57,8 +51,6 @@ def main():
     ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4])
     ap.add_argument("--decode-splits", type=int, nargs="*", default=[],
                     help="sweep decode (one query) with these num_splits instead of prefill")
-    ap.add_argument("--value-projection", type=int, nargs="*", default=[], metavar="BLOCK_V",
-                    help="decode: also time the value up-projection in the merge at these block heights")
     ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results" / "sweep_sparse_mla.json"),
         help="JSON report, overwritten (default: %(default)s; '' = print only)")
     args = ap.parse_args()
@@ -106,14 +98,11 @@ def decode_sweep(args):
             for splits in args.decode_splits:
                 row = {"H": H, **cfg.kwargs, "warps": cfg.num_warps, "stages": cfg.num_stages, "splits": splits}
                 try:
-                    fn = lambda v_proj=None: sparse_mla_triton(  # noqa: E731
-                        q[..., :DV], latent, idx, DQK ** -0.5, DV, num_splits=splits, config=cfg, rope=rope,
-                        q_rope=q[..., DV:], v_proj=v_proj)
+                    fn = lambda: sparse_mla_triton(q[..., :DV], latent, idx, DQK ** -0.5, DV,  # noqa: E731
+                                                   num_splits=splits, config=cfg, rope=rope, q_rope=q[..., DV:])
                     row["max_abs_diff_vs_ref"] = (fn().float() - want.float()).abs().max().item()
                     row["graph_us"] = 1e3 * triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median")
                     row["floor_us"] = 1e3 * floor_ms
-                    if args.value_projection:
-                        row.update(projection_times(fn, want, H, args.value_projection))
                 except Exception as exc:  # out of shared memory / registers: skip
                     row["error"] = type(exc).__name__
                 rows.append(row)
@@ -121,25 +110,6 @@ def decode_sweep(args):
         print(json.dumps(best, indent=None), flush=True)
     if args.out:
         open(args.out, "w").write(json.dumps({"length": L, "decode": True, "rows": rows}, indent=1))
-
-
-def projection_times(fn, want, H: int, block_vs: list[int]) -> dict:
-    """The op + einsum vs the op projecting in its merge, per merge block height (CUDA-graph us)."""
-    v_proj = (torch.randn(H, 192 + 256, DV, device="cuda") * DV ** -0.5).bfloat16()[:, 192:]  # [H, 256, 512]
-    times = {"us_project_after": 1e3 * triton.testing.do_bench_cudagraph(
-        lambda: project_values(fn(), v_proj), rep=30, return_mode="median")}
-    want = project_values(want, v_proj).float()
-    saved = sparse_attention._PROJECT_BLOCK_VS
-    try:
-        for block_v in block_vs:
-            sparse_attention._PROJECT_BLOCK_VS = (block_v,)
-            fused = lambda: fn(v_proj=v_proj)  # noqa: E731
-            times[f"us_project_in_op_{block_v}"] = 1e3 * triton.testing.do_bench_cudagraph(
-                fused, rep=30, return_mode="median")
-            times[f"max_abs_diff_in_op_{block_v}"] = (fused().float() - want).abs().max().item()
-    finally:
-        sparse_attention._PROJECT_BLOCK_VS = saved
-    return times
 
 
 if __name__ == "__main__":

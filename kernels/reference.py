@@ -230,10 +230,8 @@ def sparse_mla_ref(
     causal: bool = True,
     rope: torch.Tensor | None = None,
     q_rope: torch.Tensor | None = None,
-    v_proj: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """MLA absorbed-form sparse attention (FlashMLA sparse mode). Returns [B,S,H,dv], or with v_proj
-    [H,Dout,dv] each head's row projected by its matrix: [B,S,H,Dout] (project_values).
+    """MLA absorbed-form sparse attention (FlashMLA sparse mode). Returns [B,S,H,dv].
 
     q [B,S,H,Dl+Dr], kv [B,T,Dl+Dr] (one latent row per token, shared by all heads),
     key = kv row, value = kv[..., :dv] (gathered once, with the key).
@@ -244,15 +242,7 @@ def sparse_mla_ref(
         kv = torch.cat((kv, rope), dim=-1)  # [B,T,Dl+Dr] (the reference: a copy is fine)
     if q_rope is not None:
         q = torch.cat((q, q_rope), dim=-1)  # [B,S,H,Dl+Dr]
-    out = _sparse_attention_chunked(q, kv[:, :, None, :], None, dv, indices, scale, causal)
-    return out if v_proj is None else project_values(out, v_proj)
-
-
-def project_values(out: torch.Tensor, v_proj: torch.Tensor) -> torch.Tensor:
-    """MLA's value up-projection of absorbed attention rows: out [B,S,H,Dv] (rounded to its dtype),
-    v_proj [H,Dout,Dv] (kv_b_proj's value half per head) -> [B,S,H,Dout], contiguous (the op's
-    fake promises it; einsum may hand back a permuted layout)."""
-    return torch.einsum("bshc,hvc->bshv", out, v_proj).contiguous()
+    return _sparse_attention_chunked(q, kv[:, :, None, :], None, dv, indices, scale, causal)
 
 
 def moe_experts_ref(

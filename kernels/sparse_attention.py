@@ -23,10 +23,6 @@ launch, one program per (query, head, value chunk)) merges them. At decode the s
 bound by their own tensor-core work (~2.7 us per 64-key block at 20 heads on an H100), so many short
 splits win, and their combine must be spread over many programs: done by the last split alone (an
 earlier design, one launch) it cost about as much as the attention.
-MLA with `v_proj` (kv_b_proj's value half, [H, Dout, Dl]): the merge also applies each head's value
-up-projection (`_combine_project_kernel`), so at decode the absorbed attention's output product
-needs no launch of its own (a cuBLAS batched GEMV of ~3.8 us on an H100 per layer, plus its gap);
-unsplit (prefill) the projection is a torch einsum after the kernel.
 """
 from __future__ import annotations
 
@@ -37,7 +33,6 @@ from ._triton_utils import (
     cdiv,
     dot_precision,
     interpreting,
-    jit_helper,
     launch_config,
     launch_interpreted,
     new_output,
@@ -48,7 +43,7 @@ from ._triton_utils import (
     upcast_dots,
     use_triton_for,
 )
-from .reference import project_values, sparse_attention_ref, sparse_mla_ref
+from .reference import sparse_attention_ref, sparse_mla_ref
 
 LOG2E = 1.4426950408889634
 
@@ -167,26 +162,6 @@ def _sparse_attention_kernel(
         tl.store(lse_row + split * sl_split, lse, mask=h_ok)
 
 
-@jit_helper
-def _split_row(o_ptr, lse_ptr, S, Hq, so_b, so_s, so_h, sl_b, sl_s, sl_h, sl_split, num_splits,
-               SPLIT_PAD: tl.constexpr):
-    """This program's (b, s, h) row (program_id(0) = (b * S + s) * Hq + h): its partials' base pointer,
-    the split index and mask, the split weights w_p = 2^(lse_p - max_p lse_p) ([SPLIT_PAD]; an empty
-    split: lse -inf, weight 0) and their sum (1 where no split has a valid key: zeros stay zeros)."""
-    row = tl.program_id(0)
-    h = row % Hq
-    s = ((row // Hq) % S).to(tl.int64)
-    b = (row // (Hq * S)).to(tl.int64)
-    sp = tl.arange(0, SPLIT_PAD)
-    sp_ok = sp < num_splits
-    lse = tl.load(lse_ptr + b * sl_b + s * sl_s + h * sl_h + sp * sl_split, mask=sp_ok, other=float("-inf"))
-    lse_max = tl.max(lse, axis=0)
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    weight = tl.math.exp2(lse - lse_max)  # [SPLIT_PAD]
-    denom = tl.sum(weight, axis=0)
-    return b, s, h, o_ptr + b * so_b + s * so_s + h * so_h, sp, sp_ok, weight, tl.where(denom > 0.0, denom, 1.0)
-
-
 def _combine_splits_kernel(
     o_ptr, lse_ptr, out_ptr, S, Hq, DV, num_splits,
     so_b, so_s, so_h, so_split, so_d,
@@ -197,47 +172,27 @@ def _combine_splits_kernel(
     """out[b,s,h,d] = sum_p w_p o[b,s,h,p,d] / sum_p w_p, w_p = 2^(lse_p - max_p lse_p), for one
     (b, s, h) and BLOCK_D value columns (an empty split: lse -inf, weight 0; no valid key anywhere:
     zeros)."""
-    b, s, h, o_row, sp, sp_ok, weight, denom = _split_row(o_ptr, lse_ptr, S, Hq, so_b, so_s, so_h, sl_b, sl_s, sl_h,
-                                                          sl_split, num_splits, SPLIT_PAD)
+    row = tl.program_id(0)  # (b * S + s) * Hq + h
+    h = row % Hq
+    s = ((row // Hq) % S).to(tl.int64)
+    b = (row // (Hq * S)).to(tl.int64)
+    o_row = o_ptr + b * so_b + s * so_s + h * so_h
+    lse_row = lse_ptr + b * sl_b + s * sl_s + h * sl_h
     out_row = out_ptr + b * sf_b + s * sf_s + h * sf_h
+    sp = tl.arange(0, SPLIT_PAD)
+    sp_ok = sp < num_splits
+    lse = tl.load(lse_row + sp * sl_split, mask=sp_ok, other=float("-inf"))  # [SPLIT_PAD]
+    lse_max = tl.max(lse, axis=0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    weight = tl.math.exp2(lse - lse_max)  # [SPLIT_PAD]
+    denom = tl.sum(weight, axis=0)
+    denom = tl.where(denom > 0.0, denom, 1.0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < DV
     part = tl.load(o_row + sp[:, None] * so_split + d[None, :] * so_d, mask=sp_ok[:, None] & d_ok[None, :],
                    other=0.0)  # [SPLIT_PAD, BLOCK_D]
     acc = tl.sum(part * weight[:, None], axis=0)  # [BLOCK_D]
     tl.store(out_row + d * sf_d, (acc / denom).to(out_ptr.dtype.element_ty), mask=d_ok)
-
-
-def _combine_project_kernel(
-    o_ptr, lse_ptr, w_ptr, out_ptr, S, Hq, DV, DOUT, num_splits,
-    so_b, so_s, so_h, so_split, so_d,
-    sl_b, sl_s, sl_h, sl_split,
-    sw_h, sw_v, sw_c,
-    sf_b, sf_s, sf_h, sf_d,
-    SPLIT_PAD: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """out[b,s,h,v] = sum_c W[h,v,c] * a[c], a = the merged attention row of (b, s, h) as
-    _combine_splits_kernel writes it (rounded to out's dtype), for BLOCK_V output columns: MLA's
-    value up-projection (kv_b_proj's value half) applied where the split partials are merged, so the
-    latent output row never goes to memory and the projection needs no launch of its own."""
-    b, s, h, o_row, sp, sp_ok, weight, denom = _split_row(o_ptr, lse_ptr, S, Hq, so_b, so_s, so_h, sl_b, sl_s, sl_h,
-                                                          sl_split, num_splits, SPLIT_PAD)
-    v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)  # [BLOCK_V]
-    v_ok = v < DOUT
-    w_rows = w_ptr + h.to(tl.int64) * sw_h + v.to(tl.int64) * sw_v  # [BLOCK_V]
-    acc = tl.zeros((BLOCK_V, BLOCK_C), tl.float32)
-    for c0 in range(0, DV, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = c < DV
-        part = tl.load(o_row + sp[:, None] * so_split + c[None, :] * so_d, mask=sp_ok[:, None] & c_ok[None, :],
-                       other=0.0)  # [SPLIT_PAD, BLOCK_C]
-        # the merged row as _combine_splits_kernel rounds it ([BLOCK_C])
-        a = (tl.sum(part * weight[:, None], axis=0) / denom).to(out_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(w_rows[:, None] + c[None, :] * sw_c, mask=v_ok[:, None] & c_ok[None, :], other=0.0)
-        acc += w.to(tl.float32) * a[None, :]
-    y = tl.sum(acc, axis=1)  # [BLOCK_V]
-    out_row = out_ptr + b * sf_b + s * sf_s + h * sf_h
-    tl.store(out_row + v * sf_d, y.to(out_ptr.dtype.element_ty), mask=v_ok)
 
 
 # --------------------------------------------------------------------------- launch configs
@@ -279,12 +234,6 @@ def _jit_combine():
     if "combine" not in _TUNED:
         _TUNED["combine"] = triton.jit(_combine_splits_kernel)
     return _TUNED["combine"]
-
-
-def _jit_combine_project():
-    if "combine_project" not in _TUNED:
-        _TUNED["combine_project"] = triton.jit(_combine_project_kernel)
-    return _TUNED["combine_project"]
 
 
 def _tuned_kernel(d_total: int, G: int):
@@ -338,12 +287,10 @@ def sparse_attention_triton(
 def _launch(
     q: torch.Tensor, q_tail: torch.Tensor, k: torch.Tensor, k_tail: torch.Tensor, v: torch.Tensor,
     indices: torch.Tensor, scale: float, causal: bool, num_splits: int | None, config,
-    v_proj: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The kernel on query rows [q | q_tail] and key rows [k | k_tail]: q [B,S,Hq,D_A], k [B,T,Hk,D_A]
     (D_A a power of two), q_tail [B,S,Hq,D_B], k_tail [B,T,Hk,D_B] (any tensors: views of the same
-    rows, or MLA's separate rope parts). v_proj [Hq,Dout,Dv]: each head's output row projected by it
-    -> [B,S,Hq,Dout] (in the split merge when the keys are split)."""
+    rows, or MLA's separate rope parts)."""
     B, S, Hq, d_a = q.shape
     T, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hk
@@ -360,9 +307,8 @@ def _launch(
     v_from_k = Dv == d_a and v.data_ptr() == k.data_ptr() and v.stride() == k.stride()
     programs_per_block_h = B * S * Hk  # x head blocks (BLOCK_H is tuned)
     splits = num_splits or _default_splits(programs_per_block_h * cdiv(G, 64), K, q.device)
-    project_in_merge = splits > 1 and v_proj is not None and v_proj.dtype == q.dtype
-    out = None if project_in_merge else new_output((B, S, Hq, Dv), q.dtype, q.device)
-    if splits > 1:  # fp32 partials + log-sum-exps, merged into `out` by _combine_splits (or projected)
+    out = new_output((B, S, Hq, Dv), q.dtype, q.device)
+    if splits > 1:  # fp32 partials + log-sum-exps, merged into `out` by _combine_splits
         o = new_output((B, S, Hq, splits, Dv), torch.float32, q.device)
         lse = new_output((B, S, Hq, splits), torch.float32, q.device)
         o_strides, lse_strides = o.stride(), lse.stride()
@@ -389,43 +335,9 @@ def _launch(
         launch_config(_jit_kernel(), grid, args, consts, config)
     else:
         _tuned_kernel(d_a + d_b, G)[grid](*args, **consts)
-    if project_in_merge:
-        return _combine_project(o, lse, v_proj)
     if splits > 1:
         _combine_splits(o, lse, out)
-    return out if v_proj is None else project_values(out, v_proj)
-
-
-def _combine_project(o: torch.Tensor, lse: torch.Tensor, v_proj: torch.Tensor) -> torch.Tensor:
-    """The split partials o [B,S,Hq,P,Dv] (fp32) weighted by their lse [B,S,Hq,P], each merged row
-    projected by v_proj [Hq,Dout,Dv] -> [B,S,Hq,Dout] in v_proj's dtype."""
-    B, S, Hq, splits, Dv = o.shape
-    d_out = v_proj.shape[1]
-    out = new_output((B, S, Hq, d_out), v_proj.dtype, o.device)
-    block_v = _project_block_v(B * S * Hq, d_out, o.device)
-    grid = (B * S * Hq, cdiv(d_out, block_v))
-    args = (o, lse, v_proj, out, S, Hq, Dv, d_out, splits, *o.stride(), *lse.stride(), *v_proj.stride(),
-            *out.stride())
-    consts = {"SPLIT_PAD": next_pow2(splits), "BLOCK_V": block_v, "BLOCK_C": _PROJECT_BLOCK_C}
-    if interpreting(o):
-        launch_interpreted(_combine_project_kernel, grid, *args, **consts)
-    else:
-        _jit_combine_project()[grid](*args, **consts, num_warps=4)
     return out
-
-
-# Each program of the merge + projection re-merges its head's whole row (P x Dv fp32 partials, 128 KB
-# at 64 splits x 512, from L2) for BLOCK_V output columns: shorter blocks spread over more SMs but
-# multiply those re-reads (GLM decode, 20 heads x 256 columns: 10 MB in all at BLOCK_V 128, 15 at 64,
-# 26 at 32). Modelled, not yet timed (bench/sweep_sparse_mla.py --value-projection): the tallest
-# block that still gives a program to every other SM.
-_PROJECT_BLOCK_VS = (128, 64, 32, 16)
-_PROJECT_BLOCK_C = 64
-
-
-def _project_block_v(rows: int, d_out: int, device: torch.device) -> int:
-    return next((bv for bv in _PROJECT_BLOCK_VS if 2 * rows * cdiv(d_out, bv) >= num_sms(device)),
-                _PROJECT_BLOCK_VS[-1])
 
 
 def _combine_splits(o: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> None:
@@ -444,10 +356,9 @@ def _combine_splits(o: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> No
 def sparse_mla_triton(
     q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float, dv: int,
     causal: bool = True, num_splits: int | None = None, config=None, rope: torch.Tensor | None = None,
-    q_rope: torch.Tensor | None = None, v_proj: torch.Tensor | None = None,
+    q_rope: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """MLA absorbed form: one shared key row per token, value = the row's first dv columns. -> [B,S,H,dv],
-    or with v_proj [H,Dout,dv] (kv_b_proj's value half) each head's row projected: [B,S,H,Dout].
+    """MLA absorbed form: one shared key row per token, value = the row's first dv columns. -> [B,S,H,dv].
 
     kv [B,T,Dl+Dr] holds the whole row; or kv [B,T,Dl] the latent and rope [B,T,Dr] its rope part
     (a cache's two buffers, any strides): the row [kv | rope] is then read from both, never
@@ -461,14 +372,13 @@ def sparse_mla_triton(
     if not apart:
         kv = kv if rope is None else torch.cat((kv, rope), dim=-1)  # [B,T,Dl+Dr]
         q = q if q_rope is None else torch.cat((q, q_rope), dim=-1)  # [B,S,H,Dl+Dr]
-        out = sparse_attention_triton(q, kv[:, :, None, :], kv[:, :, None, :dv], indices, scale, causal, num_splits,
-                                      config)
-        return out if v_proj is None else project_values(out, v_proj)
+        return sparse_attention_triton(q, kv[:, :, None, :], kv[:, :, None, :dv], indices, scale, causal, num_splits,
+                                       config)
     q, q_rope = (q[..., :dl], q[..., dl:]) if q_rope is None else (q, q_rope)
     k, k_rope = (kv[..., :dl], kv[..., dl:]) if rope is None else (kv, rope)
     v = k[:, :, None, :dv]  # [B,T,1,dv] (same storage as the key: V_FROM_K when dv = Dl)
     return _launch(q, q_rope, k[:, :, None, :], k_rope[:, :, None, :], v, indices, scale, causal, num_splits,
-                   config, v_proj)
+                   config)
 
 
 def _rope_apart(dl: int, dr: int, dv: int) -> bool:
@@ -490,15 +400,14 @@ def sparse_attention(
 def sparse_mla(
     q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float, dv: int,
     causal: bool = True, use_triton: bool | None = None, rope: torch.Tensor | None = None,
-    q_rope: torch.Tensor | None = None, v_proj: torch.Tensor | None = None,
+    q_rope: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MLA absorbed sparse attention. q [B,S,H,Dl+Dr], kv [B,T,Dl+Dr], indices [B,S,K] -> [B,S,H,dv].
     rope [B,T,Dr]: kv is then the latent [B,T,Dl] alone, key row = [kv | rope]; q_rope [B,S,H,Dr]: q is
-    then [B,S,H,Dl], query row = [q | q_rope]; v_proj [H,Dout,dv]: each head's row projected by its
-    matrix -> [B,S,H,Dout] (see sparse_mla_triton)."""
+    then [B,S,H,Dl], query row = [q | q_rope] (see sparse_mla_triton)."""
     if use_triton_for(q, use_triton):
-        return sparse_mla_triton(q, kv, indices, scale, dv, causal, rope=rope, q_rope=q_rope, v_proj=v_proj)
-    return sparse_mla_ref(q, kv, indices, scale, dv, causal, rope, q_rope, v_proj)
+        return sparse_mla_triton(q, kv, indices, scale, dv, causal, rope=rope, q_rope=q_rope)
+    return sparse_mla_ref(q, kv, indices, scale, dv, causal, rope, q_rope)
 
 
 __all__ = ["sparse_attention", "sparse_mla", "sparse_attention_triton", "sparse_mla_triton", "HAS_TRITON"]

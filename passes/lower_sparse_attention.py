@@ -12,8 +12,7 @@ padding part (the indexer used the same mask). Anything else is left alone.
 When k and v are MLA heads expanded from a shared latent (`match_latent_kv`), the attention runs in the
 absorbed form `ic::sparse_mla` instead: kv_b_proj's key half is folded into q and its value half applied
 to the latent output, so each selected key is one [Dl+dr] row read once for all heads (the per-head
-form gathers H separate [dn+dr] and [dv] rows per key: ~1 FLOP/byte, memory-bound); the op applies
-the value half itself (at decode inside its split merge, saving the projection's launch). The latent and
+form gathers H separate [dn+dr] and [dv] rows per key: ~1 FLOP/byte, memory-bound). The latent and
 rope (a KV cache's two buffers) go to the op apart: a cat of them would copy the whole cache of every
 layer at each decode step, while the attention reads only the K selected rows.
 """
@@ -58,9 +57,6 @@ def lowered_sparse_attention(q, k, v, indices, scale):
 # Queries per absorbed-attention chunk at long prefill: each chunk's [B,chunk,H,Dl] query and output
 # latents are alive only during that chunk (unchunked at 200K they are 2 x 4.1 GB at once).
 _QUERY_CHUNK = 16384
-# The op applies MLA's value up-projection itself (off: an einsum after it; bench/e2e.py --without
-# value_projection compares the two)
-_PROJECT_IN_OP = True
 
 
 def lowered_absorbed_mla(q, latent, rope, weight, indices, scale, nope_dim: int):
@@ -88,14 +84,9 @@ def _absorbed_mla(q, latent, rope, weight, indices, scale, nope_dim: int):
     q_rope = q[..., nope_dim:].transpose(1, 2)  # [B,S,H,dr]
     # key row = [latent | rope], read by the op from both buffers ([B,T,Dl], [B,T,dr]): no cache copy;
     # query row = [q_latent | q_rope] likewise (a cat would be a [B,S,H,Dl+dr] copy: 4.3 GiB at 200K)
-    if not _PROJECT_IN_OP or weight.dtype != q_latent.dtype:  # a weight of another dtype: the einsum as before
-        out_latent = torch.ops.ic.sparse_mla(q_latent, latent[:, 0], indices, float(scale), latent_dim, True,
-                                             rope[:, 0], q_rope)  # [B,S,H,Dl]
-        return torch.einsum("bshc,hvc->bhsv", out_latent, weight[:, nope_dim:])  # [B,H,S,dv]
-    # the value half of kv_b_proj applied by the op (in its split merge at decode: no launch of its own)
-    out = torch.ops.ic.sparse_mla(q_latent, latent[:, 0], indices, float(scale), latent_dim, True,
-                                  rope[:, 0], q_rope, weight[:, nope_dim:])  # [B,S,H,dv]
-    return out.transpose(1, 2)  # [B,H,S,dv]
+    out_latent = torch.ops.ic.sparse_mla(q_latent, latent[:, 0], indices, float(scale), latent_dim, True,
+                                         rope[:, 0], q_rope)  # [B,S,H,Dl]
+    return torch.einsum("bshc,hvc->bhsv", out_latent, weight[:, nope_dim:])  # [B,H,S,dv]
 
 
 def _selected_indices(sdpa: fx.Node) -> fx.Node | None:

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torch import fx
 
-from ic_compile.kernels.reference import mask_indexer_scores, moe_route_ref, project_values, sparse_attention_rows
+from ic_compile.kernels.reference import mask_indexer_scores, moe_route_ref, sparse_attention_rows
 
 from ..errors import IndexCacheError
 
@@ -68,17 +68,16 @@ def _sparse_attention(q, k, v, indices, scale, causal=True):
     return sparse_attention_rows(q, k, v, indices, scale, causal)
 
 
-def _sparse_mla(q, kv, indices, scale, dv, causal=True, rope=None, q_rope=None, v_proj=None):
+def _sparse_mla(q, kv, indices, scale, dv, causal=True, rope=None, q_rope=None):
     """ic::sparse_mla in standard ops: q [B,S,H,Dl+Dr], kv [B,T,Dl+Dr], indices [B,S,K] -> [B,S,H,dv]
     (kv as one key/value head, values its first dv channels, as kernels/reference.sparse_mla_ref).
     rope [B,T,Dr]: kv is the latent [B,T,Dl] alone, concatenated with it here (as the lowering did
-    before it handed the op the two apart); v_proj [H,Dout,dv]: the rows projected (an einsum)."""
+    before it handed the op the two apart)."""
     if rope is not None:
         kv = torch.cat((kv, rope), dim=-1)  # [B,T,Dl+Dr]
     if q_rope is not None:
         q = torch.cat((q, q_rope), dim=-1)  # [B,S,H,Dl+Dr]
-    out = sparse_attention_rows(q, kv[:, :, None, :], None, indices, scale, causal, dv=dv)
-    return out if v_proj is None else project_values(out, v_proj)
+    return sparse_attention_rows(q, kv[:, :, None, :], None, indices, scale, causal, dv=dv)
 
 
 def _grouped_mm(input, weight, offs):

@@ -21,7 +21,7 @@ SCHEMAS = {
     "sparse_attention": "ic::sparse_attention(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, "
                         "bool causal=True) -> Tensor",
     "sparse_mla": "ic::sparse_mla(Tensor q, Tensor kv, Tensor indices, float scale, int dv, "
-                  "bool causal=True, Tensor? rope=None, Tensor? q_rope=None, Tensor? v_proj=None) -> Tensor",
+                  "bool causal=True, Tensor? rope=None, Tensor? q_rope=None) -> Tensor",
 }
 
 
@@ -86,14 +86,6 @@ def test_opcheck_sparse_mla_rope_apart(request):
     q_rope = torch.randn(q.shape[0], q.shape[2], q.shape[1], 8).transpose(1, 2)  # [B,S,H,8], strided
     torch.library.opcheck(torch.ops.ic.sparse_mla.default, (q[..., :16], latent, idx, 0.2, 16),
                           {"rope": rope, "q_rope": q_rope})
-
-
-def test_opcheck_sparse_mla_value_projection(request):
-    """v_proj [H, Dout, dv]: a strided view of a kv_b_proj-like weight -> [B,S,H,Dout]."""
-    seed_everything(request.node.name)
-    q, kv, idx = _mla_args()
-    v_proj = torch.randn(q.shape[2], 10 + 12, 16)[:, 10:]  # [H, 12, 16]
-    torch.library.opcheck(torch.ops.ic.sparse_mla.default, (q, kv, idx, 0.2, 16), {"v_proj": v_proj})
 
 
 def _pipeline(q, k, w, qa, ka, va, q_mla, kv):

@@ -231,22 +231,6 @@ def test_combine_splits_compiles_for_sm90():
     assert res["stack"] == 0, f"register spills: {res['stack']} bytes"
 
 
-@pytest.mark.parametrize("block_v", [128, 64, 32, 16])
-def test_combine_project_compiles_for_sm90(block_v):
-    """The decode merge + value projection as launched for GLM (20 heads, 64 splits, 512 latent
-    columns, kv_b_proj's value half [20, 256, 512] as a strided view) at each block height: no spills."""
-    from ic_compile.kernels.sparse_attention import _PROJECT_BLOCK_C, _combine_project_kernel
-
-    H, P, dv, d_out = 20, 64, 512, 256
-    ints = dict(S=1, Hq=H, DV=dv, DOUT=d_out, num_splits=P, so_b=H * P * dv, so_s=H * P * dv, so_h=P * dv,
-                so_split=dv, so_d=1, sl_b=H * P, sl_s=H * P, sl_h=P, sl_split=1, sw_h=448 * dv, sw_v=dv, sw_c=1,
-                sf_b=H * d_out, sf_s=H * d_out, sf_h=d_out, sf_d=1)
-    res = compile_sm90(_combine_project_kernel, dict(o_ptr="fp32", lse_ptr="fp32", w_ptr="bf16", out_ptr="bf16"),
-                       ints, {}, dict(SPLIT_PAD=P, BLOCK_V=block_v, BLOCK_C=_PROJECT_BLOCK_C), num_warps=4,
-                       num_stages=1)
-    assert res["stack"] == 0, f"register spills: {res['stack']} bytes"
-
-
 @slow[0]
 @slow[1]
 def test_sparse_attention_all_configs_compile_for_sm90():

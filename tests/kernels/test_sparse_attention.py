@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ic_compile.kernels import _triton_utils
-from ic_compile.kernels.reference import project_values, sparse_attention_ref, sparse_mla_ref
+from ic_compile.kernels.reference import sparse_attention_ref, sparse_mla_ref
 from ic_compile.kernels.sparse_attention import (
     sparse_attention,
     sparse_attention_triton,
@@ -185,40 +185,6 @@ def test_sparse_mla_triton_rope_apart_equals_concatenated(case, apart, dtype, re
     _assert_close(got, sparse_mla_ref(q, kv, idx, scale, dv, True), dtype, seed)
 
 
-# name: (B, S, T, H, Dl, Dr, dv, K, num_splits, Dout)   v_proj [H, Dout, dv]: MLA's value up-projection
-PROJECTION_CASES = {
-    "prefill": (2, 5, 48, 8, 32, 16, 32, 32, 1, 24),  # unsplit: an einsum after the kernel
-    "decode_split": (2, 1, 64, 20, 32, 16, 32, 48, 4, 24),  # the merge projects; one value block a head
-    "decode_value_blocks": (2, 1, 64, 1, 32, 16, 32, 40, 3, 200),  # 2 blocks of 128 output columns a head
-    "decode_latent_chunks": (2, 1, 300, 4, 128, 16, 128, 256, 5, 48),  # 2 latent chunks of 64 per row
-}
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("case", list(PROJECTION_CASES))
-def test_sparse_mla_value_projection(case, dtype, request):
-    """v_proj (a strided view of kv_b_proj's value half, as the lowering passes it): the output equals
-    the unprojected output projected by an einsum (the graph before), and the reference's; a row
-    with no valid key projects to zeros."""
-    seed = seed_everything(request.node.name)
-    B, S, T, H, Dl, Dr, dv, K, splits, d_out = PROJECTION_CASES[case]
-    q, kv = torch.randn(B, S, H, Dl + Dr).to(dtype), torch.randn(B, T, Dl + Dr).to(dtype)
-    kv_b = (torch.randn(H, 16 + d_out, dv) * dv ** -0.5).to(dtype)  # [H, dn + Dout, dv]
-    v_proj = kv_b[:, 16:]  # [H, Dout, dv], strided
-    idx = random_indices(B, S, T, K)
-    idx[-1, -1] = -1  # the last query selects nothing (every case has another)
-    latent, rope = _latent_and_rope(kv, Dl)
-    scale = (Dl + Dr) ** -0.5
-    got = sparse_mla_triton(q, latent, idx, scale, dv, True, num_splits=splits, rope=rope, v_proj=v_proj)
-    unprojected = sparse_mla_triton(q, latent, idx, scale, dv, True, num_splits=splits, rope=rope)
-    assert got.shape == (B, S, H, d_out) and torch.equal(got[-1, -1], torch.zeros_like(got[-1, -1]))
-    exact = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-3)
-    torch.testing.assert_close(got.float(), project_values(unprojected, v_proj).float(), **exact,
-                               msg=lambda m: f"{m} {repro(seed)}")
-    _assert_close(got, sparse_mla_ref(q, kv, idx, scale, dv, True, v_proj=v_proj), dtype, seed)
-
-
 @needs_triton
 def test_sparse_mla_rope_apart_reads_no_concatenation(monkeypatch, request):
     """Dl the power-of-two part: no torch.cat (at decode it would copy the whole cache);
@@ -283,11 +249,6 @@ def test_sparse_mla_gpu(B, S, T, H, K, request):
     q_latent, q_rope = _query_parts(q, 512)
     got = sparse_mla(q_latent, latent[:, 0, :T], idx, 576**-0.5, 512, rope=rope[:, 0, :T], q_rope=q_rope)
     _assert_close(got, want, torch.bfloat16, f"{seed} (q and kv rope apart)")
-    # MLA's value up-projection in the op (at decode in the split merge): kv_b_proj's value half
-    v_proj = (torch.randn(H, 192 + 256, 512, device="cuda") * 512**-0.5).bfloat16()[:, 192:]  # [H, 256, 512]
-    got = sparse_mla(q_latent, latent[:, 0, :T], idx, 576**-0.5, 512, rope=rope[:, 0, :T], q_rope=q_rope,
-                     v_proj=v_proj)
-    _assert_close(got, project_values(want, v_proj), torch.bfloat16, f"{seed} (value projection)")
 
 
 @pytest.mark.gpu
