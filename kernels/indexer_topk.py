@@ -305,14 +305,16 @@ def _prefill_fp8_configs(h_pad: int):
     return configs
 
 
-def _decode_configs(exact_fp32: bool = False):
+def _decode_configs(exact_fp32: bool = False, fp8: bool = False):
     """Memory-bound streaming of K: deep pipelines of [D, BLOCK_T] tiles.
 
     exact_fp32 (fp32 inputs, "ieee" dots without tensor cores): only BLOCK_T 64. The FMA-emulated
     [rows, 128] x [128, 256] dot took minutes per config to compile (the GPU test with S=3,
-    fp32 ran past 175 s autotuning); fp32 is a correctness path, not a speed one."""
+    fp32 ran past 175 s autotuning); fp32 is a correctness path, not a speed one.
+    fp8: keys as the dot's rows ([BLOCK_T, D] tiles, as the fp8 prefill tiles): Hopper's e4m3 MMA
+    takes both operands K-major, and a [D, BLOCK_T] view of the key rows is not."""
     block_ts = (64,) if exact_fp32 else (64, 128, 256)
-    return [triton.Config({"BLOCK_T": bt, "HEAD_MAJOR": False, "KEY_ROWS": False}, num_warps=w, num_stages=st)
+    return [triton.Config({"BLOCK_T": bt, "HEAD_MAJOR": False, "KEY_ROWS": fp8}, num_warps=w, num_stages=st)
             for bt in block_ts for w in (4, 8) for st in (3, 4)]
 
 
@@ -334,7 +336,7 @@ def _tuned_kernel(mode: str, h_pad: int, exact_fp32: bool, scaled: bool = False,
         if mode == "prefill":
             configs = _prefill_fp8_configs(h_pad) if fp8 else _prefill_configs(h_pad)
         else:
-            configs = _decode_configs(exact_fp32)
+            configs = _decode_configs(exact_fp32, fp8)
         _TUNED[key] = triton.autotune(configs, key=["H_PAD", "D_PAD", "CAUSAL", "HAS_MASK", "HAS_RANGE",
                                                                    "tune_bucket"])(
             _jit_kernel(scaled))
@@ -371,9 +373,10 @@ def prefill_splits(programs: int, width: int, block_t: int, sms: int) -> int:
     return best
 
 
-def _interpreter_meta(block_s: int | None, h_pad: int) -> dict:
-    """Small fixed tiles for the CPU interpreter (big enough to keep it fast)."""
-    meta = {"BLOCK_T": 16, "HEAD_MAJOR": False, "KEY_ROWS": False}
+def _interpreter_meta(block_s: int | None, h_pad: int, fp8: bool = False) -> dict:
+    """Small fixed tiles for the CPU interpreter (big enough to keep it fast); fp8 decode: keys as
+    the dot's rows, as on the GPU."""
+    meta = {"BLOCK_T": 16, "HEAD_MAJOR": False, "KEY_ROWS": fp8 and block_s is not None}
     if block_s is None:
         meta["BLOCK_S"] = max(1, 64 // h_pad)
     return meta
@@ -442,7 +445,7 @@ def indexer_scores(
 
     kernel_fn = _indexer_scores_scaled_kernel if scaled else _indexer_scores_kernel
     if interpreting(q):
-        consts.update(config.kwargs if config is not None else _interpreter_meta(decode_block_s, h_pad))
+        consts.update(config.kwargs if config is not None else _interpreter_meta(decode_block_s, h_pad, fp8))
         launch_interpreted(kernel_fn, grid, *args, **consts)
     elif config is not None:  # bench/sweep_indexer.py: one launch config, no autotune
         launch_config(_jit_kernel(scaled), grid, args, consts, config)

@@ -143,6 +143,27 @@ def test_indexer_compiles_for_sm90(cfg):
     _check_indexer(_compile_indexer(h_pad=32, **cfg), cfg["block_s"] * 32)
 
 
+def test_fp8_decode_configs_compile_to_e4m3_wgmma():
+    """The fp8 indexer's decode tiles (one query, 32 heads, e4m3 q and keys, the scaled kernel) run on
+    Hopper's e4m3 wgmma without spills: keys as the dot's rows. (With [D, BLOCK_T] key tiles, the bf16
+    decode form, triton emits mma.sync with conversions and a spill.)"""
+    from ic_compile.kernels.indexer_topk import _decode_configs, _indexer_scores_scaled_kernel
+
+    S, T, h_pad, D = 1, 200000, 32, 128
+    ints = dict(S=S, T=T, H=h_pad, D=D, row_start=0, n_rows=S, width=T, tune_bucket=13, sq_b=h_pad * D, sq_s=h_pad * D,
+                sq_h=D, sq_d=1, sk_b=T * D, sk_t=D, sk_d=1, sw_b=h_pad, sw_s=h_pad, sw_h=1, sks_b=T, sks_t=1,
+                sm_b=1, sm_s=1, sm_t=1, sr_b=3, sr_s=3, sr_c=1, so_b=T, so_s=T, so_t=1)
+    ptrs = dict(q_ptr="fp8e4nv", k_ptr="fp8e4nv", w_ptr="fp32", ks_ptr="fp32", mask_ptr="u8", range_ptr="i32",
+                out_ptr="fp32")
+    configs = _decode_configs(fp8=True)
+    for cfg in configs if os.environ.get("IC_RUN_SLOW") == "1" else configs[-2:]:
+        consts = dict(BLOCK_S=1, H_PAD=h_pad, D_PAD=D, CAUSAL=False, HAS_MASK=False, DOT_PRECISION="tf32",
+                      UPCAST_DOT=False, HAS_RANGE=False, **cfg.kwargs)
+        res = compile_sm90(_indexer_scores_scaled_kernel, ptrs, ints, {}, consts, cfg.num_warps, cfg.num_stages)
+        assert re.search(r"wgmma\.mma_async\S*e4m3", res["ptx"]) and "mma.sync" not in res["ptx"], cfg
+        assert res["stack"] == 0 and res["shared"] <= MAX_SMEM, (cfg, res["stack"], res["shared"])
+
+
 @slow[0]
 @slow[1]
 def test_indexer_all_configs_compile_for_sm90():
