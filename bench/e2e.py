@@ -5,6 +5,7 @@
     python bench/e2e.py --part prefill --length 200000 --plans F:fp8 1/4:fp8   # the fp8 indexer
     python bench/e2e.py --part decode --length 200000 --plans 1/4 --option moe_experts=false  # HF's experts
     python bench/e2e.py --part decode --length 200000 --plans F 1/4 --without lone_linears 1/4  # A/B
+    python bench/e2e.py --part decode --length 200000 --plans F 1/4 --with pdl F 1/4  # A/B, a feature off by default
     python bench/e2e.py --part prefill --length 200000 --plans 1/4 --layers 8 --profile  # time per kernel
 
 Plans: "F" (every layer keeps its indexer), "1/4" and "1/8" (uniform: layer i keeps it when i % 4 == 0,
@@ -30,7 +31,7 @@ Inductor lowering.
     price of Python between layers. Rows say which ("regional": true). Not at 200K: HF builds the
     causal mask eagerly outside the layers, a [L, L] bool (37.25 GiB at 200K, out of memory on an
     H100), which the whole-model graph never materialises.
-Rows are merged into the results file by (part, L, plan, layers, regional, --option values, --without feature), so the
+Rows are merged into the results file by (part, L, plan, layers, regional, --option values, --without / --with feature), so the
 parts can run in separate calls.
 The bf16 limit of a prefill = its counted FLOPs (bench/prefill.py's work_flops) / the in-run matmul peak.
 """
@@ -48,6 +49,8 @@ from decode import kernel_profile, rewind  # noqa: E402
 from prefill import CONFIG, bf16_peak_tflops, build_model, save_result, time_ms, work_flops  # noqa: E402
 
 import ic_compile  # noqa: E402
+from ic_compile import backend  # noqa: E402
+from ic_compile.kernels import _triton_utils  # noqa: E402
 from ic_compile.passes import lower_decode_linears, realize_rotary_table  # noqa: E402
 from ic_compile.plan import LayerPlan  # noqa: E402
 
@@ -55,6 +58,7 @@ LAYERS = 47  # GLM-4.7-Flash: 47 decoder layers, the first dense, then 64-expert
 RESULT = pathlib.Path(__file__).resolve().parent / "results" / "e2e.json"
 LONE_MAX_BYTES = lower_decode_linears._LONE_MAX_BYTES
 REALIZE_OP = realize_rotary_table._realize_op
+KERNEL_PDL, INDUCTOR_PDL = _triton_utils._PDL, backend._INDUCTOR_PDL
 
 
 def pattern(plan: str, layers: int = LAYERS) -> str:
@@ -137,15 +141,21 @@ def decode_row(model, cache, plan: str, L: int, layers: int, reps: int, extra: d
             **kernel_profile(step, reps, top=80)}
 
 
-def switch_off(feature: str | None) -> None:
-    """Turn one pass feature off for an A/B (through the passes' private knobs), the others on:
-    "lone_linears": the decode graphs' lone one-token linears stay cuBLAS's (the size limit 0);
-    "rotary_table": the rotary cos / sin stay fused into every layer's RoPE kernel (no realize op)."""
-    lower_decode_linears._LONE_MAX_BYTES = 0 if feature == "lone_linears" else LONE_MAX_BYTES
-    realize_rotary_table._realize_op = (lambda: None) if feature == "rotary_table" else REALIZE_OP
+def switch(without: str | None = None, with_: str | None = None) -> None:
+    """The passes' and kernels' private knobs for one row: every default, then `without` (a feature on
+    by default) off or `with_` (one off by default) on.
+    Without: "lone_linears": the decode graphs' lone one-token linears stay cuBLAS's (the size limit 0);
+    "rotary_table": the rotary cos / sin stay fused into every layer's RoPE kernel (no realize op).
+    With: "pdl": programmatic dependent launch for our decode kernels (their weights prefetched into L2
+    before the grid wait) and for Inductor's in the captured graphs; "kernel_pdl": for ours alone."""
+    lower_decode_linears._LONE_MAX_BYTES = 0 if without == "lone_linears" else LONE_MAX_BYTES
+    realize_rotary_table._realize_op = (lambda: None) if without == "rotary_table" else REALIZE_OP
+    _triton_utils._PDL = with_ in ("pdl", "kernel_pdl") or KERNEL_PDL
+    backend._INDUCTOR_PDL = with_ == "pdl" or INDUCTOR_PDL
 
 
-FEATURES = ("lone_linears", "rotary_table")
+FEATURES = ("lone_linears", "rotary_table")  # on by default: --without
+OFF_FEATURES = ("pdl", "kernel_pdl")  # off by default: --with
 
 
 def pipelined_ms(step, steps: int) -> tuple[float, float]:
@@ -166,9 +176,9 @@ def pipelined_ms(step, steps: int) -> tuple[float, float]:
 
 def merged(out: pathlib.Path, rows: list[dict]) -> list[dict]:
     """Earlier rows of the results file, those with the same (part, L, plan, layers, regional, options,
-    without) replaced."""
+    without, with) replaced."""
     key = lambda row: (row["part"], row["L"], row["plan"], row["layers"], row.get("regional", False),  # noqa: E731
-                       json.dumps(row.get("options", {}), sort_keys=True), row.get("without"))
+                       json.dumps(row.get("options", {}), sort_keys=True), row.get("without"), row.get("with"))
     old = json.loads(out.read_text())["rows"] if out.exists() else []
     new = {key(row) for row in rows}
     return [row for row in old if key(row) not in new] + rows
@@ -188,21 +198,28 @@ def main():
     parser.add_argument("--without", nargs="+", action="append", default=[], metavar=("FEATURE", "PLAN"),
                         help=f"A/B: the plans after FEATURE ({', '.join(FEATURES)}) again with that pass feature "
                              "off (rows say without: FEATURE); repeatable")
+    parser.add_argument("--with", dest="with_", nargs="+", action="append", default=[], metavar=("FEATURE", "PLAN"),
+                        help=f"A/B: the plans after FEATURE ({', '.join(OFF_FEATURES)}) again with that feature, "
+                             "off by default, on (rows say with: FEATURE); repeatable")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=JSON",
                         help="another backend option for every row, e.g. moe_experts=false (rows keyed by them)")
     args = parser.parse_args()
     bad = [feature for feature, *_ in args.without if feature not in FEATURES]
     if bad:
         parser.error(f"--without {bad}: features are {FEATURES}")
+    bad = [feature for feature, *_ in args.with_ if feature not in OFF_FEATURES]
+    if bad:
+        parser.error(f"--with {bad}: features are {OFF_FEATURES}")
     extra = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.option)}
     peak = bf16_peak_tflops()
     model = build_model(args.layers)
     cache = random_static_cache(model, args.length) if args.part == "decode" else None
     rows = []
-    variants = [(plan, None) for plan in args.plans] + [(plan, feature) for feature, *plans in args.without
-                                                        for plan in plans]
-    for plan, without in variants:
-        switch_off(without)
+    variants = ([(plan, None, None) for plan in args.plans]
+                + [(plan, feature, None) for feature, *plans in args.without for plan in plans]
+                + [(plan, None, feature) for feature, *plans in args.with_ for plan in plans])
+    for plan, without, with_ in variants:
+        switch(without, with_)
         try:
             if args.part == "prefill":
                 row = prefill_row(model, plan, args.length, args.layers, args.reps, peak, args.regional, extra,
@@ -215,6 +232,8 @@ def main():
         row["options"], row["command"] = extra, " ".join(sys.argv)
         if without:
             row["without"] = without
+        if with_:
+            row["with"] = with_
         rows.append(row)
         print(json.dumps(row), flush=True)
         # saved after every row: a run cut at a time limit (each plan compiles for minutes) keeps its rows

@@ -241,7 +241,20 @@ def _graphable(result: RewriteResult) -> bool:
     return not prefill_indexers(result.gm)
 
 
-CUDAGRAPH_PATCHES = {"triton.cudagraphs": True}  # what mode="reduce-overhead" sets
+_INDUCTOR_PDL = False  # private switch: off until measured on a GPU (bench/e2e.py --with pdl)
+
+
+def graph_patches() -> dict:
+    """Inductor's config for a captured (decode) graph: CUDA graphs (what mode="reduce-overhead"
+    sets) and, where this torch has it, programmatic dependent launch for Inductor's kernels (each
+    may start while the kernel before finishes, reading what that kernel wrote only after a grid
+    wait; Inductor checks for a Hopper or later card). Only captured graphs: a launch with it costs
+    the host a little more, which graphs replay for free."""
+    import torch._inductor.config as inductor_config
+    patches = {"triton.cudagraphs": True}
+    if _INDUCTOR_PDL and hasattr(inductor_config.triton, "enable_pdl"):
+        patches["triton.enable_pdl"] = True
+    return patches
 
 
 def lower(gm: fx.GraphModule, example_inputs, lowering: str, cudagraphs: bool = False) -> Callable:
@@ -249,7 +262,7 @@ def lower(gm: fx.GraphModule, example_inputs, lowering: str, cudagraphs: bool = 
         return gm.forward
     if lowering == "inductor":
         from torch._inductor.compile_fx import compile_fx
-        return compile_fx(gm, example_inputs, config_patches=CUDAGRAPH_PATCHES if cudagraphs else None)
+        return compile_fx(gm, example_inputs, config_patches=graph_patches() if cudagraphs else None)
     compile_fn, _ = _REGISTERED[lowering]
     return compile_fn(gm, example_inputs)
 

@@ -78,6 +78,53 @@ def jit_helper(fn):
     return triton.jit(fn) if HAS_TRITON else fn
 
 
+# Programmatic dependent launch (Hopper and later): a kernel launched with it may start while the
+# kernel before it in the stream is finishing, so its launch and first weight reads overlap that
+# kernel's tail instead of following it. Such a kernel reads nothing another kernel wrote, and
+# writes nothing, before `wait_for_previous_kernel` (which then lets the next kernel start early
+# too, as Inductor's PDL kernels do after their wait: everything before us is complete by then).
+# The decode kernels that stream weights (multi_linear, the MoE experts) and the router use it.
+_PDL = False  # private switch: off until measured on a GPU (bench/decode_chain.py; bench/e2e.py --with pdl)
+_LINE_BYTES = 128  # an L2 line
+
+
+def pdl(device: torch.device) -> bool:
+    """Launch the decode kernels on this device with programmatic dependent launch?"""
+    return (_PDL and HAS_TRITON and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+            and hasattr(tl.extra.cuda, "gdc_wait"))
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """Launch kwargs and the kernels' PDL constexpr: {"PDL": on, "launch_pdl": on}."""
+    on = pdl(device)
+    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
+
+
+def line_elems(t: torch.Tensor) -> int:
+    """Elements of t's dtype in one L2 line (prefetch_rows_to_l2's LINE_ELEMS)."""
+    return _LINE_BYTES // t.element_size()
+
+
+@jit_helper
+def wait_for_previous_kernel(PDL: tl.constexpr):
+    """With PDL: wait until the kernel before this one completed (its writes visible), then let
+    the next kernel launch. Without: nothing (the launch itself waited)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@jit_helper
+def prefetch_rows_to_l2(rows, K, LINE_ELEMS: tl.constexpr, LINES: tl.constexpr):
+    """Ask L2 for every line of the K-element rows starting at `rows` ([R] pointers, unit stride
+    along K): a hint, nothing waits for it; evict_last, so the weights streamed by the kernel
+    before do not push them out first."""
+    for k0 in range(0, K, LINE_ELEMS * LINES):
+        k = tl.minimum(k0 + tl.arange(0, LINES) * LINE_ELEMS, K - 1)  # [LINES]; K - 1: the last, partial line
+        tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;", "=r,l",
+                                  [rows[:, None] + k[None, :]], dtype=tl.int32, is_pure=False, pack=1)
+
+
 def launch_config(kernel, grid, args: tuple, consts: dict, config) -> None:
     """Launch jitted ``kernel`` with one ``triton.Config`` (no autotune; the bench sweeps)."""
     kernel[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)

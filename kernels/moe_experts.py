@@ -42,12 +42,16 @@ from ._triton_utils import (
     interpreting,
     jit_helper,
     launch_interpreted,
+    line_elems,
     new_output,
     next_pow2,
     num_sms,
+    pdl_launch,
+    prefetch_rows_to_l2,
     tl,
     triton,
     use_triton_for,
+    wait_for_previous_kernel,
 )
 from .reference import moe_experts_ref
 
@@ -88,14 +92,22 @@ def _gate_up_kernel(
     ssg_n, ssg_h, ssu_n, ssu_h,  # shared gate [IS, H], shared up [IS, H]
     ssm_t, ssm_i,  # shared inter [T, IS]
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, CLAMP: tl.constexpr,
-    SHARED: tl.constexpr,
+    SHARED: tl.constexpr, PDL: tl.constexpr = False, LINE_ELEMS: tl.constexpr = 64,
 ):
     """Program (pair, row block): a routed pair p = t*k + j < ROUTED writes inter[p, rows] =
     silu(gate_up[e, rows] . x[t]) * (gate_up[e, I + rows] . x[t]); with SHARED, program ROUTED + t
-    writes token t's shared expert, shared_inter[t, rows] = silu(gate[rows] . x[t]) * (up[rows] . x[t])."""
+    writes token t's shared expert, shared_inter[t, rows] = silu(gate[rows] . x[t]) * (up[rows] . x[t]).
+    PDL (_triton_utils.pdl): launched early; the shared expert's rows are prefetched into L2 before
+    the routing (the kernel before's output) can be read."""
     pair = tl.program_id(0)
     row0 = tl.program_id(1) * BLOCK_N
     n = row0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] rows of the gate half
+    if PDL and SHARED:
+        if (pair >= ROUTED) & (ssg_h == 1) & (ssu_h == 1):  # (rows of unit stride: what the prefetch reads)
+            kept = tl.minimum(n, IS - 1)  # rows past IS: row IS - 1 again
+            prefetch_rows_to_l2(sgate_ptr + kept * ssg_n, H, LINE_ELEMS, 16)
+            prefetch_rows_to_l2(sup_ptr + kept * ssu_n, H, LINE_ELEMS, 16)
+    wait_for_previous_kernel(PDL)
     if pair < ROUTED:
         t = pair // TOPK
         e = tl.load(idx_ptr + t * si_t + (pair % TOPK) * si_j)
@@ -125,12 +137,18 @@ def _down_kernel(
     ssm_t, ssm_i,  # shared inter [T, IS]
     ssd_n, ssd_i,  # shared down [H, IS]
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, SHARED: tl.constexpr,
+    PDL: tl.constexpr = False, LINE_ELEMS: tl.constexpr = 64,
 ):
     """out[t, n] = sum_j w[t, j] * down[e_j, n] . inter[t*k + j] (+ shared_down[n] . shared_inter[t]
-    with SHARED) for this row block, summed in fp32 and rounded once."""
+    with SHARED) for this row block, summed in fp32 and rounded once. PDL: launched early; the
+    shared expert's down rows are prefetched into L2 before the gate/up kernel's output is read."""
     t = tl.program_id(0)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output columns
     n_ok = n < H
+    if PDL and SHARED:
+        if ssd_i == 1:
+            prefetch_rows_to_l2(sdown_ptr + tl.minimum(n, H - 1) * ssd_n, IS, LINE_ELEMS, 16)
+    wait_for_previous_kernel(PDL)
     steps = tl.cdiv(I, BLOCK_K)  # per expert
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     for s in tl.range(0, TOPK * steps, num_stages=STAGES):  # (expert slot j, step) flattened: one pipelined loop
@@ -222,7 +240,7 @@ def _launch(fn, grid, args: tuple, tile: Tile, like: torch.Tensor, **constexprs)
         return
     if fn not in _JIT:
         _JIT[fn] = triton.jit(fn)
-    _JIT[fn][grid](*args, **meta, num_warps=tile.num_warps)
+    _JIT[fn][grid](*args, **meta, **pdl_launch(like.device), LINE_ELEMS=line_elems(like), num_warps=tile.num_warps)
 
 
 def _check(hidden, topk_index, topk_weights, gate_up, down) -> tuple[int, int, int, int, int]:

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_utils import (HAS_TRITON, interpreting, jit_helper, launch_interpreted, new_output, next_pow2, tl,
-                            triton, use_triton_for)
+from ._triton_utils import (HAS_TRITON, interpreting, jit_helper, launch_interpreted, new_output, next_pow2, pdl_launch,
+                            tl, triton, use_triton_for, wait_for_previous_kernel)
 from .reference import moe_route_ref
 
 MAX_EXPERTS = 1024  # a row of choice scores lives in one program's registers
@@ -35,9 +35,11 @@ def _route_kernel(
     E, SCALE,
     sl_t, sl_e, sw_t, si_t,
     E_PAD: tl.constexpr, GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr,
-    HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr, PDL: tl.constexpr = False,
 ):
-    """weights[t, :TOPK] (fp32) and ids[t, :TOPK] (int64) of token t = program_id(0)."""
+    """weights[t, :TOPK] (fp32) and ids[t, :TOPK] (int64) of token t = program_id(0). PDL: launched
+    early (_triton_utils.pdl), the logits read after the kernel before completes."""
+    wait_for_previous_kernel(PDL)
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, E_PAD)
     ok = e < E
@@ -119,7 +121,7 @@ def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_gro
     if interpreting(logits):
         launch_interpreted(_route_kernel, (T,), *args, **consts)
     else:
-        _route_kernel_jit[(T,)](*args, **consts, num_warps=1 if e_pad <= 128 else 4)
+        _route_kernel_jit[(T,)](*args, **consts, **pdl_launch(logits.device), num_warps=1 if e_pad <= 128 else 4)
     return weights, ids
 
 

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_utils import (HAS_TRITON, cdiv, interpreting, jit_helper, launch_interpreted, new_output, next_pow2, num_sms, tl,
-                            triton, use_triton_for)
+from ._triton_utils import (HAS_TRITON, cdiv, interpreting, jit_helper, launch_interpreted, line_elems, new_output, next_pow2,
+                            num_sms, pdl_launch, prefetch_rows_to_l2, tl, triton, use_triton_for,
+                            wait_for_previous_kernel)
 from .reference import multi_linear_ref
 
 MAX_WEIGHTS = 4
@@ -55,15 +56,22 @@ def _multi_linear_kernel(
     sw0, sw1, sw2, sw3,  # row strides of the weights (unit stride along K)
     sx_t,  # x [T, K] row stride (unit stride along K); y_i [T, N_i] contiguous
     T_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+    PDL: tl.constexpr = False, LINE_ELEMS: tl.constexpr = 64,
 ):
-    """y_i[t, n] = x[t] . W_i[n] for this program's row block of weight i."""
+    """y_i[t, n] = x[t] . W_i[n] for this program's row block of weight i. PDL: launched early (see
+    _triton_utils.pdl): the block's weight rows are prefetched into L2 before x, the kernel before's
+    output, can be read."""
     pid = tl.program_id(0)
     i = (pid >= S1).to(tl.int32) + (pid >= S2).to(tl.int32) + (pid >= S3).to(tl.int32)
     w_ptr = _pick(i, w0_ptr, w1_ptr, w2_ptr, w3_ptr)
     rows = _pick(i, N0, N1, N2, N3)
     n = (pid - _pick(i, 0, S1, S2, S3)) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] rows of W_i
     n_ok = n < rows
-    w_rows = w_ptr + n.to(tl.int64) * _pick(i, sw0, sw1, sw2, sw3)
+    row_stride = _pick(i, sw0, sw1, sw2, sw3)
+    w_rows = w_ptr + n.to(tl.int64) * row_stride
+    if PDL:  # (rows past N: row N - 1 again)
+        prefetch_rows_to_l2(w_ptr + tl.minimum(n, rows - 1).to(tl.int64) * row_stride, K, LINE_ELEMS, 16)
+    wait_for_previous_kernel(PDL)
     t = tl.arange(0, T_PAD)
     t_ok = t < T
     acc = tl.zeros((T_PAD, BLOCK_N, BLOCK_K), tl.float32)
@@ -138,7 +146,8 @@ def _launch_group(x: torch.Tensor, group: list[torch.Tensor], outs: list[torch.T
     if interpreting(x):
         launch_interpreted(_multi_linear_kernel, grid, *args, **meta)
     else:
-        _multi_linear_kernel_jit[grid](*args, **meta, num_warps=4)
+        _multi_linear_kernel_jit[grid](*args, **meta, **pdl_launch(x.device), LINE_ELEMS=line_elems(group[0]),
+                                       num_warps=4)
 
 
 def multi_linear(x: torch.Tensor, weights: list[torch.Tensor], use_triton: bool | None = None) -> list[torch.Tensor]:

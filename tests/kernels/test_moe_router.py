@@ -60,8 +60,9 @@ def test_compiles_for_sm90(E_PAD, groups, kept, k):
     res = compile_sm90(_route_kernel, dict(logits_ptr="fp32", bias_ptr="fp32", w_ptr="fp32", ids_ptr="i64"),
                        dict(E=E_PAD, sl_t=E_PAD, sl_e=1, sw_t=k, si_t=k), dict(SCALE=2.5),
                        dict(E_PAD=E_PAD, GROUPS=groups, TOPK_GROUP=kept, TOPK=k, K_PAD=k, HAS_BIAS=True,
-                            RENORMALIZE=True), num_warps=1 if E_PAD <= 128 else 4, num_stages=1)
+                            RENORMALIZE=True, PDL=groups == 1), num_warps=1 if E_PAD <= 128 else 4, num_stages=1)
     assert res["stack"] == 0, f"register spills: {res['stack']} bytes"
+    assert ("griddepcontrol.wait" in res["ptx"]) == (groups == 1)  # PDL (an H100's launch) or not
 
 
 def test_export_decomposition_is_the_reference():

@@ -118,3 +118,33 @@ def test_glm_shapes_gpu(T, request):
         x = torch.randn(T, width, device="cuda").to(x_dtype)
         _assert_close(torch.ops.ic.multi_linear(x, weights), [F.linear(x, w.to(x_dtype)) for w in weights], x_dtype,
                       seed, f"K={width}")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+def test_chained_launches_in_a_cuda_graph_gpu(request, monkeypatch):
+    """Programmatic dependent launch switched on (it is used on Hopper and later): each launch may
+    start while the one before it runs, so a chain of GEMVs each reading the last one's output, with a
+    plain torch kernel between two of them, replayed from a CUDA graph for new inputs equals the same
+    chain run eagerly (an input read before the grid wait would see the previous replay's values)."""
+    seed_everything(request.node.name)
+    monkeypatch.setattr(_triton_utils, "_PDL", True)
+    assert _triton_utils.pdl(torch.device("cuda")) == (torch.cuda.get_device_capability()[0] >= 9)
+    weights = [(torch.randn(2048, 2048, device="cuda") * 2048**-0.5).bfloat16() for _ in range(8)]
+    x = torch.randn(1, 2048, device="cuda").bfloat16()
+
+    def chain(h):
+        for i, w in enumerate(weights):
+            h = torch.ops.ic.multi_linear(h, [w])[0]
+            h = h * 2.0 if i == 3 else h
+        return h
+
+    chain(x)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(x)
+    for step in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        assert torch.equal(out, chain(x)), f"replay {step}"

@@ -376,7 +376,7 @@ def test_topk_select_sorted_compiles_for_sm90():
 GLM_MOE = dict(E=64, H=2048, I=1536, k=4)  # GLM-4.7-Flash's routed experts
 
 
-def _compile_moe(which: str, tile, arch=90, clamp=False, shared=False):
+def _compile_moe(which: str, tile, arch=90, clamp=False, shared=False, pdl=False):
     """Kernel `which` ("gate_up" / "down") of kernels/moe_experts.py at the GLM shape, bf16, int64
     indices, fp32 router weights, contiguous tensors (clamp: gate_up with DeepSeek-V4's swiglu_limit;
     shared: with GLM-4.7-Flash's shared expert, IS = I)."""
@@ -384,7 +384,7 @@ def _compile_moe(which: str, tile, arch=90, clamp=False, shared=False):
 
     E, H, I, k = GLM_MOE["E"], GLM_MOE["H"], GLM_MOE["I"], GLM_MOE["k"]
     IS = I if shared else 0
-    consts = dict(BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, STAGES=tile.num_stages, SHARED=shared)
+    consts = dict(BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, STAGES=tile.num_stages, SHARED=shared, PDL=pdl, LINE_ELEMS=64)
     if which == "gate_up":
         ptrs = dict(x_ptr="bf16", idx_ptr="i64", gu_ptr="bf16", inter_ptr="bf16", sgate_ptr="bf16", sup_ptr="bf16",
                     sinter_ptr="bf16")
@@ -422,7 +422,8 @@ def test_moe_experts_default_tiles_compile_for_sm90(T, shared, monkeypatch):
     programs = {"gate_up": T * (GLM_MOE["k"] + shared) * -(-I // tiles["gate_up"].block_n),
                 "down": T * -(-GLM_MOE["H"] // tiles["down"].block_n)}
     for which, tile in tiles.items():
-        res = _compile_moe(which, tile, shared=shared)
+        res = _compile_moe(which, tile, shared=shared, pdl=T == 1)  # PDL as on an H100 (either T would do)
+        _assert_pdl(res["ptx"], T == 1, prefetch=T == 1 and shared, straight=False)
         assert res["shared"] <= MAX_SMEM, res["shared"]
         assert res["stack"] == 0, f"{which}: register spills: {res['stack']} bytes"
         loops = 2 if shared else 1  # routed (+ shared) loop, each with its own cp.async pipeline
@@ -475,7 +476,26 @@ def test_multi_linear_default_tiles_compile_for_sm90(width, rows, T, monkeypatch
                 sw0=width, sw1=width, sw2=width, sw3=width, sx_t=width)
     ptrs = {name: "bf16" for name in ("x_ptr", "w0_ptr", "w1_ptr", "w2_ptr", "w3_ptr", "y0_ptr", "y1_ptr", "y2_ptr",
                                       "y3_ptr")}
-    res = compile_sm90(mod._multi_linear_kernel, ptrs, ints, {},
-                       dict(T_PAD=T, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=mod.STAGES), 4, 1)
-    assert res["stack"] == 0 and res["shared"] <= MAX_SMEM, res
-    assert re.search(r"cp\.async\.cg\.shared\.global \[[^]]+\], \[[^]]+\], 0x10", res["ptx"]), "no 16-byte cp.async"
+    for pdl in (False, True):  # with programmatic dependent launch (H100 / H200) and without
+        res = compile_sm90(mod._multi_linear_kernel, ptrs, ints, {},
+                           dict(T_PAD=T, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=mod.STAGES, PDL=pdl, LINE_ELEMS=64),
+                           4, 1)
+        assert res["stack"] == 0 and res["shared"] <= MAX_SMEM, res
+        assert re.search(r"cp\.async\.cg\.shared\.global \[[^]]+\], \[[^]]+\], 0x10", res["ptx"]), "no 16-byte cp.async"
+        _assert_pdl(res["ptx"], pdl, prefetch=pdl)
+
+
+def _assert_pdl(ptx: str, pdl: bool, prefetch: bool, straight: bool = True) -> None:
+    """PDL: the grid-dependency wait comes before the first cp.async (the input may be the kernel
+    before's output), the launch of the next kernel after it, and (prefetch) L2 prefetches, before
+    the wait where the code before it has no branch (straight; a branch's block may be laid out
+    anywhere in the text); without PDL none of these."""
+    wait, release = ptx.find("griddepcontrol.wait"), ptx.find("griddepcontrol.launch_dependents")
+    first_prefetch = ptx.find("prefetch.global.L2::evict_last")
+    if not pdl:
+        assert wait == release == first_prefetch == -1
+        return
+    assert -1 < wait < release, (wait, release)
+    assert wait < ptx.find("cp.async") or "cp.async" not in ptx
+    assert (first_prefetch > -1) == prefetch, first_prefetch
+    assert not (prefetch and straight) or first_prefetch < wait, (first_prefetch, wait)

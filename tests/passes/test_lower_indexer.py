@@ -313,14 +313,20 @@ def test_static_cache_prefill_and_decode_on_gpu(long_context):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cudagraphs_static_cache_decode_on_gpu(long_context, monkeypatch):
+@pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
+def test_cudagraphs_static_cache_decode_on_gpu(long_context, monkeypatch, pdl):
     """options={"cudagraphs": True} with a StaticCache: no graph is skipped, the decode steps after
     the warm-up and recording replay our ops from the graph (their Python never runs), and prefill
-    + every step equal HF's own plan. (HF's MoE must be capturable: its fp32 grouped_mm fallback
-    syncs (offs.tolist()), so this fp32 model runs its experts as batched_mm.)"""
+    + every step equal HF's own plan; also with programmatic dependent launch switched on (ours and
+    Inductor's kernels). (HF's MoE must be capturable: its fp32 grouped_mm fallback syncs
+    (offs.tolist()), so this fp32 model runs its experts as batched_mm.)"""
     from torch._dynamo.utils import counters
 
-    from ic_compile.kernels import ops
+    from ic_compile import backend
+    from ic_compile.kernels import _triton_utils, ops
+
+    monkeypatch.setattr(_triton_utils, "_PDL", pdl)
+    monkeypatch.setattr(backend, "_INDUCTOR_PDL", pdl)
 
     model = tiny_models.glm().cuda()
     ids, steps = tiny_models.random_ids(batch=2, seq=300).cuda(), tiny_models.random_ids(batch=2, seq=5, seed=5).cuda()
@@ -552,3 +558,20 @@ def test_per_key_scale_applies_after_the_head_sum():
     got = lowered_indexer(q, k, w, 1.0, None, 2, "bsh1", "none", key_scale=scales)  # no mask: all keys
     want = (indexer_scores_ref(q, k, w[..., 0]) * scales).topk(2, dim=-1).indices
     assert torch.equal(got, want.int())
+
+
+def test_captured_graphs_get_inductor_pdl_only_when_switched_on(monkeypatch):
+    """Inductor's config for captured (decode) graphs: CUDA graphs always; Inductor's programmatic
+    dependent launch only with the private switch on (off until measured on a GPU) and where this
+    torch has the setting; the patch is one Inductor accepts."""
+    import torch._inductor.config as inductor_config
+
+    from ic_compile import backend
+
+    monkeypatch.setattr(backend, "_INDUCTOR_PDL", False)
+    assert backend.graph_patches() == {"triton.cudagraphs": True}
+    monkeypatch.setattr(backend, "_INDUCTOR_PDL", True)
+    has_pdl = hasattr(inductor_config.triton, "enable_pdl")
+    assert backend.graph_patches() == {"triton.cudagraphs": True, **({"triton.enable_pdl": True} if has_pdl else {})}
+    with inductor_config.patch(backend.graph_patches()):
+        assert not has_pdl or inductor_config.triton.enable_pdl

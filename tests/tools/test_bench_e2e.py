@@ -7,6 +7,8 @@ import pathlib
 
 import pytest
 
+from ic_compile import backend
+from ic_compile.kernels import _triton_utils
 from ic_compile.passes import lower_decode_linears, realize_rotary_table
 
 BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench"
@@ -19,16 +21,24 @@ def e2e(monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     yield module
-    module.switch_off(None)
+    module.switch()
 
 
-def test_without_switches_each_feature_off_and_back_on(e2e):
-    on_bytes = lower_decode_linears._LONE_MAX_BYTES
-    assert on_bytes > 0 and realize_rotary_table._realize_op() is not None
-    e2e.switch_off("lone_linears")
-    assert lower_decode_linears._LONE_MAX_BYTES == 0 and realize_rotary_table._realize_op() is not None
-    e2e.switch_off("rotary_table")
-    assert lower_decode_linears._LONE_MAX_BYTES == on_bytes and realize_rotary_table._realize_op() is None
-    e2e.switch_off(None)
-    assert lower_decode_linears._LONE_MAX_BYTES == on_bytes and realize_rotary_table._realize_op() is not None
-    assert set(e2e.FEATURES) == {"lone_linears", "rotary_table"}
+def _state():
+    return (lower_decode_linears._LONE_MAX_BYTES > 0, realize_rotary_table._realize_op() is not None,
+            _triton_utils._PDL, backend._INDUCTOR_PDL)
+
+
+def test_switches_each_feature_off_or_on_and_back(e2e):
+    assert _state() == (True, True, False, False)
+    e2e.switch(without="lone_linears")
+    assert _state() == (False, True, False, False)
+    e2e.switch(without="rotary_table")
+    assert _state() == (True, False, False, False)
+    e2e.switch(with_="pdl")
+    assert _state() == (True, True, True, True)
+    e2e.switch(with_="kernel_pdl")
+    assert _state() == (True, True, True, False)
+    e2e.switch()
+    assert _state() == (True, True, False, False)
+    assert set(e2e.FEATURES) == {"lone_linears", "rotary_table"} and set(e2e.OFF_FEATURES) == {"pdl", "kernel_pdl"}
