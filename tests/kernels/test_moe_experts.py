@@ -161,7 +161,16 @@ def test_reference_with_shared_matches_hf_moe(dtype, request):
     shared = tuple(m.weight.detach() for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
     assert shared[0].shape == (n_shared * I, H)
     got = moe_experts_ref(x, idx, w, moe.experts.gate_up_proj.detach(), moe.experts.down_proj.detach(), shared=shared)
-    _assert_close(got, want, dtype, seed)
+    if dtype == torch.float32:
+        _assert_close(got, want, dtype, seed)
+        return
+    # bf16: HF rounds the routed sum and then the shared expert's add; the reference sums in fp32 and
+    # rounds once. Where terms cancel, an element keeps their rounding error (over 200 seeds: up to
+    # 0.063 at one element, an elementwise 2 % + 0.02 failed 1 seed in 300), but the mean error stays
+    # <= 0.0042 while a shared weight scaled by 0.9 gives >= 0.0068: the mean is the test.
+    error = (got.float() - want.float()).abs()
+    assert error.mean().item() <= 5.5e-3, f"mean |difference| {error.mean().item():.4g} {repro(seed)}"
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=8e-2, msg=lambda m: f"{m} {repro(seed)}")
 
 
 def test_reference_ignores_out_of_range_experts():
