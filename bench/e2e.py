@@ -31,8 +31,8 @@ Inductor lowering.
     price of Python between layers. Rows say which ("regional": true). Not at 200K: HF builds the
     causal mask eagerly outside the layers, a [L, L] bool (37.25 GiB at 200K, out of memory on an
     H100), which the whole-model graph never materialises.
-Rows are merged into the results file by (part, L, plan, layers, regional, --option values, --without / --with feature), so the
-parts can run in separate calls.
+Rows are merged into the results file by (part, L, plan, layers, regional, --option values, --without /
+--with feature), so the parts can run in separate calls.
 The bf16 limit of a prefill = its counted FLOPs (bench/prefill.py's work_flops) / the in-run matmul peak.
 """
 

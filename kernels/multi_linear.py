@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_utils import (HAS_TRITON, cdiv, interpreting, jit_helper, launch_interpreted, line_elems, new_output, next_pow2,
-                            num_sms, pdl_launch, prefetch_rows_to_l2, tl, triton, use_triton_for,
+from ._triton_utils import (HAS_TRITON, cdiv, interpreting, jit_helper, launch_interpreted, line_elems, new_output,
+                            next_pow2, num_sms, pdl_launch, prefetch_rows_to_l2, tl, triton, use_triton_for,
                             wait_for_previous_kernel)
 from .reference import multi_linear_ref
 

@@ -127,7 +127,8 @@ def test_chained_launches_in_a_cuda_graph_gpu(request, monkeypatch):
     """Programmatic dependent launch switched on (it is used on Hopper and later): each launch may
     start while the one before it runs, so a chain of GEMVs each reading the last one's output, with a
     plain torch kernel between two of them, replayed from a CUDA graph for new inputs equals the same
-    chain run eagerly (an input read before the grid wait would see the previous replay's values)."""
+    chain run eagerly without PDL (an input read before the grid wait would see the previous replay's
+    values)."""
     seed_everything(request.node.name)
     monkeypatch.setattr(_triton_utils, "_PDL", True)
     assert _triton_utils.pdl(torch.device("cuda")) == (torch.cuda.get_device_capability()[0] >= 9)
@@ -147,4 +148,6 @@ def test_chained_launches_in_a_cuda_graph_gpu(request, monkeypatch):
     for step in range(3):
         x.copy_(torch.randn_like(x))
         graph.replay()
+        monkeypatch.setattr(_triton_utils, "_PDL", False)
         assert torch.equal(out, chain(x)), f"replay {step}"
+        monkeypatch.setattr(_triton_utils, "_PDL", True)

@@ -384,7 +384,8 @@ def _compile_moe(which: str, tile, arch=90, clamp=False, shared=False, pdl=False
 
     E, H, I, k = GLM_MOE["E"], GLM_MOE["H"], GLM_MOE["I"], GLM_MOE["k"]
     IS = I if shared else 0
-    consts = dict(BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, STAGES=tile.num_stages, SHARED=shared, PDL=pdl, LINE_ELEMS=64)
+    consts = dict(BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, STAGES=tile.num_stages, SHARED=shared, PDL=pdl,
+                  LINE_ELEMS=64)
     if which == "gate_up":
         ptrs = dict(x_ptr="bf16", idx_ptr="i64", gu_ptr="bf16", inter_ptr="bf16", sgate_ptr="bf16", sup_ptr="bf16",
                     sinter_ptr="bf16")
