@@ -15,7 +15,6 @@ bandwidth measured in the same run (bench/kernel_speed.py's measure_peaks).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
@@ -27,7 +26,7 @@ from ic_compile.kernels import _triton_utils
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from kernel_speed import measure_peaks  # noqa: E402  (bench/kernel_speed.py)
-from moe_experts import bench_device  # noqa: E402  (bench/moe_experts.py)
+from moe_experts import bench_device, kernel_bench_parser  # noqa: E402  (bench/moe_experts.py)
 from prefill import save_result  # noqa: E402  (bench/prefill.py)
 
 RESULT = str(pathlib.Path(__file__).resolve().parent / "results" / "decode_chain.json")  # overwritten by each run
@@ -60,7 +59,7 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 
 def layer(x: torch.Tensor, weights: dict, shape: dict) -> torch.Tensor:
     """x [1,H] -> the next layer's input (a decode layer's chain of weight reads; the attention itself
-    is left out: o_proj reads q_b's output widened by a view)."""
+    is left out: o_proj reads q_b's output plus kv_a's first column, a stand-in with both as inputs)."""
     q_a, kv_a = torch.ops.ic.multi_linear(x, [weights["q_a"], weights["kv_a"]])
     (q,) = torch.ops.ic.multi_linear(rms_norm(q_a), [weights["q_b"]])
     (attn,) = torch.ops.ic.multi_linear(q[:, :shape["o_in"]] + kv_a[:, :1], [weights["o_proj"]])
@@ -101,12 +100,8 @@ def replay_ms(x: torch.Tensor, layers: list[dict], shape: dict, pdl: bool, reps:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU (Triton interpreter)")
+    parser = kernel_bench_parser(__doc__, RESULT)
     parser.add_argument("--reps", type=int, default=50)
-    parser.add_argument("--out", default=None,
-                        help=f"JSON report, overwritten (default: {RESULT}; '' = print only; --smoke: print only)")
     args = parser.parse_args(argv)
     device = bench_device(parser, args.smoke)
     shape = SMOKE if args.smoke else GLM

@@ -90,6 +90,17 @@ def graph_ms(fn, device: torch.device) -> float | None:
     return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
 
 
+def kernel_bench_parser(doc: str, result: str) -> argparse.ArgumentParser:
+    """The argument parser of a kernel bench with a --smoke mode: the module docstring as help,
+    --smoke and --out (a JSON report at `result` by default)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n", 1)[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU (Triton interpreter)")
+    parser.add_argument("--out", default=None,
+                        help=f"JSON report, overwritten (default: {result}; '' = print only; --smoke: print only)")
+    return parser
+
+
 def bench_device(parser: argparse.ArgumentParser, smoke: bool) -> torch.device:
     """CUDA; with --smoke the CPU, where the ops run their kernels in the Triton interpreter."""
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
@@ -185,13 +196,9 @@ def sweep(T: int, module, shape: dict, device: torch.device) -> list[dict]:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = kernel_bench_parser(__doc__, RESULT)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8], help="T values (default: %(default)s)")
     parser.add_argument("--sweep", action="store_true", help="also time every sweep tile per kernel")
-    parser.add_argument("--smoke", action="store_true", help="tiny shape; runs on CPU (Triton interpreter)")
-    parser.add_argument("--out", default=None,
-                        help=f"JSON report, overwritten (default: {RESULT}; '' = print only; --smoke: print only)")
     args = parser.parse_args(argv)
     device = bench_device(parser, args.smoke)
     shape = SMOKE if args.smoke else GLM

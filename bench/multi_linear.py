@@ -18,7 +18,6 @@ programmatic dependent launch.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
@@ -32,7 +31,7 @@ from ic_compile.kernels._triton_utils import cdiv
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from kernel_speed import measure_peaks, rates  # noqa: E402  (bench/kernel_speed.py)
-from moe_experts import bench_device, timed  # noqa: E402  (bench/moe_experts.py)
+from moe_experts import bench_device, kernel_bench_parser, timed  # noqa: E402  (bench/moe_experts.py)
 from prefill import save_result  # noqa: E402  (bench/prefill.py)
 
 RESULT = str(pathlib.Path(__file__).resolve().parent / "results" / "multi_linear.json")  # overwritten by each run
@@ -81,14 +80,10 @@ def bench_group(name: str, width: int, rows: tuple, T: int, device: torch.device
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = kernel_bench_parser(__doc__, RESULT)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4], help="T values (default: %(default)s)")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU (Triton interpreter)")
     parser.add_argument("--cold", action="store_true",
                         help="weights read from HBM (copies cycled past L2), and ours with PDL too")
-    parser.add_argument("--out", default=None,
-                        help=f"JSON report, overwritten (default: {RESULT}; '' = print only; --smoke: print only)")
     args = parser.parse_args(argv)
     device = bench_device(parser, args.smoke)
     torch.manual_seed(0)

@@ -90,8 +90,13 @@ _LINE_BYTES = 128  # an L2 line
 
 def pdl(device: torch.device) -> bool:
     """Launch the decode kernels on this device with programmatic dependent launch?"""
-    return (_PDL and HAS_TRITON and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-            and hasattr(tl.extra.cuda, "gdc_wait"))
+    return _PDL and HAS_TRITON and device.type == "cuda" and _has_grid_dependency_control(device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_grid_dependency_control(index: int | None) -> bool:
+    """Hopper or later, and a triton with the gdc ops (asked once per device: called at every launch)."""
+    return torch.cuda.get_device_capability(index)[0] >= 9 and hasattr(tl.extra.cuda, "gdc_wait")
 
 
 def pdl_launch(device: torch.device) -> dict:
