@@ -9,9 +9,10 @@ HBM as in the model's step): ic::multi_linear of q_a + kv_a (K = 2048), an RMSNo
 (plain launches between ours, as Inductor's kernels sit between them in the model), q_b (K = 768),
 o_proj (K = 5120), the router's fp32 logits of its bf16 weight, ic::moe_route, ic::moe_experts
 (top-4 of 8 experts per layer here, not 64, so 20 layers fit; plus the shared expert) and the
-residual add. The graph is replayed with PDL on and off (each captured anew); the answers must be
-equal, bit for bit. Reported: ms per layer for each, and the weight bytes read per layer over the copy
-bandwidth measured in the same run (bench/kernel_speed.py's measure_peaks).
+residual add. The graph is replayed with PDL off, on, and on without the L2 prefetch (each captured
+anew); the answers must be equal, bit for bit. Reported: ms per layer for each, and the weight bytes
+read per layer over the copy bandwidth measured in the same run (bench/kernel_speed.py's
+measure_peaks).
 """
 from __future__ import annotations
 
@@ -77,9 +78,12 @@ def run_chain(x: torch.Tensor, layers: list[dict], shape: dict) -> torch.Tensor:
     return x
 
 
-def replay_ms(x: torch.Tensor, layers: list[dict], shape: dict, pdl: bool, reps: int) -> tuple[float, torch.Tensor]:
-    """(ms per replay, the output) of the chain captured with PDL on or off."""
-    default, _triton_utils._PDL = _triton_utils._PDL, pdl
+def replay_ms(x: torch.Tensor, layers: list[dict], shape: dict, pdl: bool, prefetch: bool,
+              reps: int) -> tuple[float, torch.Tensor]:
+    """(ms per replay, the output) of the chain captured with PDL on or off (prefetch: the L2
+    prefetch before the wait)."""
+    default = _triton_utils._PDL, _triton_utils._PDL_PREFETCH
+    _triton_utils._PDL, _triton_utils._PDL_PREFETCH = pdl, prefetch
     try:
         run_chain(x, layers, shape)  # compile / warm up outside the capture
         torch.cuda.synchronize()
@@ -96,7 +100,7 @@ def replay_ms(x: torch.Tensor, layers: list[dict], shape: dict, pdl: bool, reps:
         torch.cuda.synchronize()
         return start.elapsed_time(end) / reps, out.clone()
     finally:
-        _triton_utils._PDL = default
+        _triton_utils._PDL, _triton_utils._PDL_PREFETCH = default
 
 
 def main(argv=None) -> dict:
@@ -114,14 +118,17 @@ def main(argv=None) -> dict:
         print(json.dumps({"smoke": True, "layers": shape["layers"]}))
         return {}
     peaks = measure_peaks(device, smoke=False, quick=True)
-    ms_on, out_on = replay_ms(x, layers, shape, True, args.reps)
-    ms_off, out_off = replay_ms(x, layers, shape, False, args.reps)
+    variants = {"plain": (False, False), "pdl": (True, True), "pdl_no_prefetch": (True, False)}
+    runs = {name: replay_ms(x, layers, shape, *switches, args.reps) for name, switches in variants.items()}
     per_layer = layer_bytes(layers[0], shape)
-    row = {"layers": shape["layers"], "bytes_per_layer": per_layer, "pdl_available": _triton_utils.pdl(device),
-           "us_per_layer_pdl": 1e3 * ms_on / shape["layers"], "us_per_layer_plain": 1e3 * ms_off / shape["layers"],
-           "equal": bool(torch.equal(out_on, out_off)), "copy_gbps": peaks["copy_gbps"]}
+    row = {"layers": shape["layers"], "bytes_per_layer": per_layer,
+           "pdl_available": _triton_utils._has_grid_dependency_control(device.index),
+           **{f"us_per_layer_{name}": 1e3 * ms / shape["layers"] for name, (ms, _) in runs.items()},
+           "equal": all(torch.equal(out, runs["plain"][1]) for _, out in runs.values()),
+           "copy_gbps": peaks["copy_gbps"]}
     row["us_per_layer_at_copy"] = per_layer / peaks["copy_gbps"] / 1e3
     row["speedup"] = row["us_per_layer_plain"] / row["us_per_layer_pdl"]
+    row["speedup_no_prefetch"] = row["us_per_layer_plain"] / row["us_per_layer_pdl_no_prefetch"]
     print(json.dumps(row), flush=True)
     save_result(RESULT if args.out is None else args.out, [row], shape=shape)
     return row

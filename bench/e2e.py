@@ -58,7 +58,7 @@ LAYERS = 47  # GLM-4.7-Flash: 47 decoder layers, the first dense, then 64-expert
 RESULT = pathlib.Path(__file__).resolve().parent / "results" / "e2e.json"
 LONE_MAX_BYTES = lower_decode_linears._LONE_MAX_BYTES
 REALIZE_OP = realize_rotary_table._realize_op
-KERNEL_PDL, INDUCTOR_PDL = _triton_utils._PDL, backend._INDUCTOR_PDL
+KERNEL_PDL, PDL_PREFETCH, INDUCTOR_PDL = _triton_utils._PDL, _triton_utils._PDL_PREFETCH, backend._INDUCTOR_PDL
 
 
 def pattern(plan: str, layers: int = LAYERS) -> str:
@@ -147,15 +147,17 @@ def switch(without: str | None = None, with_: str | None = None) -> None:
     Without: "lone_linears": the decode graphs' lone one-token linears stay cuBLAS's (the size limit 0);
     "rotary_table": the rotary cos / sin stay fused into every layer's RoPE kernel (no realize op).
     With: "pdl": programmatic dependent launch for our decode kernels (their weights prefetched into L2
-    before the grid wait) and for Inductor's in the captured graphs; "kernel_pdl": for ours alone."""
+    before the grid wait) and for Inductor's in the captured graphs; "kernel_pdl": for ours alone;
+    "kernel_pdl_no_prefetch": ours alone, without the L2 prefetch."""
     lower_decode_linears._LONE_MAX_BYTES = 0 if without == "lone_linears" else LONE_MAX_BYTES
     realize_rotary_table._realize_op = (lambda: None) if without == "rotary_table" else REALIZE_OP
-    _triton_utils._PDL = with_ in ("pdl", "kernel_pdl") or KERNEL_PDL
+    _triton_utils._PDL = with_ in ("pdl", "kernel_pdl", "kernel_pdl_no_prefetch") or KERNEL_PDL
+    _triton_utils._PDL_PREFETCH = with_ != "kernel_pdl_no_prefetch" and PDL_PREFETCH
     backend._INDUCTOR_PDL = with_ == "pdl" or INDUCTOR_PDL
 
 
 FEATURES = ("lone_linears", "rotary_table")  # on by default: --without
-OFF_FEATURES = ("pdl", "kernel_pdl")  # off by default: --with
+OFF_FEATURES = ("pdl", "kernel_pdl", "kernel_pdl_no_prefetch")  # off by default: --with
 
 
 def pipelined_ms(step, steps: int) -> tuple[float, float]:

@@ -85,6 +85,7 @@ def jit_helper(fn):
 # too, as Inductor's PDL kernels do after their wait: everything before us is complete by then).
 # The decode kernels that stream weights (multi_linear, the MoE experts) and the router use it.
 _PDL = False  # private switch: off until measured on a GPU (bench/decode_chain.py; bench/e2e.py --with pdl)
+_PDL_PREFETCH = True  # with PDL: prefetch the weight rows into L2 before the wait (bench/decode_chain.py A/B)
 _LINE_BYTES = 128  # an L2 line
 
 
@@ -99,10 +100,12 @@ def _has_grid_dependency_control(index: int | None) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9 and hasattr(tl.extra.cuda, "gdc_wait")
 
 
-def pdl_launch(device: torch.device) -> dict:
-    """Launch kwargs and the kernels' PDL constexpr: {"PDL": on, "launch_pdl": on}."""
+def pdl_launch(device: torch.device, prefetch: bool = False) -> dict:
+    """Launch kwargs and the kernels' PDL constexpr; prefetch: a kernel with a PREFETCH constexpr
+    (prefetch its weight rows into L2 before the wait)."""
     on = pdl(device)
-    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
+    flags = {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
+    return {**flags, "PREFETCH": on and _PDL_PREFETCH} if prefetch else flags
 
 
 def line_elems(t: torch.Tensor) -> int:
@@ -112,10 +115,18 @@ def line_elems(t: torch.Tensor) -> int:
 
 @jit_helper
 def wait_for_previous_kernel(PDL: tl.constexpr):
-    """With PDL: wait until the kernel before this one completed (its writes visible), then let
-    the next kernel launch. Without: nothing (the launch itself waited)."""
+    """With PDL: wait until the kernel before this one completed (its writes visible). Without:
+    nothing (the launch itself waited)."""
     if PDL:
         tl.extra.cuda.gdc_wait()
+
+
+@jit_helper
+def let_next_kernel_launch(PDL: tl.constexpr):
+    """With PDL: the next kernel may launch now (it waits for this one's completion before it reads
+    our output). Called after the main loop, not at the start: launched early, the next kernel's
+    programs would sit on the SMs (registers, shared memory) this kernel's later programs need."""
+    if PDL:
         tl.extra.cuda.gdc_launch_dependents()
 
 

@@ -42,6 +42,7 @@ from ._triton_utils import (
     interpreting,
     jit_helper,
     launch_interpreted,
+    let_next_kernel_launch,
     line_elems,
     new_output,
     next_pow2,
@@ -92,7 +93,8 @@ def _gate_up_kernel(
     ssg_n, ssg_h, ssu_n, ssu_h,  # shared gate [IS, H], shared up [IS, H]
     ssm_t, ssm_i,  # shared inter [T, IS]
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, CLAMP: tl.constexpr,
-    SHARED: tl.constexpr, PDL: tl.constexpr = False, LINE_ELEMS: tl.constexpr = 64,
+    SHARED: tl.constexpr, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    LINE_ELEMS: tl.constexpr = 64,
 ):
     """Program (pair, row block): a routed pair p = t*k + j < ROUTED writes inter[p, rows] =
     silu(gate_up[e, rows] . x[t]) * (gate_up[e, I + rows] . x[t]); with SHARED, program ROUTED + t
@@ -102,7 +104,7 @@ def _gate_up_kernel(
     pair = tl.program_id(0)
     row0 = tl.program_id(1) * BLOCK_N
     n = row0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] rows of the gate half
-    if PDL and SHARED:
+    if PREFETCH and SHARED:
         if (pair >= ROUTED) & (ssg_h == 1) & (ssu_h == 1):  # (rows of unit stride: what the prefetch reads)
             kept = tl.minimum(n, IS - 1)  # rows past IS: row IS - 1 again
             prefetch_rows_to_l2(sgate_ptr + kept * ssg_n, H, LINE_ELEMS, 16)
@@ -124,6 +126,7 @@ def _gate_up_kernel(
             _swiglu_rows(x_ptr + t.to(tl.int64) * sx_t, sx_h, sgate_ptr + n * ssg_n, sup_ptr + n * ssu_n, ssg_h,
                          ssu_h, n < IS, sinter_ptr + t.to(tl.int64) * ssm_t + n * ssm_i, H, h_end, LIMIT,
                          BLOCK_N, BLOCK_K, STAGES, CLAMP)
+    let_next_kernel_launch(PDL)
 
 
 def _down_kernel(
@@ -137,7 +140,7 @@ def _down_kernel(
     ssm_t, ssm_i,  # shared inter [T, IS]
     ssd_n, ssd_i,  # shared down [H, IS]
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, SHARED: tl.constexpr,
-    PDL: tl.constexpr = False, LINE_ELEMS: tl.constexpr = 64,
+    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, LINE_ELEMS: tl.constexpr = 64,
 ):
     """out[t, n] = sum_j w[t, j] * down[e_j, n] . inter[t*k + j] (+ shared_down[n] . shared_inter[t]
     with SHARED) for this row block, summed in fp32 and rounded once. PDL: launched early; the
@@ -145,7 +148,7 @@ def _down_kernel(
     t = tl.program_id(0)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output columns
     n_ok = n < H
-    if PDL and SHARED:
+    if PREFETCH and SHARED:
         if ssd_i == 1:
             prefetch_rows_to_l2(sdown_ptr + tl.minimum(n, H - 1) * ssd_n, IS, LINE_ELEMS, 16)
     wait_for_previous_kernel(PDL)
@@ -171,6 +174,7 @@ def _down_kernel(
             tile = tl.load(sdown_ptr + n[:, None] * ssd_n + i[None, :] * ssd_i, mask=n_ok[:, None] & i_ok[None, :],
                            other=0.0)
             acc += tile.to(tl.float32) * a.to(tl.float32)[None, :]
+    let_next_kernel_launch(PDL)
     y = tl.sum(acc, axis=1)  # [BLOCK_N]
     tl.store(out_ptr + t.to(tl.int64) * so_t + n * so_h, y.to(out_ptr.dtype.element_ty), mask=n_ok)
 
@@ -240,7 +244,7 @@ def _launch(fn, grid, args: tuple, tile: Tile, like: torch.Tensor, **constexprs)
         return
     if fn not in _JIT:
         _JIT[fn] = triton.jit(fn)
-    _JIT[fn][grid](*args, **meta, **pdl_launch(like.device), LINE_ELEMS=line_elems(like), num_warps=tile.num_warps)
+    _JIT[fn][grid](*args, **meta, **pdl_launch(like.device, prefetch=True), LINE_ELEMS=line_elems(like), num_warps=tile.num_warps)
 
 
 def _check(hidden, topk_index, topk_weights, gate_up, down) -> tuple[int, int, int, int, int]:

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_utils import (HAS_TRITON, interpreting, jit_helper, launch_interpreted, new_output, next_pow2, pdl_launch,
-                            tl, triton, use_triton_for, wait_for_previous_kernel)
+from ._triton_utils import (HAS_TRITON, interpreting, jit_helper, launch_interpreted, let_next_kernel_launch, new_output,
+                            next_pow2, pdl_launch, tl, triton, use_triton_for, wait_for_previous_kernel)
 from .reference import moe_route_ref
 
 MAX_EXPERTS = 1024  # a row of choice scores lives in one program's registers
@@ -62,6 +62,7 @@ def _route_kernel(
     if RENORMALIZE:
         weights = weights / (tl.sum(weights, axis=0) + 1e-20)
     weights = weights * SCALE
+    let_next_kernel_launch(PDL)
     tl.store(w_ptr + t * sw_t + k, weights, mask=k < TOPK)
     tl.store(ids_ptr + t * si_t + k, ids, mask=k < TOPK)
 

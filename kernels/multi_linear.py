@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_utils import (HAS_TRITON, cdiv, interpreting, jit_helper, launch_interpreted, line_elems, new_output,
-                            next_pow2, num_sms, pdl_launch, prefetch_rows_to_l2, tl, triton, use_triton_for,
-                            wait_for_previous_kernel)
+from ._triton_utils import (HAS_TRITON, cdiv, interpreting, jit_helper, launch_interpreted, let_next_kernel_launch,
+                            line_elems, new_output, next_pow2, num_sms, pdl_launch, prefetch_rows_to_l2, tl, triton,
+                            use_triton_for, wait_for_previous_kernel)
 from .reference import multi_linear_ref
 
 MAX_WEIGHTS = 4
@@ -56,7 +56,7 @@ def _multi_linear_kernel(
     sw0, sw1, sw2, sw3,  # row strides of the weights (unit stride along K)
     sx_t,  # x [T, K] row stride (unit stride along K); y_i [T, N_i] contiguous
     T_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-    PDL: tl.constexpr = False, LINE_ELEMS: tl.constexpr = 64,
+    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, LINE_ELEMS: tl.constexpr = 64,
 ):
     """y_i[t, n] = x[t] . W_i[n] for this program's row block of weight i. PDL: launched early (see
     _triton_utils.pdl): the block's weight rows are prefetched into L2 before x, the kernel before's
@@ -69,7 +69,7 @@ def _multi_linear_kernel(
     n_ok = n < rows
     row_stride = _pick(i, sw0, sw1, sw2, sw3)
     w_rows = w_ptr + n.to(tl.int64) * row_stride
-    if PDL:  # (rows past N: row N - 1 again)
+    if PREFETCH:  # (rows past N: row N - 1 again)
         prefetch_rows_to_l2(w_ptr + tl.minimum(n, rows - 1).to(tl.int64) * row_stride, K, LINE_ELEMS, 16)
     wait_for_previous_kernel(PDL)
     t = tl.arange(0, T_PAD)
@@ -81,6 +81,7 @@ def _multi_linear_kernel(
         x = tl.load(x_ptr + t[:, None] * sx_t + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_rows[:, None] + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         acc += w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :]
+    let_next_kernel_launch(PDL)
     y = tl.sum(acc, axis=2)  # [T_PAD, BLOCK_N]
     y_ptr = _pick(i, y0_ptr, y1_ptr, y2_ptr, y3_ptr)
     tl.store(y_ptr + t[:, None] * rows + n[None, :], y.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & n_ok[None, :])
@@ -146,7 +147,7 @@ def _launch_group(x: torch.Tensor, group: list[torch.Tensor], outs: list[torch.T
     if interpreting(x):
         launch_interpreted(_multi_linear_kernel, grid, *args, **meta)
     else:
-        _multi_linear_kernel_jit[grid](*args, **meta, **pdl_launch(x.device), LINE_ELEMS=line_elems(group[0]),
+        _multi_linear_kernel_jit[grid](*args, **meta, **pdl_launch(x.device, prefetch=True), LINE_ELEMS=line_elems(group[0]),
                                        num_warps=4)
 
 

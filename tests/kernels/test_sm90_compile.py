@@ -385,7 +385,7 @@ def _compile_moe(which: str, tile, arch=90, clamp=False, shared=False, pdl=False
     E, H, I, k = GLM_MOE["E"], GLM_MOE["H"], GLM_MOE["I"], GLM_MOE["k"]
     IS = I if shared else 0
     consts = dict(BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, STAGES=tile.num_stages, SHARED=shared, PDL=pdl,
-                  LINE_ELEMS=64)
+                  PREFETCH=pdl, LINE_ELEMS=64)
     if which == "gate_up":
         ptrs = dict(x_ptr="bf16", idx_ptr="i64", gu_ptr="bf16", inter_ptr="bf16", sgate_ptr="bf16", sup_ptr="bf16",
                     sinter_ptr="bf16")
@@ -479,7 +479,8 @@ def test_multi_linear_default_tiles_compile_for_sm90(width, rows, T, monkeypatch
                                       "y3_ptr")}
     for pdl in (False, True):  # with programmatic dependent launch (H100 / H200) and without
         res = compile_sm90(mod._multi_linear_kernel, ptrs, ints, {},
-                           dict(T_PAD=T, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=mod.STAGES, PDL=pdl, LINE_ELEMS=64),
+                           dict(T_PAD=T, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=mod.STAGES, PDL=pdl, PREFETCH=pdl,
+                                LINE_ELEMS=64),
                            4, 1)
         assert res["stack"] == 0 and res["shared"] <= MAX_SMEM, res
         assert re.search(r"cp\.async\.cg\.shared\.global \[[^]]+\], \[[^]]+\], 0x10", res["ptx"]), "no 16-byte cp.async"
@@ -488,9 +489,10 @@ def test_multi_linear_default_tiles_compile_for_sm90(width, rows, T, monkeypatch
 
 def _assert_pdl(ptx: str, pdl: bool, prefetch: bool, straight: bool = True) -> None:
     """PDL: the grid-dependency wait comes before the first cp.async (the input may be the kernel
-    before's output), the launch of the next kernel after it, and (prefetch) L2 prefetches, before
-    the wait where the code before it has no branch (straight; a branch's block may be laid out
-    anywhere in the text); without PDL none of these."""
+    before's output), the launch of the next kernel after the last one (after the main loop: launched
+    earlier, its programs would take SM room this kernel's later programs need), and (prefetch) L2
+    prefetches, before the wait where the code before it has no branch (straight; a branch's block
+    may be laid out anywhere in the text); without PDL none of these."""
     wait, release = ptx.find("griddepcontrol.wait"), ptx.find("griddepcontrol.launch_dependents")
     first_prefetch = ptx.find("prefetch.global.L2::evict_last")
     if not pdl:
@@ -498,5 +500,6 @@ def _assert_pdl(ptx: str, pdl: bool, prefetch: bool, straight: bool = True) -> N
         return
     assert -1 < wait < release, (wait, release)
     assert wait < ptx.find("cp.async") or "cp.async" not in ptx
+    assert release > ptx.rfind("cp.async"), (release, ptx.rfind("cp.async"))
     assert (first_prefetch > -1) == prefetch, first_prefetch
     assert not (prefetch and straight) or first_prefetch < wait, (first_prefetch, wait)

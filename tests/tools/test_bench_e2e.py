@@ -26,19 +26,22 @@ def e2e(monkeypatch):
 
 def _state():
     return (lower_decode_linears._LONE_MAX_BYTES > 0, realize_rotary_table._realize_op() is not None,
-            _triton_utils._PDL, backend._INDUCTOR_PDL)
+            _triton_utils._PDL, backend._INDUCTOR_PDL, _triton_utils._PDL_PREFETCH)
 
 
 def test_switches_each_feature_off_or_on_and_back(e2e):
-    assert _state() == (True, True, False, False)
+    assert _state() == (True, True, False, False, True)
     e2e.switch(without="lone_linears")
-    assert _state() == (False, True, False, False)
+    assert _state() == (False, True, False, False, True)
     e2e.switch(without="rotary_table")
-    assert _state() == (True, False, False, False)
+    assert _state() == (True, False, False, False, True)
     e2e.switch(with_="pdl")
-    assert _state() == (True, True, True, True)
+    assert _state() == (True, True, True, True, True)
     e2e.switch(with_="kernel_pdl")
-    assert _state() == (True, True, True, False)
+    assert _state() == (True, True, True, False, True)
+    e2e.switch(with_="kernel_pdl_no_prefetch")
+    assert _state() == (True, True, True, False, False)
     e2e.switch()
-    assert _state() == (True, True, False, False)
-    assert set(e2e.FEATURES) == {"lone_linears", "rotary_table"} and set(e2e.OFF_FEATURES) == {"pdl", "kernel_pdl"}
+    assert _state() == (True, True, False, False, True)
+    assert set(e2e.FEATURES) == {"lone_linears", "rotary_table"} and set(e2e.OFF_FEATURES) == {"pdl", "kernel_pdl",
+                                                                                           "kernel_pdl_no_prefetch"}
