@@ -20,6 +20,13 @@ all weights form one grid: program p belongs to weight i when BLOCK_START_i <= p
 its weight and output pointers, row count and row stride are picked by that index (up to
 MAX_WEIGHTS weights per launch; more are launched in groups). Weights need unit stride along K.
 
+RMSNorm prologue (norm_weight given): x is first replaced by RMSNorm(x [+ residual]) in x's dtype,
+rounded as the model's code rounds (kernels/reference.rms_norm_ref). At one token the norm is a
+launch of its own that reads 4 KB (an Inductor reduction ~1.5 us plus its gap); folded in here, each
+program re-reads its tokens' rows from L2 to get rstd. With the residual, the add that made the
+layer's input is read as its two terms, so it needs no launch either (Inductor recomputes it in the
+next kernel that reads the residual stream). passes/fold_rms_norm.py folds the model's norms in.
+
 Reference: `reference.multi_linear_ref`.
 """
 from __future__ import annotations
@@ -50,17 +57,20 @@ def _pick(index, v0, v1, v2, v3):
 
 def _multi_linear_kernel(
     x_ptr, w0_ptr, w1_ptr, w2_ptr, w3_ptr, y0_ptr, y1_ptr, y2_ptr, y3_ptr,
+    r_ptr, nw_ptr, eps,  # the RMSNorm prologue's residual [T, K] (row stride sx_t) and weight [K]
     T, K,
     N0, N1, N2, N3,  # rows of each weight (0: no such weight)
     S1, S2, S3,  # first program of weights 1..3
     sw0, sw1, sw2, sw3,  # row strides of the weights (unit stride along K)
     sx_t,  # x [T, K] row stride (unit stride along K); y_i [T, N_i] contiguous
     T_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+    NORM: tl.constexpr = False, RESIDUAL: tl.constexpr = False, SCALE_THEN_ROUND: tl.constexpr = False,
     PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, LINE_ELEMS: tl.constexpr = 64,
 ):
-    """y_i[t, n] = x[t] . W_i[n] for this program's row block of weight i. PDL: launched early (see
-    _triton_utils.pdl): the block's weight rows are prefetched into L2 before x, the kernel before's
-    output, can be read."""
+    """y_i[t, n] = x[t] . W_i[n] for this program's row block of weight i; NORM: x[t] is first
+    RMS-normed (see _normed_rows; every program computes its tokens' rstd, an L2-resident re-read of
+    x). PDL: launched early (see _triton_utils.pdl): the block's weight rows are prefetched into L2
+    before x, the kernel before's output, can be read."""
     pid = tl.program_id(0)
     i = (pid >= S1).to(tl.int32) + (pid >= S2).to(tl.int32) + (pid >= S3).to(tl.int32)
     w_ptr = _pick(i, w0_ptr, w1_ptr, w2_ptr, w3_ptr)
@@ -74,17 +84,57 @@ def _multi_linear_kernel(
     wait_for_previous_kernel(PDL)
     t = tl.arange(0, T_PAD)
     t_ok = t < T
+    rstd = tl.zeros((T_PAD,), tl.float32)
+    if NORM:
+        rstd = _rstd(x_ptr, r_ptr, sx_t, t, t_ok, K, eps, BLOCK_K, RESIDUAL)
     acc = tl.zeros((T_PAD, BLOCK_N, BLOCK_K), tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         k = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
         k_ok = k < K
         x = tl.load(x_ptr + t[:, None] * sx_t + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        if NORM:
+            x = _normed_rows(x, r_ptr, nw_ptr, sx_t, t, t_ok, k, k_ok, rstd, RESIDUAL, SCALE_THEN_ROUND)
         w = tl.load(w_rows[:, None] + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         acc += w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :]
     let_next_kernel_launch(PDL)
     y = tl.sum(acc, axis=2)  # [T_PAD, BLOCK_N]
     y_ptr = _pick(i, y0_ptr, y1_ptr, y2_ptr, y3_ptr)
     tl.store(y_ptr + t[:, None] * rows + n[None, :], y.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & n_ok[None, :])
+
+
+@jit_helper
+def _residual_sum(x, r_ptr, sx_t, t, t_ok, k, k_ok, RESIDUAL: tl.constexpr):
+    """h = x + residual rounded to x's dtype (a torch add of two x-dtype tensors), or x."""
+    if RESIDUAL:
+        r = tl.load(r_ptr + t[:, None] * sx_t + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+    return x
+
+
+@jit_helper
+def _rstd(x_ptr, r_ptr, sx_t, t, t_ok, K, eps, BLOCK_K: tl.constexpr, RESIDUAL: tl.constexpr):
+    """[T_PAD] 1 / sqrt(mean(h[t]^2) + eps), h in fp32 (h: _residual_sum)."""
+    squares = tl.zeros((t.shape[0], BLOCK_K), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        x = tl.load(x_ptr + t[:, None] * sx_t + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        h = _residual_sum(x, r_ptr, sx_t, t, t_ok, k, k_ok, RESIDUAL).to(tl.float32)
+        squares += h * h
+    return 1.0 / tl.sqrt(tl.sum(squares, axis=1) / K + eps)
+
+
+@jit_helper
+def _normed_rows(x, r_ptr, nw_ptr, sx_t, t, t_ok, k, k_ok, rstd, RESIDUAL: tl.constexpr,
+                 SCALE_THEN_ROUND: tl.constexpr):
+    """[T_PAD, BLOCK_K] of RMSNorm(h) in x's dtype, rounded as the model rounds: HF's
+    `weight * (h32 * rstd).to(dtype)` (two roundings) or, SCALE_THEN_ROUND, `(h32 * rstd * weight)
+    .to(dtype)` (F.rms_norm's one)."""
+    h = _residual_sum(x, r_ptr, sx_t, t, t_ok, k, k_ok, RESIDUAL).to(tl.float32)
+    weight = tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    if SCALE_THEN_ROUND:
+        return (h * rstd[:, None] * weight).to(x.dtype)
+    return (weight * (h * rstd[:, None]).to(x.dtype).to(tl.float32)).to(x.dtype)
 
 
 if HAS_TRITON:
@@ -97,6 +147,17 @@ def default_tile(T: int, rows: int, K: int, device: torch.device) -> tuple[int, 
     block_n = next((bn for bn in ROW_BLOCKS if cdiv(rows, bn) >= target), ROW_BLOCKS[-1])
     t_pad = next_pow2(max(T, 1))
     return block_n, min(max(16, TILE_ELEMS // (block_n * t_pad)), max(16, next_pow2(K)))
+
+
+def _check_norm(x: torch.Tensor, norm_weight: torch.Tensor, residual: torch.Tensor | None,
+                scale_then_round: bool) -> None:
+    dtype_ok = norm_weight.dtype == x.dtype or (scale_then_round and norm_weight.dtype == torch.float32)
+    if norm_weight.shape != (x.shape[1],) or not dtype_ok:
+        raise ValueError(f"multi_linear: the RMSNorm weight must be [{x.shape[1]}] in x's dtype {x.dtype} (or fp32 "
+                         f"with scale_then_round), got {tuple(norm_weight.shape)} {norm_weight.dtype}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"multi_linear: the residual must be x's shape and dtype {tuple(x.shape)} {x.dtype}, got "
+                         f"{tuple(residual.shape)} {residual.dtype}")
 
 
 def _check(x: torch.Tensor, weights: list[torch.Tensor]) -> None:
@@ -114,26 +175,34 @@ def _check(x: torch.Tensor, weights: list[torch.Tensor]) -> None:
                          f"bf16/fp16 (read and upcast); got {[w.dtype for w in weights]}")
 
 
-def multi_linear_triton(x: torch.Tensor, weights: list[torch.Tensor],
-                        tile: tuple[int, int] | None = None) -> list[torch.Tensor]:
+def multi_linear_triton(x: torch.Tensor, weights: list[torch.Tensor], tile: tuple[int, int] | None = None,
+                        norm_weight: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
+                        scale_then_round: bool = False) -> list[torch.Tensor]:
     """Triton path (CPU tensors run in the Triton interpreter) -> [x @ W_i^T] in x's dtype.
-    tile: (BLOCK_N, BLOCK_K) instead of default_tile."""
+    tile: (BLOCK_N, BLOCK_K) instead of default_tile. norm_weight..: see multi_linear."""
     _check(x, weights)
+    if norm_weight is not None:
+        _check_norm(x, norm_weight, residual, scale_then_round)
     if x.shape[0] > MAX_TOKENS:
         raise ValueError(f"multi_linear: {x.shape[0]} rows; the kernel is for at most {MAX_TOKENS} (decode)")
-    if x.stride(1) != 1 or any(w.stride(1) != 1 for w in weights):
-        raise ValueError("multi_linear: x and the weights need unit stride along K (call .contiguous())")
+    inputs = [x, *([] if residual is None else [residual]), *([] if norm_weight is None else [norm_weight])]
+    if any(t.stride(-1) != 1 for t in (*inputs, *weights)) or (residual is not None and residual.stride(0) != x.stride(0)):
+        raise ValueError("multi_linear: x, the residual and the weights need unit stride along K, the residual x's "
+                         "row stride (call .contiguous())")
     outs = [new_output((x.shape[0], w.shape[0]), x.dtype, x.device) for w in weights]
     if x.shape[0] == 0:
         return outs
     if x.shape[1] == 0:
         return [y.zero_() for y in outs]
+    norm = {"NORM": norm_weight is not None, "RESIDUAL": residual is not None, "SCALE_THEN_ROUND": scale_then_round}
+    norm_args = (x if residual is None else residual, x if norm_weight is None else norm_weight, float(eps))
     for first in range(0, len(weights), MAX_WEIGHTS):
-        _launch_group(x, weights[first:first + MAX_WEIGHTS], outs[first:first + MAX_WEIGHTS], tile)
+        _launch_group(x, weights[first:first + MAX_WEIGHTS], outs[first:first + MAX_WEIGHTS], tile, norm_args, norm)
     return outs
 
 
-def _launch_group(x: torch.Tensor, group: list[torch.Tensor], outs: list[torch.Tensor], tile) -> None:
+def _launch_group(x: torch.Tensor, group: list[torch.Tensor], outs: list[torch.Tensor], tile, norm_args: tuple,
+                  norm: dict) -> None:
     T, K = x.shape
     rows = [w.shape[0] for w in group]
     block_n, block_k = tile or default_tile(T, sum(rows), K, x.device)
@@ -141,22 +210,30 @@ def _launch_group(x: torch.Tensor, group: list[torch.Tensor], outs: list[torch.T
     starts = [sum(blocks[:j]) for j in range(1, MAX_WEIGHTS)]  # weights past the group start at the end
     pad = MAX_WEIGHTS - len(group)
     weights, ys = [*group, *[group[0]] * pad], [*outs, *[outs[0]] * pad]
-    args = (x, *weights, *ys, T, K, *rows, *[0] * pad, *starts, *(w.stride(0) for w in weights), x.stride(0))
+    args = (x, *weights, *ys, *norm_args, T, K, *rows, *[0] * pad, *starts, *(w.stride(0) for w in weights),
+            x.stride(0))
     grid = (sum(blocks),)
-    meta = dict(T_PAD=next_pow2(max(T, 1)), BLOCK_N=block_n, BLOCK_K=block_k, STAGES=STAGES)
+    meta = dict(T_PAD=next_pow2(max(T, 1)), BLOCK_N=block_n, BLOCK_K=block_k, STAGES=STAGES, **norm)
     if interpreting(x):
         launch_interpreted(_multi_linear_kernel, grid, *args, **meta)
     else:
-        _multi_linear_kernel_jit[grid](*args, **meta, **pdl_launch(x.device, prefetch=True), LINE_ELEMS=line_elems(group[0]),
-                                       num_warps=4)
+        _multi_linear_kernel_jit[grid](*args, **meta, **pdl_launch(x.device, prefetch=True),
+                                       LINE_ELEMS=line_elems(group[0]), num_warps=4)
 
 
-def multi_linear(x: torch.Tensor, weights: list[torch.Tensor], use_triton: bool | None = None) -> list[torch.Tensor]:
-    """x [T,K], weights [N_i,K] -> [x @ W_i^T] (see the module docstring). use_triton: see indexer_topk."""
+def multi_linear(x: torch.Tensor, weights: list[torch.Tensor], use_triton: bool | None = None,
+                 norm_weight: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
+                 scale_then_round: bool = False) -> list[torch.Tensor]:
+    """x [T,K], weights [N_i,K] -> [x @ W_i^T] (see the module docstring). use_triton: see indexer_topk.
+    norm_weight [K] (x's dtype): x is RMSNorm(x + residual) first, with eps; scale_then_round: the norm
+    rounds once after the weight (F.rms_norm), not before and after it (HF's RMSNorm classes)."""
+    norm = dict(norm_weight=norm_weight, eps=eps, residual=residual, scale_then_round=scale_then_round)
     if use_triton_for(x, use_triton) and x.shape[0] <= MAX_TOKENS:
-        return multi_linear_triton(x, weights)
+        return multi_linear_triton(x, weights, **norm)
     _check(x, weights)
-    return multi_linear_ref(x, weights)
+    if norm_weight is not None:
+        _check_norm(x, norm_weight, residual, scale_then_round)
+    return multi_linear_ref(x, weights, **norm)
 
 
 __all__ = ["multi_linear", "multi_linear_triton", "default_tile", "MAX_TOKENS", "MAX_WEIGHTS"]

@@ -62,7 +62,8 @@ _SPARSE_MLA_SCHEMA = ("(Tensor q, Tensor kv, Tensor indices, float scale, int dv
 _MOE_EXPERTS_SCHEMA = ("(Tensor hidden, Tensor topk_index, Tensor topk_weights, Tensor gate_up, Tensor down, "
                        "float? swiglu_limit=None, Tensor? shared_gate=None, Tensor? shared_up=None, "
                        "Tensor? shared_down=None) -> Tensor")
-_MULTI_LINEAR_SCHEMA = "(Tensor x, Tensor[] weights) -> Tensor[]"
+_MULTI_LINEAR_SCHEMA = ("(Tensor x, Tensor[] weights, Tensor? norm_weight=None, float eps=0.0, Tensor? residual=None, "
+                        "bool scale_then_round=False) -> Tensor[]")
 _MOE_ROUTE_SCHEMA = ("(Tensor logits, Tensor? bias, int top_k, int n_group, int topk_group, bool renormalize, "
                      "float scale) -> (Tensor, Tensor)")
 
@@ -217,14 +218,15 @@ def _(logits, bias, top_k, n_group, topk_group, renormalize, scale):
 
 
 @torch.library.custom_op(f"{NAMESPACE}::multi_linear", mutates_args=(), schema=_MULTI_LINEAR_SCHEMA)
-def multi_linear(x, weights):
+def multi_linear(x, weights, norm_weight=None, eps=0.0, residual=None, scale_then_round=False):
     """x [T,K], weights [N_i,K] (nn.Linear weights, no bias) -> [x @ W_i^T] ([T,N_i] each), in one launch
-    for decode-sized T (kernels/multi_linear.py)."""
-    return _multi_linear(x, list(weights))
+    for decode-sized T (kernels/multi_linear.py); with norm_weight [K], of RMSNorm(x + residual) instead."""
+    return _multi_linear(x, list(weights), norm_weight=norm_weight, eps=eps, residual=residual,
+                         scale_then_round=scale_then_round)
 
 
 @multi_linear.register_fake
-def _(x, weights):
+def _(x, weights, norm_weight=None, eps=0.0, residual=None, scale_then_round=False):
     return [x.new_empty((x.shape[0], w.shape[0])) for w in weights]
 
 

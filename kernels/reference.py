@@ -309,7 +309,22 @@ def moe_route_ref(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n
     return weights * scale, ids
 
 
-def multi_linear_ref(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+def multi_linear_ref(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch.Tensor | None = None,
+                     eps: float = 0.0, residual: torch.Tensor | None = None,
+                     scale_then_round: bool = False) -> list[torch.Tensor]:
     """x [T,K], weights [N_i,K] -> [x @ W_i^T] in x's dtype, fp32 sums rounded once (what a linear
-    per weight gives, up to its summation order)."""
+    per weight gives, up to its summation order); with norm_weight, of x = rms_norm_ref(x, ...)."""
+    if norm_weight is not None:
+        x = rms_norm_ref(x, norm_weight, eps, residual, scale_then_round)
     return [(x.float() @ w.float().T).to(x.dtype) for w in weights]
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                 scale_then_round: bool = False) -> torch.Tensor:
+    """RMSNorm of h = x (+ residual, added in x's dtype) over the last dim, in x's dtype, rounded as
+    HF's RMSNorm classes round (`weight * (h32 * rstd).to(dtype)`) or, scale_then_round, as
+    F.rms_norm does (`(h32 * rstd * weight).to(dtype)`)."""
+    h = x if residual is None else x + residual
+    h32 = h.float()
+    normed = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)
+    return (normed * weight.float()).to(h.dtype) if scale_then_round else weight * normed.to(h.dtype)

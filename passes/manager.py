@@ -136,10 +136,12 @@ def _decode_op_passes(ctx: PassContext) -> list[Pass]:
     from .fold_shared_expert import fold_shared_expert
     from .lower_moe_experts import lower_moe_experts
     from .lower_moe_router import lower_moe_router
+    from .fold_rms_norm import fold_rms_norm
     from .lower_decode_linears import lower_decode_linears
 
     return [*([lower_moe_experts, fold_shared_expert] if ctx.moe_experts else []),
-            *([lower_moe_router] if ctx.moe_router else []), *([lower_decode_linears] if ctx.merge_linears else [])]
+            *([lower_moe_router] if ctx.moe_router else []),
+            *([lower_decode_linears, fold_rms_norm] if ctx.merge_linears else [])]
 
 
 def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: list[Pass]) -> fx.GraphModule:

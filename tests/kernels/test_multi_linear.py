@@ -1,7 +1,8 @@
 """kernels/multi_linear.py (the Triton kernel in the interpreter) == reference.multi_linear_ref == a
 linear per weight: one to six weights (more than one launch group), row tails, 1-4 tokens, a strided
 x, half weights upcast for an fp32 x; inputs the kernel does not take are refused with the reason;
-the custom op's schema and fake."""
+the custom op's schema and fake; the RMSNorm prologue (x normed, a residual added first) rounds as
+the model's norm rounds."""
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch.nn import functional as F
 import ic_compile.kernels.ops  # noqa: F401  (registers torch.ops.ic.*)
 from ic_compile.kernels import _triton_utils
 from ic_compile.kernels.multi_linear import MAX_TOKENS, multi_linear, multi_linear_triton
-from ic_compile.kernels.reference import multi_linear_ref
+from ic_compile.kernels.reference import multi_linear_ref, rms_norm_ref
 from ic_compile.kernels.testing import repro, seed_everything
 
 from marks import needs_cuda, needs_triton
@@ -75,6 +76,61 @@ def test_triton_small_tiles_strided_rows(request):
         _assert_close(multi_linear_triton(x, weights, tile=tile), want, torch.bfloat16, seed, str(tile))
 
 
+def _norm_inputs(T, dtype, residual, device="cpu"):
+    x = (3 * torch.randn(T, K, device=device)).to(dtype)
+    r = torch.randn(T, K, device=device).to(dtype) if residual else None
+    return x, r, (1 + 0.3 * torch.randn(K, device=device)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rms_norm_reference_is_the_models_norm(dtype, request):
+    """rms_norm_ref: HF's RMSNorm class (two roundings) bit for bit; scale_then_round: F.rms_norm."""
+    from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import GlmMoeDsaRMSNorm
+
+    seed_everything(request.node.name)
+    x, r, weight = _norm_inputs(3, dtype, residual=True)
+    norm = GlmMoeDsaRMSNorm(K, eps=1e-5).to(dtype)
+    norm.weight.data.copy_(weight)
+    assert torch.equal(rms_norm_ref(x, weight, 1e-5, r), norm(x + r))
+    torch.testing.assert_close(rms_norm_ref(x, weight, 1e-5, scale_then_round=True),
+                               F.rms_norm(x, (K,), weight, 1e-5), rtol=0, atol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("scale_then_round", [False, True], ids=["hf", "functional"])
+@pytest.mark.parametrize("residual", [False, True], ids=["x", "x+residual"])
+def test_rms_norm_prologue_rounds_as_the_model(residual, scale_then_round, request):
+    """Through identity weights the op returns its normed rows: fp16 (which the interpreter rounds as
+    a GPU does; it truncates bf16) equal to the reference in >= 99% of elements (rstd may differ by an
+    ulp), where the other rounding order matches only ~75%."""
+    seed = seed_everything(request.node.name)
+    x, r, weight = _norm_inputs(4, torch.float16, residual)
+    (got,) = multi_linear_triton(x, [torch.eye(K).half()], tile=(8, 32), norm_weight=weight, eps=1e-6, residual=r,
+                                 scale_then_round=scale_then_round)
+    same = (got == rms_norm_ref(x, weight, 1e-6, r, scale_then_round)).float().mean().item()
+    assert same >= 0.99, f"{same:.3f} of the normed rows equal {repro(seed)}"
+    torch.testing.assert_close(got, rms_norm_ref(x, weight, 1e-6, r, scale_then_round), rtol=1e-3, atol=1e-3)
+
+
+@needs_triton
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rms_norm_prologue_matches_reference(dtype, T, request):
+    """Six weights (two launch groups, each norms again), several K steps, with and without the residual.
+    bf16 within 5%: the interpreter truncates the normed rows to bf16 (a GPU rounds them: the GPU test)."""
+    seed = seed_everything(request.node.name)
+    weights = _weights(ROWS, dtype)
+    tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=0.05, atol=0.05)
+    for residual in (False, True):
+        x, r, weight = _norm_inputs(T, dtype, residual)
+        norm = dict(norm_weight=weight, eps=1e-5, residual=r)
+        want = multi_linear_ref(x, weights, **norm)
+        for g, w in zip(multi_linear_triton(x, weights, tile=(16, 32), **norm), want):
+            torch.testing.assert_close(g.float(), w.float(), **tol, msg=lambda m: f"{m} residual={residual} {repro(seed)}")
+        _assert_close(multi_linear(x, weights, use_triton=False, **norm), multi_linear_ref(x, weights, **norm),
+                      dtype, seed, "reference path")
+
+
 def test_rejects_what_the_kernel_does_not_take():
     weights, x = _weights(ROWS[:2], torch.float32), torch.randn(2, K)
     with pytest.raises(ValueError, match="not \\[N,96\\]"):
@@ -89,6 +145,12 @@ def test_rejects_what_the_kernel_does_not_take():
         multi_linear_triton(x, [weights[0].T.contiguous().T])
     with pytest.raises(ValueError, match=f"at most {MAX_TOKENS}"):
         multi_linear_triton(torch.randn(MAX_TOKENS + 1, K), weights)
+    with pytest.raises(ValueError, match="RMSNorm weight must be \\[96\\]"):
+        multi_linear(x, weights, use_triton=False, norm_weight=torch.ones(K - 1))
+    with pytest.raises(ValueError, match="or fp32 with scale_then_round"):
+        multi_linear(x.bfloat16(), [w.bfloat16() for w in weights], use_triton=False, norm_weight=torch.ones(K))
+    with pytest.raises(ValueError, match="residual must be x's shape"):
+        multi_linear(x, weights, use_triton=False, norm_weight=torch.ones(K), residual=torch.randn(1, K))
 
 
 def test_more_rows_than_the_kernel_takes_use_the_reference():
@@ -99,8 +161,12 @@ def test_more_rows_than_the_kernel_takes_use_the_reference():
 
 def test_schema_and_opcheck(request):
     seed_everything(request.node.name)
-    assert str(torch.ops.ic.multi_linear.default._schema) == "ic::multi_linear(Tensor x, Tensor[] weights) -> Tensor[]"
+    assert str(torch.ops.ic.multi_linear.default._schema) == (
+        "ic::multi_linear(Tensor x, Tensor[] weights, Tensor? norm_weight=None, float eps=0., Tensor? residual=None, "
+        "bool scale_then_round=False) -> Tensor[]")
     torch.library.opcheck(torch.ops.ic.multi_linear.default, (torch.randn(2, K), _weights(ROWS[:3], torch.float32)))
+    torch.library.opcheck(torch.ops.ic.multi_linear.default, (torch.randn(2, K), _weights(ROWS[:3], torch.float32),
+                                                               torch.rand(K), 1e-6, torch.randn(2, K), True))
 
 
 @pytest.mark.gpu
@@ -118,6 +184,24 @@ def test_glm_shapes_gpu(T, request):
         x = torch.randn(T, width, device="cuda").to(x_dtype)
         _assert_close(torch.ops.ic.multi_linear(x, weights), [F.linear(x, w.to(x_dtype)) for w in weights], x_dtype,
                       seed, f"K={width}")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("T", [1, 4])
+def test_rms_norm_prologue_glm_shapes_gpu(T, request):
+    """input_layernorm (with the residual sum) -> q_a, kv_a, wk (K = 2048); q_a_layernorm -> q_b, wq_b
+    (K = 768), bf16, both rounding orders; vs the reference norm then F.linear (cuBLAS)."""
+    seed = seed_everything(request.node.name)
+    for width, rows, residual in ((2048, (768, 576, 128), True), (768, (5120, 4096), False)):
+        weights = [(torch.randn(n, width, device="cuda") * width**-0.5).bfloat16() for n in rows]
+        x, r = (torch.randn(T, width, device="cuda").bfloat16() for _ in range(2))
+        weight = (1 + 0.3 * torch.randn(width, device="cuda")).bfloat16()
+        for scale_then_round in (False, True):
+            normed = rms_norm_ref(x, weight, 1e-5, r if residual else None, scale_then_round)
+            got = torch.ops.ic.multi_linear(x, weights, weight, 1e-5, r if residual else None, scale_then_round)
+            _assert_close(got, [F.linear(normed, w) for w in weights], torch.bfloat16, seed, f"K={width}")
 
 
 @pytest.mark.gpu

@@ -9,7 +9,7 @@ import pytest
 
 from ic_compile import backend
 from ic_compile.kernels import _triton_utils
-from ic_compile.passes import lower_decode_linears, realize_rotary_table
+from ic_compile.passes import fold_rms_norm, lower_decode_linears, realize_rotary_table
 
 BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench"
 
@@ -24,24 +24,30 @@ def e2e(monkeypatch):
     module.switch()
 
 
-def _state():
-    return (lower_decode_linears._LONE_MAX_BYTES > 0, realize_rotary_table._realize_op() is not None,
-            _triton_utils._PDL, backend._INDUCTOR_PDL, _triton_utils._PDL_PREFETCH)
+def _state() -> dict:
+    return {"lone_linears": lower_decode_linears._LONE_MAX_BYTES > 0,
+            "rotary_table": realize_rotary_table._realize_op() is not None, "rms_norm_prologue": fold_rms_norm._FOLDS,
+            "kernel_pdl": _triton_utils._PDL, "inductor_pdl": backend._INDUCTOR_PDL,
+            "pdl_prefetch": _triton_utils._PDL_PREFETCH}
 
 
-def test_switches_each_feature_off_or_on_and_back(e2e):
-    assert _state() == (True, True, False, False, True)
-    e2e.switch(without="lone_linears")
-    assert _state() == (False, True, False, False, True)
-    e2e.switch(without="rotary_table")
-    assert _state() == (True, False, False, False, True)
-    e2e.switch(with_="pdl")
-    assert _state() == (True, True, True, True, True)
-    e2e.switch(with_="kernel_pdl")
-    assert _state() == (True, True, True, False, True)
-    e2e.switch(with_="kernel_pdl_no_prefetch")
-    assert _state() == (True, True, True, False, False)
+DEFAULTS = {"lone_linears": True, "rotary_table": True, "rms_norm_prologue": True, "kernel_pdl": False,
+            "inductor_pdl": False, "pdl_prefetch": True}
+
+
+@pytest.mark.parametrize("without,with_,changed", [
+    ("lone_linears", None, {"lone_linears": False}),
+    ("rotary_table", None, {"rotary_table": False}),
+    ("rms_norm_prologue", None, {"rms_norm_prologue": False}),
+    (None, "pdl", {"kernel_pdl": True, "inductor_pdl": True}),
+    (None, "kernel_pdl", {"kernel_pdl": True}),
+    (None, "kernel_pdl_no_prefetch", {"kernel_pdl": True, "pdl_prefetch": False}),
+])
+def test_switches_each_feature_off_or_on_and_back(e2e, without, with_, changed):
+    assert _state() == DEFAULTS
+    e2e.switch(without=without, with_=with_)
+    assert _state() == {**DEFAULTS, **changed}
     e2e.switch()
-    assert _state() == (True, True, False, False, True)
-    assert set(e2e.FEATURES) == {"lone_linears", "rotary_table"} and set(e2e.OFF_FEATURES) == {"pdl", "kernel_pdl",
-                                                                                           "kernel_pdl_no_prefetch"}
+    assert _state() == DEFAULTS
+    assert set(e2e.FEATURES) == {"lone_linears", "rotary_table", "rms_norm_prologue"}
+    assert set(e2e.OFF_FEATURES) == {"pdl", "kernel_pdl", "kernel_pdl_no_prefetch"}

@@ -1,0 +1,164 @@
+"""passes/fold_rms_norm.py: an RMSNorm read only by one ic::multi_linear call becomes the op's prologue,
+whichever way the code writes it (HF's class, DeepSeek's reference, F.rms_norm, x*x, x / sqrt, the
+weight multiplied before or after the cast), with the residual add that made its input read as two
+terms; the eps and rounding the pass reads reproduce the module's norm bit for bit. Gemma's `1 + w`,
+a LayerNorm and a norm with a second reader are left alone. HF GLM-DSA prefill + 8 decode steps equal
+HF's own plan with the fold on (eager and Inductor)."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import tiny_models
+from ic_compile.backend import last_results
+from ic_compile.kernels.reference import rms_norm_ref
+from ic_compile.passes import fold_rms_norm, lower_decode_linears
+from ic_compile.passes.fold_rms_norm import lowered_norm_multi_linear
+
+K, EPS = 64, 1e-5
+
+
+def hf(h, w):
+    dtype = h.dtype
+    h = h.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + EPS)
+    return w * h.to(dtype)
+
+
+def deepseek(h, w):
+    x32 = h.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + EPS)
+    return x32.type_as(h) * w
+
+
+def scale_then_cast(h, w):
+    x32 = h.float()
+    return (x32 * torch.rsqrt(torch.mean(x32 * x32, dim=-1, keepdim=True) + EPS) * w).to(h.dtype)
+
+
+def functional(h, w):
+    return F.rms_norm(h, (K,), w, EPS)
+
+
+def divide_by_root(h, w):
+    x32 = h.float()
+    return w * (x32 / torch.sqrt(x32.square().mean(-1, keepdim=True) + EPS)).to(h.dtype)
+
+
+def gemma(h, w):  # scales by 1 + w: another norm
+    x32 = h.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + EPS) * (1.0 + w.float())).to(h.dtype)
+
+
+def layer_norm(h, w):
+    return F.layer_norm(h, (K,), w, None, EPS)
+
+
+class Block(nn.Module):
+    """norm(a + b) -> two sibling projections (one multi_linear launch); `a + b` is also returned (the
+    residual stream); second_reader: the normed tensor is returned too."""
+
+    def __init__(self, norm, weight_dtype=torch.bfloat16, second_reader=False):
+        super().__init__()
+        self.norm, self.second_reader = norm, second_reader
+        self.weight = nn.Parameter((1 + 0.3 * torch.randn(K)).to(weight_dtype))
+        self.q = nn.Linear(K, 48, bias=False, dtype=torch.bfloat16)
+        self.kv = nn.Linear(K, 24, bias=False, dtype=torch.bfloat16)
+
+    def forward(self, a, b):
+        h = a + b
+        normed = self.norm(h, self.weight)
+        return self.q(normed), self.kv(normed), h, *((normed,) if self.second_reader else ())
+
+
+def _compile_with_passes(module, a, b):
+    """(outputs, [(eps, scale_then_round, has_residual)] of the folded calls) through Dynamo's graph."""
+    from ic_compile.passes.lower_indexer import LoweringReport
+    from ic_compile.passes.manager import PassContext
+
+    folded = []
+
+    def backend(gm, example_inputs):
+        ctx = PassContext(kernels=True)
+        ctx.report = LoweringReport()
+        for pass_ in (lower_decode_linears.lower_decode_linears, fold_rms_norm.fold_rms_norm):
+            gm = pass_(gm, ctx)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        folded.extend((n.args[3], n.args[4], n.args[1] is not None) for n in gm.graph.nodes
+                      if n.target is lowered_norm_multi_linear)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        return torch.compile(module, backend=backend)(a, b), folded
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(3 * torch.randn(1, 1, K, generator=g)).bfloat16() for _ in range(2)]
+
+
+@pytest.mark.parametrize("norm,weight_dtype,scale_then_round", [
+    (hf, torch.bfloat16, False), (deepseek, torch.bfloat16, False), (scale_then_cast, torch.bfloat16, True),
+    (scale_then_cast, torch.float32, True), (functional, torch.bfloat16, True), (divide_by_root, torch.bfloat16, False),
+], ids=["hf", "deepseek", "scale_then_cast", "scale_then_cast_fp32_weight", "F.rms_norm", "divide_by_root"])
+def test_folds_each_form_with_its_rounding(norm, weight_dtype, scale_then_round):
+    torch.manual_seed(0)
+    module, (a, b) = Block(norm, weight_dtype), _inputs()
+    got, folded = _compile_with_passes(module, a, b)
+    assert folded == [(EPS, scale_then_round, True)], folded
+    # the eps and rounding read from the graph give the module's norm, bit for bit
+    assert torch.equal(rms_norm_ref(a, module.weight.data, EPS, b, scale_then_round), norm(a + b, module.weight.data))
+    with torch.no_grad():
+        want = module(a, b)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        torch.testing.assert_close(g.float(), w.float(), rtol=1e-2, atol=1e-2)
+    assert torch.equal(got[2], want[2])  # the residual stream is still returned
+
+
+@pytest.mark.parametrize("norm,second_reader", [(gemma, False), (layer_norm, False), (hf, True)],
+                         ids=["gemma_1_plus_w", "layer_norm", "normed_read_twice"])
+def test_leaves_other_norms_and_shared_ones(norm, second_reader):
+    torch.manual_seed(0)
+    module, (a, b) = Block(norm, second_reader=second_reader), _inputs()
+    got, folded = _compile_with_passes(module, a, b)
+    assert folded == []
+    with torch.no_grad():
+        want = module(a, b)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("lowering", ["eager", "inductor"])
+def test_hf_glm_decode_equals_hf_plan(lowering):
+    """Batch 1, plan FSFS: q_a_layernorm folds in every layer, input_layernorm (with its residual sum) in
+    the S layers (an F layer's normed state also feeds the indexer's fp32 weights_proj); prefill and 8
+    decode steps equal HF's own IndexCache."""
+    model = tiny_models.glm()
+    torch._dynamo.reset()
+    last_results.clear()
+    compiled = torch.compile(model, backend="indexcache",
+                             options={"plan": "FSFS", "lowering": lowering, "kernels": True})
+    ids, more = tiny_models.random_ids(1, seq=20), tiny_models.random_ids(1, seq=8, seed=5)
+    want = tiny_models.prefill_and_decode(tiny_models.glm_with_plan(model, "FSFS"), ids, more)[0]
+    got = tiny_models.prefill_and_decode(compiled, ids, more)[0]
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    decode = [r for r in last_results if r.changed and r.kernels.decode_linears]
+    assert decode
+    for result in decode:
+        folded = [n for n in result.gm.graph.nodes if n.target is lowered_norm_multi_linear]
+        by_input = sorted(str(n.args[2].name).split("modules_")[-2:][0].rstrip("_") for n in folded)
+        assert result.counters["fold_rms_norm.norms"] == len(folded) >= 6, by_input
+        assert result.counters["fold_rms_norm.residuals"] == sum(n.args[1] is not None for n in folded) >= 2
+
+
+def test_switch_off_leaves_the_graph(monkeypatch):
+    monkeypatch.setattr(fold_rms_norm, "_FOLDS", False)
+    torch.manual_seed(0)
+    _, folded = _compile_with_passes(Block(hf), *_inputs())
+    assert folded == []
