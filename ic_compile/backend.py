@@ -74,7 +74,9 @@ class BackendOptions:
     sparse_attention: bool = True  # with kernels: mask-scatter + SDPA -> ic::sparse_mla / ic::sparse_attention
     moe_experts: bool = True  # with kernels: a decode graph's MoE experts (+ shared expert) -> ic::moe_experts
     moe_router: bool = True  # with kernels: a sigmoid group-limited router's tail -> ic::moe_route (passes/lower_moe_router)
-    merge_linears: bool = True  # with kernels: a decode graph's linears of one input (and lone one-token GEMVs) -> ic::multi_linear
+    # with kernels: a decode graph's linears of one input (and lone one-token GEMVs) -> ic::multi_linear,
+    # an RMSNorm read by one such call alone folded into it
+    merge_linears: bool = True
     # with kernels: the mask reaches ic::indexer_topk as key ranges | "dense" | "auto" (decided per
     # graph by passes.lower_indexer.decide_indexer_mask: ranges under Inductor except in decode graphs)
     indexer_mask: str = "auto"

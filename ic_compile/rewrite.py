@@ -102,7 +102,8 @@ def rewrite(gm: fx.GraphModule, plan=None, *, strict: bool = False, kernels: boo
     a DeepSeek-V3-style router's tail (sigmoid, bias, groups, top-k, normalise) -> `ic::moe_route`, also
     checked on random logits first (`passes.lower_moe_router`). merge_linears (with kernels): bias-free
     linears of one few-token input (decode), and lone one-token GEMVs, -> one `ic::multi_linear` each
-    (`passes.lower_decode_linears`)."""
+    (`passes.lower_decode_linears`), an RMSNorm read by one such call alone folded into it
+    (`passes.fold_rms_norm`)."""
     ctx = PassContext(plan_spec=plan, layout=layout, kernels=kernels, sparse_attention=sparse_attention,
                       moe_experts=moe_experts, moe_router=moe_router, merge_linears=merge_linears,
                       indexer_mask=indexer_mask, lowering=lowering,

@@ -81,10 +81,11 @@ def jit_helper(fn):
 # Programmatic dependent launch (Hopper and later): a kernel launched with it may start while the
 # kernel before it in the stream is finishing, so its launch and first weight reads overlap that
 # kernel's tail instead of following it. Such a kernel reads nothing another kernel wrote, and
-# writes nothing, before `wait_for_previous_kernel` (which then lets the next kernel start early
-# too, as Inductor's PDL kernels do after their wait: everything before us is complete by then).
-# The decode kernels that stream weights (multi_linear, the MoE experts) and the router use it.
-_PDL = False  # private switch: off until measured on a GPU (bench/decode_chain.py; bench/e2e.py --with pdl)
+# writes nothing, before `wait_for_previous_kernel`; `let_next_kernel_launch` after its main loop
+# lets the next kernel start (everything before us is complete by then, as Inductor's PDL kernels
+# assume). The decode kernels that stream weights (multi_linear, the MoE experts) and the router use it.
+# Off: measured slower in a CUDA graph, with the prefetch and without it (docs/benchmarks.md).
+_PDL = False  # private switch (bench/decode_chain.py; bench/e2e.py --with pdl / kernel_pdl)
 _PDL_PREFETCH = True  # with PDL: prefetch the weight rows into L2 before the wait (bench/decode_chain.py A/B)
 _LINE_BYTES = 128  # an L2 line
 
