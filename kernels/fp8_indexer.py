@@ -10,6 +10,7 @@ maths). ReLU commutes with the positive scales, so this is the bf16 indexer's fu
 dequantised q and k. Here:
   * `quantize_rows(x)`: e4m3 values and fp32 scales, scale = max(amax, 1e-4) / 448 per row of the
     last dim (DeepSeek's `act_quant` with block = the whole head vector: D = 128 in every DSA model);
+    one launch of kernels/fp8_quantize.py where the kernels run, `quantize_rows_ref` (torch) else;
   * `quantize_indexer(q, k, w)`: q8 [B,S,H,D], k8 [B,T,D], w' = w * q_scale [B,S,H] (fp32: q's
     scales folded into the head weights, as DeepSeek does), k_scale [B,T] (or the keys as given,
     already e4m3, with their scales: an fp8 key cache, kernels/fp8_key_cache.py);
@@ -22,13 +23,24 @@ from __future__ import annotations
 
 import torch
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
+from ._triton_utils import use_triton_for
+from .fp8_quantize import FP8_DTYPE, FP8_MAX, quantize_rows_triton
+
 _QUANT_ROWS = 1 << 22  # rows quantised per step (bounds the fp32 temporary: 4M x D x 4 bytes)
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., D] -> (e4m3 [..., D], fp32 scale [...]): x ~= x8 * scale, scale = max(|x|max, 1e-4) / 448."""
+def quantize_rows(x: torch.Tensor, row_weights: torch.Tensor | None = None):
+    """x [..., D] -> (e4m3 [..., D], fp32 scale [...]): x ~= x8 * scale, scale = max(|x|max, 1e-4) / 448;
+    with row_weights [...] also row_weights.float() * scale. Where the kernels run (CUDA): one launch
+    of kernels/fp8_quantize.py (the same bits); else quantize_rows_ref."""
+    if use_triton_for(x, None):
+        return quantize_rows_triton(x, row_weights)
+    x8, scale = quantize_rows_ref(x)
+    return (x8, scale) if row_weights is None else (x8, scale, row_weights.float() * scale)
+
+
+def quantize_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows in torch ops (the reference)."""
     flat = x.reshape(-1, x.shape[-1])
     out = torch.empty(flat.shape, dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty(flat.shape[0], dtype=torch.float32, device=x.device)
@@ -47,7 +59,9 @@ def quantize_indexer(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, k_scale:
     a per-key factor on the scores, multiplied into the scales of k's quantisation."""
     if q.dtype == FP8_DTYPE:
         q8, w = q, w.float()
-    else:
+    elif w.shape == q.shape[:-1]:
+        q8, _, w = quantize_rows(q, row_weights=w)  # one launch with the kernels
+    else:  # (w broadcast over q's rows)
         q8, q_scale = quantize_rows(q)
         w = w.float() * q_scale
     if k_scale is not None and k_scale.shape != k.shape[:-1]:
@@ -65,4 +79,4 @@ def fp8_indexer_scores_ref(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) ->
     return torch.einsum("bsht,bsh->bst", logits.relu_(), wq) * ks[:, None, :]
 
 
-__all__ = ["quantize_rows", "quantize_indexer", "fp8_indexer_scores_ref", "FP8_DTYPE", "FP8_MAX"]
+__all__ = ["quantize_rows", "quantize_rows_ref", "quantize_indexer", "fp8_indexer_scores_ref", "FP8_DTYPE", "FP8_MAX"]

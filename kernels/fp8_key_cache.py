@@ -30,7 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from .fp8_indexer import FP8_DTYPE, quantize_rows
+from ._triton_utils import use_triton_for
+from .fp8_indexer import FP8_DTYPE, quantize_rows_ref
+from .fp8_quantize import quantize_rows_into
 
 
 @dataclass
@@ -59,11 +61,14 @@ def fp8_key_mirror(keys: torch.Tensor, new_keys: torch.Tensor, positions: torch.
                             "fp8 key cache: the model wrote indexer keys that did not go through the compiled "
                             "graph (an uncompiled step on this cache?), so the fp8 copy would miss them; run "
                             "every step on this cache compiled, or use indexer_precision='bf16'")
-        k8, scale = quantize_rows(new_keys)
-        # bytes: index_copy_ has no float8 kernel on CPU
-        mirror.keys.view(torch.uint8)[:b].index_copy_(1, positions, k8.view(torch.uint8))
-        mirror.scales[:b].index_copy_(1, positions, scale)
-        mirror.filled.copy_(positions.max() + 1)
+        if use_triton_for(new_keys, None):  # one launch (kernels/fp8_quantize.py), not ~15 small ones
+            quantize_rows_into(new_keys, positions, mirror.keys, mirror.scales, mirror.filled)
+        else:
+            k8, scale = quantize_rows_ref(new_keys)
+            # bytes: index_copy_ has no float8 kernel on CPU
+            mirror.keys.view(torch.uint8)[:b].index_copy_(1, positions, k8.view(torch.uint8))
+            mirror.scales[:b].index_copy_(1, positions, scale)
+            mirror.filled.copy_(positions.max() + 1)
     B, T = keys.shape[:2]
     return mirror.keys[:B, :T], mirror.scales[:B, :T]
 
