@@ -8,7 +8,9 @@ and norms its rows itself (kernels/multi_linear.py). Where that input is the sum
 its shape and dtype (the residual add that made the layer's input), the op reads the two terms,
 and the sum needs no launch either: Inductor recomputes it where the residual stream is read next.
 A norm with other readers (the F layers' fp32 copy for the indexer's weights_proj, the router and
-the experts after post_attention_layernorm) is left alone: Inductor computes it anyway.
+the experts after post_attention_layernorm) is left alone: Inductor computes it anyway. The op reads
+its input where the linear was, after the norm: an input written in place anywhere in the graph
+(`x += ...`, a view's `copy_`) is not folded (nor split into its residual terms).
 
 Matched, however the code writes it: h32 = h.float() / .to(torch.float32) (or h already fp32);
 mean(h32 ** 2 | h32.pow(2) | h32 * h32 | square(h32), -1, keepdim=True); + eps; rsqrt(...) (or
@@ -27,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx
 
-from .graph_ops import arg_of, example_value, is_last_dim, is_parameter, op_name, take_location
+from .graph_ops import arg_of, example_value, is_last_dim, is_parameter, op_name, take_location, writers_of
 from .lower_decode_linears import lowered_multi_linear
 
 if TYPE_CHECKING:
@@ -55,7 +57,7 @@ def fold_rms_norm(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     for call in [n for n in gm.graph.nodes if n.target is lowered_multi_linear]:
         normed = call.args[0]
         match = match_rms_norm(normed) if len(normed.users) == 1 else None
-        if match is None:
+        if match is None or writers_of(match.h):  # the op reads h later than the norm did
             continue
         terms = _residual_terms(match.h)
         _replace(gm, call, match, terms)
@@ -161,11 +163,13 @@ def _uncast_fp32(h32: fx.Node) -> fx.Node | None:
 
 
 def _residual_terms(h: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """(a, b) when h = a + b of two tensors of h's shape and dtype (no broadcast, no alpha)."""
+    """(a, b) when h = a + b of two tensors of h's shape and dtype (no broadcast, no alpha), neither
+    written in place anywhere in the graph (the op reads them where the linear was, not at the add)."""
     if op_name(h) != "add" or len(h.args) != 2 or h.kwargs:
         return None
     a, b = h.args
-    if all(isinstance(t, fx.Node) and _same_shape(t, h) and _dtype(t) == _dtype(h) for t in (a, b)):
+    if all(isinstance(t, fx.Node) and _same_shape(t, h) and _dtype(t) == _dtype(h) and not writers_of(t)
+           for t in (a, b)):
         return a, b
     return None
 

@@ -10,12 +10,13 @@ its output from the op's list (a fresh [T,N] tensor, viewed to the linear's shap
 What is taken: 2-D parameter weights of x's dtype (unit stride along K), or - x in fp32 - a bf16/fp16
 parameter upcast to fp32 in the graph (`linear(x.float(), W.float())`, how HF's MoE routers compute
 their logits; the op reads W and upcasts it itself, which is exact); x with at most
-kernels.multi_linear.MAX_TOKENS static rows. Linears are grouped by input and weight dtype (one
-launch reads one dtype). A linear with no sibling is taken alone when x has one
-row and its weight is at most _LONE_MAX_BYTES: there the op's one launch replaces cuBLAS's GEMV (and
-its split-K reduce: o_proj, K = 5120); a larger weight (the lm_head, 634 MB) is streamed by cuBLAS at
-copy speed and its launch is noise. A linear is a linear: no check run is needed beyond these
-structural ones. Prefill graphs (more rows) keep cuBLAS's GEMMs.
+kernels.multi_linear.MAX_TOKENS static rows, never written in place in the graph (the op reads it
+once, at the first linear). Linears are grouped by input and weight dtype (one launch reads one
+dtype). A linear with no sibling is taken alone when x has one row and its weight is at most
+_LONE_MAX_BYTES: there the op's one launch replaces cuBLAS's GEMV (and its split-K reduce: o_proj,
+K = 5120); a larger weight (the lm_head, 634 MB) is streamed by cuBLAS at copy speed and its launch
+is noise. A linear is a linear: no check run is needed beyond these structural ones. Prefill graphs
+(more rows) keep cuBLAS's GEMMs.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch import fx
 
 from ic_compile.kernels.multi_linear import MAX_TOKENS
 
-from .graph_ops import example_value, is_parameter, module_path, op_name, take_location
+from .graph_ops import example_value, is_parameter, module_path, op_name, take_location, writers_of
 
 if TYPE_CHECKING:
     from .manager import PassContext
@@ -51,6 +52,8 @@ def lower_decode_linears(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
         if weight is not None:  # one launch reads one weight dtype
             groups.setdefault((node.args[0], example_value(weight).dtype), []).append((node, weight))
     for (x, _), linears in groups.items():
+        if writers_of(x):  # one read at the first linear would miss a write before a later one
+            continue
         if len(linears) >= 2 or _lone_gemv(x, linears[0][1]):
             _replace(gm, x, linears)
             ctx.report.decode_linears.append([module_path(n) or n.name for n, _ in linears])

@@ -124,3 +124,44 @@ def test_fp32_logits_of_a_bf16_weight_and_the_size_limit(monkeypatch):
             assert sorted(path.rsplit(".", 1)[-1] for group in groups for path in group) == lowered, groups
             assert all(len(group) == 1 for group in groups)  # fp32 and bf16 weights of h32: two launches
             assert len(_linears_left(gm)) == 3 - len(lowered)
+
+
+class _WrittenBetween(nn.Module):
+    """Two projections of x with x updated in place between them (hand-written code's `x += ...`)."""
+
+    def __init__(self, width=64):
+        super().__init__()
+        self.q = nn.Linear(width, 32, bias=False)
+        self.k = nn.Linear(width, 16, bias=False)
+
+    def forward(self, x):
+        x = x * 1.0  # an intermediate (Dynamo keeps in-place writes to it in the graph)
+        q = self.q(x)
+        x.add_(1.0)
+        return q, self.k(x)
+
+
+def test_input_written_in_place_is_left_alone():
+    """One read at the first linear would give the second one the value before the write."""
+    from ic_compile.passes.lower_indexer import LoweringReport
+    from ic_compile.passes.manager import PassContext
+
+    module, x = _WrittenBetween(), torch.randn(1, 64)
+    with torch.no_grad():
+        want = module(x.clone())
+    reports = []
+
+    def backend(gm, example_inputs):
+        ctx = PassContext(kernels=True)
+        ctx.report = LoweringReport()
+        lower_decode_linears.lower_decode_linears(gm, ctx)
+        gm.recompile()
+        reports.append(ctx.report.decode_linears)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(module, backend=backend)(x.clone())
+    assert reports == [[]], reports
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
