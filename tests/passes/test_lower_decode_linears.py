@@ -92,13 +92,26 @@ class _RouterAndProjection(nn.Module):
         return F.linear(h32, self.weight.float()), self.fp32_proj(h32), self.proj(h)
 
 
+def _pass_backend(graphs: list):
+    """A torch.compile backend running the pass alone on Dynamo's graph; appends (gm, its groups)."""
+    from ic_compile.passes.lower_indexer import LoweringReport
+    from ic_compile.passes.manager import PassContext
+
+    def backend(gm, example_inputs):
+        ctx = PassContext(kernels=True)
+        ctx.report = LoweringReport()
+        lower_decode_linears.lower_decode_linears(gm, ctx)
+        gm.recompile()
+        graphs.append((gm, ctx.report.decode_linears))
+        return gm.forward
+
+    return backend
+
+
 def test_fp32_logits_of_a_bf16_weight_and_the_size_limit(monkeypatch):
     """The pass on Dynamo's graph of the module: the op reads the bf16 router weight and upcasts it
     (the same fp32 sums as the module's), the fp32 weight of the same input goes to a launch of its own;
     a lone weight above the size limit keeps cuBLAS."""
-    from ic_compile.passes.lower_indexer import LoweringReport
-    from ic_compile.passes.manager import PassContext
-
     module, h = _RouterAndProjection(), torch.randn(1, 1, 64, dtype=torch.bfloat16)
     with torch.no_grad():
         want = module(h)
@@ -106,17 +119,8 @@ def test_fp32_logits_of_a_bf16_weight_and_the_size_limit(monkeypatch):
         for limit, lowered in ((1 << 20, ["fp32_proj", "linear", "proj"]), (96 * 64 * 2 - 1, ["fp32_proj", "linear"])):
             monkeypatch.setattr(lower_decode_linears, "_LONE_MAX_BYTES", limit)
             graphs = []
-
-            def backend(gm, example_inputs):
-                ctx = PassContext(kernels=True)
-                ctx.report = LoweringReport()
-                lower_decode_linears.lower_decode_linears(gm, ctx)
-                gm.recompile()
-                graphs.append((gm, ctx.report.decode_linears))
-                return gm.forward
-
             torch._dynamo.reset()
-            got = torch.compile(module, backend=backend)(h)
+            got = torch.compile(module, backend=_pass_backend(graphs))(h)
             for g, w in zip(got, want):
                 assert g.dtype == w.dtype
                 torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
@@ -143,25 +147,13 @@ class _WrittenBetween(nn.Module):
 
 def test_input_written_in_place_is_left_alone():
     """One read at the first linear would give the second one the value before the write."""
-    from ic_compile.passes.lower_indexer import LoweringReport
-    from ic_compile.passes.manager import PassContext
-
     module, x = _WrittenBetween(), torch.randn(1, 64)
     with torch.no_grad():
         want = module(x.clone())
-    reports = []
-
-    def backend(gm, example_inputs):
-        ctx = PassContext(kernels=True)
-        ctx.report = LoweringReport()
-        lower_decode_linears.lower_decode_linears(gm, ctx)
-        gm.recompile()
-        reports.append(ctx.report.decode_linears)
-        return gm.forward
-
+    graphs = []
     torch._dynamo.reset()
     with torch.no_grad():
-        got = torch.compile(module, backend=backend)(x.clone())
-    assert reports == [[]], reports
+        got = torch.compile(module, backend=_pass_backend(graphs))(x.clone())
+    assert [groups for _, groups in graphs] == [[]], graphs
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
