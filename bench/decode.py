@@ -27,7 +27,8 @@ Parts (--parts):
     MLA over 2048 selected rows, each timed per call (triton.testing.do_bench: host launches
     included when they are slower than the GPU) and replayed from a CUDA graph
     (do_bench_cudagraph: GPU time only, as serving engines run decode); with the bytes each must
-    read (K once / the selected rows once) over the measured copy bandwidth.
+    read (K once / the selected rows once) over the measured copy bandwidth, and (the indexer
+    rows) the op's kernels by time (`kernels`: kernel_profile of eager calls).
   * host: microseconds of host time per call of each custom op and its pieces (perf_counter), and
     which of them synchronise with the GPU (torch.cuda.set_sync_debug_mode).
 """
@@ -253,9 +254,14 @@ def op_decode(T: int, B: int, copy_gbps: float) -> list[dict]:
     k_bytes = k.numel() * k.element_size()
     for selection in ("torch", "triton"):
         sort = selection == "torch"
-        call, graph = call_and_graph_ms(lambda: indexer_topk_triton(q, k, w, TOPK, sorted=sort, selection=selection))
+
+        def op():
+            return indexer_topk_triton(q, k, w, TOPK, sorted=sort, selection=selection)
+
+        call, graph = call_and_graph_ms(op)
         rows.append({"part": "ops", "op": f"indexer decode, selection={selection}", "B": B, "T": T,
-                     "call_ms": call, "graph_ms": graph, "floor_ms": k_bytes / copy_gbps / 1e6})
+                     "call_ms": call, "graph_ms": graph, "floor_ms": k_bytes / copy_gbps / 1e6,
+                     "kernels": kernel_profile(op, 20, top=6)})
     rows += fp8_indexer_decode(q, k, w, copy_gbps)
     qm, kv, idx = mla_decode_inputs(B, T)
     row_bytes = int((idx >= 0).sum()) * kv.shape[-1] * kv.element_size()
@@ -288,7 +294,8 @@ def fp8_indexer_decode(q, k, w, copy_gbps: float) -> list[dict]:
     for name, (fn, floor_bytes) in variants.items():
         call, graph = call_and_graph_ms(fn)
         rows.append({"part": "ops", "op": f"indexer decode fp8, {name}, selection=triton", "B": B, "T": T,
-                     "call_ms": call, "graph_ms": graph, "floor_ms": floor_bytes / copy_gbps / 1e6})
+                     "call_ms": call, "graph_ms": graph, "floor_ms": floor_bytes / copy_gbps / 1e6,
+                     "kernels": kernel_profile(fn, 20, top=6)})
     return rows
 
 
