@@ -16,8 +16,8 @@ Matched, however the code writes it: h32 = h.float() / .to(torch.float32) (or h 
 mean(h32 ** 2 | h32.pow(2) | h32 * h32 | square(h32), -1, keepdim=True); + eps; rsqrt(...) (or
 h32 / sqrt(...)); times the weight, rounded as written: `w * n.to(dtype)` / `n.type_as(h) * w`
 (HF's RMSNorm classes, DeepSeek's reference: two roundings) or `(n * w).to(dtype)`, and
-F.rms_norm / torch.rms_norm (one rounding). A norm of another form (Gemma's `1 + w`, a LayerNorm)
-is not matched and runs as before.
+F.rms_norm / torch.rms_norm with an eps given (one rounding). A norm of another form (Gemma's
+`1 + w`, a LayerNorm, F.rms_norm with torch's default eps) is not matched and runs as before.
 """
 
 from __future__ import annotations
@@ -101,15 +101,16 @@ def match_rms_norm(out: fx.Node) -> RMSNormMatch | None:
 
 
 def _functional(node: fx.Node) -> RMSNormMatch | None:
-    """F.rms_norm(h, (K,), weight, eps): rounds once, after the weight."""
+    """F.rms_norm(h, (K,), weight, eps): rounds once, after the weight. Without an eps (torch's
+    default, which depends on its version's compute dtype) it is left alone."""
     h, shape, weight, eps = (arg_of(node, i, name) for i, name in
                              enumerate(("input", "normalized_shape", "weight", "eps")))
     if not isinstance(h, fx.Node) or not _is_norm_weight(weight, node) or _dtype(h) != _dtype(node):
         return None
-    if len(tuple(shape)) != 1 or not _weight_dtype_ok(weight, node, True):
+    one_dim = isinstance(shape, (tuple, list)) and len(shape) == 1
+    if not one_dim or not isinstance(eps, (int, float)) or not _weight_dtype_ok(weight, node, True):
         return None
-    eps = torch.finfo(_dtype(h)).eps if eps is None else eps
-    return RMSNormMatch(h, weight, float(eps), True) if isinstance(eps, (int, float)) else None
+    return RMSNormMatch(h, weight, float(eps), True)
 
 
 def _normalized(normed: fx.Node) -> tuple[fx.Node, float] | None:

@@ -42,6 +42,10 @@ def functional(h, w):
     return F.rms_norm(h, (K,), w, EPS)
 
 
+def functional_default_eps(h, w):  # torch's own eps: not read, not folded
+    return F.rms_norm(h, [K], w)
+
+
 def divide_by_root(h, w):
     x32 = h.float()
     return w * (x32 / torch.sqrt(x32.square().mean(-1, keepdim=True) + EPS)).to(h.dtype)
@@ -119,8 +123,9 @@ def test_folds_each_form_with_its_rounding(norm, weight_dtype, scale_then_round)
     assert torch.equal(got[2], want[2])  # the residual stream is still returned
 
 
-@pytest.mark.parametrize("norm,second_reader", [(gemma, False), (layer_norm, False), (hf, True)],
-                         ids=["gemma_1_plus_w", "layer_norm", "normed_read_twice"])
+@pytest.mark.parametrize("norm,second_reader", [(gemma, False), (layer_norm, False), (hf, True),
+                                                (functional_default_eps, False)],
+                         ids=["gemma_1_plus_w", "layer_norm", "normed_read_twice", "F.rms_norm_default_eps"])
 def test_leaves_other_norms_and_shared_ones(norm, second_reader):
     torch.manual_seed(0)
     module, (a, b) = Block(norm, second_reader=second_reader), _inputs()
