@@ -6,8 +6,9 @@ fp32, scale = max(max|x|, 1e-4) / 448, x8 = clamp(x / scale, -448, 448) rounded 
   * row_weights [R] (the indexer's head weights w, one per q row): weighted [R] = w.float() * scale
     (q's scales folded into w, as DeepSeek's fp8_index does);
   * scatter (an fp8 key cache mirror, kernels/fp8_key_cache.py): x is [b, n, D], row (i, j) goes to
-    row i * T_dst + positions[j] of x8 / scale ([Bmax * T_dst, D] / [Bmax * T_dst]), and program 0
-    stores filled = max(positions) + 1.
+    row i * T_dst + positions[j] of x8 / scale ([Bmax * T_dst, D] / [Bmax * T_dst]), and, for a
+    decode step's few positions, program 0 stores filled = max(positions) + 1 (a prefill's many: two
+    torch ops after the launch, not one program's serial loop).
 
 Why: at decode the fp8 indexer quantised its one query's 32 head rows and the new key row with
 torch ops, ~29 small launches per F layer (abs, amax, clamp_min, two divs, clamp, casts, copies,
@@ -27,13 +28,14 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 MIN_AMAX = 1e-4
 BLOCK_R = 16
+MAX_FILLED_IN_KERNEL = 1024  # positions program 0 reads in one load to set `filled`
 
 
 def _quantize_rows_kernel(
     x_ptr, x8_ptr, s_ptr, w_ptr, ws_ptr, pos_ptr, filled_ptr,  # x8: the e4m3 output's bytes (uint8)
     R, N, D, sx_r, T_DST,  # x rows [R, D] (row stride sx_r; unit stride along D); N: rows per batch row
     BLOCK_R: tl.constexpr, D_PAD: tl.constexpr, HAS_W: tl.constexpr, SCATTER: tl.constexpr,
-    FP8_MAX: tl.constexpr, MIN_AMAX: tl.constexpr,
+    FILLED_BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, MIN_AMAX: tl.constexpr,
 ):
     """Rows [pid * BLOCK_R, +BLOCK_R) of x quantised (see the module docstring)."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
@@ -53,9 +55,11 @@ def _quantize_rows_kernel(
     if HAS_W:
         w = tl.load(w_ptr + r, mask=r_ok, other=0.0).to(tl.float32)
         tl.store(ws_ptr + r, w * scale, mask=r_ok)
-    if SCATTER:
-        if tl.program_id(0) == 0:
-            _store_filled(pos_ptr, filled_ptr, N, BLOCK_R)
+    if FILLED_BLOCK > 0:
+        if tl.program_id(0) == 0:  # filled = max(positions[:N]) + 1, N <= FILLED_BLOCK
+            j = tl.arange(0, FILLED_BLOCK)
+            top = tl.max(tl.load(pos_ptr + j, mask=j < N, other=-1).to(tl.int64), axis=0)
+            tl.store(filled_ptr, top + 1)
 
 
 @jit_helper
@@ -76,16 +80,6 @@ def _e4m3_bits(v):
     q = fi + ((rest > 0.5) | ((rest == 0.5) & ((fi & 1) == 1))).to(tl.int32)
     code = q + 8 * tl.maximum(e + 6, 0) + ((bits >> 24) & 0x80)
     return code.to(tl.uint8)
-
-
-@jit_helper
-def _store_filled(pos_ptr, filled_ptr, N, BLOCK: tl.constexpr):
-    """filled = max(positions[:N]) + 1."""
-    top = tl.full((BLOCK,), -1, tl.int64)
-    for j0 in range(0, N, BLOCK):
-        j = j0 + tl.arange(0, BLOCK)
-        top = tl.maximum(top, tl.load(pos_ptr + j, mask=j < N, other=-1).to(tl.int64))
-    tl.store(filled_ptr, tl.max(top, axis=0) + 1)
 
 
 if HAS_TRITON:
@@ -113,8 +107,11 @@ def quantize_rows_into(new_rows: torch.Tensor, positions: torch.Tensor, x8: torc
     """new_rows [b, n, D] quantised into x8 [Bmax, T, D] / scale [Bmax, T] at rows (i, positions[j]);
     filled (int64 []) = max(positions) + 1. One launch (CPU tensors: the Triton interpreter)."""
     b, n, D = new_rows.shape
-    rows = new_rows.reshape(b * n, D)
-    _launch(rows, x8, scale, None, None, positions.to(torch.int64), filled, n=n, t_dst=x8.shape[1])
+    rows, positions = new_rows.reshape(b * n, D), positions.to(torch.int64)
+    in_kernel = n <= MAX_FILLED_IN_KERNEL
+    _launch(rows, x8, scale, None, None, positions, filled if in_kernel else None, n=n, t_dst=x8.shape[1])
+    if not in_kernel and n:
+        filled.copy_(positions.max() + 1)
 
 
 def _launch(rows, x8, scale, w, weighted, positions, filled, n: int, t_dst: int) -> None:
@@ -123,10 +120,12 @@ def _launch(rows, x8, scale, w, weighted, positions, filled, n: int, t_dst: int)
         return
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    args = (rows, x8.view(torch.uint8), scale, rows if w is None else w.reshape(-1), scale if weighted is None else weighted,
+    args = (rows, x8.view(torch.uint8), scale, rows if w is None else w.reshape(-1),
+            scale if weighted is None else weighted,
             scale if positions is None else positions, scale if filled is None else filled,
             R, n, D, rows.stride(0), t_dst)
     meta = dict(BLOCK_R=BLOCK_R, D_PAD=max(16, next_pow2(D)), HAS_W=w is not None, SCATTER=positions is not None,
+                FILLED_BLOCK=0 if filled is None else max(16, next_pow2(n)),
                 FP8_MAX=FP8_MAX, MIN_AMAX=MIN_AMAX)
     grid = (cdiv(R, BLOCK_R),)
     if interpreting(rows):

@@ -186,7 +186,8 @@ def multi_linear_triton(x: torch.Tensor, weights: list[torch.Tensor], tile: tupl
     if x.shape[0] > MAX_TOKENS:
         raise ValueError(f"multi_linear: {x.shape[0]} rows; the kernel is for at most {MAX_TOKENS} (decode)")
     inputs = [x, *([] if residual is None else [residual]), *([] if norm_weight is None else [norm_weight])]
-    if any(t.stride(-1) != 1 for t in (*inputs, *weights)) or (residual is not None and residual.stride(0) != x.stride(0)):
+    residual_rows_differ = residual is not None and residual.stride(0) != x.stride(0)
+    if any(t.stride(-1) != 1 for t in (*inputs, *weights)) or residual_rows_differ:
         raise ValueError("multi_linear: x, the residual and the weights need unit stride along K, the residual x's "
                          "row stride (call .contiguous())")
     outs = [new_output((x.shape[0], w.shape[0]), x.dtype, x.device) for w in weights]

@@ -61,9 +61,14 @@ def test_every_e4m3_value_and_midpoint_rounds_as_torch():
 
 
 @needs_triton
-def test_scatter_into_a_key_cache_mirror(request):
+@pytest.mark.parametrize("filled_in_kernel", [True, False], ids=["decode", "prefill"])
+def test_scatter_into_a_key_cache_mirror(filled_in_kernel, request, monkeypatch):
     """new rows [b, n, D] at unsorted positions of batch rows [0, b) of a [Bmax, T, D] mirror: those rows
-    equal the reference, every other row is untouched, filled = max(positions) + 1."""
+    equal the reference, every other row is untouched, filled = max(positions) + 1 (set by the kernel
+    for a few positions, after it for many)."""
+    from ic_compile.kernels import fp8_quantize
+
+    monkeypatch.setattr(fp8_quantize, "MAX_FILLED_IN_KERNEL", 1024 if filled_in_kernel else 2)
     seed = seed_everything(request.node.name)
     keys = torch.full((3, 40, D), 0.5).to(FP8_DTYPE)
     scales = torch.full((3, 40), -1.0)
@@ -119,6 +124,6 @@ def test_compiles_for_sm90(scatter, weights):
     res = compile_sm90(_quantize_rows_kernel, dict(x_ptr="bf16", x8_ptr="u8", s_ptr="fp32", w_ptr="bf16", ws_ptr="fp32",
                                                    pos_ptr="i64", filled_ptr="i64"),
                        dict(R=32, N=32, D=D, sx_r=D, T_DST=200000), {},
-                       dict(BLOCK_R=BLOCK_R, D_PAD=D, HAS_W=weights, SCATTER=scatter, FP8_MAX=FP8_MAX,
-                            MIN_AMAX=MIN_AMAX), 4, 1)
+                       dict(BLOCK_R=BLOCK_R, D_PAD=D, HAS_W=weights, SCATTER=scatter, FILLED_BLOCK=16 if scatter else 0,
+                            FP8_MAX=FP8_MAX, MIN_AMAX=MIN_AMAX), 4, 1)
     assert res["stack"] == 0, f"register spills: {res['stack']} bytes"

@@ -126,7 +126,8 @@ def test_rms_norm_prologue_matches_reference(dtype, T, request):
         norm = dict(norm_weight=weight, eps=1e-5, residual=r)
         want = multi_linear_ref(x, weights, **norm)
         for g, w in zip(multi_linear_triton(x, weights, tile=(16, 32), **norm), want):
-            torch.testing.assert_close(g.float(), w.float(), **tol, msg=lambda m: f"{m} residual={residual} {repro(seed)}")
+            torch.testing.assert_close(g.float(), w.float(), **tol,
+                                       msg=lambda m: f"{m} residual={residual} {repro(seed)}")
         _assert_close(multi_linear(x, weights, use_triton=False, **norm), multi_linear_ref(x, weights, **norm),
                       dtype, seed, "reference path")
 
