@@ -47,6 +47,7 @@ TILE_ELEMS = 4096
 ROW_BLOCKS = (16, 8, 4)
 PROGRAMS_PER_SM = 2
 STAGES = 3
+RSTD_ONE_LOAD_ELEMS = 8192  # 64 fp32 registers a thread at 4 warps
 
 
 @jit_helper
@@ -65,6 +66,7 @@ def _multi_linear_kernel(
     sx_t,  # x [T, K] row stride (unit stride along K); y_i [T, N_i] contiguous
     T_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
     NORM: tl.constexpr = False, RESIDUAL: tl.constexpr = False, SCALE_THEN_ROUND: tl.constexpr = False,
+    K_ONE_LOAD: tl.constexpr = 0,  # NORM: rstd from one [T_PAD, K_ONE_LOAD] load (0: a loop over K)
     PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, LINE_ELEMS: tl.constexpr = 64,
 ):
     """y_i[t, n] = x[t] . W_i[n] for this program's row block of weight i; NORM: x[t] is first
@@ -86,7 +88,7 @@ def _multi_linear_kernel(
     t_ok = t < T
     rstd = tl.zeros((T_PAD,), tl.float32)
     if NORM:
-        rstd = _rstd(x_ptr, r_ptr, sx_t, t, t_ok, K, eps, BLOCK_K, RESIDUAL)
+        rstd = _rstd(x_ptr, r_ptr, sx_t, t, t_ok, K, eps, BLOCK_K if K_ONE_LOAD == 0 else K_ONE_LOAD, RESIDUAL)
     acc = tl.zeros((T_PAD, BLOCK_N, BLOCK_K), tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         k = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
@@ -113,7 +115,8 @@ def _residual_sum(x, r_ptr, sx_t, t, t_ok, k, k_ok, RESIDUAL: tl.constexpr):
 
 @jit_helper
 def _rstd(x_ptr, r_ptr, sx_t, t, t_ok, K, eps, BLOCK_K: tl.constexpr, RESIDUAL: tl.constexpr):
-    """[T_PAD] 1 / sqrt(mean(h[t]^2) + eps), h in fp32 (h: _residual_sum)."""
+    """[T_PAD] 1 / sqrt(mean(h[t]^2) + eps), h in fp32 (h: _residual_sum), in steps of BLOCK_K (one
+    step when BLOCK_K >= K: the loads of a loop would each wait for the one before)."""
     squares = tl.zeros((t.shape[0], BLOCK_K), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
@@ -195,11 +198,19 @@ def multi_linear_triton(x: torch.Tensor, weights: list[torch.Tensor], tile: tupl
         return outs
     if x.shape[1] == 0:
         return [y.zero_() for y in outs]
-    norm = {"NORM": norm_weight is not None, "RESIDUAL": residual is not None, "SCALE_THEN_ROUND": scale_then_round}
+    norm = {"NORM": norm_weight is not None, "RESIDUAL": residual is not None, "SCALE_THEN_ROUND": scale_then_round,
+            "K_ONE_LOAD": _one_load_width(x.shape[0], x.shape[1]) if norm_weight is not None else 0}
     norm_args = (x if residual is None else residual, x if norm_weight is None else norm_weight, float(eps))
     for first in range(0, len(weights), MAX_WEIGHTS):
         _launch_group(x, weights[first:first + MAX_WEIGHTS], outs[first:first + MAX_WEIGHTS], tile, norm_args, norm)
     return outs
+
+
+def _one_load_width(T: int, K: int) -> int:
+    """The norm's rstd pass reads all of x in one load when [T_PAD, K_PAD] stays within
+    RSTD_ONE_LOAD_ELEMS (registers freed before the main loop), else 0: a loop of BLOCK_K steps."""
+    width = next_pow2(max(K, 16))
+    return width if next_pow2(max(T, 1)) * width <= RSTD_ONE_LOAD_ELEMS else 0
 
 
 def _launch_group(x: torch.Tensor, group: list[torch.Tensor], outs: list[torch.Tensor], tile, norm_args: tuple,

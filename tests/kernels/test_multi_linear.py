@@ -113,11 +113,16 @@ def test_rms_norm_prologue_rounds_as_the_model(residual, scale_then_round, reque
 
 
 @needs_triton
+@pytest.mark.parametrize("one_load", [True, False], ids=["rstd_one_load", "rstd_loop"])
 @pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_rms_norm_prologue_matches_reference(dtype, T, request):
-    """Six weights (two launch groups, each norms again), several K steps, with and without the residual.
-    bf16 within 5%: the interpreter truncates the normed rows to bf16 (a GPU rounds them: the GPU test)."""
+def test_rms_norm_prologue_matches_reference(dtype, T, one_load, request, monkeypatch):
+    """Six weights (two launch groups, each norms again), several K steps, with and without the residual;
+    rstd from one load of the rows or a loop over K. bf16 within 5%: the interpreter truncates the
+    normed rows to bf16 (a GPU rounds them: the GPU test)."""
+    from ic_compile.kernels import multi_linear as mod
+
+    monkeypatch.setattr(mod, "RSTD_ONE_LOAD_ELEMS", 8192 if one_load else 0)
     seed = seed_everything(request.node.name)
     weights = _weights(ROWS, dtype)
     tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=0.05, atol=0.05)

@@ -482,7 +482,8 @@ def test_multi_linear_default_tiles_compile_for_sm90(width, rows, T, monkeypatch
     for pdl, norm in ((False, False), (True, False), (True, True)):
         res = compile_sm90(mod._multi_linear_kernel, ptrs, ints, {"eps": 1e-5},
                            dict(T_PAD=T, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=mod.STAGES, NORM=norm, RESIDUAL=norm,
-                                SCALE_THEN_ROUND=False, PDL=pdl, PREFETCH=pdl, LINE_ELEMS=64),
+                                SCALE_THEN_ROUND=False, K_ONE_LOAD=mod._one_load_width(T, width) if norm else 0,
+                                PDL=pdl, PREFETCH=pdl, LINE_ELEMS=64),
                            4, 1)
         assert res["stack"] == 0 and res["shared"] <= MAX_SMEM, res
         assert re.search(r"cp\.async\.cg\.shared\.global \[[^]]+\], \[[^]]+\], 0x10", res["ptx"]), "no 16-byte cp.async"
