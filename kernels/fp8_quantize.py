@@ -1,6 +1,6 @@
 """Rows to e4m3 with one fp32 scale per row, in one launch: the fp8 indexer's quantisation.
 
-Semantics (kernels/fp8_indexer.quantize_rows, the reference): x [R, D] -> x8 [R, D] e4m3, scale [R]
+Semantics (kernels/fp8_indexer.quantize_rows_ref, the reference): x [R, D] -> x8 [R, D] e4m3, scale [R]
 fp32, scale = max(max|x|, 1e-4) / 448, x8 = clamp(x / scale, -448, 448) rounded to nearest even
 (both divisions IEEE-rounded: `div_rn`). Two optional parts ride along:
   * row_weights [R] (the indexer's head weights w, one per q row): weighted [R] = w.float() * scale
@@ -16,7 +16,8 @@ index_copy_, max, ...: ~29 us in a CUDA graph against the bf16 op's 47 us, the w
 measured deficit at 200K). One launch does each.
 
 Program r0: BLOCK_R rows, the whole [BLOCK_R, D_PAD] tile in registers (D = 128 for every DSA
-indexer). Reference: `fp8_indexer.quantize_rows` (pure torch; CPU tensors take it).
+indexer). Reference: `fp8_indexer.quantize_rows_ref` (pure torch; `quantize_rows` takes it for CPU
+tensors).
 """
 from __future__ import annotations
 

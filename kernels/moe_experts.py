@@ -244,7 +244,8 @@ def _launch(fn, grid, args: tuple, tile: Tile, like: torch.Tensor, **constexprs)
         return
     if fn not in _JIT:
         _JIT[fn] = triton.jit(fn)
-    _JIT[fn][grid](*args, **meta, **pdl_launch(like.device, prefetch=True), LINE_ELEMS=line_elems(like), num_warps=tile.num_warps)
+    _JIT[fn][grid](*args, **meta, **pdl_launch(like.device, prefetch=True), LINE_ELEMS=line_elems(like),
+                   num_warps=tile.num_warps)
 
 
 def _check(hidden, topk_index, topk_weights, gate_up, down) -> tuple[int, int, int, int, int]:

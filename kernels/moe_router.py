@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_utils import (HAS_TRITON, interpreting, jit_helper, launch_interpreted, let_next_kernel_launch, new_output,
-                            next_pow2, pdl_launch, tl, triton, use_triton_for, wait_for_previous_kernel)
+from ._triton_utils import (HAS_TRITON, interpreting, jit_helper, launch_interpreted, let_next_kernel_launch,
+                            new_output, next_pow2, pdl_launch, tl, triton, use_triton_for, wait_for_previous_kernel)
 from .reference import moe_route_ref
 
 MAX_EXPERTS = 1024  # a row of choice scores lives in one program's registers
