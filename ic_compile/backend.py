@@ -243,7 +243,7 @@ def _graphable(result: RewriteResult) -> bool:
     return not prefill_indexers(result.gm)
 
 
-_INDUCTOR_PDL = False  # private switch: off until measured on a GPU (bench/e2e.py --with pdl)
+_INDUCTOR_PDL = False  # private switch: off, measured slower (docs/benchmarks.md, "tried"; bench/e2e.py --with pdl)
 
 
 def graph_patches() -> dict:

@@ -99,7 +99,7 @@ def quantize_rows_triton(x: torch.Tensor, row_weights: torch.Tensor | None = Non
             raise ValueError(f"fp8 quantise: row weights {tuple(row_weights.shape)} are not x's rows "
                              f"{tuple(x.shape[:-1])}")
         weighted = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    _launch(rows, x8, scale, row_weights, weighted, None, None, n=max(1, rows.shape[0]), t_dst=0)
+    _launch(rows, x8, scale, row_weights, weighted, None, None, n=1, t_dst=0)  # (n, t_dst: scatter only)
     return (x8, scale) if row_weights is None else (x8, scale, weighted)
 
 

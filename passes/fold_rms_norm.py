@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx
 
-from .graph_ops import arg_of, example_value, is_last_dim, is_parameter, op_name, take_location, writers_of
-from .lower_decode_linears import lowered_multi_linear
+from .graph_ops import (arg_of, example_value, is_last_dim, is_parameter, op_name, shape_of, take_location,
+                        writers_of)
+from .lower_decode_linears import as_rows, lowered_multi_linear
 
 if TYPE_CHECKING:
     from .manager import PassContext
@@ -70,11 +71,8 @@ def fold_rms_norm(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
 
 def lowered_norm_multi_linear(x, residual, norm_weight, eps, scale_then_round, *weights):
     """RMSNorm(x (+ residual)) [.., K] with at most MAX_TOKENS rows -> [normed @ W_i^T as [T, N_i]]."""
-    def rows(t):
-        return t.reshape(-1, t.shape[-1]).contiguous()
-
-    return torch.ops.ic.multi_linear(rows(x), list(weights), norm_weight, eps,
-                                     None if residual is None else rows(residual), scale_then_round)
+    return torch.ops.ic.multi_linear(as_rows(x), list(weights), norm_weight, eps,
+                                     None if residual is None else as_rows(residual), scale_then_round)
 
 
 def match_rms_norm(out: fx.Node) -> RMSNormMatch | None:
@@ -176,9 +174,11 @@ def _residual_terms(h: fx.Node) -> tuple[fx.Node, fx.Node] | None:
 
 
 def _is_norm_weight(weight, out: fx.Node) -> bool:
-    value, shape = example_value(weight) if isinstance(weight, fx.Node) else None, _shape(out)
-    return (isinstance(weight, fx.Node) and is_parameter(weight) and isinstance(value, torch.Tensor)
-            and value.dim() == 1 and shape is not None and len(shape) > 0 and tuple(value.shape) == shape[-1:])
+    """A 1-D parameter as long as out's last dim."""
+    if not (isinstance(weight, fx.Node) and is_parameter(weight)):
+        return False
+    shape = _shape(out)
+    return bool(shape) and _shape(weight) == shape[-1:]
 
 
 def _weight_dtype_ok(weight: fx.Node, out: fx.Node, scale_then_round: bool) -> bool:
@@ -204,8 +204,7 @@ def _dtype(node) -> torch.dtype | None:
 
 
 def _shape(node) -> tuple | None:
-    value = example_value(node) if isinstance(node, fx.Node) else None
-    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+    return shape_of(node) if isinstance(node, fx.Node) else None
 
 
 def _same_shape(a, b) -> bool:

@@ -64,7 +64,12 @@ def lower_decode_linears(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
 
 def lowered_multi_linear(x, *weights):
     """x [.., K] with at most MAX_TOKENS rows -> [x @ W_i^T as [T, N_i]]."""
-    return torch.ops.ic.multi_linear(x.reshape(-1, x.shape[-1]).contiguous(), list(weights))
+    return torch.ops.ic.multi_linear(as_rows(x), list(weights))
+
+
+def as_rows(x):
+    """x [.., K] -> contiguous [T, K] (the op's layout)."""
+    return x.reshape(-1, x.shape[-1]).contiguous()
 
 
 def _mergeable_weight(node: fx.Node) -> fx.Node | None:
