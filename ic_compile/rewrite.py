@@ -100,7 +100,8 @@ def rewrite(gm: fx.GraphModule, plan=None, *, strict: bool = False, kernels: boo
     placeholder; `passes.lower_moe_experts`), a shared expert added to its output folded into the same
     call, checked alike (`passes.fold_shared_expert`); without them it is left alone. moe_router (with kernels):
     a DeepSeek-V3-style router's tail (sigmoid, bias, groups, top-k, normalise) -> `ic::moe_route`, also
-    checked on random logits first (`passes.lower_moe_router`). merge_linears (with kernels): bias-free
+    checked on random logits first (`passes.lower_moe_router`), and routed inside the experts' call
+    where that call alone reads it (`passes.fold_moe_route`). merge_linears (with kernels): bias-free
     linears of one few-token input (decode), and lone one-token GEMVs, -> one `ic::multi_linear` each
     (`passes.lower_decode_linears`), an RMSNorm read by one such call alone folded into it
     (`passes.fold_rms_norm`)."""

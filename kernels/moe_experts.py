@@ -25,6 +25,10 @@ With a shared expert, kernel 1 has T more programs per row block (program T*k + 
 gate/up rows, into its own [T, IS] buffer) and kernel 2 runs a second loop over the shared down rows
 (weight 1) into the same accumulator: its ~19 MB (GLM-4.7-Flash) are read in the op's two launches
 instead of HF's five (three GEMVs, silu * mul, the add).
+With a route (moe_route_experts: the router's logits and settings instead of ids and weights), each
+kernel-1 program routes its token itself with the route kernel's code (moe_router.route_row: the same
+ids and weights, bit for bit) and the row-block-0 programs write them for kernel 2: one launch fewer
+per MoE layer at decode, for 64 logits re-read per program (passes/fold_moe_route.py).
 The pair / token is the grid's fast axis: the programs reading the same row block of different
 pairs run side by side, so an expert shared by several tokens (T > 1) is mostly read from L2.
 Each (token, expert) pair still reads its expert once: the work grows with T*k, so this is for
@@ -54,7 +58,8 @@ from ._triton_utils import (
     use_triton_for,
     wait_for_previous_kernel,
 )
-from .reference import moe_experts_ref
+from .moe_router import check_route_config, route_row
+from .reference import moe_experts_ref, moe_route_ref
 
 
 @jit_helper
@@ -92,15 +97,21 @@ def _gate_up_kernel(
     sm_p, sm_i,  # inter [T*k, I]
     ssg_n, ssg_h, ssu_n, ssu_h,  # shared gate [IS, H], shared up [IS, H]
     ssm_t, ssm_i,  # shared inter [T, IS]
+    logits_ptr, bias_ptr, w_ptr, ROUTE_SCALE,  # ROUTE: router logits [T, E], bias [E], topk_weights out [T, k]
+    sl_t, sl_e, sw_t, sw_j,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, CLAMP: tl.constexpr,
     SHARED: tl.constexpr, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-    LINE_ELEMS: tl.constexpr = 64,
+    LINE_ELEMS: tl.constexpr = 64, ROUTE: tl.constexpr = False, E_PAD: tl.constexpr = 1,
+    GROUPS: tl.constexpr = 1, TOPK_GROUP: tl.constexpr = 1, ROUTE_TOPK: tl.constexpr = 1, K_PAD: tl.constexpr = 1,
+    HAS_BIAS: tl.constexpr = False, RENORMALIZE: tl.constexpr = False,
 ):
     """Program (pair, row block): a routed pair p = t*k + j < ROUTED writes inter[p, rows] =
     silu(gate_up[e, rows] . x[t]) * (gate_up[e, I + rows] . x[t]); with SHARED, program ROUTED + t
     writes token t's shared expert, shared_inter[t, rows] = silu(gate[rows] . x[t]) * (up[rows] . x[t]).
-    PDL (_triton_utils.pdl): launched early; the shared expert's rows are prefetched into L2 before
-    the routing (the kernel before's output) can be read."""
+    ROUTE: e is not read from topk_index but routed here from the router's logits (moe_router.route_row,
+    the moe_route kernel's code: the same ids and weights), and the pair's row-block-0 program writes
+    them to topk_index / topk_weights for the down kernel. PDL (_triton_utils.pdl): launched early; the
+    shared expert's rows are prefetched into L2 before the routing (the kernel before's output) can be read."""
     pair = tl.program_id(0)
     row0 = tl.program_id(1) * BLOCK_N
     n = row0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] rows of the gate half
@@ -112,7 +123,12 @@ def _gate_up_kernel(
     wait_for_previous_kernel(PDL)
     if pair < ROUTED:
         t = pair // TOPK
-        e = tl.load(idx_ptr + t * si_t + (pair % TOPK) * si_j)
+        if ROUTE:
+            e = _routed_expert(logits_ptr + t.to(tl.int64) * sl_t, sl_e, bias_ptr, idx_ptr + t * si_t, si_j,
+                               w_ptr + t * sw_t, sw_j, pair % TOPK, E, ROUTE_SCALE, E_PAD, GROUPS, TOPK_GROUP,
+                               ROUTE_TOPK, K_PAD, HAS_BIAS, RENORMALIZE)
+        else:
+            e = tl.load(idx_ptr + t * si_t + (pair % TOPK) * si_j)
         valid = (e >= 0) & (e < E)
         h_end = tl.where(valid & (row0 < I), H, 0)  # invalid expert / rows past I: no step, zeros out
         gate_rows = gu_ptr + tl.where(valid, e, 0).to(tl.int64) * sg_e + n * sg_n  # [BLOCK_N]
@@ -127,6 +143,22 @@ def _gate_up_kernel(
                          ssu_h, n < IS, sinter_ptr + t.to(tl.int64) * ssm_t + n * ssm_i, H, h_end, LIMIT,
                          BLOCK_N, BLOCK_K, STAGES, CLAMP)
     let_next_kernel_launch(PDL)
+
+
+@jit_helper
+def _routed_expert(row_ptr, sl_e, bias_ptr, ids_row, si_j, w_row, sw_j, j, E, SCALE, E_PAD: tl.constexpr,
+                   GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr):
+    """Expert id of slot j of a token's routing (logits row at row_ptr); the row-block-0 program also
+    stores the slot's id and weight at ids_row / w_row."""
+    weights, ids = route_row(row_ptr, sl_e, bias_ptr, E, SCALE, E_PAD, GROUPS, TOPK_GROUP, TOPK, K_PAD, HAS_BIAS,
+                             RENORMALIZE)
+    slot = tl.arange(0, K_PAD) == j
+    e = tl.sum(tl.where(slot, ids, 0), axis=0)
+    if tl.program_id(1) == 0:
+        tl.store(ids_row + j * si_j, e)
+        tl.store(w_row + j * sw_j, tl.sum(tl.where(slot, weights, 0.0), axis=0))
+    return e
 
 
 def _down_kernel(
@@ -283,15 +315,30 @@ def _check_shared(hidden, shared: tuple | None) -> int:
     return IS
 
 
+class Route(NamedTuple):
+    """A router's logits and settings (kernels/moe_router.py), routed inside the experts op."""
+    logits: torch.Tensor  # [T, E]
+    bias: torch.Tensor | None  # [E]
+    top_k: int
+    n_group: int = 1
+    topk_group: int = 1
+    renormalize: bool = True
+    scale: float = 1.0
+
+
 def moe_experts_triton(
-    hidden: torch.Tensor, topk_index: torch.Tensor, topk_weights: torch.Tensor, gate_up: torch.Tensor,
+    hidden: torch.Tensor, topk_index: torch.Tensor | None, topk_weights: torch.Tensor | None, gate_up: torch.Tensor,
     down: torch.Tensor, tiles: tuple[Tile, Tile] | None = None, swiglu_limit: float | None = None,
-    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, route: Route | None = None,
 ) -> torch.Tensor:
     """Triton path (CPU tensors run in the Triton interpreter) -> [T, H] in hidden's dtype.
 
     shared: (gate [IS,H], up [IS,H], down [H,IS]) of a shared expert added to every token (weight 1).
+    route: the routing computed in the gate/up kernel from these logits (topk_index / topk_weights
+    None): one launch fewer than moe_route + the experts.
     tiles: (gate_up tile, down tile) to launch instead of default_tiles (bench/moe_experts.py)."""
+    if route is not None:
+        topk_index, topk_weights = _route_outputs(hidden, route, gate_up.shape[0])
     T, H, k, E, I = _check(hidden, topk_index, topk_weights, gate_up, down)
     IS = _check_shared(hidden, shared)
     out = new_output((T, H), hidden.dtype, hidden.device)
@@ -302,16 +349,49 @@ def moe_experts_triton(
     s_gate, s_up, s_down = shared if shared is not None else (hidden, hidden, hidden)  # not read without SHARED
     s_strides = (*s_gate.stride(), *s_up.stride()) if shared is not None else (0, 0, 0, 0)
     up_tile, down_tile = tiles or default_tiles(T, k, H, I, hidden.device, IS)
+    route_args, route_meta = _route_launch(route, topk_weights, E)
     _launch(_gate_up_kernel, (T * k + (T if IS else 0), cdiv(max(I, IS), up_tile.block_n)),
             (hidden, topk_index, gate_up, inter, s_gate, s_up, s_inter, H, I, E, k, T * k, IS,
              float(swiglu_limit or 0.0), *hidden.stride(), *topk_index.stride(), *gate_up.stride(), *inter.stride(),
-             *s_strides, *s_inter.stride()), up_tile, hidden,
-            CLAMP=swiglu_limit is not None, SHARED=IS > 0)
+             *s_strides, *s_inter.stride(), *route_args), up_tile, hidden,
+            CLAMP=swiglu_limit is not None, SHARED=IS > 0, **route_meta)
     _launch(_down_kernel, (T, cdiv(H, down_tile.block_n)),
             (inter, topk_index, topk_weights, down, out, s_inter, s_down, H, I, E, k, IS, *inter.stride(),
              *topk_index.stride(), *topk_weights.stride(), *down.stride(), *out.stride(), *s_inter.stride(),
              *(s_down.stride() if shared is not None else (0, 0))), down_tile, hidden, SHARED=IS > 0)
     return out
+
+
+def _check_route(hidden: torch.Tensor, route: Route, E: int) -> None:
+    logits = route.logits
+    if logits.dim() != 2 or logits.shape[0] != hidden.shape[0] or not logits.dtype.is_floating_point:
+        raise ValueError(f"moe_experts: the router logits must be a float [T={hidden.shape[0]}, E] tensor, got "
+                         f"{tuple(logits.shape)} {logits.dtype}")
+    if logits.shape[1] != E:
+        raise ValueError(f"moe_experts: the router scores {logits.shape[1]} experts, gate_up holds {E}")
+    why = check_route_config(E, route.top_k, route.n_group, route.topk_group)
+    if why:
+        raise ValueError(f"moe_experts: route: {why}")
+
+
+def _route_outputs(hidden: torch.Tensor, route: Route, E: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fresh (topk_index int64 [T, k], topk_weights fp32 [T, k]) for the gate/up kernel to fill."""
+    _check_route(hidden, route, E)
+    T = hidden.shape[0]
+    return (new_output((T, route.top_k), torch.int64, hidden.device),
+            new_output((T, route.top_k), torch.float32, hidden.device))
+
+
+def _route_launch(route: Route | None, topk_weights: torch.Tensor, E: int) -> tuple[tuple, dict]:
+    """The gate/up kernel's routing arguments and constexprs (placeholders without a route)."""
+    if route is None:
+        return (topk_weights, topk_weights, topk_weights, 0.0, 0, 0, 0, 0), {}
+    bias = route.bias if route.bias is not None else route.logits
+    args = (route.logits, bias, topk_weights, float(route.scale), *route.logits.stride(), *topk_weights.stride())
+    meta = dict(ROUTE=True, E_PAD=max(next_pow2(E), route.n_group), GROUPS=route.n_group,
+                TOPK_GROUP=route.topk_group, ROUTE_TOPK=route.top_k, K_PAD=next_pow2(route.top_k),
+                HAS_BIAS=route.bias is not None, RENORMALIZE=bool(route.renormalize))
+    return args, meta
 
 
 def moe_experts(
@@ -332,4 +412,19 @@ def moe_experts(
     return moe_experts_ref(hidden, topk_index, topk_weights, gate_up, down, swiglu_limit, shared)
 
 
-__all__ = ["moe_experts", "moe_experts_triton", "default_tiles", "Tile", "HAS_TRITON"]
+def moe_route_experts(
+    hidden: torch.Tensor, route: Route, gate_up: torch.Tensor, down: torch.Tensor, use_triton: bool | None = None,
+    swiglu_limit: float | None = None, shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """moe_experts of the routing moe_route(route's logits and settings) gives (kernels/moe_router.py),
+    the routing done in the experts' first launch -> [T,H]."""
+    if use_triton_for(hidden, use_triton):
+        return moe_experts_triton(hidden, None, None, gate_up, down, swiglu_limit=swiglu_limit, shared=shared,
+                                  route=route)
+    _check_route(hidden, route, gate_up.shape[0])
+    weights, ids = moe_route_ref(*route)
+    _check_shared(hidden, shared)
+    return moe_experts_ref(hidden, ids, weights, gate_up, down, swiglu_limit, shared)
+
+
+__all__ = ["moe_experts", "moe_route_experts", "moe_experts_triton", "Route", "default_tiles", "Tile", "HAS_TRITON"]

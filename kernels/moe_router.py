@@ -41,9 +41,23 @@ def _route_kernel(
     early (_triton_utils.pdl), the logits read after the kernel before completes."""
     wait_for_previous_kernel(PDL)
     t = tl.program_id(0).to(tl.int64)
+    k = tl.arange(0, K_PAD)
+    weights, ids = route_row(logits_ptr + t * sl_t, sl_e, bias_ptr, E, SCALE, E_PAD, GROUPS, TOPK_GROUP, TOPK, K_PAD,
+                             HAS_BIAS, RENORMALIZE)
+    let_next_kernel_launch(PDL)
+    tl.store(w_ptr + t * sw_t + k, weights, mask=k < TOPK)
+    tl.store(ids_ptr + t * si_t + k, ids, mask=k < TOPK)
+
+
+@jit_helper
+def route_row(row_ptr, s_e, bias_ptr, E, SCALE, E_PAD: tl.constexpr, GROUPS: tl.constexpr,
+              TOPK_GROUP: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+              RENORMALIZE: tl.constexpr):
+    """(weights fp32 [K_PAD], ids int64 [K_PAD]) of one token's logits row (E values, stride s_e);
+    slots past TOPK hold 0. Also the experts op's gate/up kernel's prologue (moe_experts, route=)."""
     e = tl.arange(0, E_PAD)
     ok = e < E
-    s = tl.sigmoid(tl.load(logits_ptr + t * sl_t + e * sl_e, mask=ok, other=0.0).to(tl.float32))
+    s = tl.sigmoid(tl.load(row_ptr + e * s_e, mask=ok, other=0.0).to(tl.float32))
     c = s
     if HAS_BIAS:
         c = c + tl.load(bias_ptr + e, mask=ok, other=0.0).to(tl.float32)
@@ -61,10 +75,7 @@ def _route_kernel(
         c = tl.where(e == pick, float("-inf"), c)
     if RENORMALIZE:
         weights = weights / (tl.sum(weights, axis=0) + 1e-20)
-    weights = weights * SCALE
-    let_next_kernel_launch(PDL)
-    tl.store(w_ptr + t * sw_t + k, weights, mask=k < TOPK)
-    tl.store(ids_ptr + t * si_t + k, ids, mask=k < TOPK)
+    return weights * SCALE, ids
 
 
 @jit_helper

@@ -40,7 +40,9 @@ from .indexer_topk import decode_form
 from .indexer_topk import indexer_topk as _indexer_topk
 from .key_range import assert_key_range_async, check_key_range
 from .mask_within_causal import mask_within_causal
+from .moe_experts import Route as _Route
 from .moe_experts import moe_experts as _moe_experts
+from .moe_experts import moe_route_experts as _moe_route_experts
 from .moe_router import moe_route as _moe_route
 from .multi_linear import multi_linear as _multi_linear
 from .sparse_attention import sparse_attention as _sparse_attention
@@ -62,6 +64,9 @@ _SPARSE_MLA_SCHEMA = ("(Tensor q, Tensor kv, Tensor indices, float scale, int dv
 _MOE_EXPERTS_SCHEMA = ("(Tensor hidden, Tensor topk_index, Tensor topk_weights, Tensor gate_up, Tensor down, "
                        "float? swiglu_limit=None, Tensor? shared_gate=None, Tensor? shared_up=None, "
                        "Tensor? shared_down=None) -> Tensor")
+_MOE_ROUTE_EXPERTS_SCHEMA = ("(Tensor hidden, Tensor logits, Tensor? bias, int top_k, int n_group, int topk_group, "
+                             "bool renormalize, float scale, Tensor gate_up, Tensor down, float? swiglu_limit=None, "
+                             "Tensor? shared_gate=None, Tensor? shared_up=None, Tensor? shared_down=None) -> Tensor")
 _MULTI_LINEAR_SCHEMA = ("(Tensor x, Tensor[] weights, Tensor? norm_weight=None, float eps=0.0, Tensor? residual=None, "
                         "bool scale_then_round=False) -> Tensor[]")
 _MOE_ROUTE_SCHEMA = ("(Tensor logits, Tensor? bias, int top_k, int n_group, int topk_group, bool renormalize, "
@@ -204,6 +209,23 @@ def _(hidden, topk_index, topk_weights, gate_up, down, swiglu_limit=None, shared
     return hidden.new_empty(hidden.shape)
 
 
+@torch.library.custom_op(f"{NAMESPACE}::moe_route_experts", mutates_args=(), schema=_MOE_ROUTE_EXPERTS_SCHEMA)
+def moe_route_experts(hidden, logits, bias, top_k, n_group, topk_group, renormalize, scale, gate_up, down,
+                      swiglu_limit=None, shared_gate=None, shared_up=None, shared_down=None):
+    """moe_experts(hidden, *moe_route(logits, bias, ...)[::-1], gate_up, down, ...) with the routing
+    done in the experts' first launch (kernels/moe_experts.py, route=) -> [T,H]."""
+    shared = None if shared_gate is None and shared_up is None and shared_down is None \
+        else (shared_gate, shared_up, shared_down)
+    route = _Route(logits, bias, top_k, n_group, topk_group, renormalize, scale)
+    return _moe_route_experts(hidden, route, gate_up, down, swiglu_limit=swiglu_limit, shared=shared)
+
+
+@moe_route_experts.register_fake
+def _(hidden, logits, bias, top_k, n_group, topk_group, renormalize, scale, gate_up, down, swiglu_limit=None,
+      shared_gate=None, shared_up=None, shared_down=None):
+    return hidden.new_empty(hidden.shape)
+
+
 @torch.library.custom_op(f"{NAMESPACE}::moe_route", mutates_args=(), schema=_MOE_ROUTE_SCHEMA)
 def moe_route(logits, bias, top_k, n_group, topk_group, renormalize, scale):
     """logits [T,E] -> (weights fp32 [T,top_k], ids int64 [T,top_k]): group-limited sigmoid routing,
@@ -231,4 +253,4 @@ def _(x, weights, norm_weight=None, eps=0.0, residual=None, scale_then_round=Fal
 
 
 __all__ = ["indexer_topk", "indexer_topk_scored", "sparse_attention", "sparse_mla", "moe_experts", "moe_route",
-           "multi_linear", "NAMESPACE"]
+           "moe_route_experts", "multi_linear", "NAMESPACE"]

@@ -63,6 +63,7 @@ class LoweringReport:
     moe_shared_skipped: dict[str, str] = field(default_factory=dict)  # experts module -> why its shared expert was not
     moe_router_lowered: list[str] = field(default_factory=list)  # router modules whose tail is ic::moe_route
     moe_router_skipped: dict[str, str] = field(default_factory=dict)  # router-like module -> why it was left alone
+    moe_route_folded: list[str] = field(default_factory=list)  # experts calls that route too (ic::moe_route_experts)
     decode_linears: list[list[str]] = field(default_factory=list)  # linears of one input now one ic::multi_linear
     fp8_key_cache: list[int] = field(default_factory=list)  # fp8 indexers reading an fp8 copy of their key cache
     fp8_key_cache_skipped: dict[int, str] = field(default_factory=dict)  # fp8 indexer -> why it quantises per call

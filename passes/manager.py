@@ -133,6 +133,7 @@ def indexer_free_pipeline(ctx: PassContext) -> list[Pass]:
 
 def _decode_op_passes(ctx: PassContext) -> list[Pass]:
     """The lowerings to our MoE and GEMV ops, which do not involve the plan."""
+    from .fold_moe_route import fold_moe_route
     from .fold_shared_expert import fold_shared_expert
     from .lower_moe_experts import lower_moe_experts
     from .lower_moe_router import lower_moe_router
@@ -141,6 +142,7 @@ def _decode_op_passes(ctx: PassContext) -> list[Pass]:
 
     return [*([lower_moe_experts, fold_shared_expert] if ctx.moe_experts else []),
             *([lower_moe_router] if ctx.moe_router else []),
+            *([fold_moe_route] if ctx.moe_experts and ctx.moe_router else []),
             *([lower_decode_linears, fold_rms_norm] if ctx.merge_linears else [])]
 
 

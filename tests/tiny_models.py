@@ -45,6 +45,15 @@ def break_graph_in_moe(monkeypatch, moe_class):
     monkeypatch.setattr(moe_class, "forward", dispatch_with_break)
 
 
+def with_random_router_bias(model):
+    """e_score_correction_bias is zeros at init: random values, so that a router's bias shows."""
+    generator = torch.Generator().manual_seed(3)
+    for name, buffer in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buffer.copy_(0.3 * torch.randn(buffer.shape, generator=generator))
+    return model
+
+
 def random_ids(batch=2, seq=16, seed=1, vocab=128):
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 

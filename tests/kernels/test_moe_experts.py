@@ -9,8 +9,10 @@ import torch
 import ic_compile.kernels.ops  # noqa: F401  (registers torch.ops.ic.*)
 from ic_compile.kernels import _triton_utils
 from ic_compile.kernels import moe_experts as moe_mod
-from ic_compile.kernels.moe_experts import Tile, default_tiles, moe_experts, moe_experts_triton
-from ic_compile.kernels.reference import moe_experts_ref
+from ic_compile.kernels.moe_experts import (Route, Tile, default_tiles, moe_experts, moe_experts_triton,
+                                            moe_route_experts)
+from ic_compile.kernels.moe_router import moe_route
+from ic_compile.kernels.reference import moe_experts_ref, moe_route_ref
 from ic_compile.kernels.testing import repro, seed_everything
 
 from marks import needs_cuda, needs_triton
@@ -380,6 +382,51 @@ def test_torch_compile_symbolic_tokens(request):
     assert counter.frame_count == 1
 
 
+# ----------------------------------------------------------------------------- routed in the op
+
+def _route(T, E, groups=(1, 1), k=4, device="cpu"):
+    """A Route of random logits and bias (groups: n_group, topk_group), renormalised, scaled by 2.5."""
+    return Route(torch.randn(T, E, device=device), 0.3 * torch.randn(E, device=device), k, *groups, True, 2.5)
+
+
+@needs_triton
+@pytest.mark.parametrize("shared", [False, True], ids=["routed", "with_shared"])
+@pytest.mark.parametrize("T,E_,groups", [(1, 8, (1, 1)), (3, 16, (4, 2)), (2, 6, (1, 1))],
+                         ids=["T1", "T3-groups", "T2-E6"])
+def test_routed_in_the_op_equals_route_then_experts(T, E_, groups, shared, request):
+    """route=: the gate/up kernel's routing gives the moe_route kernel's ids and weights, so the output is
+    bit-equal to moe_route + moe_experts (interpreter); the reference path equals their references."""
+    seed_everything(request.node.name)
+    gate_up, down = _weights(E_, H, I, torch.float32)
+    x, route = torch.randn(T, H), _route(T, E_, groups)
+    shared_weights = _shared(H, 48, torch.float32) if shared else None
+    weights, ids = moe_route(*route, use_triton=True)
+    want = moe_experts_triton(x, ids, weights, gate_up, down, shared=shared_weights)
+    torch.testing.assert_close(moe_route_experts(x, route, gate_up, down, use_triton=True, shared=shared_weights), want,
+                               rtol=0, atol=0)
+    weights_ref, ids_ref = moe_route_ref(*route)
+    torch.testing.assert_close(moe_route_experts(x, route, gate_up, down, use_triton=False, shared=shared_weights),
+                               moe_experts_ref(x, ids_ref, weights_ref, gate_up, down, shared=shared_weights))
+
+
+def test_routed_rejects_bad_logits():
+    gate_up, down = _weights(E, H, I, torch.float32)
+    x = torch.randn(2, H)
+    for route, match in ((_route(3, E), r"logits must be a float \[T=2, E\]"),
+                         (_route(2, E + 2), "scores 8 experts, gate_up holds 6"),
+                         (_route(2, E, k=E + 1), "top_k 7 of 6 experts")):
+        for use_triton in (False, True):
+            with pytest.raises(ValueError, match=match):
+                moe_route_experts(x, route, gate_up, down, use_triton=use_triton)
+
+
+def test_routed_opcheck(request):
+    seed_everything(request.node.name)
+    gate_up, down = _weights(E, H, I, torch.float32)
+    route = _route(3, E)
+    torch.library.opcheck(torch.ops.ic.moe_route_experts.default, (torch.randn(3, H), *route, gate_up, down))
+
+
 # ----------------------------------------------------------------------------- real GPU
 
 GLM = dict(E=64, H=2048, I=1536, k=4)  # GLM-4.7-Flash's routed experts
@@ -425,6 +472,22 @@ def test_glm_shape_with_shared_expert_gpu(T, request):
     for tile in moe_mod.sweep_tiles():
         _assert_close(moe_experts_triton(x, idx, w, gate_up, down, tiles=(tile, tile), shared=shared), want,
                       torch.bfloat16, seed, str(tile))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("T", [1, 4])
+def test_glm_shape_routed_in_the_op_gpu(T, request):
+    """GLM-4.7-Flash's MoE with its router folded in (route=) == moe_route + moe_experts, bit for bit."""
+    seed_everything(request.node.name)
+    gate_up, down = _weights(GLM["E"], GLM["H"], GLM["I"], torch.bfloat16, "cuda")
+    shared = _shared(GLM["H"], GLM["I"], torch.bfloat16, "cuda")
+    x, route = torch.randn(T, GLM["H"], device="cuda").bfloat16(), _route(T, GLM["E"], device="cuda")
+    weights, ids = moe_route(*route)
+    want = torch.ops.ic.moe_experts(x, ids, weights, gate_up, down, None, *shared)
+    got = torch.ops.ic.moe_route_experts(x, *route, gate_up, down, None, *shared)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.gpu

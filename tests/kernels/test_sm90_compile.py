@@ -376,10 +376,10 @@ def test_topk_select_sorted_compiles_for_sm90():
 GLM_MOE = dict(E=64, H=2048, I=1536, k=4)  # GLM-4.7-Flash's routed experts
 
 
-def _compile_moe(which: str, tile, arch=90, clamp=False, shared=False, pdl=False):
+def _compile_moe(which: str, tile, arch=90, clamp=False, shared=False, pdl=False, route=False):
     """Kernel `which` ("gate_up" / "down") of kernels/moe_experts.py at the GLM shape, bf16, int64
     indices, fp32 router weights, contiguous tensors (clamp: gate_up with DeepSeek-V4's swiglu_limit;
-    shared: with GLM-4.7-Flash's shared expert, IS = I)."""
+    shared: with GLM-4.7-Flash's shared expert, IS = I; route: gate_up routing from fp32 logits)."""
     from ic_compile.kernels.moe_experts import _down_kernel, _gate_up_kernel
 
     E, H, I, k = GLM_MOE["E"], GLM_MOE["H"], GLM_MOE["I"], GLM_MOE["k"]
@@ -388,10 +388,15 @@ def _compile_moe(which: str, tile, arch=90, clamp=False, shared=False, pdl=False
                   PREFETCH=pdl, LINE_ELEMS=64)
     if which == "gate_up":
         ptrs = dict(x_ptr="bf16", idx_ptr="i64", gu_ptr="bf16", inter_ptr="bf16", sgate_ptr="bf16", sup_ptr="bf16",
-                    sinter_ptr="bf16")
+                    sinter_ptr="bf16", logits_ptr="fp32", bias_ptr="fp32", w_ptr="fp32")
         ints = dict(H=H, I=I, E=E, TOPK=k, ROUTED=k, IS=IS, sx_t=H, sx_h=1, si_t=k, si_j=1, sg_e=2 * I * H, sg_n=H,
-                    sg_h=1, sm_p=I, sm_i=1, ssg_n=H, ssg_h=1, ssu_n=H, ssu_h=1, ssm_t=IS, ssm_i=1)
-        return compile_sm90(_gate_up_kernel, ptrs, ints, {"LIMIT": 10.0}, {**consts, "CLAMP": clamp},
+                    sg_h=1, sm_p=I, sm_i=1, ssg_n=H, ssg_h=1, ssu_n=H, ssu_h=1, ssm_t=IS, ssm_i=1, sl_t=E, sl_e=1,
+                    sw_t=k, sw_j=1)
+        # route: GLM-4.7-Flash's router (64 experts, one group, a bias, renormalised)
+        consts.update(ROUTE=route, E_PAD=E, GROUPS=1, TOPK_GROUP=1, ROUTE_TOPK=k, K_PAD=k, HAS_BIAS=True,
+                      RENORMALIZE=True)
+        floats = {"LIMIT": 10.0, "ROUTE_SCALE": 2.5}
+        return compile_sm90(_gate_up_kernel, ptrs, ints, floats, {**consts, "CLAMP": clamp},
                             tile.num_warps, 1, arch=arch)
     ptrs = dict(inter_ptr="bf16", idx_ptr="i64", w_ptr="fp32", down_ptr="bf16", out_ptr="bf16", sinter_ptr="bf16",
                 sdown_ptr="bf16")
@@ -406,9 +411,10 @@ def _programs_per_sm(res, num_warps) -> int:
     return min(65536 // regs, MAX_SMEM // max(1, res["shared"]), 32)
 
 
+@pytest.mark.parametrize("route", [False, True], ids=["ids", "route_in_op"])
 @pytest.mark.parametrize("shared", [False, True], ids=["routed", "with_shared"])
 @pytest.mark.parametrize("T", [1, 8])
-def test_moe_experts_default_tiles_compile_for_sm90(T, shared, monkeypatch):
+def test_moe_experts_default_tiles_compile_for_sm90(T, shared, route, monkeypatch):
     """The default tiles at GLM-4.7-Flash's shape on an H100 (132 SMs): fit, no spills, every loop
     (the shared expert's too) streams with cp.async, and at T = 1 every program of both launches is
     resident at once (what the module's tile comments claim)."""
@@ -423,7 +429,7 @@ def test_moe_experts_default_tiles_compile_for_sm90(T, shared, monkeypatch):
     programs = {"gate_up": T * (GLM_MOE["k"] + shared) * -(-I // tiles["gate_up"].block_n),
                 "down": T * -(-GLM_MOE["H"] // tiles["down"].block_n)}
     for which, tile in tiles.items():
-        res = _compile_moe(which, tile, shared=shared, pdl=T == 1)  # PDL as on an H100 (either T would do)
+        res = _compile_moe(which, tile, shared=shared, pdl=T == 1, route=route)  # PDL: either T would do
         _assert_pdl(res["ptx"], T == 1, prefetch=T == 1 and shared, straight=False)
         assert res["shared"] <= MAX_SMEM, res["shared"]
         assert res["stack"] == 0, f"{which}: register spills: {res['stack']} bytes"

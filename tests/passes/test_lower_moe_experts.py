@@ -3,12 +3,15 @@ with each of HF's experts implementations, and hand-written experts modules, sti
 (HF's own plan as the oracle); experts that compute anything else, prefill graphs and graphs whose
 weights are unknown are left alone, with the reason in the report."""
 
+import inspect
+
 import pytest
 import torch
 from torch import nn
 
 import tiny_models
 from ic_compile.backend import last_results
+from ic_compile.passes.fold_moe_route import lowered_moe_route_experts
 from ic_compile.passes.lower_moe_experts import _MAX_TOKENS, lowered_moe_experts
 from ic_compile.rewrite import rewrite
 
@@ -39,9 +42,18 @@ def _decode_results():
     return [r for r in results if r not in prefill], prefill
 
 
+def _experts_calls(gm):
+    """The experts op's calls, with the router folded in (passes/fold_moe_route.py) or not."""
+    return [n for n in gm.graph.nodes if n.target in (lowered_moe_experts, lowered_moe_route_experts)]
+
+
+def _swiglu_limit(call):
+    return inspect.signature(call.target).bind(*call.args, **call.kwargs).arguments.get("swiglu_limit")
+
+
 def _left_of_experts(gm):
     """Nodes traced under an experts module other than the op and the view / cast of its output."""
-    ours = {n for n in gm.graph.nodes if n.target is lowered_moe_experts}
+    ours = set(_experts_calls(gm))
     ours |= {u for n in ours for u in n.users}
     ours |= {u for n in ours for u in n.users}
     return [n.name for n in gm.graph.nodes if n.op in ("call_function", "call_method") and n not in ours
@@ -72,7 +84,7 @@ def test_hf_decode_experts_lowered(implementation, lowering):
         assert result.kernels.moe_shared_folded == MOE_LAYERS and not result.kernels.moe_shared_skipped
         left = _left_of_experts(result.gm) + _left_of_shared(result.gm)
         assert not left, left
-        assert sum(n.target is lowered_moe_experts for n in result.gm.graph.nodes) == 3
+        assert len(_experts_calls(result.gm)) == 3
     for result in prefill:
         assert not result.kernels.moe_lowered
         assert all("40 tokens" in why for why in result.kernels.moe_skipped.values()), result.kernels.moe_skipped
@@ -116,7 +128,7 @@ def test_experts_lowered_in_a_fragment_without_indexers(monkeypatch):
     assert moe_only, "no indexer-free fragment had its experts lowered"
     for result in moe_only:
         assert not result.changed and result.gm is not result.original  # the plan's flag, not the lowering's
-        assert sum(n.target is lowered_moe_experts for n in result.gm.graph.nodes) == len(result.kernels.moe_lowered)
+        assert len(_experts_calls(result.gm)) == len(result.kernels.moe_lowered)
         assert not _left_of_experts(result.gm)
 
 
@@ -170,7 +182,7 @@ def test_hand_written_experts(variant):
     for result in decode:
         if variant in ("plain", "clamped"):
             assert result.kernels.moe_lowered == MOE_LAYERS
-            limits = {n.args[5] for n in result.gm.graph.nodes if n.target is lowered_moe_experts}
+            limits = {_swiglu_limit(n) for n in _experts_calls(result.gm)}
             assert limits == {None if variant == "plain" else 10.0}
             # the op's limit is the shared expert's too: HF's unclamped shared MLP stays as written
             folded = MOE_LAYERS if variant == "plain" else []
@@ -207,7 +219,7 @@ def test_option_off_keeps_hf_experts():
         torch.compile(model, backend="indexcache", options=options)(tiny_models.random_ids(batch=1, seq=1), use_cache=False)
     (result,) = last_results
     assert not result.kernels.moe_lowered and not result.kernels.moe_skipped
-    assert not any(n.target is lowered_moe_experts for n in result.gm.graph.nodes)
+    assert not _experts_calls(result.gm)
 
 
 def test_symbolic_tokens_left_alone():

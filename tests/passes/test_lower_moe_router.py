@@ -10,6 +10,7 @@ from torch import nn
 import tiny_models
 from ic_compile.backend import last_results
 from ic_compile.passes.graph_ops import op_name
+from ic_compile.passes.fold_moe_route import lowered_moe_route_experts
 from ic_compile.passes.lower_moe_router import lowered_moe_route
 from ic_compile.reference import shared_indexer_hooks
 
@@ -25,17 +26,15 @@ def compiled(model, plan, lowering="eager", **options):
                          options={"plan": plan, "lowering": lowering, "kernels": True, **options})
 
 
-def _with_random_bias(model):
-    """e_score_correction_bias is zeros at init: random values, so that the check and the op see it."""
-    generator = torch.Generator().manual_seed(3)
-    for name, buffer in model.named_buffers():
-        if name.endswith("e_score_correction_bias"):
-            buffer.copy_(0.3 * torch.randn(buffer.shape, generator=generator))
-    return model
-
-
 def _max_error(want, got):
     return max((w.float() - g.float()).abs().max().item() for w, g in zip(want, got))
+
+
+def _route_settings(gm):
+    """(top_k, n_group, topk_group) of each lowered router, folded into the experts call or not
+    (passes/fold_moe_route.py: in the decode graphs, whose experts are lowered too)."""
+    return [n.args[2:5] if n.target is lowered_moe_route else n.args[3:6] for n in gm.graph.nodes
+            if n.target in (lowered_moe_route, lowered_moe_route_experts)]
 
 
 def _topk_left_in_routers(gm):
@@ -45,16 +44,17 @@ def _topk_left_in_routers(gm):
 def test_hf_glm_router_lowered():
     """GLM-DSA (n_group = 1): every MoE layer's router tail is one op, no top-k left in the routers,
     prefill and 8 decode steps equal HF's own plan."""
-    model = _with_random_bias(tiny_models.glm())
+    model = tiny_models.with_random_router_bias(tiny_models.glm())
     ids, steps = tiny_models.random_ids(seq=20), tiny_models.random_ids(seq=8, seed=5)
-    want = tiny_models.prefill_and_decode(_with_random_bias(tiny_models.glm_with_plan(model, "FSFS")), ids, steps)[0]
+    oracle = tiny_models.with_random_router_bias(tiny_models.glm_with_plan(model, "FSFS"))
+    want = tiny_models.prefill_and_decode(oracle, ids, steps)[0]
     got = tiny_models.prefill_and_decode(compiled(model, "FSFS", "inductor"), ids, steps)[0]
     assert _max_error(want, got) < 1e-4
     changed = [r for r in last_results if r.changed]
     assert changed
     for result in changed:
         assert result.kernels.moe_router_lowered == ROUTERS and not result.kernels.moe_router_skipped
-        assert sum(n.target is lowered_moe_route for n in result.gm.graph.nodes) == 3
+        assert len(_route_settings(result.gm)) == 3
         assert not _topk_left_in_routers(result.gm)
 
 
@@ -65,7 +65,7 @@ def test_hf_deepseek_v32_group_limited_router_lowered():
     from ic_compile.tools.models import HF_TINY
     torch.manual_seed(0)
     config = DeepseekV32Config(**{**HF_TINY, "n_routed_experts": 16}, n_group=4, topk_group=2)
-    model = _with_random_bias(DeepseekV32ForCausalLM(config).eval())
+    model = tiny_models.with_random_router_bias(DeepseekV32ForCausalLM(config).eval())
     ids, steps = tiny_models.random_ids(seq=12), tiny_models.random_ids(seq=8, seed=3)
     with shared_indexer_hooks(model, "FSFS"):
         want, _ = tiny_models.prefill_and_decode(model, ids, steps)
@@ -73,8 +73,7 @@ def test_hf_deepseek_v32_group_limited_router_lowered():
     assert _max_error(want, got) < 1e-4
     for result in (r for r in last_results if r.changed):
         assert result.kernels.moe_router_lowered == ROUTERS, result.kernels.moe_router_skipped
-        op = next(n for n in result.gm.graph.nodes if n.target is lowered_moe_route)
-        assert op.args[2:5] == (2, 4, 2)  # top_k, n_group, topk_group read from the router's graph
+        assert set(_route_settings(result.gm)) == {(2, 4, 2)}  # top_k, n_group, topk_group read from the router's graph
 
 
 class SoftmaxRouter(nn.Module):

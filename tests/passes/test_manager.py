@@ -24,7 +24,8 @@ def test_pipeline_order_and_the_kernel_passes_only_when_asked():
     rewrite_only = ["eliminate_dead_code", "detect", "bind_plan", "connect_index_store", "forward_indices",
                     "eliminate_dead_code", "drop_shared_key_cache"]
     assert names(pipeline(PassContext())) == rewrite_only
-    moe = ["lower_moe_experts", "fold_shared_expert", "lower_moe_router", "lower_decode_linears", "fold_rms_norm"]
+    moe = ["lower_moe_experts", "fold_shared_expert", "lower_moe_router", "fold_moe_route", "lower_decode_linears",
+           "fold_rms_norm"]
     inductor_only = ["realize_rotary_table"]
     assert names(pipeline(PassContext(kernels=True))) == rewrite_only + [
         "lower_indexer", "lower_sparse_attention", *moe, "drop_trivial_topk", "eliminate_dead_code", *inductor_only]
