@@ -51,13 +51,17 @@ from prefill import CONFIG, bf16_peak_tflops, build_model, save_result, time_ms,
 import ic_compile  # noqa: E402
 from ic_compile import backend  # noqa: E402
 from ic_compile.kernels import _triton_utils  # noqa: E402
-from ic_compile.passes import fold_rms_norm, lower_decode_linears, realize_rotary_table  # noqa: E402
+from ic_compile.passes import (fold_moe_route, fold_rms_norm, lower_decode_linears,  # noqa: E402
+                               lower_sparse_attention, realize_rotary_table)
 from ic_compile.plan import LayerPlan  # noqa: E402
 
 LAYERS = 47  # GLM-4.7-Flash: 47 decoder layers, the first dense, then 64-expert MoE
 RESULT = pathlib.Path(__file__).resolve().parent / "results" / "e2e.json"
 LONE_MAX_BYTES = lower_decode_linears._LONE_MAX_BYTES
 REALIZE_OP = realize_rotary_table._realize_op
+FOLDS = {"rms_norm_prologue": (fold_rms_norm, "_FOLDS"), "head_linear": (lower_sparse_attention, "_HEAD_GEMV"),
+         "route_in_experts": (fold_moe_route, "_FOLDS")}  # feature -> its pass's on / off switch
+FOLDS_ON = {feature: getattr(*switch) for feature, switch in FOLDS.items()}
 KERNEL_PDL, PDL_PREFETCH, INDUCTOR_PDL = _triton_utils._PDL, _triton_utils._PDL_PREFETCH, backend._INDUCTOR_PDL
 
 
@@ -146,19 +150,22 @@ def switch(without: str | None = None, with_: str | None = None) -> None:
     by default) off or `with_` (one off by default) on.
     Without: "lone_linears": the decode graphs' lone one-token linears stay cuBLAS's (the size limit 0);
     "rotary_table": the rotary cos / sin stay fused into every layer's RoPE kernel (no realize op);
-    "rms_norm_prologue": the norms read by one multi_linear stay Inductor's kernels (fold_rms_norm off).
+    "rms_norm_prologue": the norms read by one multi_linear stay Inductor's kernels (fold_rms_norm off);
+    "head_linear": absorbed MLA's two per-head decode products stay cuBLAS's batched GEMMs (einsums);
+    "route_in_experts": the router's tail stays its own launch (fold_moe_route off).
     With: "pdl": programmatic dependent launch for our decode kernels (their weights prefetched into L2
     before the grid wait) and for Inductor's in the captured graphs; "kernel_pdl": for ours alone;
     "kernel_pdl_no_prefetch": ours alone, without the L2 prefetch."""
     lower_decode_linears._LONE_MAX_BYTES = 0 if without == "lone_linears" else LONE_MAX_BYTES
     realize_rotary_table._realize_op = (lambda: None) if without == "rotary_table" else REALIZE_OP
-    fold_rms_norm._FOLDS = without != "rms_norm_prologue"
+    for feature, (module, name) in FOLDS.items():
+        setattr(module, name, without != feature and FOLDS_ON[feature])
     _triton_utils._PDL = with_ in ("pdl", "kernel_pdl", "kernel_pdl_no_prefetch") or KERNEL_PDL
     _triton_utils._PDL_PREFETCH = with_ != "kernel_pdl_no_prefetch" and PDL_PREFETCH
     backend._INDUCTOR_PDL = with_ == "pdl" or INDUCTOR_PDL
 
 
-FEATURES = ("lone_linears", "rotary_table", "rms_norm_prologue")  # on by default: --without
+FEATURES = ("lone_linears", "rotary_table", *FOLDS)  # on by default: --without
 OFF_FEATURES = ("pdl", "kernel_pdl", "kernel_pdl_no_prefetch")  # off by default: --with
 
 
