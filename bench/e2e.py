@@ -63,6 +63,7 @@ FOLDS = {"rms_norm_prologue": (fold_rms_norm, "_FOLDS"), "head_linear": (lower_s
          "route_in_experts": (fold_moe_route, "_FOLDS")}  # feature -> its pass's on / off switch
 FOLDS_ON = {feature: getattr(*switch) for feature, switch in FOLDS.items()}
 KERNEL_PDL, PDL_PREFETCH, INDUCTOR_PDL = _triton_utils._PDL, _triton_utils._PDL_PREFETCH, backend._INDUCTOR_PDL
+INDUCTOR_COMBO = backend._INDUCTOR_COMBO
 
 
 def pattern(plan: str, layers: int = LAYERS) -> str:
@@ -155,7 +156,8 @@ def switch(without: str | None = None, with_: str | None = None) -> None:
     "route_in_experts": the router's tail stays its own launch (fold_moe_route off).
     With: "pdl": programmatic dependent launch for our decode kernels (their weights prefetched into L2
     before the grid wait) and for Inductor's in the captured graphs; "kernel_pdl": for ours alone;
-    "kernel_pdl_no_prefetch": ours alone, without the L2 prefetch."""
+    "kernel_pdl_no_prefetch": ours alone, without the L2 prefetch; "combo_kernels": Inductor's combo kernels
+    in the captured graphs (independent kernels in one launch)."""
     lower_decode_linears._LONE_MAX_BYTES = 0 if without == "lone_linears" else LONE_MAX_BYTES
     realize_rotary_table._realize_op = (lambda: None) if without == "rotary_table" else REALIZE_OP
     for feature, (module, name) in FOLDS.items():
@@ -163,10 +165,11 @@ def switch(without: str | None = None, with_: str | None = None) -> None:
     _triton_utils._PDL = with_ in ("pdl", "kernel_pdl", "kernel_pdl_no_prefetch") or KERNEL_PDL
     _triton_utils._PDL_PREFETCH = with_ != "kernel_pdl_no_prefetch" and PDL_PREFETCH
     backend._INDUCTOR_PDL = with_ == "pdl" or INDUCTOR_PDL
+    backend._INDUCTOR_COMBO = with_ == "combo_kernels" or INDUCTOR_COMBO
 
 
 FEATURES = ("lone_linears", "rotary_table", *FOLDS)  # on by default: --without
-OFF_FEATURES = ("pdl", "kernel_pdl", "kernel_pdl_no_prefetch")  # off by default: --with
+OFF_FEATURES = ("pdl", "kernel_pdl", "kernel_pdl_no_prefetch", "combo_kernels")  # off by default: --with
 
 
 def pipelined_ms(step, steps: int) -> tuple[float, float]:

@@ -244,6 +244,7 @@ def _graphable(result: RewriteResult) -> bool:
 
 
 _INDUCTOR_PDL = False  # private switch: off, measured slower (docs/benchmarks.md, "tried"; bench/e2e.py --with pdl)
+_INDUCTOR_COMBO = False  # private switch: Inductor's combo kernels (bench/e2e.py --with combo_kernels); not measured yet
 
 
 def graph_patches() -> dict:
@@ -256,6 +257,8 @@ def graph_patches() -> dict:
     patches = {"triton.cudagraphs": True}
     if _INDUCTOR_PDL and hasattr(inductor_config.triton, "enable_pdl"):
         patches["triton.enable_pdl"] = True
+    if _INDUCTOR_COMBO:  # independent small kernels (a layer's RoPE / norm / cache writes) as one launch
+        patches["combo_kernels"] = True
     return patches
 
 
