@@ -89,7 +89,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
                          f"(H={x.shape[1]}, K={x.shape[2]}; a [H,K,N] weight is passed as weight.transpose(1, 2))")
     if weight.dtype != x.dtype or x.dtype not in DTYPES:
         raise ValueError(f"head_linear: x and weight must share one dtype among bf16 / fp16 / fp32; got x {x.dtype}, "
-                         f"weight {weight.dtype} (cast one to the other's)")
+                         f"weight {weight.dtype} (cast both to one of those)")
 
 
 def head_linear_triton(x: torch.Tensor, weight: torch.Tensor,
