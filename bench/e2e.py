@@ -51,16 +51,14 @@ from prefill import CONFIG, bf16_peak_tflops, build_model, save_result, time_ms,
 import ic_compile  # noqa: E402
 from ic_compile import backend  # noqa: E402
 from ic_compile.kernels import _triton_utils  # noqa: E402
-from ic_compile.passes import (fold_moe_route, fold_rms_norm, lower_decode_linears,  # noqa: E402
-                               lower_sparse_attention, realize_rotary_table)
+from ic_compile.passes import fold_moe_route, fold_rms_norm, lower_decode_linears, realize_rotary_table  # noqa: E402
 from ic_compile.plan import LayerPlan  # noqa: E402
 
 LAYERS = 47  # GLM-4.7-Flash: 47 decoder layers, the first dense, then 64-expert MoE
 RESULT = pathlib.Path(__file__).resolve().parent / "results" / "e2e.json"
 LONE_MAX_BYTES = lower_decode_linears._LONE_MAX_BYTES
 REALIZE_OP = realize_rotary_table._realize_op
-FOLDS = {"rms_norm_prologue": (fold_rms_norm, "_FOLDS"), "head_linear": (lower_sparse_attention, "_HEAD_GEMV"),
-         "route_in_experts": (fold_moe_route, "_FOLDS")}  # feature -> its pass's on / off switch
+FOLDS = {"rms_norm_prologue": (fold_rms_norm, "_FOLDS"), "route_in_experts": (fold_moe_route, "_FOLDS")}  # -> switch
 FOLDS_ON = {feature: getattr(*switch) for feature, switch in FOLDS.items()}
 KERNEL_PDL, PDL_PREFETCH, INDUCTOR_PDL = _triton_utils._PDL, _triton_utils._PDL_PREFETCH, backend._INDUCTOR_PDL
 INDUCTOR_COMBO = backend._INDUCTOR_COMBO
@@ -152,7 +150,6 @@ def switch(without: str | None = None, with_: str | None = None) -> None:
     Without: "lone_linears": the decode graphs' lone one-token linears stay cuBLAS's (the size limit 0);
     "rotary_table": the rotary cos / sin stay fused into every layer's RoPE kernel (no realize op);
     "rms_norm_prologue": the norms read by one multi_linear stay Inductor's kernels (fold_rms_norm off);
-    "head_linear": absorbed MLA's two per-head decode products stay cuBLAS's batched GEMMs (einsums);
     "route_in_experts": the router's tail stays its own launch (fold_moe_route off).
     With: "pdl": programmatic dependent launch for our decode kernels (their weights prefetched into L2
     before the grid wait) and for Inductor's in the captured graphs; "kernel_pdl": for ours alone;

@@ -36,7 +36,6 @@ from __future__ import annotations
 import torch
 
 from .fp8_key_cache import fp8_key_mirror
-from .head_linear import head_linear as _head_linear
 from .indexer_topk import decode_form
 from .indexer_topk import indexer_topk as _indexer_topk
 from .key_range import assert_key_range_async, check_key_range
@@ -70,7 +69,6 @@ _MOE_ROUTE_EXPERTS_SCHEMA = ("(Tensor hidden, Tensor logits, Tensor? bias, int t
                              "Tensor? shared_gate=None, Tensor? shared_up=None, Tensor? shared_down=None) -> Tensor")
 _MULTI_LINEAR_SCHEMA = ("(Tensor x, Tensor[] weights, Tensor? norm_weight=None, float eps=0.0, Tensor? residual=None, "
                         "bool scale_then_round=False) -> Tensor[]")
-_HEAD_LINEAR_SCHEMA = "(Tensor x, Tensor weight) -> Tensor"
 _MOE_ROUTE_SCHEMA = ("(Tensor logits, Tensor? bias, int top_k, int n_group, int topk_group, bool renormalize, "
                      "float scale) -> (Tensor, Tensor)")
 
@@ -254,18 +252,5 @@ def _(x, weights, norm_weight=None, eps=0.0, residual=None, scale_then_round=Fal
     return [x.new_empty((x.shape[0], w.shape[0])) for w in weights]
 
 
-@torch.library.custom_op(f"{NAMESPACE}::head_linear", mutates_args=(), schema=_HEAD_LINEAR_SCHEMA)
-def head_linear(x, weight):
-    """x [T,H,K] (unit stride along K), weight [H,N,K] (any strides, e.g. a transposed slice of kv_b_proj's
-    weight) -> [T,H,N], y[t,h] = weight[h] @ x[t,h]: one launch for all heads at decode-sized T
-    (kernels/head_linear.py)."""
-    return _head_linear(x, weight)
-
-
-@head_linear.register_fake
-def _(x, weight):
-    return x.new_empty((x.shape[0], x.shape[1], weight.shape[1]))
-
-
 __all__ = ["indexer_topk", "indexer_topk_scored", "sparse_attention", "sparse_mla", "moe_experts", "moe_route",
-           "moe_route_experts", "multi_linear", "head_linear", "NAMESPACE"]
+           "moe_route_experts", "multi_linear", "NAMESPACE"]

@@ -319,12 +319,6 @@ def multi_linear_ref(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: 
     return [(x.float() @ w.float().T).to(x.dtype) for w in weights]
 
 
-def head_linear_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [T,H,K], weight [H,N,K] (any strides) -> y [T,H,N], y[t,h] = weight[h] @ x[t,h], in x's dtype (fresh,
-    contiguous): the einsum absorbed MLA runs (cuBLAS / CPU GEMMs: fp32 sums rounded once, up to their order)."""
-    return torch.einsum("thk,hnk->thn", x, weight).contiguous()
-
-
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
                  scale_then_round: bool = False) -> torch.Tensor:
     """RMSNorm of h = x (+ residual, added in x's dtype) over the last dim, in x's dtype, rounded as

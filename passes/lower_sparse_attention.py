@@ -14,8 +14,7 @@ absorbed form `ic::sparse_mla` instead: kv_b_proj's key half is folded into q an
 to the latent output, so each selected key is one [Dl+dr] row read once for all heads (the per-head
 form gathers H separate [dn+dr] and [dv] rows per key: ~1 FLOP/byte, memory-bound). The latent and
 rope (a KV cache's two buffers) go to the op apart: a cat of them would copy the whole cache of every
-layer at each decode step, while the attention reads only the K selected rows. At a decode step
-(B*S <= 4 static rows) the absorbed form's two per-head products are `ic::head_linear` launches.
+layer at each decode step, while the attention reads only the K selected rows.
 """
 
 from __future__ import annotations
@@ -24,8 +23,6 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import fx
-
-from ic_compile.kernels.multi_linear import MAX_TOKENS
 
 from .graph_ops import LAYOUT_OPS, op_name, take_location
 from .lower_indexer import scatter_safe_indices
@@ -57,8 +54,6 @@ def lowered_sparse_attention(q, k, v, indices, scale):
     return out.transpose(1, 2)
 
 
-_HEAD_GEMV = True  # private switch for A/B runs (bench/e2e.py --without head_linear)
-
 # Queries per absorbed-attention chunk at long prefill: each chunk's [B,chunk,H,Dl] query and output
 # latents are alive only during that chunk (unchunked at 200K they are 2 x 4.1 GB at once).
 _QUERY_CHUNK = 16384
@@ -85,8 +80,6 @@ def lowered_absorbed_mla(q, latent, rope, weight, indices, scale, nope_dim: int)
 def _absorbed_mla(q, latent, rope, weight, indices, scale, nope_dim: int):
     heads, latent_dim = q.shape[1], latent.shape[-1]
     weight = weight.view(heads, -1, latent_dim)  # [H, dn+dv, Dl]
-    if _HEAD_GEMV and _decode_rows(q) is not None:
-        return _absorbed_mla_decode(q, latent, rope, weight, indices, scale, nope_dim)
     q_latent = torch.einsum("bhsd,hdc->bshc", q[..., :nope_dim], weight[:, :nope_dim])  # [B,S,H,Dl]
     q_rope = q[..., nope_dim:].transpose(1, 2)  # [B,S,H,dr]
     # key row = [latent | rope], read by the op from both buffers ([B,T,Dl], [B,T,dr]): no cache copy;
@@ -94,26 +87,6 @@ def _absorbed_mla(q, latent, rope, weight, indices, scale, nope_dim: int):
     out_latent = torch.ops.ic.sparse_mla(q_latent, latent[:, 0], indices, float(scale), latent_dim, True,
                                          rope[:, 0], q_rope)  # [B,S,H,Dl]
     return torch.einsum("bshc,hvc->bhsv", out_latent, weight[:, nope_dim:])  # [B,H,S,dv]
-
-
-def _decode_rows(q) -> int | None:
-    """B*S of q [B,H,S,D] when static and at most MAX_TOKENS (a decode step), else None."""
-    B, S = q.shape[0], q.shape[2]
-    return B * S if isinstance(B, int) and isinstance(S, int) and B * S <= MAX_TOKENS else None
-
-
-def _absorbed_mla_decode(q, latent, rope, weight, indices, scale, nope_dim: int):
-    """_absorbed_mla at a decode step: the two per-head products are `ic::head_linear` GEMVs, not
-    einsums (cuBLAS's batched GEMMs of M = 1 take ~3x the time of their weight reads: kernels/head_linear.py)."""
-    B, heads, S, _ = q.shape
-    latent_dim = latent.shape[-1]
-    q_nope = q[..., :nope_dim].transpose(1, 2).reshape(B * S, heads, nope_dim)  # [B*S,H,dn]
-    q_latent = torch.ops.ic.head_linear(q_nope, weight[:, :nope_dim].transpose(1, 2))  # [B*S,H,Dl]
-    q_rope = q[..., nope_dim:].transpose(1, 2)  # [B,S,H,dr]
-    out_latent = torch.ops.ic.sparse_mla(q_latent.view(B, S, heads, latent_dim), latent[:, 0], indices, float(scale),
-                                         latent_dim, True, rope[:, 0], q_rope)  # [B,S,H,Dl]
-    out = torch.ops.ic.head_linear(out_latent.reshape(B * S, heads, latent_dim), weight[:, nope_dim:])  # [B*S,H,dv]
-    return out.view(B, S, heads, -1).transpose(1, 2)  # [B,H,S,dv]
 
 
 def _selected_indices(sdpa: fx.Node) -> fx.Node | None:

@@ -512,28 +512,3 @@ def _assert_pdl(ptx: str, pdl: bool, prefetch: bool, straight: bool = True) -> N
     assert release > ptx.rfind("cp.async"), (release, ptx.rfind("cp.async"))
     assert (first_prefetch > -1) == prefetch, first_prefetch
     assert not (prefetch and straight) or first_prefetch < wait, (first_prefetch, wait)
-
-
-# ----------------------------------------------------------------------------- head_linear
-
-@pytest.mark.parametrize("T", [1, 4])
-@pytest.mark.parametrize("product", ["q_nope_x_W_UK", "latent_out_x_W_UV"])
-def test_head_linear_default_tiles_compile_for_sm90(product, T, monkeypatch):
-    """Absorbed MLA's two products at GLM-4.7-Flash's shapes (H=20, dn=192, dv=256, Dl=512, bf16) at the
-    default tiles on an H100: no spills, shared memory fits, and the weight loop streams with 16-byte
-    cp.async along the weight's unit-stride axis, N for W[:, :dn].transpose(1, 2), K for W[:, dn:] (the
-    JIT's 1-valued strides are constants, compile_sm90 specialises them alike)."""
-    import torch
-
-    from ic_compile.kernels import head_linear as mod
-
-    monkeypatch.setattr(mod, "num_sms", lambda device: 132)
-    H, dn, dv, Dl = 20, 192, 256, 512
-    N, K, (sw_n, sw_k) = (Dl, dn, (1, Dl)) if product == "q_nope_x_W_UK" else (dv, Dl, (Dl, 1))
-    block_n, block_k = mod.default_tile(T, H, N, K, sw_n == 1, torch.device("cpu"))
-    ints = dict(T=T, H=H, N=N, K=K, sx_t=H * K, sx_h=K, sw_h=(dn + dv) * Dl, sw_n=sw_n, sw_k=sw_k)
-    res = compile_sm90(mod._head_linear_kernel, {"x_ptr": "bf16", "w_ptr": "bf16", "y_ptr": "bf16"}, ints, {},
-                       dict(T_PAD=T, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=mod.STAGES), 4, 1)
-    assert res["stack"] == 0 and res["shared"] <= MAX_SMEM, res
-    assert re.search(r"cp\.async\.cg\.shared\.global \[[^]]+\], \[[^]]+\], 0x10", res["ptx"]), "no 16-byte cp.async"
-    print(product, T, (block_n, block_k), {k: v for k, v in res.items() if k in ("regs", "shared", "stack")})
