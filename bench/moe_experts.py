@@ -18,6 +18,9 @@ router gives them), T tokens of distinct random experts per token. Per T:
     expert folded in (`ours_shared`, what passes/fold_shared_expert.py makes of a decode graph) vs the
     op plus HF's MLP as its three linears (`ours_plus_mlp`: what the graph ran before the fold),
     bytes + the shared weights;
+  * with GLM's router tail too (random fp32 logits, a bias, renormalised, scale 2.5): the routing done
+    in the op's first launch (`routed_in_op`: ic::moe_route_experts, what passes/fold_moe_route.py
+    makes of a decode graph) vs ic::moe_route then the op (`route_then_op`), both with the shared expert;
   * --sweep: each tile of sweep_tiles() in one kernel with the other kernel's default tile,
     graph-timed, and the fastest per kernel (choose the module's defaults from these).
 """
@@ -165,6 +168,24 @@ def bench_shared(x, idx, w, gate_up, down, shape: dict, device: torch.device, ro
     graphed = {name: t["graph_ms"] for name, t in times.items() if t["graph_ms"]}
     row.update(rates(row["bytes_with_shared"], graphed or {n: t["call_ms"] for n, t in times.items()}, 1e6,
                      copy_gbps, "gbps", "pct_copy"))
+    row.update(bench_routed(x, gate_up, down, shared, shape, device))
+    return row
+
+
+def bench_routed(x, gate_up, down, shared: tuple, shape: dict, device: torch.device) -> dict:
+    """The router's tail routed inside the op vs its own launch before the op (with the shared expert)."""
+    generator = torch.Generator(device=device).manual_seed(1)
+    logits = torch.randn(x.shape[0], shape["E"], device=device, generator=generator)
+    route = (logits, 0.3 * torch.randn(shape["E"], device=device, generator=generator), shape["k"], 1, 1, True, 2.5)
+    fused = lambda: torch.ops.ic.moe_route_experts(x, *route, gate_up, down, None, *shared)  # noqa: E731
+
+    def separate():
+        weights, ids = torch.ops.ic.moe_route(*route)
+        return torch.ops.ic.moe_experts(x, ids, weights, gate_up, down, None, *shared)
+
+    row = {"routed_bit_equal": bool(torch.equal(fused(), separate()))}
+    for name, fn in (("routed_in_op", fused), ("route_then_op", separate)):
+        row.update({f"{name}_{key}": value for key, value in timed(fn, device).items()})
     return row
 
 
