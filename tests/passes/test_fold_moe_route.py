@@ -22,11 +22,11 @@ MOE_LAYERS = [f"model.layers.{i}.mlp.experts" for i in (1, 2, 3)]  # layer 0 is 
 T, H, E, I, K = 1, 16, 8, 12, 2
 
 
-def _compiled(model, fold=True):
+def _compiled(model, fold=True, lowering="inductor"):
     torch._dynamo.reset()
     last_results.clear()
     fold_module._FOLDS = fold
-    return torch.compile(model, backend="indexcache", options={"plan": "FSFS", "lowering": "inductor", "kernels": True})
+    return torch.compile(model, backend="indexcache", options={"plan": "FSFS", "lowering": lowering, "kernels": True})
 
 
 @pytest.fixture(autouse=True)
@@ -35,13 +35,14 @@ def _restore_switch():
     fold_module._FOLDS = True
 
 
-def test_hf_glm_decode_routes_inside_the_experts_call():
+@pytest.mark.parametrize("lowering", ["eager", "inductor"])
+def test_hf_glm_decode_routes_inside_the_experts_call(lowering):
     pytest.importorskip("transformers")
     model = tiny_models.with_random_router_bias(tiny_models.glm())
     ids, steps = tiny_models.random_ids(seq=20), tiny_models.random_ids(seq=8, seed=5)
     oracle = tiny_models.with_random_router_bias(tiny_models.glm_with_plan(model, "FSFS"))
     want = tiny_models.prefill_and_decode(oracle, ids, steps)[0]
-    got = tiny_models.prefill_and_decode(_compiled(model), ids, steps)[0]
+    got = tiny_models.prefill_and_decode(_compiled(model, lowering=lowering), ids, steps)[0]
     for w, g in zip(want, got):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
     decode = [r for r in last_results if r.changed and r.kernels.moe_lowered]
@@ -56,7 +57,7 @@ def test_hf_glm_decode_routes_inside_the_experts_call():
 def test_switch_off_keeps_both_calls():
     pytest.importorskip("transformers")
     model = tiny_models.with_random_router_bias(tiny_models.glm())
-    tiny_models.prefill_and_decode(_compiled(model, fold=False), tiny_models.random_ids(seq=20),
+    tiny_models.prefill_and_decode(_compiled(model, fold=False, lowering="eager"), tiny_models.random_ids(seq=20),
                                    tiny_models.random_ids(seq=2, seed=5))
     decode = [r for r in last_results if r.changed and r.kernels.moe_lowered]
     assert decode and all(not r.kernels.moe_route_folded for r in decode)
