@@ -100,15 +100,11 @@ def _replace(gm: fx.GraphModule, experts: fx.Node, route: fx.Node, bound: dict) 
     take_location(fused, experts)
     experts.replace_all_uses_with(fused)
     gm.graph.erase_node(experts)
-    for node in (ids, weights):
-        if node.op == "call_method" and not node.users:  # the casts, then the getitems, then the route
-            source = node.args[0]
-            gm.graph.erase_node(node)
-            node = source
-        if not node.users:
-            gm.graph.erase_node(node)
-    if not route.users:
-        gm.graph.erase_node(route)
+    for node in (ids, weights):  # each chain back to the route (cast, getitem), then the route
+        while node is not route and not node.users:
+            node, dead = node.args[0], node
+            gm.graph.erase_node(dead)
+    gm.graph.erase_node(route)
 
 
 __all__ = ["fold_moe_route", "lowered_moe_route_experts"]
