@@ -9,7 +9,7 @@ import pytest
 
 from ic_compile import backend
 from ic_compile.kernels import _triton_utils
-from ic_compile.passes import fold_moe_route, fold_rms_norm, lower_decode_linears, realize_rotary_table
+from ic_compile.passes import fold_moe_route, fold_rms_norm, lower_decode_linears, prefetch_weights, realize_rotary_table
 
 BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench"
 
@@ -29,12 +29,13 @@ def _state() -> dict:
             "rotary_table": realize_rotary_table._realize_op() is not None, "rms_norm_prologue": fold_rms_norm._FOLDS,
             "route_in_experts": fold_moe_route._FOLDS,
             "kernel_pdl": _triton_utils._PDL, "inductor_pdl": backend._INDUCTOR_PDL,
-            "pdl_prefetch": _triton_utils._PDL_PREFETCH, "combo_kernels": backend._INDUCTOR_COMBO}
+            "pdl_prefetch": _triton_utils._PDL_PREFETCH, "combo_kernels": backend._INDUCTOR_COMBO,
+            "l2_prefetch": prefetch_weights._PREFETCHES}
 
 
 DEFAULTS = {"lone_linears": True, "rotary_table": True, "rms_norm_prologue": True,
             "route_in_experts": True, "kernel_pdl": False, "inductor_pdl": False, "pdl_prefetch": True,
-            "combo_kernels": False}
+            "combo_kernels": False, "l2_prefetch": False}
 
 
 @pytest.mark.parametrize("without,with_,changed", [
@@ -46,6 +47,7 @@ DEFAULTS = {"lone_linears": True, "rotary_table": True, "rms_norm_prologue": Tru
     (None, "kernel_pdl", {"kernel_pdl": True}),
     (None, "kernel_pdl_no_prefetch", {"kernel_pdl": True, "pdl_prefetch": False}),
     (None, "combo_kernels", {"combo_kernels": True}),
+    (None, "l2_prefetch", {"l2_prefetch": True}),
 ])
 def test_switches_each_feature_off_or_on_and_back(e2e, without, with_, changed):
     assert _state() == DEFAULTS
@@ -54,4 +56,5 @@ def test_switches_each_feature_off_or_on_and_back(e2e, without, with_, changed):
     e2e.switch()
     assert _state() == DEFAULTS
     assert set(e2e.FEATURES) == {"lone_linears", "rotary_table", "rms_norm_prologue", "route_in_experts"}
-    assert set(e2e.OFF_FEATURES) == {"pdl", "kernel_pdl", "kernel_pdl_no_prefetch", "combo_kernels"}
+    assert set(e2e.OFF_FEATURES) == {"pdl", "kernel_pdl", "kernel_pdl_no_prefetch", "combo_kernels",
+                                     "l2_prefetch"}
