@@ -59,7 +59,8 @@ LAYERS = 47  # GLM-4.7-Flash: 47 decoder layers, the first dense, then 64-expert
 RESULT = pathlib.Path(__file__).resolve().parent / "results" / "e2e.json"
 LONE_MAX_BYTES = lower_decode_linears._LONE_MAX_BYTES
 REALIZE_OP = realize_rotary_table._realize_op
-FOLDS = {"rms_norm_prologue": (fold_rms_norm, "_FOLDS"), "route_in_experts": (fold_moe_route, "_FOLDS")}  # -> switch
+FOLDS = {"rms_norm_prologue": (fold_rms_norm, "_FOLDS"), "norm_side_outputs": (fold_rms_norm, "_SIDE_OUTPUTS"),
+         "route_in_experts": (fold_moe_route, "_FOLDS")}  # -> switch
 FOLDS_ON = {feature: getattr(*switch) for feature, switch in FOLDS.items()}
 KERNEL_PDL, PDL_PREFETCH, INDUCTOR_PDL = _triton_utils._PDL, _triton_utils._PDL_PREFETCH, backend._INDUCTOR_PDL
 INDUCTOR_COMBO = backend._INDUCTOR_COMBO
@@ -152,6 +153,8 @@ def switch(without: str | None = None, with_: str | None = None) -> None:
     Without: "lone_linears": the decode graphs' lone one-token linears stay cuBLAS's (the size limit 0);
     "rotary_table": the rotary cos / sin stay fused into every layer's RoPE kernel (no realize op);
     "rms_norm_prologue": the norms read by one multi_linear stay Inductor's kernels (fold_rms_norm off);
+    "norm_side_outputs": a norm with other readers (post_attention_layernorm: the router and the experts)
+    stays Inductor's, the residual sums recomputed by Inductor (fold_rms_norm without side outputs);
     "route_in_experts": the router's tail stays its own launch (fold_moe_route off).
     With: "pdl": programmatic dependent launch for our decode kernels (their weights prefetched into L2
     before the grid wait) and for Inductor's in the captured graphs; "kernel_pdl": for ours alone;
@@ -203,7 +206,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--part", choices=["prefill", "decode"], required=True)
     parser.add_argument("--length", type=int, default=200000)
-    parser.add_argument("--plans", nargs="+", default=["F", "1/4"])
+    parser.add_argument("--plans", nargs="*", default=["F", "1/4"], help="none: only the --with / --without rows")
     parser.add_argument("--layers", type=int, default=LAYERS, help="fewer for a quick check")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--regional", action="store_true", help="prefill: compile each decoder layer")

@@ -24,8 +24,11 @@ RMSNorm prologue (norm_weight given): x is first replaced by RMSNorm(x [+ residu
 rounded as the model's code rounds (kernels/reference.rms_norm_ref). At one token the norm is a
 launch of its own that reads 4 KB (an Inductor reduction ~1.5 us plus its gap); folded in here, each
 program re-reads its tokens' rows from L2 to get rstd. With the residual, the add that made the
-layer's input is read as its two terms, so it needs no launch either (Inductor recomputes it in the
-next kernel that reads the residual stream). passes/fold_rms_norm.py folds the model's norms in.
+layer's input is read as its two terms, so it needs no launch either. The model's other readers of
+the normed rows (a router's experts, an indexer's fp32 weights_proj) and of the sum (the residual
+stream) read side outputs that program 0 writes as it goes (write_normed, write_sum); out_dtype=fp32
+serves a router whose logits are a linear of the rows upcast. passes/fold_rms_norm.py folds the
+model's norms in.
 
 Reference: `reference.multi_linear_ref`.
 """
@@ -59,6 +62,7 @@ def _pick(index, v0, v1, v2, v3):
 def _multi_linear_kernel(
     x_ptr, w0_ptr, w1_ptr, w2_ptr, w3_ptr, y0_ptr, y1_ptr, y2_ptr, y3_ptr,
     r_ptr, nw_ptr, eps,  # the RMSNorm prologue's residual [T, K] (row stride sx_t) and weight [K]
+    normed_ptr, sum_ptr,  # WRITE_NORMED / WRITE_SUM: [T, K] contiguous, x's dtype
     T, K,
     N0, N1, N2, N3,  # rows of each weight (0: no such weight)
     S1, S2, S3,  # first program of weights 1..3
@@ -67,11 +71,13 @@ def _multi_linear_kernel(
     T_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
     NORM: tl.constexpr = False, RESIDUAL: tl.constexpr = False, SCALE_THEN_ROUND: tl.constexpr = False,
     K_ONE_LOAD: tl.constexpr = 0,  # NORM: rstd from one [T_PAD, K_ONE_LOAD] load (0: a loop over K)
+    WRITE_NORMED: tl.constexpr = False, WRITE_SUM: tl.constexpr = False,  # NORM: program 0 also stores them
     PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, LINE_ELEMS: tl.constexpr = 64,
 ):
     """y_i[t, n] = x[t] . W_i[n] for this program's row block of weight i; NORM: x[t] is first
     RMS-normed (see _normed_rows; every program computes its tokens' rstd, an L2-resident re-read of
-    x). PDL: launched early (see _triton_utils.pdl): the block's weight rows are prefetched into L2
+    x; program 0 also stores the normed rows and, with the residual, the sum, for other readers).
+    PDL: launched early (see _triton_utils.pdl): the block's weight rows are prefetched into L2
     before x, the kernel before's output, can be read."""
     pid = tl.program_id(0)
     i = (pid >= S1).to(tl.int32) + (pid >= S2).to(tl.int32) + (pid >= S3).to(tl.int32)
@@ -95,7 +101,13 @@ def _multi_linear_kernel(
         k_ok = k < K
         x = tl.load(x_ptr + t[:, None] * sx_t + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
         if NORM:
-            x = _normed_rows(x, r_ptr, nw_ptr, sx_t, t, t_ok, k, k_ok, rstd, RESIDUAL, SCALE_THEN_ROUND)
+            h = _residual_sum(x, r_ptr, sx_t, t, t_ok, k, k_ok, RESIDUAL)
+            x = _normed_rows(h, nw_ptr, k, k_ok, rstd, SCALE_THEN_ROUND)
+            if pid == 0:  # one program writes the side outputs
+                if WRITE_NORMED:
+                    tl.store(normed_ptr + t[:, None] * K + k[None, :], x, mask=t_ok[:, None] & k_ok[None, :])
+                if WRITE_SUM:
+                    tl.store(sum_ptr + t[:, None] * K + k[None, :], h, mask=t_ok[:, None] & k_ok[None, :])
         w = tl.load(w_rows[:, None] + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         acc += w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :]
     let_next_kernel_launch(PDL)
@@ -128,16 +140,15 @@ def _rstd(x_ptr, r_ptr, sx_t, t, t_ok, K, eps, BLOCK_K: tl.constexpr, RESIDUAL: 
 
 
 @jit_helper
-def _normed_rows(x, r_ptr, nw_ptr, sx_t, t, t_ok, k, k_ok, rstd, RESIDUAL: tl.constexpr,
-                 SCALE_THEN_ROUND: tl.constexpr):
-    """[T_PAD, BLOCK_K] of RMSNorm(h) in x's dtype, rounded as the model rounds: HF's
+def _normed_rows(h, nw_ptr, k, k_ok, rstd, SCALE_THEN_ROUND: tl.constexpr):
+    """[T_PAD, BLOCK_K] of RMSNorm(h) in h's dtype, rounded as the model rounds: HF's
     `weight * (h32 * rstd).to(dtype)` (two roundings) or, SCALE_THEN_ROUND, `(h32 * rstd * weight)
     .to(dtype)` (F.rms_norm's one)."""
-    h = _residual_sum(x, r_ptr, sx_t, t, t_ok, k, k_ok, RESIDUAL).to(tl.float32)
+    h32 = h.to(tl.float32)
     weight = tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
     if SCALE_THEN_ROUND:
-        return (h * rstd[:, None] * weight).to(x.dtype)
-    return (weight * (h * rstd[:, None]).to(x.dtype).to(tl.float32)).to(x.dtype)
+        return (h32 * rstd[:, None] * weight).to(h.dtype)
+    return (weight * (h32 * rstd[:, None]).to(h.dtype).to(tl.float32)).to(h.dtype)
 
 
 if HAS_TRITON:
@@ -180,10 +191,13 @@ def _check(x: torch.Tensor, weights: list[torch.Tensor]) -> None:
 
 def multi_linear_triton(x: torch.Tensor, weights: list[torch.Tensor], tile: tuple[int, int] | None = None,
                         norm_weight: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
-                        scale_then_round: bool = False) -> list[torch.Tensor]:
-    """Triton path (CPU tensors run in the Triton interpreter) -> [x @ W_i^T] in x's dtype.
-    tile: (BLOCK_N, BLOCK_K) instead of default_tile. norm_weight..: see multi_linear."""
+                        scale_then_round: bool = False, write_normed: bool = False, write_sum: bool = False,
+                        out_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Triton path (CPU tensors run in the Triton interpreter) -> [x @ W_i^T] in x's dtype (or out_dtype),
+    then the side outputs asked for. tile: (BLOCK_N, BLOCK_K) instead of default_tile. norm_weight..:
+    see multi_linear."""
     _check(x, weights)
+    _check_side_outputs(norm_weight, residual, write_normed, write_sum)
     if norm_weight is not None:
         _check_norm(x, norm_weight, residual, scale_then_round)
     if x.shape[0] > MAX_TOKENS:
@@ -193,17 +207,26 @@ def multi_linear_triton(x: torch.Tensor, weights: list[torch.Tensor], tile: tupl
     if any(t.stride(-1) != 1 for t in (*inputs, *weights)) or residual_rows_differ:
         raise ValueError("multi_linear: x, the residual and the weights need unit stride along K, the residual x's "
                          "row stride (call .contiguous())")
-    outs = [new_output((x.shape[0], w.shape[0]), x.dtype, x.device) for w in weights]
-    if x.shape[0] == 0:
-        return outs
-    if x.shape[1] == 0:
-        return [y.zero_() for y in outs]
+    outs = [new_output((x.shape[0], w.shape[0]), out_dtype or x.dtype, x.device) for w in weights]
+    sides = [new_output(tuple(x.shape), x.dtype, x.device) for _ in range(write_normed + write_sum)]
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        return [y.zero_() for y in outs] + sides
     norm = {"NORM": norm_weight is not None, "RESIDUAL": residual is not None, "SCALE_THEN_ROUND": scale_then_round,
             "K_ONE_LOAD": _one_load_width(x.shape[0], x.shape[1]) if norm_weight is not None else 0}
     norm_args = (x if residual is None else residual, x if norm_weight is None else norm_weight, float(eps))
+    normed, total = (sides[0] if write_normed else x), (sides[-1] if write_sum else x)
     for first in range(0, len(weights), MAX_WEIGHTS):
-        _launch_group(x, weights[first:first + MAX_WEIGHTS], outs[first:first + MAX_WEIGHTS], tile, norm_args, norm)
-    return outs
+        writes = {"WRITE_NORMED": write_normed and first == 0, "WRITE_SUM": write_sum and first == 0}
+        _launch_group(x, weights[first:first + MAX_WEIGHTS], outs[first:first + MAX_WEIGHTS], tile,
+                      (*norm_args, normed, total), {**norm, **writes})
+    return outs + sides
+
+
+def _check_side_outputs(norm_weight, residual, write_normed: bool, write_sum: bool) -> None:
+    if (write_normed or write_sum) and norm_weight is None:
+        raise ValueError("multi_linear: write_normed / write_sum need the RMSNorm prologue (norm_weight)")
+    if write_sum and residual is None:
+        raise ValueError("multi_linear: write_sum needs a residual (the sum is x + residual)")
 
 
 def _one_load_width(T: int, K: int) -> int:
@@ -235,14 +258,20 @@ def _launch_group(x: torch.Tensor, group: list[torch.Tensor], outs: list[torch.T
 
 def multi_linear(x: torch.Tensor, weights: list[torch.Tensor], use_triton: bool | None = None,
                  norm_weight: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
-                 scale_then_round: bool = False) -> list[torch.Tensor]:
+                 scale_then_round: bool = False, write_normed: bool = False, write_sum: bool = False,
+                 out_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """x [T,K], weights [N_i,K] -> [x @ W_i^T] (see the module docstring). use_triton: see indexer_topk.
     norm_weight [K] (x's dtype): x is RMSNorm(x + residual) first, with eps; scale_then_round: the norm
-    rounds once after the weight (F.rms_norm), not before and after it (HF's RMSNorm classes)."""
-    norm = dict(norm_weight=norm_weight, eps=eps, residual=residual, scale_then_round=scale_then_round)
+    rounds once after the weight (F.rms_norm), not before and after it (HF's RMSNorm classes).
+    write_normed / write_sum: also return the normed rows / x + residual ([T,K], x's dtype), in that
+    order after the products, for the model's other readers of them. out_dtype: the products' dtype
+    (default x's; fp32 for a router that upcasts the normed rows before its GEMV)."""
+    norm = dict(norm_weight=norm_weight, eps=eps, residual=residual, scale_then_round=scale_then_round,
+                write_normed=write_normed, write_sum=write_sum, out_dtype=out_dtype)
     if use_triton_for(x, use_triton) and x.shape[0] <= MAX_TOKENS:
         return multi_linear_triton(x, weights, **norm)
     _check(x, weights)
+    _check_side_outputs(norm_weight, residual, write_normed, write_sum)
     if norm_weight is not None:
         _check_norm(x, norm_weight, residual, scale_then_round)
     return multi_linear_ref(x, weights, **norm)

@@ -69,7 +69,8 @@ _MOE_ROUTE_EXPERTS_SCHEMA = ("(Tensor hidden, Tensor logits, Tensor? bias, int t
                              "bool renormalize, float scale, Tensor gate_up, Tensor down, float? swiglu_limit=None, "
                              "Tensor? shared_gate=None, Tensor? shared_up=None, Tensor? shared_down=None) -> Tensor")
 _MULTI_LINEAR_SCHEMA = ("(Tensor x, Tensor[] weights, Tensor? norm_weight=None, float eps=0.0, Tensor? residual=None, "
-                        "bool scale_then_round=False) -> Tensor[]")
+                        "bool scale_then_round=False, bool write_normed=False, bool write_sum=False, "
+                        "ScalarType? out_dtype=None) -> Tensor[]")
 _MOE_ROUTE_SCHEMA = ("(Tensor logits, Tensor? bias, int top_k, int n_group, int topk_group, bool renormalize, "
                      "float scale) -> (Tensor, Tensor)")
 
@@ -241,16 +242,22 @@ def _(logits, bias, top_k, n_group, topk_group, renormalize, scale):
 
 
 @torch.library.custom_op(f"{NAMESPACE}::multi_linear", mutates_args=(), schema=_MULTI_LINEAR_SCHEMA)
-def multi_linear(x, weights, norm_weight=None, eps=0.0, residual=None, scale_then_round=False):
-    """x [T,K], weights [N_i,K] (nn.Linear weights, no bias) -> [x @ W_i^T] ([T,N_i] each), in one launch
-    for decode-sized T (kernels/multi_linear.py); with norm_weight [K], of RMSNorm(x + residual) instead."""
+def multi_linear(x, weights, norm_weight=None, eps=0.0, residual=None, scale_then_round=False, write_normed=False,
+                 write_sum=False, out_dtype=None):
+    """x [T,K], weights [N_i,K] (nn.Linear weights, no bias) -> [x @ W_i^T] ([T,N_i] each, x's dtype or
+    out_dtype), in one launch for decode-sized T (kernels/multi_linear.py); with norm_weight [K], of
+    RMSNorm(x + residual) instead, then (write_normed, write_sum) the normed rows and x + residual."""
     return _multi_linear(x, list(weights), norm_weight=norm_weight, eps=eps, residual=residual,
-                         scale_then_round=scale_then_round)
+                         scale_then_round=scale_then_round, write_normed=write_normed, write_sum=write_sum,
+                         out_dtype=out_dtype)
 
 
 @multi_linear.register_fake
-def _(x, weights, norm_weight=None, eps=0.0, residual=None, scale_then_round=False):
-    return [x.new_empty((x.shape[0], w.shape[0])) for w in weights]
+def _(x, weights, norm_weight=None, eps=0.0, residual=None, scale_then_round=False, write_normed=False,
+      write_sum=False, out_dtype=None):
+    products = [x.new_empty((x.shape[0], w.shape[0]), dtype=out_dtype or x.dtype) for w in weights]
+    return products + [torch.empty_like(x, memory_format=torch.contiguous_format)
+                       for _ in range(write_normed + write_sum)]
 
 
 __all__ = ["indexer_topk", "indexer_topk_scored", "sparse_attention", "sparse_mla", "moe_experts", "moe_route",

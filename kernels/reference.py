@@ -310,13 +310,18 @@ def moe_route_ref(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n
 
 
 def multi_linear_ref(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch.Tensor | None = None,
-                     eps: float = 0.0, residual: torch.Tensor | None = None,
-                     scale_then_round: bool = False) -> list[torch.Tensor]:
-    """x [T,K], weights [N_i,K] -> [x @ W_i^T] in x's dtype, fp32 sums rounded once (what a linear
-    per weight gives, up to its summation order); with norm_weight, of x = rms_norm_ref(x, ...)."""
+                     eps: float = 0.0, residual: torch.Tensor | None = None, scale_then_round: bool = False,
+                     write_normed: bool = False, write_sum: bool = False,
+                     out_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """x [T,K], weights [N_i,K] -> [x @ W_i^T] in x's dtype (or out_dtype), fp32 sums rounded once (what a
+    linear per weight gives, up to its summation order); with norm_weight, of x = rms_norm_ref(x, ...),
+    then the normed rows (write_normed) and x + residual (write_sum) in x's dtype."""
+    sides = []
     if norm_weight is not None:
+        total = x if residual is None else x + residual
         x = rms_norm_ref(x, norm_weight, eps, residual, scale_then_round)
-    return [(x.float() @ w.float().T).to(x.dtype) for w in weights]
+        sides = [x] * write_normed + [total] * write_sum
+    return [(x.float() @ w.float().T).to(out_dtype or x.dtype) for w in weights] + [t.clone() for t in sides]
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,

@@ -137,6 +137,30 @@ def test_rms_norm_prologue_matches_reference(dtype, T, one_load, request, monkey
                       dtype, seed, "reference path")
 
 
+@needs_triton
+@pytest.mark.parametrize("T", [1, 3])
+def test_side_outputs_are_the_normed_rows_and_the_sum(T, request):
+    """write_normed / write_sum: after the products, the normed rows and x + residual, equal to the
+    reference's (fp16 in the interpreter rounds as a GPU does; the sum is one rounded add, bit-equal),
+    written by one program even with six weights in two launch groups; out_dtype=fp32 gives fp32
+    products of the half-precision normed rows (a router's upcast logits)."""
+    seed = seed_everything(request.node.name)
+    weights = _weights(ROWS, torch.float16)
+    x, r, weight = _norm_inputs(T, torch.float16, True)
+    norm = dict(norm_weight=weight, eps=1e-6, residual=r, write_normed=True, write_sum=True)
+    got = multi_linear_triton(x, weights, tile=(16, 32), **norm)
+    want = multi_linear_ref(x, weights, **norm)
+    assert len(got) == len(ROWS) + 2
+    torch.testing.assert_close(got[-2], want[-2], rtol=1e-3, atol=1e-3, msg=lambda m: f"{m} normed {repro(seed)}")
+    assert torch.equal(got[-1], x + r), repro(seed)
+    for g, w in zip(got[:-2], want[:-2]):
+        torch.testing.assert_close(g, w, rtol=1e-2, atol=1e-2, msg=lambda m: f"{m} {repro(seed)}")
+    (logits, normed) = multi_linear_triton(x, weights[:1], norm_weight=weight, eps=1e-6, residual=r,
+                                           write_normed=True, out_dtype=torch.float32)
+    assert logits.dtype == torch.float32 and normed.dtype == torch.float16
+    torch.testing.assert_close(logits, normed.float() @ weights[0].float().T, rtol=1e-4, atol=1e-4)
+
+
 def test_rejects_what_the_kernel_does_not_take():
     weights, x = _weights(ROWS[:2], torch.float32), torch.randn(2, K)
     with pytest.raises(ValueError, match="not \\[N,96\\]"):
@@ -157,6 +181,10 @@ def test_rejects_what_the_kernel_does_not_take():
         multi_linear(x.bfloat16(), [w.bfloat16() for w in weights], use_triton=False, norm_weight=torch.ones(K))
     with pytest.raises(ValueError, match="residual must be x's shape"):
         multi_linear(x, weights, use_triton=False, norm_weight=torch.ones(K), residual=torch.randn(1, K))
+    with pytest.raises(ValueError, match="need the RMSNorm prologue"):
+        multi_linear(x, weights, use_triton=False, write_normed=True)
+    with pytest.raises(ValueError, match="write_sum needs a residual"):
+        multi_linear_triton(x, weights, norm_weight=torch.ones(K), write_sum=True)
 
 
 def test_more_rows_than_the_kernel_takes_use_the_reference():
@@ -169,10 +197,14 @@ def test_schema_and_opcheck(request):
     seed_everything(request.node.name)
     assert str(torch.ops.ic.multi_linear.default._schema) == (
         "ic::multi_linear(Tensor x, Tensor[] weights, Tensor? norm_weight=None, float eps=0., Tensor? residual=None, "
-        "bool scale_then_round=False) -> Tensor[]")
+        "bool scale_then_round=False, bool write_normed=False, bool write_sum=False, ScalarType? out_dtype=None) "
+        "-> Tensor[]")
     torch.library.opcheck(torch.ops.ic.multi_linear.default, (torch.randn(2, K), _weights(ROWS[:3], torch.float32)))
     torch.library.opcheck(torch.ops.ic.multi_linear.default, (torch.randn(2, K), _weights(ROWS[:3], torch.float32),
                                                                torch.rand(K), 1e-6, torch.randn(2, K), True))
+    torch.library.opcheck(torch.ops.ic.multi_linear.default,
+                          (torch.randn(2, K).bfloat16(), _weights(ROWS[:2], torch.bfloat16), torch.rand(K).bfloat16(),
+                           1e-6, torch.randn(2, K).bfloat16(), False, True, True, torch.float32))
 
 
 @pytest.mark.gpu
@@ -198,7 +230,9 @@ def test_glm_shapes_gpu(T, request):
 @pytest.mark.parametrize("T", [1, 4])
 def test_rms_norm_prologue_glm_shapes_gpu(T, request):
     """input_layernorm (with the residual sum) -> q_a, kv_a, wk (K = 2048); q_a_layernorm -> q_b, wq_b
-    (K = 768), bf16, both rounding orders; vs the reference norm then F.linear (cuBLAS)."""
+    (K = 768), bf16, both rounding orders; vs the reference norm then F.linear (cuBLAS). Then
+    post_attention_layernorm as folded: the router's fp32 logits with the normed rows and the sum
+    written for the experts and the residual stream (the sum bit-equal to torch's add)."""
     seed = seed_everything(request.node.name)
     for width, rows, residual in ((2048, (768, 576, 128), True), (768, (5120, 4096), False)):
         weights = [(torch.randn(n, width, device="cuda") * width**-0.5).bfloat16() for n in rows]
@@ -208,6 +242,13 @@ def test_rms_norm_prologue_glm_shapes_gpu(T, request):
             normed = rms_norm_ref(x, weight, 1e-5, r if residual else None, scale_then_round)
             got = torch.ops.ic.multi_linear(x, weights, weight, 1e-5, r if residual else None, scale_then_round)
             _assert_close(got, [F.linear(normed, w) for w in weights], torch.bfloat16, seed, f"K={width}")
+    router = (torch.randn(64, 2048, device="cuda") * 2048**-0.5).bfloat16()
+    x, r = (torch.randn(T, 2048, device="cuda").bfloat16() for _ in range(2))
+    weight = (1 + 0.3 * torch.randn(2048, device="cuda")).bfloat16()
+    logits, normed, total = torch.ops.ic.multi_linear(x, [router], weight, 1e-5, r, False, True, True, torch.float32)
+    torch.testing.assert_close(normed, rms_norm_ref(x, weight, 1e-5, r), rtol=1e-2, atol=1e-2)
+    assert torch.equal(total, x + r)
+    torch.testing.assert_close(logits, F.linear(normed.float(), router.float()), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.gpu

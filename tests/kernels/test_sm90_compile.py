@@ -485,7 +485,7 @@ def test_multi_linear_default_tiles_compile_for_sm90(width, rows, T, monkeypatch
     """GLM-4.7-Flash's sibling projections at the default tiles on an H100: no spills, shared memory
     fits, and the weight loop streams with 16-byte cp.async (the weights' unit K stride reaches the
     vectoriser through the per-weight pointer select), with and without the RMSNorm prologue (and its
-    residual)."""
+    residual, and writing the normed rows and the sum for other readers)."""
     import torch
 
     from ic_compile.kernels import multi_linear as mod
@@ -496,13 +496,14 @@ def test_multi_linear_default_tiles_compile_for_sm90(width, rows, T, monkeypatch
     ints = dict(T=T, K=width, N0=padded[0], N1=padded[1], N2=padded[2], N3=padded[3], S1=100, S2=200, S3=300,
                 sw0=width, sw1=width, sw2=width, sw3=width, sx_t=width)
     ptrs = {name: "bf16" for name in ("x_ptr", "w0_ptr", "w1_ptr", "w2_ptr", "w3_ptr", "y0_ptr", "y1_ptr", "y2_ptr",
-                                      "y3_ptr", "r_ptr", "nw_ptr")}
-    # with programmatic dependent launch (H100 / H200) and without; the norm prologue with the residual
-    for pdl, norm in ((False, False), (True, False), (True, True)):
+                                      "y3_ptr", "r_ptr", "nw_ptr", "normed_ptr", "sum_ptr")}
+    # with programmatic dependent launch (H100 / H200) and without; the norm prologue with the residual,
+    # and with its side outputs
+    for pdl, norm, sides in ((False, False, False), (True, False, False), (True, True, False), (False, True, True)):
         res = compile_sm90(mod._multi_linear_kernel, ptrs, ints, {"eps": 1e-5},
                            dict(T_PAD=T, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=mod.STAGES, NORM=norm, RESIDUAL=norm,
                                 SCALE_THEN_ROUND=False, K_ONE_LOAD=mod._one_load_width(T, width) if norm else 0,
-                                PDL=pdl, PREFETCH=pdl, LINE_ELEMS=64),
+                                WRITE_NORMED=sides, WRITE_SUM=sides, PDL=pdl, PREFETCH=pdl, LINE_ELEMS=64),
                            4, 1)
         assert res["stack"] == 0 and res["shared"] <= MAX_SMEM, res
         assert re.search(r"cp\.async\.cg\.shared\.global \[[^]]+\], \[[^]]+\], 0x10", res["ptx"]), "no 16-byte cp.async"

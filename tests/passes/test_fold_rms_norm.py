@@ -1,9 +1,10 @@
-"""passes/fold_rms_norm.py: an RMSNorm read only by one ic::multi_linear call becomes the op's prologue,
+"""passes/fold_rms_norm.py: an RMSNorm read by an ic::multi_linear call becomes the op's prologue,
 whichever way the code writes it (HF's class, DeepSeek's reference, F.rms_norm, x*x, x / sqrt, the
 weight multiplied before or after the cast), with the residual add that made its input read as two
-terms; the eps and rounding the pass reads reproduce the module's norm bit for bit. Gemma's `1 + w`,
-a LayerNorm and a norm with a second reader are left alone. HF GLM-DSA prefill + 8 decode steps equal
-HF's own plan with the fold on (eager and Inductor)."""
+terms; the eps and rounding the pass reads reproduce the module's norm bit for bit. Other readers of
+the normed rows and of the residual sum read the op's side outputs (bit-equal); a router reading the
+rows upcast to fp32 gets fp32 logits. Gemma's `1 + w` and a LayerNorm are left alone. HF GLM-DSA
+prefill + 8 decode steps equal HF's own plan with the fold on (eager and Inductor)."""
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from ic_compile.backend import last_results
 from ic_compile.kernels.reference import rms_norm_ref
 from ic_compile.passes import fold_rms_norm, lower_decode_linears
 from ic_compile.passes.fold_rms_norm import lowered_norm_multi_linear
+from ic_compile.passes.graph_ops import op_name
 
 K, EPS = 64, 1e-5
 
@@ -90,7 +92,7 @@ def _compile_with_passes(module, a, b):
         for pass_ in (lower_decode_linears.lower_decode_linears, fold_rms_norm.fold_rms_norm):
             gm = pass_(gm, ctx)
         gm.recompile()
-        folded.extend((n.args[3], n.args[4], n.args[1] is not None) for n in gm.graph.nodes
+        folded.extend((n.args[3], n.args[4], n.args[1] is not None, *sorted(n.kwargs)) for n in gm.graph.nodes
                       if n.target is lowered_norm_multi_linear)
         return gm.forward
 
@@ -112,7 +114,7 @@ def test_folds_each_form_with_its_rounding(norm, weight_dtype, scale_then_round)
     torch.manual_seed(0)
     module, (a, b) = Block(norm, weight_dtype), _inputs()
     got, folded = _compile_with_passes(module, a, b)
-    assert folded == [(EPS, scale_then_round, True)], folded
+    assert folded == [(EPS, scale_then_round, True, "write_sum")], folded  # h is returned: the op's sum
     # the eps and rounding read from the graph give the module's norm, bit for bit
     assert torch.equal(rms_norm_ref(a, module.weight.data, EPS, b, scale_then_round), norm(a + b, module.weight.data))
     with torch.no_grad():
@@ -123,18 +125,59 @@ def test_folds_each_form_with_its_rounding(norm, weight_dtype, scale_then_round)
     assert torch.equal(got[2], want[2])  # the residual stream is still returned
 
 
-@pytest.mark.parametrize("norm,second_reader", [(gemma, False), (layer_norm, False), (hf, True),
-                                                (functional_default_eps, False)],
-                         ids=["gemma_1_plus_w", "layer_norm", "normed_read_twice", "F.rms_norm_default_eps"])
-def test_leaves_other_norms_and_shared_ones(norm, second_reader):
+@pytest.mark.parametrize("norm", [gemma, layer_norm, functional_default_eps],
+                         ids=["gemma_1_plus_w", "layer_norm", "F.rms_norm_default_eps"])
+def test_leaves_other_norms(norm):
     torch.manual_seed(0)
-    module, (a, b) = Block(norm, second_reader=second_reader), _inputs()
+    module, (a, b) = Block(norm), _inputs()
     got, folded = _compile_with_passes(module, a, b)
     assert folded == []
     with torch.no_grad():
         want = module(a, b)
     for g, w in zip(got, want):
         torch.testing.assert_close(g.float(), w.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_a_second_reader_of_the_normed_rows_reads_the_side_output():
+    torch.manual_seed(0)
+    module, (a, b) = Block(hf, second_reader=True), _inputs()
+    got, folded = _compile_with_passes(module, a, b)
+    assert folded == [(EPS, False, True, "write_normed", "write_sum")], folded
+    with torch.no_grad():
+        want = module(a, b)
+    assert torch.equal(got[3], want[3]) and torch.equal(got[2], want[2])  # normed rows, residual stream
+    for g, w in zip(got[:2], want[:2]):
+        torch.testing.assert_close(g.float(), w.float(), rtol=1e-2, atol=1e-2)
+
+
+class RouterBlock(nn.Module):
+    """post_attention_layernorm as GLM's MoE reads it at one token: the router's fp32 logits of the
+    normed rows upcast (`linear(x.float(), W.float())`), the experts (here a product with a buffer)
+    the rows themselves, and the residual stream read on."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter((1 + 0.3 * torch.randn(K)).bfloat16())
+        self.gate = nn.Linear(K, 8, bias=False, dtype=torch.bfloat16)
+        self.register_buffer("experts", torch.randn(K, 16).bfloat16())
+
+    def forward(self, a, b):
+        h = a + b
+        normed = hf(h, self.weight)
+        logits = F.linear(normed.view(-1, K).type(torch.float32), self.gate.weight.type(torch.float32))
+        return logits, normed.view(-1, K) @ self.experts, h + 1
+
+
+def test_a_router_reading_the_rows_upcast_gets_fp32_logits():
+    torch.manual_seed(0)
+    module, (a, b) = RouterBlock(), _inputs()
+    got, folded = _compile_with_passes(module, a, b)
+    assert folded == [(EPS, False, True, "out_dtype", "write_normed", "write_sum")], folded
+    with torch.no_grad():
+        want = module(a, b)
+    assert got[0].dtype == torch.float32
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
 
 
 class InPlaceResidual(Block):
@@ -168,9 +211,11 @@ def test_in_place_writes_keep_the_read_where_it_was(write_the_input):
 
 @pytest.mark.parametrize("lowering", ["eager", "inductor"])
 def test_hf_glm_decode_equals_hf_plan(lowering):
-    """Batch 1, plan FSFS: q_a_layernorm folds in every layer, input_layernorm (with its residual sum) in
-    the S layers (an F layer's normed state also feeds the indexer's fp32 weights_proj); prefill and 8
-    decode steps equal HF's own IndexCache."""
+    """Batch 1, plan FSFS: in every layer q_a_layernorm, input_layernorm and post_attention_layernorm fold
+    (with their residual sums); an F layer's normed state also feeds the indexer's fp32 weights_proj and
+    the post-attention rows the experts, which read the op's normed rows; the residual stream is read from
+    the ops' sums. Only kv_a_layernorm (read by the cache) and the final norm (sliced before the lm_head)
+    stay. Prefill and 8 decode steps equal HF's own IndexCache."""
     model = tiny_models.glm()
     torch._dynamo.reset()
     last_results.clear()
@@ -185,9 +230,14 @@ def test_hf_glm_decode_equals_hf_plan(lowering):
     assert decode
     for result in decode:
         folded = [n for n in result.gm.graph.nodes if n.target is lowered_norm_multi_linear]
-        by_input = sorted(str(n.args[2].name).split("modules_")[-2:][0].rstrip("_") for n in folded)
-        assert result.counters["fold_rms_norm.norms"] == len(folded) >= 6, by_input
-        assert result.counters["fold_rms_norm.residuals"] == sum(n.args[1] is not None for n in folded) >= 2
+        by_input = sorted(n.args[2].name.split("modules_")[-1].split("_parameters")[0] for n in folded)
+        assert result.counters["fold_rms_norm.norms"] == len(folded) == 12, by_input
+        assert sorted(set(by_input)) == ["input_layernorm", "post_attention_layernorm", "q_a_layernorm"], by_input
+        assert result.counters["fold_rms_norm.residuals"] == sum(n.args[1] is not None for n in folded) >= 7
+        assert result.counters["fold_rms_norm.normed_outputs"] == 3 + 2  # experts (layers 1-3), weights_proj (F)
+        left = [n for n in result.gm.graph.nodes if op_name(n) == "rsqrt"]
+        assert sorted({str(n.meta.get("nn_module_stack", {}) and list(n.meta["nn_module_stack"].values())[-1][0]
+                            ).rsplit(".", 1)[-1] for n in left}) == ["kv_a_layernorm", "norm"]
 
 
 def test_switch_off_leaves_the_graph(monkeypatch):
@@ -195,3 +245,12 @@ def test_switch_off_leaves_the_graph(monkeypatch):
     torch.manual_seed(0)
     _, folded = _compile_with_passes(Block(hf), *_inputs())
     assert folded == []
+
+
+def test_without_side_outputs_a_norm_with_other_readers_stays(monkeypatch):
+    """The A/B switch (bench/e2e.py --without norm_side_outputs): a norm whose rows are read twice is
+    left to Inductor, and a folded one's residual sum is recomputed, not written by the op."""
+    monkeypatch.setattr(fold_rms_norm, "_SIDE_OUTPUTS", False)
+    torch.manual_seed(0)
+    assert _compile_with_passes(Block(hf, second_reader=True), *_inputs())[1] == []
+    assert _compile_with_passes(Block(hf), *_inputs())[1] == [(EPS, False, True)]

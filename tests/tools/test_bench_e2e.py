@@ -27,13 +27,13 @@ def e2e(monkeypatch):
 def _state() -> dict:
     return {"lone_linears": lower_decode_linears._LONE_MAX_BYTES > 0,
             "rotary_table": realize_rotary_table._realize_op() is not None, "rms_norm_prologue": fold_rms_norm._FOLDS,
-            "route_in_experts": fold_moe_route._FOLDS,
+            "norm_side_outputs": fold_rms_norm._SIDE_OUTPUTS, "route_in_experts": fold_moe_route._FOLDS,
             "kernel_pdl": _triton_utils._PDL, "inductor_pdl": backend._INDUCTOR_PDL,
             "pdl_prefetch": _triton_utils._PDL_PREFETCH, "combo_kernels": backend._INDUCTOR_COMBO,
             "l2_prefetch": prefetch_weights._PREFETCHES}
 
 
-DEFAULTS = {"lone_linears": True, "rotary_table": True, "rms_norm_prologue": True,
+DEFAULTS = {"lone_linears": True, "rotary_table": True, "rms_norm_prologue": True, "norm_side_outputs": True,
             "route_in_experts": True, "kernel_pdl": False, "inductor_pdl": False, "pdl_prefetch": True,
             "combo_kernels": False, "l2_prefetch": False}
 
@@ -42,6 +42,7 @@ DEFAULTS = {"lone_linears": True, "rotary_table": True, "rms_norm_prologue": Tru
     ("lone_linears", None, {"lone_linears": False}),
     ("rotary_table", None, {"rotary_table": False}),
     ("rms_norm_prologue", None, {"rms_norm_prologue": False}),
+    ("norm_side_outputs", None, {"norm_side_outputs": False}),
     ("route_in_experts", None, {"route_in_experts": False}),
     (None, "pdl", {"kernel_pdl": True, "inductor_pdl": True}),
     (None, "kernel_pdl", {"kernel_pdl": True}),
@@ -55,6 +56,7 @@ def test_switches_each_feature_off_or_on_and_back(e2e, without, with_, changed):
     assert _state() == {**DEFAULTS, **changed}
     e2e.switch()
     assert _state() == DEFAULTS
-    assert set(e2e.FEATURES) == {"lone_linears", "rotary_table", "rms_norm_prologue", "route_in_experts"}
+    assert set(e2e.FEATURES) == {"lone_linears", "rotary_table", "rms_norm_prologue", "norm_side_outputs",
+                                 "route_in_experts"}
     assert set(e2e.OFF_FEATURES) == {"pdl", "kernel_pdl", "kernel_pdl_no_prefetch", "combo_kernels",
                                      "l2_prefetch"}
