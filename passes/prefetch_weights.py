@@ -10,7 +10,9 @@ ic::sparse_mla, whose extra programs, on the SMs the attention leaves idle, ask 
 and exit (kernels/sparse_attention.py). No value changes; where no SM is idle (prefill) the kernel
 adds no program.
 
-Off by default (`_PREFETCHES`) until measured on a GPU: `bench/e2e.py --with l2_prefetch`.
+Off (`_PREFETCHES`): a chain of decode layers with the attention ran 2 % slower with it
+(bench/decode_chain.py --attention; docs/benchmarks.md, "tried"); kept for the A/B
+(`bench/e2e.py --with l2_prefetch`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ic_compile.passes")
 
-_PREFETCHES = False  # private switch (bench/e2e.py --with l2_prefetch)
+_PREFETCHES = False  # private switch (bench/e2e.py --with l2_prefetch); off: measured slower
 
 
 def prefetch_weights(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
