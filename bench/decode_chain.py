@@ -2,7 +2,7 @@
 programmatic dependent launch (PDL: kernels/_triton_utils.pdl), at one token.
 
     python bench/decode_chain.py                # -> bench/results/decode_chain.json
-    python bench/decode_chain.py --attention    # with the absorbed sparse-MLA decode, L2 prefetch on vs off
+    python bench/decode_chain.py --attention    # each layer with its absorbed sparse-MLA decode too
     python bench/decode_chain.py --smoke        # tiny shapes on CPU (Triton interpreter), nothing saved
 
 Per layer (GLM-4.7-Flash's shapes, bf16; every layer has its own weights, so the reads come from
@@ -17,8 +17,7 @@ measure_peaks).
 
 --attention: each layer also runs GLM-4.7-Flash's absorbed sparse-MLA decode between q_b and o_proj
 (q . W_UK, ic::sparse_mla over 2048 of the layer's own 200K cached latent rows, . W_UV; the lowering's
-own lowered_absorbed_mla), and the variants are the chain with and without the L2 prefetch of W_UV and
-o_proj by the attention's idle SMs (passes/prefetch_weights.py); PDL stays off.
+own lowered_absorbed_mla), the latency-bound part of a step an overlap would have to hide.
 """
 from __future__ import annotations
 
@@ -78,28 +77,25 @@ def attention_inputs(shape: dict, device: torch.device) -> dict:
     return {"kv_b": kv_b, "latent": latent, "rope": rope, "idx": idx}
 
 
-def attention(q: torch.Tensor, weights: dict, shape: dict, prefetch: bool) -> torch.Tensor:
+def attention(q: torch.Tensor, weights: dict, shape: dict) -> torch.Tensor:
     """q [1, heads * (nope + rope)] -> the attention output [1, heads * v] (lowered_absorbed_mla)."""
     from ic_compile.passes.lower_sparse_attention import lowered_absorbed_mla
 
     heads, width = shape["heads"], shape["nope"] + shape["rope"]
     a = weights["attention"]
     out = lowered_absorbed_mla(q.view(1, 1, heads, width).transpose(1, 2), a["latent"], a["rope"], a["kv_b"],
-                               a["idx"], width ** -0.5, shape["nope"],
-                               prefetch=(weights["o_proj"],) if prefetch else ())  # [1, heads, 1, v]
+                               a["idx"], width ** -0.5, shape["nope"])  # [1, heads, 1, v]
     return out.transpose(1, 2).reshape(1, heads * shape["v"])
 
 
-def layer(x: torch.Tensor, weights: dict, shape: dict, prefetch: bool | None = None) -> torch.Tensor:
-    """x [1,H] -> the next layer's input (a decode layer's chain of weight reads). prefetch None: the
-    attention is left out (o_proj reads q_b's output plus kv_a's first column, a stand-in with both as
-    inputs); else it runs, with or without the L2 prefetch."""
+def layer(x: torch.Tensor, weights: dict, shape: dict) -> torch.Tensor:
+    """x [1,H] -> the next layer's input (a decode layer's chain of weight reads). Without attention
+    inputs in `weights` the attention is left out (o_proj reads q_b's output plus kv_a's first column,
+    a stand-in with both as inputs)."""
     q_a, kv_a = torch.ops.ic.multi_linear(x, [weights["q_a"], weights["kv_a"]])
     (q,) = torch.ops.ic.multi_linear(rms_norm(q_a), [weights["q_b"]])
-    if prefetch is None:
-        (attn,) = torch.ops.ic.multi_linear(q[:, :shape["o_in"]] + kv_a[:, :1], [weights["o_proj"]])
-    else:
-        (attn,) = torch.ops.ic.multi_linear(attention(q, weights, shape, prefetch), [weights["o_proj"]])
+    attended = attention(q, weights, shape) if "attention" in weights else q[:, :shape["o_in"]] + kv_a[:, :1]
+    (attn,) = torch.ops.ic.multi_linear(attended, [weights["o_proj"]])
     h = x + attn
     (logits,) = torch.ops.ic.multi_linear(rms_norm(h).float(), [weights["router"]])
     route_w, ids = torch.ops.ic.moe_route(logits, weights["bias"], shape["k"], 1, 1, True, 1.0)
@@ -108,24 +104,24 @@ def layer(x: torch.Tensor, weights: dict, shape: dict, prefetch: bool | None = N
                                         gate, up, down)
 
 
-def run_chain(x: torch.Tensor, layers: list[dict], shape: dict, l2_prefetch: bool | None = None) -> torch.Tensor:
+def run_chain(x: torch.Tensor, layers: list[dict], shape: dict) -> torch.Tensor:
     for weights in layers:
-        x = layer(x, weights, shape, l2_prefetch)
+        x = layer(x, weights, shape)
     return x
 
 
 def replay_ms(x: torch.Tensor, layers: list[dict], shape: dict, pdl: bool, prefetch: bool,
-              reps: int, l2_prefetch: bool | None = None) -> tuple[float, torch.Tensor]:
+              reps: int) -> tuple[float, torch.Tensor]:
     """(ms per replay, the output) of the chain captured with PDL on or off (prefetch: the L2
-    prefetch before the wait); l2_prefetch: see layer."""
+    prefetch before the wait)."""
     default = _triton_utils._PDL, _triton_utils._PDL_PREFETCH
     _triton_utils._PDL, _triton_utils._PDL_PREFETCH = pdl, prefetch
     try:
-        run_chain(x, layers, shape, l2_prefetch)  # compile / warm up outside the capture
+        run_chain(x, layers, shape)  # compile / warm up outside the capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = run_chain(x, layers, shape, l2_prefetch)
+            out = run_chain(x, layers, shape)
         graph.replay()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -143,7 +139,7 @@ def main(argv=None) -> dict:
     parser = kernel_bench_parser(__doc__, RESULT)
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--attention", action="store_true",
-                        help="run the sparse-MLA decode in each layer; time the L2 prefetch on vs off")
+                        help="run the sparse-MLA decode in each layer too")
     args = parser.parse_args(argv)
     device = bench_device(parser, args.smoke)
     shape = SMOKE if args.smoke else GLM
@@ -154,17 +150,13 @@ def main(argv=None) -> dict:
             weights["attention"] = attention_inputs(shape, device)
     x = torch.randn(1, shape["H"], device=device).bfloat16()
     if device.type != "cuda":  # the interpreter: the chain runs and gives a finite answer
-        out = run_chain(x, layers, shape, False if args.attention else None)
+        out = run_chain(x, layers, shape)
         assert out.shape == x.shape and out.float().isfinite().all()
         print(json.dumps({"smoke": True, "layers": shape["layers"], "attention": args.attention}))
         return {}
     peaks = measure_peaks(device, smoke=False, quick=True)
-    if args.attention:  # (PDL off) the L2 prefetch by the attention's idle SMs off / on
-        variants = {"plain": (False, False, False), "l2_prefetch": (False, False, True)}
-    else:
-        variants = {"plain": (False, False, None), "pdl": (True, True, None), "pdl_no_prefetch": (True, False, None)}
-    runs = {name: replay_ms(x, layers, shape, pdl, prefetch, args.reps, l2)
-            for name, (pdl, prefetch, l2) in variants.items()}
+    variants = {"plain": (False, False), "pdl": (True, True), "pdl_no_prefetch": (True, False)}
+    runs = {name: replay_ms(x, layers, shape, *switches, args.reps) for name, switches in variants.items()}
     per_layer = layer_bytes(layers[0], shape)
     row = {"layers": shape["layers"], "attention": args.attention, "bytes_per_layer": per_layer,
            "pdl_available": _triton_utils._has_grid_dependency_control(device.index),

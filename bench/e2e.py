@@ -51,8 +51,7 @@ from prefill import CONFIG, bf16_peak_tflops, build_model, save_result, time_ms,
 import ic_compile  # noqa: E402
 from ic_compile import backend  # noqa: E402
 from ic_compile.kernels import _triton_utils  # noqa: E402
-from ic_compile.passes import (fold_moe_route, fold_rms_norm, lower_decode_linears, prefetch_weights,  # noqa: E402
-                               realize_rotary_table)
+from ic_compile.passes import fold_moe_route, fold_rms_norm, lower_decode_linears, realize_rotary_table  # noqa: E402
 from ic_compile.plan import LayerPlan  # noqa: E402
 
 LAYERS = 47  # GLM-4.7-Flash: 47 decoder layers, the first dense, then 64-expert MoE
@@ -64,7 +63,6 @@ FOLDS = {"rms_norm_prologue": (fold_rms_norm, "_FOLDS"), "norm_side_outputs": (f
 FOLDS_ON = {feature: getattr(*switch) for feature, switch in FOLDS.items()}
 KERNEL_PDL, PDL_PREFETCH, INDUCTOR_PDL = _triton_utils._PDL, _triton_utils._PDL_PREFETCH, backend._INDUCTOR_PDL
 INDUCTOR_COMBO = backend._INDUCTOR_COMBO
-L2_PREFETCH = prefetch_weights._PREFETCHES
 
 
 def pattern(plan: str, layers: int = LAYERS) -> str:
@@ -159,8 +157,7 @@ def switch(without: str | None = None, with_: str | None = None) -> None:
     With: "pdl": programmatic dependent launch for our decode kernels (their weights prefetched into L2
     before the grid wait) and for Inductor's in the captured graphs; "kernel_pdl": for ours alone;
     "kernel_pdl_no_prefetch": ours alone, without the L2 prefetch; "combo_kernels": Inductor's combo kernels
-    in the captured graphs (independent kernels in one launch); "l2_prefetch": the sparse MLA kernel's idle
-    SMs ask L2 for the value up-projection's and o_proj's weights (passes/prefetch_weights.py)."""
+    in the captured graphs (independent kernels in one launch)."""
     lower_decode_linears._LONE_MAX_BYTES = 0 if without == "lone_linears" else LONE_MAX_BYTES
     realize_rotary_table._realize_op = (lambda: None) if without == "rotary_table" else REALIZE_OP
     for feature, (module, name) in FOLDS.items():
@@ -169,11 +166,10 @@ def switch(without: str | None = None, with_: str | None = None) -> None:
     _triton_utils._PDL_PREFETCH = with_ != "kernel_pdl_no_prefetch" and PDL_PREFETCH
     backend._INDUCTOR_PDL = with_ == "pdl" or INDUCTOR_PDL
     backend._INDUCTOR_COMBO = with_ == "combo_kernels" or INDUCTOR_COMBO
-    prefetch_weights._PREFETCHES = with_ == "l2_prefetch" or L2_PREFETCH
 
 
 FEATURES = ("lone_linears", "rotary_table", *FOLDS)  # on by default: --without
-OFF_FEATURES = ("pdl", "kernel_pdl", "kernel_pdl_no_prefetch", "combo_kernels", "l2_prefetch")  # off by default: --with
+OFF_FEATURES = ("pdl", "kernel_pdl", "kernel_pdl_no_prefetch", "combo_kernels")  # off by default: --with
 
 
 def pipelined_ms(step, steps: int) -> tuple[float, float]:

@@ -142,26 +142,6 @@ def prefetch_rows_to_l2(rows, K, LINE_ELEMS: tl.constexpr, LINES: tl.constexpr):
                                   [rows[:, None] + k[None, :]], dtype=tl.int32, is_pure=False, pack=1)
 
 
-@jit_helper
-def prefetch_span_to_l2(ptr, rows, row_len, row_stride, part, parts, LINE_ELEMS: tl.constexpr, LINES: tl.constexpr):
-    """Program `part` of `parts` asks L2 for its share of the lines of a weight laid out as `rows`
-    runs of `row_len` contiguous elements, `row_stride` apart (rows = 0: nothing). A hint: nothing
-    waits for it, so the program can exit while the lines arrive. Normal eviction priority: the lines
-    are read by the next few kernels, not kept for later."""
-    lines_per_row = tl.cdiv(row_len, LINE_ELEMS)
-    total = rows * lines_per_row
-    per_part = tl.cdiv(total, parts)
-    lo = part * per_part
-    hi = tl.minimum(total, lo + per_part)
-    for l0 in range(lo, hi, LINES):
-        line = l0 + tl.arange(0, LINES)  # [LINES]
-        col = tl.minimum((line % lines_per_row) * LINE_ELEMS, row_len - 1)  # row_len - 1: the last, partial line
-        offset = (line // lines_per_row).to(tl.int64) * row_stride + col
-        offset = tl.where(line < hi, offset, 0)  # past the share: ask for the first line again
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptr + offset],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-
-
 def launch_config(kernel, grid, args: tuple, consts: dict, config) -> None:
     """Launch jitted ``kernel`` with one ``triton.Config`` (no autotune; the bench sweeps)."""
     kernel[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)

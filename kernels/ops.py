@@ -12,11 +12,10 @@
         with "fp8" and e4m3 k, its scales, as an e4m3 q's are in w: a model's own fp8 indexer)
     ic::sparse_attention(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, bool causal=True) -> Tensor
     ic::sparse_mla(Tensor q, Tensor kv, Tensor indices, float scale, int dv, bool causal=True,
-                   Tensor? rope=None, Tensor? q_rope=None, Tensor[]? prefetch=None) -> Tensor
+                   Tensor? rope=None, Tensor? q_rope=None) -> Tensor
         (rope given: kv is the latent [B,T,Dl] and rope [B,T,Dr] the rest of each key row, e.g. a
         KV cache's two buffers, read apart by the kernel instead of concatenated per call; q_rope
-        likewise for the query rows: q [B,S,H,Dl], q_rope [B,S,H,Dr]; prefetch: up to two weights
-        the next kernels read, asked of L2 while the attention runs: passes/prefetch_weights.py)
+        likewise for the query rows: q [B,S,H,Dl], q_rope [B,S,H,Dr])
 
 Registration: ``torch.library.custom_op`` + ``register_fake`` (not ``triton_op``).
 ``triton_op`` registers the op body itself as the fake kernel and inlines (decomposes) the
@@ -61,7 +60,7 @@ _INDEXER_TOPK_SCHEMA = ("(Tensor q, Tensor k, Tensor w, SymInt topk, Tensor? mas
 _INDEXER_TOPK_SCORED_SCHEMA = _INDEXER_TOPK_SCHEMA.replace("-> Tensor", "-> (Tensor, Tensor)")
 _SPARSE_ATTENTION_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, bool causal=True) -> Tensor"
 _SPARSE_MLA_SCHEMA = ("(Tensor q, Tensor kv, Tensor indices, float scale, int dv, bool causal=True, "
-                      "Tensor? rope=None, Tensor? q_rope=None, Tensor[]? prefetch=None) -> Tensor")
+                      "Tensor? rope=None, Tensor? q_rope=None) -> Tensor")
 _MOE_EXPERTS_SCHEMA = ("(Tensor hidden, Tensor topk_index, Tensor topk_weights, Tensor gate_up, Tensor down, "
                        "float? swiglu_limit=None, Tensor? shared_gate=None, Tensor? shared_up=None, "
                        "Tensor? shared_down=None) -> Tensor")
@@ -178,15 +177,15 @@ def _(q, k, v, indices, scale, causal=True):
 
 
 @torch.library.custom_op(f"{NAMESPACE}::sparse_mla", mutates_args=(), schema=_SPARSE_MLA_SCHEMA)
-def sparse_mla(q, kv, indices, scale, dv, causal=True, rope=None, q_rope=None, prefetch=None):
+def sparse_mla(q, kv, indices, scale, dv, causal=True, rope=None, q_rope=None):
     """q [B,S,H,Dl+Dr], kv [B,T,Dl+Dr], indices [B,S,K] -> [B,S,H,dv]. rope [B,T,Dr]: kv is then the
     latent [B,T,Dl] alone, key row = [kv | rope]; q_rope [B,S,H,Dr]: q is then [B,S,H,Dl] (no copy of
-    either on the Triton path); prefetch: weights read after the op, asked of L2 while it runs."""
-    return _sparse_mla(q, kv, indices, scale, dv, causal, rope=rope, q_rope=q_rope, prefetch=prefetch or ())
+    either on the Triton path)."""
+    return _sparse_mla(q, kv, indices, scale, dv, causal, rope=rope, q_rope=q_rope)
 
 
 @sparse_mla.register_fake
-def _(q, kv, indices, scale, dv, causal=True, rope=None, q_rope=None, prefetch=None):
+def _(q, kv, indices, scale, dv, causal=True, rope=None, q_rope=None):
     B, S, H = q.shape[0], q.shape[1], q.shape[2]
     return q.new_empty((B, S, H, dv))
 

@@ -38,7 +38,6 @@ from ._triton_utils import (
     new_output,
     next_pow2,
     num_sms,
-    prefetch_span_to_l2,
     tl,
     triton,
     upcast_dots,
@@ -60,39 +59,26 @@ def _sparse_attention_kernel(
     si_b, si_s, si_k,
     so_b, so_s, so_h, so_split, so_d,
     sl_b, sl_s, sl_h, sl_split,
-    NUM_SPLITS,  # programs along axis 1 at and past it prefetch (PREFETCH)
-    pfa_ptr, pfa_rows, pfa_bytes, pfa_stride,  # two weights to prefetch into L2: rows of contiguous bytes
-    pfb_ptr, pfb_rows, pfb_bytes, pfb_stride,
     D_A: tl.constexpr, D_B_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     CAUSAL: tl.constexpr, V_FROM_K: tl.constexpr, WRITE_LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,  # interpreter only: fp32 dot operands (see upcast_dots)
-    PREFETCH: tl.constexpr = False,
 ):
     """o[b,s,h,split,:] = softmax-weighted values over this split's valid indices (normalised), and
-    with WRITE_LSE the split's log-sum-exp (log2 domain) for _combine_splits_kernel. With PREFETCH,
-    the programs past NUM_SPLITS along axis 1 only ask L2 for the two weights' lines and exit.
+    with WRITE_LSE the split's log-sum-exp (log2 domain) for _combine_splits_kernel.
     (Over our ~80-line function size: the online-softmax loop carries the running max, sum and
     accumulator, which helper calls would have to pass back and forth.)"""
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    if PREFETCH:
-        if split >= NUM_SPLITS:
-            part = (split - NUM_SPLITS) * tl.num_programs(0) + pid
-            parts = (tl.num_programs(1) - NUM_SPLITS) * tl.num_programs(0)
-            prefetch_span_to_l2(pfa_ptr.to(tl.pointer_type(tl.uint8)), pfa_rows, pfa_bytes, pfa_stride, part, parts,
-                                128, 512)
-            prefetch_span_to_l2(pfb_ptr.to(tl.pointer_type(tl.uint8)), pfb_rows, pfb_bytes, pfb_stride, part, parts,
-                                128, 512)
-            return
     # program -> (b, s, kv head, head block); head blocks of one query are neighbours (L2 reuse)
+    pid = tl.program_id(0)
     HB = tl.cdiv(G, BLOCK_H)  # head blocks per kv head
     hb = pid % HB
     hk = (pid // HB) % Hk
     bs = pid // (HB * Hk)
     b = (bs // S).to(tl.int64)
     s = bs % S
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
 
     g = hb * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H] head within the group
     h_ok = g < G
@@ -113,7 +99,7 @@ def _sparse_attention_kernel(
     dv_ok = dv < DV
 
     # this split's slice [k_lo, k_hi) of the index list, in whole BLOCK_K blocks
-    per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), NUM_SPLITS) * BLOCK_K
+    per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), num_splits) * BLOCK_K
     k_lo = split * per_split
     k_hi = tl.minimum(K, k_lo + per_split)
     last_key = (T - S) + s  # causal horizon of this query
@@ -236,8 +222,6 @@ def _block_h_candidates(G: int) -> tuple[int, ...]:
 
 _TUNED: dict = {}
 _MIN_SPLIT_KEYS = 32
-_PREFETCH = True  # private switch: with a prefetch list given, add the prefetch programs (bench A/B)
-_MAX_PREFETCHERS = 64  # prefetch programs at most (each asks for its share of the lines and exits)
 
 
 def _jit_kernel():
@@ -303,12 +287,10 @@ def sparse_attention_triton(
 def _launch(
     q: torch.Tensor, q_tail: torch.Tensor, k: torch.Tensor, k_tail: torch.Tensor, v: torch.Tensor,
     indices: torch.Tensor, scale: float, causal: bool, num_splits: int | None, config,
-    prefetch: list[torch.Tensor] | tuple = (),
 ) -> torch.Tensor:
     """The kernel on query rows [q | q_tail] and key rows [k | k_tail]: q [B,S,Hq,D_A], k [B,T,Hk,D_A]
     (D_A a power of two), q_tail [B,S,Hq,D_B], k_tail [B,T,Hk,D_B] (any tensors: views of the same
-    rows, or MLA's separate rope parts). prefetch: weights the next kernels read, asked of L2 by
-    programs of their own on the SMs the attention leaves idle (see _prefetch_args)."""
+    rows, or MLA's separate rope parts)."""
     B, S, Hq, d_a = q.shape
     T, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hk
@@ -338,19 +320,14 @@ def _launch(
         q, q_tail, k, k_tail, v, indices, o, lse,
         S, T, Hk, G, K, d_b, Dv, float(scale) * LOG2E,
         *q.stride(), *q_tail.stride(), *k.stride(), *k_tail.stride(), *v.stride(), *indices.stride(), *o_strides,
-        *lse_strides, splits, *_prefetch_args(prefetch, q),
+        *lse_strides,
     )
     consts = {"D_A": d_a, "D_B_PAD": d_b_pad, "DV_PAD": max(16, next_pow2(Dv)),
               "CAUSAL": bool(causal), "V_FROM_K": v_from_k, "WRITE_LSE": splits > 1,
               "DOT_PRECISION": dot_precision(q.dtype), "UPCAST_DOT": upcast_dots(q)}
-    prefetching = bool(prefetch) and q.is_cuda and not interpreting(q) and _PREFETCH
-    if prefetching:
-        consts["PREFETCH"] = True
 
     def grid(meta):
-        programs = programs_per_block_h * cdiv(G, meta["BLOCK_H"])
-        idle = 2 * num_sms(q.device) - programs * splits  # two programs an SM fit (sm_90 compiles)
-        return (programs, splits + (max(0, min(_MAX_PREFETCHERS, idle)) // programs if prefetching else 0))
+        return (programs_per_block_h * cdiv(G, meta["BLOCK_H"]), splits)
 
     if interpreting(q):
         launch_interpreted(_sparse_attention_kernel, grid, *args, **consts, **_interpreter_meta(G))
@@ -361,19 +338,6 @@ def _launch(
     if splits > 1:
         _combine_splits(o, lse, out)
     return out
-
-
-def _prefetch_args(weights, like: torch.Tensor) -> tuple:
-    """Kernel args for the first two of `weights` as rows of contiguous bytes (pointer, rows, bytes per
-    row, row stride in bytes); a tensor that is not such rows, and a missing one, is (like, 0, 1, 1)."""
-    spans = []
-    for w in weights:
-        if w.numel() and w.is_contiguous():
-            spans.append((w, 1, w.numel() * w.element_size(), w.numel() * w.element_size()))
-        elif w.numel() and w.dim() >= 2 and w[0].is_contiguous():
-            spans.append((w, w.shape[0], w[0].numel() * w.element_size(), w.stride(0) * w.element_size()))
-    spans = (spans + [(like, 0, 1, 1)] * 2)[:2]
-    return tuple(x for span in spans for x in span)
 
 
 def _combine_splits(o: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> None:
@@ -392,7 +356,7 @@ def _combine_splits(o: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> No
 def sparse_mla_triton(
     q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float, dv: int,
     causal: bool = True, num_splits: int | None = None, config=None, rope: torch.Tensor | None = None,
-    q_rope: torch.Tensor | None = None, prefetch: list[torch.Tensor] | tuple = (),
+    q_rope: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MLA absorbed form: one shared key row per token, value = the row's first dv columns. -> [B,S,H,dv].
 
@@ -401,23 +365,20 @@ def sparse_mla_triton(
     concatenated, when Dl is the key's power-of-two part (Dr < Dl, e.g. 576 = 512 + 64) and
     dv <= Dl. Otherwise (the kernel's key split can't sit at Dl) they are concatenated first:
     correct, but a copy of the whole cache per call. Likewise q [B,S,H,Dl+Dr], or q [B,S,H,Dl] and
-    q_rope [B,S,H,Dr] (at a 200K prefill the concatenated q alone is 4.3 GiB). prefetch: up to two
-    weights the kernels after this one read (MLA's value up-projection and o_proj at decode), asked of
-    L2 by extra programs while the attention runs (ignored in the interpreter)."""
+    q_rope [B,S,H,Dr] (at a 200K prefill the concatenated q alone is 4.3 GiB)."""
     dr = rope.shape[-1] if rope is not None else q_rope.shape[-1] if q_rope is not None else 0
     dl = kv.shape[-1] if rope is not None else kv.shape[-1] - dr  # latent width
     apart = dr > 0 and _rope_apart(dl, dr, dv)
     if not apart:
         kv = kv if rope is None else torch.cat((kv, rope), dim=-1)  # [B,T,Dl+Dr]
         q = q if q_rope is None else torch.cat((q, q_rope), dim=-1)  # [B,S,H,Dl+Dr]
-        d_a = _key_split(q.shape[3])[0]
-        return _launch(q[..., :d_a], q[..., d_a:], kv[:, :, None, :d_a], kv[:, :, None, d_a:], kv[:, :, None, :dv],
-                       indices, scale, causal, num_splits, config, prefetch)
+        return sparse_attention_triton(q, kv[:, :, None, :], kv[:, :, None, :dv], indices, scale, causal, num_splits,
+                                       config)
     q, q_rope = (q[..., :dl], q[..., dl:]) if q_rope is None else (q, q_rope)
     k, k_rope = (kv[..., :dl], kv[..., dl:]) if rope is None else (kv, rope)
     v = k[:, :, None, :dv]  # [B,T,1,dv] (same storage as the key: V_FROM_K when dv = Dl)
     return _launch(q, q_rope, k[:, :, None, :], k_rope[:, :, None, :], v, indices, scale, causal, num_splits,
-                   config, prefetch)
+                   config)
 
 
 def _rope_apart(dl: int, dr: int, dv: int) -> bool:
@@ -439,14 +400,13 @@ def sparse_attention(
 def sparse_mla(
     q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float, dv: int,
     causal: bool = True, use_triton: bool | None = None, rope: torch.Tensor | None = None,
-    q_rope: torch.Tensor | None = None, prefetch: list[torch.Tensor] | tuple = (),
+    q_rope: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MLA absorbed sparse attention. q [B,S,H,Dl+Dr], kv [B,T,Dl+Dr], indices [B,S,K] -> [B,S,H,dv].
     rope [B,T,Dr]: kv is then the latent [B,T,Dl] alone, key row = [kv | rope]; q_rope [B,S,H,Dr]: q is
-    then [B,S,H,Dl], query row = [q | q_rope]; prefetch: weights read next, asked of L2 meanwhile (see
-    sparse_mla_triton; changes no value)."""
+    then [B,S,H,Dl], query row = [q | q_rope] (see sparse_mla_triton)."""
     if use_triton_for(q, use_triton):
-        return sparse_mla_triton(q, kv, indices, scale, dv, causal, rope=rope, q_rope=q_rope, prefetch=prefetch)
+        return sparse_mla_triton(q, kv, indices, scale, dv, causal, rope=rope, q_rope=q_rope)
     return sparse_mla_ref(q, kv, indices, scale, dv, causal, rope, q_rope)
 
 

@@ -59,17 +59,15 @@ def lowered_sparse_attention(q, k, v, indices, scale):
 _QUERY_CHUNK = 16384
 
 
-def lowered_absorbed_mla(q, latent, rope, weight, indices, scale, nope_dim: int, prefetch=()):
+def lowered_absorbed_mla(q, latent, rope, weight, indices, scale, nope_dim: int):
     """q [B,H,S,dn+dr], latent [B,1,T,Dl], rope [B,1,T,dr], weight [H*(dn+dv),Dl], indices [B,S,K]
     -> [B,H,S,dv], equal to SDPA over the expanded heads restricted to the selected keys.
     A static S above _QUERY_CHUNK runs in query chunks (rows are independent; a symbolic S, as in
     dynamic decode, runs whole). Chunk [s0, s1) sees the keys up to its own last query, T - S + s1,
-    so the op's causal horizon (T' - S' + s) stays each query's own position.
-    prefetch: the weight read after this call (passes/prefetch_weights.py); with it the attention
-    asks L2 for that weight and for `weight`'s value half, which the up-projection reads next."""
+    so the op's causal horizon (T' - S' + s) stays each query's own position."""
     S, T = q.shape[2], latent.shape[2]
     if not isinstance(S, int) or S <= _QUERY_CHUNK:
-        return _absorbed_mla(q, latent, rope, weight, indices, scale, nope_dim, prefetch)
+        return _absorbed_mla(q, latent, rope, weight, indices, scale, nope_dim)
     chunks = []
     for s0 in range(0, S, _QUERY_CHUNK):
         s1 = min(S, s0 + _QUERY_CHUNK)
@@ -79,16 +77,15 @@ def lowered_absorbed_mla(q, latent, rope, weight, indices, scale, nope_dim: int,
     return torch.cat(chunks, dim=2)  # [B,H,S,dv]
 
 
-def _absorbed_mla(q, latent, rope, weight, indices, scale, nope_dim: int, prefetch=()):
+def _absorbed_mla(q, latent, rope, weight, indices, scale, nope_dim: int):
     heads, latent_dim = q.shape[1], latent.shape[-1]
     weight = weight.view(heads, -1, latent_dim)  # [H, dn+dv, Dl]
     q_latent = torch.einsum("bhsd,hdc->bshc", q[..., :nope_dim], weight[:, :nope_dim])  # [B,S,H,Dl]
     q_rope = q[..., nope_dim:].transpose(1, 2)  # [B,S,H,dr]
     # key row = [latent | rope], read by the op from both buffers ([B,T,Dl], [B,T,dr]): no cache copy;
     # query row = [q_latent | q_rope] likewise (a cat would be a [B,S,H,Dl+dr] copy: 4.3 GiB at 200K)
-    warm = [weight[:, nope_dim:], *prefetch] if prefetch else None  # [H, dv, Dl]: rows of contiguous values
     out_latent = torch.ops.ic.sparse_mla(q_latent, latent[:, 0], indices, float(scale), latent_dim, True,
-                                         rope[:, 0], q_rope, warm)  # [B,S,H,Dl]
+                                         rope[:, 0], q_rope)  # [B,S,H,Dl]
     return torch.einsum("bshc,hvc->bhsv", out_latent, weight[:, nope_dim:])  # [B,H,S,dv]
 
 

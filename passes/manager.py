@@ -107,14 +107,13 @@ def pipeline(ctx: PassContext) -> list[Pass]:
     from .fp8_key_cache import fp8_key_cache
     from .lower_indexer import lower_indexer
     from .lower_sparse_attention import lower_sparse_attention
-    from .prefetch_weights import prefetch_weights
     from .realize_rotary_table import realize_rotary_table
 
     passes = [eliminate_dead_code, detect, bind_plan, connect_index_store, forward_indices, eliminate_dead_code,
               drop_shared_key_cache]
     if ctx.kernels:
         passes += [lower_indexer, *([fp8_key_cache] if ctx.indexer_precision == "fp8" else []),
-                   *([lower_sparse_attention, prefetch_weights] if ctx.sparse_attention else []),
+                   *([lower_sparse_attention] if ctx.sparse_attention else []),
                    *_decode_op_passes(ctx), drop_trivial_topk, eliminate_dead_code,
                    *([realize_rotary_table] if ctx.lowering == "inductor" else [])]
     return passes

@@ -68,11 +68,11 @@ def _sparse_attention(q, k, v, indices, scale, causal=True):
     return sparse_attention_rows(q, k, v, indices, scale, causal)
 
 
-def _sparse_mla(q, kv, indices, scale, dv, causal=True, rope=None, q_rope=None, prefetch=None):
+def _sparse_mla(q, kv, indices, scale, dv, causal=True, rope=None, q_rope=None):
     """ic::sparse_mla in standard ops: q [B,S,H,Dl+Dr], kv [B,T,Dl+Dr], indices [B,S,K] -> [B,S,H,dv]
     (kv as one key/value head, values its first dv channels, as kernels/reference.sparse_mla_ref).
     rope [B,T,Dr]: kv is the latent [B,T,Dl] alone, concatenated with it here (as the lowering did
-    before it handed the op the two apart). prefetch (weights to warm L2 with) changes no value."""
+    before it handed the op the two apart)."""
     if rope is not None:
         kv = torch.cat((kv, rope), dim=-1)  # [B,T,Dl+Dr]
     if q_rope is not None:

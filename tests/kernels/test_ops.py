@@ -21,7 +21,7 @@ SCHEMAS = {
     "sparse_attention": "ic::sparse_attention(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, "
                         "bool causal=True) -> Tensor",
     "sparse_mla": "ic::sparse_mla(Tensor q, Tensor kv, Tensor indices, float scale, int dv, "
-                  "bool causal=True, Tensor? rope=None, Tensor? q_rope=None, Tensor[]? prefetch=None) -> Tensor",
+                  "bool causal=True, Tensor? rope=None, Tensor? q_rope=None) -> Tensor",
 }
 
 
@@ -86,8 +86,6 @@ def test_opcheck_sparse_mla_rope_apart(request):
     q_rope = torch.randn(q.shape[0], q.shape[2], q.shape[1], 8).transpose(1, 2)  # [B,S,H,8], strided
     torch.library.opcheck(torch.ops.ic.sparse_mla.default, (q[..., :16], latent, idx, 0.2, 16),
                           {"rope": rope, "q_rope": q_rope})
-    torch.library.opcheck(torch.ops.ic.sparse_mla.default, (q[..., :16], latent, idx, 0.2, 16),
-                          {"rope": rope, "q_rope": q_rope, "prefetch": [torch.randn(4, 6, 16)[:, 2:], torch.randn(8)]})
 
 
 def _pipeline(q, k, w, qa, ka, va, q_mla, kv):

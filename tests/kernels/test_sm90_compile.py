@@ -181,7 +181,7 @@ def test_indexer_all_configs_compile_for_sm90():
 # ----------------------------------------------------------------------------- sparse attention
 
 def _compile_sparse(block_h, block_k, warps, stages, H=64, dqk=576, dv=512, v_from_k=True, lse=False, arch=90,
-                    rope_apart=False, prefetch=False):
+                    rope_apart=False):
     """rope_apart: the key's tail in its own [B,T,D_B] buffer (an MLA cache's rope) and the query's in its
     own [B,H,S,D_B] tensor (seen as [B,S,H,D_B]: the lowering's transposed view), else views of k and q."""
     from ic_compile.kernels.sparse_attention import _key_split, _sparse_attention_kernel
@@ -192,9 +192,7 @@ def _compile_sparse(block_h, block_k, warps, stages, H=64, dqk=576, dv=512, v_fr
     ints = dict(S=S, T=T, Hk=1, G=H, K=K, D_B=d_b, DV=dv,
                 sq_b=S * H * dqk, sq_s=H * dqk, sq_h=dqk, sq_d=1, sk_b=T * dqk, sk_t=dqk, sk_h=dqk, sk_d=1,
                 sv_b=T * dqk, sv_t=dqk, sv_h=dqk, sv_d=1, si_b=S * K, si_s=K, si_k=1,
-                so_b=S * H * dv, so_s=H * dv, so_h=dv, so_split=0, so_d=1, sl_b=0, sl_s=0, sl_h=0, sl_split=0,
-                NUM_SPLITS=64, pfa_rows=20, pfa_bytes=128 * 512 * 2, pfa_stride=256 * 512 * 2, pfb_rows=1,
-                pfb_bytes=2048 * 5120 * 2, pfb_stride=2048 * 5120 * 2)
+                so_b=S * H * dv, so_s=H * dv, so_h=dv, so_split=0, so_d=1, sl_b=0, sl_s=0, sl_h=0, sl_split=0)
     tail_row = d_b if rope_apart else dqk  # the tail's row stride: its own buffer's, or k's
     ints.update(skb_b=T * tail_row, skb_t=tail_row, skb_h=tail_row, skb_d=1)
     if rope_apart:
@@ -205,10 +203,10 @@ def _compile_sparse(block_h, block_k, warps, stages, H=64, dqk=576, dv=512, v_fr
         ints.update(so_b=H * 16 * dv, so_s=H * 16 * dv, so_h=16 * dv, so_split=dv,
                     sl_b=H * 16, sl_s=H * 16, sl_h=16, sl_split=1)
     ptrs = dict(q_ptr="bf16", qb_ptr="bf16", k_ptr="bf16", kb_ptr="bf16", v_ptr="bf16", idx_ptr="i32",
-                o_ptr="fp32" if lse else "bf16", lse_ptr="fp32", pfa_ptr="bf16", pfb_ptr="bf16")
+                o_ptr="fp32" if lse else "bf16", lse_ptr="fp32")
     consts = dict(D_A=d_a, D_B_PAD=d_b_pad, DV_PAD=dv, BLOCK_H=block_h, BLOCK_K=block_k, CAUSAL=True,
                   V_FROM_K=v_from_k, WRITE_LSE=lse, DOT_PRECISION="tf32",
-                  UPCAST_DOT=False, PREFETCH=prefetch)
+                  UPCAST_DOT=False)
     return compile_sm90(_sparse_attention_kernel, ptrs, ints, dict(scale_log2=1.0), consts, warps, stages, arch=arch)
 
 
@@ -240,17 +238,6 @@ def test_sparse_mla_gathers_are_multi_buffered(block_k, stages, buffers):
     res = _compile_sparse(32, block_k, 8, stages, H=20, lse=False, rope_apart=True)
     tiles = re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x%dx512xbf16" % block_k, res["ttgir"])
     assert tiles == [str(buffers)], tiles
-
-
-def test_sparse_mla_decode_prefetch_programs_compile_for_sm90():
-    """With PREFETCH the programs past NUM_SPLITS ask L2 for the two weights' lines (normal priority)
-    and exit before any attention work; the attention programs' resources are those without it (same
-    registers, spills and shared memory). Without it, no prefetch instruction at all."""
-    cfg = dict(block_h=32, block_k=32, warps=4, stages=2, H=20, lse=True, rope_apart=True)  # the decode config
-    with_, without = _compile_sparse(**cfg, prefetch=True), _compile_sparse(**cfg)
-    assert re.search(r"prefetch\.global\.L2 \[", with_["ptx"]) and "prefetch" not in without["ptx"]
-    assert "evict_last" not in with_["ptx"]
-    assert [with_[key] for key in ("regs", "stack", "shared")] == [without[key] for key in ("regs", "stack", "shared")]
 
 
 def test_combine_splits_compiles_for_sm90():

@@ -226,56 +226,7 @@ def test_dispatch(request):
     _assert_close(sparse_mla(q, latent, idx, 0.2, 32, use_triton=True, rope=rope), ref, torch.float32, seed)
 
 
-def test_prefetch_args_describe_weights_as_rows_of_bytes():
-    """What the prefetch programs are told: a contiguous weight is one run of all its bytes; MLA's value
-    half of kv_b_proj ([H, dn+dv, Dl] viewed [:, dn:]) is H runs of dv * Dl values, (dn+dv) * Dl apart;
-    a layout that is not rows of contiguous runs, and a missing second weight, ask for nothing (rows 0)."""
-    from ic_compile.kernels.sparse_attention import _prefetch_args
-
-    like = torch.zeros(1)
-    kv_b = torch.zeros(4 * (16 + 24), 32, dtype=torch.bfloat16).view(4, 40, 32)
-    o_proj = torch.zeros(64, 96, dtype=torch.bfloat16)
-    value_half = kv_b[:, 16:]
-    assert _prefetch_args([value_half, o_proj], like) == (value_half, 4, 24 * 32 * 2, 40 * 32 * 2,
-                                                          o_proj, 1, 64 * 96 * 2, 64 * 96 * 2)
-    assert _prefetch_args([o_proj.t()], like) == (like, 0, 1, 1, like, 0, 1, 1)
-    assert _prefetch_args([o_proj], like)[4:] == (like, 0, 1, 1)
-
-
-def test_prefetch_changes_nothing_in_the_interpreter(request):
-    """The interpreter has no L2 to ask: with a prefetch list the op launches the same programs and
-    gives the same output, bit for bit (the GPU twin: test_sparse_mla_prefetch_gpu)."""
-    seed = seed_everything(request.node.name)
-    q, latent, rope = torch.randn(1, 1, 4, 48), torch.randn(1, 40, 32), torch.randn(1, 40, 16)
-    idx = random_indices(1, 1, 40, 24)
-    plain = sparse_mla(q, latent, idx, 0.2, 32, use_triton=True, rope=rope)
-    warm = sparse_mla(q, latent, idx, 0.2, 32, use_triton=True, rope=rope, prefetch=[torch.randn(64, 96)])
-    assert torch.equal(plain, warm), repro(seed)
-
-
 # ----------------------------------------------------------------------------- real GPU
-
-@pytest.mark.gpu
-@needs_cuda
-@needs_triton
-@pytest.mark.parametrize("B", [1, 4])
-def test_sparse_mla_prefetch_gpu(B, request):
-    """GLM-4.7-Flash's decode shape (20 heads, 2048 of 200K keys, latent and rope apart) with MLA's value
-    half and o_proj prefetched by the extra programs: bit-equal to the launch without them (at B = 4
-    fewer SMs are idle, so fewer prefetch programs), and after it the weights are unchanged."""
-    seed = seed_everything(request.node.name)
-    T = 200_000
-    q_latent, q_rope = torch.randn(B, 1, 20, 512, device="cuda").bfloat16(), torch.randn(B, 1, 20, 64, device="cuda").bfloat16()
-    latent, rope = torch.randn(B, T, 512, device="cuda").bfloat16(), torch.randn(B, T, 64, device="cuda").bfloat16()
-    idx = random_indices(B, 1, T, 2048, device="cuda")
-    kv_b = torch.randn(20 * 448, 512, device="cuda").bfloat16().view(20, 448, 512)
-    o_proj = torch.randn(2048, 5120, device="cuda").bfloat16()
-    before = (kv_b.clone(), o_proj.clone())
-    plain = sparse_mla(q_latent, latent, idx, 576**-0.5, 512, rope=rope, q_rope=q_rope)
-    warm = sparse_mla(q_latent, latent, idx, 576**-0.5, 512, rope=rope, q_rope=q_rope, prefetch=[kv_b[:, 192:], o_proj])
-    assert torch.equal(plain, warm), repro(seed)
-    assert torch.equal(before[0], kv_b) and torch.equal(before[1], o_proj)
-
 
 @pytest.mark.gpu
 @needs_cuda

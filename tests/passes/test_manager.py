@@ -28,13 +28,13 @@ def test_pipeline_order_and_the_kernel_passes_only_when_asked():
            "fold_rms_norm"]
     inductor_only = ["realize_rotary_table"]
     assert names(pipeline(PassContext(kernels=True))) == rewrite_only + [
-        "lower_indexer", "lower_sparse_attention", "prefetch_weights", *moe, "drop_trivial_topk", "eliminate_dead_code", *inductor_only]
+        "lower_indexer", "lower_sparse_attention", *moe, "drop_trivial_topk", "eliminate_dead_code", *inductor_only]
     assert names(pipeline(PassContext(kernels=True, lowering="eager"))) == rewrite_only + [
-        "lower_indexer", "lower_sparse_attention", "prefetch_weights", *moe, "drop_trivial_topk", "eliminate_dead_code"]
+        "lower_indexer", "lower_sparse_attention", *moe, "drop_trivial_topk", "eliminate_dead_code"]
     assert names(pipeline(PassContext(kernels=True, sparse_attention=False))) == rewrite_only + [
         "lower_indexer", *moe, "drop_trivial_topk", "eliminate_dead_code", *inductor_only]
     assert names(pipeline(PassContext(kernels=True, moe_experts=False, moe_router=False, merge_linears=False))) == \
-        rewrite_only + ["lower_indexer", "lower_sparse_attention", "prefetch_weights", "drop_trivial_topk", "eliminate_dead_code",
+        rewrite_only + ["lower_indexer", "lower_sparse_attention", "drop_trivial_topk", "eliminate_dead_code",
                         *inductor_only]
     assert names(indexer_free_pipeline(PassContext(kernels=True))) == [*moe, "drop_trivial_topk",
                                                                        "eliminate_dead_code"]

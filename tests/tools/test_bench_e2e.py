@@ -9,7 +9,7 @@ import pytest
 
 from ic_compile import backend
 from ic_compile.kernels import _triton_utils
-from ic_compile.passes import fold_moe_route, fold_rms_norm, lower_decode_linears, prefetch_weights, realize_rotary_table
+from ic_compile.passes import fold_moe_route, fold_rms_norm, lower_decode_linears, realize_rotary_table
 
 BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench"
 
@@ -29,13 +29,12 @@ def _state() -> dict:
             "rotary_table": realize_rotary_table._realize_op() is not None, "rms_norm_prologue": fold_rms_norm._FOLDS,
             "norm_side_outputs": fold_rms_norm._SIDE_OUTPUTS, "route_in_experts": fold_moe_route._FOLDS,
             "kernel_pdl": _triton_utils._PDL, "inductor_pdl": backend._INDUCTOR_PDL,
-            "pdl_prefetch": _triton_utils._PDL_PREFETCH, "combo_kernels": backend._INDUCTOR_COMBO,
-            "l2_prefetch": prefetch_weights._PREFETCHES}
+            "pdl_prefetch": _triton_utils._PDL_PREFETCH, "combo_kernels": backend._INDUCTOR_COMBO}
 
 
 DEFAULTS = {"lone_linears": True, "rotary_table": True, "rms_norm_prologue": True, "norm_side_outputs": True,
             "route_in_experts": True, "kernel_pdl": False, "inductor_pdl": False, "pdl_prefetch": True,
-            "combo_kernels": False, "l2_prefetch": False}
+            "combo_kernels": False}
 
 
 @pytest.mark.parametrize("without,with_,changed", [
@@ -48,7 +47,6 @@ DEFAULTS = {"lone_linears": True, "rotary_table": True, "rms_norm_prologue": Tru
     (None, "kernel_pdl", {"kernel_pdl": True}),
     (None, "kernel_pdl_no_prefetch", {"kernel_pdl": True, "pdl_prefetch": False}),
     (None, "combo_kernels", {"combo_kernels": True}),
-    (None, "l2_prefetch", {"l2_prefetch": True}),
 ])
 def test_switches_each_feature_off_or_on_and_back(e2e, without, with_, changed):
     assert _state() == DEFAULTS
@@ -58,5 +56,4 @@ def test_switches_each_feature_off_or_on_and_back(e2e, without, with_, changed):
     assert _state() == DEFAULTS
     assert set(e2e.FEATURES) == {"lone_linears", "rotary_table", "rms_norm_prologue", "norm_side_outputs",
                                  "route_in_experts"}
-    assert set(e2e.OFF_FEATURES) == {"pdl", "kernel_pdl", "kernel_pdl_no_prefetch", "combo_kernels",
-                                     "l2_prefetch"}
+    assert set(e2e.OFF_FEATURES) == {"pdl", "kernel_pdl", "kernel_pdl_no_prefetch", "combo_kernels"}
