@@ -73,8 +73,8 @@ def _e4m3_bits(v):
     bits = v.to(tl.int32, bitcast=True)
     a = (bits & 0x7FFFFFFF).to(tl.float32, bitcast=True)
     e = ((bits >> 23) & 0xFF) - 127
-    step = ((tl.maximum(e, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)
-    y = a / step  # exact: a power-of-two step, y < 16
+    inv_step = ((127 - (tl.maximum(e, -6) - 3)) << 23).to(tl.float32, bitcast=True)  # 2^-(max(e, -6) - 3)
+    y = a * inv_step  # exact: a power of two (a GPU's fp32 `/` is approximate, off at the .5 ties), y < 16
     f = tl.floor(y)
     rest = y - f
     fi = f.to(tl.int32)

@@ -174,7 +174,7 @@ def _check_norm(x: torch.Tensor, norm_weight: torch.Tensor, residual: torch.Tens
                          f"{tuple(residual.shape)} {residual.dtype}")
 
 
-def _check(x: torch.Tensor, weights: list[torch.Tensor]) -> None:
+def _check(x: torch.Tensor, weights: list[torch.Tensor], out_dtype: torch.dtype | None = None) -> None:
     if x.dim() != 2 or not weights:
         raise ValueError(f"multi_linear: x must be [T,K] and at least one weight given (x {tuple(x.shape)}, "
                          f"{len(weights)} weights)")
@@ -184,9 +184,13 @@ def _check(x: torch.Tensor, weights: list[torch.Tensor]) -> None:
         raise ValueError(f"multi_linear: weights {bad} are not [N,{K}] (nn.Linear weights of x's width {K})")
     dtypes = {w.dtype for w in weights}
     (dtype,) = dtypes if len(dtypes) == 1 else (None,)
-    if dtype != x.dtype and not (x.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16)):
-        raise ValueError(f"multi_linear: the weights must share one dtype, x's ({x.dtype}) or, with an fp32 x, "
-                         f"bf16/fp16 (read and upcast); got {[w.dtype for w in weights]}")
+    halves = (torch.bfloat16, torch.float16)
+    upcast = (x.dtype == torch.float32 and dtype in halves) or (
+        out_dtype == torch.float32 and x.dtype in halves and dtype == torch.float32)  # a router's fp32 weights
+    if dtype != x.dtype and not upcast:
+        raise ValueError(f"multi_linear: the weights must share one dtype: x's ({x.dtype}); with an fp32 x, bf16/fp16 "
+                         f"(read and upcast); with a bf16/fp16 x and out_dtype fp32, fp32 (x upcast); got "
+                         f"{[w.dtype for w in weights]}")
 
 
 def multi_linear_triton(x: torch.Tensor, weights: list[torch.Tensor], tile: tuple[int, int] | None = None,
@@ -196,7 +200,7 @@ def multi_linear_triton(x: torch.Tensor, weights: list[torch.Tensor], tile: tupl
     """Triton path (CPU tensors run in the Triton interpreter) -> [x @ W_i^T] in x's dtype (or out_dtype),
     then the side outputs asked for. tile: (BLOCK_N, BLOCK_K) instead of default_tile. norm_weight..:
     see multi_linear."""
-    _check(x, weights)
+    _check(x, weights, out_dtype)
     _check_side_outputs(norm_weight, residual, write_normed, write_sum)
     if norm_weight is not None:
         _check_norm(x, norm_weight, residual, scale_then_round)
@@ -270,7 +274,7 @@ def multi_linear(x: torch.Tensor, weights: list[torch.Tensor], use_triton: bool 
                 write_normed=write_normed, write_sum=write_sum, out_dtype=out_dtype)
     if use_triton_for(x, use_triton) and x.shape[0] <= MAX_TOKENS:
         return multi_linear_triton(x, weights, **norm)
-    _check(x, weights)
+    _check(x, weights, out_dtype)
     _check_side_outputs(norm_weight, residual, write_normed, write_sum)
     if norm_weight is not None:
         _check_norm(x, norm_weight, residual, scale_then_round)

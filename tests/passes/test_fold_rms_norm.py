@@ -153,12 +153,13 @@ def test_a_second_reader_of_the_normed_rows_reads_the_side_output():
 class RouterBlock(nn.Module):
     """post_attention_layernorm as GLM's MoE reads it at one token: the router's fp32 logits of the
     normed rows upcast (`linear(x.float(), W.float())`), the experts (here a product with a buffer)
-    the rows themselves, and the residual stream read on."""
+    the rows themselves, and the residual stream read on. gate_dtype: HF keeps GLM's gate.weight in
+    fp32 in a bf16 model (_keep_in_fp32_modules_strict), so its `.float()` is no cast at all."""
 
-    def __init__(self):
+    def __init__(self, gate_dtype=torch.bfloat16):
         super().__init__()
         self.weight = nn.Parameter((1 + 0.3 * torch.randn(K)).bfloat16())
-        self.gate = nn.Linear(K, 8, bias=False, dtype=torch.bfloat16)
+        self.gate = nn.Linear(K, 8, bias=False, dtype=gate_dtype)
         self.register_buffer("experts", torch.randn(K, 16).bfloat16())
 
     def forward(self, a, b):
@@ -168,9 +169,10 @@ class RouterBlock(nn.Module):
         return logits, normed.view(-1, K) @ self.experts, h + 1
 
 
-def test_a_router_reading_the_rows_upcast_gets_fp32_logits():
+@pytest.mark.parametrize("gate_dtype", [torch.bfloat16, torch.float32], ids=["bf16_gate", "fp32_gate"])
+def test_a_router_reading_the_rows_upcast_gets_fp32_logits(gate_dtype):
     torch.manual_seed(0)
-    module, (a, b) = RouterBlock(), _inputs()
+    module, (a, b) = RouterBlock(gate_dtype), _inputs()
     got, folded = _compile_with_passes(module, a, b)
     assert folded == [(EPS, False, True, "out_dtype", "write_normed", "write_sum")], folded
     with torch.no_grad():
