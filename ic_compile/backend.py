@@ -12,9 +12,12 @@ in an earlier fragment reads that top-k from the per-model index store (`index_s
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import warnings
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -262,12 +265,35 @@ def graph_patches() -> dict:
     return patches
 
 
+def inductor_cache_tag() -> str:
+    """The user's torch.compiler cache_key_tag plus a digest of ic_compile's own sources, for the graphs
+    we hand Inductor. Its FX graph cache keys a graph by its code, which names our custom ops but not
+    their implementation: an entry compiled against another ic_compile would be reused, and fail on a
+    changed op schema or run the old kernels. (A training graph's backward compiles later, under the
+    user's tag alone.)"""
+    return f"{torch.compiler.config.cache_key_tag}|ic_compile:{_source_digest()}"
+
+
+@functools.cache
+def _source_digest() -> str:
+    """sha256 (16 hex digits) of the .py files of ic_compile and its passes and kernels packages."""
+    import ic_compile
+    import ic_compile.kernels
+    import ic_compile.passes
+    digest = hashlib.sha256()
+    for package in (ic_compile, ic_compile.passes, ic_compile.kernels):
+        for path in sorted(Path(package.__path__[0]).glob("*.py")):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def lower(gm: fx.GraphModule, example_inputs, lowering: str, cudagraphs: bool = False) -> Callable:
     if lowering == "eager":
         return gm.forward
     if lowering == "inductor":
         from torch._inductor.compile_fx import compile_fx
-        return compile_fx(gm, example_inputs, config_patches=graph_patches() if cudagraphs else None)
+        with torch.compiler.config.patch(cache_key_tag=inductor_cache_tag()):
+            return compile_fx(gm, example_inputs, config_patches=graph_patches() if cudagraphs else None)
     compile_fn, _ = _REGISTERED[lowering]
     return compile_fn(gm, example_inputs)
 
