@@ -1,7 +1,8 @@
 """Several linears of one few-token input in one launch (decode): y = x @ [W_0; W_1; ...]^T.
 
 Semantics: x [T,K], weights W_i [N_i,K] (nn.Linear weights, no bias, all in x's dtype, or all bf16 /
-fp16 with an fp32 x, read and upcast: a linear on W.float(), as HF's routers compute their logits) ->
+fp16 with an fp32 x, read and upcast: a linear on W.float(), as HF's routers compute their logits; or
+all fp32 with a bf16 / fp16 x and out_dtype fp32: x upcast, as GLM's router whose weight HF keeps fp32) ->
 [y_i], y_i = x @ W_i^T [T,N_i] in x's dtype (fresh contiguous tensors), each dot product summed in
 fp32 and rounded once.
 

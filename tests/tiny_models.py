@@ -8,19 +8,29 @@ from ic_compile.tools.models import HF_TINY  # the `hf-tiny:` CLI model; tests m
 PLANS = ["FFFF", "FSFS", "FSSS", "FFSF"]  # all-F, every other, one F, irregular (greedy-looking)
 
 
-def glm(pattern=None, seed=0, dtype=torch.float32, attn="sdpa"):
+def glm(pattern=None, seed=0, dtype=torch.float32, attn="sdpa", built_in=False):
+    """built_in: built with `dtype` as the default dtype, as a checkpoint of that dtype loads (and
+    bench/prefill.build_model builds the 47-layer model): what HF creates in fp32 explicitly (GLM's
+    router gate.weight, e_score_correction_bias) stays fp32. Otherwise the whole model is cast."""
     from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM
     extra = {} if pattern is None else {"index_topk_pattern": pattern}
     config = GlmMoeDsaConfig(**HF_TINY, **extra)
     config._attn_implementation = attn
     torch.manual_seed(seed)
-    return GlmMoeDsaForCausalLM(config).to(dtype).eval()
+    if not built_in:
+        return GlmMoeDsaForCausalLM(config).to(dtype).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return GlmMoeDsaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
 
 
-def glm_with_plan(full_model, pattern):
+def glm_with_plan(full_model, pattern, built_in=False):
     """The oracle: HF's own IndexCache model with the same weights (S layers have no indexer)."""
     oracle = glm(pattern, dtype=next(full_model.parameters()).dtype,
-                 attn=full_model.config._attn_implementation)
+                 attn=full_model.config._attn_implementation, built_in=built_in)
     result = oracle.load_state_dict(full_model.state_dict(), strict=False)
     assert not result.missing_keys, result.missing_keys
     assert all(".indexer." in k for k in result.unexpected_keys)
