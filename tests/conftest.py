@@ -1,13 +1,21 @@
 """Shared fixtures. The helper modules beside this file (tiny_models, dsa_styles, engine_rules, marks) are
 imported by tests in every subfolder, so this folder goes on sys.path."""
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch._inductor.config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# Scalar C++ for Inductor's CPU kernels: its vectorisation analysis (sympy simplification per index) was
+# about half of a tiny model's CPU compile (the suite takes ~10 % less). The tests check our passes and
+# ops, which Inductor's CPU vector code does not touch; IC_TEST_CPU_VECTORS=1 keeps it.
+if os.environ.get("IC_TEST_CPU_VECTORS") != "1":
+    torch._inductor.config.cpp.simdlen = 1
 
 
 @pytest.fixture(autouse=True)
