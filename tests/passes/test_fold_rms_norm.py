@@ -246,8 +246,9 @@ def test_hf_glm_built_in_bf16_folds_its_fp32_router(monkeypatch):
     """GLM built in bf16 as a checkpoint loads (the 47-layer benchmark's model): HF keeps the router's
     gate.weight fp32, so the folded router reads fp32 weights with bf16 rows (this raised at run time on
     the GPU once). Prefill + 8 decode steps against the same compile without the fold: the same up to
-    the rstd's summation order (an fp32 rstd an ulp apart rounds some normed bf16 rows the other way). (Against HF's bf16 model itself, a router or top-k pick flipped by any
-    rounding moves some tokens' logits by 20-45 %, HF's own bf16 against fp32 alike: no fixed tolerance.)"""
+    the rstd's summation order (an fp32 rstd an ulp apart rounds some normed bf16 rows the other way).
+    (Against HF's bf16 model itself, a router or top-k pick flipped by any rounding moves some tokens'
+    logits by 20-45 %, HF's own bf16 against fp32 alike: no fixed tolerance.)"""
     model = tiny_models.glm(dtype=torch.bfloat16, built_in=True)
     assert {m.gate.weight.dtype for m in model.modules() if hasattr(m, "gate")} == {torch.float32}
     ids, more = tiny_models.random_ids(1, seq=20), tiny_models.random_ids(1, seq=8, seed=5)
