@@ -1,5 +1,7 @@
 """Inductor's FX graph cache and our custom ops: a graph compiled against other ic_compile sources is
 not reused (ic_compile/backend.inductor_cache_tag)."""
+import uuid
+
 import torch
 from torch._dynamo.utils import counters
 
@@ -27,7 +29,8 @@ def test_cache_entries_are_keyed_on_our_sources(monkeypatch):
         torch.testing.assert_close(_compile_and_run(model, ids), want)
         hits = counters["inductor"]["fxgraph_cache_hit"]
         assert hits >= 1 and counters["inductor"]["fxgraph_cache_miss"] == 0, dict(counters["inductor"])
-        monkeypatch.setattr(backend, "_source_digest", lambda: "other sources")
+        other = f"other sources {uuid.uuid4()}"  # (a fixed one would hit the entries of an earlier run)
+        monkeypatch.setattr(backend, "_source_digest", lambda: other)
         counters.clear()
         torch.testing.assert_close(_compile_and_run(model, ids), want)
         assert counters["inductor"]["fxgraph_cache_hit"] == 0 and counters["inductor"]["fxgraph_cache_miss"] == hits
