@@ -27,10 +27,10 @@ def glm(pattern=None, seed=0, dtype=torch.float32, attn="sdpa", built_in=False):
         torch.set_default_dtype(default)
 
 
-def glm_with_plan(full_model, pattern, built_in=False):
+def glm_with_plan(full_model, pattern):
     """The oracle: HF's own IndexCache model with the same weights (S layers have no indexer)."""
     oracle = glm(pattern, dtype=next(full_model.parameters()).dtype,
-                 attn=full_model.config._attn_implementation, built_in=built_in)
+                 attn=full_model.config._attn_implementation)
     result = oracle.load_state_dict(full_model.state_dict(), strict=False)
     assert not result.missing_keys, result.missing_keys
     assert all(".indexer." in k for k in result.unexpected_keys)
